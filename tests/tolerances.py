@@ -1,0 +1,30 @@
+"""The suite's tolerances, stated once.
+
+``assert_close`` compares elementwise with relative tolerance ``rtol`` and an
+absolute floor of ``rtol * scale``, where ``scale`` defaults to ``max|expected|``
+(at least 1e-8): a value that cancels to near zero is judged against the scale
+of its tensor rather than against itself. Pass ``scale`` when a whole tensor is
+zero in exact arithmetic and its size is set by the inputs instead.
+"""
+
+import numpy as np
+
+# Agreement with the PyTorch autograd oracle, by the dtype under test.
+RTOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-4}
+
+# Central finite differences in float64 (step 1e-6): truncation ~1e-12, round-off ~1e-10.
+FD_RTOL = 1e-6
+FD_EPS = 1e-6
+
+
+def assert_close(actual, expected, *, rtol=None, scale=None, what=""):
+    actual = np.asarray(actual)
+    expected = np.asarray(expected, dtype=np.float64)
+    if rtol is None:
+        rtol = RTOL[actual.dtype]
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    if scale is None:
+        scale = float(np.max(np.abs(expected))) if expected.size else 0.0
+    np.testing.assert_allclose(
+        actual.astype(np.float64), expected, rtol=rtol, atol=rtol * max(scale, 1e-8), err_msg=what
+    )
