@@ -1,0 +1,5 @@
+import sys
+
+from npformer.cli import main
+
+sys.exit(main())

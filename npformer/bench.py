@@ -1,0 +1,137 @@
+"""``npformer bench``: time a training step (forward, backward, AdamW) and put it in context.
+
+Reported in one run, on one machine, with one thread count:
+
+- tokens/s of npformer (float32 by default);
+- model-FLOP utilisation: achieved matmul FLOP/s (``flops_per_token`` x tokens/s)
+  over the float32 matmul FLOP/s NumPy reaches on this machine, measured here;
+- the same step in a torch CPU twin of the same config (if torch is installed) and
+  the ratio npformer / torch;
+- which BLAS NumPy runs, and with how many threads (threadpoolctl, if installed).
+
+``--json`` ends the output with one JSON line holding all of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict
+from typing import Dict, Optional
+
+import numpy as np
+
+from .models.gpt import GPT, GPTConfig
+from .optim import AdamW
+
+REFERENCE = GPTConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, d_model=384, dropout=0.0)
+
+
+def matmul_flops(n: int = 1024, dtype=np.float32, seconds: float = 1.0) -> float:
+    """Best observed FLOP/s of an n x n x n matmul in NumPy."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((n, n)).astype(dtype), rng.standard_normal((n, n)).astype(dtype)
+    out = np.empty((n, n), dtype)
+    np.matmul(a, b, out=out)
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t = time.perf_counter()
+        np.matmul(a, b, out=out)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def blas_info() -> Dict[str, object]:
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return {"note": "threadpoolctl not installed"}
+    info = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    return {k: info[0].get(k) for k in ("internal_api", "version", "architecture", "num_threads")} if info else {}
+
+
+def time_npformer(cfg: GPTConfig, batch: int, steps: int, warmup: int = 1) -> float:
+    """Median seconds per training step."""
+    model = GPT(cfg, seed=0)
+    opt = AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, cfg.vocab_size, (batch, cfg.block_size + 1))
+    x, y = ids[:, :-1], ids[:, 1:]
+    times = []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        model.forward(x, y)
+        model.zero_grad()
+        model.backward()
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def time_torch(cfg: GPTConfig, batch: int, steps: int, warmup: int = 1) -> Optional[float]:
+    try:
+        import torch
+
+        from kernels.twins.gpt import TwinGPT
+    except ImportError:
+        return None
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    model = TwinGPT(**asdict(cfg)).float()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, cfg.block_size + 1)))
+    x, y = ids[:, :-1], ids[:, 1:]
+    times = []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def run(cfg: GPTConfig = REFERENCE, batch: int = 16, steps: int = 5, torch_twin: bool = True,
+        log=print) -> Dict[str, object]:
+    tokens = batch * cfg.block_size
+    peak = matmul_flops()
+    log(f"numpy float32 matmul: {peak / 1e9:.0f} GFLOP/s ({blas_info()})")
+    t_np = time_npformer(cfg, batch, steps)
+    flops_per_token = cfg.flops_per_token()
+    result: Dict[str, object] = {
+        "config": {**asdict(cfg), "batch": batch},
+        "tokens_per_s": tokens / t_np,
+        "step_s": t_np,
+        "mfu": flops_per_token * tokens / t_np / peak,
+        "matmul_flops": peak,
+        "flops_per_token": flops_per_token,
+        "blas": blas_info(),
+        "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__},
+    }
+    log(f"npformer: {result['tokens_per_s']:,.0f} tok/s ({t_np * 1e3:.0f} ms/step), MFU {result['mfu']:.1%}")
+    t_torch = time_torch(cfg, batch, steps) if torch_twin else None
+    result["torch_tokens_per_s"] = None if t_torch is None else tokens / t_torch
+    result["ratio_vs_torch"] = None if t_torch is None else t_torch / t_np
+    if t_torch is not None:
+        import torch
+
+        result["machine"]["torch"] = torch.__version__
+        result["machine"]["torch_threads"] = torch.get_num_threads()
+        log(f"torch twin: {result['torch_tokens_per_s']:,.0f} tok/s ({t_torch * 1e3:.0f} ms/step); "
+            f"npformer / torch = {result['ratio_vs_torch']:.2f}x")
+    else:
+        log("torch twin: not run (torch not installed)")
+    return result
+
+
+def main(args) -> int:
+    cfg = GPTConfig(**{**asdict(REFERENCE), **{k: v for k, v in vars(args).items()
+                                                 if k in GPTConfig.__dataclass_fields__ and v is not None}})
+    result = run(cfg, batch=args.batch, steps=args.steps, torch_twin=not args.no_torch)
+    if args.json:
+        print(json.dumps(result))
+    return 0
