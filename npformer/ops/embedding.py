@@ -1,0 +1,67 @@
+"""Embedding lookup: out[..., :] = W[ids[...], :], and its scatter-add backward.
+
+Derivation: ``proofs/embedding.md``. Shapes: ``ids: (...)`` integers in ``[0, V)``,
+``W: (V, D)``, ``out: (..., D)``. The lookup is a product with a one-hot matrix, so
+the gradient of the table adds every output row's gradient into the row it came
+from: a token that appears twice receives the sum of both (EMB.3).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Tuple
+
+import numpy as np
+
+from ._checks import check_float, check_int, check_ndim, check_shape
+
+OP = "embedding"
+
+
+class EmbeddingCache(NamedTuple):
+    ids: np.ndarray  # (...)   the looked-up rows, needed by (EMB.3)
+    num_rows: int  # V
+    dtype: np.dtype  # of W, so dW matches it
+
+
+def check_ids(op: str, ids: np.ndarray, num_rows: int) -> None:
+    """Every id must index a row of the table: no negative wrap-around, no clipping."""
+    check_int(op, "ids", ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= num_rows):
+        bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+        raise ValueError(f"{op}: argument 'ids' expected values in [0, {num_rows}), got {bad}")
+
+
+def embedding_forward(ids: np.ndarray, W: np.ndarray) -> Tuple[np.ndarray, EmbeddingCache]:
+    """out = W[ids].
+
+    ids: (...) int, W: (V, D)  ->  out: (..., D)
+    """
+    check_float(f"{OP}_forward", "W", W)
+    check_ndim(f"{OP}_forward", "W", W, 2)
+    check_ids(f"{OP}_forward", ids, W.shape[0])
+    out = W[ids]  # (EMB.1)
+    return out, EmbeddingCache(ids=ids, num_rows=W.shape[0], dtype=W.dtype)
+
+
+def embedding_backward(dout: np.ndarray, cache: EmbeddingCache) -> np.ndarray:
+    """Gradient of the table (ids are integers and get none).
+
+    dout: (..., D)  ->  dW: (V, D)
+    """
+    ids, V, dtype = cache
+    check_shape(f"{OP}_backward", "dout", dout, ids.shape + (None,))
+    if dout.dtype != dtype:
+        raise ValueError(f"{OP}_backward: argument 'dout' expected dtype {dtype} (same as 'W'), got {dout.dtype}")
+    D = dout.shape[-1]
+    dW = np.zeros((V, D), dtype)
+    np.add.at(dW, ids.reshape(-1), dout.reshape(-1, D))  # (EMB.3): unbuffered, repeated ids add up
+    return dW
+
+
+def gradcheck_cases(rng: np.random.Generator):
+    """Inputs for ``python -m npformer.gradcheck embedding`` (id 1 repeats)."""
+    from ..gradcheck import Case
+
+    ids = np.array([[1, 3, 1], [0, 1, 4]])
+    yield Case("embedding", embedding_forward, embedding_backward, {"ids": ids, "W": rng.standard_normal((5, 3))},
+               wrt=("W",))
