@@ -1,0 +1,110 @@
+"""Softmax and log-softmax along any axis: forward and hand-derived backward.
+
+Derivation: ``proofs/softmax.md``; each line of the backward cites the equation
+it implements. Shapes: ``x: (..., V, ...)``, the op acts along ``axis`` (size V);
+every other index is an independent "row". Both forwards subtract the row's
+maximum first, so logits of magnitude 1e4 stay finite in float32.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Tuple
+
+import numpy as np
+
+from ._checks import _fail, check_float, check_ndim, check_range, check_same_dtype, check_shape
+
+OP = "softmax"
+LOG_OP = "log_softmax"
+
+
+class SoftmaxCache(NamedTuple):
+    y: np.ndarray  # (..., V, ...)  softmax output, (SM.1); the Jacobian needs only y, (SM.2)
+    axis: int  # the softmax axis, normalised to 0 <= axis < ndim
+
+
+class LogSoftmaxCache(NamedTuple):
+    y: np.ndarray  # (..., V, ...)  log-probabilities, (LSM.1); softmax is exp(y)
+    axis: int  # the normalisation axis, normalised to 0 <= axis < ndim
+
+
+def _check_input(op: str, x: np.ndarray, axis: int) -> int:
+    """Validate ``x`` and ``axis``; return ``axis`` as a non-negative index."""
+    check_float(op, "x", x)
+    check_ndim(op, "x", x, 1, at_least=True)
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        _fail(op, "axis", "an int", type(axis).__name__)
+    check_range(op, "axis", int(axis), -x.ndim, x.ndim)
+    axis = int(axis) % x.ndim
+    if x.shape[axis] == 0:
+        _fail(op, "x", f"at least one entry along axis {axis}", f"shape {tuple(x.shape)}")
+    return axis
+
+
+def _shifted(x: np.ndarray, axis: int) -> np.ndarray:
+    """z = x - max(x) along ``axis``: a new array, max(z) = 0 in every row (SM.1)."""
+    return x - x.max(axis=axis, keepdims=True)
+
+
+def softmax_forward(x: np.ndarray, axis: int = -1) -> Tuple[np.ndarray, SoftmaxCache]:
+    """y = exp(x - max x) / sum(exp(x - max x)) along ``axis``.
+
+    x: (..., V, ...)  ->  y: same shape and dtype, every row along ``axis`` sums to 1.
+    """
+    axis = _check_input(f"{OP}_forward", x, axis)
+    y = _shifted(x, axis)
+    np.exp(y, out=y)  # entries in (0, 1], the row maximum gives exactly 1
+    y /= y.sum(axis=axis, keepdims=True)  # (SM.1)  the sum is >= 1: no division by zero
+    return y, SoftmaxCache(y=y, axis=axis)
+
+
+def softmax_backward(dy: np.ndarray, cache: SoftmaxCache) -> np.ndarray:
+    """Gradient of a scalar loss with respect to x.
+
+    dy: (..., V, ...)  ->  dx: same shape
+    """
+    y, axis = cache
+    check_shape(f"{OP}_backward", "dy", dy, y.shape)
+    check_same_dtype(f"{OP}_backward", "y", y, dy=dy)
+    dot = np.sum(dy * y, axis=axis, keepdims=True)  # <dy, y> per row
+    dx = dy - dot
+    dx *= y  # (SM.3)  dx = y * (dy - <dy, y>) = (diag(y) - y y^T) dy
+    return dx
+
+
+def log_softmax_forward(x: np.ndarray, axis: int = -1) -> Tuple[np.ndarray, LogSoftmaxCache]:
+    """y = x - max x - log(sum(exp(x - max x))) along ``axis``.
+
+    x: (..., V, ...)  ->  y: same shape and dtype, every entry <= 0.
+    """
+    axis = _check_input(f"{LOG_OP}_forward", x, axis)
+    z = _shifted(x, axis)
+    lse = np.log(np.exp(z).sum(axis=axis, keepdims=True))  # in [0, log V]: z has a 0 in every row
+    y = z
+    y -= lse  # (LSM.1)  (in place: z is not needed again)
+    return y, LogSoftmaxCache(y=y, axis=axis)
+
+
+def log_softmax_backward(dy: np.ndarray, cache: LogSoftmaxCache) -> np.ndarray:
+    """Gradient of a scalar loss with respect to x.
+
+    dy: (..., V, ...)  ->  dx: same shape
+    """
+    y, axis = cache
+    check_shape(f"{LOG_OP}_backward", "dy", dy, y.shape)
+    check_same_dtype(f"{LOG_OP}_backward", "y", y, dy=dy)
+    p = np.exp(y)  # softmax, (LSM.2)
+    p *= dy.sum(axis=axis, keepdims=True)
+    dx = dy - p  # (LSM.3)  dx = dy - softmax * sum(dy)
+    return dx
+
+
+def gradcheck_cases(rng: np.random.Generator):
+    """Inputs for ``python -m npformer.gradcheck softmax``."""
+    from ..gradcheck import Case
+
+    x = {"x": 3.0 * rng.standard_normal((2, 5, 3))}
+    yield Case("softmax (axis=-1)", softmax_forward, softmax_backward, x, wrt=("x",))
+    yield Case("softmax (axis=1)", softmax_forward, softmax_backward, x, wrt=("x",), options={"axis": 1})
+    yield Case("log_softmax (axis=-1)", log_softmax_forward, log_softmax_backward, x, wrt=("x",))
+    yield Case("log_softmax (axis=0)", log_softmax_forward, log_softmax_backward, x, wrt=("x",), options={"axis": 0})

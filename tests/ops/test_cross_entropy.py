@@ -1,0 +1,284 @@
+"""Cross-entropy: torch oracle, finite differences, the equations of proofs/cross_entropy.md."""
+
+import warnings
+
+import numpy as np
+import pytest
+import sympy as sp
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from npformer import gradcheck
+from npformer.ops.cross_entropy import cross_entropy_backward, cross_entropy_forward
+from tests.oracle import backprop, leaf
+from tests.strategies import DTYPES, SCALES, SIDES, randn, rngs, shapes
+from tests.tolerances import FD_RTOL, assert_close
+
+IGNORE_INDICES = st.sampled_from([-100, -1, 1000])
+SMOOTHINGS = st.sampled_from([0.0, 0.1, 0.5, 1.0])
+REDUCTIONS = st.sampled_from(["mean", "sum"])
+
+
+@st.composite
+def cases(draw, dtypes=DTYPES, scales=st.one_of(SCALES, st.just(1e4)), at_least_one_valid=True):
+    """logits (..., V), targets (...) with some rows ignored, the options, and an upstream dloss."""
+    lead, V = draw(shapes(1, 3)), draw(SIDES)
+    dtype, scale, rng = draw(dtypes), draw(scales), draw(rngs())
+    ignore_index = draw(IGNORE_INDICES)
+    logits = randn(rng, lead + (V,), dtype, scale)
+    targets = rng.integers(0, V, size=lead)
+    ignored = rng.random(lead) < draw(st.sampled_from([0.0, 0.3, 0.7]))
+    if at_least_one_valid:
+        ignored.flat[0] = False
+    targets[ignored] = ignore_index
+    options = {"ignore_index": ignore_index, "label_smoothing": draw(SMOOTHINGS), "reduction": draw(REDUCTIONS)}
+    dloss = np.asarray(rng.standard_normal(), dtype)
+    return logits, targets, options, dloss
+
+
+def torch_oracle(logits, targets, options, dloss):
+    """Loss and dlogits from torch in float64; torch wants the classes on dim 1, so rows are flattened."""
+    V = logits.shape[-1]
+    tx = leaf(logits)
+    loss = torch.nn.functional.cross_entropy(tx.reshape(-1, V), torch.from_numpy(targets.reshape(-1).astype(np.int64)),
+                                             **options)
+    (dlogits,) = backprop(loss, dloss, tx)
+    return loss.detach().numpy(), dlogits
+
+
+def normaliser(targets, options):
+    """D of (CE.5): rows counted for "mean" (at least 1), 1 for "sum"."""
+    n_valid = int(np.sum(targets != options["ignore_index"]))
+    return max(n_valid, 1) if options["reduction"] == "mean" else 1
+
+
+def dlogits_scale(targets, options, dloss):
+    """Size of the terms of (CE.7): |dloss| / D * (p + q) <= 2 |dloss| / D."""
+    return 2.0 * abs(float(dloss)) / normaliser(targets, options)
+
+
+def loss_scale(expected):
+    """The log-sum-exp of (CE.1) is >= 0 with round-off of about one unit in its last place
+    of 1 (it is log V at most), so a loss near 0 is judged against 1."""
+    return max(float(np.abs(expected)), 1.0)
+
+
+@pytest.mark.derivation("CE.3")
+@pytest.mark.derivation("CE.5")
+@pytest.mark.derivation("CE.7")
+@given(cases())
+def test_cross_entropy_matches_torch(case):
+    logits, targets, options, dloss = case
+    loss, cache = cross_entropy_forward(logits, targets, **options)
+    dlogits = cross_entropy_backward(dloss, cache)
+    t_loss, t_dlogits = torch_oracle(logits, targets, options, dloss)
+    assert isinstance(loss, np.ndarray) and loss.shape == () and loss.dtype == logits.dtype
+    assert dlogits.dtype == logits.dtype
+    assert_close(loss, t_loss, scale=loss_scale(t_loss), what="loss")
+    assert_close(dlogits, t_dlogits, scale=dlogits_scale(targets, options, dloss), what="dlogits")
+
+
+def reference_log_softmax(x):
+    """log softmax over the last axis in float64, written out independently of the op under test."""
+    x = x.astype(np.float64)
+    z = x - x.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+@pytest.mark.derivation("CE.2")
+@given(shapes(1, 3), SIDES, rngs())
+def test_nll_is_minus_log_softmax_at_target(lead, V, rng):
+    logits = randn(rng, lead + (V,), np.float64, 3.0)
+    targets = rng.integers(0, V, size=lead)
+    loss, _ = cross_entropy_forward(logits, targets, reduction="sum")
+    logp = reference_log_softmax(logits)
+    expected = -np.take_along_axis(logp, targets[..., None], axis=-1).sum()  # (CE.2), summed
+    assert_close(loss, expected, scale=loss_scale(expected), what="sum of nll")
+
+
+@pytest.mark.derivation("CE.5")
+@given(cases(dtypes=st.just(np.float64)))
+def test_mean_is_sum_over_valid_rows(case):
+    logits, targets, options, _ = case
+    valid = targets != options["ignore_index"]
+    mean, _ = cross_entropy_forward(logits, targets, **{**options, "reduction": "mean"})
+    total, _ = cross_entropy_forward(logits, targets, **{**options, "reduction": "sum"})
+    only_valid, _ = cross_entropy_forward(logits[valid], targets[valid], **{**options, "reduction": "sum"})
+    assert_close(total, only_valid, what="ignored rows add nothing to the sum")
+    assert_close(mean, total / valid.sum(), what="mean = sum / N_valid")
+
+
+@pytest.mark.derivation("CE.5")
+@pytest.mark.derivation("CE.7")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_all_ignored_gives_zero(dtype, reduction, label_smoothing):
+    rng = np.random.default_rng(0)
+    logits = randn(rng, (2, 3, 5), dtype)
+    targets = np.full((2, 3), -100)
+    options = {"reduction": reduction, "label_smoothing": label_smoothing}
+    loss, cache = cross_entropy_forward(logits, targets, **options)
+    dlogits = cross_entropy_backward(np.asarray(1.0, dtype), cache)
+    assert loss.shape == () and loss.dtype == dtype and loss == 0
+    assert dlogits.shape == logits.shape and dlogits.dtype == dtype and np.all(dlogits == 0)
+    # The documented difference: torch divides 0 by 0 rows for "mean"; both give 0 for "sum".
+    t_loss, _ = torch_oracle(logits, targets, options, np.asarray(1.0))
+    assert np.isnan(t_loss) if reduction == "mean" else t_loss == 0
+
+
+# ---- symbolic checks, V = 3 --------------------------------------------------------
+
+V_SYM = 3
+X = sp.symbols(f"x0:{V_SYM}", real=True)
+EPS = sp.Symbol("epsilon", real=True)
+_E = [sp.exp(xi) for xi in X]
+P = [e / sum(_E) for e in _E]  # softmax
+LOGP = [xi - sp.log(sum(_E)) for xi in X]  # (CE.1) without the shift, which cancels
+
+
+def q(t):
+    """Smoothed target distribution of (CE.4)."""
+    return [(1 - EPS) * sp.KroneckerDelta(v, t) + EPS / V_SYM for v in range(V_SYM)]
+
+
+def smoothed_loss(t):
+    return (1 - EPS) * (-LOGP[t]) + EPS / V_SYM * sum(-lv for lv in LOGP)  # (CE.3)
+
+
+@pytest.mark.derivation("CE.3")
+def test_smoothed_loss_symbolic():
+    for t in range(V_SYM):
+        assert sp.simplify(sum(q(t)) - 1) == 0
+        cross = -sum(qv * lv for qv, lv in zip(q(t), LOGP))  # cross-entropy of q and p, (CE.4)
+        assert sp.simplify(smoothed_loss(t) - cross) == 0, t
+
+
+@pytest.mark.derivation("CE.6")
+def test_row_gradient_symbolic():
+    for t in range(V_SYM):
+        for j in range(V_SYM):
+            autodiff = sp.diff(smoothed_loss(t), X[j])
+            claimed = P[j] - q(t)[j]  # (CE.6)
+            assert sp.simplify(autodiff - claimed) == 0, (t, j)
+
+
+@pytest.mark.derivation("CE.6")
+@pytest.mark.derivation("CE.7")
+@given(cases(dtypes=st.just(np.float64), at_least_one_valid=False))
+def test_dlogits_formula(case):
+    """dlogits = dloss * w / D * (softmax - q), written out with a dense one-hot; rows sum to zero."""
+    logits, targets, options, dloss = case
+    V, eps = logits.shape[-1], options["label_smoothing"]
+    _, cache = cross_entropy_forward(logits, targets, **options)
+    dlogits = cross_entropy_backward(dloss, cache)
+    valid = targets != options["ignore_index"]
+    p = np.exp(reference_log_softmax(logits))
+    onehot = np.eye(V)[np.where(valid, targets, 0)]
+    q = (1 - eps) * onehot + eps / V  # (CE.4)
+    expected = float(dloss) * valid[..., None] / normaliser(targets, options) * (p - q)  # (CE.6), (CE.7)
+    scale = dlogits_scale(targets, options, dloss)
+    assert_close(dlogits, expected, scale=scale, what="dlogits")
+    assert_close(dlogits.sum(-1), np.zeros(targets.shape), scale=scale * V, what="row sums")
+
+
+@pytest.mark.derivation("CE.7")
+@given(cases(dtypes=st.just(np.float64), scales=st.sampled_from([1.0, 3.0])))
+def test_finite_differences(case):
+    logits, targets, options, _ = case
+    results = gradcheck.check(cross_entropy_forward, cross_entropy_backward, {"logits": logits, "targets": targets},
+                              wrt=("logits",), options=options)
+    assert [r.input for r in results] == ["logits"]
+    assert results[0].max_rel < FD_RTOL, gradcheck.format_table(results)
+
+
+def test_gradcheck_cases_pass():
+    for case in gradcheck.cases("cross_entropy"):
+        results = gradcheck.check_case(case)
+        assert results and all(r.max_rel < FD_RTOL for r in results), gradcheck.format_table(results)
+
+
+# ---- stability and the model's call pattern ----------------------------------------
+
+
+@pytest.mark.derivation("CE.2")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_large_logits_stay_finite(dtype):
+    logits = np.array([[1e4, -1e4, 0.0], [1e4, -1e4, 0.0], [-1e4, -1e4, -1e4]], dtype)
+    targets = np.array([0, 1, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # together with np.seterr(all="raise") from conftest
+        loss, cache = cross_entropy_forward(logits, targets, reduction="sum")
+        dlogits = cross_entropy_backward(1.0, cache)
+    # Row losses: 0 (target is the max), 2e4 (target 2e4 below it), log 3 (all equal).
+    assert_close(loss, 2e4 + np.log(3), what="loss")
+    assert_close(dlogits, [[0, 0, 0], [1, -1, 0], [1 / 3, 1 / 3, -2 / 3]], what="dlogits")
+
+
+def test_gpt_call_pattern():
+    """loss, cache = forward(logits, targets); float(loss); backward(np.asarray(1.0, dtype), cache)."""
+    rng = np.random.default_rng(1)
+    B, T, V = 4, 16, 65
+    logits = randn(rng, (B, T, V), np.float32, 3.0)
+    saved = logits.copy()
+    targets = rng.integers(0, V, size=(B, T))
+    loss, cache = cross_entropy_forward(logits, targets)
+    assert isinstance(float(loss), float) and loss.dtype == np.float32
+    dlogits = cross_entropy_backward(np.asarray(1.0, np.float32), cache)
+    assert dlogits.shape == (B, T, V) and dlogits.dtype == np.float32
+    assert np.array_equal(logits, saved), "the forward must not modify its input"
+    assert np.array_equal(cross_entropy_backward(1.0, cache), dlogits), "a python float dloss gives the same result"
+    t_loss, t_dlogits = torch_oracle(logits, targets, {}, np.asarray(1.0))
+    assert_close(loss, t_loss, what="loss")
+    assert_close(dlogits, t_dlogits, scale=2.0 / (B * T), what="dlogits")
+
+
+def test_single_row():
+    """logits (V,) with a 0-d target: one row."""
+    logits, target = np.array([1.0, 2.0, 0.5]), np.array(1)
+    loss, cache = cross_entropy_forward(logits, target)
+    assert_close(loss, -reference_log_softmax(logits)[1], what="loss")
+    assert cross_entropy_backward(1.0, cache).shape == (3,)
+
+
+# ---- bad input -----------------------------------------------------------------------
+
+L, T = np.zeros((2, 3, 5)), np.zeros((2, 3), np.int64)
+
+
+def targets_with(value):
+    t = T.copy()
+    t[1, 2] = value
+    return t
+
+
+@pytest.mark.parametrize(
+    "logits, targets, options, message",
+    [
+        (L, targets_with(5), {}, "argument 'targets' expected a value in [0, 5), got 5"),
+        (L, targets_with(-3), {}, "argument 'targets' expected a value in [0, 5), got -3"),
+        (L, targets_with(-100), {"ignore_index": -1}, "argument 'targets' expected a value in [0, 5), got -100"),
+        (L, T, {"ignore_index": 0}, "argument 'ignore_index' expected a value outside the class range [0, 5)"),
+        (L, T, {"ignore_index": 4}, "argument 'ignore_index' expected a value outside the class range [0, 5)"),
+        (L, T, {"reduction": "none"}, "argument 'reduction' expected one of ('mean', 'sum'), got 'none'"),
+        (L, T, {"label_smoothing": 1.5}, "argument 'label_smoothing' expected a value in [0.0, 1.0], got 1.5"),
+        (L, T, {"label_smoothing": -0.1}, "argument 'label_smoothing' expected a value in [0.0, 1.0], got -0.1"),
+        (L, T[:, :2], {}, "argument 'targets' expected shape (2, 3), got (2, 2)"),
+        (L, T.reshape(6), {}, "argument 'targets' expected shape (2, 3), got (6,)"),
+        (L.astype(np.int64), T, {}, "argument 'logits' expected dtype float32 or float64, got int64"),
+        (L, T.astype(np.float64), {}, "argument 'targets' expected an integer dtype, got float64"),
+        (np.zeros((2, 0)), np.zeros(2, np.int64), {}, "argument 'logits' expected at least one class"),
+        (np.zeros(()), np.zeros((), np.int64), {}, "argument 'logits' expected at least 1 dimensions, got 0"),
+    ],
+)
+def test_bad_input_is_named(logits, targets, options, message):
+    with pytest.raises(ValueError) as err:
+        cross_entropy_forward(logits, targets, **options)
+    assert "cross_entropy_forward: " + message in str(err.value)
+
+
+def test_backward_rejects_non_scalar_dloss():
+    _, cache = cross_entropy_forward(L, T)
+    with pytest.raises(ValueError, match=r"cross_entropy_backward: argument 'dloss' expected a scalar \(shape \(\)\), got shape \(1,\)"):
+        cross_entropy_backward(np.ones(1), cache)
