@@ -1,0 +1,344 @@
+"""Elementwise activations and gated units: forward and hand-derived backward.
+
+Derivation: ``proofs/activations.md``; each line of a backward cites the
+equation it implements. Every op here acts on each element on its own, so any
+shape works: ``x: (...)`` (in a transformer MLP, ``(B, T, F)`` with ``F`` the
+hidden width). The gated units take two arrays of one identical shape.
+
+    relu    y = max(x, 0)
+    gelu    y = x Phi(x)                       approximate="none"  (exact, with erf)
+            y = x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))   approximate="tanh"  (GPT-2)
+    silu    y = x sigmoid(x)
+    mish    y = x tanh(softplus(x))
+    swiglu  y = silu(gate) * up                (LLaMA)
+    geglu   y = gelu(gate) * up
+
+NumPy has no ``erf``, so this module evaluates one (``erf``, ``erfc``) to float64
+round-off: a positive-term power series for ``|x| < 1.5`` and a continued fraction
+beyond, (ACT.2) and (ACT.3). Sigmoid and softplus are written so that no ``exp``
+ever sees a large positive argument: inputs of any magnitude give finite outputs
+and gradients without overflow.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Tuple
+
+import numpy as np
+
+from ._checks import _fail, check_float, check_same_dtype, check_same_shape, check_shape
+
+APPROXIMATIONS = ("none", "tanh")
+
+_TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
+_ONE_OVER_SQRT_PI = 1.0 / math.sqrt(math.pi)
+_ONE_OVER_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_SQRT_HALF = math.sqrt(0.5)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_KAPPA = 0.044715  # the cubic coefficient of the tanh approximation, (ACT.8)
+
+# erf: series below the split, continued fraction from it on. With these term counts
+# both parts reach float64 round-off on their whole range (the tests check it densely).
+_ERF_SPLIT = 1.5
+_ERF_SERIES_TERMS = 30
+_ERFC_FRACTION_TERMS = 80
+_ERFC_ZERO_FROM = 40.0  # erfc(40) ~ 1e-697, far below the smallest float64
+
+
+# ---------------------------------------------------------------------------
+# erf and erfc
+# ---------------------------------------------------------------------------
+
+
+def _exp_minus_square(a: np.ndarray) -> np.ndarray:
+    """e^(-a^2) without the rounding of a^2 magnified by the exponential.
+
+    A rounding error d in a^2 is a relative error d in e^(-a^2), about 1e-13 at a = 30.
+    Split a = h + r with h on a grid of 2^-12, so that h^2 is exact in float64, and
+    a^2 = h^2 + r (a + h) with a small second term.
+    """
+    h = np.round(a * 4096.0) / 4096.0
+    return np.exp(-(h * h)) * np.exp(-((a - h) * (a + h)))
+
+
+def _erf_series(a: np.ndarray) -> np.ndarray:
+    """erf(a) for 0 <= a < 1.5 by the positive-term series (ACT.2): no cancellation.
+
+    Nested from the last term up: sum = 1 + (2a^2/3) (1 + (2a^2/5) (1 + ...)).
+    """
+    two_a2 = 2.0 * (a * a)
+    nested = np.ones_like(a)
+    for n in range(_ERF_SERIES_TERMS - 1, 0, -1):
+        nested = 1.0 + two_a2 * nested / (2 * n + 1)
+    return (_TWO_OVER_SQRT_PI * a) * _exp_minus_square(a) * nested
+
+
+def _erfc_fraction(a: np.ndarray) -> np.ndarray:
+    """erfc(a) for a >= 1.5 by the continued fraction (ACT.3), evaluated from the tail up."""
+    a = np.minimum(a, _ERFC_ZERO_FROM)  # erfc is 0 in float64 beyond; keeps a^2 and inf finite
+    f = a.copy()
+    for k in range(_ERFC_FRACTION_TERMS, 0, -1):
+        f = a + (0.5 * k) / f
+    return _ONE_OVER_SQRT_PI * _exp_minus_square(a) / f
+
+
+def erf(x: np.ndarray) -> np.ndarray:
+    """The error function, elementwise, to float64 round-off; dtype preserved. x: (...)."""
+    check_float("erf", "x", x)
+    a = np.abs(x)
+    out = np.empty_like(x)
+    small = a < _ERF_SPLIT
+    out[small] = _erf_series(a[small])
+    out[~small] = 1.0 - _erfc_fraction(a[~small])
+    return np.copysign(out, x)  # erf is odd
+
+
+def erfc(x: np.ndarray) -> np.ndarray:
+    """1 - erf(x), elementwise, without cancellation for large positive x; dtype preserved."""
+    check_float("erfc", "x", x)
+    a = np.abs(x)
+    out = np.empty_like(x)
+    small = a < _ERF_SPLIT
+    out[small] = 1.0 - np.copysign(_erf_series(a[small]), x[small])
+    tail = _erfc_fraction(a[~small])
+    out[~small] = np.where(x[~small] > 0, tail, 2.0 - tail)  # erfc(-a) = 2 - erfc(a)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# shared pieces: checks, sigmoid, softplus
+# ---------------------------------------------------------------------------
+
+
+def _check_approximate(op: str, approximate: object) -> None:
+    if approximate not in APPROXIMATIONS:
+        _fail(op, "approximate", "'none' or 'tanh'", repr(approximate))
+
+
+def _check_dy(op: str, dy: np.ndarray, like: np.ndarray, like_name: str = "x") -> None:
+    """The upstream gradient must be a float array of the forward input's shape and dtype."""
+    check_float(op, "dy", dy)
+    check_shape(op, "dy", dy, like.shape)
+    check_same_dtype(op, like_name, like, dy=dy)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    """1 / (1 + e^-x) with exp taken of -|x| only (ACT.10)."""
+    e = np.exp(-np.abs(x))  # in (0, 1]: never overflows
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def _softplus(x: np.ndarray) -> np.ndarray:
+    """log(1 + e^x) = max(x, 0) + log1p(e^-|x|) (ACT.13)."""
+    return np.maximum(x, 0.0) + np.log1p(np.exp(-np.abs(x)))
+
+
+# ---------------------------------------------------------------------------
+# ReLU
+# ---------------------------------------------------------------------------
+
+
+class ReluCache(NamedTuple):
+    x: np.ndarray  # (...)  input; the backward needs only its sign
+
+
+def relu_forward(x: np.ndarray) -> Tuple[np.ndarray, ReluCache]:
+    """y = max(x, 0) (ACT.4).  x: (...) -> y: (...)"""
+    check_float("relu_forward", "x", x)
+    y = np.maximum(x, 0.0)  # (ACT.4)
+    return y, ReluCache(x=x)
+
+
+def relu_backward(dy: np.ndarray, cache: ReluCache) -> np.ndarray:
+    """dx = dy where x > 0, else 0 (ACT.5); the kink x = 0 gets 0, as in torch.  dy: (...) -> dx: (...)"""
+    x = cache.x
+    _check_dy("relu_backward", dy, x)
+    dx = np.where(x > 0, dy, np.zeros((), dy.dtype))  # (ACT.5)
+    return dx
+
+
+# ---------------------------------------------------------------------------
+# GELU
+# ---------------------------------------------------------------------------
+
+
+class GeluCache(NamedTuple):
+    x: np.ndarray  # (...)  input
+    cdf: np.ndarray  # (...)  Phi(x) (ACT.6), or its tanh form 1/2 (1 + tanh u) (ACT.8)
+    tanh_u: Optional[np.ndarray]  # (...)  tanh(u(x)) of (ACT.8) for "tanh"; None for "none"
+    approximate: str  # "none" or "tanh"
+
+
+def gelu_forward(x: np.ndarray, approximate: str = "none") -> Tuple[np.ndarray, GeluCache]:
+    """y = x Phi(x) exactly (ACT.6), or GPT-2's tanh form (ACT.8).  x: (...) -> y: (...)
+
+    Matches ``torch.nn.functional.gelu(x, approximate=...)``.
+    """
+    check_float("gelu_forward", "x", x)
+    _check_approximate("gelu_forward", approximate)
+    if approximate == "none":
+        cdf = 0.5 * erfc(-_SQRT_HALF * x)  # (ACT.6)  Phi(x); erfc keeps its left tail accurate
+        tanh_u = None
+    else:
+        u = _SQRT_2_OVER_PI * (x + _KAPPA * (x * x * x))  # (ACT.8)
+        tanh_u = np.tanh(u)
+        cdf = 0.5 * (1.0 + tanh_u)  # (ACT.8)
+    y = x * cdf  # (ACT.6), (ACT.8)
+    return y, GeluCache(x=x, cdf=cdf, tanh_u=tanh_u, approximate=approximate)
+
+
+def _gelu_derivative(cache: GeluCache) -> np.ndarray:
+    """d gelu / dx, elementwise, in the form the cache was made for."""
+    x, cdf, tanh_u, approximate = cache
+    if approximate == "none":
+        pdf = _ONE_OVER_SQRT_2PI * np.exp(-0.5 * (x * x))  # phi(x)
+        return cdf + x * pdf  # (ACT.7)
+    du_dx = _SQRT_2_OVER_PI * (1.0 + (3.0 * _KAPPA) * (x * x))
+    return cdf + 0.5 * x * (1.0 - tanh_u * tanh_u) * du_dx  # (ACT.9)
+
+
+def gelu_backward(dy: np.ndarray, cache: GeluCache) -> np.ndarray:
+    """dx = dy * gelu'(x), (ACT.7) or (ACT.9).  dy: (...) -> dx: (...)"""
+    _check_dy("gelu_backward", dy, cache.x)
+    return dy * _gelu_derivative(cache)  # (ACT.1)
+
+
+# ---------------------------------------------------------------------------
+# SiLU (swish)
+# ---------------------------------------------------------------------------
+
+
+class SiluCache(NamedTuple):
+    x: np.ndarray  # (...)  input
+    s: np.ndarray  # (...)  sigmoid(x), (ACT.10)
+
+
+def silu_forward(x: np.ndarray) -> Tuple[np.ndarray, SiluCache]:
+    """y = x sigmoid(x) (ACT.11).  x: (...) -> y: (...)"""
+    check_float("silu_forward", "x", x)
+    s = _sigmoid(x)  # (ACT.10)
+    y = x * s  # (ACT.11)
+    return y, SiluCache(x=x, s=s)
+
+
+def silu_backward(dy: np.ndarray, cache: SiluCache) -> np.ndarray:
+    """dx = dy * s (1 + x (1 - s)) (ACT.12).  dy: (...) -> dx: (...)"""
+    x, s = cache
+    _check_dy("silu_backward", dy, x)
+    dsilu = s * (1.0 + x * (1.0 - s))  # (ACT.12)
+    return dy * dsilu  # (ACT.1)
+
+
+# ---------------------------------------------------------------------------
+# Mish
+# ---------------------------------------------------------------------------
+
+
+class MishCache(NamedTuple):
+    x: np.ndarray  # (...)  input
+    t: np.ndarray  # (...)  tanh(softplus(x)), (ACT.14)
+
+
+def mish_forward(x: np.ndarray) -> Tuple[np.ndarray, MishCache]:
+    """y = x tanh(softplus(x)) (ACT.14).  x: (...) -> y: (...)"""
+    check_float("mish_forward", "x", x)
+    t = np.tanh(_softplus(x))  # (ACT.13), (ACT.14)
+    y = x * t  # (ACT.14)
+    return y, MishCache(x=x, t=t)
+
+
+def mish_backward(dy: np.ndarray, cache: MishCache) -> np.ndarray:
+    """dx = dy * (t + x (1 - t^2) sigmoid(x)) (ACT.15).  dy: (...) -> dx: (...)"""
+    x, t = cache
+    _check_dy("mish_backward", dy, x)
+    s = _sigmoid(x)  # softplus'(x), (ACT.13)
+    dmish = t + x * (1.0 - t * t) * s  # (ACT.15)
+    return dy * dmish  # (ACT.1)
+
+
+# ---------------------------------------------------------------------------
+# Gated units: SwiGLU and GeGLU
+# ---------------------------------------------------------------------------
+
+
+def _check_gate_up(op: str, gate: np.ndarray, up: np.ndarray) -> None:
+    check_float(op, "gate", gate)
+    check_float(op, "up", up)
+    check_same_shape(op, "gate", gate, up=up)  # no broadcasting
+    check_same_dtype(op, "gate", gate, up=up)
+
+
+class SwigluCache(NamedTuple):
+    silu: SiluCache  # gate and sigmoid(gate)
+    act: np.ndarray  # (...)  silu(gate)
+    up: np.ndarray  # (...)  the linear branch
+
+
+def swiglu_forward(gate: np.ndarray, up: np.ndarray) -> Tuple[np.ndarray, SwigluCache]:
+    """y = silu(gate) * up (ACT.16).  gate, up: (...) of one shape -> y: (...)"""
+    _check_gate_up("swiglu_forward", gate, up)
+    act, silu_cache = silu_forward(gate)  # (ACT.11)
+    y = act * up  # (ACT.16)
+    return y, SwigluCache(silu=silu_cache, act=act, up=up)
+
+
+def swiglu_backward(dy: np.ndarray, cache: SwigluCache) -> Tuple[np.ndarray, np.ndarray]:
+    """dgate = silu'(gate) * up * dy (ACT.17), dup = silu(gate) * dy (ACT.18).  dy: (...)"""
+    silu_cache, act, up = cache
+    _check_dy("swiglu_backward", dy, up, "up")
+    dup = dy * act  # (ACT.18)
+    dact = dy * up  # (ACT.17)  through the product
+    dgate = silu_backward(dact, silu_cache)  # (ACT.17)  through silu, (ACT.12)
+    return dgate, dup
+
+
+class GegluCache(NamedTuple):
+    gelu: GeluCache  # gate, its cdf and the form of GELU
+    act: np.ndarray  # (...)  gelu(gate)
+    up: np.ndarray  # (...)  the linear branch
+
+
+def geglu_forward(gate: np.ndarray, up: np.ndarray, approximate: str = "none") -> Tuple[np.ndarray, GegluCache]:
+    """y = gelu(gate) * up (ACT.19).  gate, up: (...) of one shape -> y: (...)"""
+    _check_gate_up("geglu_forward", gate, up)
+    _check_approximate("geglu_forward", approximate)
+    act, gelu_cache = gelu_forward(gate, approximate)  # (ACT.6) or (ACT.8)
+    y = act * up  # (ACT.19)
+    return y, GegluCache(gelu=gelu_cache, act=act, up=up)
+
+
+def geglu_backward(dy: np.ndarray, cache: GegluCache) -> Tuple[np.ndarray, np.ndarray]:
+    """dgate = gelu'(gate) * up * dy (ACT.20), dup = gelu(gate) * dy (ACT.21).  dy: (...)"""
+    gelu_cache, act, up = cache
+    _check_dy("geglu_backward", dy, up, "up")
+    dup = dy * act  # (ACT.21)
+    dact = dy * up  # (ACT.20)  through the product
+    dgate = gelu_backward(dact, gelu_cache)  # (ACT.20)  through gelu, (ACT.7) or (ACT.9)
+    return dgate, dup
+
+
+def gradcheck_cases(rng: np.random.Generator):
+    """Inputs for ``python -m npformer.gradcheck activations``.
+
+    ReLU's input keeps away from its kink at 0, where the derivative does not exist.
+    """
+    from ..gradcheck import Case
+
+    shape = (2, 3, 5)
+
+    def x():
+        return 2.0 * rng.standard_normal(shape)
+
+    away_from_kink = x()
+    away_from_kink += np.where(away_from_kink >= 0, 0.1, -0.1)
+    yield Case("relu", relu_forward, relu_backward, {"x": away_from_kink}, wrt=("x",))
+    for approximate in APPROXIMATIONS:
+        yield Case(f"gelu[{approximate}]", gelu_forward, gelu_backward, {"x": x()}, wrt=("x",),
+                   options={"approximate": approximate})
+    yield Case("silu", silu_forward, silu_backward, {"x": x()}, wrt=("x",))
+    yield Case("mish", mish_forward, mish_backward, {"x": x()}, wrt=("x",))
+    yield Case("swiglu", swiglu_forward, swiglu_backward, {"gate": x(), "up": x()}, wrt=("gate", "up"))
+    for approximate in APPROXIMATIONS:
+        yield Case(f"geglu[{approximate}]", geglu_forward, geglu_backward, {"gate": x(), "up": x()},
+                   wrt=("gate", "up"), options={"approximate": approximate})
