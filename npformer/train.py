@@ -53,6 +53,7 @@ class TrainConfig:
     checkpoint_format: str = "npz"  # or "safetensors"
     seed: int = 1337
     resume: bool = False
+    stop_at: int = 0  # if > 0, save and stop after this many steps (a run to --resume later)
     progress: bool = True
 
     @classmethod
@@ -155,6 +156,9 @@ def train(cfg: TrainConfig, log=print) -> Dict[str, object]:
                                            rng=np.random.default_rng(step))[0].tolist())
             _write(bar, f"\nstep {step + 1}: train {loss:.4f}, val {val:.4f}, {tok_s:,.0f} tok/s\n{text_out}\n")
             save(step + 1)
+        if cfg.stop_at and step + 1 >= cfg.stop_at and not last:
+            save(step + 1)
+            break
     elapsed = time.perf_counter() - t0
     plot = plot_losses(history, out_dir / "loss.png")
     return {"train_loss": history.train_loss[-1] if history.train_loss else None,

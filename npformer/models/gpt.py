@@ -57,7 +57,7 @@ class Block(Module):
         dtype, proj_std = np.dtype(cfg.dtype), 0.02 / np.sqrt(2 * cfg.n_layer)  # GPT-2's scaled residual init
         self.ln_1 = LayerNorm(cfg.d_model, dtype=dtype)
         self.attn = MultiHeadAttention(cfg.d_model, cfg.n_head, bias=cfg.bias, dtype=dtype, rng=rng)
-        self.attn.o_proj.data[...] = (rng.standard_normal(self.attn.o_proj.shape) * proj_std).astype(dtype)
+        self.attn.o_proj.weight.data[...] = (rng.standard_normal(self.attn.o_proj.weight.shape) * proj_std).astype(dtype)
         self.drop_1 = Dropout(cfg.dropout, rng=rng)
         self.ln_2 = LayerNorm(cfg.d_model, dtype=dtype)
         self.mlp = MLP(cfg.d_model, 4 * cfg.d_model, cfg.bias, "tanh", rng=rng, proj_std=proj_std, dtype=dtype)
