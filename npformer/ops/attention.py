@@ -1,0 +1,190 @@
+"""Scaled dot-product attention: forward and hand-derived backward.
+
+Derivation: ``proofs/attention.md``; each line of the backward cites the equation
+it implements. Shapes (the proof's letters):
+
+    q: (B, H, Tq, D)     queries, H query heads
+    k, v: (B, Hkv, Tk, D) keys and values, Hkv key/value heads, Hkv divides H
+    out: (B, H, Tq, D)    probs: (B, H, Tq, Tk)
+
+Grouped-query attention (GQA; multi-query attention, MQA, is Hkv = 1): the
+G = H // Hkv query heads h = c*G, ..., c*G + G - 1 share key/value head c = h // G.
+Rather than repeating k and v G times, the queries are viewed as
+(B, Hkv, G*Tq, D) so that each key/value head meets all of its queries in one
+matrix product, and the gradients of k and v come out already summed over the
+group (ATT.12).
+
+Masks: ``causal`` lets query i see key j iff j <= i + (Tk - Tq), i.e. the last
+query is aligned with the last key, as when new queries are appended to a cache
+of keys. ``key_padding_mask`` (B, Tk) is True where a key is padding. A query
+that sees no key at all (a fully masked row) gets output 0 and gradient 0 (ATT.11).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import numpy as np
+
+from ._checks import _fail, check_array, check_float, check_ndim, check_same_dtype, check_shape
+
+OP = "attention"
+
+
+class AttentionCache(NamedTuple):
+    q: np.ndarray  # (B, H, Tq, D)
+    k: np.ndarray  # (B, Hkv, Tk, D)
+    v: np.ndarray  # (B, Hkv, Tk, D)
+    probs: np.ndarray  # (B, H, Tq, Tk)  P of (ATT.2); 0 at masked entries
+    scale: float  # the factor on Q K^T in (ATT.1)
+    bias_shape: Optional[Tuple[int, ...]]  # shape of the additive bias, None if there was none
+
+
+def check_qkv(op: str, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> Tuple[int, int, int, int, int, int]:
+    """Validate q (B, H, Tq, D), k, v (B, Hkv, Tk, D); return (B, H, Hkv, Tq, Tk, D)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_float(op, name, x)
+        check_ndim(op, name, x, 4)
+    check_same_dtype(op, "q", q, k=k, v=v)
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    check_shape(op, "k", k, (B, None, None, D))
+    check_shape(op, "v", v, (B, Hkv, Tk, D))
+    if Hkv == 0 or H % Hkv != 0:
+        _fail(op, "k", f"a number of heads dividing q's H = {H}", f"{Hkv} (shape {tuple(k.shape)})")
+    return B, H, Hkv, Tq, Tk, D
+
+
+def causal_mask(Tq: int, Tk: int) -> np.ndarray:
+    """(Tq, Tk) bool, True where key j is *hidden* from query i: j > i + (Tk - Tq)."""
+    i = np.arange(Tq)[:, None]
+    j = np.arange(Tk)[None, :]
+    return j > i + (Tk - Tq)
+
+
+def attention_forward(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    *,
+    causal: bool = False,
+    key_padding_mask: Optional[np.ndarray] = None,
+    bias: Optional[np.ndarray] = None,
+    scale: Optional[float] = None,
+) -> Tuple[np.ndarray, AttentionCache]:
+    """out = softmax(scale * q k^T + bias, masked) v, per head.
+
+    q: (B, H, Tq, D), k, v: (B, Hkv, Tk, D), key_padding_mask: bool (B, Tk),
+    bias: 4-D, each dimension 1 or the matching one of (B, H, Tq, Tk)
+    ->  out: (B, H, Tq, D)
+    """
+    op = f"{OP}_forward"
+    B, H, Hkv, Tq, Tk, D = check_qkv(op, q, k, v)
+    G = H // Hkv
+    if key_padding_mask is not None:
+        check_array(op, "key_padding_mask", key_padding_mask)
+        if key_padding_mask.dtype != np.bool_:
+            _fail(op, "key_padding_mask", "dtype bool", key_padding_mask.dtype)
+        check_shape(op, "key_padding_mask", key_padding_mask, (B, Tk))
+    if bias is not None:
+        check_float(op, "bias", bias)
+        check_same_dtype(op, "q", q, bias=bias)
+        full = (B, H, Tq, Tk)
+        if bias.ndim != 4 or any(b not in (1, f) for b, f in zip(bias.shape, full)):
+            _fail(op, "bias", f"4-D shape with each dimension 1 or equal to {full}", tuple(bias.shape))
+    if scale is None:
+        scale = 1.0 / np.sqrt(D)  # (ATT.13)
+    scale = float(scale)
+
+    # Queries of one kv head's group side by side: (B, Hkv, G*Tq, D) (a view when q is contiguous).
+    q_grouped = q.reshape(B, Hkv, G * Tq, D)
+
+    # (ATT.1)  S = scale * Q K^T + bias, computed in place in one (B, H, Tq, Tk) array
+    s = np.matmul(q_grouped, k.swapaxes(-1, -2)).reshape(B, H, Tq, Tk)
+    s *= scale
+    if bias is not None:
+        s += bias
+
+    # masked entries are -inf before the softmax: exp(-inf) = 0 exactly, and no gradient flows (ATT.11)
+    hidden = None
+    if causal:
+        hidden = causal_mask(Tq, Tk)  # (Tq, Tk)
+    if key_padding_mask is not None:
+        pad = key_padding_mask[:, None, None, :]  # (B, 1, 1, Tk)
+        hidden = pad if hidden is None else (hidden | pad)
+    if hidden is not None:
+        np.copyto(s, -np.inf, where=hidden)
+
+    # (ATT.2)  P = softmax(S) along keys, stabilised by the row maximum
+    m = s.max(axis=-1, keepdims=True)  # (B, H, Tq, 1)
+    m[m == -np.inf] = 0.0  # a fully masked row: keep exp(-inf - m) = 0 instead of nan
+    s -= m
+    p = np.exp(s, out=s)
+    row_sum = p.sum(axis=-1, keepdims=True)
+    row_sum[row_sum == 0] = 1.0  # a fully masked row stays all zeros: output 0 (ATT.11)
+    p /= row_sum
+
+    # (ATT.3)  O = P V
+    out = np.matmul(p.reshape(B, Hkv, G * Tq, Tk), v).reshape(B, H, Tq, D)
+    cache = AttentionCache(q=q, k=k, v=v, probs=p, scale=scale, bias_shape=None if bias is None else tuple(bias.shape))
+    return out, cache
+
+
+def attention_backward(
+    dout: np.ndarray, cache: AttentionCache
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """Gradients of a scalar loss with respect to q, k, v and the additive bias.
+
+    dout: (B, H, Tq, D)  ->  dq: (B, H, Tq, D), dk, dv: (B, Hkv, Tk, D),
+    dbias: the bias's shape (None if the forward had no bias)
+    """
+    q, k, v, p, scale, bias_shape = cache
+    op = f"{OP}_backward"
+    check_array(op, "dout", dout)
+    check_shape(op, "dout", dout, q.shape)
+    check_same_dtype(op, "q", q, dout=dout)
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    G = H // Hkv
+    p_grouped = p.reshape(B, Hkv, G * Tq, Tk)
+    dout_grouped = dout.reshape(B, Hkv, G * Tq, D)
+
+    dv = np.matmul(p_grouped.swapaxes(-1, -2), dout_grouped)  # (ATT.4), summed over the group (ATT.12)
+    dp = np.matmul(dout_grouped, v.swapaxes(-1, -2)).reshape(B, H, Tq, Tk)  # (ATT.5)
+    # (ATT.7)  dS = P * (dP - rowsum(dP * P)), in place in dP's array
+    rowsum = np.einsum("bhik,bhik->bhi", dp, p)[..., None]
+    dp -= rowsum
+    ds = dp
+    ds *= p  # masked entries have P = 0, so dS = 0 there (ATT.11)
+
+    dbias = None
+    if bias_shape is not None:
+        axes = tuple(a for a, n in enumerate(bias_shape) if n == 1 and ds.shape[a] != 1)
+        dbias = ds.sum(axis=axes, keepdims=True) if axes else ds.copy()  # (ATT.10)
+
+    ds_grouped = ds.reshape(B, Hkv, G * Tq, Tk)
+    dq = np.matmul(ds_grouped, k).reshape(B, H, Tq, D)  # (ATT.8)
+    dq *= scale
+    dk = np.matmul(ds_grouped.swapaxes(-1, -2), q.reshape(B, Hkv, G * Tq, D))  # (ATT.9), summed over the group (ATT.12)
+    dk *= scale
+    return dq, dk, dv, dbias
+
+
+def gradcheck_cases(rng: np.random.Generator):
+    """Inputs for ``python -m npformer.gradcheck attention``."""
+    from ..gradcheck import Case
+
+    B, D = 2, 4
+    q = rng.standard_normal((B, 2, 3, D))
+    k = rng.standard_normal((B, 2, 5, D))
+    v = rng.standard_normal((B, 2, 5, D))
+    yield Case("attention", attention_forward, attention_backward, {"q": q, "k": k, "v": v}, wrt=("q", "k", "v", None))
+    yield Case("attention causal", attention_forward, attention_backward, {"q": q, "k": k, "v": v},
+               wrt=("q", "k", "v", None), options={"causal": True})
+    # GQA (H = 4 query heads on Hkv = 2), a padding mask and a per-head bias broadcast over the batch
+    q4 = rng.standard_normal((B, 4, 3, D))
+    pad = np.array([[False] * 4 + [True], [False] * 5])
+    bias = rng.standard_normal((1, 4, 3, 5))
+    yield Case("attention gqa+mask+bias", attention_forward, attention_backward,
+               {"q": q4, "k": k, "v": v, "bias": bias, "key_padding_mask": pad},
+               wrt=("q", "k", "v", "bias"), options={"causal": True})

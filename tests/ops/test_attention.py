@@ -1,0 +1,405 @@
+"""Scaled dot-product attention: torch oracles, finite differences, the equations of proofs/attention.md."""
+
+import numpy as np
+import pytest
+import sympy as sp
+import torch
+import torch.nn.functional as F
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from sympy.stats import E as expectation
+from sympy.stats import Normal, variance
+
+from npformer import gradcheck
+from npformer.ops.attention import attention_backward, attention_forward, causal_mask
+from tests.oracle import backprop, leaf
+from tests.strategies import DTYPES, rngs
+from tests.tolerances import FD_RTOL, RTOL, assert_close
+
+SIZES = st.sampled_from([1, 2, 3, 5, 8])
+
+
+@st.composite
+def configs(draw, no_empty_rows=False):
+    """(B, H, Hkv, Tq, Tk, D), causal, padding mask, bias shape (or None), dtype, value scale, rng."""
+    B = draw(st.sampled_from([1, 2]))
+    Hkv = draw(st.sampled_from([1, 2, 3]))
+    H = Hkv * draw(st.sampled_from([1, 2, 3]))  # G = 1: MHA; Hkv = 1: MQA; else GQA
+    Tq, Tk, D = draw(SIZES), draw(SIZES), draw(st.sampled_from([1, 2, 3, 8]))
+    causal = draw(st.booleans())
+    dtype = draw(DTYPES)
+    # Large logits in float64; float32 keeps moderate ones, where its 1e-4 bound is meaningful.
+    scale = draw(st.sampled_from([1e-2, 1.0, 3.0] if dtype == np.float32 else [1e-2, 1.0, 3.0, 30.0]))
+    rng = draw(rngs())
+    pad = None
+    if draw(st.booleans()):
+        pad = rng.random((B, Tk)) < 0.3
+        if no_empty_rows:
+            pad[:, 0] = False  # key 0 stays visible to every query ...
+    if no_empty_rows:
+        assume(not causal or Tq <= Tk)  # ... and causal row 0 sees key 0
+    bias_shape = None
+    if draw(st.booleans()):
+        full = (B, H, Tq, Tk)
+        bias_shape = tuple(n if draw(st.booleans()) else 1 for n in full)
+    return (B, H, Hkv, Tq, Tk, D), causal, pad, bias_shape, dtype, scale, rng
+
+
+def make(shape, dtype, scale, rng, bias_shape=None):
+    B, H, Hkv, Tq, Tk, D = shape
+    q = (rng.standard_normal((B, H, Tq, D)) * scale).astype(dtype)
+    k = (rng.standard_normal((B, Hkv, Tk, D)) * scale).astype(dtype)
+    v = rng.standard_normal((B, Hkv, Tk, D)).astype(dtype)
+    dout = rng.standard_normal((B, H, Tq, D)).astype(dtype)
+    bias = None if bias_shape is None else rng.standard_normal(bias_shape).astype(dtype)
+    return q, k, v, dout, bias
+
+
+def hidden_mask(B, Tq, Tk, causal, pad):
+    """(B, 1, Tq, Tk) bool, True where a key is hidden from a query."""
+    hidden = np.zeros((B, 1, Tq, Tk), bool)
+    if causal:
+        hidden |= causal_mask(Tq, Tk)
+    if pad is not None:
+        hidden |= pad[:, None, None, :]
+    return hidden
+
+
+def torch_plain(tq, tk, tv, tbias, hidden):
+    """Attention written out in torch: repeat kv heads, mask, stable softmax (0 on empty rows), P V."""
+    G = tq.shape[1] // tk.shape[1]
+    k_rep, v_rep = tk.repeat_interleave(G, dim=1), tv.repeat_interleave(G, dim=1)
+    s = tq @ k_rep.transpose(-1, -2) / np.sqrt(tq.shape[-1])
+    if tbias is not None:
+        s = s + tbias
+    s = s.masked_fill(torch.from_numpy(hidden), -torch.inf)
+    m = s.amax(-1, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)
+    total = e.sum(-1, keepdim=True)
+    return e / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def run_ours(q, k, v, dout, bias, causal, pad):
+    out, cache = attention_forward(q, k, v, causal=causal, key_padding_mask=pad, bias=bias)
+    return (out, *attention_backward(dout, cache)), cache
+
+
+def run_torch(q, k, v, dout, bias, causal, pad, *, sdpa):
+    tq, tk, tv = leaf(q), leaf(k), leaf(v)
+    tbias = None if bias is None else leaf(bias)
+    hidden = hidden_mask(q.shape[0], q.shape[2], k.shape[2], causal, pad)
+    if sdpa:
+        # sdpa's is_causal aligns top-left, so the end-aligned mask goes in as attn_mask (True = attend);
+        # a float mask carries the bias, with -inf where hidden.
+        mask = torch.from_numpy(~hidden)
+        if tbias is not None:
+            mask = tbias.masked_fill(~mask, -torch.inf)
+        out = F.scaled_dot_product_attention(tq, tk, tv, attn_mask=mask, enable_gqa=True)
+    else:
+        p = torch_plain(tq, tk, tv, tbias, hidden)
+        G = q.shape[1] // k.shape[1]
+        out = p @ tv.repeat_interleave(G, dim=1)
+    leaves = (tq, tk, tv) + (() if tbias is None else (tbias,))
+    grads = backprop(out, dout, *leaves)
+    return (out.detach().numpy(), *grads, *([None] if bias is None else []))
+
+
+def term_scales(q, k, v, dout, probs, bias_shape=None):
+    """Size of the terms each result is summed from: round-off is relative to these (see test_layernorm)."""
+    a = lambda x: float(np.max(np.abs(x.astype(np.float64)))) if x.size else 0.0  # noqa: E731
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    scale = 1 / np.sqrt(D)
+    dp = a(dout) * a(v) * D  # bound on |dP| (ATT.5)
+    col = probs.reshape(B, Hkv, -1, Tk).sum(2).max() if probs.size else 0.0  # most probability one key receives
+    return {
+        "out": a(v),
+        "dq": 2 * scale * dp * a(k),
+        "dk": 2 * scale * dp * a(q) * col,
+        "dv": a(dout) * col,
+        "dbias": 2 * dp * (B * H * Tq * Tk // int(np.prod(bias_shape or (B, H, Tq, Tk)))),  # entries summed
+    }
+
+
+NAMES = ("out", "dq", "dk", "dv", "dbias")
+
+
+def compare(ours, oracle, cache, q, k, v, dout, dtype):
+    scales = term_scales(q, k, v, dout, cache.probs, cache.bias_shape)
+    for name, a, b in zip(NAMES, ours, oracle):
+        if b is None:
+            assert a is None, name
+            continue
+        assert a.dtype == dtype, name
+        assert_close(a, b, scale=scales[name], what=name)
+
+
+@pytest.mark.derivation("ATT.3")
+@given(configs())
+def test_matches_plain_torch(config):
+    shape, causal, pad, bias_shape, dtype, scale, rng = config
+    q, k, v, dout, bias = make(shape, dtype, scale, rng, bias_shape)
+    ours, cache = run_ours(q, k, v, dout, bias, causal, pad)
+    compare(ours, run_torch(q, k, v, dout, bias, causal, pad, sdpa=False), cache, q, k, v, dout, dtype)
+
+
+@pytest.mark.derivation("ATT.3")
+@given(configs(no_empty_rows=True))
+def test_matches_torch_sdpa(config):
+    shape, causal, pad, bias_shape, dtype, scale, rng = config
+    q, k, v, dout, bias = make(shape, dtype, scale, rng, bias_shape)
+    ours, cache = run_ours(q, k, v, dout, bias, causal, pad)
+    compare(ours, run_torch(q, k, v, dout, bias, causal, pad, sdpa=True), cache, q, k, v, dout, dtype)
+
+
+@pytest.mark.derivation("ATT.2")
+@given(configs())
+def test_probs_are_masked_softmax(config):
+    shape, causal, pad, bias_shape, _, scale, rng = config
+    q, k, v, dout, bias = make(shape, np.float64, scale, rng, bias_shape)
+    _, cache = attention_forward(q, k, v, causal=causal, key_padding_mask=pad, bias=bias)
+    hidden = hidden_mask(q.shape[0], q.shape[2], k.shape[2], causal, pad)
+    expected = torch_plain(leaf(q), leaf(k), leaf(v), None if bias is None else leaf(bias), hidden).detach().numpy()
+    assert_close(cache.probs, expected, scale=1.0, what="probs")
+    assert np.all(cache.probs[np.broadcast_to(hidden, cache.probs.shape)] == 0)
+    row_sums = cache.probs.sum(-1)
+    empty = np.broadcast_to(hidden.all(-1), row_sums.shape)
+    assert_close(row_sums, np.where(empty, 0.0, 1.0), scale=1.0, what="rows sum to 1, or 0 when fully masked")
+
+
+@st.composite
+def f64_configs(draw):
+    shape, causal, pad, bias_shape, _, scale, rng = draw(configs())
+    return shape, causal, pad, bias_shape, np.float64, scale, rng
+
+
+@pytest.mark.derivation("ATT.4")
+@pytest.mark.derivation("ATT.12")
+@given(f64_configs())
+def test_dv_is_probs_transposed_times_dout_summed_over_group(config):
+    shape, causal, pad, bias_shape, dtype, scale, rng = config
+    q, k, v, dout, bias = make(shape, dtype, scale, rng, bias_shape)
+    (_, _, _, dv, _), cache = run_ours(q, k, v, dout, bias, causal, pad)
+    B, H, Hkv = shape[:3]
+    per_head = cache.probs.swapaxes(-1, -2) @ dout  # (B, H, Tk, D): P_h^T dO_h   (ATT.4)
+    expected = per_head.reshape(B, Hkv, H // Hkv, *per_head.shape[2:]).sum(2)  # (ATT.12)
+    oracle = run_torch(q, k, v, dout, bias, causal, pad, sdpa=False)[3]
+    scales = term_scales(q, k, v, dout, cache.probs)
+    assert_close(dv, expected, scale=scales["dv"], what="dv vs (ATT.4)")
+    assert_close(dv, oracle, scale=scales["dv"], what="dv vs torch")
+
+
+def logits_gradient(q, k, v, dout, bias, causal, pad):
+    """dL/dS from torch, S the masked logits of (ATT.1) (a full-shape bias is S up to a constant)."""
+    B, H, Tq, _ = q.shape
+    full = np.zeros((B, H, Tq, k.shape[2])) if bias is None else np.broadcast_to(bias, (B, H, Tq, k.shape[2])).copy()
+    return run_torch(q, k, v, dout, full, causal, pad, sdpa=False)[4]
+
+
+@pytest.mark.derivation("ATT.7")
+@given(f64_configs())
+def test_ds_formula(config):
+    """dS = P * (dP - rowsum(dP * P)): with a full-shape bias, dbias is exactly dS."""
+    shape, causal, pad, _, dtype, scale, rng = config
+    q, k, v, dout, _ = make(shape, dtype, scale, rng)
+    B, H, Hkv, Tq, Tk, D = shape
+    bias = rng.standard_normal((B, H, Tq, Tk))
+    (_, _, _, _, dbias), cache = run_ours(q, k, v, dout, bias, causal, pad)
+    p = cache.probs
+    dp = dout @ np.repeat(v, H // Hkv, axis=1).swapaxes(-1, -2)  # (ATT.5)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True))  # (ATT.7)
+    scale_ds = term_scales(q, k, v, dout, p)["dbias"]
+    assert_close(dbias, ds, scale=scale_ds, what="dS vs (ATT.7)")
+    assert_close(dbias, logits_gradient(q, k, v, dout, bias, causal, pad), scale=scale_ds, what="dS vs torch")
+
+
+@pytest.mark.derivation("ATT.8")
+@pytest.mark.derivation("ATT.9")
+@given(f64_configs())
+def test_dq_dk_formulas(config):
+    shape, causal, pad, bias_shape, dtype, scale, rng = config
+    q, k, v, dout, bias = make(shape, dtype, scale, rng, bias_shape)
+    (_, dq, dk, _, _), cache = run_ours(q, k, v, dout, bias, causal, pad)
+    B, H, Hkv, Tq, Tk, D = shape
+    G, c = H // Hkv, 1 / np.sqrt(D)
+    p = cache.probs
+    dp = dout @ np.repeat(v, G, axis=1).swapaxes(-1, -2)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+    scales = term_scales(q, k, v, dout, p)
+    assert_close(dq, c * ds @ np.repeat(k, G, axis=1), scale=scales["dq"], what="dq vs (ATT.8)")
+    dk_heads = c * ds.swapaxes(-1, -2) @ q  # (B, H, Tk, D)
+    assert_close(dk, dk_heads.reshape(B, Hkv, G, Tk, D).sum(2), scale=scales["dk"], what="dk vs (ATT.9)")
+
+
+@pytest.mark.derivation("ATT.10")
+@given(f64_configs())
+def test_dbias_sums_over_broadcast_axes(config):
+    shape, causal, pad, _, dtype, scale, rng = config
+    B, H, Hkv, Tq, Tk, D = shape
+    q, k, v, dout, _ = make(shape, dtype, scale, rng)
+    for bias_shape in [(1, 1, 1, 1), (B, 1, Tq, Tk), (1, H, Tq, Tk), (1, H, 1, Tk), (B, H, Tq, Tk)]:
+        bias = rng.standard_normal(bias_shape)
+        (_, _, _, _, dbias), cache = run_ours(q, k, v, dout, bias, causal, pad)
+        ds = logits_gradient(q, k, v, dout, bias, causal, pad)
+        axes = tuple(a for a, n in enumerate(bias_shape) if n == 1)
+        assert dbias.shape == bias_shape
+        scale_dbias = term_scales(q, k, v, dout, cache.probs, bias_shape)["dbias"]
+        assert_close(dbias, ds.sum(axis=axes, keepdims=True), scale=scale_dbias, what=f"dbias {bias_shape}")
+
+
+@pytest.mark.derivation("ATT.6")
+def test_softmax_jacobian_symbolic():
+    n = 3
+    s = sp.symbols(f"s0:{n}", real=True)
+    g = sp.symbols(f"g0:{n}", real=True)  # upstream dL/dP
+    p = [sp.exp(si) / sum(sp.exp(sj) for sj in s) for si in s]
+    for i in range(n):
+        for j in range(n):
+            claimed = p[i] * (sp.KroneckerDelta(i, j) - p[j])  # (ATT.6)
+            assert sp.simplify(sp.diff(p[i], s[j]) - claimed) == 0, (i, j)
+    for j in range(n):  # contracting the Jacobian with g gives (ATT.7)
+        chain = sum(g[i] * sp.diff(p[i], s[j]) for i in range(n))
+        claimed = p[j] * (g[j] - sum(gi * pi for gi, pi in zip(g, p)))
+        assert sp.simplify(chain - claimed) == 0, j
+
+
+@pytest.mark.derivation("ATT.13")
+def test_dot_product_variance_is_d():
+    """q . k of independent zero-mean unit-variance entries has mean 0 and variance D; scaled, variance 1."""
+    D = 4
+    q = [Normal(f"q{i}", 0, 1) for i in range(D)]
+    k = [Normal(f"k{i}", 0, 1) for i in range(D)]
+    dot = sum(a * b for a, b in zip(q, k))
+    assert sp.simplify(expectation(dot)) == 0
+    assert sp.simplify(variance(dot)) == D
+    assert sp.simplify(variance(dot / sp.sqrt(D))) == 1
+
+
+@pytest.mark.derivation("ATT.11")
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_fully_masked_rows_give_zero_output_and_gradient(dtype):
+    rng = np.random.default_rng(0)
+    B, H, Tq, Tk, D = 2, 2, 5, 3, 4
+    q, k, v, dout, _ = make((B, H, H, Tq, Tk, D), dtype, 1.0, rng)
+    pad = np.array([[True] * Tk, [False, True, False]])  # batch 0: every key is padding
+    bias = rng.standard_normal((B, H, Tq, Tk)).astype(dtype)
+    (out, dq, dk, dv, dbias), cache = run_ours(q, k, v, dout, bias, True, pad)  # causal, Tq > Tk: rows 0, 1 see nothing
+    for x in (out, dq, dk, dv, dbias):
+        assert np.all(np.isfinite(x))
+    assert np.all(out[0] == 0) and np.all(dq[0] == 0) and np.all(dk[0] == 0) and np.all(dv[0] == 0)
+    assert np.all(dbias[0] == 0)
+    assert np.all(out[1, :, :2] == 0) and np.all(dq[1, :, :2] == 0) and np.all(dbias[1, :, :2] == 0)
+    assert np.all(dbias[1, :, :, 1] == 0)  # the padded key
+    assert np.all(dk[1, :, 1] == 0) and np.all(dv[1, :, 1] == 0)
+    # the rows that see keys still match torch
+    oracle = run_torch(q, k, v, dout, bias, True, pad, sdpa=False)
+    compare((out, dq, dk, dv, dbias), oracle, cache, q, k, v, dout, dtype)
+    assert np.any(out[1, :, 2:] != 0)
+
+
+@pytest.mark.derivation("ATT.11")
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_huge_logits_stay_finite(dtype):
+    """Logits of +-1e4 (through the bias and through q . k): a one-hot softmax, no overflow, no warning."""
+    rng = np.random.default_rng(1)
+    B, H, T, D = 1, 2, 4, 4
+    q, k, v, dout, _ = make((B, H, H, T, T, D), dtype, 1.0, rng)
+    if dtype == np.float32:
+        q[:] = 0  # float32 cannot hold 1e4 + q . k to 1e-4 of the O(1) part: the logits are the bias alone
+    bias = np.where(rng.random((B, H, T, T)) < 0.5, 1e4, -1e4).astype(dtype)
+    bias[..., 0] = -1e4  # every row has both signs, key 0 is always suppressed
+    bias[..., 1] = 1e4
+    (out, dq, dk, dv, dbias), cache = run_ours(q, k, v, dout, bias, False, None)
+    for x in (out, dq, dk, dv, dbias):
+        assert np.all(np.isfinite(x))
+    assert np.all(cache.probs[..., 0] == 0)
+    compare((out, dq, dk, dv, dbias), run_torch(q, k, v, dout, bias, False, None, sdpa=False),
+            cache, q, k, v, dout, dtype)
+    # q . k of 1e4 itself
+    big_q = np.full((1, 1, 2, 1), 100.0, dtype)
+    big_k = np.array([[[[100.0], [-100.0], [99.0]]]], dtype)
+    out, cache = attention_forward(big_q, big_k, big_k, scale=1.0)
+    assert np.all(np.isfinite(out)) and np.all(np.isfinite(cache.probs))
+    assert_close(cache.probs[0, 0, :, 0], [1.0, 1.0], scale=1.0, what="one-hot on the largest logit")
+
+
+# Tk >= 2 so that no softmax is over a single key (whose dq is round-off around zero).
+@given(st.sampled_from([(1, 2, 1), (2, 2, 2), (1, 3, 3)]), st.sampled_from([2, 3, 5]), st.sampled_from([2, 3, 5]),
+       st.booleans(), st.booleans(), rngs())
+def test_finite_differences(heads, Tq, Tk, causal, with_bias, rng):
+    B, H, Hkv = heads
+    q, k, v, _, bias = make((B, H, Hkv, Tq, Tk, 3), np.float64, 1.0, rng, (1, H, Tq, Tk) if with_bias else None)
+    assume(not causal or Tq <= Tk)  # every query row sees at least one key ...
+    inputs = {"q": q, "k": k, "v": v, **({"bias": bias} if with_bias else {})}
+    results = gradcheck.check(attention_forward, attention_backward, inputs,
+                              wrt=("q", "k", "v", "bias" if with_bias else None), options={"causal": causal})
+    assert [r.input for r in results] == ["q", "k", "v"] + (["bias"] if with_bias else [])
+    assert max(r.max_rel for r in results) < FD_RTOL, gradcheck.format_table(results)
+
+
+def test_gradcheck_cases_pass():
+    results = [r for case in gradcheck.cases("attention") for r in gradcheck.check_case(case)]
+    assert len(results) == 10
+    assert max(r.max_rel for r in results) < FD_RTOL, gradcheck.format_table(results)
+
+
+def test_causal_alignment_is_end_aligned():
+    """With Tq < Tk the last query sees every key and query i sees keys 0 .. i + Tk - Tq."""
+    hidden = causal_mask(2, 4)
+    assert hidden.tolist() == [[False, False, False, True], [False, False, False, False]]
+    assert causal_mask(3, 1).tolist() == [[True], [True], [False]]
+
+
+def test_default_scale_and_explicit_scale():
+    rng = np.random.default_rng(2)
+    q, k, v, _, _ = make((1, 1, 1, 3, 4, 9), np.float64, 1.0, rng)
+    _, default = attention_forward(q, k, v)
+    _, explicit = attention_forward(q / 3.0, k, v, scale=1.0)
+    assert default.scale == 1 / 3
+    assert_close(default.probs, explicit.probs, what="scale 1/sqrt(9) = 1/3")
+
+
+def test_float32_stays_float32_on_the_hot_path_shape():
+    rng = np.random.default_rng(3)
+    q, k, v, dout, _ = make((2, 6, 6, 16, 16, 8), np.float32, 1.0, rng)
+    (out, dq, dk, dv, dbias), cache = run_ours(q, k, v, dout, None, True, None)
+    assert {x.dtype for x in (out, dq, dk, dv, cache.probs)} == {np.dtype(np.float32)}
+    assert dbias is None
+    oracle = run_torch(q, k, v, dout, None, True, None, sdpa=True)
+    compare((out, dq, dk, dv, dbias), oracle, cache, q, k, v, dout, np.float32)
+    assert RTOL[out.dtype] == 1e-4
+
+
+Q, KV = np.ones((2, 4, 3, 5)), np.ones((2, 2, 6, 5))
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, message",
+    [
+        ((Q, KV, KV[:, :, :, :4]), {}, "attention_forward: argument 'v' expected shape (2, 2, 6, 5), got (2, 2, 6, 4)"),
+        ((Q[0], KV, KV), {}, "argument 'q' expected 4 dimensions, got 3"),
+        ((Q, KV[:, :, :, :4], KV), {}, "argument 'k' expected shape (2, *, *, 5), got (2, 2, 6, 4)"),
+        ((Q, np.ones((2, 3, 6, 5)), np.ones((2, 3, 6, 5))), {}, "argument 'k' expected a number of heads dividing q's H = 4, got 3"),
+        ((Q.astype(np.float32), KV, KV), {}, "argument 'k' expected dtype float32 (same as 'q'), got float64"),
+        ((Q.astype(np.int64), KV, KV), {}, "argument 'q' expected dtype float32 or float64, got int64"),
+        ((Q, KV, KV), {"key_padding_mask": np.zeros((2, 6))}, "argument 'key_padding_mask' expected dtype bool, got float64"),
+        ((Q, KV, KV), {"key_padding_mask": np.zeros((2, 5), bool)}, "argument 'key_padding_mask' expected shape (2, 6), got (2, 5)"),
+        ((Q, KV, KV), {"bias": np.ones((4, 3, 6))}, "argument 'bias' expected 4-D shape with each dimension 1 or equal to (2, 4, 3, 6), got (4, 3, 6)"),
+        ((Q, KV, KV), {"bias": np.ones((1, 2, 3, 6))}, "argument 'bias' expected 4-D shape"),
+        ((Q, KV, KV), {"bias": np.ones((1, 1, 1, 6), np.float32)}, "argument 'bias' expected dtype float64 (same as 'q')"),
+        ((list(Q), KV, KV), {}, "argument 'q' expected a numpy.ndarray, got list"),
+    ],
+)
+def test_bad_input_is_named(args, kwargs, message):
+    with pytest.raises(ValueError) as err:
+        attention_forward(*args, **kwargs)
+    assert message in str(err.value)
+
+
+def test_backward_rejects_wrong_dout():
+    _, cache = attention_forward(Q, KV, KV)
+    with pytest.raises(ValueError, match=r"attention_backward: argument 'dout' expected shape \(2, 4, 3, 5\), got \(2, 4, 3, 4\)"):
+        attention_backward(np.ones((2, 4, 3, 4)), cache)
+    with pytest.raises(ValueError, match="argument 'dout' expected dtype float64"):
+        attention_backward(Q.astype(np.float32), cache)
