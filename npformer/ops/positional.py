@@ -1,0 +1,99 @@
+"""Absolute position embeddings: the fixed sinusoidal table and a learned table.
+
+Derivation: ``proofs/positional.md``. Both give one vector per position, added to
+the token embeddings of a sequence of length ``T``: ``x = tok_emb + pos[None]``.
+
+- ``sinusoidal_table(T, D)``: ``(T, D)``, sin on even and cos on odd columns
+  (POS.1). It is a constant: nothing to learn, no backward.
+- ``positional_embedding_forward(table, T, offset=...)``: rows ``offset .. offset+T-1``
+  of a learned ``(P, D)`` table (POS.4); the backward puts ``dout`` back into
+  those rows (POS.5).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Tuple
+
+import numpy as np
+
+from ._checks import FLOAT_DTYPES, check_float, check_ndim, check_shape
+
+OP = "positional_embedding"
+
+
+class PositionalEmbeddingCache(NamedTuple):
+    offset: int  # first row used, (POS.4)
+    T: int  # number of rows used
+    table_shape: tuple  # (P, D)
+    dtype: np.dtype  # of the table, so dtable matches it
+
+
+def _check_count(op: str, name: str, n: object, lo: int) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < lo:
+        raise ValueError(f"{op}: argument '{name}' expected an integer >= {lo}, got {n!r}")
+    return int(n)
+
+
+def sinusoidal_table(T: int, D: int, *, base: float = 10000.0, dtype=np.float32) -> np.ndarray:
+    """PE[p, 2i] = sin(p * base**(-2i/D)), PE[p, 2i+1] = cos(p * base**(-2i/D)).
+
+    ->  (T, D) in ``dtype`` (computed in float64, then cast)
+    """
+    op = "sinusoidal_table"
+    T = _check_count(op, "T", T, 1)
+    D = _check_count(op, "D", D, 2)
+    if D % 2:
+        raise ValueError(f"{op}: argument 'D' expected an even integer, got {D}")
+    if not base > 0:
+        raise ValueError(f"{op}: argument 'base' expected a value > 0, got {base}")
+    if np.dtype(dtype) not in FLOAT_DTYPES:
+        raise ValueError(f"{op}: argument 'dtype' expected float32 or float64, got {np.dtype(dtype)}")
+    omega = float(base) ** (-np.arange(0, D, 2, dtype=np.float64) / D)  # (D/2,)
+    angle = np.arange(T, dtype=np.float64)[:, None] * omega  # (T, D/2)
+    pe = np.empty((T, D), np.float64)
+    pe[:, 0::2] = np.sin(angle)  # (POS.1)
+    pe[:, 1::2] = np.cos(angle)  # (POS.1)
+    return pe.astype(dtype)
+
+
+def positional_embedding_forward(
+    table: np.ndarray, T: int, *, offset: int = 0
+) -> Tuple[np.ndarray, PositionalEmbeddingCache]:
+    """out[t] = table[offset + t] for t < T (a copy, not a view of the parameter).
+
+    table: (P, D)  ->  out: (T, D)
+    """
+    op = f"{OP}_forward"
+    check_float(op, "table", table)
+    check_ndim(op, "table", table, 2)
+    T = _check_count(op, "T", T, 1)
+    offset = _check_count(op, "offset", offset, 0)
+    P = table.shape[0]
+    if offset + T > P:
+        raise ValueError(f"{op}: argument 'T' expected offset + T <= {P} (rows of 'table'), got {offset} + {T} = {offset + T}")
+    out = table[offset : offset + T].copy()  # (POS.4)
+    return out, PositionalEmbeddingCache(offset=offset, T=T, table_shape=table.shape, dtype=table.dtype)
+
+
+def positional_embedding_backward(dout: np.ndarray, cache: PositionalEmbeddingCache) -> np.ndarray:
+    """Gradient of the table: dout in the rows that were used, zeros elsewhere.
+
+    dout: (T, D)  ->  dtable: (P, D)
+    """
+    op = f"{OP}_backward"
+    offset, T, (P, D), dtype = cache
+    check_float(op, "dout", dout)
+    check_shape(op, "dout", dout, (T, D))
+    if dout.dtype != dtype:
+        raise ValueError(f"{op}: argument 'dout' expected dtype {dtype} (same as 'table'), got {dout.dtype}")
+    dtable = np.zeros((P, D), dtype)
+    dtable[offset : offset + T] = dout  # (POS.5)
+    return dtable
+
+
+def gradcheck_cases(rng: np.random.Generator):
+    """Inputs for ``python -m npformer.gradcheck positional``."""
+    from ..gradcheck import Case
+
+    yield Case("positional_embedding offset 2", positional_embedding_forward, positional_embedding_backward,
+               {"table": rng.standard_normal((9, 4))}, wrt=("table",), options={"T": 5, "offset": 2})

@@ -1,0 +1,122 @@
+"""T5 relative position bias: bucketed relative positions, a learned (buckets, H) table.
+
+Derivation: ``proofs/t5_bias.md``. Shapes: ``table: (N, H)`` with ``N`` buckets and
+``H`` heads; the bias is ``(1, H, Tq, Tk)``, passed as the ``bias`` of
+``npformer.ops.attention.attention_forward`` (T5 uses no 1/sqrt(D) scaling:
+``scale=1.0``). The attention backward returns ``dbias``, and
+``t5_bias_backward`` scatters it into the table.
+
+Buckets follow Hugging Face's ``T5Attention._relative_position_bucket`` exactly,
+including its float32 logarithm (T5.3).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Tuple
+
+import numpy as np
+
+from ._checks import check_float, check_int, check_ndim, check_shape
+
+OP = "t5_bias"
+
+
+class T5BiasCache(NamedTuple):
+    buckets: np.ndarray  # (Tq, Tk) int64  bucket of each (query, key) pair, (T5.2), (T5.3)
+    num_buckets: int  # N, rows of the table
+    num_heads: int  # H, columns of the table
+    dtype: np.dtype  # of the table, so dtable matches it
+
+
+def _check_count(op: str, name: str, n: object, lo: int) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < lo:
+        raise ValueError(f"{op}: argument '{name}' expected an integer >= {lo}, got {n!r}")
+    return int(n)
+
+
+def t5_relative_bucket(
+    relative_position: np.ndarray, *, bidirectional: bool = True, num_buckets: int = 32, max_distance: int = 128
+) -> np.ndarray:
+    """Bucket index of each relative position r = key position - query position.
+
+    relative_position: (...) int  ->  buckets: (...) int64 in [0, num_buckets)
+    """
+    op = "t5_relative_bucket"
+    check_int(op, "relative_position", relative_position)
+    N = _check_count(op, "num_buckets", num_buckets, 4 if bidirectional else 2)
+    n = N // 2 if bidirectional else N  # buckets per sign
+    exact = n // 2  # distances 0 .. exact-1 get a bucket each
+    max_distance = _check_count(op, "max_distance", max_distance, exact + 1)
+    r = relative_position.astype(np.int64)
+
+    # (T5.2)  sign and distance
+    if bidirectional:
+        offset = np.where(r > 0, n, 0)  # keys after the query use the upper half
+        a = np.abs(r)
+    else:
+        offset = np.zeros_like(r)
+        a = np.maximum(-r, 0)  # only the past: keys after the query share bucket 0
+
+    # (T5.3)  exact below `exact`, then log-spaced up to max_distance, clamped to n - 1.
+    # float32 arithmetic as in the reference implementation; the argument is clipped
+    # to >= exact so the logarithm is finite where its value is discarded anyway.
+    ratio = np.maximum(a, exact).astype(np.float32) / exact
+    log_part = np.log(ratio) / math.log(max_distance / exact) * (n - exact)
+    large = np.minimum(exact + log_part.astype(np.int64), n - 1)
+    return offset + np.where(a < exact, a, large)
+
+
+def t5_bias_forward(
+    table: np.ndarray,
+    Tq: int,
+    Tk: int,
+    *,
+    bidirectional: bool = True,
+    max_distance: int = 128,
+    offset: int = 0,
+) -> Tuple[np.ndarray, T5BiasCache]:
+    """bias[0, h, i, j] = table[bucket(j - (offset + i)), h].
+
+    table: (N, H)  ->  bias: (1, H, Tq, Tk)
+    """
+    op = f"{OP}_forward"
+    check_float(op, "table", table)
+    check_ndim(op, "table", table, 2)
+    Tq = _check_count(op, "Tq", Tq, 1)
+    Tk = _check_count(op, "Tk", Tk, 1)
+    N, H = table.shape
+    query_pos = int(offset) + np.arange(Tq)[:, None]  # (Tq, 1)
+    key_pos = np.arange(Tk)[None, :]  # (1, Tk)
+    relative = key_pos - query_pos  # (T5.1)  (Tq, Tk)
+    buckets = t5_relative_bucket(relative, bidirectional=bidirectional, num_buckets=N, max_distance=max_distance)
+    bias = np.ascontiguousarray(table[buckets].transpose(2, 0, 1))[None]  # (T5.4)  (1, H, Tq, Tk)
+    return bias, T5BiasCache(buckets=buckets, num_buckets=N, num_heads=H, dtype=table.dtype)
+
+
+def t5_bias_backward(dbias: np.ndarray, cache: T5BiasCache) -> np.ndarray:
+    """Gradient of the table: each bucket collects the gradients of every (i, j) that used it.
+
+    dbias: (1, H, Tq, Tk)  ->  dtable: (N, H)
+    """
+    op = f"{OP}_backward"
+    buckets, N, H, dtype = cache
+    check_float(op, "dbias", dbias)
+    Tq, Tk = buckets.shape
+    check_shape(op, "dbias", dbias, (1, H, Tq, Tk))
+    if dbias.dtype != dtype:
+        raise ValueError(f"{op}: argument 'dbias' expected dtype {dtype} (same as 'table'), got {dbias.dtype}")
+    per_pair = dbias[0].reshape(H, Tq * Tk).T  # (Tq*Tk, H)
+    dtable = np.zeros((N, H), dtype)
+    np.add.at(dtable, buckets.reshape(-1), per_pair)  # (T5.5): unbuffered, pairs sharing a bucket add up
+    return dtable
+
+
+def gradcheck_cases(rng: np.random.Generator):
+    """Inputs for ``python -m npformer.gradcheck t5_bias``: small tables so that buckets repeat."""
+    from ..gradcheck import Case
+
+    yield Case("t5_bias bidirectional", t5_bias_forward, t5_bias_backward, {"table": rng.standard_normal((8, 3))},
+               wrt=("table",), options={"Tq": 4, "Tk": 9, "max_distance": 6})
+    yield Case("t5_bias causal, offset", t5_bias_forward, t5_bias_backward, {"table": rng.standard_normal((6, 2))},
+               wrt=("table",), options={"Tq": 3, "Tk": 12, "bidirectional": False, "max_distance": 8, "offset": 9})

@@ -1,0 +1,180 @@
+"""T5 relative position bias: buckets vs a torch re-implementation, table gradient vs autograd (proofs/t5_bias.md)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from npformer import gradcheck
+from npformer.ops.t5_bias import t5_bias_backward, t5_bias_forward, t5_relative_bucket
+from tests.oracle import backprop, leaf
+from tests.strategies import DTYPES, SIDES, randn, rngs
+from tests.tolerances import FD_RTOL, assert_close
+
+NUM_BUCKETS = st.sampled_from([4, 6, 8, 16, 32, 64])
+MAX_DISTANCES = st.sampled_from([5, 8, 16, 20, 128, 1000])
+
+
+def torch_bucket(relative_position, bidirectional, num_buckets, max_distance):
+    """Hugging Face T5's bucketing rule in torch (long positions, float32 logarithm)."""
+    buckets = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (relative_position > 0).to(torch.long) * num_buckets
+        relative_position = torch.abs(relative_position)
+    else:
+        relative_position = -torch.min(relative_position, torch.zeros_like(relative_position))
+    max_exact = num_buckets // 2
+    is_small = relative_position < max_exact
+    if_large = max_exact + (
+        torch.log(relative_position.float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).to(torch.long)
+    if_large = torch.min(if_large, torch.full_like(if_large, num_buckets - 1))
+    return buckets + torch.where(is_small, relative_position, if_large)
+
+
+def torch_bias(table, Tq, Tk, bidirectional, max_distance, offset):
+    """Embedding lookup of the buckets: (1, H, Tq, Tk)."""
+    relative = torch.arange(Tk)[None, :] - (offset + torch.arange(Tq)[:, None])
+    buckets = torch_bucket(relative, bidirectional, table.shape[0], max_distance)
+    return torch.nn.functional.embedding(buckets, table).permute(2, 0, 1)[None]
+
+
+def valid(num_buckets, max_distance, bidirectional):
+    n = num_buckets // 2 if bidirectional else num_buckets
+    return max_distance > n // 2
+
+
+@pytest.mark.derivation("T5.2")
+@pytest.mark.derivation("T5.3")
+@given(NUM_BUCKETS, MAX_DISTANCES, st.booleans(), rngs())
+def test_buckets_match_reference(num_buckets, max_distance, bidirectional, rng):
+    assume(valid(num_buckets, max_distance, bidirectional))
+    near = rng.integers(-3 * max_distance, 3 * max_distance, size=500)
+    far = rng.integers(-(10**6), 10**6, size=100)
+    r = np.concatenate([near, far, [0, 1, -1, max_distance, -max_distance]])
+    ours = t5_relative_bucket(r, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance)
+    ref = torch_bucket(torch.from_numpy(r), bidirectional, num_buckets, max_distance).numpy()
+    np.testing.assert_array_equal(ours, ref)
+
+
+@pytest.mark.derivation("T5.3")
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_buckets_match_reference_exhaustively(bidirectional):
+    """Every relative position in a wide range, the default configuration (32 buckets, 128)."""
+    r = np.arange(-70000, 70001)
+    ours = t5_relative_bucket(r, bidirectional=bidirectional)
+    ref = torch_bucket(torch.from_numpy(r), bidirectional, 32, 128).numpy()
+    np.testing.assert_array_equal(ours, ref)
+
+
+@pytest.mark.derivation("T5.2")
+@pytest.mark.derivation("T5.3")
+def test_bucket_properties():
+    r = np.arange(-300, 301)
+    bi = t5_relative_bucket(r)
+    n, e = 16, 8
+    assert np.all((bi[r <= 0] >= 0) & (bi[r <= 0] < n)) and np.all((bi[r > 0] >= n) & (bi[r > 0] < 2 * n))
+    small = np.abs(r) < e
+    np.testing.assert_array_equal(bi[small], np.abs(r[small]) + n * (r[small] > 0))  # exact buckets
+    np.testing.assert_array_equal(bi[r <= -128], n - 1)  # every distance >= max_distance in the last bucket
+    np.testing.assert_array_equal(bi[r >= 128], 2 * n - 1)
+    past = bi[r <= 0][::-1]  # distance 0, 1, 2, ...: non-decreasing, every bucket used
+    assert np.all(np.diff(past) >= 0) and set(past.tolist()) == set(range(n))
+
+    uni = t5_relative_bucket(r, bidirectional=False)
+    np.testing.assert_array_equal(uni[r >= 0], 0)  # the future counts as distance 0
+    np.testing.assert_array_equal(uni[(r < 0) & (r > -16)], -r[(r < 0) & (r > -16)])
+    np.testing.assert_array_equal(uni[r <= -128], 31)
+    assert uni.dtype == np.int64
+
+
+@pytest.mark.derivation("T5.1")
+@given(NUM_BUCKETS, SIDES, st.sampled_from([0, 1, 6]), st.booleans(), rngs())
+def test_offset_is_a_row_slice(N, Tq, extra, bidirectional, rng):
+    """offset = Tk - Tq gives the last Tq rows of the full (Tk, Tk) bias; each head's bias is Toeplitz."""
+    assume(valid(N, 8, bidirectional))
+    Tk = Tq + extra
+    table = rng.standard_normal((N, 3))
+    opts = {"bidirectional": bidirectional, "max_distance": 8}
+    part, _ = t5_bias_forward(table, Tq, Tk, offset=Tk - Tq, **opts)
+    full, _ = t5_bias_forward(table, Tk, Tk, **opts)
+    np.testing.assert_array_equal(part, full[:, :, Tk - Tq :, :])
+    np.testing.assert_array_equal(full[:, :, 1:, 1:], full[:, :, :-1, :-1])
+
+
+@st.composite
+def bias_cases(draw):
+    N, md, bidirectional = draw(NUM_BUCKETS), draw(MAX_DISTANCES), draw(st.booleans())
+    assume(valid(N, md, bidirectional))
+    H, Tq, Tk = draw(st.sampled_from([1, 2, 4])), draw(SIDES), draw(st.sampled_from([1, 3, 8, 40]))
+    offset, dtype, rng = draw(st.sampled_from([0, 2, 37])), draw(DTYPES), draw(rngs())
+    table = randn(rng, (N, H), dtype)
+    dbias = randn(rng, (1, H, Tq, Tk), dtype)
+    return table, dbias, dict(bidirectional=bidirectional, max_distance=md, offset=offset)
+
+
+@pytest.mark.derivation("T5.4")
+@given(bias_cases())
+def test_bias_matches_torch(case):
+    table, dbias, opts = case
+    Tq, Tk = dbias.shape[2:]
+    bias, cache = t5_bias_forward(table, Tq, Tk, **opts)
+    assert bias.shape == dbias.shape and bias.dtype == table.dtype
+    expected = torch_bias(leaf(table), Tq, Tk, **opts).detach().numpy()
+    np.testing.assert_array_equal(bias, expected.astype(table.dtype))  # a lookup: exact
+
+
+@pytest.mark.derivation("T5.5")
+@given(bias_cases())
+def test_table_gradient_matches_torch(case):
+    table, dbias, opts = case
+    Tq, Tk = dbias.shape[2:]
+    _, cache = t5_bias_forward(table, Tq, Tk, **opts)
+    dtable = t5_bias_backward(dbias, cache)
+    t_table = leaf(table)
+    (expected,) = backprop(torch_bias(t_table, Tq, Tk, **opts), dbias, t_table)
+    assert dtable.dtype == table.dtype
+    assert_close(dtable, expected, scale=np.abs(dbias).sum(), what="dtable")
+    unused = np.setdiff1d(np.arange(table.shape[0]), cache.buckets)
+    assert np.all(dtable[unused] == 0)
+    assert_close(dtable.sum(0), dbias.sum(axis=(0, 2, 3)), scale=np.abs(dbias).sum(), what="column sums")
+
+
+@pytest.mark.derivation("T5.5")
+@given(st.booleans(), st.sampled_from([0, 3]), rngs())
+def test_finite_differences(bidirectional, offset, rng):
+    table = rng.standard_normal((8, 2))
+    results = gradcheck.check(t5_bias_forward, t5_bias_backward, {"table": table}, wrt=("table",),
+                              options={"Tq": 3, "Tk": 7, "bidirectional": bidirectional, "max_distance": 6,
+                                       "offset": offset})
+    assert [r.input for r in results] == ["table"]
+    assert results[0].max_rel < FD_RTOL, gradcheck.format_table(results)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: t5_relative_bucket(np.ones(3)), "t5_relative_bucket: argument 'relative_position' expected an integer dtype"),
+        (lambda: t5_relative_bucket(np.arange(3), num_buckets=2), "argument 'num_buckets' expected an integer >= 4, got 2"),
+        (lambda: t5_relative_bucket(np.arange(3), max_distance=8), "argument 'max_distance' expected an integer >= 9, got 8"),
+        (lambda: t5_bias_forward(np.ones((4, 2, 1)), 2, 2), "t5_bias_forward: argument 'table' expected 2 dimensions"),
+        (lambda: t5_bias_forward(np.ones((32, 2), np.int64), 2, 2), "argument 'table' expected dtype float32 or float64"),
+        (lambda: t5_bias_forward(np.ones((32, 2)), 0, 2), "argument 'Tq' expected an integer >= 1, got 0"),
+    ],
+)
+def test_bad_input_is_named(call, message):
+    with pytest.raises(ValueError) as err:
+        call()
+    assert message in str(err.value)
+
+
+def test_backward_rejects_wrong_dbias():
+    _, cache = t5_bias_forward(np.ones((32, 2)), 3, 4)
+    with pytest.raises(ValueError, match=r"t5_bias_backward: argument 'dbias' expected shape \(1, 2, 3, 4\), got \(1, 3, 3, 4\)"):
+        t5_bias_backward(np.ones((1, 3, 3, 4)), cache)
+    with pytest.raises(ValueError, match=r"argument 'dbias' expected dtype float64 \(same as 'table'\), got float32"):
+        t5_bias_backward(np.ones((1, 2, 3, 4), np.float32), cache)
