@@ -1,5 +1,8 @@
+"""``python -m npformer train | sample | bench | gradcheck``."""
+
 import sys
 
-from npformer.cli import main
+from .cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

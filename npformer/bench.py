@@ -71,28 +71,17 @@ def time_npformer(cfg: GPTConfig, batch: int, steps: int, warmup: int = 1) -> fl
     return float(np.median(times))
 
 
-def time_torch(cfg: GPTConfig, batch: int, steps: int, warmup: int = 1) -> Optional[float]:
-    try:
-        import torch
+def time_torch(cfg: GPTConfig, batch: int, steps: int, warmup: int = 1) -> Optional[Dict[str, object]]:
+    """The torch twin's step time, or None without torch. The twin lives with the other torch code
+    (``kernels/twins/gpt.py``) and is imported by name, only here, so the engine never imports torch."""
+    import importlib
+    import importlib.util
 
-        from kernels.twins.gpt import TwinGPT
-    except ImportError:
+    if importlib.util.find_spec("torch") is None:
         return None
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
-    model = TwinGPT(**asdict(cfg)).float()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-    ids = torch.from_numpy(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, cfg.block_size + 1)))
-    x, y = ids[:, :-1], ids[:, 1:]
-    times = []
-    for i in range(warmup + steps):
-        t = time.perf_counter()
-        _, loss = model(x, y)
-        opt.zero_grad(set_to_none=False)
-        loss.backward()
-        opt.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    twin = importlib.import_module("kernels.twins.gpt")
+    threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
+    return twin.time_training_step(asdict(cfg), batch, steps, warmup=warmup, threads=threads)
 
 
 def run(cfg: GPTConfig = REFERENCE, batch: int = 16, steps: int = 5, torch_twin: bool = True,
@@ -113,14 +102,13 @@ def run(cfg: GPTConfig = REFERENCE, batch: int = 16, steps: int = 5, torch_twin:
         "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__},
     }
     log(f"npformer: {result['tokens_per_s']:,.0f} tok/s ({t_np * 1e3:.0f} ms/step), MFU {result['mfu']:.1%}")
-    t_torch = time_torch(cfg, batch, steps) if torch_twin else None
+    twin = time_torch(cfg, batch, steps) if torch_twin else None
+    t_torch = None if twin is None else twin["step_s"]
     result["torch_tokens_per_s"] = None if t_torch is None else tokens / t_torch
     result["ratio_vs_torch"] = None if t_torch is None else t_torch / t_np
-    if t_torch is not None:
-        import torch
-
-        result["machine"]["torch"] = torch.__version__
-        result["machine"]["torch_threads"] = torch.get_num_threads()
+    if twin is not None:
+        result["machine"]["torch"] = twin["torch"]
+        result["machine"]["torch_threads"] = twin["threads"]
         log(f"torch twin: {result['torch_tokens_per_s']:,.0f} tok/s ({t_torch * 1e3:.0f} ms/step); "
             f"npformer / torch = {result['ratio_vs_torch']:.2f}x")
     else:
