@@ -19,7 +19,7 @@ venv: $(VENV)/.core
 test-deps: $(VENV)/.test
 
 run: $(VENV)/.core
-	$(PY) -m npformer.gradcheck all
+	$(PY) -m npformer train
 
 test: $(VENV)/.test
 	$(PY) -m pytest -n 2 -q

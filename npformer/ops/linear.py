@@ -38,7 +38,8 @@ def linear_forward(
         check_shape(f"{OP}_forward", "b", b, (W.shape[0],))
     check_same_dtype(f"{OP}_forward", "x", x, W=W, b=b)
 
-    y = x @ W.T  # (LIN.1)
+    # (LIN.1) as one (N, Din) x (Din, Dout) product: a single BLAS call rather than one per leading index.
+    y = (x.reshape(-1, x.shape[-1]) @ W.T).reshape(x.shape[:-1] + (W.shape[0],))
     if b is not None:
         y += b  # (LIN.1), broadcast over rows
     return y, LinearCache(x=x, W=W, has_bias=b is not None)
@@ -58,7 +59,7 @@ def linear_backward(
     dy2 = dy.reshape(-1, Dout)  # (N, Dout): all rows at once
     x2 = x.reshape(-1, Din)  # (N, Din)
 
-    dx = dy @ W  # (LIN.3)
+    dx = (dy2 @ W).reshape(x.shape)  # (LIN.3)
     dW = dy2.T @ x2  # (LIN.4)
     db = dy2.sum(axis=0) if has_bias else None  # (LIN.5)
     return dx, dW, db
