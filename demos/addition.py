@@ -1,7 +1,7 @@
 """Teach a small GPT 3-digit addition, then test it on problems it never saw.
 
-    python demos/addition.py            # about 10 minutes on 2 cores
-    python demos/addition.py --reverse  # answers written least significant digit first
+    python demos/addition.py               # answers least significant digit first (the carry order)
+    python demos/addition.py --no-reverse  # answers written the usual way (harder)
 
 Problems look like ``"123+456=0579\\n"``; the loss covers the answer characters only
 (the prompt's targets are ignored with ``ignore_index``). Every ``--eval-every`` steps
@@ -40,7 +40,7 @@ def evaluate(model, task, problems, tok, batch=500) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--digits", type=int, default=3)
-    p.add_argument("--reverse", action="store_true")
+    p.add_argument("--reverse", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--steps", type=int, default=6000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)

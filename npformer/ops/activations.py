@@ -181,9 +181,15 @@ def gelu_forward(x: np.ndarray, approximate: str = "none") -> Tuple[np.ndarray, 
         cdf = 0.5 * erfc(-_SQRT_HALF * x)  # (ACT.6)  Phi(x); erfc keeps its left tail accurate
         tanh_u = None
     else:
-        u = _SQRT_2_OVER_PI * (x + _KAPPA * (x * x * x))  # (ACT.8)
-        tanh_u = np.tanh(u)
-        cdf = 0.5 * (1.0 + tanh_u)  # (ACT.8)
+        # (ACT.8), evaluated in place in two buffers (this runs on every MLP of a GPT)
+        u = x * x
+        u *= x
+        u *= _KAPPA
+        u += x
+        u *= _SQRT_2_OVER_PI  # u = sqrt(2/pi) (x + kappa x^3)
+        tanh_u = np.tanh(u, out=u)
+        cdf = tanh_u + 1.0
+        cdf *= 0.5  # 1/2 (1 + tanh u)
     y = x * cdf  # (ACT.6), (ACT.8)
     return y, GeluCache(x=x, cdf=cdf, tanh_u=tanh_u, approximate=approximate)
 
@@ -194,14 +200,26 @@ def _gelu_derivative(cache: GeluCache) -> np.ndarray:
     if approximate == "none":
         pdf = _ONE_OVER_SQRT_2PI * np.exp(-0.5 * (x * x))  # phi(x)
         return cdf + x * pdf  # (ACT.7)
-    du_dx = _SQRT_2_OVER_PI * (1.0 + (3.0 * _KAPPA) * (x * x))
-    return cdf + 0.5 * x * (1.0 - tanh_u * tanh_u) * du_dx  # (ACT.9)
+    # (ACT.9): cdf + 1/2 x (1 - tanh^2 u) du/dx, in place in two buffers
+    du_dx = x * x
+    du_dx *= 3.0 * _KAPPA
+    du_dx += 1.0
+    du_dx *= _SQRT_2_OVER_PI
+    grad = tanh_u * tanh_u
+    np.subtract(1.0, grad, out=grad)
+    grad *= x
+    grad *= 0.5
+    grad *= du_dx
+    grad += cdf
+    return grad
 
 
 def gelu_backward(dy: np.ndarray, cache: GeluCache) -> np.ndarray:
     """dx = dy * gelu'(x), (ACT.7) or (ACT.9).  dy: (...) -> dx: (...)"""
     _check_dy("gelu_backward", dy, cache.x)
-    return dy * _gelu_derivative(cache)  # (ACT.1)
+    dx = _gelu_derivative(cache)
+    dx *= dy  # (ACT.1)
+    return dx
 
 
 # ---------------------------------------------------------------------------
