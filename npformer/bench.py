@@ -23,6 +23,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from ._memory import reuse_freed_memory
 from .models.gpt import GPT, GPTConfig
 from .optim import AdamW
 
@@ -86,6 +87,7 @@ def time_torch(cfg: GPTConfig, batch: int, steps: int, warmup: int = 1) -> Optio
 
 def run(cfg: GPTConfig = REFERENCE, batch: int = 16, steps: int = 5, torch_twin: bool = True,
         log=print) -> Dict[str, object]:
+    reuse_freed_memory()  # for both engines: the torch twin runs in this process too
     tokens = batch * cfg.block_size
     peak = matmul_flops()
     log(f"numpy float32 matmul: {peak / 1e9:.0f} GFLOP/s ({blas_info()})")

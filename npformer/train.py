@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from . import checkpoint
+from ._memory import reuse_freed_memory
 from .data.char import CharTokenizer
 from .data.corpus import default_corpus, get_batch, train_val_split
 from .generate import generate
@@ -93,6 +94,7 @@ def checkpoint_path(cfg: TrainConfig) -> Path:
 
 def train(cfg: TrainConfig, log=print) -> Dict[str, object]:
     """Train and return a summary (final losses, tokens/s, checkpoint path, history)."""
+    reuse_freed_memory()
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     text = load_text(cfg)

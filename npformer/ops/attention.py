@@ -99,9 +99,8 @@ def attention_forward(
     # Queries of one kv head's group side by side: (B, Hkv, G*Tq, D) (a view when q is contiguous).
     q_grouped = q.reshape(B, Hkv, G * Tq, D)
 
-    # (ATT.1)  S = scale * Q K^T + bias, computed in place in one (B, H, Tq, Tk) array
-    s = np.matmul(q_grouped, k.swapaxes(-1, -2)).reshape(B, H, Tq, Tk)
-    s *= scale
+    # (ATT.1)  S = (scale * Q) K^T + bias, in one (B, H, Tq, Tk) array (scaling Q is T/D times cheaper than S)
+    s = np.matmul(q_grouped * q.dtype.type(scale), k.swapaxes(-1, -2)).reshape(B, H, Tq, Tk)
     if bias is not None:
         s += bias
 
@@ -116,7 +115,7 @@ def attention_forward(
         np.copyto(s, -np.inf, where=hidden)
 
     # (ATT.2)  P = softmax(S) along keys, stabilised by the row maximum
-    m = s.max(axis=-1, keepdims=True)  # (B, H, Tq, 1)
+    m = np.fmax.reduce(s, axis=-1, keepdims=True)  # (B, H, Tq, 1); fmax: no NaN bookkeeping, twice as fast
     m[m == -np.inf] = 0.0  # a fully masked row: keep exp(-inf - m) = 0 instead of nan
     s -= m
     p = np.exp(s, out=s)

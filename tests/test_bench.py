@@ -1,0 +1,44 @@
+"""``npformer bench`` on a tiny config: the figures it reports are present and consistent."""
+
+import json
+import platform
+
+from npformer._memory import reuse_freed_memory
+from npformer.bench import REFERENCE, run
+from npformer.cli import main as cli_main
+from npformer.models.gpt import GPTConfig
+
+TINY = GPTConfig(vocab_size=11, block_size=16, n_layer=1, n_head=2, d_model=16)
+
+
+def test_run_reports_throughput_utilisation_and_the_torch_ratio():
+    result = run(TINY, batch=2, steps=2, log=lambda *a: None)
+    tokens = 2 * TINY.block_size
+    assert abs(result["tokens_per_s"] * result["step_s"] - tokens) < 1e-6 * tokens
+    assert 0 < result["mfu"] < 1  # a tiny model is far from peak, but never above it
+    assert result["mfu"] == TINY.flops_per_token() * result["tokens_per_s"] / result["matmul_flops"]
+    assert result["torch_tokens_per_s"] > 0
+    assert abs(result["ratio_vs_torch"] - result["tokens_per_s"] / result["torch_tokens_per_s"]) < 1e-12
+    assert result["blas"]["internal_api"] in ("openblas", "mkl", "blis", "accelerate")
+
+
+def test_json_line_is_last(capsys):
+    assert cli_main(["bench", "--steps", "1", "--batch", "1", "--n-layer", "1", "--d-model", "16", "--n-head", "2",
+                     "--block-size", "8", "--no-torch", "--json"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    data = json.loads(last)
+    assert data["config"]["d_model"] == 16 and data["config"]["batch"] == 1
+    assert data["torch_tokens_per_s"] is None and data["ratio_vs_torch"] is None
+    assert {"tokens_per_s", "mfu", "blas"} <= set(data)
+
+
+def test_reference_config_and_flops():
+    assert (REFERENCE.n_layer, REFERENCE.d_model, REFERENCE.n_head, REFERENCE.block_size, REFERENCE.vocab_size) == \
+        (6, 384, 6, 256, 65)
+    # 6 x (weights per token) + attention: 12 D^2 per layer, 2 T D per layer, V D for the head, times 6.
+    D, T, L, V = 384, 256, 6, 65
+    assert REFERENCE.flops_per_token() == 6 * (L * (12 * D * D + 2 * T * D) + V * D)
+
+
+def test_freed_memory_is_reused_on_glibc():
+    assert reuse_freed_memory() == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
