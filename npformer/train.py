@@ -33,16 +33,16 @@ class TrainConfig:
     val_fraction: float = 0.1
     # model
     n_layer: int = 4
-    n_head: int = 4
-    d_model: int = 128
-    block_size: int = 64
+    n_head: int = 6
+    d_model: int = 192
+    block_size: int = 128
     dropout: float = 0.0
     dtype: str = "float32"
     # optimisation
     steps: int = 1500
     batch_size: int = 16
-    lr: float = 3e-3
-    min_lr: float = 3e-4
+    lr: float = 2e-3
+    min_lr: float = 2e-4
     warmup: int = 50
     weight_decay: float = 0.1
     grad_clip: float = 1.0
