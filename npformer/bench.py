@@ -53,8 +53,11 @@ def blas_info() -> Dict[str, object]:
     return {k: info[0].get(k) for k in ("internal_api", "version", "architecture", "num_threads")} if info else {}
 
 
-def time_npformer(cfg: GPTConfig, batch: int, steps: int, warmup: int = 1) -> float:
-    """Median seconds per training step."""
+WARMUP = 3  # untimed steps first: the allocator's heap and the BLAS threads reach their steady state
+
+
+def time_npformer(cfg: GPTConfig, batch: int, steps: int, warmup: int = WARMUP) -> float:
+    """Median seconds per training step, after ``warmup`` untimed ones."""
     model = GPT(cfg, seed=0)
     opt = AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     rng = np.random.default_rng(0)
@@ -72,7 +75,7 @@ def time_npformer(cfg: GPTConfig, batch: int, steps: int, warmup: int = 1) -> fl
     return float(np.median(times))
 
 
-def time_torch(cfg: GPTConfig, batch: int, steps: int, warmup: int = 1) -> Optional[Dict[str, object]]:
+def time_torch(cfg: GPTConfig, batch: int, steps: int, warmup: int = WARMUP) -> Optional[Dict[str, object]]:
     """The torch twin's step time, or None without torch. The twin lives with the other torch code
     (``kernels/twins/gpt.py``) and is imported by name, only here, so the engine never imports torch."""
     import importlib

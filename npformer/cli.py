@@ -69,7 +69,7 @@ def _run_sample(args) -> int:
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="time a training step; tokens/s, MFU, ratio vs a torch twin")
-    p.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (after three untimed ones)")
     p.add_argument("--batch", type=int, default=16)
     for name in ("n_layer", "n_head", "d_model", "block_size", "vocab_size"):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None)

@@ -22,7 +22,7 @@ that sees no key at all (a fully masked row) gets output 0 and gradient 0 (ATT.1
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -37,7 +37,6 @@ class AttentionCache(NamedTuple):
     v: np.ndarray  # (B, Hkv, Tk, D)
     probs: np.ndarray  # (B, H, Tq, Tk)  P of (ATT.2); 0 at masked entries
     scale: float  # the factor on Q K^T in (ATT.1)
-    causal: bool  # whether the causal mask was applied (the backward skips the same keys)
     bias_shape: Optional[Tuple[int, ...]]  # shape of the additive bias, None if there was none
 
 
@@ -54,28 +53,6 @@ def check_qkv(op: str, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> Tuple[int
     if Hkv == 0 or H % Hkv != 0:
         _fail(op, "k", f"a number of heads dividing q's H = {H}", f"{Hkv} (shape {tuple(k.shape)})")
     return B, H, Hkv, Tq, Tk, D
-
-
-ROW_BLOCK = 64  # causal attention handles this many query rows at a time
-
-
-def row_blocks(Tq: int, Tk: int, causal: bool) -> List[Tuple[int, int, int]]:
-    """``[(r0, r1, n), ...]``: query rows ``r0 .. r1-1`` and the ``n`` leading keys any of them can see.
-
-    Without a causal mask this is one block of every row and every key. With one, row i sees
-    keys up to i + (Tk - Tq), so a block of rows needs only a prefix of the keys: the rest of
-    its probabilities are 0 (ATT.11) and their products are skipped, which saves close to
-    half the work of a square causal matrix. Rows that see no key at all are left out.
-    """
-    if not causal:
-        return [(0, Tq, Tk)]
-    blocks = []
-    for r0 in range(0, Tq, ROW_BLOCK):
-        r1 = min(r0 + ROW_BLOCK, Tq)
-        n = min(Tk, r1 + (Tk - Tq))
-        if n > 0:
-            blocks.append((r0, r1, n))
-    return blocks
 
 
 def causal_mask(Tq: int, Tk: int) -> np.ndarray:
@@ -119,47 +96,41 @@ def attention_forward(
         scale = 1.0 / np.sqrt(D)  # (ATT.13)
     scale = float(scale)
 
-    # Queries of one kv head's group side by side: (B, Hkv, G, Tq, D), scaled once (ATT.1) (Q is T/D
-    # times smaller than S); k and v get a group axis of 1 to broadcast over.
-    q_grouped = (q * q.dtype.type(scale)).reshape(B, Hkv, G, Tq, D)
-    k_grouped, v_grouped = k[:, :, None], v[:, :, None]  # (B, Hkv, 1, Tk, D)
-    pad = None if key_padding_mask is None else key_padding_mask[:, None, None, :]  # (B, 1, 1, Tk)
+    # Queries of one kv head's group side by side: (B, Hkv, G*Tq, D), each kv head meets all of its
+    # queries in one product. Q is scaled once (ATT.1): it is T/D times smaller than S.
+    q_grouped = (q * q.dtype.type(scale)).reshape(B, Hkv, G * Tq, D)
+    hidden = causal_mask(Tq, Tk) if causal else None  # (Tq, Tk), True = masked
 
-    blocks = row_blocks(Tq, Tk, causal)
-    whole = blocks == [(0, Tq, Tk)]
-    p = None if whole else np.zeros((B, H, Tq, Tk), q.dtype)  # keys a block cannot see keep P = 0
-    out = np.zeros((B, H, Tq, D), q.dtype)  # rows that see no key keep 0 (ATT.11)
-    for r0, r1, n in blocks:
-        rows = r1 - r0
-        # (ATT.1)  S = (scale Q) K^T + bias, for these rows and the n keys they can see
-        s = np.matmul(q_grouped[:, :, :, r0:r1], k_grouped[:, :, :, :n].swapaxes(-1, -2)).reshape(B, H, rows, n)
+    p = np.empty((B, H, Tq, Tk), q.dtype)
+    out = np.empty((B, H, Tq, D), q.dtype)
+    # One batch element at a time: its (H, Tq, Tk) slab of scores stays in cache through the
+    # several passes of the softmax (the whole batch is tens of MB; a slab about one).
+    for b in range(B):
+        s = p[b]  # (H, Tq, Tk): S, then P, in place
+        np.matmul(q_grouped[b], k[b].swapaxes(-1, -2), out=s.reshape(Hkv, G * Tq, Tk))  # (ATT.1)
         if bias is not None:
-            s += bias[:, :, r0:r1, :n] if bias.shape[2] != 1 else bias[..., :n]
+            s += bias[b if bias.shape[0] > 1 else 0]  # (ATT.1)
 
         # masked entries are -inf before the softmax: exp(-inf) = 0 exactly, and no gradient flows (ATT.11)
-        hidden = causal_mask(Tq, Tk)[r0:r1, :n] if causal else None
-        if pad is not None:
-            hidden = pad[..., :n] if hidden is None else (hidden | pad[..., :n])
-        if hidden is not None:
-            np.copyto(s, -np.inf, where=hidden)
+        hidden_b = hidden
+        if key_padding_mask is not None:
+            pad = key_padding_mask[b]  # (Tk,)
+            hidden_b = pad if hidden_b is None else (hidden_b | pad)
+        if hidden_b is not None:
+            np.copyto(s, -np.inf, where=hidden_b)
 
         # (ATT.2)  P = softmax(S) along keys, stabilised by the row maximum
-        m = np.fmax.reduce(s, axis=-1, keepdims=True)  # (B, H, rows, 1); fmax: no NaN bookkeeping, faster
+        m = np.fmax.reduce(s, axis=-1, keepdims=True)  # (H, Tq, 1); fmax: no NaN bookkeeping, faster
         m[m == -np.inf] = 0.0  # a fully masked row: keep exp(-inf - m) = 0 instead of nan
         s -= m
-        p_rows = np.exp(s, out=s)
-        row_sum = p_rows.sum(axis=-1, keepdims=True)
+        np.exp(s, out=s)
+        row_sum = s.sum(axis=-1, keepdims=True)
         row_sum[row_sum == 0] = 1.0  # a fully masked row stays all zeros: output 0 (ATT.11)
-        p_rows /= row_sum
-        if whole:
-            p = p_rows
-        else:
-            p[:, :, r0:r1, :n] = p_rows
+        s /= row_sum
 
         # (ATT.3)  O = P V
-        out[:, :, r0:r1] = np.matmul(p_rows.reshape(B, Hkv, G, rows, n), v_grouped[:, :, :, :n]).reshape(B, H, rows, D)
-    cache = AttentionCache(q=q, k=k, v=v, probs=p, scale=scale, causal=bool(causal),
-                           bias_shape=None if bias is None else tuple(bias.shape))
+        np.matmul(s.reshape(Hkv, G * Tq, Tk), v[b], out=out[b].reshape(Hkv, G * Tq, D))
+    cache = AttentionCache(q=q, k=k, v=v, probs=p, scale=scale, bias_shape=None if bias is None else tuple(bias.shape))
     return out, cache
 
 
@@ -171,7 +142,7 @@ def attention_backward(
     dout: (B, H, Tq, D)  ->  dq: (B, H, Tq, D), dk, dv: (B, Hkv, Tk, D),
     dbias: the bias's shape (None if the forward had no bias)
     """
-    q, k, v, p, scale, causal, bias_shape = cache
+    q, k, v, p, scale, bias_shape = cache
     op = f"{OP}_backward"
     check_array(op, "dout", dout)
     check_shape(op, "dout", dout, q.shape)
@@ -179,30 +150,26 @@ def attention_backward(
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     G = H // Hkv
-    q_grouped, dout_grouped = q.reshape(B, Hkv, G, Tq, D), dout.reshape(B, Hkv, G, Tq, D)
-    k_grouped, v_grouped = k[:, :, None], v[:, :, None]  # (B, Hkv, 1, Tk, D)
-    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
-    ds_all = None if bias_shape is None else np.zeros((B, H, Tq, Tk), q.dtype)
-    for r0, r1, n in row_blocks(Tq, Tk, cache.causal):
-        rows = r1 - r0
-        p_rows = p[:, :, r0:r1, :n]  # (B, H, rows, n): the entries of P that can be nonzero
-        p_grouped = p_rows.reshape(B, Hkv, G, rows, n)
-        dout_rows = dout_grouped[:, :, :, r0:r1]  # (B, Hkv, G, rows, D)
-
-        # (ATT.4), summed over the query heads of each group (ATT.12)
-        dv[:, :, :n] += np.matmul(p_grouped.swapaxes(-1, -2), dout_rows).sum(axis=2)
-        dp = np.matmul(dout_rows, v_grouped[:, :, :, :n].swapaxes(-1, -2)).reshape(B, H, rows, n)  # (ATT.5)
+    q_grouped, dout_grouped = q.reshape(B, Hkv, G * Tq, D), dout.reshape(B, Hkv, G * Tq, D)
+    dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
+    ds_all = None if bias_shape is None else np.empty((B, H, Tq, Tk), q.dtype)
+    for b in range(B):  # one batch element at a time, as in the forward
+        p_b = p[b]  # (H, Tq, Tk)
+        p_grouped = p_b.reshape(Hkv, G * Tq, Tk)
+        # (ATT.4), summed over the query heads of each group by the product itself (ATT.12)
+        np.matmul(p_grouped.swapaxes(-1, -2), dout_grouped[b], out=dv[b])
+        dp = np.matmul(dout_grouped[b], v[b].swapaxes(-1, -2)).reshape(H, Tq, Tk)  # (ATT.5)
         # (ATT.7)  dS = P * (dP - rowsum(dP * P)), in place in dP's array
-        rowsum = np.einsum("bhik,bhik->bhi", dp, p_rows)[..., None]
+        rowsum = np.einsum("hik,hik->hi", dp, p_b)[..., None]
         dp -= rowsum
         ds = dp
-        ds *= p_rows  # masked entries have P = 0, so dS = 0 there (ATT.11)
+        ds *= p_b  # masked entries have P = 0, so dS = 0 there (ATT.11)
         if ds_all is not None:
-            ds_all[:, :, r0:r1, :n] = ds
+            ds_all[b] = ds
 
-        ds_grouped = ds.reshape(B, Hkv, G, rows, n)
-        dq[:, :, r0:r1] = np.matmul(ds_grouped, k_grouped[:, :, :, :n]).reshape(B, H, rows, D)  # (ATT.8)
-        dk[:, :, :n] += np.matmul(ds_grouped.swapaxes(-1, -2), q_grouped[:, :, :, r0:r1]).sum(axis=2)  # (ATT.9), (ATT.12)
+        ds_grouped = ds.reshape(Hkv, G * Tq, Tk)
+        np.matmul(ds_grouped, k[b], out=dq[b].reshape(Hkv, G * Tq, D))  # (ATT.8)
+        np.matmul(ds_grouped.swapaxes(-1, -2), q_grouped[b], out=dk[b])  # (ATT.9), summed over the group (ATT.12)
     dq *= scale
     dk *= scale
 

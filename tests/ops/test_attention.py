@@ -144,31 +144,6 @@ def test_matches_plain_torch(config):
     compare(ours, run_torch(q, k, v, dout, bias, causal, pad, sdpa=False), cache, q, k, v, dout, dtype)
 
 
-@pytest.mark.derivation("ATT.11")
-@given(configs(), st.sampled_from([1, 2, 3]))
-def test_causal_row_blocks_change_nothing_but_the_work(config, block):
-    """Causal attention skips, per block of query rows, the keys no row of the block can see.
-    With blocks of 1 to 3 rows (64 by default) every path of that loop meets the torch oracle."""
-    import npformer.ops.attention as attention
-
-    shape, _, pad, bias_shape, dtype, scale, rng = config
-    q, k, v, dout, bias = make(shape, dtype, scale, rng, bias_shape)
-    default = attention.ROW_BLOCK
-    try:
-        attention.ROW_BLOCK = block
-        Tq, Tk = shape[3], shape[4]
-        blocks = attention.row_blocks(Tq, Tk, True)
-        visible = ~causal_mask(Tq, Tk)
-        covered = np.zeros_like(visible)
-        for r0, r1, n in blocks:
-            covered[r0:r1, :n] = True
-        assert np.all(covered >= visible)  # every visible entry lies in some block (masked ones may too)
-        ours, cache = run_ours(q, k, v, dout, bias, True, pad)
-    finally:
-        attention.ROW_BLOCK = default
-    compare(ours, run_torch(q, k, v, dout, bias, True, pad, sdpa=False), cache, q, k, v, dout, dtype)
-
-
 @pytest.mark.derivation("ATT.3")
 @given(configs(no_empty_rows=True))
 def test_matches_torch_sdpa(config):
