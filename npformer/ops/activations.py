@@ -183,10 +183,10 @@ def _chunks(n: int):
     return (slice(i, min(i + CHUNK, n)) for i in range(0, n, CHUNK))
 
 
-def _gelu_tanh_parts(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """tanh(u) and 1/2 (1 + tanh u) with u = sqrt(2/pi) (x + kappa x^3), (ACT.8); x: (...)."""
+def _gelu_tanh_parts(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """y = x cdf, tanh(u) and cdf = 1/2 (1 + tanh u), u = sqrt(2/pi) (x + kappa x^3) (ACT.8).  x: (...)"""
     x_flat = x.reshape(-1)
-    tanh_u, cdf = np.empty_like(x_flat), np.empty_like(x_flat)
+    y, tanh_u, cdf = np.empty_like(x_flat), np.empty_like(x_flat), np.empty_like(x_flat)
     for c in _chunks(x_flat.size):
         u = np.multiply(x_flat[c], x_flat[c], out=tanh_u[c])
         u *= _SQRT_2_OVER_PI * _KAPPA
@@ -195,7 +195,8 @@ def _gelu_tanh_parts(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         np.tanh(u, out=u)
         cdf_c = np.add(u, 1.0, out=cdf[c])
         cdf_c *= 0.5
-    return tanh_u.reshape(x.shape), cdf.reshape(x.shape)
+        np.multiply(x_flat[c], cdf_c, out=y[c])
+    return y.reshape(x.shape), tanh_u.reshape(x.shape), cdf.reshape(x.shape)
 
 
 def gelu_forward(x: np.ndarray, approximate: str = "none") -> Tuple[np.ndarray, GeluCache]:
@@ -208,42 +209,38 @@ def gelu_forward(x: np.ndarray, approximate: str = "none") -> Tuple[np.ndarray, 
     if approximate == "none":
         cdf = 0.5 * erfc(-_SQRT_HALF * x)  # (ACT.6)  Phi(x); erfc keeps its left tail accurate
         tanh_u = None
+        y = x * cdf  # (ACT.6)
     else:
-        tanh_u, cdf = _gelu_tanh_parts(x)  # (ACT.8)
-    y = x * cdf  # (ACT.6), (ACT.8)
+        y, tanh_u, cdf = _gelu_tanh_parts(x)  # (ACT.8)
     return y, GeluCache(x=x, cdf=cdf, tanh_u=tanh_u, approximate=approximate)
 
 
-def _gelu_derivative(cache: GeluCache) -> np.ndarray:
-    """d gelu / dx, elementwise, in the form the cache was made for."""
+def gelu_backward(dy: np.ndarray, cache: GeluCache) -> np.ndarray:
+    """dx = dy * gelu'(x) (ACT.1), with gelu' from (ACT.7) or (ACT.9).  dy: (...) -> dx: (...)"""
     x, cdf, tanh_u, approximate = cache
+    _check_dy("gelu_backward", dy, x)
     if approximate == "none":
         pdf = _ONE_OVER_SQRT_2PI * np.exp(-0.5 * (x * x))  # phi(x)
-        return cdf + x * pdf  # (ACT.7)
-    # (ACT.9): cdf + 1/2 x (1 - tanh^2 u) du/dx, chunk by chunk (see _chunks)
-    x_flat, t_flat, cdf_flat = x.reshape(-1), tanh_u.reshape(-1), cdf.reshape(-1)
-    grad = np.empty_like(x_flat)
+        dx = cdf + x * pdf  # (ACT.7)
+        dx *= dy  # (ACT.1)
+        return dx
+    # (ACT.9): gelu' = cdf + 1/2 x (1 - tanh^2 u) du/dx, then times dy (ACT.1), chunk by chunk
+    x_flat, t_flat, cdf_flat, dy_flat = x.reshape(-1), tanh_u.reshape(-1), cdf.reshape(-1), dy.reshape(-1)
+    dx = np.empty_like(x_flat)
     for c in _chunks(x_flat.size):
         xc = x_flat[c]
         du_dx = xc * xc
         du_dx *= 3.0 * _KAPPA
         du_dx += 1.0
         du_dx *= _SQRT_2_OVER_PI  # du/dx = sqrt(2/pi) (1 + 3 kappa x^2)
-        g = np.multiply(t_flat[c], t_flat[c], out=grad[c])
+        g = np.multiply(t_flat[c], t_flat[c], out=dx[c])
         np.subtract(1.0, g, out=g)
         g *= xc
         g *= 0.5
         g *= du_dx
-        g += cdf_flat[c]
-    return grad.reshape(x.shape)
-
-
-def gelu_backward(dy: np.ndarray, cache: GeluCache) -> np.ndarray:
-    """dx = dy * gelu'(x), (ACT.7) or (ACT.9).  dy: (...) -> dx: (...)"""
-    _check_dy("gelu_backward", dy, cache.x)
-    dx = _gelu_derivative(cache)
-    dx *= dy  # (ACT.1)
-    return dx
+        g += cdf_flat[c]  # gelu'(x)
+        g *= dy_flat[c]
+    return dx.reshape(x.shape)
 
 
 # ---------------------------------------------------------------------------
