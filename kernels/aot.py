@@ -22,7 +22,8 @@ Which configurations (``enumerate_builds``):
   (16, 32, 64, 128) x causal, for the forward, dK/dV (group of 1 and of 4 query heads)
   and dQ kernels, plus the preprocess kernel; for RMSNorm every row block (16 ... 8192
   and the 4096-wide chunked walk) x dtype x residual on/off, forward and backward;
-  for RoPE head sizes 64 and 128 x dtype, forward and inverse.
+  for RoPE head sizes 64 and 128 x dtype, forward and inverse. Row blocks, warps
+  and RoPE tiles are the launchers' own (``rmsnorm.warps_for``, ``rope.launch_config``).
 - ``full=False`` (the default, used by the tests; about 130 builds, one minute cold):
   every table entry for bf16 at D = 128, fp16 at D = 64 and fp32 at D = 64 (causal),
   the first entry for bf16 at D = 80 (non-causal, dK/dV with a group of 4) and fp32
@@ -356,8 +357,8 @@ def rmsnorm_builds(arch: int, full: bool) -> List[Build]:
     for dtype in (DTYPES if full else ("bf16", "fp32")):
         for BLOCK_D, one in blocks:
             D = BLOCK_D if one else 65536
-            warps = R.warps_for(BLOCK_D)
-            tag = f"{dtype} BLOCK_D={BLOCK_D}{'' if one else ' chunked'}"
+            warps = R.warps_for(BLOCK_D, one)
+            tag = f"{dtype} BLOCK_D={BLOCK_D}{'' if one else ' chunked'} w{warps}"
             for flag in ((False, True) if full else (True,)):
                 builds.append(Build(
                     "rmsnorm.fwd", "kernels.rmsnorm", "_rmsnorm_fwd_kernel", arch, dtype,
@@ -386,16 +387,16 @@ def rope_builds(arch: int, full: bool) -> List[Build]:
         for D in ((64, 128) if full else (128,)):
             for inverse in ((False, True) if full else (False,)):
                 HALF = D // 2
-                BLOCK_K = 1 << (HALF - 1).bit_length()
+                BLOCK_K, BLOCK_H, warps = P.launch_config(max(H, Hkv), HALF, 4 if dtype == "fp32" else 2)
                 q, k = (B, H, T, D), (B, Hkv, T, D)
                 args = {"Q": Ptr(dtype), "K": Ptr(dtype), "QO": Ptr(dtype), "KO": Ptr(dtype),
                         "INV_FREQ": Ptr("fp64"), "POS": Ptr("i64"),
                         **_strides("sq", q), **_strides("sk", k), **_strides("so", q), **_strides("sp", k),
                         "stride_pos_b": T, "stride_pos_t": 1, "T": T, "H": H, "HKV": Hkv, "offset": 0}
                 const = {"HAS_POS": True, "INVERSE": inverse, "HALF": HALF, "BLOCK_K": BLOCK_K,
-                         "BLOCK_H": P.block_heads(H, HALF)}
+                         "BLOCK_H": BLOCK_H}
                 builds.append(Build("rope.fwd" if not inverse else "rope.bwd", "kernels.rope", "_rope_kernel",
-                                    arch, dtype, args, const, 4, 1, f"{dtype} D={D} inverse={inverse}"))
+                                    arch, dtype, args, const, warps, 1, f"{dtype} D={D} BLOCK_H={BLOCK_H} w{warps} inverse={inverse}"))
     return builds
 
 

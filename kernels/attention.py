@@ -30,8 +30,8 @@ Kernels (one program = one tile, loops inside the program):
 
 Tile sizes, warps and stages are autotuned on a GPU among the configurations of
 ``CONFIGS`` for the device's architecture (all checked free of register spills by
-``kernels.aot``); ``AUTOTUNE = False`` takes the first entry instead, and
-``with pinned(fwd=..., dkdv=..., dq=...)`` forces given entries. Under the Triton
+``kernels.aot`` under Triton 3.6 and 3.9); ``AUTOTUNE = False`` takes the first entry
+instead, and ``with pinned(fwd=..., dkdv=..., dq=...)`` forces given entries. Under the Triton
 interpreter small tiles are used (``INTERPRET_CONFIGS``).
 """
 
@@ -288,17 +288,19 @@ def _attn_bwd_dq_kernel(
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, element size (2: fp16/bf16,
 # 4: fp32), head-dim tile (<= 64 or 128) and architecture family (80: Ampere and Ada,
 # 90: Hopper and later). Every entry was compiled with ``python -m kernels.aot --full``
-# for sm_80 and sm_90: none spills registers and all fit in shared memory; on sm_90
-# the fp16/bf16 entries use wgmma (M-side tiles of at least 64 rows).
+# for sm_80 and sm_90 under Triton 3.6 and 3.9 (``kernels/results/aot-full-triton*.txt``):
+# none spills registers with either and all fit in shared memory; on sm_90 the
+# fp16/bf16 entries use wgmma (M-side tiles of at least 64 rows). The register
+# allocation differs between releases: an entry that sits at the 255-register limit
+# with one may spill with the other, and such entries are left out of the table.
 
 CONFIGS = {
     # 16-bit inputs
     ("fwd", 2, 64, 80): [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4),
                          (128, 64, 8, 4)],
-    ("fwd", 2, 128, 80): [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3),
-                          (64, 32, 4, 4)],
-    ("dkdv", 2, 64, 80): [(32, 64, 4, 2), (32, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2),
-                          (32, 128, 8, 3), (16, 64, 4, 2)],
+    ("fwd", 2, 128, 80): [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 4)],
+    ("dkdv", 2, 64, 80): [(32, 64, 4, 2), (32, 64, 4, 3), (64, 64, 4, 2), (32, 128, 8, 2), (32, 128, 8, 3),
+                          (16, 64, 4, 2)],
     ("dkdv", 2, 128, 80): [(64, 64, 8, 2), (16, 64, 4, 2), (16, 128, 8, 2)],
     ("dq", 2, 64, 80): [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2),
                         (128, 64, 8, 2)],
@@ -312,15 +314,17 @@ CONFIGS = {
     ("dq", 4, 64, 80): [(64, 16, 4, 2), (32, 32, 4, 2)],
     ("dq", 4, 128, 80): [(16, 32, 4, 2), (32, 32, 8, 2), (16, 16, 4, 2)],
 }
-# Hopper: the Ampere entries, plus those that only fit its larger register budget
-# under wgmma, minus the fp32 ones that need wgmma-sized tiles there.
+# Hopper: the Ampere entries, plus those that only stay spill-free with its wgmma
+# register layout, and its own fp32 tables where wgmma-sized tiles differ.
 CONFIGS.update({
     (kind, e, d, 90): list(v) for (kind, e, d, arch), v in CONFIGS.items() if arch == 80
 })
-CONFIGS[("dkdv", 2, 128, 90)] += [(32, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2)]
+CONFIGS[("fwd", 2, 128, 90)] += [(128, 32, 4, 3)]
+CONFIGS[("dkdv", 2, 64, 90)] += [(64, 64, 8, 2)]
+CONFIGS[("dkdv", 2, 128, 90)] += [(32, 64, 4, 2), (32, 128, 8, 2)]
 CONFIGS[("dq", 2, 128, 90)] += [(128, 64, 8, 2)]
-CONFIGS[("fwd", 4, 128, 90)] = [(128, 32, 8, 2)]
-CONFIGS[("dkdv", 4, 64, 90)] = [(32, 64, 4, 2), (16, 64, 4, 2), (32, 128, 8, 2)]
+CONFIGS[("fwd", 4, 128, 90)] = [(128, 32, 8, 1), (32, 32, 4, 2)]
+CONFIGS[("dkdv", 4, 64, 90)] = [(16, 64, 4, 2), (32, 128, 8, 2)]
 CONFIGS[("dq", 4, 64, 90)] = [(64, 32, 4, 2), (64, 16, 4, 2), (128, 32, 8, 2), (64, 32, 8, 2)]
 
 # under the interpreter: small tiles, so that short test sequences cross tile edges; the

@@ -192,9 +192,18 @@ def block_for(D: int, block_d: Optional[int] = None):
     return CHUNK_BLOCK_D, False
 
 
-def warps_for(BLOCK_D: int) -> int:
-    """4 warps up to 1024 columns, then one warp per 256 columns, at most 16."""
-    return max(4, min(16, BLOCK_D // 256))
+def warps_for(BLOCK_D: int, one_block: bool = True) -> int:
+    """Warps for a block of ``BLOCK_D`` columns.
+
+    A row held in one block: 4 warps up to 1024 columns, then one warp per 256 columns,
+    at most 16. A chunk of the chunked walk (``one_block=False``, whose backward also
+    carries the running ``dweight`` partial through the second pass): one warp per 512
+    columns, 4 to 8, i.e. 8 for the 4096-wide ``CHUNK_BLOCK_D``; with 16 warps that
+    backward spills registers under some Triton releases (``python -m kernels.aot``).
+    """
+    if one_block:
+        return max(4, min(16, BLOCK_D // 256))
+    return max(4, min(8, BLOCK_D // 512))
 
 
 def _num_programs(N: int, device: torch.device) -> int:
@@ -253,7 +262,7 @@ def rmsnorm_fwd(x, weight, eps=1e-6, residual=None, *, block_d=None):
             x2.stride(0), r2.stride(0), y.stride(0), h.stride(0),
             D, float(eps),
             HAS_RESIDUAL=residual is not None, BLOCK_D=BLOCK_D, ONE_BLOCK=one,
-            num_warps=warps_for(BLOCK_D),
+            num_warps=warps_for(BLOCK_D, one),
         )
     return y.reshape(shape), (h.reshape(shape) if residual is not None else None), rstd
 
@@ -277,7 +286,7 @@ def rmsnorm_bwd(dy, x, weight, rstd, dh=None, *, block_d=None, num_programs=None
             dy2, x2, weight.contiguous(), rstd, dh2, dx, partial,
             N, D, rows_per_program,
             HAS_DH=dh is not None, BLOCK_D=BLOCK_D, ONE_BLOCK=one,
-            num_warps=warps_for(BLOCK_D),
+            num_warps=warps_for(BLOCK_D, one),
         )
     dweight = torch.empty(D, dtype=weight.dtype, device=x.device)
     SUM_BLOCK = min(1024, triton.next_power_of_2(D))

@@ -17,8 +17,9 @@ float64, as the reference computes them) and their cosine and sine are rounded t
 fp32; the rotation is done in fp32 and the result rounded once to the input dtype.
 
 One program per (b, t): it computes the K cosines and sines once and applies them
-to every head of q and of k, ``BLOCK_H`` heads at a time. Any strides are accepted,
-so ``q`` may be a transposed view of a (B, T, H, D) projection.
+to every head of q and of k, ``BLOCK_H`` heads at a time (tile and warps:
+``launch_config``). Any strides are accepted, so ``q`` may be a transposed view of a
+(B, T, H, D) projection.
 """
 
 from __future__ import annotations
@@ -91,9 +92,27 @@ def inv_freq_table(D: int, base: float, device) -> torch.Tensor:
     return float(base) ** (-torch.arange(0, D, 2, dtype=torch.float64, device=device) / D)
 
 
-def block_heads(H: int, HALF: int) -> int:
-    """Heads per step: a (BLOCK_H, next_pow2(K)) tile of about 1024 elements."""
-    return max(1, min(triton.next_power_of_2(max(H, 1)), max(1, 1024 // triton.next_power_of_2(HALF))))
+def block_heads(H: int, HALF: int, tile: int = 1024) -> int:
+    """Heads per step: a (BLOCK_H, next_pow2(K)) tile of about ``tile`` elements."""
+    return max(1, min(triton.next_power_of_2(max(H, 1)), max(1, tile // triton.next_power_of_2(HALF))))
+
+
+def launch_config(H: int, HALF: int, elem_bytes: int):
+    """(BLOCK_K, BLOCK_H, num_warps) for ``H`` heads (the larger of q's and k's) of ``HALF``
+    pairs, in a dtype of ``elem_bytes`` bytes.
+
+    fp16 / bf16: tiles of up to 1024 elements, 4 warps for a full tile, else 2.
+    fp32: tiles of up to 512 elements and one warp per 64 of them (2 elements per
+    thread, at most 8 warps). The program calls the float64 cosine and sine, whose slow
+    argument reduction is a real function call; with more fp32 values live per thread
+    around it, ptxas spills registers under some Triton releases (``python -m kernels.aot``).
+    """
+    BLOCK_K = triton.next_power_of_2(HALF)
+    if elem_bytes >= 4:
+        BLOCK_H = block_heads(H, HALF, 512)
+        return BLOCK_K, BLOCK_H, max(1, min(8, BLOCK_H * BLOCK_K // 64))
+    BLOCK_H = block_heads(H, HALF)
+    return BLOCK_K, BLOCK_H, 4 if BLOCK_H * BLOCK_K >= 1024 else 2
 
 
 def _interpreting() -> bool:
@@ -154,15 +173,14 @@ def rope_apply(q, k, *, base=10000.0, offset=0, positions=None, inverse=False, o
         pos, stride_pos_b, stride_pos_t = q, 0, 0  # placeholder, never read
     if B * T == 0:
         return qo, ko
-    BLOCK_K = triton.next_power_of_2(HALF)
+    BLOCK_K, BLOCK_H, num_warps = launch_config(max(H, Hkv), HALF, q.element_size())
     _rope_kernel[(B * T,)](
         q, k, qo, ko, inv_freq_table(D, base, q.device), pos,
         *q.stride(), *k.stride(), *qo.stride(), *ko.stride(),
         stride_pos_b, stride_pos_t,
         T, H, Hkv, int(offset),
         HAS_POS=positions is not None, INVERSE=bool(inverse),
-        HALF=HALF, BLOCK_K=BLOCK_K, BLOCK_H=block_heads(max(H, Hkv), HALF),
-        num_warps=4 if BLOCK_K * max(H, Hkv) >= 1024 else 2,
+        HALF=HALF, BLOCK_K=BLOCK_K, BLOCK_H=BLOCK_H, num_warps=num_warps,
     )
     return qo, ko
 
