@@ -3,7 +3,8 @@
     python demos/addition.py               # answers least significant digit first (the carry order)
     python demos/addition.py --no-reverse  # answers written the usual way (harder)
 
-Problems look like ``"123+456=0579\\n"``; the loss covers the answer characters only
+Problems look like ``"123+456=9750\\n"`` (0579 written backwards: the digit a carry
+goes into comes after the carry's source); the loss covers the answer characters only
 (the prompt's targets are ignored with ``ignore_index``). Every ``--eval-every`` steps
 the model answers held-out problems greedily, using its KV cache, and the exact-match
 rate is printed; training stops once it reaches ``--target``.
