@@ -55,6 +55,15 @@ def check_qkv(op: str, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> Tuple[int
     return B, H, Hkv, Tq, Tk, D
 
 
+def check_dout(op: str, dout: np.ndarray, q: np.ndarray, k: np.ndarray) -> Tuple[int, int, int, int, int, int]:
+    """dout must be an array of q's shape and dtype; return (B, H, Hkv, Tq, Tk, D)."""
+    check_array(op, "dout", dout)
+    check_shape(op, "dout", dout, q.shape)
+    check_same_dtype(op, "q", q, dout=dout)
+    B, H, Tq, D = q.shape
+    return B, H, k.shape[1], Tq, k.shape[2], D
+
+
 def causal_mask(Tq: int, Tk: int) -> np.ndarray:
     """(Tq, Tk) bool, True where key j is *hidden* from query i: j > i + (Tk - Tq)."""
     i = np.arange(Tq)[:, None]
@@ -143,12 +152,7 @@ def attention_backward(
     dbias: the bias's shape (None if the forward had no bias)
     """
     q, k, v, p, scale, bias_shape = cache
-    op = f"{OP}_backward"
-    check_array(op, "dout", dout)
-    check_shape(op, "dout", dout, q.shape)
-    check_same_dtype(op, "q", q, dout=dout)
-    B, H, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
+    B, H, Hkv, Tq, Tk, D = check_dout(f"{OP}_backward", dout, q, k)
     G = H // Hkv
     q_grouped, dout_grouped = q.reshape(B, Hkv, G * Tq, D), dout.reshape(B, Hkv, G * Tq, D)
     dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)

@@ -28,8 +28,8 @@ from typing import NamedTuple, Tuple
 
 import numpy as np
 
-from ._checks import _fail, check_array, check_same_dtype, check_shape
-from .attention import check_qkv
+from ._checks import _fail
+from .attention import check_dout, check_qkv
 
 OP = "flash_attention"
 
@@ -132,12 +132,7 @@ def flash_attention_backward(dout: np.ndarray, cache: FlashCache) -> Tuple[np.nd
     dout: (B, H, Tq, D)  ->  dq: (B, H, Tq, D), dk, dv: (B, Hkv, Tk, D)
     """
     q, k, v, out, lse, scale, causal, block_q, block_k = cache
-    op = f"{OP}_backward"
-    check_array(op, "dout", dout)
-    check_shape(op, "dout", dout, q.shape)
-    check_same_dtype(op, "q", q, dout=dout)
-    B, H, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
+    B, H, Hkv, Tq, Tk, D = check_dout(f"{OP}_backward", dout, q, k)
     G = H // Hkv
     offset = Tk - Tq
     qg = q.reshape(B, Hkv, G, Tq, D)

@@ -58,14 +58,19 @@ def test_loss_and_every_gradient_match_the_twin(dropout):
         assert_close(prm.grad, twin_grads[name], rtol=MODEL_RTOL, what=name)
 
 
-def test_divergence_finder_agrees_on_a_correct_model():
-    model, twin = pair()
+def record_both(model, twin):
+    """One forward and backward of each on the same batch, recording under the same names."""
     ids, targets = batch(model.cfg)
     ours, theirs = model.start_recording(), twin.start_recording()
     model.forward(ids, targets)
     model.zero_grad()
     model.backward()
     run_twin(twin, ids, targets)
+    return ours, theirs
+
+
+def test_divergence_finder_agrees_on_a_correct_model():
+    ours, theirs = record_both(*pair())
     shared = [n for n in ours if n in theirs]
     assert len(shared) > 40  # forward values and gradients of every layer
     assert first_divergence(ours, theirs, rtol=MODEL_RTOL, atol=FINDER_ATOL) is None
@@ -77,13 +82,7 @@ def test_divergence_finder_names_a_planted_bug(monkeypatch):
 
     right = mlp.gelu_backward
     monkeypatch.setattr(mlp, "gelu_backward", lambda dy, cache: right(dy, cache) * 1.01)
-    model, twin = pair()
-    ids, targets = batch(model.cfg)
-    ours, theirs = model.start_recording(), twin.start_recording()
-    model.forward(ids, targets)
-    model.zero_grad()
-    model.backward()
-    run_twin(twin, ids, targets)
+    ours, theirs = record_both(*pair())
     found = first_divergence(ours, theirs, rtol=MODEL_RTOL, atol=FINDER_ATOL)
     assert found is not None and found.name == "blocks.1.mlp.dact", found
     assert 0.005 < found.max_rel < 0.02  # the planted 1% error, measured
