@@ -24,3 +24,36 @@ def rngs(draw):
 
 def randn(rng, shape, dtype=np.float64, scale=1.0):
     return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+# -- layouts: the same values in another memory layout -------------------------------
+# Ops must not assume C-contiguous inputs: a transposed, strided, reversed or read-only
+# view holds the same values and must give the same results.
+LAYOUTS = ("contiguous", "fortran", "transposed", "strided", "reversed", "readonly")
+
+
+def in_layout(x: np.ndarray, layout: str) -> np.ndarray:
+    """``x``'s values in the memory layout named ``layout`` (a view where it can be)."""
+    x = np.ascontiguousarray(x)
+    if layout == "contiguous":
+        return x
+    if layout == "fortran":
+        return np.asfortranarray(x)
+    if layout == "transposed":  # a transposed copy, transposed back: last axis not contiguous
+        return np.ascontiguousarray(x.T).T
+    if layout == "strided":  # every other element of a buffer twice the size on every axis
+        buf = np.full(tuple(2 * s for s in x.shape), np.nan if x.dtype.kind == "f" else 0, x.dtype)
+        view = buf[tuple(slice(None, None, 2) for _ in x.shape)]
+        view[...] = x
+        return view
+    if layout == "reversed":  # negative strides on every axis
+        return np.flip(np.ascontiguousarray(np.flip(x)))
+    if layout == "readonly":
+        y = x.copy()
+        y.flags.writeable = False
+        return y
+    raise ValueError(f"in_layout: unknown layout {layout!r}")
+
+
+def layouts():
+    return st.sampled_from(LAYOUTS)

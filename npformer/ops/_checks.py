@@ -77,3 +77,53 @@ def check_range(op: str, name: str, value: float, lo: float, hi: float, *, hi_op
     ok = lo <= value < hi if hi_open else lo <= value <= hi
     if not ok:
         _fail(op, name, f"a value in [{lo}, {hi}{')' if hi_open else ']'}", value)
+
+
+# -- scalar options ------------------------------------------------------------------------
+def check_count(op: str, name: str, n: object, lo: int = 0) -> int:
+    """An integer option (a size, a count, an offset) that is at least ``lo``; bools and floats are refused."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < lo:
+        _fail(op, name, f"an integer >= {lo}", repr(n))
+    return int(n)
+
+
+def check_real(op: str, name: str, value: object, *, lo: Optional[float] = None, hi: Optional[float] = None,
+               lo_open: bool = False, hi_open: bool = False) -> float:
+    """A finite real option (eps, scale, a rate) within optional bounds; bools, NaN and inf are refused."""
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+          and np.isfinite(value))
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    if not ok:
+        lo_s = "-inf" if lo is None else f"{lo}"
+        hi_s = "inf" if hi is None else f"{hi}"
+        interval = f"{'(' if lo is None or lo_open else '['}{lo_s}, {hi_s}{')' if hi is None or hi_open else ']'}"
+        _fail(op, name, f"a finite real number in {interval}", repr(value))
+    return float(value)
+
+
+def check_bool(op: str, name: str, value: object) -> bool:
+    """A flag: ``True`` or ``False`` (numpy bools too), nothing that merely converts to one."""
+    if not isinstance(value, (bool, np.bool_)):
+        _fail(op, name, "a bool", repr(value))
+    return bool(value)
+
+
+def check_dtype_option(op: str, name: str, dtype: object) -> np.dtype:
+    """A ``dtype=`` option naming float32 or float64."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt not in FLOAT_DTYPES:
+        _fail(op, name, "float32 or float64", repr(dtype))
+    return dt
+
+
+def check_same_dtype_as(op: str, name: str, x: np.ndarray, dtype: np.dtype, ref_name: str) -> None:
+    """``x`` (a float array) must have ``dtype``, the dtype of the array named ``ref_name``."""
+    check_float(op, name, x)
+    if x.dtype != dtype:
+        _fail(op, name, f"dtype {dtype} (same as '{ref_name}')", x.dtype)

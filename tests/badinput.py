@@ -1,0 +1,65 @@
+"""Bad input, generated: wrong types, ranks, dtypes and shapes for any argument.
+
+A public function must reject each with ``ValueError`` or ``TypeError`` before doing
+any work, and the message must name the function and the argument::
+
+    @given(st.sampled_from(ARRAY_KINDS))
+    def test_gamma_rejected(kind):
+        bad = corrupt(gamma, kind)
+        expect_rejected(lambda: layernorm_forward(x, bad, beta), "layernorm_forward", "gamma")
+
+Pick the kinds that are wrong for the argument at hand: a leading-axis shape change
+is legal for ``x`` of a norm but not for its ``gamma``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+# Not an array at all.
+NON_ARRAYS = ("list", "tuple", "scalar", "none", "string")
+# An array of a dtype no float op takes.
+DTYPE_KINDS = ("int64", "int32", "bool", "float16", "complex128", "object", "uint8")
+# The right dtype, the wrong rank or size.
+RANK_KINDS = ("rank+1", "rank-1")
+SHAPE_KINDS = ("last+1", "first+1")
+ARRAY_KINDS = NON_ARRAYS + DTYPE_KINDS + RANK_KINDS + SHAPE_KINDS
+
+
+def corrupt(x: np.ndarray, kind: str):
+    """``x`` made wrong in the way ``kind`` names (values kept where the kind allows)."""
+    x = np.asarray(x)
+    if kind == "list":
+        return x.tolist()
+    if kind == "tuple":
+        return tuple(x.reshape(-1).tolist())
+    if kind == "scalar":
+        return 1.5
+    if kind == "none":
+        return None
+    if kind == "string":
+        return "x"
+    if kind in ("int64", "int32", "bool", "float16", "complex128", "uint8"):
+        return x.astype(kind)
+    if kind == "object":
+        return x.astype(object)
+    if kind == "rank+1":
+        return x[None]
+    if kind == "rank-1":
+        return x.reshape(-1)[0] if x.ndim <= 1 else x.reshape(-1, *x.shape[2:])
+    if kind == "last+1":
+        return np.concatenate([x, x[..., :1]], axis=-1) if x.ndim else x[None]
+    if kind == "first+1":
+        return np.concatenate([x, x[:1]], axis=0) if x.ndim else x[None]
+    raise ValueError(f"corrupt: unknown kind {kind!r}")
+
+
+def expect_rejected(call, func: str, arg: str, errors=(ValueError, TypeError)) -> str:
+    """``call()`` must raise one of ``errors`` naming ``func`` and ``'arg'``; returns the message."""
+    with pytest.raises(errors) as info:
+        call()
+    message = str(info.value)
+    assert func in message, f"message does not name the function {func!r}: {message}"
+    assert f"'{arg}'" in message, f"message does not name the argument {arg!r}: {message}"
+    return message
