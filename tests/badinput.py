@@ -40,7 +40,7 @@ def corrupt(x: np.ndarray, kind: str):
         return None
     if kind == "string":
         return "x"
-    if kind in ("int64", "int32", "bool", "float16", "complex128", "uint8"):
+    if kind in ("int64", "int32", "bool", "float16", "float32", "float64", "complex128", "uint8"):
         return x.astype(kind)
     if kind == "object":
         return x.astype(object)

@@ -3,10 +3,14 @@
 - A label is *defined* where a document in proofs/ tags an equation with it: ``\\tag*{(LN.4)}``.
 - Every label listed in a document's "## Results" section has a test marked
   ``@pytest.mark.derivation("LN.4")``.
-- Every label cited in code (``# (LN.4)``), named by a test marker, or mentioned
-  anywhere in proofs/ is defined, and defined once.
+- Every label cited in code (every label on a ``#`` comment, ``# (LN.4), (LN.5)``),
+  named by a test marker, or mentioned anywhere in proofs/ is defined, and defined once.
+- Every test a Results table names in its "checked by" column exists and carries
+  that row's marker.
+- The documents use only LaTeX that GitHub renders (no ``\{``, ``\,`` and the like).
 """
 
+import ast
 import re
 from collections import Counter
 from pathlib import Path
@@ -15,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LABEL = r"[A-Z][A-Za-z0-9]*\.[0-9]+[a-z]?"
 DEFINITION = re.compile(r"\\tag\*\{\((" + LABEL + r")\)\}")
 MENTION = re.compile(r"\((" + LABEL + r")\)")
-CITATION = re.compile(r"#.*?\((" + LABEL + r")\)")
+COMMENT = re.compile(r"#(.*)$", re.M)
 MARKER = re.compile(r"derivation\(\s*\"(" + LABEL + r")\"")
 
 
@@ -40,8 +44,9 @@ def cited_labels():
     cited = {}
     for package in ("npformer", "kernels"):
         for p in (ROOT / package).rglob("*.py"):
-            for label in CITATION.findall(p.read_text()):
-                cited.setdefault(label, p.relative_to(ROOT))
+            for comment in COMMENT.findall(p.read_text()):
+                for label in MENTION.findall(comment):
+                    cited.setdefault(label, p.relative_to(ROOT))
     return cited
 
 
@@ -95,3 +100,64 @@ def test_derivation_marker_is_declared(pytestconfig):
     """``--strict-markers`` is on and the marker is declared, so a misspelt marker fails collection."""
     assert "--strict-markers" in pytestconfig.getini("addopts")
     assert any(m.startswith("derivation(") for m in pytestconfig.getini("markers"))
+
+
+def test_every_label_on_a_comment_line_is_read():
+    """The citation reader sees the second and third label of one comment, not only the first."""
+    text = "y = f(x)  # (LN.4), (LN.5) and (ACT.13)\n"
+    assert [label for c in COMMENT.findall(text) for label in MENTION.findall(c)] == ["LN.4", "LN.5", "ACT.13"]
+
+
+def test_markers():
+    """Map each test function name to the derivation labels its decorators carry."""
+    found = {}
+    for p in (ROOT / "tests").rglob("test_*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test_"):
+                labels = found.setdefault(node.name, set())
+                for dec in node.decorator_list:
+                    if isinstance(dec, ast.Call) and ast.unparse(dec.func).endswith("mark.derivation"):
+                        labels.update(a.value for a in dec.args if isinstance(a, ast.Constant))
+    return found
+
+
+test_markers.__test__ = False  # a helper, not a test
+
+
+ROW = re.compile(r"^\|((?:\s*\(" + LABEL + r"\),?)+)\s*\|.*\|([^|]*)\|\s*$", re.M)
+
+
+def test_checked_by_names_tests_that_carry_the_marker():
+    """Each test a row names carries one of the row's labels, and each label is carried by one of them."""
+    carried = test_markers()
+    wrong, rows = [], 0
+    for doc in documents():
+        section = results_section(doc.read_text())
+        for labels_cell, checked_by in ROW.findall(section):
+            rows += 1
+            labels = set(MENTION.findall(labels_cell))
+            names = re.findall(r"`(test_\w+)`", checked_by)
+            where = f"{doc.name} ({', '.join(sorted(labels))})"
+            if not names:
+                wrong.append(f"{where}: the 'checked by' cell names no test")
+            for name in names:
+                if name not in carried:
+                    wrong.append(f"{where}: no test named {name}")
+                elif not labels & carried[name]:
+                    wrong.append(f"{where}: {name} carries none of these labels")
+            for label in labels:
+                if not any(label in carried.get(name, ()) for name in names):
+                    wrong.append(f"{where}: no test named here carries ({label})")
+        table_rows = [line for line in section.splitlines() if line.startswith("|") and MENTION.search(line)]
+        assert len(table_rows) == len(ROW.findall(section)), f"{doc.name}: a Results row the reader cannot parse"
+    assert rows > 0 and not wrong, "\n".join(wrong)
+
+
+# LaTeX that GitHub's math renderer drops or shows as punctuation.
+UNRENDERED = re.compile(r"\\[{},;!]")
+
+
+def test_documents_render_on_github():
+    bad = {doc.name: sorted(set(UNRENDERED.findall(doc.read_text()))) for doc in documents()}
+    bad = {k: v for k, v in bad.items() if v}
+    assert not bad, f"use \\lbrace/\\rbrace and no \\, \\; \\! spacing: {bad}"

@@ -10,7 +10,7 @@ Shapes: ids (B, T) int, logits (B, T, V), hidden (B, T, D).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -18,8 +18,11 @@ from ..nn.attention import KVCache, MultiHeadAttention
 from ..nn.layers import Dropout, Embedding, LayerNorm
 from ..nn.mlp import MLP
 from ..nn.module import Module, ModuleList
-from ..ops.cross_entropy import cross_entropy_backward, cross_entropy_forward
-from ..ops.linear import linear_backward, linear_forward
+from ..ops._checks import check_bool, check_count, check_float, check_int, check_ndim, check_real, check_shape
+from ..ops.cross_entropy import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
+from ..ops.linear import LinearCache, linear_backward, linear_forward
+
+IGNORE_INDEX = -100  # a target that adds nothing to the loss (prompt positions, padding)
 
 
 @dataclass
@@ -32,6 +35,19 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        """Every field checked when the config is made, so a bad one never builds a model."""
+        op = "GPTConfig"
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
+            check_count(op, name, getattr(self, name), 1)
+        if self.d_model % self.n_head:
+            raise ValueError(f"{op}: argument 'n_head' expected a divisor of d_model = {self.d_model}, "
+                             f"got {self.n_head}")
+        check_real(op, "dropout", self.dropout, lo=0.0, hi=1.0, hi_open=True)
+        check_bool(op, "bias", self.bias)
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"{op}: argument 'dtype' expected 'float32' or 'float64', got {self.dtype!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,21 +80,43 @@ class Block(Module):
         self.drop_2 = Dropout(cfg.dropout, rng=rng)
 
     def forward(self, x: np.ndarray, kv_cache: Optional[KVCache] = None) -> np.ndarray:
-        x = x + self.drop_1.forward(self.attn.forward(self.ln_1.forward(x), causal=True, kv_cache=kv_cache))
-        x = x + self.drop_2.forward(self.mlp.forward(self.ln_2.forward(x)))
+        """x (B, T, D) -> (B, T, D)."""
+        a = self.attn.forward(self.ln_1.forward(x), causal=True, kv_cache=kv_cache)
+        x = x + self.drop_1.forward(a)
+        m = self.mlp.forward(self.ln_2.forward(x))
+        x = x + self.drop_2.forward(m)
+        self.save_cache(x.shape)  # the residual stream needs nothing else; the shape checks dout
         self.record("out", x)
         return x
 
-    def backward(self, dx: np.ndarray) -> np.ndarray:
-        dx = dx + self.ln_2.backward(self.mlp.backward(self.drop_2.backward(dx)))
-        dx = dx + self.ln_1.backward(self.attn.backward(self.drop_1.backward(dx)))
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        """dout (B, T, D) -> dx (B, T, D): the forward's lines in reverse, one gradient per line."""
+        shape = self.pop_cache()
+        check_float("Block.backward", "dout", dout)
+        check_shape("Block.backward", "dout", dout, shape)
+        dm = self.drop_2.backward(dout)  # into the MLP branch
+        dh_2 = self.mlp.backward(dm)  # into ln_2's output
+        dx_mid = dout + self.ln_2.backward(dh_2)  # residual: the identity path plus the MLP path
+        da = self.drop_1.backward(dx_mid)  # into the attention branch
+        dh_1 = self.attn.backward(da)  # into ln_1's output
+        dx = dx_mid + self.ln_1.backward(dh_1)  # residual again
         self.record("dx", dx)
         return dx
+
+
+class GPTCache(NamedTuple):
+    """One training forward of ``GPT``: the tied head's and the loss's op caches."""
+
+    head: LinearCache  # logits = h @ wte^T
+    loss: Optional[CrossEntropyCache]  # None when the forward had no targets
 
 
 class GPT(Module):
     def __init__(self, cfg: GPTConfig, seed: int = 0):
         super().__init__()
+        if not isinstance(cfg, GPTConfig):
+            raise TypeError(f"GPT: argument 'cfg' expected a GPTConfig, got {type(cfg).__name__}")
+        check_count("GPT", "seed", seed, 0)
         self.cfg = cfg
         self.rng = rng = np.random.default_rng(seed)  # init, then dropout masks (saved in checkpoints)
         dtype = np.dtype(cfg.dtype)
@@ -94,41 +132,80 @@ class GPT(Module):
                 kv_caches: Optional[List[KVCache]] = None) -> Tuple[np.ndarray, Optional[float]]:
         """ids (B, T) -> logits (B, T, V) and the mean cross entropy if targets (B, T) are given.
 
-        With ``kv_caches`` (one per block), ids continue the cached sequence: positions
-        start at the cache length (incremental decoding; inference only).
+        ids are integers in [0, vocab_size), B >= 1 and 1 <= T <= block_size; targets
+        are in [0, vocab_size) or -100 (ignored). With ``kv_caches`` (one per block,
+        eval mode), ids continue the cached sequence: positions start at the cache
+        length (incremental decoding). In training mode each forward keeps its caches
+        for one ``backward()``.
         """
+        start = self._check_inputs(ids, targets, kv_caches)
         B, T = ids.shape
-        start = kv_caches[0].length if kv_caches else 0
-        if start + T > self.cfg.block_size:
-            raise ValueError(f"GPT.forward: sequence of {start + T} tokens exceeds block_size {self.cfg.block_size}")
-        x = self.wte.forward(ids) + self.wpe.forward(np.arange(start, start + T))
-        x = self.drop.forward(x)
+        tok = self.wte.forward(ids)  # (B, T, D)
+        pos = self.wpe.forward(np.arange(start, start + T))  # (T, D)
+        x = self.drop.forward(tok + pos)
         for i, block in enumerate(self.blocks):
             x = block.forward(x, None if kv_caches is None else kv_caches[i])
         h = self.ln_f.forward(x)
-        logits, self.head_cache = linear_forward(h, self.wte.weight.data)  # tied LM head
+        logits, head = linear_forward(h, self.wte.weight.data)  # tied LM head
         self.record("logits", logits)
-        if targets is None:
-            self.loss_cache = None
-            return logits, None
-        loss, self.loss_cache = cross_entropy_forward(logits, targets)
-        return logits, float(loss)
+        loss, loss_cache = (None, None) if targets is None else cross_entropy_forward(logits, targets)
+        self.save_cache(GPTCache(head=head, loss=loss_cache))
+        return logits, None if loss is None else float(loss)
 
     def backward(self) -> None:
-        """Fill every parameter's .grad from the last forward's loss, walking the layers in reverse."""
-        if self.loss_cache is None:
-            raise RuntimeError("GPT.backward: the last forward had no targets, so there is no loss to differentiate")
-        dtype = self.head_cache.x.dtype
-        dlogits = cross_entropy_backward(np.asarray(1.0, dtype), self.loss_cache)
-        dh, dW_head, _ = linear_backward(dlogits, self.head_cache)
-        self.wte.weight.grad += dW_head  # tied: the head's gradient joins the embedding's
+        """Add every parameter's gradient of the latest unmatched forward's loss, walking the layers in reverse."""
+        cache = self.pop_cache()
+        if cache.loss is None:
+            raise RuntimeError("GPT.backward: the matching forward had no targets, so there is no loss to differentiate")
+        dtype = cache.head.x.dtype
+        dlogits = cross_entropy_backward(np.asarray(1.0, dtype), cache.loss)
         self.record("dlogits", dlogits)
+        dh, dW_head, _ = linear_backward(dlogits, cache.head)
+        self.wte.weight.grad += dW_head  # tied: the head's gradient joins the embedding's
         dx = self.ln_f.backward(dh)
         for block in reversed(self.blocks):
             dx = block.backward(dx)
         dx = self.drop.backward(dx)
-        self.wpe.backward(dx.sum(axis=0))  # one position table row per t, shared over the batch
+        dpos = dx.sum(axis=0)  # one position table row per t, shared over the batch
+        self.wpe.backward(dpos)
         self.wte.backward(dx)
+
+    def _check_inputs(self, ids, targets, kv_caches) -> int:
+        """Validate a forward's arguments by name; returns the first position (the cache length)."""
+        op, cfg = "GPT.forward", self.cfg
+        check_int(op, "ids", ids)
+        check_ndim(op, "ids", ids, 2)
+        B, T = ids.shape
+        if B < 1 or T < 1:
+            raise ValueError(f"{op}: argument 'ids' expected shape (B, T) with B >= 1 and T >= 1, got {ids.shape}")
+        if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+            raise ValueError(f"{op}: argument 'ids' expected values in [0, {cfg.vocab_size}), "
+                             f"got values in [{ids.min()}, {ids.max()}]")
+        if targets is not None:
+            check_int(op, "targets", targets)
+            check_shape(op, "targets", targets, ids.shape)
+            bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= cfg.vocab_size))
+            if bad.any():
+                raise ValueError(f"{op}: argument 'targets' expected values in [0, {cfg.vocab_size}) or "
+                                 f"{IGNORE_INDEX} (ignored), got {targets[bad].flat[0]}")
+        start = 0
+        if kv_caches is not None:
+            if targets is not None or self.training:
+                raise ValueError(f"{op}: argument 'kv_caches' is for inference: call .eval() first and pass no targets")
+            if not isinstance(kv_caches, (list, tuple)) or len(kv_caches) != cfg.n_layer \
+                    or not all(isinstance(c, KVCache) for c in kv_caches):
+                got = f"{type(kv_caches).__name__} of {len(kv_caches)}" if isinstance(kv_caches, (list, tuple)) \
+                    else type(kv_caches).__name__
+                raise ValueError(f"{op}: argument 'kv_caches' expected a list of {cfg.n_layer} KVCache "
+                                 f"(make_kv_caches), got {got}")
+            lengths = {c.length for c in kv_caches}
+            if len(lengths) != 1:
+                raise ValueError(f"{op}: argument 'kv_caches' expected caches of one length, got lengths {sorted(lengths)}")
+            start = lengths.pop()
+        if start + T > cfg.block_size:
+            raise ValueError(f"{op}: argument 'ids' expected at most {cfg.block_size - start} positions "
+                             f"(block_size {cfg.block_size}, {start} cached), got {T}")
+        return start
 
     def make_kv_caches(self, batch: int) -> List[KVCache]:
         return [block.attn.make_kv_cache(batch, self.cfg.block_size) for block in self.blocks]

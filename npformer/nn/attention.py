@@ -14,18 +14,18 @@ Recorded names (when recording is on): ``<path>.probs`` (B, H, T, S) in the forw
 Decoding with a cache: ``make_kv_cache(B, T_max)`` returns a ``KVCache``; each
 ``forward(x_new, causal=True, kv_cache=cache)`` appends the new keys and values and
 attends over every cached position, the causal mask aligned to the end (the last
-new query sees every key). A forward that used a cache is for inference only.
+new query sees every key). A forward with a cache is inference: call ``.eval()`` first.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
-from ..ops._checks import check_float, check_ndim, check_shape
-from ..ops.attention import attention_backward, attention_forward
-from .layers import Linear
+from ..ops._checks import check_bool, check_float, check_ndim, check_real, check_shape
+from ..ops.attention import AttentionCache, attention_backward, attention_forward
+from .layers import Linear, check_features, check_layer_options
 from .module import Module
 
 
@@ -37,6 +37,8 @@ class KVCache:
     """
 
     def __init__(self, batch: int, n_kv_head: int, max_len: int, head_dim: int, dtype=np.float32):
+        dtype = check_layer_options("KVCache", dtype=dtype, batch=batch, n_kv_head=n_kv_head, max_len=max_len,
+                                    head_dim=head_dim)
         self.k = np.zeros((batch, n_kv_head, max_len, head_dim), dtype)
         self.v = np.zeros((batch, n_kv_head, max_len, head_dim), dtype)
         self.length = 0
@@ -83,19 +85,29 @@ def merge_heads(x: np.ndarray) -> np.ndarray:
     return x.transpose(0, 2, 1, 3).reshape(B, T, H * D)
 
 
+class MHACache(NamedTuple):
+    """One forward call of ``MultiHeadAttention``: the attention op's cache and the call's kind."""
+
+    attn: AttentionCache  # q, k, v, probs, ... of ``attention_forward``
+    is_cross: bool  # keys and values came from a context: backward returns (dx, dcontext)
+
+
 class MultiHeadAttention(Module):
     """o_proj(attention(q_proj(x), k_proj(src), v_proj(src))) with src = x, or context for cross attention."""
 
     def __init__(self, d_model: int, n_head: int, n_kv_head: Optional[int] = None, bias: bool = True, *,
                  rng: np.random.Generator, dtype=np.float32, scale: Optional[float] = None):
         super().__init__()
+        name = "MultiHeadAttention"
         n_kv_head = n_head if n_kv_head is None else n_kv_head
-        if n_head < 1 or d_model % n_head != 0:
-            raise ValueError(f"MultiHeadAttention: argument 'n_head' expected a divisor of d_model = {d_model}, "
-                             f"got {n_head}")
-        if n_kv_head < 1 or n_head % n_kv_head != 0:
-            raise ValueError(f"MultiHeadAttention: argument 'n_kv_head' expected a divisor of n_head = {n_head}, "
-                             f"got {n_kv_head}")
+        check_layer_options(name, rng=rng, dtype=dtype, d_model=d_model, n_head=n_head, n_kv_head=n_kv_head)
+        if d_model % n_head != 0:
+            raise ValueError(f"{name}: argument 'n_head' expected a divisor of d_model = {d_model}, got {n_head}")
+        if n_head % n_kv_head != 0:
+            raise ValueError(f"{name}: argument 'n_kv_head' expected a divisor of n_head = {n_head}, got {n_kv_head}")
+        check_bool(name, "bias", bias)
+        if scale is not None:
+            scale = check_real(name, "scale", scale, lo=0.0, lo_open=True)
         self.d_model, self.n_head, self.n_kv_head = d_model, n_head, n_kv_head
         self.head_dim = d_model // n_head
         self.scale = scale  # None: 1 / sqrt(head_dim)
@@ -115,16 +127,32 @@ class MultiHeadAttention(Module):
         context (B, S, d_model): cross attention, keys and values from ``context``.
         kv_cache: self attention appends this call's keys and values to it; cross
         attention fills it from ``context`` once (while empty) and then reuses it.
+        A forward with a kv_cache is inference: the layer must be in eval mode.
         key_padding_mask (B, S) bool and bias (additive on the logits) are passed to
         ``attention_forward``, where S counts every key attended to.
         """
         name = "MultiHeadAttention.forward"
+        dtype = self.q_proj.weight.data.dtype
         check_float(name, "x", x)
         check_ndim(name, "x", x, 3)
+        check_features(name, "x", x, self.d_model, dtype)
+        check_bool(name, "causal", causal)
         if context is not None:
             check_float(name, "context", context)
             check_ndim(name, "context", context, 3)
             check_shape(name, "context", context, (x.shape[0], None, self.d_model))
+            check_features(name, "context", context, self.d_model, dtype)
+        if kv_cache is not None:
+            if not isinstance(kv_cache, KVCache):
+                raise TypeError(f"{name}: argument 'kv_cache' expected a KVCache, got {type(kv_cache).__name__}")
+            if self.training:
+                raise ValueError(f"{name}: argument 'kv_cache' is for inference; call .eval() first "
+                                 "(a training forward keeps caches for a backward)")
+            want = (x.shape[0], self.n_kv_head, self.head_dim, dtype)
+            got = (kv_cache.k.shape[0], kv_cache.k.shape[1], kv_cache.k.shape[3], kv_cache.k.dtype)
+            if want != got:
+                raise ValueError(f"{name}: argument 'kv_cache' expected (batch, n_kv_head, head_dim, dtype) = {want}, "
+                                 f"got {got}")
 
         q = split_heads(self.q_proj.forward(x), self.n_head)  # (B, H, T, D)
         if context is not None and kv_cache is not None and kv_cache.length > 0:
@@ -135,25 +163,26 @@ class MultiHeadAttention(Module):
             v = split_heads(self.v_proj.forward(src), self.n_kv_head)
             if kv_cache is not None:
                 k, v = kv_cache.append(k, v)
-        out, self.attn_cache = attention_forward(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
-                                                 bias=bias, scale=self.scale)
-        self.record("probs", self.attn_cache.probs)
-        self.is_cross = context is not None
-        self.used_kv_cache = kv_cache is not None
+        out, attn = attention_forward(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
+                                      bias=bias, scale=self.scale)
+        self.save_cache(MHACache(attn=attn, is_cross=context is not None))
+        self.record("probs", attn.probs)
         return self.o_proj.forward(merge_heads(out))
 
     def backward(self, dy: np.ndarray) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
         """dy (B, T, d_model) -> dx, or (dx, dcontext) after a cross-attention forward.
 
         Parameter gradients are added into ``.grad``; the gradient of an additive
-        ``bias`` given to the forward is left in ``self.dbias`` (None without one).
+        ``bias`` given to the matching forward is left in ``self.dbias`` (None without one).
         """
-        if self.used_kv_cache:
-            raise RuntimeError("MultiHeadAttention.backward: the last forward used a kv_cache (inference only)")
-        dout = split_heads(self.o_proj.backward(dy), self.n_head)  # (B, H, T, D)
-        dq, dk, dv, self.dbias = attention_backward(dout, self.attn_cache)
+        cache = self.pop_cache()
+        dmerged = self.o_proj.backward(dy)  # (B, T, H*D)
+        dout = split_heads(dmerged, self.n_head)  # (B, H, T, D)
+        dq, dk, dv, self.dbias = attention_backward(dout, cache.attn)
         dx = self.q_proj.backward(merge_heads(dq))
-        dsrc = self.k_proj.backward(merge_heads(dk)) + self.v_proj.backward(merge_heads(dv))
-        if self.is_cross:
+        dsrc_v = self.v_proj.backward(merge_heads(dv))
+        dsrc_k = self.k_proj.backward(merge_heads(dk))
+        dsrc = dsrc_k + dsrc_v
+        if cache.is_cross:
             return dx, dsrc
         return dx + dsrc

@@ -1,10 +1,20 @@
 """Parameter and Module: the bookkeeping every layer shares.
 
-A layer's ``forward`` calls op pairs and keeps their caches on itself; its
-``backward(dy)`` calls the matching backward ops, *adds* parameter gradients into
-``param.grad`` and returns the gradient for its input. Accumulating (``+=``) makes
-tied weights and gradient accumulation over micro-batches come out right with no
-special case; ``zero_grad()`` starts a new step.
+A layer's ``forward`` calls op pairs and pushes their cache onto the layer's own
+stack (``self.save_cache(cache)``); its ``backward(dy)`` pops the cache of the
+latest forward not yet matched (``cache = self.pop_cache()``), calls the matching
+backward ops, *adds* parameter gradients into ``param.grad`` and returns the
+gradient for its input.
+
+One cache per call makes weight sharing exact: a layer applied three times before
+one backward (ALBERT's shared block, T5's shared embedding, a looped model) keeps
+three caches, and three backward calls, in reverse order (last in, first out),
+consume them and add three gradients. A backward with no forward left to match
+raises ``RuntimeError``. In eval mode (``model.eval()``) a forward keeps no cache,
+so inference holds no memory for a backward that will never come; a forward in
+training mode whose backward never runs keeps its cache until ``clear_caches()``.
+Accumulating (``+=``) makes tied weights and gradient accumulation over
+micro-batches come out right with no special case; ``zero_grad()`` starts a new step.
 
 Recording: ``model.start_recording()`` names every module by its path
 (``blocks.3.attn``) and lets layers call ``self.record("probs", p)``; the values land
@@ -14,7 +24,7 @@ in ``model.recorder`` as ``"blocks.3.attn.probs"`` in execution order.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -59,6 +69,7 @@ class Module:
         object.__setattr__(self, "training", True)
         object.__setattr__(self, "_path", "")
         object.__setattr__(self, "_recorder", None)
+        object.__setattr__(self, "_caches", [])
 
     def __setattr__(self, name: str, value) -> None:
         if isinstance(value, Parameter):
@@ -108,22 +119,68 @@ class Module:
             p.grad = np.zeros_like(p.data)
         return self
 
+    # -- per-call caches --------------------------------------------------------------------
+    def save_cache(self, cache) -> None:
+        """Keep one forward call's cache for its backward (training mode only)."""
+        if self.training:
+            self._caches.append(cache)
+
+    def pop_cache(self):
+        """The cache of the latest forward not yet consumed by a backward (last in, first out)."""
+        if not self._caches:
+            why = ("a forward in eval mode keeps no cache; call .train() before the forward"
+                   if not self.training else "every forward so far has been matched by a backward")
+            raise RuntimeError(f"{type(self).__name__}.backward: no forward left to match ({why})")
+        return self._caches.pop()
+
+    @property
+    def pending_backwards(self) -> int:
+        """How many forwards of this module still wait for their backward."""
+        return len(self._caches)
+
+    def clear_caches(self) -> None:
+        """Drop every kept forward cache in this module and its children (frees their memory)."""
+        for _, m in self.named_modules():
+            m._caches.clear()
+
     # -- state dict ---------------------------------------------------------------------
     def state_dict(self) -> Dict[str, np.ndarray]:
         return OrderedDict((name, p.data.copy()) for name, p in self.named_parameters())
 
-    def load_state_dict(self, state: Dict[str, np.ndarray], strict: bool = True) -> None:
+    def load_state_dict(self, state: Mapping[str, np.ndarray], strict: bool = True, *, cast: bool = False) -> None:
+        """Copy ``state`` into the parameters: all of it, or nothing.
+
+        Every key, shape and dtype is checked before the first parameter is written, so
+        a bad entry leaves the model as it was. ``strict``: the keys must be exactly the
+        parameters' names. A value must have its parameter's dtype; ``cast=True`` accepts
+        another floating dtype (float16, float64 into float32, ...) and converts it.
+        Integer, bool and other non-float arrays are never weights.
+        """
+        op = "load_state_dict"
+        if not isinstance(state, Mapping):
+            raise TypeError(f"{op}: argument 'state' expected a mapping of name -> numpy.ndarray, "
+                            f"got {type(state).__name__}")
         params = dict(self.named_parameters())
         if strict:
             missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
             if missing or unexpected:
-                raise ValueError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
+                raise ValueError(f"{op}: argument 'state' has missing keys {missing}, unexpected keys {unexpected}")
+        updates = []
         for name, value in state.items():
             if name not in params:
                 continue
             p = params[name]
+            where = f"{op}: argument 'state' entry {name!r}"
+            if not isinstance(value, np.ndarray):
+                raise TypeError(f"{where} expected a numpy.ndarray, got {type(value).__name__}")
             if value.shape != p.data.shape:
-                raise ValueError(f"load_state_dict: '{name}' expected shape {p.data.shape}, got {value.shape}")
+                raise ValueError(f"{where} expected shape {p.data.shape}, got {value.shape}")
+            if value.dtype != p.data.dtype:
+                if not (cast and value.dtype.kind == "f"):
+                    hint = " (pass cast=True to convert)" if value.dtype.kind == "f" else ""
+                    raise ValueError(f"{where} expected dtype {p.data.dtype}{hint}, got {value.dtype}")
+            updates.append((p, value))
+        for p, value in updates:  # every entry checked: now write
             p.data[...] = value
 
     # -- recording ------------------------------------------------------------------------

@@ -114,10 +114,10 @@ def check_bool(op: str, name: str, value: object) -> bool:
 def check_dtype_option(op: str, name: str, dtype: object) -> np.dtype:
     """A ``dtype=`` option naming float32 or float64."""
     try:
-        dt = np.dtype(dtype)
+        dt = np.dtype(dtype) if dtype is not None else None  # np.dtype(None) would be float64
     except TypeError:
         dt = None
-    if dt not in FLOAT_DTYPES:
+    if dt is None or dt not in FLOAT_DTYPES:
         _fail(op, name, "float32 or float64", repr(dtype))
     return dt
 
@@ -127,3 +127,9 @@ def check_same_dtype_as(op: str, name: str, x: np.ndarray, dtype: np.dtype, ref_
     check_float(op, name, x)
     if x.dtype != dtype:
         _fail(op, name, f"dtype {dtype} (same as '{ref_name}')", x.dtype)
+
+
+def check_cache_type(op: str, cache: object, cache_type: type) -> None:
+    """A backward's ``cache`` must be what the matching forward returned (``cache_type``)."""
+    if not isinstance(cache, cache_type):
+        _fail(op, "cache", f"a {cache_type.__name__} from the matching forward", type(cache).__name__)

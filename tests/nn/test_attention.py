@@ -50,30 +50,35 @@ def torch_twin(layer, x, *, context=None, causal=False, key_padding_mask=None):
 
 def k_bias_scale(layer, dy):
     """The k bias gradient is zero in exact arithmetic: adding q_i . b_k to every logit of row i
-    leaves the softmax unchanged. Its round-off is relative to the terms it sums, |dk| over positions."""
+    leaves the softmax unchanged. Its round-off is relative to the terms it sums, |dk| over positions.
+    Read from the cache of the latest forward, so call it before the matching backward."""
     dout = split_heads(dy @ layer.o_proj.weight.data, layer.n_head)
-    dk = merge_heads(attention_backward(dout, layer.attn_cache)[1])
+    dk = merge_heads(attention_backward(dout, layer._caches[-1].attn)[1])
     return float(np.abs(dk).sum(axis=(0, 1)).max())
 
 
-def assert_params_close(layer, grads, dy):
+def assert_params_close(layer, grads, kscale):
     for name, p in layer.named_parameters():
         assert p.grad.dtype == layer.q_proj.weight.data.dtype, name
-        scale = k_bias_scale(layer, dy) if name == "k_proj.bias" else None
+        scale = kscale if name == "k_proj.bias" else None
         assert_close(p.grad, grads[name], scale=scale, what=name)
     if layer.k_proj.bias is not None:
-        assert_close(layer.k_proj.bias.grad, np.zeros(layer.k_proj.bias.shape), scale=k_bias_scale(layer, dy),
+        assert_close(layer.k_proj.bias.grad, np.zeros(layer.k_proj.bias.shape), scale=kscale,
                      what="k bias gradient is round-off around 0")
 
 
 def ours_and_torch(layer, x, dy, **kwargs):
+    """Also returns, under grads["k bias scale"], the scale of the k bias gradient's round-off."""
     layer.zero_grad()
     y = layer.forward(x, **kwargs)
+    kscale = k_bias_scale(layer, dy)
     dinputs = layer.backward(dy)
     out, params, tx, tc = torch_twin(layer, x, **kwargs)
     leaves = [tx] + ([] if tc is None else [tc]) + list(params.values())
     grads = backprop(out, dy, *leaves)
-    return y, dinputs, out.detach().numpy(), dict(zip(["x"] + ([] if tc is None else ["context"]) + list(params), grads))
+    grads = dict(zip(["x"] + ([] if tc is None else ["context"]) + list(params), grads))
+    grads["k bias scale"] = kscale
+    return y, dinputs, out.detach().numpy(), grads
 
 
 @pytest.mark.derivation("ATT.12")
@@ -90,7 +95,7 @@ def test_gqa_layer_matches_torch(n_kv_head, dtype, sizes, causal, bias, rng):
     assert y.dtype == dx.dtype == dtype
     assert_close(y, y_ref, what="y")
     assert_close(dx, grads["x"], what="dx")
-    assert_params_close(layer, grads, dy)
+    assert_params_close(layer, grads, grads["k bias scale"])
 
 
 @pytest.mark.parametrize("n_kv_head", [None, 1])
@@ -106,7 +111,7 @@ def test_cross_attention_matches_torch(n_kv_head):
     assert_close(dx, grads["x"], what="dx")
     assert_close(dcontext, grads["context"], what="dcontext")
     assert np.all(dcontext[1, 5:] == 0)  # padded context positions get no gradient
-    assert_params_close(layer, grads, dy)
+    assert_params_close(layer, grads, grads["k bias scale"])
 
 
 def test_additive_bias_gradient_is_left_on_the_layer():
@@ -137,6 +142,7 @@ def test_kv_cache_decoding_equals_full_recomputation(chunks, n_kv_head):
     T = sum(chunks)
     x = rng.standard_normal((2, T, 16))
     full = layer.forward(x, causal=True)
+    layer.eval()  # decoding with a cache is inference
     cache = layer.make_kv_cache(2, 12)
     pieces, start = [], 0
     for n in chunks:
@@ -145,7 +151,8 @@ def test_kv_cache_decoding_equals_full_recomputation(chunks, n_kv_head):
         assert cache.length == start
     assert_close(np.concatenate(pieces, axis=1), full, what="cached decoding vs full")
     assert cache.k.shape == (2, layer.n_kv_head, 12, 4)
-    with pytest.raises(RuntimeError, match="kv_cache"):
+    layer.backward(np.ones_like(full))  # the training forward above is still matched
+    with pytest.raises(RuntimeError, match="eval mode keeps no cache"):
         layer.backward(np.ones_like(pieces[-1]))
 
 
@@ -153,7 +160,7 @@ def test_cross_attention_cache_is_filled_once():
     rng = np.random.default_rng(4)
     layer = make_layer(8, 2)
     x, context = rng.standard_normal((1, 5, 8)), rng.standard_normal((1, 6, 8))
-    full = layer.forward(x, context=context)
+    full = layer.eval().forward(x, context=context)
     cache = layer.make_kv_cache(1, 6)
     steps = [layer.forward(x[:, t:t + 1], context=context, kv_cache=cache) for t in range(5)]
     assert cache.length == 6

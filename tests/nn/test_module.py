@@ -43,7 +43,7 @@ def test_state_dict_round_trip_and_errors():
     np.testing.assert_array_equal(b.layers[1].w.data, [5.0, 6.0, 7.0])
     with pytest.raises(ValueError, match=r"missing keys \['layers.1.w'\]"):
         b.load_state_dict({"layers.0.w": np.zeros(3)})
-    with pytest.raises(ValueError, match=r"'layers.0.w' expected shape \(3,\), got \(4,\)"):
+    with pytest.raises(ValueError, match=r"entry 'layers.0.w' expected shape \(3,\), got \(4,\)"):
         b.load_state_dict({"layers.0.w": np.zeros(4), "layers.1.w": np.zeros(3)})
 
 
