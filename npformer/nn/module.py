@@ -23,10 +23,14 @@ in ``model.recorder`` as ``"blocks.3.attn.probs"`` in execution order.
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
+
+# A module that keeps this many unmatched forward caches is most likely doing inference in training mode.
+PENDING_WARNING = 1024
 
 
 class Parameter:
@@ -124,6 +128,10 @@ class Module:
         """Keep one forward call's cache for its backward (training mode only)."""
         if self.training:
             self._caches.append(cache)
+            if len(self._caches) == PENDING_WARNING:
+                warnings.warn(f"{type(self).__name__}: {PENDING_WARNING} forwards wait for their backward; "
+                              "use .eval() for inference, or clear_caches(), to free their memory",
+                              RuntimeWarning, stacklevel=3)
 
     def pop_cache(self):
         """The cache of the latest forward not yet consumed by a backward (last in, first out)."""

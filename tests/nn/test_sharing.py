@@ -201,3 +201,17 @@ def test_gpt_micro_batches_forward_all_then_backward_all(n, rng):
         assert_close(pa.grad, pb.grad, what=name)
     with pytest.raises(RuntimeError, match="GPT.backward: no forward left to match"):
         a.backward()
+
+
+def test_many_unmatched_forwards_warn_and_clear_caches_frees_them():
+    from npformer.nn.module import PENDING_WARNING
+
+    layer = Linear(2, 2, rng=np.random.default_rng(0), dtype=np.float64)
+    x = np.ones((1, 2))
+    for _ in range(PENDING_WARNING - 1):
+        layer.forward(x)
+    with pytest.warns(RuntimeWarning, match=f"{PENDING_WARNING} forwards wait for their backward"):
+        layer.forward(x)
+    assert layer.pending_backwards == PENDING_WARNING
+    layer.clear_caches()
+    assert layer.pending_backwards == 0
