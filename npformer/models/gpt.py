@@ -9,7 +9,7 @@ Shapes: ids (B, T) int, logits (B, T, V), hidden (B, T, D).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import List, NamedTuple, Optional, Tuple
 
 import numpy as np
@@ -17,7 +17,8 @@ import numpy as np
 from ..nn.attention import KVCache, MultiHeadAttention
 from ..nn.layers import Dropout, Embedding, LayerNorm
 from ..nn.mlp import MLP
-from ..nn.module import Module, ModuleList
+from ..nn.layers import check_features
+from ..nn.module import Module, ModuleList, atomic
 from ..ops._checks import check_bool, check_count, check_float, check_int, check_ndim, check_real, check_shape
 from ..ops.cross_entropy import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
 from ..ops.linear import LinearCache, linear_backward, linear_forward
@@ -79,8 +80,12 @@ class Block(Module):
         self.mlp = MLP(cfg.d_model, 4 * cfg.d_model, cfg.bias, "tanh", rng=rng, proj_std=proj_std, dtype=dtype)
         self.drop_2 = Dropout(cfg.dropout, rng=rng)
 
+    @atomic
     def forward(self, x: np.ndarray, kv_cache: Optional[KVCache] = None) -> np.ndarray:
         """x (B, T, D) -> (B, T, D)."""
+        check_float("Block.forward", "x", x)
+        check_ndim("Block.forward", "x", x, 3)
+        check_features("Block.forward", "x", x, self.ln_1.weight.shape[0], self.ln_1.weight.data.dtype)
         a = self.attn.forward(self.ln_1.forward(x), causal=True, kv_cache=kv_cache)
         x = x + self.drop_1.forward(a)
         m = self.mlp.forward(self.ln_2.forward(x))
@@ -89,11 +94,12 @@ class Block(Module):
         self.record("out", x)
         return x
 
+    @atomic
     def backward(self, dout: np.ndarray) -> np.ndarray:
         """dout (B, T, D) -> dx (B, T, D): the forward's lines in reverse, one gradient per line."""
-        shape = self.pop_cache()
-        check_float("Block.backward", "dout", dout)
-        check_shape("Block.backward", "dout", dout, shape)
+        check_features("Block.backward", "dout", dout, self.ln_1.weight.shape[0], self.ln_1.weight.data.dtype)
+        check_shape("Block.backward", "dout", dout, self.peek_cache())
+        self.pop_cache()
         dm = self.drop_2.backward(dout)  # into the MLP branch
         dh_2 = self.mlp.backward(dm)  # into ln_2's output
         dx_mid = dout + self.ln_2.backward(dh_2)  # residual: the identity path plus the MLP path
@@ -128,6 +134,7 @@ class GPT(Module):
         # The LM head is wte.weight itself (tied): logits = h @ wte^T.
 
     # ------------------------------------------------------------------------------------
+    @atomic
     def forward(self, ids: np.ndarray, targets: Optional[np.ndarray] = None,
                 kv_caches: Optional[List[KVCache]] = None) -> Tuple[np.ndarray, Optional[float]]:
         """ids (B, T) -> logits (B, T, V) and the mean cross entropy if targets (B, T) are given.
@@ -152,11 +159,12 @@ class GPT(Module):
         self.save_cache(GPTCache(head=head, loss=loss_cache))
         return logits, None if loss is None else float(loss)
 
+    @atomic
     def backward(self) -> None:
         """Add every parameter's gradient of the latest unmatched forward's loss, walking the layers in reverse."""
-        cache = self.pop_cache()
-        if cache.loss is None:
+        if self.peek_cache().loss is None:
             raise RuntimeError("GPT.backward: the matching forward had no targets, so there is no loss to differentiate")
+        cache = self.pop_cache()
         dtype = cache.head.x.dtype
         dlogits = cross_entropy_backward(np.asarray(1.0, dtype), cache.loss)
         self.record("dlogits", dlogits)
@@ -198,6 +206,16 @@ class GPT(Module):
                     else type(kv_caches).__name__
                 raise ValueError(f"{op}: argument 'kv_caches' expected a list of {cfg.n_layer} KVCache "
                                  f"(make_kv_caches), got {got}")
+            if len({id(c) for c in kv_caches}) != len(kv_caches):
+                raise ValueError(f"{op}: argument 'kv_caches' expected one distinct KVCache per block, "
+                                 "got the same cache for two blocks")
+            dtype, D = np.dtype(cfg.dtype), cfg.d_model // cfg.n_head
+            for i, c in enumerate(kv_caches):
+                want = (B, cfg.n_head, D, cfg.block_size, dtype)
+                got = (c.k.shape[0], c.k.shape[1], c.k.shape[3], c.max_len, c.k.dtype)
+                if got != want:
+                    raise ValueError(f"{op}: argument 'kv_caches' entry {i} expected (batch, n_kv_head, head_dim, "
+                                     f"max_len, dtype) = {want}, got {got} (use make_kv_caches)")
             lengths = {c.length for c in kv_caches}
             if len(lengths) != 1:
                 raise ValueError(f"{op}: argument 'kv_caches' expected caches of one length, got lengths {sorted(lengths)}")
@@ -206,6 +224,12 @@ class GPT(Module):
             raise ValueError(f"{op}: argument 'ids' expected at most {cfg.block_size - start} positions "
                              f"(block_size {cfg.block_size}, {start} cached), got {T}")
         return start
+
+    def astype(self, dtype) -> "GPT":
+        """Convert the parameters to float32 or float64; the config follows."""
+        super().astype(dtype)
+        self.cfg = replace(self.cfg, dtype=self.wte.weight.data.dtype.name)
+        return self
 
     def make_kv_caches(self, batch: int) -> List[KVCache]:
         return [block.attn.make_kv_cache(batch, self.cfg.block_size) for block in self.blocks]

@@ -26,7 +26,7 @@ import numpy as np
 from ..ops._checks import check_bool, check_float, check_ndim, check_real, check_shape
 from ..ops.attention import AttentionCache, attention_backward, attention_forward
 from .layers import Linear, check_features, check_layer_options
-from .module import Module
+from .module import Module, atomic
 
 
 class KVCache:
@@ -48,11 +48,22 @@ class KVCache:
         return self.k.shape[2]
 
     def append(self, k_new: np.ndarray, v_new: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        k, v = self.stage(k_new, v_new)
+        self.length = k.shape[2]
+        return k, v
+
+    def stage(self, k_new: np.ndarray, v_new: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Write the new positions after ``length`` and return the views through them, without
+        moving ``length``: a caller that fails afterwards leaves the cache as it was; one that
+        succeeds sets ``length = k.shape[2]`` (``append`` does both)."""
+        op = "KVCache.append"
         B, Hkv, _, D = self.k.shape
         for name, x in (("k_new", k_new), ("v_new", v_new)):
-            check_float("KVCache.append", name, x)
-            check_shape("KVCache.append", name, x, (B, Hkv, None, D))
-        check_shape("KVCache.append", "v_new", v_new, k_new.shape)
+            check_float(op, name, x)
+            check_shape(op, name, x, (B, Hkv, None, D))
+            if x.dtype != self.k.dtype:
+                raise ValueError(f"{op}: argument '{name}' expected dtype {self.k.dtype} (the cache's), got {x.dtype}")
+        check_shape(op, "v_new", v_new, k_new.shape)
         T_new = k_new.shape[2]
         if self.length + T_new > self.max_len:
             raise ValueError(
@@ -62,7 +73,6 @@ class KVCache:
         end = self.length + T_new
         self.k[:, :, self.length:end] = k_new
         self.v[:, :, self.length:end] = v_new
-        self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
     def reset(self) -> None:
@@ -90,6 +100,7 @@ class MHACache(NamedTuple):
 
     attn: AttentionCache  # q, k, v, probs, ... of ``attention_forward``
     is_cross: bool  # keys and values came from a context: backward returns (dx, dcontext)
+    out_shape: Tuple[int, ...]  # (B, T, d_model): the shape dy must have
 
 
 class MultiHeadAttention(Module):
@@ -119,6 +130,7 @@ class MultiHeadAttention(Module):
     def make_kv_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(batch, self.n_kv_head, max_len, self.head_dim, self.q_proj.weight.data.dtype)
 
+    @atomic
     def forward(self, x: np.ndarray, *, causal: bool = False, kv_cache: Optional[KVCache] = None,
                 context: Optional[np.ndarray] = None, key_padding_mask: Optional[np.ndarray] = None,
                 bias: Optional[np.ndarray] = None) -> np.ndarray:
@@ -162,26 +174,33 @@ class MultiHeadAttention(Module):
             k = split_heads(self.k_proj.forward(src), self.n_kv_head)  # (B, Hkv, S, D)
             v = split_heads(self.v_proj.forward(src), self.n_kv_head)
             if kv_cache is not None:
-                k, v = kv_cache.append(k, v)
+                k, v = kv_cache.stage(k, v)  # the cache's length moves only once the call has succeeded
         out, attn = attention_forward(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
                                       bias=bias, scale=self.scale)
-        self.save_cache(MHACache(attn=attn, is_cross=context is not None))
+        y = self.o_proj.forward(merge_heads(out))
+        if kv_cache is not None:
+            kv_cache.length = k.shape[2]
+        self.save_cache(MHACache(attn=attn, is_cross=context is not None, out_shape=y.shape))
         self.record("probs", attn.probs)
-        return self.o_proj.forward(merge_heads(out))
+        return y
 
+    @atomic
     def backward(self, dy: np.ndarray) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
         """dy (B, T, d_model) -> dx, or (dx, dcontext) after a cross-attention forward.
 
         Parameter gradients are added into ``.grad``; the gradient of an additive
         ``bias`` given to the matching forward is left in ``self.dbias`` (None without one).
         """
+        name = "MultiHeadAttention.backward"
+        check_features(name, "dy", dy, self.d_model, self.q_proj.weight.data.dtype)
+        check_shape(name, "dy", dy, self.peek_cache().out_shape)
         cache = self.pop_cache()
-        dmerged = self.o_proj.backward(dy)  # (B, T, H*D)
+        dmerged = self.o_proj.backward(dy)  # (B, T, H*D); the projections in reverse order: o, v, k, q
         dout = split_heads(dmerged, self.n_head)  # (B, H, T, D)
         dq, dk, dv, self.dbias = attention_backward(dout, cache.attn)
-        dx = self.q_proj.backward(merge_heads(dq))
         dsrc_v = self.v_proj.backward(merge_heads(dv))
         dsrc_k = self.k_proj.backward(merge_heads(dk))
+        dx = self.q_proj.backward(merge_heads(dq))
         dsrc = dsrc_k + dsrc_v
         if cache.is_cross:
             return dx, dsrc

@@ -15,13 +15,13 @@ from typing import Optional
 
 import numpy as np
 
-from ..ops._checks import check_count, check_dtype_option, check_float, check_int, check_real, check_shape
+from ..ops._checks import check_bool, check_count, check_dtype_option, check_float, check_int, check_real, check_shape
 from ..ops.dropout import dropout_backward, dropout_forward
 from ..ops.embedding import embedding_backward, embedding_forward
 from ..ops.layernorm import layernorm_backward, layernorm_forward
 from ..ops.linear import linear_backward, linear_forward
 from ..ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
-from .module import Module, Parameter
+from .module import Module, Parameter, atomic
 
 
 def normal(rng: np.random.Generator, shape, std: float, dtype) -> np.ndarray:
@@ -29,7 +29,7 @@ def normal(rng: np.random.Generator, shape, std: float, dtype) -> np.ndarray:
 
 
 def check_features(layer: str, name: str, x: object, dim: int, dtype: np.dtype) -> None:
-    """A layer input (..., dim) of the layer's float dtype, checked under the layer's own name."""
+    """A layer input, or the gradient of its output, (..., dim) of the layer's float dtype, named by the layer."""
     check_float(layer, name, x)
     check_shape(layer, name, x, (None,) * (x.ndim - 1) + (dim,) if x.ndim else (dim,))
     if x.dtype != dtype:
@@ -59,9 +59,11 @@ class Linear(Module):
                  std: float = 0.02, dtype=np.float32):
         super().__init__()
         dtype = check_layer_options("Linear", rng=rng, dtype=dtype, std=std, d_in=d_in, d_out=d_out)
+        check_bool("Linear", "bias", bias)
         self.weight = Parameter(normal(rng, (d_out, d_in), std, dtype))
         self.bias = Parameter(np.zeros(d_out, dtype)) if bias else None
 
+    @atomic
     def forward(self, x: np.ndarray) -> np.ndarray:
         """x (..., in) -> y (..., out)."""
         check_features("Linear.forward", "x", x, self.weight.shape[1], self.weight.data.dtype)
@@ -70,6 +72,7 @@ class Linear(Module):
         self.record("out", y)
         return y
 
+    @atomic
     def backward(self, dy: np.ndarray) -> np.ndarray:
         cache = self.pop_cache()
         dx, dW, db = linear_backward(dy, cache)
@@ -89,6 +92,7 @@ class Embedding(Module):
         dtype = check_layer_options("Embedding", rng=rng, dtype=dtype, std=std, num=num, dim=dim)
         self.weight = Parameter(normal(rng, (num, dim), std, dtype))
 
+    @atomic
     def forward(self, ids: np.ndarray) -> np.ndarray:
         """ids (...) int in [0, V) -> rows (..., D)."""
         check_int("Embedding.forward", "ids", ids)
@@ -97,6 +101,7 @@ class Embedding(Module):
         self.record("out", out)
         return out
 
+    @atomic
     def backward(self, dout: np.ndarray) -> None:
         cache = self.pop_cache()
         dW = embedding_backward(dout, cache)
@@ -112,6 +117,7 @@ class LayerNorm(Module):
         self.weight = Parameter(np.ones(dim, dtype))
         self.bias = Parameter(np.zeros(dim, dtype))
 
+    @atomic
     def forward(self, x: np.ndarray) -> np.ndarray:
         """x (..., D) -> y (..., D)."""
         check_features("LayerNorm.forward", "x", x, self.weight.shape[0], self.weight.data.dtype)
@@ -120,6 +126,7 @@ class LayerNorm(Module):
         self.record("out", y)
         return y
 
+    @atomic
     def backward(self, dy: np.ndarray) -> np.ndarray:
         cache = self.pop_cache()
         dx, dweight, dbias = layernorm_backward(dy, cache)
@@ -138,6 +145,7 @@ class RMSNorm(Module):
         self.eps = float(eps)
         self.weight = Parameter(np.ones(dim, dtype))
 
+    @atomic
     def forward(self, x: np.ndarray) -> np.ndarray:
         """x (..., D) -> y (..., D)."""
         check_features("RMSNorm.forward", "x", x, self.weight.shape[0], self.weight.data.dtype)
@@ -146,6 +154,7 @@ class RMSNorm(Module):
         self.record("out", y)
         return y
 
+    @atomic
     def backward(self, dy: np.ndarray) -> np.ndarray:
         cache = self.pop_cache()
         dx, dweight = rmsnorm_backward(dy, cache)
@@ -168,6 +177,7 @@ class Dropout(Module):
         self.p = check_real("Dropout", "p", p, lo=0.0, hi=1.0, hi_open=True)
         self.rng = rng
 
+    @atomic
     def forward(self, x: np.ndarray) -> np.ndarray:
         check_float("Dropout.forward", "x", x)
         y, cache = dropout_forward(x, self.p, self.rng, training=self.training)
@@ -176,6 +186,7 @@ class Dropout(Module):
             self.record("mask", cache.mask)
         return y
 
+    @atomic
     def backward(self, dy: np.ndarray) -> np.ndarray:
         cache = self.pop_cache()
         return dropout_backward(dy, cache)

@@ -6,12 +6,21 @@ Each forward keeps its activation cache on the block's stack (one per call, see
 
 from __future__ import annotations
 
+from typing import NamedTuple, Tuple
+
 import numpy as np
 
-from ..ops._checks import check_real
+from ..ops._checks import check_bool, check_real, check_shape
 from ..ops.activations import gelu_backward, gelu_forward, swiglu_backward, swiglu_forward
-from .layers import Linear, check_layer_options
-from .module import Module
+from .layers import Linear, check_features, check_layer_options
+from .module import Module, atomic
+
+
+class MLPCache(NamedTuple):
+    """One forward call of an MLP: the activation's op cache and the output's shape (checks dy)."""
+
+    act: object  # GeluCache (MLP) or SwiGLUCache (SwiGLUMLP)
+    out_shape: Tuple[int, ...]
 
 
 class MLP(Module):
@@ -22,23 +31,28 @@ class MLP(Module):
         super().__init__()
         check_layer_options("MLP", d_model=d_model, d_hidden=d_hidden)
         check_real("MLP", "proj_std", proj_std, lo=0.0)
-        if approximate not in ("none", "tanh"):
+        check_bool("MLP", "bias", bias)
+        if not isinstance(approximate, str) or approximate not in ("none", "tanh"):
             raise ValueError(f"MLP: argument 'approximate' expected 'none' or 'tanh', got {approximate!r}")
         self.approximate = approximate
         self.fc = Linear(d_model, d_hidden, bias, rng=rng, dtype=dtype)
         self.proj = Linear(d_hidden, d_model, bias, rng=rng, std=proj_std, dtype=dtype)
 
+    @atomic
     def forward(self, x: np.ndarray) -> np.ndarray:
         h = self.fc.forward(x)
-        a, cache = gelu_forward(h, approximate=self.approximate)
-        self.save_cache(cache)
+        a, act = gelu_forward(h, approximate=self.approximate)
         self.record("act", a)
-        return self.proj.forward(a)
+        y = self.proj.forward(a)
+        self.save_cache(MLPCache(act=act, out_shape=y.shape))
+        return y
 
+    @atomic
     def backward(self, dy: np.ndarray) -> np.ndarray:
+        check_dy(self, "MLP.backward", dy, self.proj.weight)
         cache = self.pop_cache()
         da = self.proj.backward(dy)
-        dh = gelu_backward(da, cache)
+        dh = gelu_backward(da, cache.act)
         self.record("dact", dh)
         dx = self.fc.backward(dh)
         return dx
@@ -52,22 +66,33 @@ class SwiGLUMLP(Module):
         super().__init__()
         check_layer_options("SwiGLUMLP", d_model=d_model, d_hidden=d_hidden)
         check_real("SwiGLUMLP", "proj_std", proj_std, lo=0.0)
+        check_bool("SwiGLUMLP", "bias", bias)
         self.gate = Linear(d_model, d_hidden, bias, rng=rng, dtype=dtype)
         self.up = Linear(d_model, d_hidden, bias, rng=rng, dtype=dtype)
         self.down = Linear(d_hidden, d_model, bias, rng=rng, std=proj_std, dtype=dtype)
 
+    @atomic
     def forward(self, x: np.ndarray) -> np.ndarray:
         g = self.gate.forward(x)
         u = self.up.forward(x)
-        a, cache = swiglu_forward(g, u)
-        self.save_cache(cache)
+        a, act = swiglu_forward(g, u)
         self.record("act", a)
-        return self.down.forward(a)
+        y = self.down.forward(a)
+        self.save_cache(MLPCache(act=act, out_shape=y.shape))
+        return y
 
+    @atomic
     def backward(self, dy: np.ndarray) -> np.ndarray:
+        check_dy(self, "SwiGLUMLP.backward", dy, self.down.weight)
         cache = self.pop_cache()
         da = self.down.backward(dy)
-        dgate, dup = swiglu_backward(da, cache)
+        dgate, dup = swiglu_backward(da, cache.act)
         dx_up = self.up.backward(dup)  # reverse order of the forward: up ran after gate
         dx_gate = self.gate.backward(dgate)
         return dx_gate + dx_up
+
+
+def check_dy(block: Module, op: str, dy: object, out_weight) -> None:
+    """Before any gradient is added: dy must match the output of the forward it will be paired with."""
+    check_features(op, "dy", dy, out_weight.shape[0], out_weight.data.dtype)
+    check_shape(op, "dy", dy, block.peek_cache().out_shape)

@@ -23,11 +23,14 @@ in ``model.recorder`` as ``"blocks.3.attn.probs"`` in execution order.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections import OrderedDict
 from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
+
+from ..ops._checks import check_dtype_option
 
 # A module that keeps this many unmatched forward caches is most likely doing inference in training mode.
 PENDING_WARNING = 1024
@@ -54,14 +57,46 @@ class Parameter:
 
 
 class Recorder(OrderedDict):
-    """Named forward intermediates and backward gradients, in the order they were produced."""
+    """Named forward intermediates and backward gradients, in the order they were produced.
+
+    A name recorded again (a shared module's second call, ``blocks.0.attn.probs``)
+    is kept under ``<name>@2``, ``<name>@3``, … so that no call's value is lost.
+    """
 
     def __init__(self, copy: bool = True):
         super().__init__()
         self.copy = copy
+        self._calls: Dict[str, int] = {}
 
     def put(self, name: str, value: np.ndarray) -> None:
-        self[name] = np.array(value, copy=True) if self.copy else value
+        n = self._calls[name] = self._calls.get(name, 0) + 1
+        self[name if n == 1 else f"{name}@{n}"] = np.array(value, copy=True) if self.copy else value
+
+
+def atomic(method):
+    """Make a layer's ``forward``/``backward`` all or nothing, and name the layer in its errors.
+
+    If the call raises, every cache stack below the layer is put back as it was (a
+    failed forward leaves no cache behind, a failed backward consumes none), and a
+    ``ValueError``/``TypeError`` raised by an op inside is re-raised with the layer's
+    own name in front: ``Embedding.forward: embedding_forward: argument 'ids' ...``.
+    Backwards validate their gradient before adding into any ``.grad``.
+    """
+    where = method.__qualname__
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        stacks = [(m._caches, list(m._caches)) for _, m in self.named_modules()]
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException as err:
+            for stack, before in stacks:
+                stack[:] = before
+            if type(err) in (ValueError, TypeError) and not str(err).startswith(where):
+                raise type(err)(f"{where}: {err}") from err
+            raise
+
+    return call
 
 
 class Module:
@@ -77,9 +112,18 @@ class Module:
 
     def __setattr__(self, name: str, value) -> None:
         if isinstance(value, Parameter):
+            self._modules.pop(name, None)
             self._params[name] = value
         elif isinstance(value, Module):
+            self._params.pop(name, None)
             self._modules[name] = value
+        elif name in self._params or name in self._modules:
+            if value is not None:
+                kind = "Parameter" if name in self._params else "Module"
+                raise TypeError(f"{type(self).__name__}: attribute '{name}' expected a {kind} or None, "
+                                f"got {type(value).__name__} (to change values, assign to .data)")
+            self._params.pop(name, None)
+            self._modules.pop(name, None)
         object.__setattr__(self, name, value)
 
     # -- traversal --------------------------------------------------------------------
@@ -109,6 +153,8 @@ class Module:
             p.grad.fill(0)
 
     def train(self, mode: bool = True) -> "Module":
+        if not isinstance(mode, (bool, np.bool_)):
+            raise TypeError(f"{type(self).__name__}.train: argument 'mode' expected a bool, got {mode!r}")
         for _, m in self.named_modules():
             object.__setattr__(m, "training", mode)
         return self
@@ -117,7 +163,12 @@ class Module:
         return self.train(False)
 
     def astype(self, dtype) -> "Module":
-        """Convert every parameter (and its gradient) to ``dtype`` in place; returns self."""
+        """Convert every parameter (and its gradient) to float32 or float64 in place; returns self.
+
+        Pending forward caches hold the old dtype, so they are dropped (``clear_caches``).
+        """
+        dtype = check_dtype_option(f"{type(self).__name__}.astype", "dtype", dtype)
+        self.clear_caches()
         for p in self.parameters():
             p.data = p.data.astype(dtype)
             p.grad = np.zeros_like(p.data)
@@ -140,6 +191,12 @@ class Module:
                    if not self.training else "every forward so far has been matched by a backward")
             raise RuntimeError(f"{type(self).__name__}.backward: no forward left to match ({why})")
         return self._caches.pop()
+
+    def peek_cache(self):
+        """The cache the next ``pop_cache`` returns, left in place (a backward checks dy against it first)."""
+        if not self._caches:
+            return self.pop_cache()  # raises the same error a pop would
+        return self._caches[-1]
 
     @property
     def pending_backwards(self) -> int:
@@ -165,12 +222,16 @@ class Module:
         Integer, bool and other non-float arrays are never weights.
         """
         op = "load_state_dict"
+        for flag, value in (("strict", strict), ("cast", cast)):
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"{op}: argument '{flag}' expected a bool, got {value!r}")
         if not isinstance(state, Mapping):
             raise TypeError(f"{op}: argument 'state' expected a mapping of name -> numpy.ndarray, "
                             f"got {type(state).__name__}")
         params = dict(self.named_parameters())
         if strict:
-            missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+            missing = sorted(set(params) - set(state))
+            unexpected = sorted(set(state) - set(params), key=repr)
             if missing or unexpected:
                 raise ValueError(f"{op}: argument 'state' has missing keys {missing}, unexpected keys {unexpected}")
         updates = []
@@ -187,6 +248,10 @@ class Module:
                 if not (cast and value.dtype.kind == "f"):
                     hint = " (pass cast=True to convert)" if value.dtype.kind == "f" else ""
                     raise ValueError(f"{where} expected dtype {p.data.dtype}{hint}, got {value.dtype}")
+                with np.errstate(over="ignore"):
+                    value = value.astype(p.data.dtype)
+                if not np.isfinite(value).all() and np.isfinite(state[name]).all():
+                    raise ValueError(f"{where} expected values that fit {p.data.dtype}, got some that overflow it")
             updates.append((p, value))
         for p, value in updates:  # every entry checked: now write
             p.data[...] = value
@@ -227,6 +292,8 @@ class ModuleList(Module):
             self.append(m)
 
     def append(self, module: Module) -> None:
+        if not isinstance(module, Module):
+            raise TypeError(f"ModuleList.append: argument 'module' expected a Module, got {type(module).__name__}")
         setattr(self, str(len(self._modules)), module)
 
     def __getitem__(self, i: int) -> Module:

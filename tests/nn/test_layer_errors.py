@@ -37,9 +37,9 @@ FEATURE_KINDS = NON_ARRAYS + DTYPE_KINDS + ("last+1",)
        st.sampled_from(FEATURE_KINDS + ("float64",)))
 def test_layer_forward_rejects_bad_x(kind, bad):
     layer, x = layer_and_input(kind)
-    owner = {"MLP": "Linear", "SwiGLUMLP": "Linear"}.get(kind, kind)  # the MLPs hand x to their first Linear
-    expect_rejected(lambda: layer.forward(corrupt(x, bad) if bad != "float64" else x.astype(np.float64)),
-                    f"{owner}.forward", "x")
+    message = expect_rejected(lambda: layer.forward(corrupt(x, bad) if bad != "float64" else x.astype(np.float64)),
+                              f"{kind}.forward", "x")
+    assert message.startswith(f"{kind}.forward")  # the layer the user called comes first
     assert layer.pending_backwards == 0  # nothing was kept
 
 
@@ -174,6 +174,8 @@ def test_gpt_backward_before_forward_and_after_inference():
     model.forward(IDS)  # no targets: nothing to differentiate
     with pytest.raises(RuntimeError, match="GPT.backward: the matching forward had no targets"):
         model.backward()
+    assert model.pending_backwards == 1  # a failed backward consumes nothing
+    model.clear_caches()
     model.eval().forward(IDS, IDS)
     with pytest.raises(RuntimeError, match="eval mode keeps no cache"):
         model.backward()
