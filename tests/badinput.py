@@ -47,7 +47,7 @@ def corrupt(x: np.ndarray, kind: str):
     if kind == "rank+1":
         return x[None]
     if kind == "rank-1":
-        return x.reshape(-1)[0] if x.ndim <= 1 else x.reshape(-1, *x.shape[2:])
+        return x.reshape(-1)[0] if x.ndim <= 1 else x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
     if kind == "last+1":
         return np.concatenate([x, x[..., :1]], axis=-1) if x.ndim else x[None]
     if kind == "first+1":
@@ -63,3 +63,25 @@ def expect_rejected(call, func: str, arg: str, errors=(ValueError, TypeError)) -
     assert func in message, f"message does not name the function {func!r}: {message}"
     assert f"'{arg}'" in message, f"message does not name the argument {arg!r}: {message}"
     return message
+
+
+# Scalar options, each wrong for the kind of option named.
+BAD_FLAGS = (1, 0, 1.0, "True", None, np.array(True), [True])  # a bool is wanted
+BAD_SCALES = (np.nan, np.inf, -np.inf, -1.0, 0.0, True, False, "0.5", [0.5], np.array(0.5), np.float32(np.nan))  # > 0
+BAD_COUNTS = (-1, 2.5, 3.0, True, "3", None, np.float64(2.0), [2])  # an integer >= 0 (a length, an offset)
+BAD_BASES = (np.nan, np.inf, 0.0, -1.0, True, "1e4", None, [1e4])  # a frequency base > 0
+BAD_EVEN_DIMS = (0, 1, 3, -2, 2.0, True, "4", None)  # an even integer >= 2
+BAD_DTYPES = (np.int64, "int32", np.float16, np.complex128, object, bool, "x", None)  # float32 or float64
+NOT_A_MASK = tuple(k for k in NON_ARRAYS if k != "none") + tuple(k for k in DTYPE_KINDS if k != "bool") + (
+    "float32", "float64") + RANK_KINDS + SHAPE_KINDS
+
+
+def rejects_all(call, func, arg, bad_values):
+    """``call(bad)`` raises for every bad value, naming ``func`` and ``arg``, with what was expected and what came."""
+    for bad in bad_values:
+        message = expect_rejected(lambda: call(bad), func, arg)
+        assert "expected" in message and "got" in message, message
+
+
+def other_float(dtype):
+    return "float32" if np.dtype(dtype) == np.float64 else "float64"

@@ -12,5 +12,5 @@ def leaf(x: np.ndarray, *, grad: bool = True) -> torch.Tensor:
 
 def backprop(out: torch.Tensor, dout: np.ndarray, *leaves: torch.Tensor):
     """Gradients of ``sum(out * dout)`` with respect to ``leaves`` as NumPy float64 arrays."""
-    grads = torch.autograd.grad(out, leaves, grad_outputs=torch.from_numpy(np.asarray(dout, np.float64)), allow_unused=True)
+    grads = torch.autograd.grad(out, leaves, grad_outputs=torch.from_numpy(np.array(dout, np.float64)), allow_unused=True)
     return [None if g is None else g.numpy() for g in grads]

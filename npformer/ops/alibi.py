@@ -18,15 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._checks import FLOAT_DTYPES
+from ._checks import check_count, check_dtype_option
 
 OP = "alibi"
-
-
-def _check_count(op: str, name: str, n: object) -> int:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"{op}: argument '{name}' expected an integer >= 1, got {n!r}")
-    return int(n)
 
 
 def _geometric_slopes(n: int) -> np.ndarray:
@@ -39,7 +33,7 @@ def alibi_slopes(n_head: int) -> np.ndarray:
 
     n_head = H  ->  (H,)
     """
-    H = _check_count("alibi_slopes", "n_head", n_head)
+    H = check_count("alibi_slopes", "n_head", n_head, 1)
     closest = 1 << (H.bit_length() - 1)  # 2^k <= H < 2^(k+1)
     slopes = _geometric_slopes(closest)  # (ALIBI.1)
     if closest == H:
@@ -54,14 +48,13 @@ def alibi_bias(n_head: int, Tq: int, Tk: int, *, dtype=np.float32) -> np.ndarray
     Query i sits at absolute position i + Tk - Tq (queries aligned to the end of the
     keys, as with a key/value cache); key j at position j.
 
-    n_head = H  ->  (1, H, Tq, Tk) in ``dtype``
+    n_head = H  ->  (1, H, Tq, Tk) in ``dtype`` (empty when Tq or Tk is 0)
     """
     op = "alibi_bias"
-    H = _check_count(op, "n_head", n_head)
-    Tq = _check_count(op, "Tq", Tq)
-    Tk = _check_count(op, "Tk", Tk)
-    if np.dtype(dtype) not in FLOAT_DTYPES:
-        raise ValueError(f"{op}: argument 'dtype' expected float32 or float64, got {np.dtype(dtype)}")
+    H = check_count(op, "n_head", n_head, 1)
+    Tq = check_count(op, "Tq", Tq)
+    Tk = check_count(op, "Tk", Tk)
+    dtype = check_dtype_option(op, "dtype", dtype)
     slopes = alibi_slopes(H)  # (H,)
     query_pos = np.arange(Tq)[:, None] + (Tk - Tq)  # (Tq, 1)
     key_pos = np.arange(Tk)[None, :]  # (1, Tk)

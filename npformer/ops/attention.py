@@ -18,6 +18,16 @@ Masks: ``causal`` lets query i see key j iff j <= i + (Tk - Tq), i.e. the last
 query is aligned with the last key, as when new queries are appended to a cache
 of keys. ``key_padding_mask`` (B, Tk) is True where a key is padding. A query
 that sees no key at all (a fully masked row) gets output 0 and gradient 0 (ATT.11).
+
+Empty sequences: Tq = 0 gives an empty output and an empty ``dq`` (``dk``, ``dv``
+are 0). Tk = 0 leaves every query with no key to see, so by (ATT.11) every output
+row is 0 and ``dq`` is 0 (``dk``, ``dv`` are empty). B may be 0; H, Hkv and D must
+be at least 1.
+
+Layout: the inputs may be any views (transposed, strided, reversed, read-only).
+Outputs and working buffers are allocated C-contiguous here, so that the grouped
+views ``x.reshape(B, Hkv, G * Tq, ...)`` that the products write into with ``out=``
+are views of them, never copies.
 """
 
 from __future__ import annotations
@@ -26,7 +36,17 @@ from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from ._checks import _fail, check_array, check_float, check_ndim, check_same_dtype, check_shape
+from ._checks import (
+    _fail,
+    check_array,
+    check_bool,
+    check_cache_type,
+    check_count,
+    check_float,
+    check_ndim,
+    check_real,
+    check_same_dtype,
+)
 
 OP = "attention"
 
@@ -35,37 +55,52 @@ class AttentionCache(NamedTuple):
     q: np.ndarray  # (B, H, Tq, D)
     k: np.ndarray  # (B, Hkv, Tk, D)
     v: np.ndarray  # (B, Hkv, Tk, D)
-    probs: np.ndarray  # (B, H, Tq, Tk)  P of (ATT.2); 0 at masked entries
-    scale: float  # the factor on Q K^T in (ATT.1)
+    probs: np.ndarray  # (B, H, Tq, Tk)  P of (ATT.2), C-contiguous; 0 at masked entries
+    scale: float  # c_s, the factor on Q K^T in (ATT.1)
     bias_shape: Optional[Tuple[int, ...]]  # shape of the additive bias, None if there was none
 
 
-def check_qkv(op: str, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> Tuple[int, int, int, int, int, int]:
+def check_qkv(op: str, q: object, k: object, v: object) -> Tuple[int, int, int, int, int, int]:
     """Validate q (B, H, Tq, D), k, v (B, Hkv, Tk, D); return (B, H, Hkv, Tq, Tk, D)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_float(op, name, x)
         check_ndim(op, name, x, 4)
-    check_same_dtype(op, "q", q, k=k, v=v)
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    check_shape(op, "k", k, (B, None, None, D))
-    check_shape(op, "v", v, (B, Hkv, Tk, D))
+    if D == 0 or H == 0:
+        _fail(op, "q", "at least one head (axis 1) of size D >= 1 (axis 3)", f"shape {tuple(q.shape)}")
+    check_same_dtype(op, "q", q, k=k, v=v)
+    if k.shape[0] != B or k.shape[3] != D:
+        _fail(op, "k", f"shape ({B}, *, *, {D}) (batch and head size of 'q')", tuple(k.shape))
     if Hkv == 0 or H % Hkv != 0:
-        _fail(op, "k", f"a number of heads dividing q's H = {H}", f"{Hkv} (shape {tuple(k.shape)})")
+        _fail(op, "k", f"a number of heads dividing the H = {H} heads of 'q'", f"{Hkv} (shape {tuple(k.shape)})")
+    if v.shape != k.shape:
+        _fail(op, "v", f"shape {tuple(k.shape)} (same as 'k')", tuple(v.shape))
     return B, H, Hkv, Tq, Tk, D
 
 
-def check_dout(op: str, dout: np.ndarray, q: np.ndarray, k: np.ndarray) -> Tuple[int, int, int, int, int, int]:
-    """dout must be an array of q's shape and dtype; return (B, H, Hkv, Tq, Tk, D)."""
-    check_array(op, "dout", dout)
-    check_shape(op, "dout", dout, q.shape)
-    check_same_dtype(op, "q", q, dout=dout)
+def check_scale(op: str, scale: object, D: int) -> float:
+    """``scale=None`` means 1/sqrt(D) (ATT.13); otherwise a finite number > 0."""
+    if scale is None:
+        return 1.0 / float(np.sqrt(D))  # (ATT.13)
+    return check_real(op, "scale", scale, lo=0.0, lo_open=True)
+
+
+def check_dout(op: str, dout: object, q: np.ndarray, k: np.ndarray) -> Tuple[int, int, int, int, int, int]:
+    """dout must be a float array of the cached q's shape and dtype; return (B, H, Hkv, Tq, Tk, D)."""
+    check_float(op, "dout", dout)
+    if dout.shape != q.shape:
+        _fail(op, "dout", f"shape {tuple(q.shape)} (that of the forward's output)", tuple(dout.shape))
+    if dout.dtype != q.dtype:
+        _fail(op, "dout", f"dtype {q.dtype} (that of the forward's 'q')", dout.dtype)
     B, H, Tq, D = q.shape
     return B, H, k.shape[1], Tq, k.shape[2], D
 
 
 def causal_mask(Tq: int, Tk: int) -> np.ndarray:
     """(Tq, Tk) bool, True where key j is *hidden* from query i: j > i + (Tk - Tq)."""
+    Tq = check_count("causal_mask", "Tq", Tq)
+    Tk = check_count("causal_mask", "Tk", Tk)
     i = np.arange(Tq)[:, None]
     j = np.arange(Tk)[None, :]
     return j > i + (Tk - Tq)
@@ -89,38 +124,42 @@ def attention_forward(
     """
     op = f"{OP}_forward"
     B, H, Hkv, Tq, Tk, D = check_qkv(op, q, k, v)
-    G = H // Hkv
+    causal = check_bool(op, "causal", causal)
     if key_padding_mask is not None:
         check_array(op, "key_padding_mask", key_padding_mask)
         if key_padding_mask.dtype != np.bool_:
-            _fail(op, "key_padding_mask", "dtype bool", key_padding_mask.dtype)
-        check_shape(op, "key_padding_mask", key_padding_mask, (B, Tk))
+            _fail(op, "key_padding_mask", "dtype bool (True where a key is padding)", key_padding_mask.dtype)
+        if key_padding_mask.shape != (B, Tk):
+            _fail(op, "key_padding_mask", f"shape ({B}, {Tk}) (batch of 'q', keys of 'k')",
+                  tuple(key_padding_mask.shape))
     if bias is not None:
         check_float(op, "bias", bias)
         check_same_dtype(op, "q", q, bias=bias)
         full = (B, H, Tq, Tk)
         if bias.ndim != 4 or any(b not in (1, f) for b, f in zip(bias.shape, full)):
             _fail(op, "bias", f"4-D shape with each dimension 1 or equal to {full}", tuple(bias.shape))
-    if scale is None:
-        scale = 1.0 / np.sqrt(D)  # (ATT.13)
-    scale = float(scale)
-
-    # Queries of one kv head's group side by side: (B, Hkv, G*Tq, D), each kv head meets all of its
-    # queries in one product. Q is scaled once (ATT.1): it is T/D times smaller than S.
-    q_grouped = (q * q.dtype.type(scale)).reshape(B, Hkv, G * Tq, D)
+    scale = check_scale(op, scale, D)
+    G = H // Hkv
     hidden = causal_mask(Tq, Tk) if causal else None  # (Tq, Tk), True = masked
 
-    p = np.empty((B, H, Tq, Tk), q.dtype)
-    out = np.empty((B, H, Tq, D), q.dtype)
+    # c_s Q, with the queries of one kv head's group side by side: (B, Hkv, G*Tq, D), so that each
+    # kv head meets all of its queries in one product. Q is scaled, not S: it is T/D times smaller.
+    q_scaled = np.multiply(q, q.dtype.type(scale), order="C")
+    q_grouped = q_scaled.reshape(B, Hkv, G * Tq, D)
+
+    p = np.empty((B, H, Tq, Tk), q.dtype)  # P (ATT.2)
+    out = np.empty((B, H, Tq, D), q.dtype)  # O (ATT.3)
+    p_grouped, out_grouped = p.reshape(B, Hkv, G * Tq, Tk), out.reshape(B, Hkv, G * Tq, D)  # views
+    s = np.empty((H, Tq, Tk), q.dtype)  # S (ATT.1) of one batch element
+    s_grouped = s.reshape(Hkv, G * Tq, Tk)
     # One batch element at a time: its (H, Tq, Tk) slab of scores stays in cache through the
     # several passes of the softmax (the whole batch is tens of MB; a slab about one).
     for b in range(B):
-        s = p[b]  # (H, Tq, Tk): S, then P, in place
-        np.matmul(q_grouped[b], k[b].swapaxes(-1, -2), out=s.reshape(Hkv, G * Tq, Tk))  # (ATT.1)
+        np.matmul(q_grouped[b], k[b].swapaxes(-1, -2), out=s_grouped)  # (ATT.1)
         if bias is not None:
             s += bias[b if bias.shape[0] > 1 else 0]  # (ATT.1)
 
-        # masked entries are -inf before the softmax: exp(-inf) = 0 exactly, and no gradient flows (ATT.11)
+        # masked entries are -inf: exp(-inf) = 0 exactly, and no gradient flows (ATT.1), (ATT.11)
         hidden_b = hidden
         if key_padding_mask is not None:
             pad = key_padding_mask[b]  # (Tk,)
@@ -128,17 +167,18 @@ def attention_forward(
         if hidden_b is not None:
             np.copyto(s, -np.inf, where=hidden_b)
 
-        # (ATT.2)  P = softmax(S) along keys, stabilised by the row maximum
-        m = np.fmax.reduce(s, axis=-1, keepdims=True)  # (H, Tq, 1); fmax: no NaN bookkeeping, faster
-        m[m == -np.inf] = 0.0  # a fully masked row: keep exp(-inf - m) = 0 instead of nan
-        s -= m
-        np.exp(s, out=s)
-        row_sum = s.sum(axis=-1, keepdims=True)
+        # (ATT.2)  P = softmax(S) along keys, stabilised by the row maximum m; the steps
+        # S - m and exp(S - m) are unnamed and live in P's own buffer
+        m = np.fmax.reduce(s, axis=-1, keepdims=True, initial=-np.inf)  # (H, Tq, 1); fmax: no NaN bookkeeping
+        m[m == -np.inf] = 0.0  # a fully masked row (or Tk = 0): exp(-inf - 0) = 0 instead of nan
+        p_b = p[b]
+        np.subtract(s, m, out=p_b)
+        np.exp(p_b, out=p_b)
+        row_sum = p_b.sum(axis=-1, keepdims=True)
         row_sum[row_sum == 0] = 1.0  # a fully masked row stays all zeros: output 0 (ATT.11)
-        s /= row_sum
+        p_b /= row_sum
 
-        # (ATT.3)  O = P V
-        np.matmul(s.reshape(Hkv, G * Tq, Tk), v[b], out=out[b].reshape(Hkv, G * Tq, D))
+        np.matmul(p_grouped[b], v[b], out=out_grouped[b])  # (ATT.3)  O = P V
     cache = AttentionCache(q=q, k=k, v=v, probs=p, scale=scale, bias_shape=None if bias is None else tuple(bias.shape))
     return out, cache
 
@@ -151,31 +191,37 @@ def attention_backward(
     dout: (B, H, Tq, D)  ->  dq: (B, H, Tq, D), dk, dv: (B, Hkv, Tk, D),
     dbias: the bias's shape (None if the forward had no bias)
     """
+    op = f"{OP}_backward"
+    check_cache_type(op, cache, AttentionCache)
     q, k, v, p, scale, bias_shape = cache
-    B, H, Hkv, Tq, Tk, D = check_dout(f"{OP}_backward", dout, q, k)
+    B, H, Hkv, Tq, Tk, D = check_dout(op, dout, q, k)
     G = H // Hkv
-    q_grouped, dout_grouped = q.reshape(B, Hkv, G * Tq, D), dout.reshape(B, Hkv, G * Tq, D)
-    dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
-    ds_all = None if bias_shape is None else np.empty((B, H, Tq, Tk), q.dtype)
+
+    # c_s enters (ATT.8) and (ATT.9) on a T x D operand, c_s K and c_s Q, not on the Tq x Tk dS
+    q_scaled = np.multiply(q, q.dtype.type(scale), order="C").reshape(B, Hkv, G * Tq, D)  # grouped as forward
+    k_scaled = k * k.dtype.type(scale)
+    dout_grouped = np.ascontiguousarray(dout).reshape(B, Hkv, G * Tq, D)
+    p_grouped = p.reshape(B, Hkv, G * Tq, Tk)
+
+    dq = np.empty((B, H, Tq, D), q.dtype)
+    dk = np.empty((B, Hkv, Tk, D), q.dtype)
+    dv = np.empty((B, Hkv, Tk, D), q.dtype)
+    dq_grouped = dq.reshape(B, Hkv, G * Tq, D)  # a view: dq is C-contiguous
+    ds_all = None if bias_shape is None else np.empty((B, H, Tq, Tk), q.dtype)  # dS of every batch element
+    ds_one = np.empty((H, Tq, Tk), q.dtype) if ds_all is None else None  # else, one reused for each b
     for b in range(B):  # one batch element at a time, as in the forward
         p_b = p[b]  # (H, Tq, Tk)
-        p_grouped = p_b.reshape(Hkv, G * Tq, Tk)
         # (ATT.4), summed over the query heads of each group by the product itself (ATT.12)
-        np.matmul(p_grouped.swapaxes(-1, -2), dout_grouped[b], out=dv[b])
+        np.matmul(p_grouped[b].swapaxes(-1, -2), dout_grouped[b], out=dv[b])
         dp = np.matmul(dout_grouped[b], v[b].swapaxes(-1, -2)).reshape(H, Tq, Tk)  # (ATT.5)
-        # (ATT.7)  dS = P * (dP - rowsum(dP * P)), in place in dP's array
-        rowsum = np.einsum("hik,hik->hi", dp, p_b)[..., None]
-        dp -= rowsum
-        ds = dp
+        rowsum = np.einsum("hik,hik->hi", dp, p_b)[..., None]  # rowsum(dP * P) of (ATT.7), (H, Tq, 1)
+        # (ATT.7)  dS = P * (dP - rowsum): dP - rowsum is an unnamed step in dS's own buffer
+        ds = np.subtract(dp, rowsum, out=ds_one if ds_all is None else ds_all[b])
         ds *= p_b  # masked entries have P = 0, so dS = 0 there (ATT.11)
-        if ds_all is not None:
-            ds_all[b] = ds
 
         ds_grouped = ds.reshape(Hkv, G * Tq, Tk)
-        np.matmul(ds_grouped, k[b], out=dq[b].reshape(Hkv, G * Tq, D))  # (ATT.8)
-        np.matmul(ds_grouped.swapaxes(-1, -2), q_grouped[b], out=dk[b])  # (ATT.9), summed over the group (ATT.12)
-    dq *= scale
-    dk *= scale
+        np.matmul(ds_grouped, k_scaled[b], out=dq_grouped[b])  # (ATT.8)
+        np.matmul(ds_grouped.swapaxes(-1, -2), q_scaled[b], out=dk[b])  # (ATT.9), summed over the group (ATT.12)
 
     dbias = None
     if bias_shape is not None:

@@ -9,6 +9,9 @@ the sum over keys be taken once (S = sum_j phi(k_j) v_j^T, z = sum_j phi(k_j)) i
 of once per query: cost O(T D Dv) instead of O(T^2 D). The causal variant keeps the
 prefix sums S_i, z_i of every position (cumulative sums along T), which costs
 O(T D Dv) memory per head; fine for the small sizes this engine trains.
+
+``eps`` must be a finite number > 0 and the feature and value sizes D, Dv at least 1;
+T = 0 gives an empty output. Inputs may be any views; results are C-contiguous.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import NamedTuple, Tuple
 
 import numpy as np
 
-from ._checks import check_float, check_ndim, check_same_dtype, check_shape
+from ._checks import _fail, check_bool, check_cache_type, check_float, check_ndim, check_real, check_same_dtype
 
 OP = "linear_attention"
 
@@ -35,6 +38,7 @@ class LinearAttentionCache(NamedTuple):
 
 def elu_plus_one(x: np.ndarray) -> np.ndarray:
     """phi(x) = x + 1 for x > 0, exp(x) otherwise; always > 0.  (LINATT.1)"""
+    check_float("elu_plus_one", "x", x)
     return np.where(x > 0, x + 1, np.exp(np.minimum(x, 0)))
 
 
@@ -54,11 +58,19 @@ def linear_attention_forward(
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_float(op, name, x)
         check_ndim(op, name, x, 4)
-    check_same_dtype(op, "q", q, k=k, v=v)
     B, H, T, D = q.shape
-    check_shape(op, "k", k, (B, H, T, D))
-    check_shape(op, "v", v, (B, H, T, None))
+    if D == 0:
+        _fail(op, "q", "a feature size D >= 1 (last axis)", f"shape {tuple(q.shape)}")
+    check_same_dtype(op, "q", q, k=k, v=v)
+    if k.shape != q.shape:
+        _fail(op, "k", f"shape {tuple(q.shape)} (same as 'q')", tuple(k.shape))
+    if v.shape[:3] != (B, H, T) or v.shape[3] == 0:
+        _fail(op, "v", f"shape ({B}, {H}, {T}, Dv) with Dv >= 1 (batch, heads and length of 'q')", tuple(v.shape))
+    causal = check_bool(op, "causal", causal)
+    eps = check_real(op, "eps", eps, lo=0.0, lo_open=True)
 
+    # C-contiguous copies of non-contiguous inputs: every result below is then C-contiguous too
+    q, k, v = (np.ascontiguousarray(x) for x in (q, k, v))
     q_feat = elu_plus_one(q)  # (LINATT.1)
     k_feat = elu_plus_one(k)
     if causal:
@@ -66,14 +78,13 @@ def linear_attention_forward(
         S = np.cumsum(k_feat[..., :, None] * v[..., None, :], axis=2)  # (B, H, T, D, Dv)
         z = np.cumsum(k_feat, axis=2)  # (B, H, T, D)
         num = np.matmul(q_feat[..., None, :], S)[..., 0, :]  # (B, H, T, Dv)
-        den = np.sum(q_feat * z, axis=-1, keepdims=True)  # (B, H, T, 1)
+        den = np.sum(q_feat * z, axis=-1, keepdims=True) + eps  # (B, H, T, 1)
     else:
         # (LINATT.3)  one S and z for every query
         S = np.matmul(k_feat.swapaxes(-1, -2), v)  # (B, H, D, Dv)
         z = k_feat.sum(axis=2)  # (B, H, D)
         num = np.matmul(q_feat, S)  # (B, H, T, Dv)
-        den = np.matmul(q_feat, z[..., None])  # (B, H, T, 1)
-    den += eps
+        den = np.matmul(q_feat, z[..., None]) + eps  # (B, H, T, 1)
     out = num / den  # (LINATT.3) / (LINATT.4)
     cache = LinearAttentionCache(q_feat=q_feat, k_feat=k_feat, v=v, S=S, z=z, den=den, out=out, causal=bool(causal))
     return out, cache
@@ -86,11 +97,15 @@ def linear_attention_backward(
 
     dout: (B, H, T, Dv)  ->  dq, dk: (B, H, T, D), dv: (B, H, T, Dv)
     """
-    q_feat, k_feat, v, S, z, den, out, causal = cache
     op = f"{OP}_backward"
+    check_cache_type(op, cache, LinearAttentionCache)
+    q_feat, k_feat, v, S, z, den, out, causal = cache
     check_float(op, "dout", dout)
-    check_shape(op, "dout", dout, out.shape)
-    check_same_dtype(op, "out", out, dout=dout)
+    if dout.shape != out.shape:
+        _fail(op, "dout", f"shape {tuple(out.shape)} (that of the forward's output)", tuple(dout.shape))
+    if dout.dtype != out.dtype:
+        _fail(op, "dout", f"dtype {out.dtype} (that of the forward's output)", dout.dtype)
+    dout = np.ascontiguousarray(dout)  # C-contiguous results, whatever the layout of dout
 
     # (LINATT.5)  through the quotient out = num / den
     dnum = dout / den  # (B, H, T, Dv)

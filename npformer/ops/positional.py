@@ -8,6 +8,9 @@ the token embeddings of a sequence of length ``T``: ``x = tok_emb + pos[None]``.
 - ``positional_embedding_forward(table, T, offset=...)``: rows ``offset .. offset+T-1``
   of a learned ``(P, D)`` table (POS.4); the backward puts ``dout`` back into
   those rows (POS.5).
+
+Lengths and offsets are integers >= 0 (floats are refused, not truncated); ``T = 0``
+gives an empty table or output.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import NamedTuple, Tuple
 
 import numpy as np
 
-from ._checks import FLOAT_DTYPES, check_float, check_ndim, check_shape
+from ._checks import _fail, check_cache_type, check_count, check_dtype_option, check_float, check_ndim, check_real
 
 OP = "positional_embedding"
 
@@ -28,27 +31,19 @@ class PositionalEmbeddingCache(NamedTuple):
     dtype: np.dtype  # of the table, so dtable matches it
 
 
-def _check_count(op: str, name: str, n: object, lo: int) -> int:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < lo:
-        raise ValueError(f"{op}: argument '{name}' expected an integer >= {lo}, got {n!r}")
-    return int(n)
-
-
 def sinusoidal_table(T: int, D: int, *, base: float = 10000.0, dtype=np.float32) -> np.ndarray:
     """PE[p, 2i] = sin(p * base**(-2i/D)), PE[p, 2i+1] = cos(p * base**(-2i/D)).
 
-    ->  (T, D) in ``dtype`` (computed in float64, then cast)
+    ->  (T, D) in ``dtype`` (computed in float64, then cast; empty when T = 0)
     """
     op = "sinusoidal_table"
-    T = _check_count(op, "T", T, 1)
-    D = _check_count(op, "D", D, 2)
+    T = check_count(op, "T", T)
+    D = check_count(op, "D", D, 2)
     if D % 2:
-        raise ValueError(f"{op}: argument 'D' expected an even integer, got {D}")
-    if not base > 0:
-        raise ValueError(f"{op}: argument 'base' expected a value > 0, got {base}")
-    if np.dtype(dtype) not in FLOAT_DTYPES:
-        raise ValueError(f"{op}: argument 'dtype' expected float32 or float64, got {np.dtype(dtype)}")
-    omega = float(base) ** (-np.arange(0, D, 2, dtype=np.float64) / D)  # (D/2,)
+        _fail(op, "D", "an even integer", D)
+    base = check_real(op, "base", base, lo=0.0, lo_open=True)
+    dtype = check_dtype_option(op, "dtype", dtype)
+    omega = base ** (-np.arange(0, D, 2, dtype=np.float64) / D)  # (D/2,)
     angle = np.arange(T, dtype=np.float64)[:, None] * omega  # (T, D/2)
     pe = np.empty((T, D), np.float64)
     pe[:, 0::2] = np.sin(angle)  # (POS.1)
@@ -61,16 +56,16 @@ def positional_embedding_forward(
 ) -> Tuple[np.ndarray, PositionalEmbeddingCache]:
     """out[t] = table[offset + t] for t < T (a copy, not a view of the parameter).
 
-    table: (P, D)  ->  out: (T, D)
+    table: (P, D)  ->  out: (T, D)  (empty when T = 0)
     """
     op = f"{OP}_forward"
     check_float(op, "table", table)
     check_ndim(op, "table", table, 2)
-    T = _check_count(op, "T", T, 1)
-    offset = _check_count(op, "offset", offset, 0)
+    T = check_count(op, "T", T)
+    offset = check_count(op, "offset", offset)
     P = table.shape[0]
     if offset + T > P:
-        raise ValueError(f"{op}: argument 'T' expected offset + T <= {P} (rows of 'table'), got {offset} + {T} = {offset + T}")
+        _fail(op, "T", f"'offset' + 'T' <= {P}, the rows of 'table'", f"{offset} + {T} = {offset + T}")
     out = table[offset : offset + T].copy()  # (POS.4)
     return out, PositionalEmbeddingCache(offset=offset, T=T, table_shape=table.shape, dtype=table.dtype)
 
@@ -81,11 +76,13 @@ def positional_embedding_backward(dout: np.ndarray, cache: PositionalEmbeddingCa
     dout: (T, D)  ->  dtable: (P, D)
     """
     op = f"{OP}_backward"
+    check_cache_type(op, cache, PositionalEmbeddingCache)
     offset, T, (P, D), dtype = cache
     check_float(op, "dout", dout)
-    check_shape(op, "dout", dout, (T, D))
+    if dout.shape != (T, D):
+        _fail(op, "dout", f"shape {(T, D)} (that of the forward's output)", tuple(dout.shape))
     if dout.dtype != dtype:
-        raise ValueError(f"{op}: argument 'dout' expected dtype {dtype} (same as 'table'), got {dout.dtype}")
+        _fail(op, "dout", f"dtype {dtype} (that of the forward's 'table')", dout.dtype)
     dtable = np.zeros((P, D), dtype)
     dtable[offset : offset + T] = dout  # (POS.5)
     return dtable

@@ -11,6 +11,10 @@ rotated by its angle (ROPE.2). Which coordinates form a pair is the convention:
 The two differ only by a permutation of the last axis (ROPE.7). The rotation is
 orthogonal, so the backward is the same rotation by ``-theta`` (ROPE.5).
 
+Positions: ``offset + t`` for row ``t`` (``offset`` an integer >= 0, the position of
+the first row after a cache of ``offset`` tokens; a float is refused, not truncated),
+or an explicit integer array ``positions`` of shape (T,) or (B, T), any values.
+
 Angles, cosines and sines are computed in float64 and then cast to the dtype of
 ``x``; a GPU kernel with the same semantics computes ``cos``/``sin`` of exactly
 these angles.
@@ -22,7 +26,17 @@ from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from ._checks import check_float, check_int, check_ndim
+from ._checks import (
+    _fail,
+    check_bool,
+    check_cache_type,
+    check_count,
+    check_dtype_option,
+    check_float,
+    check_int,
+    check_ndim,
+    check_real,
+)
 
 OP = "rope"
 
@@ -34,11 +48,6 @@ class RopeCache(NamedTuple):
     shape: tuple  # (B, H, T, D) of x, to check dy against
 
 
-def _check_even_dim(op: str, name: str, D: int) -> None:
-    if D < 2 or D % 2:
-        raise ValueError(f"{op}: argument '{name}' expected an even size D >= 2 of the last axis, got {D}")
-
-
 def rope_cos_sin(
     positions: np.ndarray, D: int, base: float = 10000.0, dtype=np.float32
 ) -> Tuple[np.ndarray, np.ndarray]:
@@ -48,10 +57,12 @@ def rope_cos_sin(
     """
     op = "rope_cos_sin"
     check_int(op, "positions", positions)
-    _check_even_dim(op, "D", int(D))
-    if not base > 0:
-        raise ValueError(f"{op}: argument 'base' expected a value > 0, got {base}")
-    inv_freq = float(base) ** (-np.arange(0, D, 2, dtype=np.float64) / D)  # (D/2,)  (ROPE.1)
+    D = check_count(op, "D", D, 2)
+    if D % 2:
+        _fail(op, "D", "an even integer >= 2", D)
+    base = check_real(op, "base", base, lo=0.0, lo_open=True)
+    dtype = check_dtype_option(op, "dtype", dtype)
+    inv_freq = base ** (-np.arange(0, D, 2, dtype=np.float64) / D)  # (D/2,)  (ROPE.1)
     theta = positions.astype(np.float64)[..., None] * inv_freq  # (..., D/2)  (ROPE.1)
     return np.cos(theta).astype(dtype), np.sin(theta).astype(dtype)
 
@@ -70,7 +81,7 @@ def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, interleaved: bool) 
     x: (B, H, T, D), cos, sin: broadcastable to (B, H, T, D/2)  ->  (B, H, T, D)
     """
     x1, x2 = _pairs(x, interleaved)
-    y = np.empty_like(x)
+    y = np.empty(x.shape, x.dtype)  # C-contiguous whatever the layout of x
     y1, y2 = _pairs(y, interleaved)
     np.subtract(x1 * cos, x2 * sin, out=y1)  # (ROPE.3)
     np.add(x2 * cos, x1 * sin, out=y2)  # (ROPE.3)
@@ -79,16 +90,18 @@ def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, interleaved: bool) 
 
 def _positions(op: str, positions: Optional[np.ndarray], offset: int, B: int, T: int) -> np.ndarray:
     """Positions as (1 or B, 1, T): offset + arange(T), or the given array."""
+    offset = check_count(op, "offset", offset, 0)
     if positions is None:
-        return (int(offset) + np.arange(T, dtype=np.int64))[None, None, :]
+        return (offset + np.arange(T, dtype=np.int64))[None, None, :]
     check_int(op, "positions", positions)
     if offset != 0:
-        raise ValueError(f"{op}: argument 'offset' expected 0 when 'positions' is given, got {offset}")
+        _fail(op, "offset", "0 when 'positions' is given", offset)
     if positions.shape == (T,):
         return positions[None, None, :]
     if positions.shape == (B, T):
         return positions[:, None, :]
-    raise ValueError(f"{op}: argument 'positions' expected shape ({T},) or ({B}, {T}), got {tuple(positions.shape)}")
+    _fail(op, "positions", f"shape ({T},) or ({B}, {T}) (length, or batch and length, of 'x')",
+          tuple(positions.shape))
 
 
 def rope_forward(
@@ -107,11 +120,14 @@ def rope_forward(
     check_float(op, "x", x)
     check_ndim(op, "x", x, 4)
     B, H, T, D = x.shape
-    _check_even_dim(op, "x", D)
+    if D < 2 or D % 2:
+        _fail(op, "x", "an even size D >= 2 of the last axis", f"{D} (shape {tuple(x.shape)})")
+    base = check_real(op, "base", base, lo=0.0, lo_open=True)
+    interleaved = check_bool(op, "interleaved", interleaved)
     pos = _positions(op, positions, offset, B, T)  # (1 or B, 1, T)
     cos, sin = rope_cos_sin(pos, D, base, x.dtype)  # (1 or B, 1, T, D/2)  (ROPE.1)
     y = _rotate(x, cos, sin, interleaved)  # (ROPE.2), (ROPE.3)
-    return y, RopeCache(cos=cos, sin=sin, interleaved=bool(interleaved), shape=x.shape)
+    return y, RopeCache(cos=cos, sin=sin, interleaved=interleaved, shape=x.shape)
 
 
 def rope_backward(dy: np.ndarray, cache: RopeCache) -> np.ndarray:
@@ -120,11 +136,12 @@ def rope_backward(dy: np.ndarray, cache: RopeCache) -> np.ndarray:
     dy: (B, H, T, D)  ->  dx: (B, H, T, D)
     """
     op = f"{OP}_backward"
+    check_cache_type(op, cache, RopeCache)
     check_float(op, "dy", dy)
     if dy.shape != cache.shape:
-        raise ValueError(f"{op}: argument 'dy' expected shape {cache.shape}, got {tuple(dy.shape)}")
+        _fail(op, "dy", f"shape {tuple(cache.shape)} (that of the forward's 'x')", tuple(dy.shape))
     if dy.dtype != cache.cos.dtype:
-        raise ValueError(f"{op}: argument 'dy' expected dtype {cache.cos.dtype} (same as 'x'), got {dy.dtype}")
+        _fail(op, "dy", f"dtype {cache.cos.dtype} (that of the forward's 'x')", dy.dtype)
     return _rotate(dy, cache.cos, -cache.sin, cache.interleaved)  # (ROPE.5)
 
 

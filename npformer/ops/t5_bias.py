@@ -8,6 +8,11 @@ Derivation: ``proofs/t5_bias.md``. Shapes: ``table: (N, H)`` with ``N`` buckets 
 
 Buckets follow Hugging Face's ``T5Attention._relative_position_bucket`` exactly,
 including its float32 logarithm (T5.3).
+
+Options: ``Tq``, ``Tk`` and ``offset`` (the position of the first query) are integers
+>= 0 (an empty sequence gives an empty bias); the table needs at least 4 rows
+(bidirectional) or 2 (one-way), one exact bucket per sign, and ``max_distance`` must
+exceed the number of exact buckets.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import NamedTuple, Tuple
 
 import numpy as np
 
-from ._checks import check_float, check_int, check_ndim, check_shape
+from ._checks import _fail, check_bool, check_cache_type, check_count, check_float, check_int, check_ndim
 
 OP = "t5_bias"
 
@@ -29,10 +34,15 @@ class T5BiasCache(NamedTuple):
     dtype: np.dtype  # of the table, so dtable matches it
 
 
-def _check_count(op: str, name: str, n: object, lo: int) -> int:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < lo:
-        raise ValueError(f"{op}: argument '{name}' expected an integer >= {lo}, got {n!r}")
-    return int(n)
+def _min_buckets(bidirectional: bool) -> int:
+    """The fewest buckets the rule (T5.2), (T5.3) works with: one exact bucket per sign."""
+    return 4 if bidirectional else 2
+
+
+def _check_max_distance(op: str, max_distance: object, num_buckets: int, bidirectional: bool) -> int:
+    """max_distance M must exceed the e exact buckets of (T5.3), so that ln(M/e) > 0."""
+    n = num_buckets // 2 if bidirectional else num_buckets
+    return check_count(op, "max_distance", max_distance, n // 2 + 1)
 
 
 def t5_relative_bucket(
@@ -44,10 +54,11 @@ def t5_relative_bucket(
     """
     op = "t5_relative_bucket"
     check_int(op, "relative_position", relative_position)
-    N = _check_count(op, "num_buckets", num_buckets, 4 if bidirectional else 2)
+    bidirectional = check_bool(op, "bidirectional", bidirectional)
+    N = check_count(op, "num_buckets", num_buckets, _min_buckets(bidirectional))
+    max_distance = _check_max_distance(op, max_distance, N, bidirectional)
     n = N // 2 if bidirectional else N  # buckets per sign
     exact = n // 2  # distances 0 .. exact-1 get a bucket each
-    max_distance = _check_count(op, "max_distance", max_distance, exact + 1)
     r = relative_position.astype(np.int64)
 
     # (T5.2)  sign and distance
@@ -78,15 +89,21 @@ def t5_bias_forward(
 ) -> Tuple[np.ndarray, T5BiasCache]:
     """bias[0, h, i, j] = table[bucket(j - (offset + i)), h].
 
-    table: (N, H)  ->  bias: (1, H, Tq, Tk)
+    table: (N, H)  ->  bias: (1, H, Tq, Tk)  (empty when Tq or Tk is 0)
     """
     op = f"{OP}_forward"
     check_float(op, "table", table)
     check_ndim(op, "table", table, 2)
-    Tq = _check_count(op, "Tq", Tq, 1)
-    Tk = _check_count(op, "Tk", Tk, 1)
     N, H = table.shape
-    query_pos = int(offset) + np.arange(Tq)[:, None]  # (Tq, 1)
+    bidirectional = check_bool(op, "bidirectional", bidirectional)
+    if N < _min_buckets(bidirectional) or H < 1:
+        _fail(op, "table", f"shape (N, H) with N >= {_min_buckets(bidirectional)} buckets and H >= 1 heads",
+              tuple(table.shape))
+    max_distance = _check_max_distance(op, max_distance, N, bidirectional)
+    Tq = check_count(op, "Tq", Tq)
+    Tk = check_count(op, "Tk", Tk)
+    offset = check_count(op, "offset", offset)
+    query_pos = offset + np.arange(Tq)[:, None]  # (Tq, 1)
     key_pos = np.arange(Tk)[None, :]  # (1, Tk)
     relative = key_pos - query_pos  # (T5.1)  (Tq, Tk)
     buckets = t5_relative_bucket(relative, bidirectional=bidirectional, num_buckets=N, max_distance=max_distance)
@@ -100,12 +117,14 @@ def t5_bias_backward(dbias: np.ndarray, cache: T5BiasCache) -> np.ndarray:
     dbias: (1, H, Tq, Tk)  ->  dtable: (N, H)
     """
     op = f"{OP}_backward"
+    check_cache_type(op, cache, T5BiasCache)
     buckets, N, H, dtype = cache
     check_float(op, "dbias", dbias)
     Tq, Tk = buckets.shape
-    check_shape(op, "dbias", dbias, (1, H, Tq, Tk))
+    if dbias.shape != (1, H, Tq, Tk):
+        _fail(op, "dbias", f"shape {(1, H, Tq, Tk)} (that of the forward's bias)", tuple(dbias.shape))
     if dbias.dtype != dtype:
-        raise ValueError(f"{op}: argument 'dbias' expected dtype {dtype} (same as 'table'), got {dbias.dtype}")
+        _fail(op, "dbias", f"dtype {dtype} (that of the forward's 'table')", dbias.dtype)
     per_pair = dbias[0].reshape(H, Tq * Tk).T  # (Tq*Tk, H)
     dtable = np.zeros((N, H), dtype)
     np.add.at(dtable, buckets.reshape(-1), per_pair)  # (T5.5): unbuffered, pairs sharing a bucket add up

@@ -8,13 +8,8 @@ from kernels.twins.gpt import TwinGPT
 from npformer.debug import first_divergence
 from npformer.generate import generate
 from npformer.models.gpt import GPT, GPTConfig
-from tests.tolerances import assert_close
+from tests.tolerances import FINDER_ATOL, MODEL_RTOL, assert_close
 
-# A whole model sums many float64 round-offs: about 1e-9 relative, stated once here.
-MODEL_RTOL = 1e-9
-# Some gradients are zero in exact arithmetic (a key bias: softmax ignores a per-row shift): their
-# recorded values are round-off, about 1e-20 here, so the divergence finder also gets a floor.
-FINDER_ATOL = 1e-15
 TINY = dict(vocab_size=11, block_size=8, n_layer=2, n_head=2, d_model=12)
 
 

@@ -20,9 +20,8 @@ from npformer.models.gpt import GPT, Block, GPTConfig
 from npformer.nn.attention import MultiHeadAttention
 from npformer.nn.layers import Dropout, Embedding, LayerNorm, Linear, RMSNorm
 from npformer.nn.mlp import MLP, SwiGLUMLP
-from tests.models.test_gpt import MODEL_RTOL
 from tests.strategies import rngs
-from tests.tolerances import assert_close
+from tests.tolerances import MODEL_RTOL, assert_close
 
 D, B, T = 8, 2, 5
 

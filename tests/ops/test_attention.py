@@ -1,4 +1,7 @@
-"""Scaled dot-product attention: torch oracles, finite differences, the equations of proofs/attention.md."""
+"""Scaled dot-product attention: torch oracles, finite differences, the equations of proofs/attention.md,
+every memory layout of every input, float32 logits with huge offsets, empty sequences, bad input."""
+
+from typing import NamedTuple, Optional
 
 import numpy as np
 import pytest
@@ -12,24 +15,54 @@ from sympy.stats import Normal, variance
 
 from npformer import gradcheck
 from npformer.ops.attention import attention_backward, attention_forward, causal_mask
+from tests.badinput import (
+    ARRAY_KINDS,
+    DTYPE_KINDS,
+    NON_ARRAYS,
+    RANK_KINDS,
+    SHAPE_KINDS,
+    BAD_COUNTS,
+    BAD_FLAGS,
+    BAD_SCALES,
+    NOT_A_MASK,
+    other_float,
+    rejects_all,
+    corrupt,
+    expect_rejected,
+)
 from tests.oracle import backprop, leaf
-from tests.strategies import DTYPES, rngs
+from tests.strategies import DTYPES, in_layout, layouts, rngs
 from tests.tolerances import FD_RTOL, RTOL, assert_close
 
 SIZES = st.sampled_from([1, 2, 3, 5, 8])
+INPUTS = ("q", "k", "v", "dout", "bias", "pad")  # every array an attention call takes
+
+
+class Config(NamedTuple):
+    shape: tuple  # (B, H, Hkv, Tq, Tk, D)
+    causal: bool
+    pad: Optional[np.ndarray]  # (B, Tk) bool key padding mask, or None
+    bias_shape: Optional[tuple]
+    dtype: type
+    magnitude: float  # of q and k: sets the size of the logits
+    rng: np.random.Generator
+    layouts: dict  # input name -> memory layout it is passed in (tests.strategies.LAYOUTS)
+
+
+def layouts_of_inputs():
+    return st.fixed_dictionaries({name: layouts() for name in INPUTS})
 
 
 @st.composite
-def configs(draw, no_empty_rows=False):
-    """(B, H, Hkv, Tq, Tk, D), causal, padding mask, bias shape (or None), dtype, value scale, rng."""
+def configs(draw, no_empty_rows=False, dtypes=DTYPES):
     B = draw(st.sampled_from([1, 2]))
     Hkv = draw(st.sampled_from([1, 2, 3]))
     H = Hkv * draw(st.sampled_from([1, 2, 3]))  # G = 1: MHA; Hkv = 1: MQA; else GQA
     Tq, Tk, D = draw(SIZES), draw(SIZES), draw(st.sampled_from([1, 2, 3, 8]))
     causal = draw(st.booleans())
-    dtype = draw(DTYPES)
-    # Large logits in float64; float32 keeps moderate ones, where its 1e-4 bound is meaningful.
-    scale = draw(st.sampled_from([1e-2, 1.0, 3.0] if dtype == np.float32 else [1e-2, 1.0, 3.0, 30.0]))
+    dtype = draw(dtypes)
+    # Large logits in float64; float32 keeps moderate ones here (huge offsets: test_float32_logit_offsets).
+    magnitude = draw(st.sampled_from([1e-2, 1.0, 3.0] if dtype == np.float32 else [1e-2, 1.0, 3.0, 30.0]))
     rng = draw(rngs())
     pad = None
     if draw(st.booleans()):
@@ -42,13 +75,13 @@ def configs(draw, no_empty_rows=False):
     if draw(st.booleans()):
         full = (B, H, Tq, Tk)
         bias_shape = tuple(n if draw(st.booleans()) else 1 for n in full)
-    return (B, H, Hkv, Tq, Tk, D), causal, pad, bias_shape, dtype, scale, rng
+    return Config((B, H, Hkv, Tq, Tk, D), causal, pad, bias_shape, dtype, magnitude, rng, draw(layouts_of_inputs()))
 
 
-def make(shape, dtype, scale, rng, bias_shape=None):
+def make(shape, dtype, magnitude, rng, bias_shape=None):
     B, H, Hkv, Tq, Tk, D = shape
-    q = (rng.standard_normal((B, H, Tq, D)) * scale).astype(dtype)
-    k = (rng.standard_normal((B, Hkv, Tk, D)) * scale).astype(dtype)
+    q = (rng.standard_normal((B, H, Tq, D)) * magnitude).astype(dtype)
+    k = (rng.standard_normal((B, Hkv, Tk, D)) * magnitude).astype(dtype)
     v = rng.standard_normal((B, Hkv, Tk, D)).astype(dtype)
     dout = rng.standard_normal((B, H, Tq, D)).astype(dtype)
     bias = None if bias_shape is None else rng.standard_normal(bias_shape).astype(dtype)
@@ -65,11 +98,12 @@ def hidden_mask(B, Tq, Tk, causal, pad):
     return hidden
 
 
-def torch_plain(tq, tk, tv, tbias, hidden):
+def torch_plain(tq, tk, tv, tbias, hidden, attn_scale=None):
     """Attention written out in torch: repeat kv heads, mask, stable softmax (0 on empty rows), P V."""
     G = tq.shape[1] // tk.shape[1]
-    k_rep, v_rep = tk.repeat_interleave(G, dim=1), tv.repeat_interleave(G, dim=1)
-    s = tq @ k_rep.transpose(-1, -2) / np.sqrt(tq.shape[-1])
+    k_rep = tk.repeat_interleave(G, dim=1)
+    c = 1 / np.sqrt(tq.shape[-1]) if attn_scale is None else attn_scale
+    s = tq @ k_rep.transpose(-1, -2) * c
     if tbias is not None:
         s = s + tbias
     s = s.masked_fill(torch.from_numpy(hidden), -torch.inf)
@@ -80,12 +114,20 @@ def torch_plain(tq, tk, tv, tbias, hidden):
     return e / torch.where(total > 0, total, torch.ones_like(total))
 
 
-def run_ours(q, k, v, dout, bias, causal, pad):
-    out, cache = attention_forward(q, k, v, causal=causal, key_padding_mask=pad, bias=bias)
-    return (out, *attention_backward(dout, cache)), cache
+def in_layouts(layout_of, **arrays):
+    """Each array (None stays None) in the layout ``layout_of`` names for it (contiguous if not named)."""
+    return {name: None if x is None else in_layout(x, (layout_of or {}).get(name, "contiguous"))
+            for name, x in arrays.items()}
 
 
-def run_torch(q, k, v, dout, bias, causal, pad, *, sdpa):
+def run_ours(q, k, v, dout, bias, causal, pad, layout_of=None, attn_scale=None):
+    a = in_layouts(layout_of, q=q, k=k, v=v, dout=dout, bias=bias, pad=pad)
+    out, cache = attention_forward(a["q"], a["k"], a["v"], causal=causal, key_padding_mask=a["pad"], bias=a["bias"],
+                                   scale=attn_scale)
+    return (out, *attention_backward(a["dout"], cache)), cache
+
+
+def run_torch(q, k, v, dout, bias, causal, pad, *, sdpa, attn_scale=None):
     tq, tk, tv = leaf(q), leaf(k), leaf(v)
     tbias = None if bias is None else leaf(bias)
     hidden = hidden_mask(q.shape[0], q.shape[2], k.shape[2], causal, pad)
@@ -95,9 +137,9 @@ def run_torch(q, k, v, dout, bias, causal, pad, *, sdpa):
         mask = torch.from_numpy(~hidden)
         if tbias is not None:
             mask = tbias.masked_fill(~mask, -torch.inf)
-        out = F.scaled_dot_product_attention(tq, tk, tv, attn_mask=mask, enable_gqa=True)
+        out = F.scaled_dot_product_attention(tq, tk, tv, attn_mask=mask, enable_gqa=True, scale=attn_scale)
     else:
-        p = torch_plain(tq, tk, tv, tbias, hidden)
+        p = torch_plain(tq, tk, tv, tbias, hidden, attn_scale)
         G = q.shape[1] // k.shape[1]
         out = p @ tv.repeat_interleave(G, dim=1)
     leaves = (tq, tk, tv) + (() if tbias is None else (tbias,))
@@ -105,18 +147,18 @@ def run_torch(q, k, v, dout, bias, causal, pad, *, sdpa):
     return (out.detach().numpy(), *grads, *([None] if bias is None else []))
 
 
-def term_scales(q, k, v, dout, probs, bias_shape=None):
+def term_scales(q, k, v, dout, probs, bias_shape=None, attn_scale=None):
     """Size of the terms each result is summed from: round-off is relative to these (see test_layernorm)."""
     a = lambda x: float(np.max(np.abs(x.astype(np.float64)))) if x.size else 0.0  # noqa: E731
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    scale = 1 / np.sqrt(D)
+    c = 1 / np.sqrt(D) if attn_scale is None else attn_scale
     dp = a(dout) * a(v) * D  # bound on |dP| (ATT.5)
     col = probs.reshape(B, Hkv, -1, Tk).sum(2).max() if probs.size else 0.0  # most probability one key receives
     return {
         "out": a(v),
-        "dq": 2 * scale * dp * a(k),
-        "dk": 2 * scale * dp * a(q) * col,
+        "dq": 2 * c * dp * a(k),
+        "dk": 2 * c * dp * a(q) * col,
         "dv": a(dout) * col,
         "dbias": 2 * dp * (B * H * Tq * Tk // int(np.prod(bias_shape or (B, H, Tq, Tk)))),  # entries summed
     }
@@ -125,40 +167,42 @@ def term_scales(q, k, v, dout, probs, bias_shape=None):
 NAMES = ("out", "dq", "dk", "dv", "dbias")
 
 
-def compare(ours, oracle, cache, q, k, v, dout, dtype):
-    scales = term_scales(q, k, v, dout, cache.probs, cache.bias_shape)
+def compare(ours, oracle, cache, q, k, v, dout, dtype, attn_scale=None):
+    scales = term_scales(q, k, v, dout, cache.probs, cache.bias_shape, attn_scale)
     for name, a, b in zip(NAMES, ours, oracle):
         if b is None:
             assert a is None, name
             continue
         assert a.dtype == dtype, name
+        assert a.flags.c_contiguous, f"{name} is not C-contiguous"  # a fresh array, whatever the inputs' layout
         assert_close(a, b, scale=scales[name], what=name)
 
 
 @pytest.mark.derivation("ATT.3")
 @given(configs())
 def test_matches_plain_torch(config):
-    shape, causal, pad, bias_shape, dtype, scale, rng = config
-    q, k, v, dout, bias = make(shape, dtype, scale, rng, bias_shape)
-    ours, cache = run_ours(q, k, v, dout, bias, causal, pad)
+    """Every input (q, k, v, dout, bias, mask) in any memory layout: the same values as torch."""
+    shape, causal, pad, bias_shape, dtype, magnitude, rng, layout_of = config
+    q, k, v, dout, bias = make(shape, dtype, magnitude, rng, bias_shape)
+    ours, cache = run_ours(q, k, v, dout, bias, causal, pad, layout_of)
     compare(ours, run_torch(q, k, v, dout, bias, causal, pad, sdpa=False), cache, q, k, v, dout, dtype)
 
 
 @pytest.mark.derivation("ATT.3")
 @given(configs(no_empty_rows=True))
 def test_matches_torch_sdpa(config):
-    shape, causal, pad, bias_shape, dtype, scale, rng = config
-    q, k, v, dout, bias = make(shape, dtype, scale, rng, bias_shape)
-    ours, cache = run_ours(q, k, v, dout, bias, causal, pad)
+    shape, causal, pad, bias_shape, dtype, magnitude, rng, layout_of = config
+    q, k, v, dout, bias = make(shape, dtype, magnitude, rng, bias_shape)
+    ours, cache = run_ours(q, k, v, dout, bias, causal, pad, layout_of)
     compare(ours, run_torch(q, k, v, dout, bias, causal, pad, sdpa=True), cache, q, k, v, dout, dtype)
 
 
 @pytest.mark.derivation("ATT.2")
-@given(configs())
+@given(configs(dtypes=st.just(np.float64)))
 def test_probs_are_masked_softmax(config):
-    shape, causal, pad, bias_shape, _, scale, rng = config
-    q, k, v, dout, bias = make(shape, np.float64, scale, rng, bias_shape)
-    _, cache = attention_forward(q, k, v, causal=causal, key_padding_mask=pad, bias=bias)
+    shape, causal, pad, bias_shape, _, magnitude, rng, layout_of = config
+    q, k, v, dout, bias = make(shape, np.float64, magnitude, rng, bias_shape)
+    _, cache = run_ours(q, k, v, dout, bias, causal, pad, layout_of)
     hidden = hidden_mask(q.shape[0], q.shape[2], k.shape[2], causal, pad)
     expected = torch_plain(leaf(q), leaf(k), leaf(v), None if bias is None else leaf(bias), hidden).detach().numpy()
     assert_close(cache.probs, expected, scale=1.0, what="probs")
@@ -168,19 +212,13 @@ def test_probs_are_masked_softmax(config):
     assert_close(row_sums, np.where(empty, 0.0, 1.0), scale=1.0, what="rows sum to 1, or 0 when fully masked")
 
 
-@st.composite
-def f64_configs(draw):
-    shape, causal, pad, bias_shape, _, scale, rng = draw(configs())
-    return shape, causal, pad, bias_shape, np.float64, scale, rng
-
-
 @pytest.mark.derivation("ATT.4")
 @pytest.mark.derivation("ATT.12")
-@given(f64_configs())
+@given(configs(dtypes=st.just(np.float64)))
 def test_dv_is_probs_transposed_times_dout_summed_over_group(config):
-    shape, causal, pad, bias_shape, dtype, scale, rng = config
-    q, k, v, dout, bias = make(shape, dtype, scale, rng, bias_shape)
-    (_, _, _, dv, _), cache = run_ours(q, k, v, dout, bias, causal, pad)
+    shape, causal, pad, bias_shape, dtype, magnitude, rng, layout_of = config
+    q, k, v, dout, bias = make(shape, dtype, magnitude, rng, bias_shape)
+    (_, _, _, dv, _), cache = run_ours(q, k, v, dout, bias, causal, pad, layout_of)
     B, H, Hkv = shape[:3]
     per_head = cache.probs.swapaxes(-1, -2) @ dout  # (B, H, Tk, D): P_h^T dO_h   (ATT.4)
     expected = per_head.reshape(B, Hkv, H // Hkv, *per_head.shape[2:]).sum(2)  # (ATT.12)
@@ -198,14 +236,14 @@ def logits_gradient(q, k, v, dout, bias, causal, pad):
 
 
 @pytest.mark.derivation("ATT.7")
-@given(f64_configs())
+@given(configs(dtypes=st.just(np.float64)))
 def test_ds_formula(config):
     """dS = P * (dP - rowsum(dP * P)): with a full-shape bias, dbias is exactly dS."""
-    shape, causal, pad, _, dtype, scale, rng = config
-    q, k, v, dout, _ = make(shape, dtype, scale, rng)
+    shape, causal, pad, _, dtype, magnitude, rng, layout_of = config
+    q, k, v, dout, _ = make(shape, dtype, magnitude, rng)
     B, H, Hkv, Tq, Tk, D = shape
     bias = rng.standard_normal((B, H, Tq, Tk))
-    (_, _, _, _, dbias), cache = run_ours(q, k, v, dout, bias, causal, pad)
+    (_, _, _, _, dbias), cache = run_ours(q, k, v, dout, bias, causal, pad, layout_of)
     p = cache.probs
     dp = dout @ np.repeat(v, H // Hkv, axis=1).swapaxes(-1, -2)  # (ATT.5)
     ds = p * (dp - (dp * p).sum(-1, keepdims=True))  # (ATT.7)
@@ -216,31 +254,32 @@ def test_ds_formula(config):
 
 @pytest.mark.derivation("ATT.8")
 @pytest.mark.derivation("ATT.9")
-@given(f64_configs())
-def test_dq_dk_formulas(config):
-    shape, causal, pad, bias_shape, dtype, scale, rng = config
-    q, k, v, dout, bias = make(shape, dtype, scale, rng, bias_shape)
-    (_, dq, dk, _, _), cache = run_ours(q, k, v, dout, bias, causal, pad)
+@given(configs(dtypes=st.just(np.float64)), st.sampled_from([None, 0.3, 2.0]))
+def test_dq_dk_formulas(config, attn_scale):
+    shape, causal, pad, bias_shape, dtype, magnitude, rng, layout_of = config
+    q, k, v, dout, bias = make(shape, dtype, magnitude, rng, bias_shape)
+    (_, dq, dk, _, _), cache = run_ours(q, k, v, dout, bias, causal, pad, layout_of, attn_scale)
     B, H, Hkv, Tq, Tk, D = shape
-    G, c = H // Hkv, 1 / np.sqrt(D)
+    G, c = H // Hkv, 1 / np.sqrt(D) if attn_scale is None else attn_scale
+    assert cache.scale == c
     p = cache.probs
     dp = dout @ np.repeat(v, G, axis=1).swapaxes(-1, -2)
     ds = p * (dp - (dp * p).sum(-1, keepdims=True))
-    scales = term_scales(q, k, v, dout, p)
+    scales = term_scales(q, k, v, dout, p, attn_scale=c)
     assert_close(dq, c * ds @ np.repeat(k, G, axis=1), scale=scales["dq"], what="dq vs (ATT.8)")
     dk_heads = c * ds.swapaxes(-1, -2) @ q  # (B, H, Tk, D)
     assert_close(dk, dk_heads.reshape(B, Hkv, G, Tk, D).sum(2), scale=scales["dk"], what="dk vs (ATT.9)")
 
 
 @pytest.mark.derivation("ATT.10")
-@given(f64_configs())
+@given(configs(dtypes=st.just(np.float64)))
 def test_dbias_sums_over_broadcast_axes(config):
-    shape, causal, pad, _, dtype, scale, rng = config
+    shape, causal, pad, _, dtype, magnitude, rng, layout_of = config
     B, H, Hkv, Tq, Tk, D = shape
-    q, k, v, dout, _ = make(shape, dtype, scale, rng)
+    q, k, v, dout, _ = make(shape, dtype, magnitude, rng)
     for bias_shape in [(1, 1, 1, 1), (B, 1, Tq, Tk), (1, H, Tq, Tk), (1, H, 1, Tk), (B, H, Tq, Tk)]:
         bias = rng.standard_normal(bias_shape)
-        (_, _, _, _, dbias), cache = run_ours(q, k, v, dout, bias, causal, pad)
+        (_, _, _, _, dbias), cache = run_ours(q, k, v, dout, bias, causal, pad, layout_of)
         ds = logits_gradient(q, k, v, dout, bias, causal, pad)
         axes = tuple(a for a, n in enumerate(bias_shape) if n == 1)
         assert dbias.shape == bias_shape
@@ -249,6 +288,7 @@ def test_dbias_sums_over_broadcast_axes(config):
 
 
 @pytest.mark.derivation("ATT.6")
+@pytest.mark.derivation("ATT.7")
 def test_softmax_jacobian_symbolic():
     n = 3
     s = sp.symbols(f"s0:{n}", real=True)
@@ -324,6 +364,91 @@ def test_huge_logits_stay_finite(dtype):
     assert_close(cache.probs[0, 0, :, 0], [1.0, 1.0], scale=1.0, what="one-hot on the largest logit")
 
 
+# -- float32 logits with a huge common offset --------------------------------------------------
+
+
+class OffsetCase(NamedTuple):
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    dout: np.ndarray
+    causal: bool
+    exponent: int  # the logits are 2**exponent + d_ij
+
+
+@st.composite
+def offset_cases(draw):
+    """float32 inputs whose logits (scale 1) float32 holds exactly: c + d_ij with a common offset
+    c = 2**e, e up to 120, through q . k. For e <= 20 the differences d_ij are multiples of 1/4 in
+    [-2, 2] (a softmax of O(1) logits sitting on a huge offset); beyond, every row is a row of equal
+    scores. Causal with Tq > Tk adds rows that see no key. The float64 oracle sees the same values."""
+    B, Hkv, G = draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2]))
+    Tq, Tk = draw(st.sampled_from([1, 2, 3, 5, 8])), draw(st.sampled_from([1, 2, 3, 5, 8]))
+    e = draw(st.sampled_from([0, 10, 20, 40, 80, 120]))
+    rng = draw(rngs())
+    H, D = Hkv * G, 3
+    q = np.zeros((B, H, Tq, D), np.float32)
+    k = np.zeros((B, Hkv, Tk, D), np.float32)
+    q[..., 0] = k[..., 0] = 2.0 ** (e // 2)
+    if e <= 20:
+        q[..., 1:] = rng.integers(-2, 3, size=(B, H, Tq, 2)) / 2
+        k[..., 1:] = rng.integers(-2, 3, size=(B, Hkv, Tk, 2)) / 2
+    v = rng.standard_normal((B, Hkv, Tk, D)).astype(np.float32)
+    dout = rng.standard_normal((B, H, Tq, D)).astype(np.float32)
+    return OffsetCase(q, k, v, dout, draw(st.booleans()), e)
+
+
+@pytest.mark.derivation("ATT.2")
+@given(offset_cases())
+def test_float32_logit_offsets(case):
+    """The row maximum is subtracted exactly: float32 probabilities and gradients are those of float64."""
+    q, k, v, dout, causal, e = case
+    ours, cache = run_ours(q, k, v, dout, None, causal, None, attn_scale=1.0)
+    for x in ours[:4]:
+        assert np.all(np.isfinite(x))
+    oracle = run_torch(q, k, v, dout, None, causal, None, sdpa=False, attn_scale=1.0)
+    compare(ours, oracle, cache, q, k, v, dout, np.float32, attn_scale=1.0)
+    if e > 20:  # rows of equal scores: P is exactly uniform over the visible keys
+        visible = ~hidden_mask(q.shape[0], q.shape[2], k.shape[2], causal, None)
+        counts = visible.sum(-1, keepdims=True)
+        expected = np.where(visible, 1.0 / np.maximum(counts, 1), 0.0)
+        assert_close(cache.probs, np.broadcast_to(expected, cache.probs.shape), scale=1.0, what="uniform rows")
+
+
+# -- empty sequences ---------------------------------------------------------------------------
+
+
+@st.composite
+def empty_configs(draw):
+    """Tq = 0 or Tk = 0 (or both), with the other options drawn as usual."""
+    config = draw(configs())
+    B, H, Hkv, Tq, Tk, D = config.shape
+    Tq, Tk = draw(st.sampled_from([(0, Tk), (Tq, 0), (0, 0)]))
+    bias_shape = None if config.bias_shape is None else config.bias_shape[:2] + (
+        Tq if config.bias_shape[2] > 1 else 1, Tk if config.bias_shape[3] > 1 else 1)
+    pad = None if config.pad is None else np.zeros((B, Tk), bool)
+    return config._replace(shape=(B, H, Hkv, Tq, Tk, D), pad=pad, bias_shape=bias_shape)
+
+
+@pytest.mark.derivation("ATT.11")
+@given(empty_configs())
+def test_empty_sequences(config):
+    """Tq = 0: empty output and dq, zero dk, dv. Tk = 0: every row sees no key, so (ATT.11) gives out = 0, dq = 0."""
+    shape, causal, pad, bias_shape, dtype, magnitude, rng, layout_of = config
+    B, H, Hkv, Tq, Tk, D = shape
+    q, k, v, dout, bias = make(shape, dtype, magnitude, rng, bias_shape)
+    (out, dq, dk, dv, dbias), cache = run_ours(q, k, v, dout, bias, causal, pad, layout_of)
+    assert out.shape == dq.shape == (B, H, Tq, D) and dk.shape == dv.shape == (B, Hkv, Tk, D)
+    assert cache.probs.shape == (B, H, Tq, Tk)
+    assert all(x.dtype == dtype for x in (out, dq, dk, dv))
+    for x in (out, dq, dk, dv) + (() if dbias is None else (dbias,)):
+        assert np.all(x == 0)  # empty, or zero by (ATT.11)
+    assert (dbias is None) == (bias is None) and (dbias is None or dbias.shape == bias_shape)
+
+
+# -- finite differences, worked cases ------------------------------------------------------------
+
+
 # Tk >= 2 so that no softmax is over a single key (whose dq is round-off around zero).
 @given(st.sampled_from([(1, 2, 1), (2, 2, 2), (1, 3, 3)]), st.sampled_from([2, 3, 5]), st.sampled_from([2, 3, 5]),
        st.booleans(), st.booleans(), rngs())
@@ -371,35 +496,71 @@ def test_float32_stays_float32_on_the_hot_path_shape():
     assert RTOL[out.dtype] == 1e-4
 
 
-Q, KV = np.ones((2, 4, 3, 5)), np.ones((2, 2, 6, 5))
+# -- bad input -----------------------------------------------------------------------------------
+
+# Bad scalar options, shared by the attention and position test files.
+@st.composite
+def valid_calls(draw):
+    """Valid arguments of attention_forward (Tk >= 1, a full-shape bias) and a matching dout."""
+    B, Hkv, G = draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 3]))
+    Tq, Tk, D, dtype, rng = draw(SIZES), draw(SIZES), draw(st.sampled_from([1, 4])), draw(DTYPES), draw(rngs())
+    q, k, v, dout, bias = make((B, Hkv * G, Hkv, Tq, Tk, D), dtype, 1.0, rng, (B, Hkv * G, Tq, Tk))
+    args = {"q": q, "k": k, "v": v, "key_padding_mask": rng.random((B, Tk)) < 0.3, "bias": bias}
+    return args, dout
 
 
-@pytest.mark.parametrize(
-    "args, kwargs, message",
-    [
-        ((Q, KV, KV[:, :, :, :4]), {}, "attention_forward: argument 'v' expected shape (2, 2, 6, 5), got (2, 2, 6, 4)"),
-        ((Q[0], KV, KV), {}, "argument 'q' expected 4 dimensions, got 3"),
-        ((Q, KV[:, :, :, :4], KV), {}, "argument 'k' expected shape (2, *, *, 5), got (2, 2, 6, 4)"),
-        ((Q, np.ones((2, 3, 6, 5)), np.ones((2, 3, 6, 5))), {}, "argument 'k' expected a number of heads dividing q's H = 4, got 3"),
-        ((Q.astype(np.float32), KV, KV), {}, "argument 'k' expected dtype float32 (same as 'q'), got float64"),
-        ((Q.astype(np.int64), KV, KV), {}, "argument 'q' expected dtype float32 or float64, got int64"),
-        ((Q, KV, KV), {"key_padding_mask": np.zeros((2, 6))}, "argument 'key_padding_mask' expected dtype bool, got float64"),
-        ((Q, KV, KV), {"key_padding_mask": np.zeros((2, 5), bool)}, "argument 'key_padding_mask' expected shape (2, 6), got (2, 5)"),
-        ((Q, KV, KV), {"bias": np.ones((4, 3, 6))}, "argument 'bias' expected 4-D shape with each dimension 1 or equal to (2, 4, 3, 6), got (4, 3, 6)"),
-        ((Q, KV, KV), {"bias": np.ones((1, 2, 3, 6))}, "argument 'bias' expected 4-D shape"),
-        ((Q, KV, KV), {"bias": np.ones((1, 1, 1, 6), np.float32)}, "argument 'bias' expected dtype float64 (same as 'q')"),
-        ((list(Q), KV, KV), {}, "argument 'q' expected a numpy.ndarray, got list"),
-    ],
-)
-def test_bad_input_is_named(args, kwargs, message):
-    with pytest.raises(ValueError) as err:
-        attention_forward(*args, **kwargs)
-    assert message in str(err.value)
+def call_forward(args, name, value):
+    given_args = {**args, name: value}
+    return attention_forward(given_args["q"], given_args["k"], given_args["v"],
+                             **{n: given_args[n] for n in ("key_padding_mask", "bias", "causal", "scale")
+                                if n in given_args})
 
 
-def test_backward_rejects_wrong_dout():
-    _, cache = attention_forward(Q, KV, KV)
-    with pytest.raises(ValueError, match=r"attention_backward: argument 'dout' expected shape \(2, 4, 3, 5\), got \(2, 4, 3, 4\)"):
-        attention_backward(np.ones((2, 4, 3, 4)), cache)
-    with pytest.raises(ValueError, match="argument 'dout' expected dtype float64"):
-        attention_backward(Q.astype(np.float32), cache)
+@pytest.mark.parametrize("name", ["q", "k", "v", "key_padding_mask", "bias"])
+@given(valid_calls())
+def test_forward_rejects_bad_arrays(name, call):
+    args, _ = call
+    dtype = args["q"].dtype
+    kinds = {"key_padding_mask": NOT_A_MASK,
+             "bias": tuple(k for k in ARRAY_KINDS if k != "none") + (other_float(dtype),)}.get(
+        name, ARRAY_KINDS + (other_float(dtype),))
+    rejects_all(lambda bad: call_forward(args, name, bad), "attention_forward", name,
+                [corrupt(args[name], kind) for kind in kinds])
+
+
+@pytest.mark.parametrize("name, bad_values", [("causal", BAD_FLAGS), ("scale", BAD_SCALES)])
+@given(valid_calls())
+def test_forward_rejects_bad_options(name, bad_values, call):
+    args, _ = call
+    rejects_all(lambda bad: call_forward(args, name, bad), "attention_forward", name, bad_values)
+
+
+@given(valid_calls())
+def test_forward_rejects_heads_that_do_not_divide(call):
+    args, _ = call
+    q, k, v = args["q"], args["k"], args["v"]
+    H = q.shape[1]
+    k3, v3 = (np.concatenate([x] * (H + 1), axis=1) for x in (k, v))  # H + 1 kv heads never divide H
+    expect_rejected(lambda: attention_forward(q, k3[:, : H + 1], v3[:, : H + 1]), "attention_forward", "k")
+    expect_rejected(lambda: attention_forward(q[..., :0], k[..., :0], v[..., :0]), "attention_forward", "q")
+
+
+@pytest.mark.parametrize("name", ["dout", "cache"])
+@given(valid_calls())
+def test_backward_rejects_bad_input(name, call):
+    args, dout = call
+    _, cache = call_forward(args, "causal", True)
+    if name == "dout":
+        bad_values = [corrupt(dout, kind) for kind in ARRAY_KINDS + (other_float(dout.dtype),)]
+        rejects_all(lambda bad: attention_backward(bad, cache), "attention_backward", "dout", bad_values)
+    else:
+        bad_values = [None, tuple(cache), list(cache), cache._asdict(), "cache", dout]
+        rejects_all(lambda bad: attention_backward(dout, bad), "attention_backward", "cache", bad_values)
+
+
+@pytest.mark.parametrize("name", ["Tq", "Tk"])
+@given(SIZES, SIZES)
+def test_causal_mask_rejects_bad_sizes(name, Tq, Tk):
+    sizes = {"Tq": Tq, "Tk": Tk}
+    rejects_all(lambda bad: causal_mask(**{**sizes, name: bad}), "causal_mask", name, BAD_COUNTS)
+    assert causal_mask(**sizes).shape == (Tq, Tk)

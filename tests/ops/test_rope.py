@@ -9,8 +9,22 @@ from hypothesis import strategies as st
 
 from npformer import gradcheck
 from npformer.ops.rope import rope_backward, rope_cos_sin, rope_forward
+from npformer.ops.rope import RopeCache
+from tests.badinput import (
+    ARRAY_KINDS,
+    BAD_BASES,
+    BAD_COUNTS,
+    BAD_DTYPES,
+    BAD_EVEN_DIMS,
+    BAD_FLAGS,
+    DTYPE_KINDS,
+    NON_ARRAYS,
+    corrupt,
+    other_float,
+    rejects_all,
+)
 from tests.oracle import backprop, leaf
-from tests.strategies import DTYPES, SCALES, SIDES, randn, rngs
+from tests.strategies import DTYPES, SCALES, SIDES, in_layout, layouts, randn, rngs
 from tests.tolerances import FD_RTOL, assert_close
 
 HEAD_DIMS = st.sampled_from([2, 4, 6, 8, 16])
@@ -49,14 +63,21 @@ def torch_rope(x, pos, base, interleaved):
     return (torch_rope_interleaved if interleaved else torch_rope_half)(x, pos, base)
 
 
-def run_both(x, dy, *, base=10000.0, offset=0, positions=None, interleaved=False):
-    y, cache = rope_forward(x, base=base, offset=offset, positions=positions, interleaved=interleaved)
-    dx = rope_backward(dy, cache)
+def run_both(x, dy, *, base=10000.0, offset=0, positions=None, interleaved=False, layout_of=None):
+    """Ours (every array in the layout ``layout_of`` names for it) and the torch oracle."""
+    lay = lambda name, a: a if a is None or layout_of is None else in_layout(a, layout_of[name])  # noqa: E731
+    y, cache = rope_forward(lay("x", x), base=base, offset=offset, positions=lay("positions", positions),
+                            interleaved=interleaved)
+    dx = rope_backward(lay("dy", dy), cache)
+    assert y.flags.c_contiguous and dx.flags.c_contiguous  # fresh arrays, whatever the inputs' layout
     pos = torch.arange(x.shape[2]) + offset if positions is None else torch.from_numpy(positions)
     tx = leaf(x)
     ty = torch_rope(tx, pos, base, interleaved)
     (tdx,) = backprop(ty, dy, tx)
     return (y, dx), (ty.detach().numpy(), tdx)
+
+
+LAYOUTS_OF_INPUTS = st.fixed_dictionaries({name: layouts() for name in ("x", "dy", "positions")})
 
 
 @st.composite
@@ -108,17 +129,17 @@ def test_rotation_matrix_form(D, interleaved, offset, rng):
 
 
 @pytest.mark.derivation("ROPE.3")
-@given(rope_inputs(), st.booleans(), OFFSETS, BASES)
-def test_rope_matches_torch(inputs, interleaved, offset, base):
+@given(rope_inputs(), st.booleans(), OFFSETS, BASES, LAYOUTS_OF_INPUTS)
+def test_rope_matches_torch(inputs, interleaved, offset, base, layout_of):
     x, dy, _ = inputs
-    (y, dx), (ty, tdx) = run_both(x, dy, base=base, offset=offset, interleaved=interleaved)
+    (y, dx), (ty, tdx) = run_both(x, dy, base=base, offset=offset, interleaved=interleaved, layout_of=layout_of)
     assert y.dtype == dx.dtype == x.dtype
     assert_close(y, ty, scale=np.abs(x).max(), what="y")
 
 
 @pytest.mark.derivation("ROPE.3")
-@given(rope_inputs(), st.booleans(), rngs())
-def test_positions_and_offset(inputs, interleaved, rng):
+@given(rope_inputs(), st.booleans(), rngs(), LAYOUTS_OF_INPUTS)
+def test_positions_and_offset(inputs, interleaved, rng, layout_of):
     x, dy, _ = inputs
     B, H, T, D = x.shape
     # explicit (T,) positions equal to offset + arange(T) give the offset result
@@ -127,7 +148,7 @@ def test_positions_and_offset(inputs, interleaved, rng):
     np.testing.assert_array_equal(y_pos, y_off)
     # per-batch (B, T) positions, any order, vs torch; and row b equals a (T,) call with positions[b]
     positions = rng.integers(0, 4096, size=(B, T))
-    (y, dx), (ty, tdx) = run_both(x, dy, positions=positions, interleaved=interleaved)
+    (y, dx), (ty, tdx) = run_both(x, dy, positions=positions, interleaved=interleaved, layout_of=layout_of)
     assert_close(y, ty, scale=np.abs(x).max(), what="y with (B, T) positions")
     assert_close(dx, tdx, scale=np.abs(dy).max(), what="dx with (B, T) positions")
     for b in range(B):
@@ -156,10 +177,10 @@ def test_orthogonality_symbolic():
 
 
 @pytest.mark.derivation("ROPE.5")
-@given(rope_inputs(), st.booleans(), OFFSETS)
-def test_backward_matches_torch(inputs, interleaved, offset):
+@given(rope_inputs(), st.booleans(), OFFSETS, LAYOUTS_OF_INPUTS)
+def test_backward_matches_torch(inputs, interleaved, offset, layout_of):
     x, dy, _ = inputs
-    (y, dx), (ty, tdx) = run_both(x, dy, offset=offset, interleaved=interleaved)
+    (y, dx), (ty, tdx) = run_both(x, dy, offset=offset, interleaved=interleaved, layout_of=layout_of)
     assert dx.dtype == x.dtype
     assert_close(dx, tdx, scale=np.abs(dy).max(), what="dx")
 
@@ -229,37 +250,67 @@ def test_conventions_differ_by_permutation(inputs, offset):
     assert_close(back, y_int, scale=np.abs(x).max(), what="P^T rope_half(P x)")
 
 
-# ---------------------------------------------------------------- input checks
+# ---------------------------------------------------------------- bad input
+
+NOT_POSITIONS = tuple(k for k in NON_ARRAYS if k != "none") + ("bool", "float16", "float32", "float64", "complex128",
+                                                               "object", "rank+1", "rank-1", "last+1", "first+1")
 
 
-@pytest.mark.parametrize(
-    "x, kwargs, message",
-    [
-        (np.ones((1, 1, 2, 5)), {}, "rope_forward: argument 'x' expected an even size D >= 2 of the last axis, got 5"),
-        (np.ones((1, 2, 4)), {}, "rope_forward: argument 'x' expected 4 dimensions, got 3"),
-        (np.ones((1, 1, 2, 4), np.int64), {}, "argument 'x' expected dtype float32 or float64, got int64"),
-        (np.ones((2, 1, 3, 4)), {"positions": np.arange(4)}, "argument 'positions' expected shape (3,) or (2, 3), got (4,)"),
-        (np.ones((2, 1, 3, 4)), {"positions": np.ones(3)}, "argument 'positions' expected an integer dtype, got float64"),
-        (np.ones((2, 1, 3, 4)), {"positions": np.arange(3), "offset": 2}, "argument 'offset' expected 0 when 'positions'"),
-    ],
-)
-def test_bad_input_is_named(x, kwargs, message):
-    with pytest.raises(ValueError) as err:
-        rope_forward(x, **kwargs)
-    assert message in str(err.value)
+@st.composite
+def valid_calls(draw):
+    """x (B >= 2 so that (B, T) positions differ from (T,) ones), dy, (B, T) positions."""
+    B, H, T, D = draw(st.sampled_from([2, 3])), draw(st.sampled_from([1, 2])), draw(SIDES), draw(HEAD_DIMS)
+    dtype, rng = draw(DTYPES), draw(rngs())
+    return randn(rng, (B, H, T, D), dtype), randn(rng, (B, H, T, D), dtype), rng.integers(-5, 100, size=(B, T))
 
 
-def test_backward_rejects_wrong_dy():
-    _, cache = rope_forward(np.ones((1, 1, 3, 4)))
-    with pytest.raises(ValueError, match=r"rope_backward: argument 'dy' expected shape \(1, 1, 3, 4\), got \(1, 1, 3, 2\)"):
-        rope_backward(np.ones((1, 1, 3, 2)), cache)
-    with pytest.raises(ValueError, match=r"argument 'dy' expected dtype float64 \(same as 'x'\), got float32"):
-        rope_backward(np.ones((1, 1, 3, 4), np.float32), cache)
+@given(valid_calls())
+def test_forward_rejects_bad_x(call):
+    x, _, _ = call
+    kinds = tuple(k for k in ARRAY_KINDS if k != "first+1")  # a larger batch is a valid x; last+1: an odd D
+    rejects_all(lambda bad: rope_forward(bad), "rope_forward", "x", [corrupt(x, kind) for kind in kinds])
 
 
-def test_cos_sin_rejects_odd_dim():
-    with pytest.raises(ValueError, match=r"rope_cos_sin: argument 'D' expected an even size D >= 2"):
-        rope_cos_sin(np.arange(3), 3)
+@given(valid_calls())
+def test_forward_rejects_bad_positions(call):
+    x, _, positions = call
+    rejects_all(lambda bad: rope_forward(x, positions=bad), "rope_forward", "positions",
+                [corrupt(positions, kind) for kind in NOT_POSITIONS])
+
+
+@pytest.mark.parametrize("name, bad_values", [("offset", BAD_COUNTS), ("base", BAD_BASES),
+                                              ("interleaved", BAD_FLAGS)])
+@given(valid_calls())
+def test_forward_rejects_bad_options(name, bad_values, call):
+    x, _, positions = call
+    rejects_all(lambda bad: rope_forward(x, **{name: bad}), "rope_forward", name, bad_values)
+    if name == "offset":  # positions and an offset together: one or the other
+        rejects_all(lambda bad: rope_forward(x, positions=positions, offset=bad), "rope_forward", "offset", [1, 7])
+
+
+@pytest.mark.parametrize("name", ["dy", "cache"])
+@given(valid_calls())
+def test_backward_rejects_bad_input(name, call):
+    x, dy, _ = call
+    _, cache = rope_forward(x, offset=3)
+    if name == "dy":
+        bad_values = [corrupt(dy, kind) for kind in ARRAY_KINDS + (other_float(dy.dtype),)]
+        rejects_all(lambda bad: rope_backward(bad, cache), "rope_backward", "dy", bad_values)
+    else:
+        bad_values = [None, tuple(cache), list(cache), cache._asdict(), dy]
+        rejects_all(lambda bad: rope_backward(dy, bad), "rope_backward", "cache", bad_values)
+    assert isinstance(cache, RopeCache)
+
+
+@pytest.mark.parametrize("name, bad_values", [("D", BAD_EVEN_DIMS), ("base", BAD_BASES), ("dtype", BAD_DTYPES)])
+@given(valid_calls())
+def test_cos_sin_rejects_bad_options(name, bad_values, call):
+    _, _, positions = call
+    arguments = {"D": 4, "base": 10000.0, "dtype": np.float32}
+    rejects_all(lambda bad: rope_cos_sin(positions, **{**arguments, name: bad}), "rope_cos_sin", name, bad_values)
+    integer_kinds = ("int64", "int32", "uint8")
+    not_integers = [corrupt(positions, kind) for kind in NON_ARRAYS + DTYPE_KINDS if kind not in integer_kinds]
+    rejects_all(lambda bad: rope_cos_sin(bad, **arguments), "rope_cos_sin", "positions", not_integers)
 
 
 def test_float32_stays_float32():
