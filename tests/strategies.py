@@ -34,7 +34,7 @@ LAYOUTS = ("contiguous", "fortran", "transposed", "strided", "reversed", "readon
 
 def in_layout(x: np.ndarray, layout: str) -> np.ndarray:
     """``x``'s values in the memory layout named ``layout`` (a view where it can be)."""
-    x = np.ascontiguousarray(x)
+    x = np.ascontiguousarray(x) if np.ndim(x) else np.array(x)  # ascontiguousarray makes a 0-d array 1-d
     if layout == "contiguous":
         return x
     if layout == "fortran":

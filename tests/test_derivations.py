@@ -1,6 +1,6 @@
-"""Keep proofs/, the code and the tests in step.
+r"""Keep proofs/, the code and the tests in step.
 
-- A label is *defined* where a document in proofs/ tags an equation with it: ``\\tag*{(LN.4)}``.
+- A label is *defined* where a document in proofs/ tags an equation with it: ``\tag*{(LN.4)}``.
 - Every label listed in a document's "## Results" section has a test marked
   ``@pytest.mark.derivation("LN.4")``.
 - Every label cited in code (every label on a ``#`` comment, ``# (LN.4), (LN.5)``),

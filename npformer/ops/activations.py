@@ -2,8 +2,10 @@
 
 Derivation: ``proofs/activations.md``; each line of a backward cites the
 equation it implements. Every op here acts on each element on its own, so any
-shape works: ``x: (...)`` (in a transformer MLP, ``(B, T, F)`` with ``F`` the
-hidden width). The gated units take two arrays of one identical shape.
+shape works, empty included (empty in, empty out): ``x: (...)`` (in a transformer
+MLP, ``(B, T, F)`` with ``F`` the hidden width). The gated units take two arrays of
+one identical shape and dtype; every backward takes ``dy`` of its forward input's
+shape and dtype.
 
     relu    y = max(x, 0)
     gelu    y = x Phi(x)                       approximate="none"  (exact, with erf)
@@ -27,7 +29,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from ._checks import _fail, check_float, check_same_dtype, check_same_shape, check_shape
+from ._checks import _fail, check_cache_type, check_float, check_same_dtype_as, check_same_shape, check_shape
 
 APPROXIMATIONS = ("none", "tanh")
 
@@ -112,15 +114,14 @@ def erfc(x: np.ndarray) -> np.ndarray:
 
 
 def _check_approximate(op: str, approximate: object) -> None:
-    if approximate not in APPROXIMATIONS:
+    if not isinstance(approximate, str) or approximate not in APPROXIMATIONS:
         _fail(op, "approximate", "'none' or 'tanh'", repr(approximate))
 
 
 def _check_dy(op: str, dy: np.ndarray, like: np.ndarray, like_name: str = "x") -> None:
     """The upstream gradient must be a float array of the forward input's shape and dtype."""
-    check_float(op, "dy", dy)
+    check_same_dtype_as(op, "dy", dy, like.dtype, like_name)
     check_shape(op, "dy", dy, like.shape)
-    check_same_dtype(op, like_name, like, dy=dy)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -152,6 +153,7 @@ def relu_forward(x: np.ndarray) -> Tuple[np.ndarray, ReluCache]:
 
 def relu_backward(dy: np.ndarray, cache: ReluCache) -> np.ndarray:
     """dx = dy where x > 0, else 0 (ACT.5); the kink x = 0 gets 0, as in torch.  dy: (...) -> dx: (...)"""
+    check_cache_type("relu_backward", cache, ReluCache)
     x = cache.x
     _check_dy("relu_backward", dy, x)
     dx = np.where(x > 0, dy, np.zeros((), dy.dtype))  # (ACT.5)
@@ -184,16 +186,20 @@ def _chunks(n: int):
 
 
 def _gelu_tanh_parts(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """y = x cdf, tanh(u) and cdf = 1/2 (1 + tanh u), u = sqrt(2/pi) (x + kappa x^3) (ACT.8).  x: (...)"""
-    x_flat = x.reshape(-1)
-    y, tanh_u, cdf = np.empty_like(x_flat), np.empty_like(x_flat), np.empty_like(x_flat)
+    """y = x cdf, tanh(u) and cdf = 1/2 (1 + tanh u), u = sqrt(2/pi) (x + kappa x^3) (ACT.8).  x: (...)
+
+    Three new C-ordered arrays of x's shape, whatever x's layout. ``buf`` is a chunk of
+    the ``tanh_u`` output, filled in place: x^2, then u, then tanh u.
+    """
+    x_flat = x.reshape(-1)  # a view, or a C-ordered copy of a non-contiguous x
+    y, tanh_u, cdf = (np.empty(x_flat.size, x.dtype) for _ in range(3))
     for c in _chunks(x_flat.size):
-        u = np.multiply(x_flat[c], x_flat[c], out=tanh_u[c])
-        u *= _SQRT_2_OVER_PI * _KAPPA
-        u += _SQRT_2_OVER_PI
-        u *= x_flat[c]  # u = x (c + c kappa x^2) = sqrt(2/pi) (x + kappa x^3)
-        np.tanh(u, out=u)
-        cdf_c = np.add(u, 1.0, out=cdf[c])
+        buf = np.multiply(x_flat[c], x_flat[c], out=tanh_u[c])
+        buf *= _SQRT_2_OVER_PI * _KAPPA
+        buf += _SQRT_2_OVER_PI
+        buf *= x_flat[c]  # u = x (c + c kappa x^2), c = sqrt(2/pi): (ACT.8) with one product fewer
+        np.tanh(buf, out=buf)
+        cdf_c = np.add(buf, 1.0, out=cdf[c])
         cdf_c *= 0.5
         np.multiply(x_flat[c], cdf_c, out=y[c])
     return y.reshape(x.shape), tanh_u.reshape(x.shape), cdf.reshape(x.shape)
@@ -217,16 +223,17 @@ def gelu_forward(x: np.ndarray, approximate: str = "none") -> Tuple[np.ndarray, 
 
 def gelu_backward(dy: np.ndarray, cache: GeluCache) -> np.ndarray:
     """dx = dy * gelu'(x) (ACT.1), with gelu' from (ACT.7) or (ACT.9).  dy: (...) -> dx: (...)"""
+    check_cache_type("gelu_backward", cache, GeluCache)
     x, cdf, tanh_u, approximate = cache
     _check_dy("gelu_backward", dy, x)
     if approximate == "none":
         pdf = _ONE_OVER_SQRT_2PI * np.exp(-0.5 * (x * x))  # phi(x)
-        dx = cdf + x * pdf  # (ACT.7)
-        dx *= dy  # (ACT.1)
+        dgelu = cdf + x * pdf  # (ACT.7)
+        dx = dy * dgelu  # (ACT.1)
         return dx
     # (ACT.9): gelu' = cdf + 1/2 x (1 - tanh^2 u) du/dx, then times dy (ACT.1), chunk by chunk
     x_flat, t_flat, cdf_flat, dy_flat = x.reshape(-1), tanh_u.reshape(-1), cdf.reshape(-1), dy.reshape(-1)
-    dx = np.empty_like(x_flat)
+    dx = np.empty(x_flat.size, x.dtype)  # C-ordered, so that the reshape below is a view
     for c in _chunks(x_flat.size):
         xc = x_flat[c]
         du_dx = xc * xc
@@ -263,6 +270,7 @@ def silu_forward(x: np.ndarray) -> Tuple[np.ndarray, SiluCache]:
 
 def silu_backward(dy: np.ndarray, cache: SiluCache) -> np.ndarray:
     """dx = dy * s (1 + x (1 - s)) (ACT.12).  dy: (...) -> dx: (...)"""
+    check_cache_type("silu_backward", cache, SiluCache)
     x, s = cache
     _check_dy("silu_backward", dy, x)
     dsilu = s * (1.0 + x * (1.0 - s))  # (ACT.12)
@@ -289,6 +297,7 @@ def mish_forward(x: np.ndarray) -> Tuple[np.ndarray, MishCache]:
 
 def mish_backward(dy: np.ndarray, cache: MishCache) -> np.ndarray:
     """dx = dy * (t + x (1 - t^2) sigmoid(x)) (ACT.15).  dy: (...) -> dx: (...)"""
+    check_cache_type("mish_backward", cache, MishCache)
     x, t = cache
     _check_dy("mish_backward", dy, x)
     s = _sigmoid(x)  # softplus'(x), (ACT.13)
@@ -303,9 +312,8 @@ def mish_backward(dy: np.ndarray, cache: MishCache) -> np.ndarray:
 
 def _check_gate_up(op: str, gate: np.ndarray, up: np.ndarray) -> None:
     check_float(op, "gate", gate)
-    check_float(op, "up", up)
+    check_same_dtype_as(op, "up", up, gate.dtype, "gate")
     check_same_shape(op, "gate", gate, up=up)  # no broadcasting
-    check_same_dtype(op, "gate", gate, up=up)
 
 
 class SwigluCache(NamedTuple):
@@ -324,6 +332,7 @@ def swiglu_forward(gate: np.ndarray, up: np.ndarray) -> Tuple[np.ndarray, Swiglu
 
 def swiglu_backward(dy: np.ndarray, cache: SwigluCache) -> Tuple[np.ndarray, np.ndarray]:
     """dgate = silu'(gate) * up * dy (ACT.17), dup = silu(gate) * dy (ACT.18).  dy: (...)"""
+    check_cache_type("swiglu_backward", cache, SwigluCache)
     silu_cache, act, up = cache
     _check_dy("swiglu_backward", dy, up, "up")
     dup = dy * act  # (ACT.18)
@@ -349,6 +358,7 @@ def geglu_forward(gate: np.ndarray, up: np.ndarray, approximate: str = "none") -
 
 def geglu_backward(dy: np.ndarray, cache: GegluCache) -> Tuple[np.ndarray, np.ndarray]:
     """dgate = gelu'(gate) * up * dy (ACT.20), dup = gelu(gate) * dy (ACT.21).  dy: (...)"""
+    check_cache_type("geglu_backward", cache, GegluCache)
     gelu_cache, act, up = cache
     _check_dy("geglu_backward", dy, up, "up")
     dup = dy * act  # (ACT.21)

@@ -1,10 +1,10 @@
 """Cross-entropy loss over class logits: forward and hand-derived backward.
 
 Derivation: ``proofs/cross_entropy.md``; each line cites the equation it
-implements. Shapes: ``logits: (..., V)`` with the classes on the LAST axis,
-``targets: (...)`` integer class ids; every leading index is one prediction
-("row"), N rows in all. The loss goes through log-softmax (``proofs/softmax.md``),
-so logits of magnitude 1e4 stay finite in float32.
+implements. Shapes: ``logits: (..., V)`` with the classes on the LAST axis
+(``V >= 1``), ``targets: (...)`` integer class ids; every leading index is one
+prediction ("row"), N rows in all. The loss goes through log-softmax
+(``proofs/softmax.md``), so logits of any finite size stay finite in float32.
 
 Conventions (each argued in the proof):
 
@@ -14,6 +14,7 @@ Conventions (each argued in the proof):
   is ignored the loss and its gradient are 0 (PyTorch returns nan there).
 - ``label_smoothing = eps`` mixes the one-hot target with the uniform
   distribution: ``(1 - eps) * nll + eps * mean_v(-log p_v)``, as PyTorch does.
+- No rows at all (``N = 0``) is the all-ignored case: loss 0, an empty gradient.
 """
 
 from __future__ import annotations
@@ -22,7 +23,17 @@ from typing import NamedTuple, Tuple, Union
 
 import numpy as np
 
-from ._checks import _fail, check_float, check_int, check_ndim, check_range, check_shape
+from ._checks import (
+    _fail,
+    check_cache_type,
+    check_float,
+    check_int,
+    check_ndim,
+    check_range,
+    check_real,
+    check_same_dtype_as,
+    check_shape,
+)
 from .softmax import log_softmax_forward
 
 OP = "cross_entropy"
@@ -38,16 +49,26 @@ class CrossEntropyCache(NamedTuple):
     shape: Tuple[int, ...]  # (..., V) the shape of logits, for dlogits
 
 
-def _check_options(op: str, V: int, ignore_index: int, label_smoothing: float, reduction: str) -> None:
-    if reduction not in REDUCTIONS:
+def _check_options(op: str, V: int, ignore_index: int, label_smoothing: float, reduction: str) -> float:
+    """Validate the options; return ``label_smoothing`` as a float."""
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         _fail(op, "reduction", f"one of {REDUCTIONS}", repr(reduction))
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float, np.floating, np.integer)):
-        _fail(op, "label_smoothing", "a real number", type(label_smoothing).__name__)
-    check_range(op, "label_smoothing", float(label_smoothing), 0.0, 1.0, hi_open=False)
+    eps = check_real(op, "label_smoothing", label_smoothing, lo=0.0, hi=1.0)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
         _fail(op, "ignore_index", "an int", type(ignore_index).__name__)
     if 0 <= ignore_index < V:
         _fail(op, "ignore_index", f"a value outside the class range [0, {V}) (it would hide a class)", ignore_index)
+    return eps
+
+
+def _check_dloss(op: str, dloss: object, dtype: np.dtype) -> float:
+    """A finite real scalar: a Python or NumPy number, or a 0-d array of the logits' dtype."""
+    if isinstance(dloss, np.ndarray):
+        check_same_dtype_as(op, "dloss", dloss, dtype, "logits")
+        if dloss.ndim != 0:
+            _fail(op, "dloss", "a scalar (shape ())", f"shape {dloss.shape}")
+        dloss = dloss.item()
+    return check_real(op, "dloss", dloss)
 
 
 def cross_entropy_forward(
@@ -70,7 +91,7 @@ def cross_entropy_forward(
     check_shape(op, "targets", targets, logits.shape[:-1])
     if V == 0:
         _fail(op, "logits", "at least one class on the last axis", f"shape {tuple(logits.shape)}")
-    _check_options(op, V, ignore_index, label_smoothing, reduction)
+    eps = _check_options(op, V, ignore_index, label_smoothing, reduction)
 
     t = targets.reshape(-1)  # (N,)
     valid = t != ignore_index  # (N,)  rows that count, w of (CE.5)
@@ -78,13 +99,12 @@ def cross_entropy_forward(
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         check_range(op, "targets", int(t[row]), 0, V)  # raises, naming the first offending value
-    t = np.where(valid, t, 0)  # any in-range class for ignored rows; their weight is 0
+    classes = np.where(valid, t, 0)  # (N,)  t, with any in-range class for ignored rows (their weight is 0)
     n_valid = int(valid.sum())
     denom = max(n_valid, 1) if reduction == "mean" else 1  # (CE.5)
-    eps = float(label_smoothing)
 
     logp, _ = log_softmax_forward(logits.reshape(-1, V))  # (N, V)  (CE.1)
-    nll = -logp[np.arange(t.size), t]  # (N,)  (CE.2)
+    nll = -logp[np.arange(classes.size), classes]  # (N,)  (CE.2)
     if eps:
         smooth = -logp.mean(axis=-1)  # (N,)  mean over classes of -log p
         row_loss = (1.0 - eps) * nll + eps * smooth  # (CE.3)
@@ -92,7 +112,7 @@ def cross_entropy_forward(
         row_loss = nll
     weight = valid.astype(logits.dtype)[:, None]  # (N, 1)
     loss = np.dot(row_loss, weight[:, 0]) / logits.dtype.type(denom)  # (CE.5)  a sum of non-negative terms
-    cache = CrossEntropyCache(logp=logp, targets=t, weight=weight, denom=denom, label_smoothing=eps,
+    cache = CrossEntropyCache(logp=logp, targets=classes, weight=weight, denom=denom, label_smoothing=eps,
                               shape=tuple(logits.shape))
     return np.asarray(loss, dtype=logits.dtype), cache
 
@@ -100,18 +120,21 @@ def cross_entropy_forward(
 def cross_entropy_backward(dloss: Union[float, np.ndarray], cache: CrossEntropyCache) -> np.ndarray:
     """Gradient of a scalar objective with respect to the logits, given dloss = d objective / d loss.
 
-    dloss: () array or float  ->  dlogits: (..., V), the dtype of logits
+    dloss: a real number or a () array of the logits' dtype  ->  dlogits: (..., V), the dtype of logits
     """
+    op = f"{OP}_backward"
+    check_cache_type(op, cache, CrossEntropyCache)
     logp, t, weight, denom, eps, shape = cache
-    if np.ndim(dloss) != 0:
-        _fail(f"{OP}_backward", "dloss", "a scalar (shape ())", f"shape {np.shape(dloss)}")
+    dloss = _check_dloss(op, dloss, logp.dtype)
     N, V = logp.shape
-    coef = weight * logp.dtype.type(float(dloss) / denom)  # (N, 1)  dloss * w_n / D, (CE.7)
-    dlogits = np.exp(logp)  # softmax p, (N, V)
+    dtype = logp.dtype.type
+    coef = weight * dtype(dloss / denom)  # (N, 1)  dloss * w_n / D, (CE.7)
+    p = np.exp(logp)  # (N, V)  softmax of every row, (CE.6)
+    # (CE.7): dlogits = coef * (p - q), with q = (1 - eps) onehot(t) + eps / V of (CE.4)
+    dlogits = p * coef
+    dlogits[np.arange(N), t] -= coef[:, 0] * dtype(1.0 - eps)  # the one-hot part of q
     if eps:
-        dlogits -= logp.dtype.type(eps / V)  # the uniform part of q, (CE.4)
-    dlogits[np.arange(N), t] -= logp.dtype.type(1.0 - eps)  # (CE.6)  p - q
-    dlogits *= coef  # (CE.7)
+        dlogits -= coef * dtype(eps / V)  # the uniform part of q
     return dlogits.reshape(shape)
 
 

@@ -1,9 +1,10 @@
 """Embedding lookup: out[..., :] = W[ids[...], :], and its scatter-add backward.
 
 Derivation: ``proofs/embedding.md``. Shapes: ``ids: (...)`` integers in ``[0, V)``,
-``W: (V, D)``, ``out: (..., D)``. The lookup is a product with a one-hot matrix, so
-the gradient of the table adds every output row's gradient into the row it came
-from: a token that appears twice receives the sum of both (EMB.3).
+``W: (V, D)``, ``out: (..., D)``; no ids at all is fine (an empty ``out`` and a zero
+``dW``). The lookup is a product with a one-hot matrix, so the gradient of the table
+adds every output row's gradient into the row it came from: a token that appears
+twice receives the sum of both (EMB.3).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import NamedTuple, Tuple
 
 import numpy as np
 
-from ._checks import check_float, check_int, check_ndim, check_shape
+from ._checks import check_cache_type, check_float, check_int, check_ndim, check_same_dtype_as, check_shape
 
 OP = "embedding"
 
@@ -20,6 +21,7 @@ OP = "embedding"
 class EmbeddingCache(NamedTuple):
     ids: np.ndarray  # (...)   the looked-up rows, needed by (EMB.3)
     num_rows: int  # V
+    dim: int  # D
     dtype: np.dtype  # of W, so dW matches it
 
 
@@ -36,11 +38,12 @@ def embedding_forward(ids: np.ndarray, W: np.ndarray) -> Tuple[np.ndarray, Embed
 
     ids: (...) int, W: (V, D)  ->  out: (..., D)
     """
-    check_float(f"{OP}_forward", "W", W)
-    check_ndim(f"{OP}_forward", "W", W, 2)
-    check_ids(f"{OP}_forward", ids, W.shape[0])
+    op = f"{OP}_forward"
+    check_float(op, "W", W)
+    check_ndim(op, "W", W, 2)
+    check_ids(op, ids, W.shape[0])
     out = W[ids]  # (EMB.1)
-    return out, EmbeddingCache(ids=ids, num_rows=W.shape[0], dtype=W.dtype)
+    return out, EmbeddingCache(ids=ids, num_rows=W.shape[0], dim=W.shape[1], dtype=W.dtype)
 
 
 def embedding_backward(dout: np.ndarray, cache: EmbeddingCache) -> np.ndarray:
@@ -48,12 +51,12 @@ def embedding_backward(dout: np.ndarray, cache: EmbeddingCache) -> np.ndarray:
 
     dout: (..., D)  ->  dW: (V, D)
     """
-    ids, V, dtype = cache
-    check_shape(f"{OP}_backward", "dout", dout, ids.shape + (None,))
-    if dout.dtype != dtype:
-        raise ValueError(f"{OP}_backward: argument 'dout' expected dtype {dtype} (same as 'W'), got {dout.dtype}")
-    D = dout.shape[-1]
-    flat_ids, flat_dout = ids.reshape(-1), dout.reshape(-1, D)
+    op = f"{OP}_backward"
+    check_cache_type(op, cache, EmbeddingCache)
+    ids, V, D, dtype = cache
+    check_same_dtype_as(op, "dout", dout, dtype, "W")
+    check_shape(op, "dout", dout, ids.shape + (D,))
+    flat_ids, flat_dout = ids.reshape(-1), dout.reshape(ids.size, D)
     # (EMB.3) as a sorted scatter: order the rows by id, sum each run of equal ids (np.add.reduceat),
     # write one sum per distinct id. Same result as np.add.at(dW, ids, dout), several times faster.
     order = np.argsort(flat_ids, kind="stable")

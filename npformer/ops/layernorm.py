@@ -1,8 +1,16 @@
 """Layer normalisation: forward and hand-derived backward.
 
 Derivation: ``proofs/layernorm.md``; each line of the backward cites the
-equation it implements. Shapes: ``x: (..., D)``, ``gamma, beta: (D,)``; the
-statistics are taken over the last axis, every leading axis is a "row".
+equation it implements. Shapes: ``x: (..., D)`` with ``D >= 1``, ``gamma, beta: (D,)``
+of x's dtype; the statistics are taken over the last axis, every leading axis is a
+"row". Any number of rows works, zero included: an empty ``x`` gives an empty ``y``,
+and its backward zero parameter gradients.
+
+Floating point (``proofs/layernorm.md``, "Floating point"): the row is centred on one
+of its own entries before the mean is taken (LN.12), so a float32 row far from zero
+(10000.3 in every entry) is centred exactly instead of carrying the rounding error of
+its mean into ``xhat``; a row whose squares overflow is normalised from ``x / max|x|``
+(LN.13).
 """
 
 from __future__ import annotations
@@ -11,15 +19,50 @@ from typing import NamedTuple, Tuple
 
 import numpy as np
 
-from ._checks import check_float, check_ndim, check_same_dtype, check_shape
+from ._checks import (
+    _fail,
+    check_cache_type,
+    check_float,
+    check_ndim,
+    check_real,
+    check_same_dtype_as,
+    check_shape,
+)
 
 OP = "layernorm"
 
 
 class LayerNormCache(NamedTuple):
     xhat: np.ndarray  # (..., D)  normalised input, (LN.4)
-    rstd: np.ndarray  # (..., 1)  reciprocal standard deviation, (LN.3)
+    rstd: np.ndarray  # (..., 1)  reciprocal standard deviation r, (LN.3)
     gamma: np.ndarray  # (D,)      scale, needed by (LN.8)
+
+
+def _row_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """sum_i a_i b_i over the last axis, kept as an axis of size 1: (..., D), (..., D) -> (..., 1).
+
+    One dot product per row, without the (..., D) temporary of ``np.sum(a * b, -1)``.
+    """
+    return (a[..., None, :] @ b[..., :, None])[..., 0]
+
+
+def _centred(x: np.ndarray) -> np.ndarray:
+    """x - mu per row (LN.1), computed as (LN.12): shifted by the row's first entry first.
+
+    A new array. Every subtraction here is between numbers of the row's own spread, so
+    the result is accurate relative to that spread however far the row is from zero.
+    """
+    shifted = x - x[..., :1]  # x_j - x_1
+    shifted -= shifted.mean(axis=-1, keepdims=True)  # (LN.12)  x_j - x_1 - (mu - x_1)
+    return shifted
+
+
+def _normalise_huge_rows(x: np.ndarray, eps: float) -> Tuple[np.ndarray, np.ndarray]:
+    """xhat and r of rows whose variance overflows, from z = x / s with s = max|x| (LN.13)."""
+    s = np.max(np.abs(x), axis=-1, keepdims=True)
+    zc = _centred(x / s)  # z - mean(z), every entry in [-2, 2]
+    rstd_z = 1.0 / np.sqrt(np.mean(zc * zc, axis=-1, keepdims=True) + eps / s / s)
+    return zc * rstd_z, rstd_z / s  # xhat is the same for x and z; r(x) = r_z / s
 
 
 def layernorm_forward(
@@ -27,22 +70,30 @@ def layernorm_forward(
 ) -> Tuple[np.ndarray, LayerNormCache]:
     """y = gamma * (x - mean) / sqrt(var + eps) + beta over the last axis.
 
-    x: (..., D), gamma: (D,), beta: (D,)  ->  y: (..., D)
+    x: (..., D), gamma: (D,), beta: (D,), eps >= 0  ->  y: (..., D)
     """
-    check_float(f"{OP}_forward", "x", x)
-    check_ndim(f"{OP}_forward", "x", x, 1, at_least=True)
+    op = f"{OP}_forward"
+    check_float(op, "x", x)
+    check_ndim(op, "x", x, 1, at_least=True)
     D = x.shape[-1]
-    check_shape(f"{OP}_forward", "gamma", gamma, (D,))
-    check_shape(f"{OP}_forward", "beta", beta, (D,))
-    check_same_dtype(f"{OP}_forward", "x", x, gamma=gamma, beta=beta)
+    if D == 0:
+        _fail(op, "x", "at least one entry on the last axis", f"shape {tuple(x.shape)}")
+    for name, p in (("gamma", gamma), ("beta", beta)):
+        check_same_dtype_as(op, name, p, x.dtype, "x")
+        check_shape(op, name, p, (D,))
+    eps = check_real(op, "eps", eps, lo=0.0)
 
-    mu = x.mean(axis=-1, keepdims=True)  # (LN.1)
-    xc = x - mu
-    var = np.mean(xc * xc, axis=-1, keepdims=True)  # (LN.2)
-    rstd = 1.0 / np.sqrt(var + eps)  # (LN.3)
-    xhat = xc
-    xhat *= rstd  # (LN.4)  (in place: xc is not needed again)
-    y = xhat * gamma + beta  # (LN.5)
+    with np.errstate(over="ignore", invalid="ignore"):  # a row that overflows is redone by (LN.13)
+        xc = _centred(x)  # x - mu, (LN.1), (LN.12)
+        var = _row_dot(xc, xc) / D  # (LN.2)
+        rstd = 1.0 / np.sqrt(var + eps)  # (LN.3)
+        xhat = np.multiply(xc, rstd, out=xc)  # (LN.4), written over x - mu, which is not needed again
+        del xc  # (its buffer is xhat's now)
+        huge = ~np.isfinite(var[..., 0])  # (rows holding inf or nan stay nan)
+        if huge.any():
+            xhat[huge], rstd[huge] = _normalise_huge_rows(x[huge], eps)  # (LN.13)
+    y = xhat * gamma
+    y += beta  # (LN.5)
     return y, LayerNormCache(xhat=xhat, rstd=rstd, gamma=gamma)
 
 
@@ -53,20 +104,23 @@ def layernorm_backward(
 
     dy: (..., D)  ->  dx: (..., D), dgamma: (D,), dbeta: (D,)
     """
+    op = f"{OP}_backward"
+    check_cache_type(op, cache, LayerNormCache)
     xhat, rstd, gamma = cache
-    check_shape(f"{OP}_backward", "dy", dy, xhat.shape)
-    check_same_dtype(f"{OP}_backward", "xhat", xhat, dy=dy)
+    check_same_dtype_as(op, "dy", dy, xhat.dtype, "x")
+    check_shape(op, "dy", dy, xhat.shape)
     rows = tuple(range(dy.ndim - 1))
+    D = xhat.shape[-1]
 
     dbeta = dy.sum(axis=rows)  # (LN.6)
     dgamma = (dy * xhat).sum(axis=rows)  # (LN.7)
     dxhat = dy * gamma  # (LN.8)
-    # (LN.10): dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+    # (LN.10): dx = r (dxhat - mean(dxhat) - xhat mean(dxhat xhat))
     mean_dxhat = dxhat.mean(axis=-1, keepdims=True)
-    mean_dxhat_xhat = np.mean(dxhat * xhat, axis=-1, keepdims=True)
-    dx = dxhat
+    mean_dxhat_xhat = _row_dot(dxhat, xhat) / D
+    dx = xhat * -mean_dxhat_xhat  # dx is built in one buffer, term by term
     dx -= mean_dxhat
-    dx -= xhat * mean_dxhat_xhat
+    dx += dxhat
     dx *= rstd
     return dx, dgamma, dbeta
 

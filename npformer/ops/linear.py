@@ -2,8 +2,10 @@
 
 Derivation: ``proofs/linear.md``. Shapes: ``x: (..., Din)``, ``W: (Dout, Din)``
 (the torch / Hugging Face layout, so checkpoints load unchanged), ``b: (Dout,)``
-or ``None``. Every leading axis of ``x`` is a "row"; the backward flattens them
-into one axis of N rows so each gradient is a single matrix product.
+or ``None``, all of one float dtype. Every leading axis of ``x`` is a "row"; the
+backward flattens them into one axis of N rows so each gradient is a single matrix
+product. Any size may be zero: an empty sum is 0, so ``Din = 0`` gives ``y = b``
+and ``N = 0`` gives an empty ``y`` with zero ``dW`` and ``db``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from ._checks import check_float, check_ndim, check_same_dtype, check_shape
+from ._checks import check_cache_type, check_float, check_ndim, check_same_dtype_as, check_shape
 
 OP = "linear"
 
@@ -23,6 +25,11 @@ class LinearCache(NamedTuple):
     has_bias: bool  # whether (LIN.5) applies
 
 
+def _rows(a: np.ndarray) -> np.ndarray:
+    """(..., K) -> (N, K): the leading axes as one (a copy only where a view cannot do it)."""
+    return a.reshape(int(np.prod(a.shape[:-1])), a.shape[-1])
+
+
 def linear_forward(
     x: np.ndarray, W: np.ndarray, b: Optional[np.ndarray] = None
 ) -> Tuple[np.ndarray, LinearCache]:
@@ -30,16 +37,17 @@ def linear_forward(
 
     x: (..., Din), W: (Dout, Din), b: (Dout,) or None  ->  y: (..., Dout)
     """
-    check_float(f"{OP}_forward", "x", x)
-    check_ndim(f"{OP}_forward", "x", x, 1, at_least=True)
-    check_float(f"{OP}_forward", "W", W)
-    check_shape(f"{OP}_forward", "W", W, (None, x.shape[-1]))
+    op = f"{OP}_forward"
+    check_float(op, "x", x)
+    check_ndim(op, "x", x, 1, at_least=True)
+    check_same_dtype_as(op, "W", W, x.dtype, "x")
+    check_shape(op, "W", W, (None, x.shape[-1]))
     if b is not None:
-        check_shape(f"{OP}_forward", "b", b, (W.shape[0],))
-    check_same_dtype(f"{OP}_forward", "x", x, W=W, b=b)
+        check_same_dtype_as(op, "b", b, x.dtype, "x")
+        check_shape(op, "b", b, (W.shape[0],))
 
     # (LIN.1) as one (N, Din) x (Din, Dout) product: a single BLAS call rather than one per leading index.
-    y = (x.reshape(-1, x.shape[-1]) @ W.T).reshape(x.shape[:-1] + (W.shape[0],))
+    y = (_rows(x) @ W.T).reshape(x.shape[:-1] + (W.shape[0],))
     if b is not None:
         y += b  # (LIN.1), broadcast over rows
     return y, LinearCache(x=x, W=W, has_bias=b is not None)
@@ -52,12 +60,13 @@ def linear_backward(
 
     dy: (..., Dout)  ->  dx: (..., Din), dW: (Dout, Din), db: (Dout,) or None
     """
+    op = f"{OP}_backward"
+    check_cache_type(op, cache, LinearCache)
     x, W, has_bias = cache
-    check_shape(f"{OP}_backward", "dy", dy, x.shape[:-1] + (W.shape[0],))
-    check_same_dtype(f"{OP}_backward", "x", x, dy=dy)
-    Din, Dout = W.shape[1], W.shape[0]
-    dy2 = dy.reshape(-1, Dout)  # (N, Dout): all rows at once
-    x2 = x.reshape(-1, Din)  # (N, Din)
+    check_same_dtype_as(op, "dy", dy, x.dtype, "x")
+    check_shape(op, "dy", dy, x.shape[:-1] + (W.shape[0],))
+    dy2 = _rows(dy)  # (N, Dout): all rows at once
+    x2 = _rows(x)  # (N, Din)
 
     dx = (dy2 @ W).reshape(x.shape)  # (LIN.3)
     dW = dy2.T @ x2  # (LIN.4)

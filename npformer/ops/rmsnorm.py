@@ -1,8 +1,12 @@
 """Root-mean-square normalisation (LLaMA, T5): forward and hand-derived backward.
 
-Derivation: ``proofs/rmsnorm.md``. Shapes: ``x: (..., D)``, ``weight: (D,)``; the
-statistic is taken over the last axis and every leading axis is a "row". Unlike
+Derivation: ``proofs/rmsnorm.md``. Shapes: ``x: (..., D)`` with ``D >= 1``, ``gamma: (D,)``
+of x's dtype; the statistic is taken over the last axis and every leading axis is a
+"row". Any number of rows works, zero included (empty in, empty out). Unlike
 LayerNorm there is no centring and no bias, so the backward loses the mean term.
+
+The mean square is a sum of non-negative terms, so it is accurate in float32 for rows
+at any offset; a row whose squares overflow is normalised from ``x / max|x|`` (RMS.10).
 """
 
 from __future__ import annotations
@@ -11,52 +15,79 @@ from typing import NamedTuple, Tuple
 
 import numpy as np
 
-from ._checks import check_float, check_ndim, check_same_dtype, check_shape
+from ._checks import (
+    _fail,
+    check_cache_type,
+    check_float,
+    check_ndim,
+    check_real,
+    check_same_dtype_as,
+    check_shape,
+)
 
 OP = "rmsnorm"
 
 
 class RMSNormCache(NamedTuple):
     xhat: np.ndarray  # (..., D)  normalised input, (RMS.3)
-    rstd: np.ndarray  # (..., 1)  reciprocal root mean square, (RMS.2)
-    weight: np.ndarray  # (D,)    scale, needed by (RMS.6)
+    rstd: np.ndarray  # (..., 1)  reciprocal root mean square r, (RMS.2)
+    gamma: np.ndarray  # (D,)     scale, needed by (RMS.6)
 
 
-def rmsnorm_forward(x: np.ndarray, weight: np.ndarray, eps: float = 1e-6) -> Tuple[np.ndarray, RMSNormCache]:
-    """y = weight * x / sqrt(mean(x^2) + eps) over the last axis.
+def _normalise_huge_rows(x: np.ndarray, eps: float) -> Tuple[np.ndarray, np.ndarray]:
+    """xhat and r of rows whose mean square overflows, from z = x / s with s = max|x| (RMS.10)."""
+    s = np.max(np.abs(x), axis=-1, keepdims=True)
+    z = x / s  # every entry in [-1, 1]
+    rstd_z = 1.0 / np.sqrt(np.mean(z * z, axis=-1, keepdims=True) + eps / s / s)
+    return z * rstd_z, rstd_z / s  # xhat is the same for x and z; r(x) = r_z / s
 
-    x: (..., D), weight: (D,)  ->  y: (..., D)
+
+def rmsnorm_forward(x: np.ndarray, gamma: np.ndarray, eps: float = 1e-6) -> Tuple[np.ndarray, RMSNormCache]:
+    """y = gamma * x / sqrt(mean(x^2) + eps) over the last axis.
+
+    x: (..., D), gamma: (D,), eps >= 0  ->  y: (..., D)
     """
-    check_float(f"{OP}_forward", "x", x)
-    check_ndim(f"{OP}_forward", "x", x, 1, at_least=True)
-    check_shape(f"{OP}_forward", "weight", weight, (x.shape[-1],))
-    check_same_dtype(f"{OP}_forward", "x", x, weight=weight)
+    op = f"{OP}_forward"
+    check_float(op, "x", x)
+    check_ndim(op, "x", x, 1, at_least=True)
+    D = x.shape[-1]
+    if D == 0:
+        _fail(op, "x", "at least one entry on the last axis", f"shape {tuple(x.shape)}")
+    check_same_dtype_as(op, "gamma", gamma, x.dtype, "x")
+    check_shape(op, "gamma", gamma, (D,))
+    eps = check_real(op, "eps", eps, lo=0.0)
 
-    ms = np.mean(x * x, axis=-1, keepdims=True)  # (RMS.1)
-    rstd = 1.0 / np.sqrt(ms + eps)  # (RMS.2)
-    xhat = x * rstd  # (RMS.3)
-    y = xhat * weight  # (RMS.4)
-    return y, RMSNormCache(xhat=xhat, rstd=rstd, weight=weight)
+    with np.errstate(over="ignore", invalid="ignore"):  # a row that overflows is redone by (RMS.10)
+        ms = np.mean(x * x, axis=-1, keepdims=True)  # (RMS.1)
+        rstd = 1.0 / np.sqrt(ms + eps)  # (RMS.2)
+        xhat = x * rstd  # (RMS.3)
+        huge = ~np.isfinite(ms[..., 0])  # (rows holding inf or nan stay nan)
+        if huge.any():
+            xhat[huge], rstd[huge] = _normalise_huge_rows(x[huge], eps)  # (RMS.10)
+    y = xhat * gamma  # (RMS.4)
+    return y, RMSNormCache(xhat=xhat, rstd=rstd, gamma=gamma)
 
 
 def rmsnorm_backward(dy: np.ndarray, cache: RMSNormCache) -> Tuple[np.ndarray, np.ndarray]:
-    """Gradients with respect to x and weight.
+    """Gradients with respect to x and gamma.
 
-    dy: (..., D)  ->  dx: (..., D), dweight: (D,)
+    dy: (..., D)  ->  dx: (..., D), dgamma: (D,)
     """
-    xhat, rstd, weight = cache
-    check_shape(f"{OP}_backward", "dy", dy, xhat.shape)
-    check_same_dtype(f"{OP}_backward", "xhat", xhat, dy=dy)
+    op = f"{OP}_backward"
+    check_cache_type(op, cache, RMSNormCache)
+    xhat, rstd, gamma = cache
+    check_same_dtype_as(op, "dy", dy, xhat.dtype, "x")
+    check_shape(op, "dy", dy, xhat.shape)
     rows = tuple(range(dy.ndim - 1))
 
-    dweight = (dy * xhat).sum(axis=rows)  # (RMS.5)
-    dxhat = dy * weight  # (RMS.6)
-    # (RMS.8): dx = rstd * (dxhat - xhat * mean(dxhat * xhat))
+    dgamma = (dy * xhat).sum(axis=rows)  # (RMS.5)
+    dxhat = dy * gamma  # (RMS.6)
+    # (RMS.8): dx = r (dxhat - xhat mean(dxhat xhat))
     mean_dxhat_xhat = np.mean(dxhat * xhat, axis=-1, keepdims=True)
-    dx = dxhat
-    dx -= xhat * mean_dxhat_xhat
+    dx = xhat * -mean_dxhat_xhat  # dx is built in one buffer, term by term
+    dx += dxhat
     dx *= rstd
-    return dx, dweight
+    return dx, dgamma
 
 
 def gradcheck_cases(rng: np.random.Generator):
@@ -64,5 +95,5 @@ def gradcheck_cases(rng: np.random.Generator):
     from ..gradcheck import Case
 
     D = 6
-    inputs = {"x": rng.standard_normal((2, 3, D)), "weight": rng.standard_normal(D)}
-    yield Case("rmsnorm", rmsnorm_forward, rmsnorm_backward, inputs, wrt=("x", "weight"))
+    inputs = {"x": rng.standard_normal((2, 3, D)), "gamma": rng.standard_normal(D)}
+    yield Case("rmsnorm", rmsnorm_forward, rmsnorm_backward, inputs, wrt=("x", "gamma"))

@@ -2,8 +2,11 @@
 
 Derivation: ``proofs/softmax.md``; each line of the backward cites the equation
 it implements. Shapes: ``x: (..., V, ...)``, the op acts along ``axis`` (size V);
-every other index is an independent "row". Both forwards subtract the row's
-maximum first, so logits of magnitude 1e4 stay finite in float32.
+every other index is an independent "row" (any number of rows, zero included:
+empty in, empty out); the axis itself must hold at least one entry. Both forwards
+subtract the row's maximum first, so logits of any finite size (up to float32's
+3.4e38 either way) give finite probabilities, and a row of equal logits, however
+large, gives exactly 1/V.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import NamedTuple, Tuple
 
 import numpy as np
 
-from ._checks import _fail, check_float, check_ndim, check_range, check_same_dtype, check_shape
+from ._checks import _fail, check_cache_type, check_float, check_ndim, check_range, check_same_dtype_as, check_shape
 
 OP = "softmax"
 LOG_OP = "log_softmax"
@@ -41,9 +44,26 @@ def _check_input(op: str, x: np.ndarray, axis: int) -> int:
     return axis
 
 
+def _check_dy(op: str, dy: np.ndarray, y: np.ndarray) -> None:
+    """The upstream gradient: a float array of the output's shape and dtype."""
+    check_same_dtype_as(op, "dy", dy, y.dtype, "x")
+    check_shape(op, "dy", dy, y.shape)
+
+
+def _exp_shifted(x: np.ndarray, axis: int) -> np.ndarray:
+    """e = exp(x - max(x)) along ``axis`` (SM.1): a new array with entries in [0, 1], a 1 in every row."""
+    buf = _shifted(x, axis)
+    return np.exp(buf, out=buf)
+
+
 def _shifted(x: np.ndarray, axis: int) -> np.ndarray:
-    """z = x - max(x) along ``axis``: a new array, max(z) = 0 in every row (SM.1)."""
-    return x - x.max(axis=axis, keepdims=True)
+    """z = x - max(x) along ``axis``: a new array, max(z) = 0 in every row (SM.1).
+
+    Where two logits lie more than float max apart the difference rounds to -inf, whose
+    exponential is the correctly rounded 0: that overflow is expected and not reported.
+    """
+    with np.errstate(over="ignore"):
+        return x - x.max(axis=axis, keepdims=True)
 
 
 def softmax_forward(x: np.ndarray, axis: int = -1) -> Tuple[np.ndarray, SoftmaxCache]:
@@ -52,9 +72,10 @@ def softmax_forward(x: np.ndarray, axis: int = -1) -> Tuple[np.ndarray, SoftmaxC
     x: (..., V, ...)  ->  y: same shape and dtype, every row along ``axis`` sums to 1.
     """
     axis = _check_input(f"{OP}_forward", x, axis)
-    y = _shifted(x, axis)
-    np.exp(y, out=y)  # entries in (0, 1], the row maximum gives exactly 1
-    y /= y.sum(axis=axis, keepdims=True)  # (SM.1)  the sum is >= 1: no division by zero
+    e = _exp_shifted(x, axis)  # e_i = exp(x_i - m), in [0, 1]; the row maximum gives exactly 1
+    s = e.sum(axis=axis, keepdims=True)  # s >= 1: no division by zero
+    y = np.divide(e, s, out=e)  # (SM.1), written over e, which is not needed again
+    del e  # (its buffer is y's now)
     return y, SoftmaxCache(y=y, axis=axis)
 
 
@@ -63,9 +84,9 @@ def softmax_backward(dy: np.ndarray, cache: SoftmaxCache) -> np.ndarray:
 
     dy: (..., V, ...)  ->  dx: same shape
     """
+    check_cache_type(f"{OP}_backward", cache, SoftmaxCache)
     y, axis = cache
-    check_shape(f"{OP}_backward", "dy", dy, y.shape)
-    check_same_dtype(f"{OP}_backward", "y", y, dy=dy)
+    _check_dy(f"{OP}_backward", dy, y)
     dot = np.sum(dy * y, axis=axis, keepdims=True)  # <dy, y> per row
     dx = dy - dot
     dx *= y  # (SM.3)  dx = y * (dy - <dy, y>) = (diag(y) - y y^T) dy
@@ -78,10 +99,10 @@ def log_softmax_forward(x: np.ndarray, axis: int = -1) -> Tuple[np.ndarray, LogS
     x: (..., V, ...)  ->  y: same shape and dtype, every entry <= 0.
     """
     axis = _check_input(f"{LOG_OP}_forward", x, axis)
-    z = _shifted(x, axis)
+    z = _shifted(x, axis)  # x - m
     lse = np.log(np.exp(z).sum(axis=axis, keepdims=True))  # in [0, log V]: z has a 0 in every row
-    y = z
-    y -= lse  # (LSM.1)  (in place: z is not needed again)
+    y = np.subtract(z, lse, out=z)  # (LSM.1), written over x - m, which is not needed again
+    del z  # (its buffer is y's now)
     return y, LogSoftmaxCache(y=y, axis=axis)
 
 
@@ -90,12 +111,12 @@ def log_softmax_backward(dy: np.ndarray, cache: LogSoftmaxCache) -> np.ndarray:
 
     dy: (..., V, ...)  ->  dx: same shape
     """
+    check_cache_type(f"{LOG_OP}_backward", cache, LogSoftmaxCache)
     y, axis = cache
-    check_shape(f"{LOG_OP}_backward", "dy", dy, y.shape)
-    check_same_dtype(f"{LOG_OP}_backward", "y", y, dy=dy)
+    _check_dy(f"{LOG_OP}_backward", dy, y)
     p = np.exp(y)  # softmax, (LSM.2)
-    p *= dy.sum(axis=axis, keepdims=True)
-    dx = dy - p  # (LSM.3)  dx = dy - softmax * sum(dy)
+    dx = p * -dy.sum(axis=axis, keepdims=True)  # (LSM.3)  dx = dy - softmax * sum(dy), in one buffer
+    dx += dy
     return dx
 
 

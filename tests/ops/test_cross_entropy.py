@@ -1,4 +1,5 @@
-"""Cross-entropy: torch oracle, finite differences, the equations of proofs/cross_entropy.md."""
+"""Cross-entropy: torch oracle in every memory layout, finite differences, the equations of
+proofs/cross_entropy.md, empty input, bad input."""
 
 import warnings
 
@@ -10,9 +11,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from npformer import gradcheck
-from npformer.ops.cross_entropy import cross_entropy_backward, cross_entropy_forward
+from npformer.ops.cross_entropy import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
+from npformer.ops.softmax import log_softmax_forward
+from tests.badinput import DTYPE_KINDS, NON_ARRAYS, RANK_KINDS, SHAPE_KINDS, corrupt, expect_rejected
 from tests.oracle import backprop, leaf
-from tests.strategies import DTYPES, SCALES, SIDES, randn, rngs, shapes
+from tests.strategies import DTYPES, SCALES, SIDES, in_layout, layouts, randn, rngs, shapes
 from tests.tolerances import FD_RTOL, assert_close
 
 IGNORE_INDICES = st.sampled_from([-100, -1, 1000])
@@ -67,11 +70,15 @@ def loss_scale(expected):
 @pytest.mark.derivation("CE.3")
 @pytest.mark.derivation("CE.5")
 @pytest.mark.derivation("CE.7")
-@given(cases())
-def test_cross_entropy_matches_torch(case):
+@given(cases(), layouts(), layouts())
+def test_cross_entropy_matches_torch(case, logits_layout, targets_layout):
+    """logits and targets in every memory layout; neither is written to."""
     logits, targets, options, dloss = case
-    loss, cache = cross_entropy_forward(logits, targets, **options)
+    logits_in, targets_in = in_layout(logits, logits_layout), in_layout(targets, targets_layout)
+    loss, cache = cross_entropy_forward(logits_in, targets_in, **options)
     dlogits = cross_entropy_backward(dloss, cache)
+    np.testing.assert_array_equal(logits_in, logits)
+    np.testing.assert_array_equal(targets_in, targets)
     t_loss, t_dlogits = torch_oracle(logits, targets, options, dloss)
     assert isinstance(loss, np.ndarray) and loss.shape == () and loss.dtype == logits.dtype
     assert dlogits.dtype == logits.dtype
@@ -242,6 +249,30 @@ def test_single_row():
     assert cross_entropy_backward(1.0, cache).shape == (3,)
 
 
+@pytest.mark.derivation("CE.5")
+@given(DTYPES, shapes(0, 2), SIDES, REDUCTIONS, SMOOTHINGS)
+def test_no_rows_is_the_all_ignored_case(dtype, lead, V, reduction, label_smoothing):
+    """N = 0 rows: loss 0 (no rows to learn from, as when every row is ignored) and an empty gradient."""
+    logits = np.zeros((0,) + lead + (V,), dtype)
+    loss, cache = cross_entropy_forward(logits, np.zeros(logits.shape[:-1], np.int64), reduction=reduction,
+                                        label_smoothing=label_smoothing)
+    dlogits = cross_entropy_backward(np.asarray(1.0, dtype), cache)
+    assert loss.shape == () and loss.dtype == dtype and loss == 0
+    assert dlogits.shape == logits.shape and dlogits.dtype == dtype
+
+
+@given(cases(dtypes=st.just(np.float64)), st.sampled_from(["python int", "python float", "numpy scalar", "0-d array"]))
+def test_dloss_may_be_any_real_scalar(case, form):
+    """dloss as a Python number, a NumPy scalar or a 0-d array of the logits' dtype: one gradient."""
+    logits, targets, options, dloss = case
+    _, cache = cross_entropy_forward(logits, targets, **options)
+    value = round(float(dloss)) or 1
+    given_as = {"python int": value, "python float": float(value), "numpy scalar": np.float32(value),
+                "0-d array": np.asarray(value, np.float64)}[form]
+    np.testing.assert_array_equal(cross_entropy_backward(given_as, cache),
+                                  cross_entropy_backward(np.asarray(float(value)), cache))
+
+
 # ---- bad input -----------------------------------------------------------------------
 
 L, T = np.zeros((2, 3, 5)), np.zeros((2, 3), np.int64)
@@ -253,6 +284,81 @@ def targets_with(value):
     return t
 
 
+LOGITS_KINDS = NON_ARRAYS + DTYPE_KINDS + ("0-d", "V = 0")
+TARGETS_KINDS = (NON_ARRAYS + ("bool", "float16", "complex128", "object", "float32", "float64") + RANK_KINDS
+                 + SHAPE_KINDS + ("too large", "negative"))
+BAD_OPTIONS = {
+    "ignore_index": ("a class", 1.5, True, None, "-100", np.float64(-100)),
+    "label_smoothing": (-0.1, 1.5, float("nan"), float("inf"), True, None, "0.1", [0.1]),
+    "reduction": ("none", "MEAN", None, 1, ("mean",), b"mean"),
+}
+BAD_DLOSS = ("list", "none", "string", float("nan"), float("inf"), "shape (1,)", "other float", "int array",
+             "complex", True)
+
+
+def bad(a, kind, V=None):
+    """``a`` made wrong by ``kind``: a kind of tests/badinput.py, or one of the kinds named here."""
+    if kind == "0-d":
+        return np.asarray(a.reshape(-1)[0])
+    if kind == "V = 0":
+        return a[..., :0]
+    if kind in ("float32", "float64"):
+        return a.astype(kind)
+    if kind == "too large":
+        return np.full_like(a, V)
+    if kind == "negative":
+        return np.full_like(a, -3)
+    return corrupt(a, kind)
+
+
+def forward_with(logits, targets, options, **changes):
+    return lambda: cross_entropy_forward(logits, targets, **{**options, **changes})
+
+
+@given(st.sampled_from(LOGITS_KINDS), cases())
+def test_forward_rejects_bad_logits(kind, case):
+    logits, targets, options, _ = case
+    expect_rejected(forward_with(bad(logits, kind), targets, options), "cross_entropy_forward", "logits")
+
+
+@given(st.sampled_from(TARGETS_KINDS), cases(at_least_one_valid=False))
+def test_forward_rejects_bad_targets(kind, case):
+    """Wrong type, dtype (floats and bools are not class ids), shape, or a value outside [0, V)."""
+    logits, targets, options, _ = case
+    bad_targets = bad(targets, kind, V=logits.shape[-1])
+    expect_rejected(forward_with(logits, bad_targets, options), "cross_entropy_forward", "targets")
+
+
+@pytest.mark.parametrize("option", list(BAD_OPTIONS))
+@given(data=st.data(), case=cases())
+def test_forward_rejects_bad_options(option, data, case):
+    logits, targets, options, _ = case
+    value = data.draw(st.sampled_from(BAD_OPTIONS[option]), label=option)
+    if isinstance(value, str) and value == "a class":
+        value = data.draw(st.integers(0, logits.shape[-1] - 1), label="class")
+    expect_rejected(forward_with(logits, targets, options, **{option: value}), "cross_entropy_forward", option)
+
+
+@given(st.sampled_from(BAD_DLOSS), cases())
+def test_backward_rejects_bad_dloss(kind, case):
+    logits, targets, options, dloss = case
+    _, cache = cross_entropy_forward(logits, targets, **options)
+    other = np.float32 if logits.dtype == np.float64 else np.float64
+    value = {"list": [1.0], "none": None, "string": "1", "shape (1,)": np.ones(1, logits.dtype),
+             "other float": np.asarray(1.0, other), "int array": np.asarray(1), "complex": 1 + 0j}.get(kind, kind) \
+        if isinstance(kind, str) else kind
+    expect_rejected(lambda: cross_entropy_backward(value, cache), "cross_entropy_backward", "dloss")
+
+
+@given(st.sampled_from(["tuple", "none", "other op"]), cases())
+def test_backward_rejects_a_cache_it_did_not_make(kind, case):
+    logits, targets, options, dloss = case
+    _, cache = cross_entropy_forward(logits, targets, **options)
+    assert isinstance(cache, CrossEntropyCache)
+    wrong = {"tuple": tuple(cache), "none": None, "other op": log_softmax_forward(logits)[1]}[kind]
+    expect_rejected(lambda: cross_entropy_backward(dloss, wrong), "cross_entropy_backward", "cache")
+
+
 @pytest.mark.parametrize(
     "logits, targets, options, message",
     [
@@ -262,8 +368,10 @@ def targets_with(value):
         (L, T, {"ignore_index": 0}, "argument 'ignore_index' expected a value outside the class range [0, 5)"),
         (L, T, {"ignore_index": 4}, "argument 'ignore_index' expected a value outside the class range [0, 5)"),
         (L, T, {"reduction": "none"}, "argument 'reduction' expected one of ('mean', 'sum'), got 'none'"),
-        (L, T, {"label_smoothing": 1.5}, "argument 'label_smoothing' expected a value in [0.0, 1.0], got 1.5"),
-        (L, T, {"label_smoothing": -0.1}, "argument 'label_smoothing' expected a value in [0.0, 1.0], got -0.1"),
+        (L, T, {"label_smoothing": 1.5},
+         "argument 'label_smoothing' expected a finite real number in [0.0, 1.0], got 1.5"),
+        (L, T, {"label_smoothing": -0.1},
+         "argument 'label_smoothing' expected a finite real number in [0.0, 1.0], got -0.1"),
         (L, T[:, :2], {}, "argument 'targets' expected shape (2, 3), got (2, 2)"),
         (L, T.reshape(6), {}, "argument 'targets' expected shape (2, 3), got (6,)"),
         (L.astype(np.int64), T, {}, "argument 'logits' expected dtype float32 or float64, got int64"),
@@ -272,13 +380,13 @@ def targets_with(value):
         (np.zeros(()), np.zeros((), np.int64), {}, "argument 'logits' expected at least 1 dimensions, got 0"),
     ],
 )
-def test_bad_input_is_named(logits, targets, options, message):
-    with pytest.raises(ValueError) as err:
-        cross_entropy_forward(logits, targets, **options)
-    assert "cross_entropy_forward: " + message in str(err.value)
+def test_messages_say_what_was_expected_and_what_came(logits, targets, options, message):
+    got = expect_rejected(lambda: cross_entropy_forward(logits, targets, **options), "cross_entropy_forward",
+                          message.split("'")[1])
+    assert "cross_entropy_forward: " + message in got
 
 
-def test_backward_rejects_non_scalar_dloss():
+def test_backward_message_names_dloss_and_its_shape():
     _, cache = cross_entropy_forward(L, T)
-    with pytest.raises(ValueError, match=r"cross_entropy_backward: argument 'dloss' expected a scalar \(shape \(\)\), got shape \(1,\)"):
-        cross_entropy_backward(np.ones(1), cache)
+    got = expect_rejected(lambda: cross_entropy_backward(np.ones(1), cache), "cross_entropy_backward", "dloss")
+    assert "cross_entropy_backward: argument 'dloss' expected a scalar (shape ()), got shape (1,)" in got

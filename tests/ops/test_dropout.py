@@ -1,4 +1,5 @@
-"""Dropout: reproducible masks, torch with the same mask, the equations of proofs/dropout.md."""
+"""Dropout: reproducible masks, torch with the same mask in every memory layout, the equations of
+proofs/dropout.md, empty input, bad input (nothing drawn from the generator when refused)."""
 
 import numpy as np
 import pytest
@@ -7,23 +8,34 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from npformer import gradcheck
-from npformer.ops.dropout import dropout_backward, dropout_forward
+from npformer.ops.dropout import DropoutCache, dropout_backward, dropout_forward, dropout_mask
+from npformer.ops.rmsnorm import rmsnorm_forward
+from tests.badinput import DTYPE_KINDS, NON_ARRAYS, RANK_KINDS, SHAPE_KINDS, corrupt, expect_rejected
 from tests.oracle import backprop, leaf
-from tests.strategies import DTYPES, randn, rngs, shapes
+from tests.strategies import DTYPES, in_layout, layouts, randn, rngs, shapes
 from tests.tolerances import FD_RTOL, assert_close
 
 PS = st.sampled_from([0.0, 0.1, 0.5, 0.9])
+INPUTS = ("x", "dy", "mask")
 
 
 @pytest.mark.derivation("DO.2")
-@given(shapes(1, 3), DTYPES, PS, rngs())
-def test_dropout_matches_torch_with_same_mask(shape, dtype, p, rng):
+@given(shapes(1, 3), DTYPES, PS, st.booleans(), st.fixed_dictionaries({name: layouts() for name in INPUTS}), rngs())
+def test_dropout_matches_torch_with_same_mask(shape, dtype, p, explicit_mask, layout, rng):
+    """x, dy and a given mask in every memory layout; none of them is written to."""
     x, dy = randn(rng, shape, dtype), randn(rng, shape, dtype)
-    y, cache = dropout_forward(x, p, rng)
-    dx = dropout_backward(dy, cache)
-    mask = np.ones(shape, bool) if cache.mask is None else cache.mask
+    mask = rng.random(shape) >= p if explicit_mask else None
+    args = {name: in_layout(a, layout[name]) for name, a in (("x", x), ("dy", dy), ("mask", mask)) if a is not None}
+    y, cache = dropout_forward(args["x"], p, rng, mask=args.get("mask"))
+    dx = dropout_backward(args["dy"], cache)
+    for name, a in (("x", x), ("dy", dy), ("mask", mask)):
+        if a is not None:
+            np.testing.assert_array_equal(args[name], a, err_msg=f"{name} was written to")
+    used = np.ones(shape, bool) if cache.mask is None else cache.mask
+    if explicit_mask and p > 0:
+        np.testing.assert_array_equal(used, mask)
     tx = leaf(x)
-    ty = tx * torch.from_numpy(mask) / (1 - p)  # torch's dropout formula with our mask
+    ty = tx * torch.from_numpy(np.ascontiguousarray(used)) / (1 - p)  # torch's dropout formula with our mask
     (tdx,) = backprop(ty, dy, tx)
     assert y.dtype == dx.dtype == dtype
     assert_close(y, ty.detach().numpy(), what="y")
@@ -59,14 +71,19 @@ def test_mean_is_preserved():
     assert abs(y.mean() - 2.0) < 5 * 2.0 / 0.75 * np.sqrt(0.25 * 0.75 / y.size)
 
 
+@pytest.mark.derivation("DO.2")
 @pytest.mark.derivation("DO.3")
-@given(shapes(1, 3), rngs())
-def test_backward_uses_the_same_mask(shape, rng):
-    x, dy = randn(rng, shape), randn(rng, shape)
-    y, cache = dropout_forward(x, 0.4, rng)
+@given(shapes(1, 3), DTYPES, st.sampled_from([0.1, 0.4, 0.9]), rngs())
+def test_backward_uses_the_same_mask(shape, dtype, p, rng):
+    """With a mask chosen here: y = s m x (DO.2) and dx = s m dy (DO.3), s = 1 / (1 - p), in float64."""
+    x, dy = randn(rng, shape, dtype), randn(rng, shape, dtype)
+    m = rng.random(shape) >= p
+    y, cache = dropout_forward(x, p, None, mask=m)
     dx = dropout_backward(dy, cache)
-    np.testing.assert_array_equal(dx == 0, ~cache.mask)
-    assert_close(dx, dy * cache.mask / 0.6, what="dx vs (DO.3)")
+    s = 1.0 / (1.0 - p)
+    assert_close(y, s * m * x.astype(np.float64), scale=s * float(np.abs(x).max()), what="y vs (DO.2)")
+    assert_close(dx, s * m * dy.astype(np.float64), scale=s * float(np.abs(dy).max()), what="dx vs (DO.3)")
+    np.testing.assert_array_equal(dx == 0, ~m)
 
 
 @given(shapes(1, 2), rngs())
@@ -77,10 +94,107 @@ def test_finite_differences(shape, rng):
     assert results[0].max_rel < FD_RTOL, gradcheck.format_table(results)
 
 
-def test_bad_input_is_named():
-    with pytest.raises(ValueError, match=r"dropout_forward: argument 'p' expected a value in \[0.0, 1.0\), got 1.0"):
-        dropout_forward(np.ones(3), 1.0, np.random.default_rng(0))
-    with pytest.raises(ValueError, match="dropout_forward: argument 'x' expected dtype float32 or float64, got int64"):
-        dropout_forward(np.ones(3, np.int64), 0.5, np.random.default_rng(0))
-    with pytest.raises(ValueError, match=r"dropout_forward: argument 'mask' expected shape \(3,\), got \(4,\)"):
-        dropout_forward(np.ones(3), 0.5, None, mask=np.ones(4, bool))
+@given(DTYPES, shapes(1, 3).map(lambda s: (0,) + s[1:]), PS, st.booleans())
+def test_empty_in_empty_out(dtype, shape, p, training):
+    x = np.zeros(shape, dtype)
+    y, cache = dropout_forward(x, p, np.random.default_rng(0), training=training)
+    dx = dropout_backward(np.zeros(shape, dtype), cache)
+    assert y.shape == dx.shape == shape and y.dtype == dx.dtype == dtype
+    assert dropout_mask(shape, p, np.random.default_rng(0)).shape == shape
+
+
+# ---- bad input ----------------------------------------------------------------------------
+
+X_KINDS = NON_ARRAYS + DTYPE_KINDS
+# A mask is bool: 0/1 numbers (floats, ints) are refused rather than taken as a scale.
+MASK_KINDS = ("list", "tuple", "scalar", "string", "float64", "float32", "int64", "uint8", "object") + RANK_KINDS + (
+    SHAPE_KINDS)
+EXACT_KINDS = NON_ARRAYS + DTYPE_KINDS + RANK_KINDS + SHAPE_KINDS + ("other float",)
+BAD = {
+    "p": (-0.1, 1.0, 1.5, float("nan"), float("inf"), True, None, "0.5", [0.5]),
+    "rng": (None, 7, "seed", np.random.RandomState(0)),
+    "training": (1, 0, "yes", None, np.array(True)),
+}
+
+
+def bad(a, kind):
+    if kind == "other float":
+        return a.astype(np.float32 if a.dtype == np.float64 else np.float64)
+    if kind in ("float64", "float32"):
+        return a.astype(kind)
+    return corrupt(a, kind)
+
+
+@st.composite
+def valid(draw):
+    shape, dtype, rng = draw(shapes(1, 3)), draw(DTYPES), draw(rngs())
+    x, dy = randn(rng, shape, dtype), randn(rng, shape, dtype)
+    return {"x": x, "p": draw(st.sampled_from([0.1, 0.5])), "rng": rng, "training": True,
+            "mask": rng.random(shape) >= 0.5, "dy": dy}
+
+
+def forward(a, **changes):
+    a = {**a, **changes}
+    return lambda: dropout_forward(a["x"], a["p"], a["rng"], training=a["training"], mask=a["mask"])
+
+
+@pytest.mark.parametrize("arg, kinds", [("x", X_KINDS), ("mask", MASK_KINDS)])
+@given(data=st.data(), a=valid())
+def test_forward_rejects_bad_arrays_and_draws_nothing(arg, kinds, data, a):
+    state = a["rng"].bit_generator.state
+    expect_rejected(forward(a, **{arg: bad(a[arg], data.draw(st.sampled_from(kinds), label="kind"))}),
+                    "dropout_forward", arg)
+    assert a["rng"].bit_generator.state == state
+
+
+@pytest.mark.parametrize("arg", list(BAD))
+@given(data=st.data(), a=valid())
+def test_forward_rejects_bad_options(arg, data, a):
+    value = data.draw(st.sampled_from(BAD[arg]), label=arg)
+    changes = {arg: value, "mask": None} if arg == "rng" else {arg: value}  # the generator is needed without a mask
+    expect_rejected(forward(a, **changes), "dropout_forward", arg)
+
+
+@given(st.sampled_from(EXACT_KINDS), valid(), st.booleans())
+def test_backward_rejects_bad_dy(kind, a, training):
+    """dy must match x's shape and dtype, in training and in evaluation (an integer dy would truncate s dy)."""
+    _, cache = dropout_forward(a["x"], a["p"], a["rng"], training=training)
+    bad_dy = bad(a["dy"], kind)
+    expect_rejected(lambda: dropout_backward(bad_dy, cache), "dropout_backward", "dy")
+
+
+@given(st.sampled_from(["tuple", "none", "other op"]), valid())
+def test_backward_rejects_a_cache_it_did_not_make(kind, a):
+    _, cache = dropout_forward(a["x"], a["p"], a["rng"])
+    assert isinstance(cache, DropoutCache)
+    x = a["x"]
+    wrong = {"tuple": tuple(cache), "none": None, "other op": rmsnorm_forward(x, np.ones(x.shape[-1], x.dtype))[1]}
+    expect_rejected(lambda: dropout_backward(a["dy"], wrong[kind]), "dropout_backward", "cache")
+
+
+@given(st.sampled_from([("shape", -1), ("shape", (2, -1)), ("shape", "3"), ("shape", (2.0,)), ("shape", None),
+                        ("shape", True), ("p", 1.0), ("p", -0.5), ("p", float("nan")), ("rng", None), ("rng", 3)]))
+def test_dropout_mask_rejects_bad_arguments(case):
+    arg, value = case
+    a = {"shape": (2, 3), "p": 0.5, "rng": np.random.default_rng(0), **{arg: value}}
+    expect_rejected(lambda: dropout_mask(a["shape"], a["p"], a["rng"]), "dropout_mask", arg)
+
+
+def test_messages_say_what_was_expected_and_what_came():
+    rng = np.random.default_rng(0)
+    cases = [
+        (lambda: dropout_forward(np.ones(3), 1.0, rng),
+         "dropout_forward: argument 'p' expected a finite real number in [0.0, 1.0), got 1.0"),
+        (lambda: dropout_forward(np.ones(3, np.int64), 0.5, rng),
+         "dropout_forward: argument 'x' expected dtype float32 or float64, got int64"),
+        (lambda: dropout_forward(np.ones(3), 0.5, None, mask=np.ones(4, bool)),
+         "dropout_forward: argument 'mask' expected shape (3,), got (4,)"),
+        (lambda: dropout_forward(np.ones(3), 0.5, None, mask=np.ones(3)),
+         "dropout_forward: argument 'mask' expected dtype bool (True = kept), got float64"),
+        (lambda: dropout_forward(np.ones(3), 0.5, None),
+         "dropout_forward: argument 'rng' expected a numpy.random.Generator, got NoneType"),
+        (lambda: dropout_backward(np.ones(3, np.int64), dropout_forward(np.ones(3), 0.5, rng)[1]),
+         "dropout_backward: argument 'dy' expected dtype float32 or float64, got int64"),
+    ]
+    for call, message in cases:
+        assert message in expect_rejected(call, message.split(":")[0], message.split("'")[1])

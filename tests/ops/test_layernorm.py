@@ -1,4 +1,6 @@
-"""LayerNorm: torch oracle, finite differences, the equations of proofs/layernorm.md."""
+"""LayerNorm: torch oracle in every memory layout, finite differences, the equations of
+proofs/layernorm.md evaluated independently, float32 rows far from zero, huge rows,
+empty input, bad input."""
 
 import numpy as np
 import pytest
@@ -8,12 +10,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from npformer import gradcheck
-from npformer.ops.layernorm import layernorm_backward, layernorm_forward
+from npformer.ops.layernorm import LayerNormCache, layernorm_backward, layernorm_forward
+from npformer.ops.rmsnorm import rmsnorm_forward
+from tests.badinput import DTYPE_KINDS, NON_ARRAYS, RANK_KINDS, SHAPE_KINDS, corrupt, expect_rejected
 from tests.oracle import backprop, leaf
-from tests.strategies import DTYPES, SCALES, randn, rngs, shapes
-from tests.tolerances import FD_RTOL, assert_close
+from tests.strategies import DTYPES, SCALES, in_layout, layouts, randn, rngs, shapes
+from tests.tolerances import FD_RTOL, RTOL, assert_close
 
 EPS = 1e-5
+INPUTS = ("x", "gamma", "beta", "dy")
 
 
 def make(rng, shape, dtype, scale=1.0):
@@ -25,10 +30,28 @@ def make(rng, shape, dtype, scale=1.0):
     return x, gamma, beta, dy
 
 
-def run_both(x, gamma, beta, dy):
-    """npformer forward+backward, and the float64 torch oracle on the same values."""
-    y, cache = layernorm_forward(x, gamma, beta, EPS)
-    grads = layernorm_backward(dy, cache)
+def reference(x, gamma, beta, dy, eps=EPS):
+    """(LN.1)-(LN.5) and (LN.8)-(LN.10) written out in float64 from the proof, independently of the op."""
+    x, gamma, beta, dy = (np.asarray(a, np.float64) for a in (x, gamma, beta, dy))
+    mu = x.mean(-1, keepdims=True)  # (LN.1)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)  # (LN.2)
+    r = 1.0 / np.sqrt(var + eps)  # (LN.3)
+    xhat = (x - mu) * r  # (LN.4)
+    y = gamma * xhat + beta  # (LN.5)
+    g = dy * gamma  # (LN.8)
+    dx = r * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))  # (LN.10)
+    return {"y": y, "xhat": xhat, "r": r, "g": g, "dx": dx}
+
+
+def run_both(x, gamma, beta, dy, layout=None):
+    """npformer forward+backward (inputs in the given layouts), and the float64 torch oracle on the same values."""
+    layout = layout or dict.fromkeys(INPUTS, "contiguous")
+    args = {name: in_layout(a, layout[name]) for name, a in zip(INPUTS, (x, gamma, beta, dy))}
+    saved = {name: a.copy() for name, a in args.items()}
+    y, cache = layernorm_forward(args["x"], args["gamma"], args["beta"], EPS)
+    grads = layernorm_backward(args["dy"], cache)
+    for name, a in args.items():
+        np.testing.assert_array_equal(a, saved[name], err_msg=f"{name} was written to")
     tx, tg, tb = leaf(x), leaf(gamma), leaf(beta)
     ty = torch.nn.functional.layer_norm(tx, (x.shape[-1],), tg, tb, EPS)
     return (y, *grads), (ty.detach().numpy(), *backprop(ty, dy, tx, tg, tb))
@@ -40,26 +63,30 @@ def term_scales(x, gamma, beta, dy):
     (For D = 1 every gradient but dbeta is zero in exact arithmetic, and only this
     scale says how small "zero" has to be.)
     """
-    rstd = 1 / np.sqrt(x.var(-1, keepdims=True) + EPS)
+    x64 = x.astype(np.float64)
+    rstd = 1 / np.sqrt(x64.var(-1, keepdims=True) + EPS)
     dy_abs = np.abs(dy.astype(np.float64))
+    xhat_abs = np.abs(x64 - x64.mean(-1, keepdims=True)) * rstd
     return {
-        "y": float(np.abs(gamma).max() * np.abs(x).max() * rstd.max() + np.abs(beta).max()),
+        "y": float(np.abs(gamma).max() * xhat_abs.max() + np.abs(beta).max()),
         "dx": float((rstd * dy_abs * np.abs(gamma)).max() * 3),
         "dgamma": float(dy_abs.sum(axis=tuple(range(dy.ndim - 1))).max() * 3),
         "dbeta": float(dy_abs.sum(axis=tuple(range(dy.ndim - 1))).max()),
     }
 
 
-# Values up to 1e3 in float64; float32 keeps moderate magnitudes, where its 1e-4 bound is meaningful.
+# Values up to 1e3 in float64; float32 keeps moderate magnitudes here (far from zero: test_float32_rows_far_from_zero).
 cases = st.tuples(shapes(1, 3), DTYPES, SCALES, rngs()).filter(lambda c: c[1] == np.float64 or c[2] <= 30)
+input_layouts = st.fixed_dictionaries({name: layouts() for name in INPUTS})
 
 
 @pytest.mark.derivation("LN.5")
-@given(cases)
-def test_layernorm_matches_torch(case):
+@given(cases, input_layouts)
+def test_layernorm_matches_torch(case, layout):
+    """Every input (dy included) in every memory layout: same values, inputs left unchanged."""
     shape, dtype, scale, rng = case
     inputs = make(rng, shape, dtype, scale)
-    ours, oracle = run_both(*inputs)
+    ours, oracle = run_both(*inputs, layout=layout)
     scales = term_scales(*inputs)
     for name, a, b in zip(("y", "dx", "dgamma", "dbeta"), ours, oracle):
         assert a.dtype == dtype, name
@@ -80,7 +107,7 @@ def test_dbeta_is_row_sum(shape, rng):
 def test_dgamma_formula(shape, rng):
     x, gamma, beta, dy = make(rng, shape, np.float64)
     ours, oracle = run_both(x, gamma, beta, dy)
-    xhat = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + EPS)
+    xhat = reference(x, gamma, beta, dy)["xhat"]
     scale = term_scales(x, gamma, beta, dy)["dgamma"]
     assert_close(ours[2], oracle[2], scale=scale, what="dgamma vs torch")
     assert_close(ours[2], (dy * xhat).reshape(-1, shape[-1]).sum(0), scale=scale, what="dgamma vs (LN.7)")
@@ -118,25 +145,47 @@ def test_dx_formula_symbolic():
         assert sp.simplify(chain - claimed) == 0, j
 
 
-@pytest.mark.derivation("LN.10")
-@given(shapes(1, 3), rngs())
-def test_dx_formula(shape, rng):
-    x, gamma, beta, dy = make(rng, shape, np.float64)
-    ours, oracle = run_both(x, gamma, beta, dy)
-    assert_close(ours[1], oracle[1], scale=term_scales(x, gamma, beta, dy)["dx"], what="dx vs torch")
+@pytest.mark.derivation("LN.11")
+def test_dx_invariances_symbolic():
+    """From (LN.10): sum_j dx_j = 0 and sum_j dx_j xhat_j = eps r^3 sum_i g_i xhat_i."""
+    D = 3
+    x, eps, r, xhat = _symbolic_row(D)
+    g = sp.symbols(f"g0:{D}", real=True)
+    dx = [r * (g[j] - sum(g) / D - xhat[j] * sum(gi * xi for gi, xi in zip(g, xhat)) / D) for j in range(D)]
+    assert sp.simplify(sum(dx)) == 0
+    along = sum(d * xh for d, xh in zip(dx, xhat)) - eps * r**3 * sum(gi * xi for gi, xi in zip(g, xhat))
+    assert sp.simplify(along) == 0  # (LN.11)
 
 
 @pytest.mark.derivation("LN.10")
-@given(shapes(1, 3, sides=st.sampled_from([2, 3, 5, 8])), rngs())
-def test_dx_invariances(shape, rng):
-    """Each row of dx sums to zero and, with eps = 0, is orthogonal to xhat (shift and scale invariance)."""
+@given(shapes(1, 3), st.sampled_from([EPS, 1e-2, 1.0]), rngs())
+def test_dx_formula(shape, eps, rng):
+    """(LN.10) evaluated in float64 from x itself agrees with torch autograd, and the op agrees with it."""
     x, gamma, beta, dy = make(rng, shape, np.float64)
-    _, cache = layernorm_forward(x, gamma, beta, eps=0.0)
+    formula = reference(x, gamma, beta, dy, eps)["dx"]
+    tx = leaf(x)
+    ty = torch.nn.functional.layer_norm(tx, (shape[-1],), leaf(gamma, grad=False), leaf(beta, grad=False), eps)
+    (autograd,) = backprop(ty, dy, tx)
+    _, cache = layernorm_forward(x, gamma, beta, eps)
     dx, _, _ = layernorm_backward(dy, cache)
-    # Round-off is set by the terms that cancel in (LN.10): rstd * |dxhat| per entry.
-    scale = (cache.rstd * np.abs(dy * gamma)).max() * shape[-1]
-    assert np.all(np.abs(dx.sum(-1)) <= 1e-13 * scale)
-    assert np.all(np.abs((dx * cache.xhat).sum(-1)) <= 1e-13 * scale)
+    scale = float((reference(x, gamma, beta, dy, eps)["r"] * np.abs(dy * gamma)).max() * 3)
+    assert_close(formula, autograd, scale=scale, what="(LN.10) vs torch autograd")
+    assert_close(dx, formula, scale=scale, what="dx vs (LN.10)")
+
+
+@pytest.mark.derivation("LN.11")
+@given(shapes(1, 3, sides=st.sampled_from([2, 3, 5, 8])), st.sampled_from([0.0, EPS, 1e-2, 1.0]), rngs())
+def test_dx_invariances(shape, eps, rng):
+    """Each row of dx sums to zero, and its component along xhat is eps r^3 <dxhat, xhat> (LN.11)."""
+    x, gamma, beta, dy = make(rng, shape, np.float64)
+    ref = reference(x, gamma, beta, dy, eps)
+    _, cache = layernorm_forward(x, gamma, beta, eps=eps)
+    dx, _, _ = layernorm_backward(dy, cache)
+    # Round-off is set by the terms that cancel in (LN.10): r * |dxhat| per entry, D of them per row.
+    scale = float((ref["r"] * np.abs(ref["g"])).max() * shape[-1])
+    assert_close(dx.sum(-1), np.zeros(shape[:-1]), scale=scale, what="row sums of dx")
+    eps_term = eps * ref["r"][..., 0] ** 3 * (ref["g"] * ref["xhat"]).sum(-1)  # (LN.11)
+    assert_close((dx * ref["xhat"]).sum(-1), eps_term, scale=scale, what="<dx, xhat> vs eps r^3 <dxhat, xhat>")
 
 
 # D >= 3: for D <= 2 the normalised row is constant up to eps and its gradient is round-off.
@@ -149,24 +198,169 @@ def test_finite_differences(shape, rng):
     assert max(r.max_rel for r in results) < FD_RTOL, gradcheck.format_table(results)
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        ((np.ones((2, 4)), np.ones(3), np.ones(4)), "layernorm_forward: argument 'gamma' expected shape (4,), got (3,)"),
-        ((np.ones((2, 4)), np.ones(4), np.ones((1, 4))), "argument 'beta' expected shape (4,), got (1, 4)"),
-        ((np.ones((2, 4), np.int64), np.ones(4), np.ones(4)), "argument 'x' expected dtype float32 or float64, got int64"),
-        ((np.ones((2, 4), np.float32), np.ones(4), np.ones(4)), "argument 'gamma' expected dtype float32"),
-        ((np.ones(()), np.ones(4), np.ones(4)), "argument 'x' expected at least 1 dimensions, got 0"),
-        (([1.0, 2.0], np.ones(2), np.ones(2)), "argument 'x' expected a numpy.ndarray, got list"),
-    ],
-)
-def test_bad_input_is_named(args, message):
-    with pytest.raises(ValueError) as err:
-        layernorm_forward(*args)
-    assert message in str(err.value)
+# ---- floating point: rows far from zero, constant rows, huge rows ------------------------
+
+OFFSETS = st.sampled_from([0.0, 1.0, -3e2, 1e3, 1000.1, -1e4, 10000.3, 1e5, -1e6, 1e6])
+SPREADS = st.sampled_from([0.0, 1e-6, 1e-3, 1e-2, 0.1, 1.0, 30.0])
 
 
-def test_backward_rejects_wrong_dy_shape():
-    _, cache = layernorm_forward(np.ones((2, 4)), np.ones(4), np.zeros(4))
-    with pytest.raises(ValueError, match=r"layernorm_backward: argument 'dy' expected shape \(2, 4\), got \(4,\)"):
-        layernorm_backward(np.ones(4), cache)
+@pytest.mark.derivation("LN.12")
+@given(st.sampled_from([1, 2, 3, 7, 64, 768]), st.sampled_from([1, 2, 3]), OFFSETS, SPREADS,
+       st.sampled_from([EPS, 1e-6, 1e-12]), rngs())
+def test_float32_rows_far_from_zero(D, rows, offset, spread, eps, rng):
+    """float32 rows offset + spread * noise against the float64 formula on the same float32 values.
+
+    The error is judged by the size of y (|gamma| |xhat| + |beta|), not by the size of x.
+    """
+    x = (offset + spread * rng.standard_normal((rows, D))).astype(np.float32)
+    gamma = randn(rng, (D,), np.float32)
+    beta = randn(rng, (D,), np.float32)
+    dy = randn(rng, (rows, D), np.float32)
+    y, cache = layernorm_forward(x, gamma, beta, eps)
+    dx, dgamma, dbeta = layernorm_backward(dy, cache)
+    ref = reference(x, gamma, beta, dy, eps)
+    y_scale = float(np.abs(gamma).max() * np.abs(ref["xhat"]).max() + np.abs(beta).max())
+    assert_close(y, ref["y"], scale=y_scale, what="y")
+    assert_close(cache.xhat, ref["xhat"], scale=max(float(np.abs(ref["xhat"]).max()), 1.0), what="xhat")
+    dx_scale = float((ref["r"] * np.abs(ref["g"])).max() * 3)
+    assert_close(dx, ref["dx"], scale=dx_scale, what="dx")
+    assert_close(dgamma, (dy * ref["xhat"]).sum(0), scale=float(np.abs(dy).sum(0).max() * 3), what="dgamma")
+
+
+CONSTANTS = st.one_of(st.sampled_from([1000.1, 10000.3, -77.7, 3.3e5, 1e30]),
+                      st.floats(allow_nan=False, allow_infinity=False, width=32))
+
+
+@pytest.mark.derivation("LN.12")
+@given(DTYPES, st.sampled_from([1, 2, 3]), st.sampled_from([1, 3, 7, 64, 768]), CONSTANTS, rngs())
+def test_constant_rows_give_beta(dtype, rows, D, value, rng):
+    """A constant row, at any offset, is centred exactly: xhat = 0 and y = beta to the last bit."""
+    shape = (rows, D)
+    x = np.full(shape, value, dtype)
+    gamma, beta = randn(rng, shape[-1:], dtype), randn(rng, shape[-1:], dtype)
+    y, cache = layernorm_forward(x, gamma, beta, EPS)
+    assert np.all(cache.xhat == 0)
+    np.testing.assert_array_equal(y, np.broadcast_to(beta, shape))
+
+
+def _power_of_two_below(a):
+    return 2.0 ** np.floor(np.log2(a))
+
+
+@pytest.mark.derivation("LN.13")
+@given(DTYPES, st.sampled_from([1, 2, 3, 7]), st.sampled_from([1e15, 1e20, 1e30, 1e36, 3e38, 1e150, 1e300]),
+       st.sampled_from([0.0, 1e-3, 1.0]), rngs())
+def test_huge_rows_are_scaled(dtype, D, magnitude, relative_offset, rng):
+    """Rows whose squares overflow give the same xhat, y and dx as the formula on x / 2^k (k exact)."""
+    limit = float(np.finfo(dtype).max)
+    magnitude = min(magnitude, limit / 4)
+    x = magnitude * (relative_offset * 8 + rng.uniform(-1, 1, (2, D)))
+    x = np.clip(x, -limit, limit).astype(dtype)
+    x[1] = x[0, ::-1]  # a second row with the same entries in another order
+    gamma, beta, dy = randn(rng, (D,), dtype), randn(rng, (D,), dtype), randn(rng, (2, D), dtype)
+    y, cache = layernorm_forward(x, gamma, beta, EPS)
+    dx, _, _ = layernorm_backward(dy, cache)
+    # An exact power-of-two scale brings the row into range without rounding; eps scales with it squared.
+    s = _power_of_two_below(np.abs(x.astype(np.float64)).max(-1, keepdims=True))
+    z = x.astype(np.float64) / s
+    ref = reference(z, gamma, beta, dy, EPS / s / s)
+    assert np.all(np.isfinite(y)) and np.all(np.isfinite(dx))
+    assert_close(y, ref["y"], scale=float(np.abs(gamma).max() * np.abs(ref["xhat"]).max() + np.abs(beta).max()),
+                 what="y")
+    rtol = RTOL[np.dtype(dtype)]
+    assert_close(cache.rstd * s, ref["r"], rtol=rtol, what="rstd * s")  # r(x) = r(z) / s
+    assert_close(dx * s, ref["dx"], rtol=rtol, scale=float((ref["r"] * np.abs(ref["g"])).max() * 3), what="dx * s")
+
+
+# ---- empty input ---------------------------------------------------------------------------
+
+
+@given(DTYPES, shapes(0, 2), st.sampled_from([1, 3, 8]))
+def test_no_rows_gives_empty_output_and_zero_parameter_gradients(dtype, lead, D):
+    shape = (0,) + lead + (D,)
+    x = np.zeros(shape, dtype)
+    gamma, beta = np.ones(D, dtype), np.zeros(D, dtype)
+    y, cache = layernorm_forward(x, gamma, beta)
+    dx, dgamma, dbeta = layernorm_backward(np.zeros(shape, dtype), cache)
+    assert y.shape == dx.shape == shape and y.dtype == dx.dtype == dtype
+    np.testing.assert_array_equal(dgamma, np.zeros(D, dtype))
+    np.testing.assert_array_equal(dbeta, np.zeros(D, dtype))
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+# gamma, beta and dy have exactly one right shape and dtype; x may have any leading shape.
+EXACT_KINDS = NON_ARRAYS + DTYPE_KINDS + RANK_KINDS + SHAPE_KINDS + ("other float",)
+X_KINDS = NON_ARRAYS + DTYPE_KINDS + ("0-d", "D = 0")
+BAD_EPS = (-1e-5, -1.0, float("nan"), float("inf"), -float("inf"), "1e-5", None, True, [1e-5])
+
+
+def bad(x, kind):
+    """``x`` made wrong by ``kind``: a kind of tests/badinput.py, or one of the kinds named here."""
+    if kind == "other float":
+        return x.astype(np.float32 if x.dtype == np.float64 else np.float64)
+    if kind == "0-d":
+        return np.asarray(x.reshape(-1)[0])
+    if kind == "D = 0":
+        return x[..., :0]
+    return corrupt(x, kind)
+
+
+def valid_inputs(shape, dtype, rng):
+    x, gamma, beta, dy = make(rng, shape, dtype)
+    return {"x": x, "gamma": gamma, "beta": beta, "dy": dy}
+
+
+@pytest.mark.parametrize("arg, kinds", [("x", X_KINDS), ("gamma", EXACT_KINDS), ("beta", EXACT_KINDS)])
+@given(data=st.data(), shape=shapes(1, 3), dtype=DTYPES, rng=rngs())
+def test_forward_rejects_bad_arrays(arg, kinds, data, shape, dtype, rng):
+    inputs = valid_inputs(shape, dtype, rng)
+    inputs[arg] = bad(inputs[arg], data.draw(st.sampled_from(kinds), label="kind"))
+    expect_rejected(lambda: layernorm_forward(inputs["x"], inputs["gamma"], inputs["beta"]), "layernorm_forward", arg)
+
+
+@given(st.sampled_from(BAD_EPS), shapes(1, 2), rngs())
+def test_forward_rejects_bad_eps(eps, shape, rng):
+    inputs = valid_inputs(shape, np.float64, rng)
+    message = expect_rejected(lambda: layernorm_forward(inputs["x"], inputs["gamma"], inputs["beta"], eps),
+                              "layernorm_forward", "eps")
+    assert "finite real number in [0.0, inf)" in message
+
+
+@given(st.sampled_from(EXACT_KINDS), shapes(1, 3), DTYPES, rngs())
+def test_backward_rejects_bad_dy(kind, shape, dtype, rng):
+    """dy must match the cache: a float array of x's shape and dtype (an integer dy is refused, not cast)."""
+    inputs = valid_inputs(shape, dtype, rng)
+    _, cache = layernorm_forward(inputs["x"], inputs["gamma"], inputs["beta"])
+    bad_dy = bad(inputs["dy"], kind)
+    expect_rejected(lambda: layernorm_backward(bad_dy, cache), "layernorm_backward", "dy")
+
+
+@given(st.sampled_from(["tuple", "none", "other op"]), shapes(1, 2), rngs())
+def test_backward_rejects_a_cache_it_did_not_make(kind, shape, rng):
+    inputs = valid_inputs(shape, np.float64, rng)
+    _, cache = layernorm_forward(inputs["x"], inputs["gamma"], inputs["beta"])
+    wrong = {"tuple": tuple(cache), "none": None, "other op": rmsnorm_forward(inputs["x"], inputs["gamma"])[1]}[kind]
+    expect_rejected(lambda: layernorm_backward(inputs["dy"], wrong), "layernorm_backward", "cache")
+    assert isinstance(cache, LayerNormCache)
+
+
+def test_messages_say_what_was_expected_and_what_came():
+    x, w = np.ones((2, 4)), np.ones(4)
+    cases = [
+        ((x, np.ones(3), w), "layernorm_forward: argument 'gamma' expected shape (4,), got (3,)"),
+        ((x, w, np.ones((1, 4))), "layernorm_forward: argument 'beta' expected shape (4,), got (1, 4)"),
+        ((x.astype(np.int64), w, w), "layernorm_forward: argument 'x' expected dtype float32 or float64, got int64"),
+        ((x.astype(np.float32), w, w), "argument 'gamma' expected dtype float32 (same as 'x'), got float64"),
+        ((np.ones(()), w, w), "argument 'x' expected at least 1 dimensions, got 0"),
+        (([1.0, 2.0], w[:2], w[:2]), "argument 'x' expected a numpy.ndarray, got list"),
+        ((x, [1.0] * 4, w), "argument 'gamma' expected a numpy.ndarray, got list"),
+        ((np.ones((2, 0)), np.ones(0), np.ones(0)), "argument 'x' expected at least one entry on the last axis"),
+    ]
+    for args, message in cases:
+        assert message in expect_rejected(lambda: layernorm_forward(*args), "layernorm_forward", message.split("'")[1])
+    _, cache = layernorm_forward(x, w, w)
+    message = expect_rejected(lambda: layernorm_backward(np.ones(4), cache), "layernorm_backward", "dy")
+    assert "argument 'dy' expected shape (2, 4), got (4,)" in message
+    message = expect_rejected(lambda: layernorm_backward(np.ones((2, 4), np.int64), cache), "layernorm_backward", "dy")
+    assert "argument 'dy' expected dtype float32 or float64, got int64" in message

@@ -1,4 +1,6 @@
-"""RMSNorm: torch oracle, finite differences, the equations of proofs/rmsnorm.md."""
+"""RMSNorm: torch oracle in every memory layout, finite differences, the equations of
+proofs/rmsnorm.md evaluated independently, float32 rows far from zero, huge rows,
+empty input, bad input."""
 
 import numpy as np
 import pytest
@@ -8,74 +10,95 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from npformer import gradcheck
-from npformer.ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
+from npformer.ops.layernorm import layernorm_forward
+from npformer.ops.rmsnorm import RMSNormCache, rmsnorm_backward, rmsnorm_forward
+from tests.badinput import DTYPE_KINDS, NON_ARRAYS, RANK_KINDS, SHAPE_KINDS, corrupt, expect_rejected
 from tests.oracle import backprop, leaf
-from tests.strategies import DTYPES, SCALES, randn, rngs, shapes
-from tests.tolerances import FD_RTOL, assert_close
+from tests.strategies import DTYPES, SCALES, in_layout, layouts, randn, rngs, shapes
+from tests.tolerances import FD_RTOL, RTOL, assert_close
 
 EPS = 1e-6
+INPUTS = ("x", "gamma", "dy")
 
 
 def make(rng, shape, dtype, scale=1.0):
     return randn(rng, shape, dtype, scale), randn(rng, shape[-1:], dtype), randn(rng, shape, dtype)
 
 
-def run_both(x, w, dy):
-    y, cache = rmsnorm_forward(x, w, EPS)
-    ours = (y, *rmsnorm_backward(dy, cache))
-    tx, tw = leaf(x), leaf(w)
+def reference(x, gamma, dy, eps=EPS):
+    """(RMS.1)-(RMS.4), (RMS.6) and (RMS.8) written out in float64 from the proof, independently of the op."""
+    x, gamma, dy = (np.asarray(a, np.float64) for a in (x, gamma, dy))
+    m = (x * x).mean(-1, keepdims=True)  # (RMS.1)
+    r = 1.0 / np.sqrt(m + eps)  # (RMS.2)
+    xhat = x * r  # (RMS.3)
+    g = dy * gamma  # (RMS.6)
+    dx = r * (g - xhat * (g * xhat).mean(-1, keepdims=True))  # (RMS.8)
+    return {"y": gamma * xhat, "xhat": xhat, "r": r, "g": g, "dx": dx}
+
+
+def run_both(x, gamma, dy, layout=None):
+    layout = layout or dict.fromkeys(INPUTS, "contiguous")
+    args = {name: in_layout(a, layout[name]) for name, a in zip(INPUTS, (x, gamma, dy))}
+    saved = {name: a.copy() for name, a in args.items()}
+    y, cache = rmsnorm_forward(args["x"], args["gamma"], EPS)
+    ours = (y, *rmsnorm_backward(args["dy"], cache))
+    for name, a in args.items():
+        np.testing.assert_array_equal(a, saved[name], err_msg=f"{name} was written to")
+    tx, tw = leaf(x), leaf(gamma)
     ty = torch.nn.functional.rms_norm(tx, (x.shape[-1],), tw, EPS)
     return ours, (ty.detach().numpy(), *backprop(ty, dy, tx, tw))
 
 
-def term_scales(x, w, dy):
+def term_scales(x, gamma, dy):
     rstd = 1 / np.sqrt(np.mean(x.astype(np.float64) ** 2, -1, keepdims=True) + EPS)
     ady = np.abs(dy.astype(np.float64))
     rows = tuple(range(dy.ndim - 1))
     return {
-        "y": float(np.abs(w).max() * (np.abs(x) * rstd).max()),
-        "dx": float((rstd * ady * np.abs(w)).max() * 2),
-        "dweight": float((ady * np.abs(x) * rstd).sum(axis=rows).max()),
+        "y": float(np.abs(gamma).max() * (np.abs(x) * rstd).max()),
+        "dx": float((rstd * ady * np.abs(gamma)).max() * 2),
+        "dgamma": float((ady * np.abs(x) * rstd).sum(axis=rows).max()),
     }
 
 
 cases = st.tuples(shapes(1, 3), DTYPES, SCALES, rngs())
+input_layouts = st.fixed_dictionaries({name: layouts() for name in INPUTS})
 
 
 @pytest.mark.derivation("RMS.4")
-@given(cases)
-def test_rmsnorm_matches_torch(case):
+@given(cases, input_layouts)
+def test_rmsnorm_matches_torch(case, layout):
+    """Every input (dy included) in every memory layout: same values, inputs left unchanged."""
     shape, dtype, scale, rng = case
     inputs = make(rng, shape, dtype, scale)
-    ours, oracle = run_both(*inputs)
+    ours, oracle = run_both(*inputs, layout=layout)
     s = term_scales(*inputs)
-    for name, a, b in zip(("y", "dx", "dweight"), ours, oracle):
+    for name, a, b in zip(("y", "dx", "dgamma"), ours, oracle):
         assert a.dtype == dtype, name
         assert_close(a, b, scale=s[name], what=name)
 
 
 @pytest.mark.derivation("RMS.5")
 @given(shapes(1, 3), rngs())
-def test_dweight_formula(shape, rng):
+def test_dgamma_formula(shape, rng):
     x, w, dy = make(rng, shape, np.float64)
     ours, oracle = run_both(x, w, dy)
-    xhat = x / np.sqrt(np.mean(x * x, -1, keepdims=True) + EPS)
-    s = term_scales(x, w, dy)["dweight"]
-    assert_close(ours[2], oracle[2], scale=s, what="dweight vs torch")
-    assert_close(ours[2], (dy * xhat).reshape(-1, shape[-1]).sum(0), scale=s, what="dweight vs (RMS.5)")
+    xhat = reference(x, w, dy)["xhat"]
+    s = term_scales(x, w, dy)["dgamma"]
+    assert_close(ours[2], oracle[2], scale=s, what="dgamma vs torch")
+    assert_close(ours[2], (dy * xhat).reshape(-1, shape[-1]).sum(0), scale=s, what="dgamma vs (RMS.5)")
 
 
 def _symbolic_row(D):
     x = sp.symbols(f"x0:{D}", real=True)
     eps = sp.Symbol("epsilon", positive=True)
     r = 1 / sp.sqrt(sum(xi**2 for xi in x) / D + eps)  # (RMS.1), (RMS.2)
-    return x, r, [xi * r for xi in x]  # (RMS.3)
+    return x, eps, r, [xi * r for xi in x]  # (RMS.3)
 
 
 @pytest.mark.derivation("RMS.7")
 def test_jacobian_symbolic():
     D = 3
-    x, r, xhat = _symbolic_row(D)
+    x, eps, r, xhat = _symbolic_row(D)
     for i in range(D):
         for j in range(D):
             claimed = r / D * (D * sp.KroneckerDelta(i, j) - xhat[i] * xhat[j])  # (RMS.7)
@@ -85,7 +108,7 @@ def test_jacobian_symbolic():
 @pytest.mark.derivation("RMS.8")
 def test_dx_formula_symbolic():
     D = 3
-    x, r, xhat = _symbolic_row(D)
+    x, eps, r, xhat = _symbolic_row(D)
     g = sp.symbols(f"g0:{D}", real=True)
     for j in range(D):
         chain = sum(g[i] * sp.diff(xhat[i], x[j]) for i in range(D))
@@ -93,42 +116,160 @@ def test_dx_formula_symbolic():
         assert sp.simplify(chain - claimed) == 0, j
 
 
-@pytest.mark.derivation("RMS.8")
-@given(shapes(1, 3), rngs())
-def test_dx_formula(shape, rng):
-    x, w, dy = make(rng, shape, np.float64)
-    ours, oracle = run_both(x, w, dy)
-    assert_close(ours[1], oracle[1], scale=term_scales(x, w, dy)["dx"], what="dx vs torch")
+@pytest.mark.derivation("RMS.9")
+def test_dx_along_xhat_symbolic():
+    D = 3
+    x, eps, r, xhat = _symbolic_row(D)
+    g = sp.symbols(f"g0:{D}", real=True)
+    g_xhat = sum(gi * xi for gi, xi in zip(g, xhat))
+    dx = [r * (g[j] - xhat[j] * g_xhat / D) for j in range(D)]  # (RMS.8)
+    assert sp.simplify(sum(d * xh for d, xh in zip(dx, xhat)) - eps * r**3 * g_xhat) == 0  # (RMS.9)
 
 
 @pytest.mark.derivation("RMS.8")
-@given(shapes(1, 3, sides=st.sampled_from([2, 3, 5, 8])), rngs())
-def test_dx_orthogonal_to_xhat(shape, rng):
+@given(shapes(1, 3), st.sampled_from([EPS, 1e-2, 1.0]), rngs())
+def test_dx_formula(shape, eps, rng):
+    """(RMS.8) evaluated in float64 from x itself agrees with torch autograd, and the op agrees with it."""
     x, w, dy = make(rng, shape, np.float64)
-    _, cache = rmsnorm_forward(x, w, eps=0.0)
+    ref = reference(x, w, dy, eps)
+    tx = leaf(x)
+    ty = torch.nn.functional.rms_norm(tx, (shape[-1],), leaf(w, grad=False), eps)
+    (autograd,) = backprop(ty, dy, tx)
+    _, cache = rmsnorm_forward(x, w, eps)
     dx, _ = rmsnorm_backward(dy, cache)
-    scale = (cache.rstd * np.abs(dy * w)).max() * shape[-1]
-    assert np.all(np.abs((dx * cache.xhat).sum(-1)) <= 1e-13 * scale)
+    scale = float((ref["r"] * np.abs(ref["g"])).max() * 2)
+    assert_close(ref["dx"], autograd, scale=scale, what="(RMS.8) vs torch autograd")
+    assert_close(dx, ref["dx"], scale=scale, what="dx vs (RMS.8)")
+
+
+@pytest.mark.derivation("RMS.9")
+@given(shapes(1, 3, sides=st.sampled_from([2, 3, 5, 8])), st.sampled_from([0.0, EPS, 1e-2, 1.0]), rngs())
+def test_dx_along_xhat_is_the_eps_term(shape, eps, rng):
+    """<dx, xhat> = eps r^3 <dxhat, xhat> per row: zero (orthogonal) only for eps = 0."""
+    x, w, dy = make(rng, shape, np.float64)
+    ref = reference(x, w, dy, eps)
+    _, cache = rmsnorm_forward(x, w, eps=eps)
+    dx, _ = rmsnorm_backward(dy, cache)
+    scale = float((ref["r"] * np.abs(ref["g"])).max() * shape[-1])
+    eps_term = eps * ref["r"][..., 0] ** 3 * (ref["g"] * ref["xhat"]).sum(-1)  # (RMS.9)
+    assert_close((dx * ref["xhat"]).sum(-1), eps_term, scale=scale, what="<dx, xhat>")
 
 
 # D >= 2: for D = 1 the normalised value is sign(x) up to eps and its gradient is round-off.
 @given(shapes(1, 3, sides=st.sampled_from([2, 3, 5])), rngs())
 def test_finite_differences(shape, rng):
     x, w, _ = make(rng, shape, np.float64)
-    results = gradcheck.check(rmsnorm_forward, rmsnorm_backward, {"x": x, "weight": w}, wrt=("x", "weight"),
+    results = gradcheck.check(rmsnorm_forward, rmsnorm_backward, {"x": x, "gamma": w}, wrt=("x", "gamma"),
                               options={"eps": EPS})
     assert max(r.max_rel for r in results) < FD_RTOL, gradcheck.format_table(results)
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        ((np.ones((2, 4)), np.ones(3)), "rmsnorm_forward: argument 'weight' expected shape (4,), got (3,)"),
-        ((np.ones((2, 4), np.float32), np.ones(4)), "argument 'weight' expected dtype float32 (same as 'x'), got float64"),
-        ((np.ones(()), np.ones(1)), "argument 'x' expected at least 1 dimensions, got 0"),
-    ],
-)
-def test_bad_input_is_named(args, message):
-    with pytest.raises(ValueError) as err:
-        rmsnorm_forward(*args)
-    assert message in str(err.value)
+# ---- floating point: rows far from zero, huge rows --------------------------------------
+
+
+@pytest.mark.derivation("RMS.4")
+@given(st.sampled_from([1, 2, 3, 7, 64, 768]), st.sampled_from([0.0, 1.0, -3e2, 1000.1, 10000.3, -1e6, 1e6]),
+       st.sampled_from([0.0, 1e-6, 1e-3, 1.0, 30.0]), rngs())
+def test_float32_rows_far_from_zero(D, offset, spread, rng):
+    """float32 rows offset + spread * noise against the float64 formula, judged by the size of y."""
+    x = (offset + spread * rng.standard_normal((2, D))).astype(np.float32)
+    w, dy = randn(rng, (D,), np.float32), randn(rng, (2, D), np.float32)
+    y, cache = rmsnorm_forward(x, w, EPS)
+    dx, _ = rmsnorm_backward(dy, cache)
+    ref = reference(x, w, dy)
+    assert_close(y, ref["y"], scale=float(np.abs(w).max() * np.abs(ref["xhat"]).max()), what="y")
+    assert_close(dx, ref["dx"], scale=float((ref["r"] * np.abs(ref["g"])).max() * 2), what="dx")
+
+
+@pytest.mark.derivation("RMS.10")
+@given(DTYPES, st.sampled_from([1, 2, 3, 7]), st.sampled_from([1e15, 1e20, 1e30, 1e36, 3e38, 1e150, 1e300]),
+       st.sampled_from([0.0, 1e-3, 1.0]), rngs())
+def test_huge_rows_are_scaled(dtype, D, magnitude, relative_offset, rng):
+    """Rows whose squares overflow give the same xhat, y and dx as the formula on x / 2^k (k exact)."""
+    limit = float(np.finfo(dtype).max)
+    magnitude = min(magnitude, limit / 4)
+    x = np.clip(magnitude * (relative_offset * 8 + rng.uniform(-1, 1, (2, D))), -limit, limit).astype(dtype)
+    w, dy = randn(rng, (D,), dtype), randn(rng, (2, D), dtype)
+    y, cache = rmsnorm_forward(x, w, EPS)
+    dx, _ = rmsnorm_backward(dy, cache)
+    s = 2.0 ** np.floor(np.log2(np.abs(x.astype(np.float64)).max(-1, keepdims=True)))  # exact scale
+    ref = reference(x.astype(np.float64) / s, w, dy, EPS / s / s)
+    rtol = RTOL[np.dtype(dtype)]
+    assert np.all(np.isfinite(y)) and np.all(np.isfinite(dx))
+    assert_close(y, ref["y"], scale=float(np.abs(w).max() * np.abs(ref["xhat"]).max()), what="y")
+    assert_close(cache.rstd * s, ref["r"], rtol=rtol, what="rstd * s")
+    assert_close(dx * s, ref["dx"], rtol=rtol, scale=float((ref["r"] * np.abs(ref["g"])).max() * 2), what="dx * s")
+
+
+# ---- empty input ------------------------------------------------------------------------------
+
+
+@given(DTYPES, shapes(0, 2), st.sampled_from([1, 3, 8]))
+def test_no_rows_gives_empty_output_and_zero_gamma_gradient(dtype, lead, D):
+    shape = (0,) + lead + (D,)
+    y, cache = rmsnorm_forward(np.zeros(shape, dtype), np.ones(D, dtype))
+    dx, dgamma = rmsnorm_backward(np.zeros(shape, dtype), cache)
+    assert y.shape == dx.shape == shape and y.dtype == dx.dtype == dtype
+    np.testing.assert_array_equal(dgamma, np.zeros(D, dtype))
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+EXACT_KINDS = NON_ARRAYS + DTYPE_KINDS + RANK_KINDS + SHAPE_KINDS + ("other float",)
+X_KINDS = NON_ARRAYS + DTYPE_KINDS + ("0-d", "D = 0")
+BAD_EPS = (-1e-6, -1.0, float("nan"), float("inf"), "1e-6", None, False, (1e-6,))
+
+
+def bad(x, kind):
+    """``x`` made wrong by ``kind``: a kind of tests/badinput.py, or one of the kinds named here."""
+    if kind == "other float":
+        return x.astype(np.float32 if x.dtype == np.float64 else np.float64)
+    if kind == "0-d":
+        return np.asarray(x.reshape(-1)[0])
+    if kind == "D = 0":
+        return x[..., :0]
+    return corrupt(x, kind)
+
+
+@pytest.mark.parametrize("arg, kinds", [("x", X_KINDS), ("gamma", EXACT_KINDS)])
+@given(data=st.data(), shape=shapes(1, 3), dtype=DTYPES, rng=rngs())
+def test_forward_rejects_bad_arrays(arg, kinds, data, shape, dtype, rng):
+    inputs = dict(zip(INPUTS, make(rng, shape, dtype)))
+    inputs[arg] = bad(inputs[arg], data.draw(st.sampled_from(kinds), label="kind"))
+    expect_rejected(lambda: rmsnorm_forward(inputs["x"], inputs["gamma"]), "rmsnorm_forward", arg)
+
+
+@given(st.sampled_from(BAD_EPS), shapes(1, 2), rngs())
+def test_forward_rejects_bad_eps(eps, shape, rng):
+    x, w, _ = make(rng, shape, np.float64)
+    message = expect_rejected(lambda: rmsnorm_forward(x, w, eps), "rmsnorm_forward", "eps")
+    assert "finite real number in [0.0, inf)" in message
+
+
+@given(st.sampled_from(EXACT_KINDS), shapes(1, 3), DTYPES, rngs())
+def test_backward_rejects_bad_dy(kind, shape, dtype, rng):
+    x, w, dy = make(rng, shape, dtype)
+    _, cache = rmsnorm_forward(x, w)
+    bad_dy = bad(dy, kind)
+    expect_rejected(lambda: rmsnorm_backward(bad_dy, cache), "rmsnorm_backward", "dy")
+
+
+@given(st.sampled_from(["tuple", "none", "other op"]), shapes(1, 2), rngs())
+def test_backward_rejects_a_cache_it_did_not_make(kind, shape, rng):
+    x, w, dy = make(rng, shape, np.float64)
+    _, cache = rmsnorm_forward(x, w)
+    assert isinstance(cache, RMSNormCache)
+    wrong = {"tuple": tuple(cache), "none": None, "other op": layernorm_forward(x, w, w)[1]}[kind]
+    expect_rejected(lambda: rmsnorm_backward(dy, wrong), "rmsnorm_backward", "cache")
+
+
+def test_messages_say_what_was_expected_and_what_came():
+    cases = [
+        ((np.ones((2, 4)), np.ones(3)), "rmsnorm_forward: argument 'gamma' expected shape (4,), got (3,)"),
+        ((np.ones((2, 4), np.float32), np.ones(4)),
+         "rmsnorm_forward: argument 'gamma' expected dtype float32 (same as 'x'), got float64"),
+        ((np.ones(()), np.ones(1)), "rmsnorm_forward: argument 'x' expected at least 1 dimensions, got 0"),
+        ((np.ones((2, 4)), list(np.ones(4))), "rmsnorm_forward: argument 'gamma' expected a numpy.ndarray, got list"),
+    ]
+    for args, message in cases:
+        assert message in expect_rejected(lambda: rmsnorm_forward(*args), "rmsnorm_forward", message.split("'")[1])

@@ -1,4 +1,5 @@
-"""Softmax and log-softmax: torch oracle, finite differences, the equations of proofs/softmax.md."""
+"""Softmax and log-softmax: torch oracle in every memory layout, finite differences, the equations
+of proofs/softmax.md, float32 rows far from zero, empty input, bad input."""
 
 import warnings
 
@@ -11,14 +12,19 @@ from hypothesis import strategies as st
 
 from npformer import gradcheck
 from npformer.ops.softmax import (
+    LogSoftmaxCache,
+    SoftmaxCache,
     log_softmax_backward,
     log_softmax_forward,
     softmax_backward,
     softmax_forward,
 )
+from tests.badinput import DTYPE_KINDS, NON_ARRAYS, RANK_KINDS, SHAPE_KINDS, corrupt, expect_rejected
 from tests.oracle import backprop, leaf
-from tests.strategies import DTYPES, SCALES, randn, rngs, shapes
+from tests.strategies import DTYPES, SCALES, in_layout, layouts, randn, rngs, shapes
 from tests.tolerances import FD_RTOL, assert_close
+
+PAIRS = {"softmax": (softmax_forward, softmax_backward), "log_softmax": (log_softmax_forward, log_softmax_backward)}
 
 # Logits up to 1e4: the max-subtraction of (SM.1) keeps even float32 finite there.
 LOGIT_SCALES = st.one_of(SCALES, st.just(1e4))
@@ -45,13 +51,23 @@ def log_softmax_scale(y, dy, axis):
     return float(np.max(dy + p * dy.sum(axis=axis, keepdims=True), initial=0.0))
 
 
+def call_in_layouts(forward, backward, x, dy, axis, x_layout, dy_layout):
+    """forward then backward with x and dy in the given memory layouts; neither may be written to."""
+    x_in, dy_in = in_layout(x, x_layout), in_layout(dy, dy_layout)
+    y, cache = forward(x_in, axis)
+    dx = backward(dy_in, cache)
+    np.testing.assert_array_equal(x_in, x, err_msg="x was written to")
+    np.testing.assert_array_equal(dy_in, dy, err_msg="dy was written to")
+    return y, dx
+
+
 @pytest.mark.derivation("SM.1")
 @pytest.mark.derivation("SM.3")
-@given(cases())
-def test_softmax_matches_torch(case):
+@given(cases(), layouts(), layouts())
+def test_softmax_matches_torch(case, x_layout, dy_layout):
+    """x and dy in every memory layout."""
     x, dy, axis = case
-    y, cache = softmax_forward(x, axis)
-    dx = softmax_backward(dy, cache)
+    y, dx = call_in_layouts(softmax_forward, softmax_backward, x, dy, axis, x_layout, dy_layout)
     tx = leaf(x)
     ty = torch.softmax(tx, dim=axis)
     (tdx,) = backprop(ty, dy, tx)
@@ -62,11 +78,11 @@ def test_softmax_matches_torch(case):
 
 @pytest.mark.derivation("LSM.1")
 @pytest.mark.derivation("LSM.3")
-@given(cases())
-def test_log_softmax_matches_torch(case):
+@given(cases(), layouts(), layouts())
+def test_log_softmax_matches_torch(case, x_layout, dy_layout):
+    """x and dy in every memory layout."""
     x, dy, axis = case
-    y, cache = log_softmax_forward(x, axis)
-    dx = log_softmax_backward(dy, cache)
+    y, dx = call_in_layouts(log_softmax_forward, log_softmax_backward, x, dy, axis, x_layout, dy_layout)
     tx = leaf(x)
     ty = torch.log_softmax(tx, dim=axis)
     (tdx,) = backprop(ty, dy, tx)
@@ -110,6 +126,56 @@ def test_large_logits_stay_finite(dtype):
     assert_close(ly, [[0, -2e4, -1e4], [-np.log(3)] * 3, [-np.log(2), -np.log(2), -2e4 - np.log(2)]], what="log_softmax")
     assert np.all(np.isfinite(dx)) and np.all(np.isfinite(ldx))
     assert_close(ldx, 1 - 3 * y, what="log_softmax dx")  # (LSM.3) with dy = 1
+
+
+def reference_softmax(x, axis):
+    """softmax and log-softmax in float64 from the same values, independently of the op."""
+    x = x.astype(np.float64)
+    z = x - x.max(axis=axis, keepdims=True)
+    lse = np.log(np.exp(z).sum(axis=axis, keepdims=True))
+    return np.exp(z - lse), z - lse
+
+
+FAR_OFFSETS = st.sampled_from([0.0, 1e3, -1e4, 1e6, -1e6, 1e30, -3e38])
+FAR_SPREADS = st.sampled_from([0.0, 1e-3, 1.0, 30.0, 1e4, 1e38])
+
+
+@pytest.mark.derivation("SM.1")
+@pytest.mark.derivation("LSM.1")
+@given(st.sampled_from([1, 2, 3, 7, 65, 768]), FAR_OFFSETS, FAR_SPREADS, rngs())
+def test_float32_rows_far_from_zero(V, offset, spread, rng):
+    """float32 logits offset + spread * noise (up to float32's range, entries up to 3.4e38 apart)
+    against float64 on the same values; a row of equal logits gives exactly 1/V."""
+    limit = float(np.finfo(np.float32).max)
+    x = np.clip(offset + spread * rng.standard_normal((3, V)), -limit, limit).astype(np.float32)
+    dy = randn(rng, (3, V), np.float32)
+    p_ref, logp_ref = reference_softmax(x, -1)
+    y, cache = softmax_forward(x)
+    dx = softmax_backward(dy, cache)
+    ly, lcache = log_softmax_forward(x)
+    ldx = log_softmax_backward(dy, lcache)
+    assert_close(y, p_ref, scale=1.0, what="softmax")
+    # A log-probability below -3.4e38 rounds to -inf in float32; every other one is finite and accurate.
+    representable = logp_ref >= -limit
+    assert np.all(ly[~representable] == -np.inf)
+    kept = logp_ref[representable]
+    assert_close(ly[representable], kept, scale=max(float(np.abs(kept).max()), 1.0), what="log_softmax")
+    assert_close(dx, p_ref * (dy - (dy * p_ref).sum(-1, keepdims=True)), scale=softmax_scale(p_ref, dy, -1),
+                 what="softmax dx, (SM.3)")
+    assert_close(ldx, dy - p_ref * dy.sum(-1, keepdims=True), scale=log_softmax_scale(logp_ref, dy, -1),
+                 what="log_softmax dx, (LSM.3)")
+    equal = np.all(x == x[:, :1], axis=-1)
+    assert np.all(y[equal] == np.float32(1) / np.float32(V)), "a row of equal logits gives exactly 1/V"
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+@given(dtype=DTYPES, lead=shapes(0, 2), V=st.sampled_from([1, 3]))
+def test_no_rows_gives_empty_output(name, dtype, lead, V):
+    forward, backward = PAIRS[name]
+    x = np.zeros((0,) + lead + (V,), dtype)
+    y, cache = forward(x)
+    dx = backward(np.zeros_like(x), cache)
+    assert y.shape == dx.shape == x.shape and y.dtype == dx.dtype == dtype
 
 
 # ---- symbolic checks, V = 3 ------------------------------------------------------
@@ -174,11 +240,72 @@ def test_gradcheck_cases_pass():
 
 # ---- bad input ---------------------------------------------------------------------
 
+EXACT_KINDS = NON_ARRAYS + DTYPE_KINDS + RANK_KINDS + SHAPE_KINDS + ("other float",)
+X_KINDS = NON_ARRAYS + DTYPE_KINDS + ("0-d", "V = 0")
+BAD_AXES = ("ndim", "-ndim-1", 1.0, np.float64(0), True, None, "0", (0,))
+
+
+def bad(x, kind, axis=-1):
+    """``x`` made wrong by ``kind``: a kind of tests/badinput.py, or one of the kinds named here."""
+    if kind == "other float":
+        return x.astype(np.float32 if x.dtype == np.float64 else np.float64)
+    if kind == "0-d":
+        return np.asarray(x.reshape(-1)[0])
+    if kind == "V = 0":
+        return np.take(x, [], axis=axis)
+    return corrupt(x, kind)
+
+
+@st.composite
+def valid(draw, dtypes=DTYPES):
+    x, dy, axis = draw(cases(dtypes=dtypes, scales=st.just(1.0)))
+    return x, dy, axis
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+@given(kind=st.sampled_from(X_KINDS), case=valid())
+def test_forward_rejects_bad_x(name, kind, case):
+    forward, _ = PAIRS[name]
+    x, _, axis = case
+    bad_x = bad(x, kind, axis)
+    expect_rejected(lambda: forward(bad_x, axis), f"{name}_forward", "x")
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+@given(axis=st.sampled_from(BAD_AXES), case=valid())
+def test_forward_rejects_bad_axis(name, axis, case):
+    forward, _ = PAIRS[name]
+    x = case[0]
+    axis = {"ndim": x.ndim, "-ndim-1": -x.ndim - 1}.get(axis, axis) if isinstance(axis, str) else axis
+    expect_rejected(lambda: forward(x, axis), f"{name}_forward", "axis")
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+@given(kind=st.sampled_from(EXACT_KINDS), case=valid())
+def test_backward_rejects_bad_dy(name, kind, case):
+    """dy must be a float array of the output's shape and dtype (an integer dy is refused, not cast)."""
+    forward, backward = PAIRS[name]
+    x, dy, axis = case
+    _, cache = forward(x, axis)
+    bad_dy = bad(dy, kind, axis)
+    expect_rejected(lambda: backward(bad_dy, cache), f"{name}_backward", "dy")
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+@given(kind=st.sampled_from(["tuple", "none", "other op"]), case=valid())
+def test_backward_rejects_a_cache_it_did_not_make(name, kind, case):
+    forward, backward = PAIRS[name]
+    other_forward = log_softmax_forward if name == "softmax" else softmax_forward
+    x, dy, axis = case
+    _, cache = forward(x, axis)
+    assert isinstance(cache, SoftmaxCache if name == "softmax" else LogSoftmaxCache)
+    wrong = {"tuple": tuple(cache), "none": None, "other op": other_forward(x, axis)[1]}[kind]
+    expect_rejected(lambda: backward(dy, wrong), f"{name}_backward", "cache")
+
 
 @pytest.mark.parametrize("forward", [softmax_forward, log_softmax_forward])
-@pytest.mark.parametrize(
-    "x, axis, message",
-    [
+def test_messages_say_what_was_expected_and_what_came(forward):
+    cases = [
         (np.ones((2, 4), np.int64), -1, "argument 'x' expected dtype float32 or float64, got int64"),
         (np.ones((2, 4)), 2, "argument 'axis' expected a value in [-2, 2), got 2"),
         (np.ones((2, 4)), -3, "argument 'axis' expected a value in [-2, 2), got -3"),
@@ -186,22 +313,7 @@ def test_gradcheck_cases_pass():
         (np.ones(()), -1, "argument 'x' expected at least 1 dimensions, got 0"),
         (np.ones((2, 0)), -1, "argument 'x' expected at least one entry along axis 1, got shape (2, 0)"),
         ([1.0, 2.0], -1, "argument 'x' expected a numpy.ndarray, got list"),
-    ],
-)
-def test_bad_input_is_named(forward, x, axis, message):
-    with pytest.raises(ValueError) as err:
-        forward(x, axis)
-    assert f"{forward.__name__}: " + message in str(err.value)
-
-
-@pytest.mark.parametrize(
-    "forward, backward",
-    [(softmax_forward, softmax_backward), (log_softmax_forward, log_softmax_backward)],
-)
-def test_backward_rejects_wrong_dy(forward, backward):
-    _, cache = forward(np.ones((2, 4)))
-    name = backward.__name__
-    with pytest.raises(ValueError, match=rf"{name}: argument 'dy' expected shape \(2, 4\), got \(4,\)"):
-        backward(np.ones(4), cache)
-    with pytest.raises(ValueError, match=rf"{name}: argument 'dy' expected dtype float64"):
-        backward(np.ones((2, 4), np.float32), cache)
+    ]
+    name = forward.__name__
+    for x, axis, message in cases:
+        assert f"{name}: {message}" in expect_rejected(lambda: forward(x, axis), name, message.split("'")[1])
