@@ -2,80 +2,221 @@
 
 Two formats, chosen by the file's suffix:
 
-- ``.npz``: NumPy's zip of arrays, read back with ``allow_pickle=False``;
+- ``.npz``: a zip of ``.npy`` arrays, as ``numpy.savez`` writes it (and readable by
+  ``np.load(..., allow_pickle=False)``);
 - ``.safetensors``: the safetensors layout (8-byte little-endian header length, a
   JSON header of dtype/shape/offsets, then the raw bytes), written and read here
   with NumPy alone.
 
 Nested state (an optimizer's per-parameter moments, a bit generator's state) is
 flattened to ``/``-joined keys: arrays become tensors, everything else goes into a
-JSON ``metadata`` entry. Saving is atomic: write a temporary file in the same
-directory, flush it to disk, then ``os.replace`` it over the target.
+JSON ``metadata`` entry.
+
+Saving is atomic: the bytes go to a temporary file in the same directory, which is
+flushed to disk and then renamed over the target, so a reader sees the old file or
+the new one, never half of one. The file gets the permissions an ordinary ``open()``
+would give it: those of the file it replaces, or ``0o666`` less the process umask
+for a new file.
+
+Loading trusts nothing in the file. Every structure is checked before any tensor is
+read (the zip members and each ``.npy`` header; the safetensors header's dtypes,
+shapes and ``data_offsets``, which must tile the data section exactly), and anything
+malformed, truncated, foreign or missing raises ``CheckpointError`` (a ``ValueError``)
+naming the file and what is wrong. Arrays come back with the dtype stored in the
+file (an ``I64`` tensor is an int64 array, never silently cast), in native byte
+order, writable and owning their memory, so a caller can compare each dtype with
+the one it expects.
 """
 
 from __future__ import annotations
 
-import io
+import ast
 import json
+import math
 import os
+import secrets
 import struct
-import tempfile
 import zipfile
+import zlib
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, BinaryIO, Dict, List, Tuple
 
 import numpy as np
 
 FORMAT = "npformer-checkpoint"
 VERSION = 1
 _META_KEY = "__metadata__"
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
-              "I32": np.int32, "U8": np.uint8, "BOOL": np.bool_}
+_LEN_SUFFIX = "#len"
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+              "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16,
+              "U8": np.uint8, "BOOL": np.bool_}
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+# Largest safetensors JSON header accepted (the limit of the reference implementation).
+_MAX_HEADER_BYTES = 100_000_000
+# Largest .npy header accepted (NumPy's own limit for untrusted files).
+_MAX_NPY_HEADER = 10_000
+_NPY_MAGIC = b"\x93NUMPY"
+# Zip members are written with a fixed time stamp, so the same state gives the same bytes.
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+# Deepest nesting of a state (levels of dicts and lists): deeper is refused on save and on load.
+_MAX_DEPTH = 64
 
 
 class CheckpointError(ValueError):
-    """The file is truncated, not a checkpoint, or from an incompatible version."""
+    """The file is missing, truncated, malformed, not a checkpoint, or from an incompatible version."""
 
 
-def _flatten(tree: Any, prefix: str, arrays: Dict[str, np.ndarray], meta: Dict[str, Any]) -> None:
+def _error(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint.load: {path}: {what}")
+
+
+def _check_path(op: str, path: object) -> Path:
+    try:
+        result = Path(path) if isinstance(path, (str, os.PathLike)) else None
+    except TypeError:  # an os.PathLike whose path is bytes
+        result = None
+    if result is None:
+        raise TypeError(f"{op}: argument 'path' expected a str or os.PathLike naming a file, got {type(path).__name__}")
+    if "\x00" in str(result):
+        raise ValueError(f"{op}: argument 'path' expected a file name, got one with a NUL character: {str(result)!r}")
+    return result
+
+
+def _json_type(x: object) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer", float: "number"}
+    return "null" if x is None else names.get(type(x), type(x).__name__)
+
+
+# -- flattening a nested state into keys -------------------------------------------------------
+def _flatten(tree: Any, prefix: str, arrays: Dict[str, np.ndarray], meta: Dict[str, Any], depth: int = 0) -> None:
+    def claim(key: str) -> None:
+        if key in arrays or key in meta:
+            raise ValueError(f"checkpoint.save: argument 'state' has two entries flattened to the key {key!r}")
+
+    if depth > _MAX_DEPTH:
+        raise ValueError(f"checkpoint.save: argument 'state' is nested deeper than {_MAX_DEPTH} levels at "
+                         f"{prefix[:80]!r}... (does it contain itself?)")
+
     if isinstance(tree, dict):
+        if not tree and prefix:
+            claim(prefix)
+            meta[prefix] = {}  # an empty dict is kept as a value, so it comes back
         for k, v in tree.items():
-            if "/" in str(k):
-                raise ValueError(f"checkpoint: key {k!r} may not contain '/'")
-            _flatten(v, f"{prefix}/{k}" if prefix else str(k), arrays, meta)
+            k = str(k)
+            if "/" in k or k.endswith(_LEN_SUFFIX):
+                raise ValueError(f"checkpoint.save: argument 'state' has a key {k!r}: keys may not contain '/' "
+                                 f"or end in {_LEN_SUFFIX!r}")
+            if not prefix and k == _META_KEY:
+                raise ValueError(f"checkpoint.save: argument 'state' has a top-level key {_META_KEY!r}, "
+                                 "which the file format reserves")
+            _flatten(v, f"{prefix}/{k}" if prefix else k, arrays, meta, depth + 1)
     elif isinstance(tree, np.ndarray):
+        if tree.dtype.kind not in "biufc" or tree.dtype.fields is not None or tree.dtype.subdtype is not None:
+            raise ValueError(f"checkpoint.save: argument 'state' has array {prefix!r} of dtype {tree.dtype}; "
+                             "expected a bool, integer, float or complex dtype")
+        claim(prefix)
         arrays[prefix] = tree
     elif isinstance(tree, (list, tuple)) and any(isinstance(v, (dict, np.ndarray)) for v in tree):
-        meta[f"{prefix}#len"] = len(tree)
+        claim(f"{prefix}{_LEN_SUFFIX}")
+        meta[f"{prefix}{_LEN_SUFFIX}"] = len(tree)
         for i, v in enumerate(tree):
-            _flatten(v, f"{prefix}/{i}", arrays, meta)
+            _flatten(v, f"{prefix}/{i}", arrays, meta, depth + 1)
     else:
-        meta[prefix] = tree.item() if isinstance(tree, np.generic) else tree
+        value = tree.item() if isinstance(tree, np.generic) else tree
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"checkpoint.save: argument 'state' holds a {type(tree).__name__} at {prefix!r}, "
+                            f"which is neither a numpy array nor JSON-serialisable ({e})") from None
+        claim(prefix)
+        meta[prefix] = value
 
 
-def _unflatten(arrays: Dict[str, np.ndarray], meta: Dict[str, Any]) -> Dict[str, Any]:
-    root: Dict[str, Any] = {}
-    lists = {k[: -len("#len")] for k in meta if k.endswith("#len")}
-    for key, value in list(arrays.items()) + [(k, v) for k, v in meta.items() if not k.endswith("#len")]:
+class _Node(dict):
+    """A dict built from keys while unflattening (as opposed to a dict stored as a value)."""
+
+
+def _unflatten(path: Path, arrays: Dict[str, np.ndarray], meta: Dict[str, Any]) -> Dict[str, Any]:
+    lists: Dict[str, int] = {}
+    leaves: List[Tuple[str, Any]] = list(arrays.items())
+    for key, value in meta.items():
+        if key.endswith(_LEN_SUFFIX):
+            if type(value) is not int or value < 0:
+                raise _error(path, f"metadata {key!r} must be a list length (an integer >= 0), got {value!r}")
+            lists[key[: -len(_LEN_SUFFIX)]] = value
+        else:
+            leaves.append((key, value))
+    root = _Node()
+    for key, value in leaves:
         node, parts = root, key.split("/")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
+        if len(parts) > _MAX_DEPTH + 1:
+            raise _error(path, f"key {key[:80]!r}... is nested deeper than {_MAX_DEPTH} levels")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, _Node())
+            if not isinstance(child, _Node):
+                raise _error(path, f"key {key!r} lies under {'/'.join(parts[:depth + 1])!r}, which holds a value")
+            node = child
+        if parts[-1] in node:
+            raise _error(path, f"key {key!r} is stored twice (as a value and as a group, or in both sections)")
         node[parts[-1]] = value
 
-    def relist(node: Any, path: str) -> Any:
-        if not isinstance(node, dict):
+    def relist(node: Any, where: str) -> Any:
+        if not isinstance(node, _Node):
             return node
-        node = {k: relist(v, f"{path}/{k}" if path else k) for k, v in node.items()}
-        return [node[str(i)] for i in range(len(node))] if path in lists else node
+        out = {k: relist(v, f"{where}/{k}" if where else k) for k, v in node.items()}
+        if where not in lists:
+            return out
+        n = lists.pop(where)
+        if set(out) != {str(i) for i in range(n)}:
+            raise _error(path, f"list {where!r} should hold entries 0..{n - 1}, found {sorted(out)[:8]}")
+        return [out[str(i)] for i in range(n)]
 
-    return relist(root, "")
+    if "" in lists:
+        raise _error(path, "metadata marks the whole state as a list; expected a dict at the top level")
+    tree = relist(root, "")
+    if lists:
+        raise _error(path, f"metadata gives list lengths for keys that hold no entries: {sorted(lists)[:8]}")
+    return tree
+
+
+# -- writing ---------------------------------------------------------------------------------
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _atomic_write(path: Path, write) -> None:
+    """Write via a temporary file in the same directory, then rename it over ``path``.
+
+    The temporary file is created with mode 0o666, which the kernel masks with the
+    umask, as ``open(path, "wb")`` would; if ``path`` already exists, its permission
+    bits are copied over, as overwriting it in place would keep them.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        keep_mode = path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        keep_mode = None
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+        try:
+            fd = os.open(tmp, flags, 0o666)
+            break
+        except FileExistsError:
+            continue
+    try:
+        if keep_mode is not None:
+            os.chmod(tmp, keep_mode)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -85,59 +226,61 @@ def _atomic_write(path: Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)
 
 
 def save(path: str | os.PathLike, state: Dict[str, Any]) -> Path:
-    """Write ``state`` (nested dicts of arrays and JSON-able values) atomically to ``path``."""
-    path = Path(path)
+    """Write ``state`` (nested dicts of arrays and JSON-able values) atomically to ``path``.
+
+    Dict keys become strings; tuples come back as lists. Raises ``ValueError`` or
+    ``TypeError`` naming the argument (before anything is written) for a suffix other
+    than ``.npz``/``.safetensors``, a directory, a key holding ``/``, or a value that is
+    neither an array nor JSON-serialisable.
+    """
+    path = _check_path("checkpoint.save", path)
+    if not isinstance(state, dict):
+        raise TypeError(f"checkpoint.save: argument 'state' expected a dict, got {type(state).__name__}")
+    if path.suffix not in (".npz", ".safetensors"):
+        raise ValueError(f"checkpoint.save: argument 'path' expected a .npz or .safetensors file, got {path.name!r}")
+    if path.is_dir():
+        raise ValueError(f"checkpoint.save: argument 'path' names a directory: {path}")
     arrays: Dict[str, np.ndarray] = {}
     meta: Dict[str, Any] = {"format": FORMAT, "version": VERSION}
     _flatten(state, "", arrays, meta)
     if path.suffix == ".npz":
+        for name in arrays:
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"checkpoint.save: argument 'state' has an array key {name!r} that a zip member "
+                                 "name cannot hold (a lone surrogate); use .safetensors or another key") from None
         arrays[_META_KEY] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        _atomic_write(path, lambda f: np.savez(f, **arrays))
-    elif path.suffix == ".safetensors":
-        _atomic_write(path, lambda f: _write_safetensors(f, arrays, meta))
+        _atomic_write(path, lambda f: _write_npz(f, arrays))
     else:
-        raise ValueError(f"checkpoint.save: argument 'path' expected a .npz or .safetensors file, got {path.name!r}")
+        for name, a in arrays.items():
+            if a.dtype not in _ST_NAMES:
+                raise ValueError(f"checkpoint.save: argument 'state' has array {name!r} of unsupported dtype "
+                                 f"{a.dtype} for safetensors; expected one of {sorted(map(str, _ST_NAMES))}")
+        _atomic_write(path, lambda f: _write_safetensors(f, arrays, meta))
     return path
 
 
-def load(path: str | os.PathLike) -> Dict[str, Any]:
-    """Read a checkpoint written by ``save``; a truncated or foreign file raises ``CheckpointError``."""
-    path = Path(path)
-    try:
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-            if _META_KEY not in arrays:
-                raise CheckpointError(f"{path}: not an npformer checkpoint (no {_META_KEY} entry)")
-            meta = json.loads(arrays.pop(_META_KEY).tobytes().decode())
-        elif path.suffix == ".safetensors":
-            arrays, meta = _read_safetensors(path)
-        else:
-            raise CheckpointError(f"{path}: expected a .npz or .safetensors file")
-    except CheckpointError:
-        raise
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, json.JSONDecodeError, struct.error) as e:
-        raise CheckpointError(f"{path}: unreadable checkpoint (truncated or not a checkpoint): {e}") from e
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not an npformer checkpoint (format {meta.get('format')!r})")
-    if meta.get("version") != VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {meta.get('version')} but this npformer reads {VERSION}")
-    meta = {k: v for k, v in meta.items() if k not in ("format", "version")}
-    return _unflatten(arrays, meta)
+def _write_npz(f: BinaryIO, arrays: Dict[str, np.ndarray]) -> None:
+    """The zip of ``<key>.npy`` members that ``numpy.savez`` writes (stored, not compressed)."""
+    with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, a in arrays.items():
+            info = zipfile.ZipInfo(name + ".npy", date_time=_ZIP_DATE)
+            with zf.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(a), allow_pickle=False)
 
 
-def _write_safetensors(f: io.BufferedIOBase, arrays: Dict[str, np.ndarray], meta: Dict[str, Any]) -> None:
+def _write_safetensors(f: BinaryIO, arrays: Dict[str, np.ndarray], meta: Dict[str, Any]) -> None:
     header: Dict[str, Any] = {_META_KEY: {"npformer": json.dumps(meta)}}
     offset, blobs = 0, []
     for name, a in arrays.items():
-        a = np.ascontiguousarray(a)
-        if a.dtype not in _ST_NAMES:
-            raise ValueError(f"checkpoint.save: array {name!r} has unsupported dtype {a.dtype}")
-        blob = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
-        header[name] = {"dtype": _ST_NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + len(blob)]}
+        blob = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes(order="C")  # C order; a 0-d array stays 0-d
+        header[name] = {"dtype": _ST_NAMES[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
         offset += len(blob)
         blobs.append(blob)
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -148,19 +291,227 @@ def _write_safetensors(f: io.BufferedIOBase, arrays: Dict[str, np.ndarray], meta
         f.write(blob)
 
 
-def _read_safetensors(path: Path) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
-    data = path.read_bytes()
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8:
-        raise CheckpointError(f"{path}: header length {n} exceeds file size {len(data)}")
-    header = json.loads(data[8 : 8 + n])
-    body = memoryview(data)[8 + n :]
-    meta = json.loads(header.pop(_META_KEY, {}).get("npformer", "{}"))
-    arrays = {}
+# -- reading ---------------------------------------------------------------------------------
+def load(path: str | os.PathLike) -> Dict[str, Any]:
+    """Read a checkpoint written by ``save``.
+
+    Any problem with the file (missing, unreadable, truncated, malformed, foreign, or
+    of another version) raises ``CheckpointError`` naming the file and the problem.
+    """
+    path = _check_path("checkpoint.load", path)
+    if path.suffix not in (".npz", ".safetensors"):
+        raise _error(path, "expected a .npz or .safetensors file")
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise _error(path, "no such file (the checkpoint does not exist)") from None
+    except IsADirectoryError:
+        raise _error(path, "is a directory, not a checkpoint file") from None
+    except OSError as e:
+        raise _error(path, f"cannot be opened ({e})") from None
+    try:
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            if path.suffix == ".npz":
+                arrays, meta = _read_npz(path, f)
+            else:
+                arrays, meta = _read_safetensors(path, f, size)
+    except OSError as e:
+        raise _error(path, f"cannot be read ({e})") from e
+    if meta.get("format") != FORMAT:
+        raise _error(path, f"not an npformer checkpoint (format {meta.get('format')!r})")
+    version = meta.get("version")
+    if type(version) is not int or version != VERSION:
+        raise _error(path, f"checkpoint version {version!r} but this npformer reads {VERSION}")
+    meta = {k: v for k, v in meta.items() if k not in ("format", "version")}
+    return _unflatten(path, arrays, meta)
+
+
+def _json_object(path: Path, raw: bytes, what: str) -> Dict[str, Any]:
+    """``raw`` decoded as UTF-8 JSON that must be an object with no repeated keys."""
+
+    def no_repeats(pairs):
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            repeated = next(k for k in keys if keys.count(k) > 1)
+            raise _error(path, f"{what} repeats the key {repeated!r}")
+        return dict(pairs)
+
+    try:
+        value = json.loads(raw.decode("utf-8"), object_pairs_hook=no_repeats)
+    except CheckpointError:
+        raise
+    except UnicodeDecodeError as e:
+        raise _error(path, f"{what} is not UTF-8 text ({e})") from None
+    except (ValueError, RecursionError) as e:
+        raise _error(path, f"{what} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise _error(path, f"{what} is a JSON {_json_type(value)}, expected an object")
+    return value
+
+
+# .npz ----------------------------------------------------------------------------------------
+# What zipfile raises on a damaged archive (a bad signature or CRC, a cut stream, a
+# corrupt deflate stream, a field out of range).
+_ZIP_ERRORS = (zipfile.BadZipFile, EOFError, ValueError, struct.error, OverflowError, IndexError, KeyError,
+               NotImplementedError, RuntimeError, zlib.error)
+
+
+def _read_npz(path: Path, f: BinaryIO) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+    if f.read(len(_NPY_MAGIC)) == _NPY_MAGIC:
+        raise _error(path, "is a single .npy array, not an .npz archive (not a checkpoint)")
+    f.seek(0)
+    try:
+        zf = zipfile.ZipFile(f)
+    except _ZIP_ERRORS as e:
+        raise _error(path, f"unreadable checkpoint (truncated or not a checkpoint): not a zip archive ({e})") from None
+    arrays: Dict[str, np.ndarray] = {}
+    with zf:
+        infos = zf.infolist()
+        for info in infos:
+            name = info.filename
+            if not name.endswith(".npy"):
+                raise _error(path, f"zip member {name!r} is not a .npy array")
+            key = name[: -len(".npy")]
+            if key in arrays:
+                raise _error(path, f"zip member {name!r} appears twice")
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                raise _error(path, f"zip member {name!r} uses compression method {info.compress_type}; "
+                                   "expected stored (0) or deflated (8)")
+            if info.flag_bits & 0x1:
+                raise _error(path, f"zip member {name!r} is encrypted")
+            try:
+                raw = zf.read(info)
+            except _ZIP_ERRORS as e:
+                raise _error(path, f"unreadable checkpoint (truncated or corrupt): zip member {name!r}: {e}") from None
+            arrays[key] = _parse_npy(path, name, raw)
+    if _META_KEY not in arrays:
+        raise _error(path, f"not an npformer checkpoint (no {_META_KEY} entry)")
+    raw_meta = arrays.pop(_META_KEY)
+    if raw_meta.dtype != np.uint8 or raw_meta.ndim != 1:
+        raise _error(path, f"the {_META_KEY} entry must be a 1-d uint8 array, got {raw_meta.dtype} "
+                           f"of shape {raw_meta.shape}")
+    return arrays, _json_object(path, raw_meta.tobytes(), f"the {_META_KEY} entry")
+
+
+def _parse_npy(path: Path, name: str, raw: bytes) -> np.ndarray:
+    """One ``.npy`` member: magic, version, a literal header dict of descr/fortran_order/shape, then the data."""
+
+    def bad(what: str) -> CheckpointError:
+        return _error(path, f"zip member {name!r}: {what}")
+
+    if len(raw) < 10 or raw[:6] != _NPY_MAGIC:
+        raise bad("not a .npy array (bad magic bytes)")
+    version = (raw[6], raw[7])
+    if version == (1, 0):
+        (hlen,), start = struct.unpack("<H", raw[8:10]), 10
+    elif version in ((2, 0), (3, 0)):
+        if len(raw) < 12:
+            raise bad("the .npy header is truncated")
+        (hlen,), start = struct.unpack("<I", raw[8:12]), 12
+    else:
+        raise bad(f".npy format version {version[0]}.{version[1]} is not supported")
+    if hlen > _MAX_NPY_HEADER:
+        raise bad(f"the .npy header claims {hlen} bytes (at most {_MAX_NPY_HEADER})")
+    if start + hlen > len(raw):
+        raise bad("the .npy header is truncated")
+    try:
+        text = raw[start : start + hlen].decode("utf-8" if version == (3, 0) else "latin1")
+        header = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError, UnicodeDecodeError) as e:
+        raise bad(f"the .npy header is not a Python literal ({type(e).__name__})") from None
+    if not isinstance(header, dict) or set(header) != {"descr", "fortran_order", "shape"}:
+        raise bad(f"the .npy header must be a dict of 'descr', 'fortran_order' and 'shape', got {header!r:.200}")
+    descr, fortran, shape = header["descr"], header["fortran_order"], header["shape"]
+    if not isinstance(descr, str):
+        raise bad(f"the .npy dtype must be a simple dtype string, got {descr!r:.100}")
+    try:
+        dtype = np.dtype(descr)
+    except (TypeError, ValueError):
+        raise bad(f"the .npy dtype {descr!r:.100} is not a numpy dtype") from None
+    if dtype.kind not in "biufc" or dtype.fields is not None or dtype.subdtype is not None:
+        raise bad(f"the .npy dtype {descr!r:.100} is not a bool, integer, float or complex dtype")
+    if not isinstance(fortran, bool):
+        raise bad(f"the .npy fortran_order must be True or False, got {fortran!r:.100}")
+    if not (isinstance(shape, tuple) and all(type(s) is int and s >= 0 for s in shape)):
+        raise bad(f"the .npy shape must be a tuple of integers >= 0, got {shape!r:.100}")
+    data = memoryview(raw)[start + hlen :]
+    nbytes = math.prod(shape) * dtype.itemsize
+    if len(data) != nbytes:
+        raise bad(f"shape {shape} of {dtype} needs {nbytes} bytes of data, the member holds {len(data)}")
+    flat = np.frombuffer(data, dtype=dtype, count=math.prod(shape))
+    array = flat.reshape(shape, order="F" if fortran else "C")
+    return array.astype(dtype.newbyteorder("="), order="K")  # an owned, writable copy in native byte order
+
+
+# .safetensors ------------------------------------------------------------------------------
+def _read_safetensors(path: Path, f: BinaryIO, size: int) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+    if size < 8:
+        raise _error(path, f"the file has {size} bytes, fewer than the 8-byte header length (truncated)")
+    (n,) = struct.unpack("<Q", f.read(8))
+    if n > size - 8:
+        raise _error(path, f"header length {n} exceeds the {size - 8} bytes after the length field (truncated, "
+                           "or not a safetensors file)")
+    if n > _MAX_HEADER_BYTES:
+        raise _error(path, f"header length {n} is larger than the {_MAX_HEADER_BYTES} bytes allowed")
+    header = _json_object(path, f.read(n), "the safetensors header")
+    body_size = size - 8 - n
+
+    meta_entry = header.pop(_META_KEY, None)
+    if meta_entry is None:
+        raise _error(path, f"not an npformer checkpoint (no {_META_KEY} in the header)")
+    if not isinstance(meta_entry, dict) or not all(isinstance(v, str) for v in meta_entry.values()):
+        raise _error(path, f"{_META_KEY} must be a JSON object of strings, got a JSON {_json_type(meta_entry)}"
+                           + ("" if not isinstance(meta_entry, dict) else " holding other values"))
+    if "npformer" not in meta_entry:
+        raise _error(path, f"not an npformer checkpoint (no 'npformer' entry in {_META_KEY})")
+    meta = _json_object(path, meta_entry["npformer"].encode("utf-8", "surrogatepass"), f"{_META_KEY}['npformer']")
+
+    # Validate every entry before reading any data.
+    entries = []  # (begin, end, name, dtype, shape)
     for name, info in header.items():
-        start, end = info["data_offsets"]
-        if end > len(body):
-            raise CheckpointError(f"{path}: tensor {name!r} runs past the end of the file (truncated)")
-        dtype = np.dtype(_ST_DTYPES[info["dtype"]]).newbyteorder("<")
-        arrays[name] = np.frombuffer(body[start:end], dtype=dtype).reshape(info["shape"]).astype(dtype.newbyteorder("="))
+        where = f"tensor {name!r}"
+        if not isinstance(info, dict):
+            raise _error(path, f"{where}: expected a JSON object of dtype, shape and data_offsets, "
+                               f"got a JSON {_json_type(info)}")
+        if set(info) != {"dtype", "shape", "data_offsets"}:
+            raise _error(path, f"{where}: expected the keys dtype, shape and data_offsets, got {sorted(info)}")
+        dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype_name, str) or dtype_name not in _ST_DTYPES:
+            raise _error(path, f"{where}: dtype {dtype_name!r:.100} is not one of {sorted(_ST_DTYPES)}")
+        if not (isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)):
+            raise _error(path, f"{where}: shape must be a list of integers >= 0, got {shape!r:.100}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            raise _error(path, f"{where}: data_offsets must be a list [begin, end] of two integers, "
+                               f"got {offsets!r:.100}")
+        begin, end = offsets
+        if not 0 <= begin <= end:
+            raise _error(path, f"{where}: data_offsets [{begin}, {end}] must satisfy 0 <= begin <= end")
+        dtype = np.dtype(_ST_DTYPES[dtype_name]).newbyteorder("<")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if end - begin != nbytes:
+            raise _error(path, f"{where}: data_offsets [{begin}, {end}] span {end - begin} bytes, but shape "
+                               f"{shape} of {dtype_name} needs {nbytes}")
+        entries.append((begin, end, name, dtype, shape))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    position = 0
+    for begin, end, name, _, _ in entries:
+        if begin != position:
+            problem = "overlaps the tensor before it" if begin < position else f"leaves a gap after byte {position}"
+            raise _error(path, f"tensor {name!r}: data_offsets [{begin}, {end}] {problem}")
+        position = end
+    if position > body_size:
+        raise _error(path, f"the tensors need {position} bytes of data, the file holds {body_size} (truncated)")
+    if position < body_size:
+        raise _error(path, f"the file holds {body_size - position} bytes of data after the last tensor")
+
+    body = f.read(body_size)
+    if len(body) != body_size:
+        raise _error(path, f"the file ended after {len(body)} of {body_size} data bytes (truncated)")
+    arrays = {}
+    for begin, end, name, dtype, shape in entries:
+        flat = np.frombuffer(body, dtype=dtype, count=math.prod(shape), offset=begin)
+        if dtype.kind == "b" and np.any(flat.view(np.uint8) > 1):
+            raise _error(path, f"tensor {name!r}: a BOOL tensor holds bytes other than 0 and 1")
+        arrays[name] = flat.reshape(tuple(shape)).astype(dtype.newbyteorder("="))  # a 0-d tensor stays 0-d
     return arrays, meta

@@ -1,14 +1,22 @@
-"""Checkpoint files: round trip in both formats, atomic writes, clear errors."""
+"""Checkpoint files: round trip in both formats, atomic writes with the usual permissions, clear errors.
+
+The reader's fuzzing (mutated files) is in ``test_checkpoint_fuzz.py``.
+"""
 
 import json
 import os
+import stat
 import struct
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from npformer import checkpoint
 from npformer.checkpoint import CheckpointError
+from tests.badinput import expect_rejected
+from tests.strategies import rngs, shapes
 
 FORMATS = ["npz", "safetensors"]
 
@@ -100,3 +108,114 @@ def test_failed_save_leaves_the_old_file_and_no_temporaries(tmp_path):
         checkpoint.save(path, {"step": 2, "z": np.ones(2, np.complex64)})  # fails mid-write of the temporary
     assert checkpoint.load(path)["step"] == 1
     assert os.listdir(tmp_path) == ["c.safetensors"]
+
+
+# -- dtypes, permissions, missing files --------------------------------------------------------
+
+ST_DTYPES = [np.float64, np.float32, np.float16, np.int64, np.int32, np.int16, np.int8, np.uint64, np.uint32,
+             np.uint16, np.uint8, np.bool_]
+
+
+@given(fmt=st.sampled_from(FORMATS), dtype=st.sampled_from(ST_DTYPES + [np.complex128]),
+       shape=shapes(min_dims=0, max_dims=3, sides=st.sampled_from([0, 1, 2, 3, 5])), rng=rngs(),
+       fortran=st.booleans())
+def test_round_trip_keeps_dtype_shape_and_values(tmp_path_factory, fmt, dtype, shape, rng, fortran):
+    if fmt == "safetensors" and dtype is np.complex128:
+        dtype = np.float64  # safetensors has no complex dtype
+    values = np.asarray(rng.standard_normal(shape) * 100).astype(dtype)
+    if fortran:
+        values = np.asfortranarray(values).reshape(shape, order="A")  # (asfortranarray makes 0-d 1-d)
+    state = {"x": values, "nested": {"empty": {}, "items": [{"a": values.reshape(-1)[:1]}, 3]}, "n": np.int64(3)}
+    path = checkpoint.save(tmp_path_factory.mktemp("rt") / f"c.{fmt}", state)
+    loaded = checkpoint.load(path)
+    assert loaded["x"].dtype == np.dtype(dtype) and loaded["x"].shape == shape  # an I64 tensor stays int64
+    assert loaded["x"].flags.writeable and loaded["x"].flags.owndata
+    assert_same(loaded, {**state, "n": 3})
+
+
+@given(fmt=st.sampled_from(FORMATS), umask=st.integers(0, 0o777), old_mode=st.sampled_from([0o600, 0o640, 0o664]))
+def test_written_files_follow_the_umask_and_keep_an_existing_mode(tmp_path_factory, fmt, umask, old_mode):
+    directory = tmp_path_factory.mktemp("mode")
+    path = directory / f"c.{fmt}"
+    previous = os.umask(umask)
+    try:
+        checkpoint.save(path, {"step": 1, "w": np.ones(3)})
+        created = stat.S_IMODE(path.stat().st_mode)
+        os.chmod(path, old_mode)
+        checkpoint.save(path, {"step": 2, "w": np.zeros(3)})
+        replaced = stat.S_IMODE(path.stat().st_mode)
+    finally:
+        os.umask(previous)
+    assert created == 0o666 & ~umask  # what open(path, "wb") gives a new file
+    assert replaced == old_mode  # as overwriting the file in place would keep it
+    assert checkpoint.load(path)["step"] == 2
+    assert os.listdir(directory) == [path.name]  # no temporary left behind
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_missing_file_or_a_directory_is_named(tmp_path, fmt):
+    missing = tmp_path / "run" / f"ckpt.{fmt}"
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.load(missing)
+    assert str(missing) in str(info.value) and "does not exist" in str(info.value)
+    assert "truncated" not in str(info.value)
+    (tmp_path / f"d.{fmt}").mkdir()
+    with pytest.raises(CheckpointError, match="is a directory"):
+        checkpoint.load(tmp_path / f"d.{fmt}")
+
+
+@given(bad=st.one_of(st.integers(), st.none(), st.floats(allow_nan=False), st.lists(st.integers(), max_size=2),
+                     st.binary(max_size=4)))
+def test_path_of_another_type_is_a_type_error(bad):
+    expect_rejected(lambda: checkpoint.load(bad), "checkpoint.load", "path")
+    expect_rejected(lambda: checkpoint.save(bad, {}), "checkpoint.save", "path")
+
+
+@given(bad=st.one_of(st.lists(st.integers(), max_size=2), st.integers(), st.none(), st.text(max_size=3)))
+def test_state_must_be_a_dict(tmp_path_factory, bad):
+    path = tmp_path_factory.mktemp("s") / "c.npz"
+    expect_rejected(lambda: checkpoint.save(path, bad), "checkpoint.save", "state")
+    assert not path.exists()
+
+
+@given(fmt=st.sampled_from(FORMATS), key=st.text(min_size=1, max_size=6).map(lambda s: s + "/x")
+       | st.text(max_size=4).map(lambda s: s + "#len") | st.just("__metadata__"),
+       value=st.sampled_from([np.ones(2), 1.5, "text"]))
+def test_keys_the_format_cannot_hold_are_refused_before_writing(tmp_path_factory, fmt, key, value):
+    path = tmp_path_factory.mktemp("k") / f"c.{fmt}"
+    expect_rejected(lambda: checkpoint.save(path, {key: value}), "checkpoint.save", "state")
+    assert not path.exists()
+
+
+@given(fmt=st.sampled_from(FORMATS),
+       value=st.sampled_from([{1, 2}, object(), b"bytes", np.array(["a"]), np.array([None], dtype=object)]))
+def test_values_the_format_cannot_hold_are_refused_before_writing(tmp_path_factory, fmt, value):
+    path = tmp_path_factory.mktemp("v") / f"c.{fmt}"
+    expect_rejected(lambda: checkpoint.save(path, {"a": {"b": value}}), "checkpoint.save", "state")
+    assert not path.exists()
+
+
+def test_names_that_numpy_savez_reserves_are_ordinary_keys(tmp_path):
+    state = {"file": np.ones(2), "allow_pickle": np.zeros(1), "args": np.arange(3)}
+    assert_same(checkpoint.load(checkpoint.save(tmp_path / "c.npz", state)), state)
+
+
+def test_the_same_state_gives_the_same_bytes(tmp_path):
+    for fmt in FORMATS:
+        a = checkpoint.save(tmp_path / f"a.{fmt}", example_state()).read_bytes()
+        b = checkpoint.save(tmp_path / f"b.{fmt}", example_state()).read_bytes()
+        assert a == b
+
+
+@given(fmt=st.sampled_from(FORMATS), depth=st.integers(66, 400), cyclic=st.booleans())
+def test_a_state_nested_too_deep_or_containing_itself_is_refused(tmp_path_factory, fmt, depth, cyclic):
+    state = inner = {}
+    for _ in range(depth):
+        inner["a"] = {}
+        inner = inner["a"]
+    if cyclic:
+        state = {"x": 1}
+        state["self"] = state
+    path = tmp_path_factory.mktemp("deep") / f"c.{fmt}"
+    message = expect_rejected(lambda: checkpoint.save(path, state), "checkpoint.save", "state")
+    assert "nested deeper than" in message and not path.exists()

@@ -4,13 +4,18 @@
 - ``bpe.py``: ``ByteBPE`` (byte-level BPE: train, encode, decode, save, load);
 - ``corpus.py``: ``default_corpus`` (prose from the standard library), ``train_val_split``, ``get_batch``;
 - ``arithmetic.py``: addition / subtraction / multiplication problems as text, a held-out
-  split, answer-only loss masks, ``exact_match``.
+  split, answer-only loss masks, ``exact_match``;
+- ``vocab.py``: checks shared by the tokenizers, ``check_vocab`` (a tokenizer against a
+  model's ``vocab_size``), ``tokenizer_difference`` / ``check_same_tokenizer`` (against a
+  saved one); ``corpus.data_fingerprint`` identifies a text or token stream.
 """
 
 from .arithmetic import IGNORE_INDEX, ArithmeticTask, Problem, exact_match, make_batch
 from .bpe import ByteBPE
 from .char import CharTokenizer
-from .corpus import default_corpus, get_batch, train_val_split
+from .corpus import data_fingerprint, default_corpus, get_batch, train_val_split
+from .vocab import check_same_tokenizer, check_vocab, tokenizer_difference
 
 __all__ = ["CharTokenizer", "ByteBPE", "default_corpus", "train_val_split", "get_batch",
-           "ArithmeticTask", "Problem", "make_batch", "exact_match", "IGNORE_INDEX"]
+           "ArithmeticTask", "Problem", "make_batch", "exact_match", "IGNORE_INDEX",
+           "check_vocab", "check_same_tokenizer", "tokenizer_difference", "data_fingerprint"]

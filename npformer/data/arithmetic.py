@@ -27,22 +27,77 @@ tasks of different widths. ``sample`` draws by rejection from the requested side
 ``make_batch`` turns problems into ``(x, y, loss_mask)``: next-token pairs whose targets
 are ``IGNORE_INDEX`` (-100, as ``cross_entropy(..., ignore_index=-100)`` expects) except
 on the answer characters and the closing newline, so the loss measures the answers only.
+
+Every option is checked where it enters: ``op`` one of ``OPS``, ``digits`` an integer in
+[1, 9], operands integers in [0, 10^digits), the format flags bools, ``heldout_fraction``
+in (0, 1), counts (``n``, ``batch_size``, ``block_size``) integers >= 1, a tokenizer
+holding every character of ``VOCAB``. A wrong one raises ``ValueError`` or ``TypeError``
+naming the function and the argument.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..ops._checks import check_bool, check_count, check_real
 from .char import CharTokenizer
+from .vocab import check_text
 
 IGNORE_INDEX = -100
 OPS = ("+", "-", "*")
 VOCAB = "\n*+-0123456789="
 _SALT = {"+": 0x2545F4914F6CDD1D, "-": 0x9E3779B97F4A7C15, "*": 0xD6E8FEB86659FD93}
 _M64 = (1 << 64) - 1
+MAX_DIGITS = 9  # operands below 10^9 < 2^32, the range the held-out hash takes
+
+
+def _check_op(op: str, value: object) -> str:
+    if not isinstance(value, str) or value not in OPS:
+        raise ValueError(f"{op}: argument 'op' expected one of {OPS}, got {value!r:.40}")
+    return value
+
+
+def _check_digits(op: str, value: object) -> int:
+    digits = check_count(op, "digits", value, lo=1)
+    if digits > MAX_DIGITS:
+        raise ValueError(f"{op}: argument 'digits' expected an integer in [1, {MAX_DIGITS}], got {value!r}")
+    return digits
+
+
+def _check_rng(op: str, rng: object) -> np.random.Generator:
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"{op}: argument 'rng' expected a numpy.random.Generator, got {type(rng).__name__}")
+    return rng
+
+
+def _check_tokenizer(op: str, tok: object) -> CharTokenizer:
+    """``tok`` (``None`` for the default) must be a CharTokenizer that holds every character of ``VOCAB``."""
+    if tok is None:
+        return tokenizer()
+    if not isinstance(tok, CharTokenizer):
+        raise TypeError(f"{op}: argument 'tok' expected a CharTokenizer or None, got {type(tok).__name__}")
+    missing = [c for c in VOCAB if c not in tok.stoi]
+    if missing:
+        raise ValueError(f"{op}: argument 'tok' expected a vocabulary holding {VOCAB!r}, "
+                         f"missing {''.join(missing)!r}")
+    return tok
+
+
+def _check_problems(op: str, problems: object) -> List["Problem"]:
+    if isinstance(problems, (str, bytes, dict)) or not isinstance(problems, Iterable):
+        raise TypeError(f"{op}: argument 'problems' expected a sequence of Problem, got {type(problems).__name__}")
+    problems = list(problems)
+    for i, p in enumerate(problems):
+        if not isinstance(p, Problem):
+            raise TypeError(f"{op}: argument 'problems' expected Problem entries, got {type(p).__name__} "
+                            f"at position {i}")
+    if not problems:
+        raise ValueError(f"{op}: argument 'problems' expected at least one problem, got 0")
+    return problems
 
 
 def tokenizer() -> CharTokenizer:
@@ -60,6 +115,16 @@ class Problem:
     digits: int = 3
     fixed_width: bool = True
     reverse: bool = False
+
+    def __post_init__(self):
+        _check_op("Problem", self.op)
+        digits = _check_digits("Problem", self.digits)
+        for name in ("a", "b"):
+            value = check_count("Problem", name, getattr(self, name), lo=0)
+            if value >= 10**digits:
+                raise ValueError(f"Problem: argument '{name}' expected an integer in [0, 10^{digits}), got {value}")
+        check_bool("Problem", "fixed_width", self.fixed_width)
+        check_bool("Problem", "reverse", self.reverse)
 
     @property
     def result(self) -> int:
@@ -88,12 +153,24 @@ class Problem:
 
     def parse(self, answer: str) -> Optional[int]:
         """The integer an answer string in this problem's format stands for (None if it is not one)."""
-        s = answer.strip()
+        s = check_text("Problem.parse", "answer", answer).strip()
         s = s[::-1] if self.reverse else s
         try:
             return int(s)
         except ValueError:
             return None
+
+
+def _operand(where: str, name: str, x: object) -> np.ndarray:
+    """Operands of ``heldout_mask`` as uint64, refusing floats, bools and values outside [0, 2^32)."""
+    arr = np.asarray(x) if isinstance(x, (np.ndarray, int, np.integer, list, tuple, range)) else None
+    if arr is None or isinstance(x, (bool, np.bool_)) or arr.dtype.kind not in "iu":
+        raise ValueError(f"{where}: argument '{name}' expected integers in [0, 2^32), got "
+                         f"{type(x).__name__}{'' if arr is None else ' of dtype ' + str(arr.dtype)}")
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= 1 << 32):
+        raise ValueError(f"{where}: argument '{name}' expected integers in [0, 2^32), "
+                         f"got values in [{int(arr.min())}, {int(arr.max())}]")
+    return arr.astype(np.uint64)
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -108,8 +185,22 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 
 
 def heldout_mask(op: str, a, b, fraction: float) -> np.ndarray:
-    """Whether each problem (op, a[i], b[i]) belongs to the held-out side. a, b: (N,) ints in [0, 2^32)."""
-    a, b = np.broadcast_arrays(np.asarray(a, dtype=np.uint64), np.asarray(b, dtype=np.uint64))
+    """Whether each problem (op, a[i], b[i]) belongs to the held-out side.
+
+    a, b: integers in [0, 2^32) of broadcastable shapes -> a bool array of their broadcast shape.
+    """
+    return _heldout_mask("heldout_mask", op, a, b, fraction)
+
+
+def _heldout_mask(where: str, op: str, a, b, fraction: float) -> np.ndarray:
+    _check_op(where, op)
+    fraction = check_real(where, "fraction", fraction, lo=0.0, hi=1.0)
+    a, b = _operand(where, "a", a), _operand(where, "b", b)
+    try:
+        a, b = np.broadcast_arrays(a, b)
+    except ValueError:
+        raise ValueError(f"{where}: arguments 'a' and 'b' expected broadcastable shapes, "
+                         f"got {a.shape} and {b.shape}") from None
     shape = a.shape
     a, b = a.ravel(), b.ravel()  # 1-d: uint64 arithmetic wraps silently on arrays, not on scalars
     if op in ("+", "*"):
@@ -131,19 +222,25 @@ class ArithmeticTask:
     heldout_fraction: float = 0.1
 
     def __post_init__(self):
-        if self.op not in OPS:
-            raise ValueError(f"ArithmeticTask: argument 'op' expected one of {OPS}, got {self.op!r}")
-        if not (isinstance(self.digits, int) and 1 <= self.digits <= 9):
-            raise ValueError(f"ArithmeticTask: argument 'digits' expected an integer in [1, 9], got {self.digits!r}")
-        if not 0.0 < self.heldout_fraction < 1.0:
-            raise ValueError(f"ArithmeticTask: argument 'heldout_fraction' expected a value in (0, 1), "
-                             f"got {self.heldout_fraction}")
+        _check_op("ArithmeticTask", self.op)
+        _check_digits("ArithmeticTask", self.digits)
+        check_bool("ArithmeticTask", "fixed_width", self.fixed_width)
+        check_bool("ArithmeticTask", "reverse", self.reverse)
+        check_real("ArithmeticTask", "heldout_fraction", self.heldout_fraction, lo=0.0, hi=1.0,
+                   lo_open=True, hi_open=True)
 
     def problem(self, a: int, b: int) -> Problem:
+        """The problem ``a op b`` in this task's format; a, b integers in [0, 10^digits)."""
+        for name, value in (("a", a), ("b", b)):
+            value = check_count("ArithmeticTask.problem", name, value, lo=0)
+            if value >= 10**self.digits:
+                raise ValueError(f"ArithmeticTask.problem: argument '{name}' expected an integer in "
+                                 f"[0, 10^{self.digits}), got {value}")
         return Problem(int(a), int(b), self.op, self.digits, self.fixed_width, self.reverse)
 
     def is_heldout(self, a, b) -> np.ndarray:
-        return heldout_mask(self.op, a, b, self.heldout_fraction)
+        """Whether each problem (a[i], b[i]) of this task is on the held-out side (see ``heldout_mask``)."""
+        return _heldout_mask("ArithmeticTask.is_heldout", self.op, a, b, self.heldout_fraction)
 
     @property
     def line_length(self) -> Optional[int]:
@@ -151,9 +248,14 @@ class ArithmeticTask:
         return 3 * self.digits + 3 + (self.digits if self.op == "*" else 1) if self.fixed_width else None
 
     def sample(self, rng: np.random.Generator, n: int, split: str = "train") -> List[Problem]:
-        """``n`` problems from the ``"train"`` or ``"heldout"`` side, drawn with ``rng``."""
-        if split not in ("train", "heldout"):
-            raise ValueError(f"ArithmeticTask.sample: argument 'split' expected 'train' or 'heldout', got {split!r}")
+        """``n`` (>= 1) problems from the ``"train"`` or ``"heldout"`` side, drawn with ``rng``."""
+        return self._sample("ArithmeticTask.sample", rng, n, "n", split)
+
+    def _sample(self, op: str, rng: np.random.Generator, n: int, n_name: str, split: str) -> List[Problem]:
+        _check_rng(op, rng)
+        n = check_count(op, n_name, n, lo=1)
+        if not isinstance(split, str) or split not in ("train", "heldout"):
+            raise ValueError(f"{op}: argument 'split' expected 'train' or 'heldout', got {split!r:.40}")
         want_heldout = split == "heldout"
         high = 10**self.digits
         found: List[Tuple[int, int]] = []
@@ -164,12 +266,13 @@ class ArithmeticTask:
             found.extend(zip(a[keep].tolist(), b[keep].tolist()))
             if len(found) >= n:
                 return [self.problem(x, y) for x, y in found[:n]]
-        raise ValueError(f"ArithmeticTask.sample: the {split!r} side of {self} is empty or too small to sample")
+        raise ValueError(f"{op}: argument 'split': the {split!r} side of {self} is empty or too small to sample")
 
     def batch(self, rng: np.random.Generator, batch_size: int, split: str = "train",
               tok: Optional[CharTokenizer] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``make_batch`` of ``batch_size`` fresh problems: (x, y, loss_mask), each (B, T)."""
-        return make_batch(self.sample(rng, batch_size, split), tok)
+        tok = _check_tokenizer("ArithmeticTask.batch", tok)
+        return make_batch(self._sample("ArithmeticTask.batch", rng, batch_size, "batch_size", split), tok)
 
 
 def make_batch(problems: Sequence[Problem], tok: Optional[CharTokenizer] = None,
@@ -185,13 +288,14 @@ def make_batch(problems: Sequence[Problem], tok: Optional[CharTokenizer] = None,
     -> x: (B, T) int64, y: (B, T) int64, loss_mask: (B, T) bool;
        T = block_size, or the longest line's length - 1.
     """
-    tok = tok or tokenizer()
-    if not problems:
-        raise ValueError("make_batch: argument 'problems' expected at least one problem, got 0")
+    problems = _check_problems("make_batch", problems)
+    tok = _check_tokenizer("make_batch", tok)
     rows = [tok.encode(p.text) for p in problems]
-    T = max(len(r) for r in rows) - 1 if block_size is None else block_size
-    if max(len(r) for r in rows) - 1 > T:
-        raise ValueError(f"make_batch: argument 'block_size' expected at least {max(len(r) for r in rows) - 1}, got {T}")
+    longest = max(len(r) for r in rows) - 1
+    T = longest if block_size is None else check_count("make_batch", "block_size", block_size, lo=1)
+    if longest > T:
+        raise ValueError(f"make_batch: argument 'block_size' expected at least {longest} (the longest line's "
+                         f"length - 1), got {T}")
     B = len(problems)
     x = np.full((B, T), tok.stoi["\n"], dtype=np.int64)
     y = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
@@ -213,11 +317,18 @@ def exact_match(predicted_answers: Sequence[Union[str, int]], problems: Sequence
     surrounding whitespace, such as the closing newline, is stripped; an int must equal
     ``problem.result``.
     """
+    problems = _check_problems("exact_match", problems)
+    if isinstance(predicted_answers, (str, bytes, dict)) or not isinstance(predicted_answers, Iterable):
+        raise TypeError(f"exact_match: argument 'predicted_answers' expected a sequence of str or int answers, "
+                        f"got {type(predicted_answers).__name__}")
+    predicted_answers = list(predicted_answers)
     if len(predicted_answers) != len(problems):
         raise ValueError(f"exact_match: argument 'predicted_answers' expected {len(problems)} answers "
                          f"(one per problem), got {len(predicted_answers)}")
-    if not problems:
-        raise ValueError("exact_match: argument 'problems' expected at least one problem, got 0")
+    for i, pred in enumerate(predicted_answers):
+        if isinstance(pred, (bool, np.bool_)) or not isinstance(pred, (str, int, np.integer)):
+            raise TypeError(f"exact_match: argument 'predicted_answers' expected str or int answers, "
+                            f"got {type(pred).__name__} at position {i}")
     hits = 0
     for pred, p in zip(predicted_answers, problems):
         if isinstance(pred, str):

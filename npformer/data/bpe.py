@@ -7,6 +7,14 @@ Encoding replays the merges in the order they were learned; decoding concatenate
 each id's bytes and reads them back as UTF-8 (so ``decode(encode(s)) == s`` for
 every string ``s``, including emoji and scripts never seen in training).
 
+Lone surrogates (U+D800..U+DFFF, which a Python ``str`` may hold, e.g. from
+``os.fsdecode`` of a bad file name or half of a UTF-16 pair) have no UTF-8 form. They
+are written as the three bytes UTF-8's scheme would give them (Python's
+``"surrogatepass"``: U+D800 -> ED A0 80), and decoding reads those three bytes back
+as the same surrogate, so the round trip holds for them too. Any other byte sequence
+that is not UTF-8 (an id sequence cut through a character) decodes to U+FFFD per
+bad byte, as ``errors="replace"`` does.
+
 Text is first split into chunks by ``PATTERN`` (a run of letters with one optional
 leading space, a run of digits, a run of other symbols, whitespace), and merges never
 cross a chunk boundary: "dog." and "dog!" share the token for " dog".
@@ -19,20 +27,62 @@ so training is deterministic. About a second per MB of text for a few hundred me
 
 from __future__ import annotations
 
+import codecs
 import heapq
 import json
+import os
 import re
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
+
+from ..ops._checks import check_count
+from .vocab import check_ids, check_text, fingerprint_of
 
 # Contractions; letters; digits; other symbols (and "_"); whitespace not followed by text; other whitespace.
 # The alternatives cover every character; the last one is a safety net for anything else.
 PATTERN = r"""'(?:s|t|re|ve|m|ll|d)| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+|."""
 
 Pair = Tuple[int, int]
+
+
+_SURROGATEPASS = codecs.lookup_error("surrogatepass")
+_REPLACE = codecs.lookup_error("replace")
+
+
+def _surrogatepass_or_replace(exc: UnicodeError):
+    """Decoding error handler: an encoded lone surrogate comes back as itself; other bad bytes as U+FFFD."""
+    if isinstance(exc, UnicodeDecodeError):
+        try:
+            return _SURROGATEPASS(exc)
+        except UnicodeDecodeError:
+            return _REPLACE(exc)
+    raise exc
+
+
+_DECODE_ERRORS = "npformer.bpe.surrogatepass_or_replace"
+codecs.register_error(_DECODE_ERRORS, _surrogatepass_or_replace)
+
+
+def _utf8(text: str) -> bytes:
+    """UTF-8 bytes of ``text``; a lone surrogate becomes its three-byte form (see the module doc)."""
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _compile(op: str, pattern: object) -> "re.Pattern":
+    if not isinstance(pattern, str):
+        raise TypeError(f"{op}: argument 'pattern' expected a regular expression str, got {type(pattern).__name__}")
+    try:
+        compiled = re.compile(pattern, re.DOTALL)
+    except re.error as e:
+        raise ValueError(f"{op}: argument 'pattern' is not a valid regular expression: {e}") from None
+    if compiled.groups:
+        raise ValueError(f"{op}: argument 'pattern' expected no capturing groups (use (?:...)), "
+                         f"got {compiled.groups}")
+    return compiled
 
 
 def _merge(ids: Sequence[int], pair: Pair, new: int) -> List[int]:
@@ -53,14 +103,9 @@ class ByteBPE:
     """A list of merges; id ``256 + k`` is the k-th merge."""
 
     def __init__(self, merges: Iterable[Sequence[int]] = (), pattern: str = PATTERN):
-        self.merges: List[Pair] = []
-        for k, (a, b) in enumerate(merges):
-            a, b = int(a), int(b)
-            if not (0 <= a < 256 + k and 0 <= b < 256 + k):
-                raise ValueError(f"ByteBPE: merge {k} = ({a}, {b}) refers to an id not defined before it")
-            self.merges.append((a, b))
+        self._split = _compile("ByteBPE", pattern)
         self.pattern = pattern
-        self._split = re.compile(pattern, re.DOTALL)
+        self.merges = _check_merges("ByteBPE", "merges", merges)
         self.ranks: Dict[Pair, int] = {pair: k for k, pair in enumerate(self.merges)}
         self.vocab: List[bytes] = [bytes([i]) for i in range(256)]  # id -> the bytes it stands for
         for a, b in self.merges:
@@ -75,10 +120,11 @@ class ByteBPE:
     @classmethod
     def train(cls, text: str, vocab_size: int, pattern: str = PATTERN) -> "ByteBPE":
         """Learn ``vocab_size - 256`` merges from ``text`` (fewer if no adjacent pair is left)."""
-        if vocab_size < 256:
-            raise ValueError(f"ByteBPE.train: argument 'vocab_size' expected at least 256, got {vocab_size}")
-        chunks = Counter(re.findall(pattern, text, re.DOTALL))
-        words = [list(chunk.encode("utf-8")) for chunk in chunks]
+        check_text("ByteBPE.train", "text", text)
+        vocab_size = check_count("ByteBPE.train", "vocab_size", vocab_size, lo=256)
+        split = _compile("ByteBPE.train", pattern)
+        chunks = Counter(split.findall(text))
+        words = [list(_utf8(chunk)) for chunk in chunks]
         freqs = list(chunks.values())
 
         counts: Dict[Pair, int] = Counter()
@@ -122,7 +168,7 @@ class ByteBPE:
         cached = self._cache.get(chunk)
         if cached is not None:
             return cached
-        ids = list(chunk.encode("utf-8"))
+        ids = list(_utf8(chunk))
         while len(ids) >= 2:
             pair = min(zip(ids, ids[1:]), key=lambda p: self.ranks.get(p, len(self.ranks)))
             rank = self.ranks.get(pair)
@@ -133,25 +179,30 @@ class ByteBPE:
             self._cache[chunk] = ids
         return ids
 
-    def encode(self, text: str) -> List[int]:
-        """UTF-8 bytes of ``text``, chunked by ``pattern``, with the merges applied in the order learned."""
+    def _encode(self, text: str) -> List[int]:
         out: List[int] = []
         for chunk in self._split.findall(text):
             out.extend(self._encode_chunk(chunk))
         return out
 
+    def encode(self, text: str) -> List[int]:
+        """UTF-8 bytes of ``text``, chunked by ``pattern``, with the merges applied in the order learned."""
+        return self._encode(check_text("ByteBPE.encode", "text", text))
+
     def encode_array(self, text: str) -> np.ndarray:
-        return np.asarray(self.encode(text), dtype=np.int64)
+        """``encode(text)`` as an int64 array, shape (N,)."""
+        return np.asarray(self._encode(check_text("ByteBPE.encode_array", "text", text)), dtype=np.int64)
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Concatenated bytes of ``ids`` read as UTF-8; a cut through a multi-byte character becomes U+FFFD."""
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"ByteBPE.decode: id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        return b"".join(self.vocab[i] for i in ids).decode("utf-8", errors="replace")
+        """Concatenated bytes of ``ids`` read as UTF-8 (lone surrogates kept, other bad bytes -> U+FFFD)."""
+        ids = check_ids("ByteBPE.decode", "ids", ids, self.vocab_size)
+        return b"".join(self.vocab[i] for i in ids).decode("utf-8", errors=_DECODE_ERRORS)
 
     def token_bytes(self, i: int) -> bytes:
+        """The bytes id ``i`` stands for."""
+        i = check_count("ByteBPE.token_bytes", "i", i)
+        if i >= self.vocab_size:
+            raise ValueError(f"ByteBPE.token_bytes: argument 'i' expected an id in [0, {self.vocab_size}), got {i}")
         return self.vocab[i]
 
     # -- persistence ------------------------------------------------------------------------
@@ -160,23 +211,83 @@ class ByteBPE:
 
     @classmethod
     def from_dict(cls, d: Dict[str, object]) -> "ByteBPE":
-        if d.get("kind") != "byte-bpe" or d.get("version") != 1:
-            raise ValueError(f"ByteBPE.from_dict: expected kind 'byte-bpe' version 1, "
-                             f"got kind {d.get('kind')!r} version {d.get('version')!r}")
-        return cls(d["merges"], d["pattern"])
+        return cls._from_dict("ByteBPE.from_dict", "d", d)
+
+    @classmethod
+    def _from_dict(cls, op: str, name: str, d: object) -> "ByteBPE":
+        if not isinstance(d, dict):
+            raise TypeError(f"{op}: argument '{name}' expected a dict, got {type(d).__name__}")
+        if d.get("kind") != "byte-bpe" or type(d.get("version")) is not int or d.get("version") != 1:
+            raise ValueError(f"{op}: argument '{name}' expected kind 'byte-bpe' version 1, "
+                             f"got kind {d.get('kind')!r:.40} version {d.get('version')!r:.40}")
+        if not isinstance(d.get("merges"), list) or not isinstance(d.get("pattern"), str):
+            raise ValueError(f"{op}: argument '{name}' expected a list under 'merges' and a str under 'pattern', "
+                             f"got {type(d.get('merges')).__name__} and {type(d.get('pattern')).__name__}")
+        try:
+            return cls(d["merges"], d["pattern"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{op}: argument '{name}' holds a bad tokenizer: {e}") from None
 
     def save(self, path) -> Path:
         """Write the merges (and the split pattern) as JSON."""
-        path = Path(path)
+        path = _path("ByteBPE.save", path)
         path.write_text(json.dumps(self.to_dict()), encoding="utf-8")
         return path
 
     @classmethod
     def load(cls, path) -> "ByteBPE":
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        """Read a file written by ``save``.
+
+        A missing or unreadable file raises the ``OSError`` that names it (``FileNotFoundError``);
+        one that is not a tokenizer written by ``save`` raises ``ValueError``.
+        """
+        path = _path("ByteBPE.load", path)
+        raw = path.read_bytes()
+        try:
+            d = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise ValueError(f"ByteBPE.load: argument 'path': {path} is not a JSON tokenizer file ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"ByteBPE.load: argument 'path': {path} holds a JSON {type(d).__name__}, "
+                             "expected a tokenizer object")
+        return cls._from_dict("ByteBPE.load", "path", d)
+
+    def fingerprint(self) -> str:
+        """``"sha256:..."`` of ``to_dict()``: equal for equal tokenizers."""
+        return fingerprint_of(self.to_dict())
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ByteBPE) and self.merges == other.merges and self.pattern == other.pattern
 
+    def __hash__(self) -> int:
+        return hash((tuple(self.merges), self.pattern))
+
     def __repr__(self) -> str:
         return f"ByteBPE(vocab_size={self.vocab_size})"
+
+
+def _path(op: str, path: object) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{op}: argument 'path' expected a str or os.PathLike, got {type(path).__name__}")
+    return Path(path)
+
+
+def _check_merges(op: str, name: str, merges: object) -> List[Pair]:
+    """A sequence of pairs (a, b) of integer ids, each defined before it, none repeated."""
+    if isinstance(merges, (str, bytes, dict)) or not isinstance(merges, Iterable):
+        raise TypeError(f"{op}: argument '{name}' expected a sequence of (a, b) id pairs, got {type(merges).__name__}")
+    out: List[Pair] = []
+    seen: Dict[Pair, int] = {}
+    for k, pair in enumerate(merges):
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, Iterable) or len(pair := tuple(pair)) != 2:
+            raise ValueError(f"{op}: argument '{name}' expected pairs (a, b), got {pair!r:.40} as merge {k}")
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in pair):
+            raise ValueError(f"{op}: argument '{name}' expected integer ids, got {pair!r:.40} as merge {k}")
+        a, b = int(pair[0]), int(pair[1])
+        if not (0 <= a < 256 + k and 0 <= b < 256 + k):
+            raise ValueError(f"{op}: argument '{name}': merge {k} = ({a}, {b}) refers to an id not defined before it")
+        if (a, b) in seen:
+            raise ValueError(f"{op}: argument '{name}': merge {k} = ({a}, {b}) repeats merge {seen[(a, b)]}")
+        seen[(a, b)] = k
+        out.append((a, b))
+    return out

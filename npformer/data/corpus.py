@@ -14,20 +14,29 @@ It is the same text on every run of the same Python version (no hashing, no
 dictionary-order or import side effects), and is cut to at most ``max_bytes`` of UTF-8
 at a line end. Different Python versions have different docstrings, so the text (and
 its character vocabulary) can differ between versions.
+
+Token streams (``ids``) are 1-d integer arrays or sequences of ints; floats, bools and
+strings are refused rather than converted. Counts (``max_bytes``, ``batch_size``,
+``block_size``, ``chunk_size``, ``seed``) are integers, ``block_size`` at most
+``len(ids) - 1``; a wrong argument raises ``ValueError`` or ``TypeError`` naming it.
+``data_fingerprint`` is a short hash of a text or a token stream, for a checkpoint to
+record which data it was trained on.
 """
 
 from __future__ import annotations
 
 import ast
 import functools
+import hashlib
 import math
 import sysconfig
+from collections.abc import Iterable
 from pathlib import Path
 from typing import List, Tuple
 
 import numpy as np
 
-from ..ops._checks import check_range
+from ..ops._checks import check_bool, check_count, check_real
 
 # Pure-Python standard library modules with plenty of prose in their docstrings.
 MODULES = (
@@ -88,10 +97,13 @@ def _docstrings(module: str) -> List[str]:
     return parts
 
 
-@functools.lru_cache(maxsize=4)
 def default_corpus(max_bytes: int = DEFAULT_MAX_BYTES) -> str:
     """Up to ``max_bytes`` of UTF-8: the pydoc topics, then the docstrings of ``MODULES`` (see the module doc)."""
-    check_range("default_corpus", "max_bytes", max_bytes, 1, math.inf)
+    return _default_corpus(check_count("default_corpus", "max_bytes", max_bytes, lo=1))
+
+
+@functools.lru_cache(maxsize=4)
+def _default_corpus(max_bytes: int) -> str:
     pieces, size = [], 0
     sources = [_topics] + [functools.partial(_docstrings, m) for m in MODULES]
     for source in sources:
@@ -125,11 +137,11 @@ def train_val_split(ids, val_fraction: float = 0.1, seed: int = 0, chunk_size: i
 
     ids: (N,) integer  ->  train: (N - M,), val: (M,)  int64
     """
-    ids = np.asarray(ids, dtype=np.int64)
-    if ids.ndim != 1:
-        raise ValueError(f"train_val_split: argument 'ids' expected 1 dimensions, got {ids.ndim} (shape {ids.shape})")
-    check_range("train_val_split", "val_fraction", val_fraction, 0.0, 1.0)
-    check_range("train_val_split", "chunk_size", chunk_size, 1, math.inf)
+    ids = token_stream("train_val_split", "ids", ids)
+    val_fraction = check_real("train_val_split", "val_fraction", val_fraction, lo=0.0, hi=1.0, hi_open=True)
+    seed = check_count("train_val_split", "seed", seed, lo=0)
+    chunk_size = check_count("train_val_split", "chunk_size", chunk_size, lo=1)
+    contiguous = check_bool("train_val_split", "contiguous", contiguous)
     N = len(ids)
     if val_fraction == 0 or N == 0:
         return ids.copy(), ids[:0].copy()
@@ -154,13 +166,59 @@ def get_batch(ids, batch_size: int, block_size: int, rng: np.random.Generator) -
 
     Start positions s_b are uniform over [0, N - T) from ``rng`` (one ``integers`` call).
     """
-    ids = np.asarray(ids)
-    B, T = batch_size, block_size
-    check_range("get_batch", "batch_size", B, 1, math.inf)
-    check_range("get_batch", "block_size", T, 1, math.inf)
-    if ids.ndim != 1 or len(ids) <= T:
-        raise ValueError(f"get_batch: argument 'ids' expected shape (N,) with N > block_size = {T}, got {ids.shape}")
+    ids = token_stream("get_batch", "ids", ids)
+    B = check_count("get_batch", "batch_size", batch_size, lo=1)
+    T = check_count("get_batch", "block_size", block_size, lo=1)
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"get_batch: argument 'rng' expected a numpy.random.Generator, got {type(rng).__name__}")
+    if len(ids) <= T:
+        raise ValueError(f"get_batch: argument 'block_size' expected at most {len(ids) - 1} (a window of "
+                         f"block_size + 1 tokens must fit in the {len(ids)} tokens of 'ids'), got {T}")
     starts = rng.integers(0, len(ids) - T, size=B)  # (B,)
     window = starts[:, None] + np.arange(T + 1)  # (B, T + 1)
     tokens = ids[window].astype(np.int64, copy=False)
     return np.ascontiguousarray(tokens[:, :-1]), np.ascontiguousarray(tokens[:, 1:])
+
+
+def token_stream(op: str, name: str, ids: object) -> np.ndarray:
+    """A 1-d stream of integer token ids as int64: a 1-d integer array, or a list/tuple/range of ints.
+
+    Floats (which would be truncated), bools, strings and arrays of other ranks are refused.
+    """
+    if isinstance(ids, np.ndarray):
+        if ids.dtype.kind not in "iu":
+            raise ValueError(f"{op}: argument '{name}' expected an integer array, got dtype {ids.dtype}")
+        if ids.ndim != 1:
+            raise ValueError(f"{op}: argument '{name}' expected 1 dimension, got {ids.ndim} (shape {ids.shape})")
+        if ids.dtype == np.uint64 and ids.size and ids.max() > np.iinfo(np.int64).max:
+            raise ValueError(f"{op}: argument '{name}' holds an id outside the int64 range")
+        return ids.astype(np.int64, copy=False)
+    if isinstance(ids, (str, bytes, bytearray, dict, set, frozenset)) or not isinstance(ids, Iterable):
+        raise TypeError(f"{op}: argument '{name}' expected a 1-d array or sequence of integer ids, "
+                        f"got {type(ids).__name__}")
+    values = list(ids)
+    for i, v in enumerate(values):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"{op}: argument '{name}' expected integer ids, got {type(v).__name__} {v!r:.40} "
+                            f"at position {i}")
+    try:
+        return np.array(values, dtype=np.int64).reshape(len(values))
+    except OverflowError:
+        raise ValueError(f"{op}: argument '{name}' holds an id outside the int64 range") from None
+
+
+def data_fingerprint(data: object) -> str:
+    """``"sha256:<16 hex digits>"`` of a text (its UTF-8 bytes) or of a token stream (int64 ids).
+
+    A trainer stores it in a checkpoint and compares it on resume: a different corpus
+    (even one that happens to have the same vocabulary) gives a different fingerprint.
+    """
+    if isinstance(data, str):
+        raw = b"text:" + data.encode("utf-8", "surrogatepass")
+    else:
+        try:
+            raw = b"ids:" + token_stream("data_fingerprint", "data", data).astype("<i8").tobytes()
+        except TypeError:
+            raise TypeError(f"data_fingerprint: argument 'data' expected a str or a 1-d sequence of integer ids, "
+                            f"got {type(data).__name__}") from None
+    return "sha256:" + hashlib.sha256(raw).hexdigest()[:16]

@@ -19,23 +19,41 @@ mean loss over the whole batch. ``accumulate_gradients`` is that loop::
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Sequence, Union
+from collections.abc import Iterable
+from typing import Callable, Sequence, Union
 
 import numpy as np
 
 from ..nn.module import Parameter
+from ..ops._checks import check_bool, check_real
 
 Params = Union[Parameter, Iterable[Parameter]]
 
 
-def _as_list(params: Params) -> list:
-    return [params] if isinstance(params, Parameter) else list(params)
+def _as_list(op: str, params: Params) -> list:
+    """One Parameter or an iterable of them, as a list (each checked, with its gradient)."""
+    if isinstance(params, Parameter):
+        params = [params]
+    elif isinstance(params, (dict, str, bytes, np.ndarray)) or not isinstance(params, Iterable):
+        raise TypeError(f"{op}: argument 'params' expected a Parameter or an iterable of Parameters, "
+                        f"got {type(params).__name__}")
+    params = list(params)
+    for i, p in enumerate(params):
+        if not isinstance(p, Parameter):
+            raise TypeError(f"{op}: argument 'params' expected Parameter entries, got {type(p).__name__} "
+                            f"at position {i}")
+        g = p.grad
+        if not isinstance(g, np.ndarray) or g.shape != p.data.shape or g.dtype.kind != "f":
+            got = f"{g.dtype} of shape {g.shape}" if isinstance(g, np.ndarray) else type(g).__name__
+            raise ValueError(f"{op}: argument 'params': parameter {i} has a gradient of {got}; expected a float "
+                             f"array of shape {p.data.shape}")
+    return params
 
 
 def grad_norm(params: Params) -> float:
     """Global L2 norm of all gradients, sqrt(sum_p sum_i g_pi^2), summed in float64 across parameters."""
     # np.vdot(g, g) is a BLAS dot over the flattened gradient: no squared temporary.
-    return math.sqrt(sum(float(np.vdot(p.grad, p.grad)) for p in _as_list(params)))
+    return math.sqrt(sum(float(np.vdot(p.grad, p.grad)) for p in _as_list("grad_norm", params)))
 
 
 def clip_grad_norm_(params: Params, max_norm: float, error_if_nonfinite: bool = False) -> float:
@@ -43,21 +61,31 @@ def clip_grad_norm_(params: Params, max_norm: float, error_if_nonfinite: bool = 
 
     As ``torch.nn.utils.clip_grad_norm_``: the coefficient is
     ``max_norm / (total_norm + 1e-6)``, applied only when it is below 1, and the
-    return value is the norm *before* clipping.
+    return value is the norm *before* clipping. ``max_norm`` must be > 0 (``math.inf``
+    measures the norm and clips nothing); NaN, zero and negative values are refused.
     """
-    params = _as_list(params)
-    total = grad_norm(params)
+    op = "clip_grad_norm_"
+    params = _as_list(op, params)
+    if not (isinstance(max_norm, (float, np.floating)) and max_norm == math.inf):
+        check_real(op, "max_norm", max_norm, lo=0.0, lo_open=True)
+    check_bool(op, "error_if_nonfinite", error_if_nonfinite)
+    total = math.sqrt(sum(float(np.vdot(p.grad, p.grad)) for p in params))
     if error_if_nonfinite and not math.isfinite(total):
         raise ValueError(f"clip_grad_norm_: the total gradient norm is {total}")
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
-        scale_grads_(params, coef)
+        _scale(params, coef)
     return total
 
 
 def scale_grads_(params: Params, factor: float) -> None:
-    """``p.grad *= factor`` for every parameter (in place, in the gradient's dtype)."""
-    for p in _as_list(params):
+    """``p.grad *= factor`` for every parameter (in place, in the gradient's dtype); ``factor`` finite."""
+    params = _as_list("scale_grads_", params)
+    _scale(params, check_real("scale_grads_", "factor", factor))
+
+
+def _scale(params: list, factor: float) -> None:
+    for p in params:
         p.grad *= factor
 
 
@@ -68,14 +96,35 @@ def accumulate_gradients(params: Params, micro_batches: Sequence, forward_backwa
     add its micro-batch gradient into ``.grad`` and return that micro-batch's loss) on
     each batch, then divides the gradients by the number of micro-batches.
     """
-    params = _as_list(params)
+    op = "accumulate_gradients"
+    params = _as_list(op, params)
+    if isinstance(micro_batches, (dict, str, bytes)) or not isinstance(micro_batches, Iterable):
+        raise TypeError(f"{op}: argument 'micro_batches' expected a sequence of batches (tuples of arguments), "
+                        f"got {type(micro_batches).__name__}")
     micro_batches = list(micro_batches)
     if not micro_batches:
-        raise ValueError("accumulate_gradients: argument 'micro_batches' expected at least one batch, got 0")
+        raise ValueError(f"{op}: argument 'micro_batches' expected at least one batch, got 0")
+    for i, batch in enumerate(micro_batches):
+        if not isinstance(batch, (tuple, list)):
+            raise TypeError(f"{op}: argument 'micro_batches' expected each batch as a tuple of arguments, "
+                            f"got {type(batch).__name__} at position {i}")
+    if not callable(forward_backward):
+        raise TypeError(f"{op}: argument 'forward_backward' expected a callable, got {type(forward_backward).__name__}")
     for p in params:
         p.grad.fill(0)
     total = 0.0
-    for batch in micro_batches:
-        total += float(forward_backward(*batch))
-    scale_grads_(params, 1.0 / len(micro_batches))
+    for i, batch in enumerate(micro_batches):
+        loss = forward_backward(*batch)
+        if not _is_real(loss):
+            raise TypeError(f"{op}: argument 'forward_backward' returned {type(loss).__name__} for batch {i}; "
+                            "expected the batch's loss as a real number")
+        total += float(loss)
+    _scale(params, 1.0 / len(micro_batches))
     return total / len(micro_batches)
+
+
+def _is_real(x: object) -> bool:
+    """A Python or NumPy int or float, or a 0-d int/float array (not a bool)."""
+    if isinstance(x, np.ndarray):
+        return x.shape == () and x.dtype.kind in "iuf"
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))

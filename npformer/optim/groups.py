@@ -25,9 +25,11 @@ A tied weight (one Parameter reached by two names) is classified by the first na
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Dict, List, Sequence
 
 from ..nn.module import Module
+from ..ops._checks import check_real
 
 KINDS = ("embedding", "norm", "bias", "matrix", "vector")
 NO_DECAY = ("embedding", "norm", "bias", "vector")
@@ -35,6 +37,7 @@ NO_DECAY = ("embedding", "norm", "bias", "vector")
 
 def classify(model: Module) -> Dict[str, str]:
     """``{dotted parameter name: kind}`` for every parameter of ``model``, in ``named_parameters`` order."""
+    _check_model("classify", model)
     kinds: Dict[str, str] = {}
     seen = set()
     for path, module in model.named_modules():
@@ -63,6 +66,14 @@ def param_groups(model: Module, weight_decay: float, no_decay: Sequence[str] = N
     0. Each group also lists its parameter names under ``"names"`` (for reading, and
     kept in the optimizer's state dict). Either group may be empty.
     """
+    _check_model("param_groups", model)
+    weight_decay = check_real("param_groups", "weight_decay", weight_decay, lo=0.0)
+    if isinstance(no_decay, (str, bytes, dict)) or not isinstance(no_decay, Iterable):
+        raise TypeError(f"param_groups: argument 'no_decay' expected a sequence of kinds from {KINDS}, "
+                        f"got {type(no_decay).__name__}")
+    no_decay = list(no_decay)
+    if not all(isinstance(k, str) for k in no_decay):
+        raise TypeError(f"param_groups: argument 'no_decay' expected kinds as str, got {no_decay!r:.80}")
     unknown = sorted(set(no_decay) - set(KINDS))
     if unknown:
         raise ValueError(f"param_groups: argument 'no_decay' expected kinds from {KINDS}, got {unknown}")
@@ -74,3 +85,8 @@ def param_groups(model: Module, weight_decay: float, no_decay: Sequence[str] = N
         {"params": [params[n] for n in decay], "weight_decay": weight_decay, "names": decay},
         {"params": [params[n] for n in exempt], "weight_decay": 0.0, "names": exempt},
     ]
+
+
+def _check_model(op: str, model: object) -> None:
+    if not isinstance(model, Module):
+        raise TypeError(f"{op}: argument 'model' expected an npformer Module, got {type(model).__name__}")

@@ -19,6 +19,12 @@ from ``step = warmup`` (at ``lr``) to ``step = total_steps`` (at its end value),
 stays at the end value after that.
 
 Each schedule is a small frozen dataclass, so a debugger or ``print`` shows its settings.
+
+Settings are checked when a schedule is made (by its function or its class): rates
+finite and >= 0, the end rate at most ``lr``, ``warmup`` and ``total_steps`` integers
+>= 0. ``warmup`` may exceed ``total_steps``: the warmup then runs to its end and the
+rate drops to its end value at step ``warmup`` (a short run keeps its warmup). A
+schedule called with a negative or non-integer step raises ``ValueError``.
 """
 
 from __future__ import annotations
@@ -26,17 +32,27 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..ops._checks import check_range
+from ..ops._checks import check_count, check_real
 
 
-def _check(op: str, lr: float, end_name: str, end_lr: float, warmup: int, total_steps: int) -> None:
-    check_range(op, "lr", lr, 0.0, math.inf)
-    check_range(op, end_name, end_lr, 0.0, math.inf)
-    check_range(op, "warmup", warmup, 0, math.inf)
-    check_range(op, "total_steps", total_steps, 0, math.inf)
-    for name, value in (("warmup", warmup), ("total_steps", total_steps)):
-        if int(value) != value:
-            raise ValueError(f"{op}: argument '{name}' expected an integer, got {value}")
+def _check_rate(op: str, name: str, value: object) -> None:
+    check_real(op, name, value, lo=0.0)
+
+
+def _check_end(op: str, lr: float, end_name: str, end_lr: object) -> None:
+    """The rate a decay ends at: finite, >= 0 and at most ``lr`` (a decay does not rise)."""
+    _check_rate(op, end_name, end_lr)
+    if end_lr > lr:
+        raise ValueError(f"{op}: argument '{end_name}' expected at most lr = {lr}, got {end_lr}")
+
+
+def _check_steps(op: str, warmup: object, total_steps: object) -> None:
+    check_count(op, "warmup", warmup, lo=0)
+    check_count(op, "total_steps", total_steps, lo=0)
+
+
+def _check_step(op: str, step: object) -> int:
+    return check_count(op, "step", step, lo=0)
 
 
 def _progress(step: int, warmup: int, total_steps: int) -> float:
@@ -49,7 +65,11 @@ def _progress(step: int, warmup: int, total_steps: int) -> float:
 class Constant:
     lr: float
 
+    def __post_init__(self):
+        _check_rate("Constant", "lr", self.lr)
+
     def __call__(self, step: int) -> float:
+        _check_step("Constant", step)
         return self.lr
 
 
@@ -62,7 +82,13 @@ class WarmupCosine:
     warmup: int
     total_steps: int
 
+    def __post_init__(self):
+        _check_rate("WarmupCosine", "lr", self.lr)
+        _check_end("WarmupCosine", self.lr, "min_lr", self.min_lr)
+        _check_steps("WarmupCosine", self.warmup, self.total_steps)
+
     def __call__(self, step: int) -> float:
+        step = _check_step("WarmupCosine", step)
         if step < self.warmup:
             return self.lr * (step + 1) / self.warmup
         p = _progress(step, self.warmup, self.total_steps)
@@ -78,27 +104,37 @@ class LinearDecay:
     total_steps: int
     end_lr: float = 0.0
 
+    def __post_init__(self):
+        _check_rate("LinearDecay", "lr", self.lr)
+        _check_end("LinearDecay", self.lr, "end_lr", self.end_lr)
+        _check_steps("LinearDecay", self.warmup, self.total_steps)
+
     def __call__(self, step: int) -> float:
+        step = _check_step("LinearDecay", step)
         if step < self.warmup:
             return self.lr * (step + 1) / self.warmup
         p = _progress(step, self.warmup, self.total_steps)
-        return self.lr + (self.end_lr - self.lr) * p
+        return (1.0 - p) * self.lr + p * self.end_lr  # exactly lr at p = 0 and end_lr at p = 1
 
 
 def constant(lr: float) -> Constant:
     """``lr`` at every step."""
-    check_range("constant", "lr", lr, 0.0, math.inf)
+    _check_rate("constant", "lr", lr)
     return Constant(lr)
 
 
 def warmup_cosine(lr: float, min_lr: float, warmup: int, total_steps: int) -> WarmupCosine:
     """``lr (s+1)/warmup`` for ``s < warmup``; then ``min_lr + (lr - min_lr)(1 + cos(pi p))/2``
     with ``p = (s - warmup)/(total_steps - warmup)`` clipped to [0, 1]."""
-    _check("warmup_cosine", lr, "min_lr", min_lr, warmup, total_steps)
+    _check_rate("warmup_cosine", "lr", lr)
+    _check_end("warmup_cosine", lr, "min_lr", min_lr)
+    _check_steps("warmup_cosine", warmup, total_steps)
     return WarmupCosine(lr, min_lr, int(warmup), int(total_steps))
 
 
 def linear_decay(lr: float, warmup: int, total_steps: int, end_lr: float = 0.0) -> LinearDecay:
-    """``lr (s+1)/warmup`` for ``s < warmup``; then ``lr + (end_lr - lr) p`` with ``p`` as in ``warmup_cosine``."""
-    _check("linear_decay", lr, "end_lr", end_lr, warmup, total_steps)
+    """``lr (s+1)/warmup`` for ``s < warmup``; then ``(1 - p) lr + p end_lr`` with ``p`` as in ``warmup_cosine``."""
+    _check_rate("linear_decay", "lr", lr)
+    _check_end("linear_decay", lr, "end_lr", end_lr)
+    _check_steps("linear_decay", warmup, total_steps)
     return LinearDecay(lr, int(warmup), int(total_steps), end_lr)
