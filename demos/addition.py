@@ -13,6 +13,7 @@ rate is printed; training stops once it reaches ``--target``.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import numpy as np
@@ -38,18 +39,49 @@ def evaluate(model, task, problems, tok, batch=500) -> float:
     return exact_match(answers, problems)
 
 
+def parser():
+    from npformer.cli import Parser
+
+    p = Parser(prog="demos/addition.py", description=__doc__.split("\n")[0])
+    p.add_argument("--digits", type=int, default=3, help="digits per operand, >= 1 (default: 3)")
+    p.add_argument("--reverse", action=argparse.BooleanOptionalAction, default=True,
+                   help="answers least significant digit first (default: True)")
+    p.add_argument("--steps", type=int, default=6000, help="most training steps, >= 1 (default: 6000)")
+    p.add_argument("--batch-size", type=int, default=64, help="problems per step, >= 1 (default: 64)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, > 0 (default: 0.002)")
+    p.add_argument("--eval-every", type=int, default=250,
+                   help="steps between held-out evaluations, >= 1 (default: 250)")
+    p.add_argument("--eval-problems", type=int, default=2000, help="held-out problems, >= 1 (default: 2000)")
+    p.add_argument("--target", type=float, default=0.99,
+                   help="stop at this held-out exact match, >= 0; above 1 never stops early (default: 0.99)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model and the problems, >= 0 (default: 0)")
+    return p
+
+
+def check_args(args) -> None:
+    """Every option checked before any work; an ``OptionError`` names the bad one."""
+    from npformer.cli import check_option
+    from npformer.ops._checks import check_count, check_real
+
+    for name in ("digits", "steps", "batch_size", "eval_every", "eval_problems"):
+        check_option(name, check_count, getattr(args, name), lo=1)
+    check_option("seed", check_count, args.seed, lo=0)
+    check_option("lr", check_real, args.lr, lo=0.0, lo_open=True)
+    check_option("target", check_real, args.target, lo=0.0)
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--digits", type=int, default=3)
-    p.add_argument("--reverse", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--steps", type=int, default=6000)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--eval-every", type=int, default=250)
-    p.add_argument("--eval-problems", type=int, default=2000)
-    p.add_argument("--target", type=float, default=0.99)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    from npformer.cli import OptionError
+
+    p = parser()
+    try:
+        args = p.parse_args(argv)
+        check_args(args)
+    except OptionError as e:
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help, or a value argparse itself refuses
+        return e.code if isinstance(e.code, int) else 2
 
     tok = tokenizer()
     task = ArithmeticTask("+", args.digits, reverse=args.reverse)

@@ -25,6 +25,7 @@ import numpy as np
 
 from ._memory import reuse_freed_memory
 from .models.gpt import GPT, GPTConfig
+from .ops._checks import check_bool, check_count
 from .optim import AdamW
 
 REFERENCE = GPTConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, d_model=384, dropout=0.0)
@@ -90,6 +91,13 @@ def time_torch(cfg: GPTConfig, batch: int, steps: int, warmup: int = WARMUP) -> 
 
 def run(cfg: GPTConfig = REFERENCE, batch: int = 16, steps: int = 5, torch_twin: bool = True,
         log=print) -> Dict[str, object]:
+    """Time ``steps`` training steps of ``cfg`` at ``batch`` sequences (and the torch twin's); the figures by name."""
+    op = "bench.run"
+    if not isinstance(cfg, GPTConfig):
+        raise TypeError(f"{op}: argument 'cfg' expected a GPTConfig, got {type(cfg).__name__}")
+    check_count(op, "batch", batch, lo=1)
+    check_count(op, "steps", steps, lo=1)
+    check_bool(op, "torch_twin", torch_twin)
     reuse_freed_memory()  # for both engines: the torch twin runs in this process too
     tokens = batch * cfg.block_size
     peak = matmul_flops()

@@ -1,103 +1,297 @@
-"""The ``npformer`` command: train, sample, bench, gradcheck."""
+"""The ``npformer`` command: train, sample, bench, gradcheck.
+
+Every option is checked before any work. A bad value ends the command with one line
+that names the option, in argparse's style, and exit status 2::
+
+    npformer train: error: argument --steps: expected an integer >= 1, got 0
+
+An unknown flag prints the subcommand's usage before that line. ``main`` returns the
+exit status rather than exiting, so it can be called in-process.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import fields
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
 
-def _add_train(sub) -> None:
-    from .train import TrainConfig
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors for a bad option value; usage only for unknown or missing arguments."""
 
-    p = sub.add_parser("train", help="train a GPT on the built-in corpus (or --data FILE)")
-    p.add_argument("--config", help="JSON file of TrainConfig fields; flags override it")
+    def error(self, message: str):
+        if message.startswith("argument "):
+            self.exit(2, f"{self.prog}: error: {message}\n")
+        super().error(message)
+
+
+class OptionError(Exception):
+    """A command-line option whose value cannot work: ``flag`` (e.g. ``--steps``) and the reason."""
+
+    def __init__(self, flag: str, reason: str):
+        super().__init__(f"argument {flag}: {reason}")
+        self.flag, self.reason = flag, reason
+
+
+def flag(name: str) -> str:
+    """``block_size`` -> ``--block-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def check_option(name: str, check: Callable, value, **options):
+    """Run a ``_checks`` helper on an option's value; an ``OptionError`` naming ``--name`` if it fails."""
+    try:
+        return check("npformer", name, value, **options)
+    except ValueError as e:
+        raise OptionError(flag(name), str(e).split(f"argument '{name}' ", 1)[-1]) from None
+
+
+# -- train ------------------------------------------------------------------------------------------
+def _add_train(sub) -> argparse.ArgumentParser:
+    from .train import CHOICES, FIELD_HELP, TrainConfig
+
+    p = sub.add_parser("train", help="train a GPT on the built-in corpus (or --data FILE)",
+                       description="Train a character-level GPT. Any TrainConfig field is a flag; "
+                                   "with --resume, the run's saved settings are the defaults.")
+    p.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                   help="JSON object of TrainConfig fields; flags given here override it (default: none)")
+    metavars = {"data": "FILE", "out_dir": "DIR"}
     for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+        text = f"{FIELD_HELP[f.name]} (default: {f.default!r})"
         if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=text)
         else:
             kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            p.add_argument(flag, type=kind, default=None, help=f"default {f.default}")
+            p.add_argument(flag(f.name), type=kind, default=argparse.SUPPRESS, choices=CHOICES.get(f.name),
+                           metavar=metavars.get(f.name), help=text)
+    return p
+
+
+def _resolve_train(args: argparse.Namespace):
+    """The TrainConfig to run, and where each field came from ("flag", "config", "checkpoint", "default").
+
+    Precedence: flags > the --config file > the checkpoint's settings (with --resume) > defaults.
+    """
+    from . import checkpoint
+    from .train import CHOICES, NOT_INHERITED, TrainConfig, saved_runs
+
+    names = {f.name for f in fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    from_file: Dict[str, object] = {}
+    if hasattr(args, "config"):
+        path = Path(args.config)
+        if not path.is_file():
+            raise OptionError("--config", f"expected a JSON file of TrainConfig fields, got {args.config!r} "
+                                          f"({'a folder' if path.is_dir() else 'no such file'})")
+        try:
+            from_file = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise OptionError("--config", f"expected a JSON file of TrainConfig fields, got {args.config!r}: {e}")
+        if not isinstance(from_file, dict):
+            raise OptionError("--config", f"expected a JSON object of TrainConfig fields, got a JSON "
+                                          f"{type(from_file).__name__} in {args.config!r}")
+        unknown = sorted(set(from_file) - names)
+        if unknown:
+            raise OptionError("--config", f"expected TrainConfig fields, got unknown {unknown} in {args.config!r}")
+    merged = {**from_file, **given}
+    from_checkpoint: Dict[str, object] = {}
+    out_dir, fmt = merged.get("out_dir", TrainConfig.out_dir), merged.get("checkpoint_format")
+    # A bad out_dir or format is left to TrainConfig.validate, which names it.
+    if merged.get("resume") is True and isinstance(out_dir, str) and out_dir and fmt in (None, *CHOICES[
+            "checkpoint_format"]):
+        runs = saved_runs(out_dir)
+        path = Path(out_dir) / f"ckpt.{fmt}" if fmt else (runs[0] if runs else None)
+        if path is None or not path.is_file():
+            where = path if path is not None else f"{out_dir}/ckpt.npz"
+            raise OptionError("--resume", f"expected a run to resume, but there is no {where} "
+                                          f"(train one first, without --resume, or pass its --out-dir)")
+        try:
+            saved = checkpoint.load(path).get("config")
+        except checkpoint.CheckpointError as e:
+            raise OptionError("--resume", str(e))
+        saved = saved if isinstance(saved, dict) else {}  # train() says what the checkpoint lacks
+        from_checkpoint = {k: v for k, v in saved.items() if k in names and k not in NOT_INHERITED}
+        if fmt is None:
+            from_checkpoint["checkpoint_format"] = path.suffix[1:]
+    values = {**from_checkpoint, **merged}
+    source = {name: ("flag" if name in given else "config" if name in from_file
+                     else "checkpoint" if name in from_checkpoint else "default") for name in names}
+    return TrainConfig(**values), source
 
 
 def _run_train(args) -> int:
-    from .train import TrainConfig, train
+    from . import checkpoint
+    from .train import ConfigError, train
 
-    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
-    if args.config:
-        cfg = TrainConfig.from_json(args.config, **overrides)
-    else:
-        cfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
-    summary = train(cfg)
-    print(f"final: train loss {summary['train_loss']:.4f}, val loss {summary['val_loss']:.4f}, "
-          f"{summary['tokens_per_s']:,.0f} tok/s; checkpoint {summary['checkpoint']}, plot {summary['plot']}")
+    cfg, source = _resolve_train(args)
+    try:
+        summary = train(cfg)
+    except ConfigError as e:
+        if source.get(e.field) == "config":
+            raise OptionError("--config", f"field '{e.field}' in {args.config!r} {e.reason}") from None
+        raise OptionError(flag(e.field), e.reason) from None
+    except checkpoint.CheckpointError as e:
+        raise OptionError("--resume", str(e)) from None
+    if summary["steps_run"] == 0:
+        return 0  # a finished run: train() has said so and how to extend it
+    losses = ", ".join(f"{k} loss {summary[f'{k}_loss']:.4f}" for k in ("train", "val")
+                       if summary[f"{k}_loss"] is not None)
+    print(f"final: {losses}, {summary['tokens_per_s']:,.0f} tok/s (training); "
+          f"checkpoint {summary['checkpoint']}, plot {summary['plot']}")
+    if not summary["complete"]:
+        print(f"stopped at step {summary['step']} of {cfg.steps}: continue with npformer train --resume "
+              f"--out-dir {cfg.out_dir}")
     return 0
 
 
-def _add_sample(sub) -> None:
-    p = sub.add_parser("sample", help="sample text from a training checkpoint")
-    p.add_argument("--checkpoint", default="runs/gpt/ckpt.npz")
-    p.add_argument("--prompt", default="\n")
-    p.add_argument("--tokens", type=int, default=300)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-cache", action="store_true", help="recompute the whole context every token")
+# -- sample -----------------------------------------------------------------------------------------
+def _add_sample(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("sample", help="sample text from a training checkpoint",
+                       description="Continue a prompt with a model saved by npformer train.")
+    p.add_argument("--checkpoint", metavar="FILE", default="runs/gpt/ckpt.npz",
+                   help="checkpoint written by npformer train (default: runs/gpt/ckpt.npz)")
+    p.add_argument("--prompt", default="\n",
+                   help="text to continue; every character must be in the model's vocabulary (default: a newline)")
+    p.add_argument("--tokens", type=int, default=300, help="characters to sample, >= 0 (default: 300)")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="softmax temperature, >= 0; 0 picks the most likely token (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample among the k most likely tokens, k >= 1 (default: all tokens)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample among the fewest most likely tokens whose probability reaches p, p in [0, 1]; "
+                        "0 keeps the most likely token alone (default: all tokens)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random draws, >= 0 (default: 0)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="recompute the whole context for every token instead of using the KV cache (default: off)")
+    return p
 
 
 def _run_sample(args) -> int:
     from . import checkpoint
-    from .data.char import CharTokenizer
     from .generate import generate
     from .models.gpt import GPT, GPTConfig
+    from .ops._checks import check_count, check_real
+    from .train import saved_runs, tokenizer_from_checkpoint
 
-    state = checkpoint.load(args.checkpoint)
-    model = GPT(GPTConfig(**state["model_config"]))
-    model.load_state_dict(state["model"])
-    tok = CharTokenizer.from_dict(state["vocab"])
-    prompt = np.asarray([tok.encode(args.prompt)], dtype=np.int64)
+    check_option("tokens", check_count, args.tokens, lo=0)
+    check_option("temperature", check_real, args.temperature, lo=0.0)
+    if args.top_k is not None:
+        check_option("top_k", check_count, args.top_k, lo=1)
+    if args.top_p is not None:
+        check_option("top_p", check_real, args.top_p, lo=0.0, hi=1.0)
+    check_option("seed", check_count, args.seed, lo=0)
+    if not args.prompt:
+        raise OptionError("--prompt", "expected at least one character, got ''")
+    path = Path(args.checkpoint)
+    if not path.is_file():
+        others = saved_runs(path.parent)
+        hint = f"; there is {others[0]}" if others else "; train a model first with npformer train"
+        raise OptionError("--checkpoint", f"expected a checkpoint file, but there is no {path}{hint}")
+    try:
+        state = checkpoint.load(path)
+        tok = tokenizer_from_checkpoint(state, str(path))
+        model = GPT(GPTConfig(**state["model_config"]))
+        model.load_state_dict(state["model"])
+    except (checkpoint.CheckpointError, ValueError, TypeError, KeyError) as e:
+        raise OptionError("--checkpoint", f"expected a model saved by npformer train, got {path}: {e}") from None
+    try:
+        prompt = tok.encode_array(args.prompt)[None]  # (1, T0)
+    except ValueError as e:
+        raise OptionError("--prompt", f"expected characters of the model's vocabulary: {e}") from None
     out = generate(model, prompt, args.tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    rng=np.random.default_rng(args.seed), use_cache=not args.no_cache)
     print(tok.decode(out[0].tolist()))
     return 0
 
 
-def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="time a training step; tokens/s, MFU, ratio vs a torch twin")
-    p.add_argument("--steps", type=int, default=5, help="timed steps (after three untimed ones)")
-    p.add_argument("--batch", type=int, default=16)
-    for name in ("n_layer", "n_head", "d_model", "block_size", "vocab_size"):
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None)
-    p.add_argument("--dtype", choices=["float32", "float64"], default=None)
-    p.add_argument("--no-torch", action="store_true", help="skip the torch twin")
-    p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+# -- bench ------------------------------------------------------------------------------------------
+def _add_bench(sub) -> argparse.ArgumentParser:
+    from .bench import REFERENCE
+
+    p = sub.add_parser("bench", help="time a training step; tokens/s, MFU, ratio vs a torch twin",
+                       description="Time a GPT training step (forward, backward, AdamW) in npformer and, if "
+                                   "torch is installed, in a torch twin of the same config.")
+    p.add_argument("--steps", type=int, default=5, help="timed steps, after three untimed ones (default: 5)")
+    p.add_argument("--batch", type=int, default=16, help="sequences per step (default: 16)")
+    what = {"n_layer": "transformer blocks", "n_head": "attention heads", "d_model": "width of the residual stream",
+            "block_size": "context length in tokens", "vocab_size": "vocabulary size"}
+    for name, text in what.items():
+        p.add_argument(flag(name), dest=name, type=int, default=None,
+                       help=f"{text} (default: {getattr(REFERENCE, name)}, the reference config)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default=None,
+                   help=f"floating-point type (default: {REFERENCE.dtype})")
+    p.add_argument("--no-torch", action="store_true", help="skip the torch twin (default: run it if installed)")
+    p.add_argument("--json", action="store_true", help="end with one JSON line of the results (default: off)")
+    return p
+
+
+def _run_bench(args) -> int:
+    import re
+    from dataclasses import asdict
+
+    from .bench import REFERENCE
+    from .bench import main as bench_main
+    from .models.gpt import GPTConfig
+    from .ops._checks import check_count
+    from .train import ConfigError, check_memory
+
+    check_option("steps", check_count, args.steps, lo=1)
+    check_option("batch", check_count, args.batch, lo=1)
+    overrides = {k: v for k, v in vars(args).items() if k in GPTConfig.__dataclass_fields__ and v is not None}
+    for name, value in overrides.items():
+        if name != "dtype":
+            check_option(name, check_count, value, lo=1)
+    try:
+        cfg = GPTConfig(**{**asdict(REFERENCE), **overrides})
+    except ValueError as e:
+        named = re.search(r"argument '(\w+)' (.*)", str(e))
+        raise OptionError(flag(named.group(1)), named.group(2)) if named else OptionError("--d-model", str(e))
+    try:
+        check_memory(cfg, args.batch, field_names={"batch_size": "batch"})
+    except ConfigError as e:
+        raise OptionError(flag(e.field), e.reason) from None
+    return bench_main(args)
+
+
+# -- the command ------------------------------------------------------------------------------------
+def build_parser():
+    """The top-level parser and its subcommands' parsers, by name."""
+    parser = Parser(prog="npformer", description="An educational transformer engine in NumPy.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,bench,gradcheck}")
+    subs = {"train": _add_train(sub), "sample": _add_sample(sub), "bench": _add_bench(sub)}
+    sub.add_parser("gradcheck", help="finite-difference check of op families ('all' or names; see gradcheck --help)",
+                   add_help=False)
+    return parser, subs
+
+
+RUNNERS = {"train": _run_train, "sample": _run_sample, "bench": _run_bench}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="npformer", description="An educational transformer engine in NumPy.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_train(sub)
-    _add_sample(sub)
-    _add_bench(sub)
-    sub.add_parser("gradcheck", help="finite-difference check of op families ('all' or names)", add_help=False)
+    """Run one subcommand; returns the exit status (0 ok, 1 a failed check, 2 a bad option)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["gradcheck"]:
-        from .gradcheck import main as gradcheck_main
+    parser, subs = build_parser()
+    try:
+        if argv[:1] == ["gradcheck"]:
+            from .gradcheck import main as gradcheck_main
 
-        return gradcheck_main(argv[1:])
-    args = parser.parse_args(argv)
-    if args.command == "train":
-        return _run_train(args)
-    if args.command == "sample":
-        return _run_sample(args)
-    from .bench import main as bench_main
-
-    return bench_main(args)
+            return gradcheck_main(argv[1:], prog="npformer gradcheck")
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            subs[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+        return RUNNERS[args.command](args)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        return e.code if isinstance(e.code, int) else 2
+    except OptionError as e:
+        prog = subs[argv[0]].prog if argv and argv[0] in subs else parser.prog
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

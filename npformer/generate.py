@@ -5,6 +5,17 @@
 The cached path feeds the prompt once, then one token per step; the uncached path
 re-runs the whole (cropped) context every step. Both draw from the same generator
 in the same order, so in float64 they pick the same tokens.
+
+The options, checked before any work:
+
+- ``temperature`` >= 0 divides the logits; 0 means greedy (the most likely token,
+  the lowest id among ties), and then no random number is drawn;
+- ``top_k`` >= 1 keeps the k largest logits (every token tied with the k-th too);
+- ``top_p`` in [0, 1] keeps the smallest set of most likely tokens whose probability
+  (after temperature and top-k) reaches ``top_p``. The most likely token is always
+  kept, so ``top_p=0`` keeps it alone and ``top_p=1`` keeps everything.
+
+Order: temperature, then top-k, then top-p, then one inverse-CDF draw per row.
 """
 
 from __future__ import annotations
@@ -13,63 +24,138 @@ from typing import Optional
 
 import numpy as np
 
+from .ops._checks import check_bool, check_count, check_float, check_int, check_ndim, check_real
+
+
+def _check_logits(op: str, logits: object) -> np.ndarray:
+    """(B, V) float logits with V >= 1: no NaN or +inf, and a finite entry in every row (-inf masks a token)."""
+    check_float(op, "logits", logits)
+    check_ndim(op, "logits", logits, 2)
+    if logits.shape[1] == 0:
+        raise ValueError(f"{op}: argument 'logits' expected at least one token (V >= 1), got shape {logits.shape}")
+    if np.isnan(logits).any() or np.isposinf(logits).any():
+        raise ValueError(f"{op}: argument 'logits' expected no NaN or +inf, got "
+                         f"{int(np.isnan(logits).sum())} NaN and {int(np.isposinf(logits).sum())} +inf")
+    hopeless = ~np.isfinite(logits).any(axis=-1)
+    if hopeless.any():
+        raise ValueError(f"{op}: argument 'logits' expected a finite logit in every row, "
+                         f"got row {int(np.argmax(hopeless))} all -inf")
+    return logits
+
+
+def _check_options(op: str, temperature: object = 1.0, top_k: object = None, top_p: object = None) -> None:
+    check_real(op, "temperature", temperature, lo=0.0)
+    if top_k is not None:
+        check_count(op, "top_k", top_k, lo=1)
+    if top_p is not None:
+        check_real(op, "top_p", top_p, lo=0.0, hi=1.0)
+
+
+def _check_rng(op: str, rng: object) -> None:
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"{op}: argument 'rng' expected a numpy.random.Generator, got {type(rng).__name__}")
+
 
 def filter_logits(logits: np.ndarray, top_k: Optional[int] = None, top_p: Optional[float] = None) -> np.ndarray:
     """Set to -inf every logit outside the top-k and outside the smallest set with mass >= top_p.
 
-    logits: (B, V) -> (B, V) (a copy).
+    logits: (B, V) -> (B, V) float64 (a copy). At least one token of every row is kept.
     """
-    logits = np.array(logits, dtype=np.float64)
-    V = logits.shape[-1]
-    if top_k is not None and 0 < top_k < V:
-        kth = np.partition(logits, V - top_k, axis=-1)[:, V - top_k][:, None]
-        logits[logits < kth] = -np.inf
-    if top_p is not None and 0 < top_p < 1:
-        order = np.argsort(-logits, axis=-1, kind="stable")
-        sorted_logits = np.take_along_axis(logits, order, axis=-1)
-        probs = np.exp(sorted_logits - sorted_logits[:, :1])
-        probs /= probs.sum(-1, keepdims=True)
-        mass_before = np.cumsum(probs, axis=-1) - probs  # mass of strictly better tokens
-        drop_sorted = mass_before >= top_p  # the best token always survives
-        drop = np.zeros_like(drop_sorted)
+    _check_logits("filter_logits", logits)
+    _check_options("filter_logits", top_k=top_k, top_p=top_p)
+    return _filter(logits.astype(np.float64), top_k, top_p)
+
+
+def _filter(z: np.ndarray, top_k: Optional[int], top_p: Optional[float]) -> np.ndarray:
+    """``filter_logits`` on checked float64 logits ``z`` (B, V), modified in place."""
+    V = z.shape[-1]
+    if top_k is not None and top_k < V:
+        kth = np.partition(z, V - top_k, axis=-1)[:, V - top_k, None]  # (B, 1) the k-th largest
+        z[z < kth] = -np.inf
+    if top_p is not None and top_p < 1:
+        order = np.argsort(-z, axis=-1, kind="stable")  # most likely first, lower id first among ties
+        z_sorted = np.take_along_axis(z, order, axis=-1)
+        with np.errstate(under="ignore"):
+            p_sorted = np.exp(z_sorted - z_sorted[:, :1])
+        p_sorted /= p_sorted.sum(axis=-1, keepdims=True)
+        mass_before = np.cumsum(p_sorted, axis=-1) - p_sorted  # mass of the tokens ranked above each one
+        drop_sorted = mass_before >= top_p  # the set already reached top_p without this token
+        drop_sorted[:, 0] = False  # the most likely token always stays
+        drop = np.empty_like(drop_sorted)
         np.put_along_axis(drop, order, drop_sorted, axis=-1)
-        logits[drop] = -np.inf
-    return logits
+        z[drop] = -np.inf
+    return z
 
 
 def sample_next(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.0,
                 top_k: Optional[int] = None, top_p: Optional[float] = None) -> np.ndarray:
-    """One token id per row of logits (B, V); temperature 0 means greedy."""
+    """One token id per row of logits (B, V) -> (B,) int64; temperature 0 means greedy."""
+    _check_logits("sample_next", logits)
+    _check_rng("sample_next", rng)
+    _check_options("sample_next", temperature, top_k, top_p)
+    return _sample(logits, rng, temperature, top_k, top_p)
+
+
+def _sample(logits: np.ndarray, rng: np.random.Generator, temperature: float,
+            top_k: Optional[int], top_p: Optional[float]) -> np.ndarray:
     if temperature == 0:
-        return np.argmax(logits, axis=-1)
-    z = filter_logits(logits, top_k, top_p) / temperature
-    p = np.exp(z - z.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
+        return np.argmax(logits, axis=-1).astype(np.int64)
+    z = logits.astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)  # <= 0, so a small temperature can only push logits towards -inf
+    with np.errstate(over="ignore", under="ignore"):
+        z /= temperature
+    z = _filter(z, top_k, top_p)
+    with np.errstate(under="ignore"):
+        p = np.exp(z - z.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
     u = rng.random((p.shape[0], 1))
-    return np.minimum((np.cumsum(p, -1) < u).sum(-1), p.shape[-1] - 1)  # inverse-CDF draw
+    return np.minimum((np.cumsum(p, -1) < u).sum(-1), p.shape[-1] - 1).astype(np.int64)  # inverse-CDF draw
 
 
 def generate(model, ids: np.ndarray, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None,
              rng: Optional[np.random.Generator] = None, use_cache: bool = True) -> np.ndarray:
-    """Extend ids (B, T0) by ``max_new_tokens`` sampled tokens -> (B, T0 + max_new_tokens)."""
-    rng = rng or np.random.default_rng()
+    """Extend ids (B, T0) by ``max_new_tokens`` sampled tokens -> (B, T0 + max_new_tokens) int64.
+
+    ids: a non-empty prompt per row (B >= 1, T0 >= 1) of ids in [0, vocab_size). A prompt
+    longer than ``block_size`` is cropped to its last ``block_size`` tokens for the model.
+    """
+    op = "generate"
+    if not callable(getattr(model, "forward", None)) or not hasattr(getattr(model, "cfg", None), "block_size"):
+        raise TypeError(f"{op}: argument 'model' expected a model with forward() and cfg.block_size, "
+                        f"got {type(model).__name__}")
+    check_int(op, "ids", ids)
+    check_ndim(op, "ids", ids, 2)
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"{op}: argument 'ids' expected a non-empty prompt (B >= 1, T0 >= 1), got shape {ids.shape}")
+    vocab_size = getattr(model.cfg, "vocab_size", None)
+    if vocab_size is not None and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = ids.min() if ids.min() < 0 else ids.max()
+        raise ValueError(f"{op}: argument 'ids' expected ids in [0, {vocab_size}), got {int(bad)}")
+    check_count(op, "max_new_tokens", max_new_tokens, lo=0)
+    _check_options(op, temperature, top_k, top_p)
+    if rng is not None:
+        _check_rng(op, rng)
+    check_bool(op, "use_cache", use_cache)
+
+    rng = rng if rng is not None else np.random.default_rng()
     was_training = model.training
     model.eval()
     T_max = model.cfg.block_size
-    out = np.array(ids)
+    B = ids.shape[0]
+    out = ids.astype(np.int64)  # a copy
     try:
-        caches = model.make_kv_caches(ids.shape[0]) if use_cache else None
+        caches = model.make_kv_caches(B) if use_cache and max_new_tokens else None
         pending = out
         for _ in range(max_new_tokens):
             if caches is not None and caches[0].length + pending.shape[1] > T_max:
                 # The window is full: positions shift, so the cache is rebuilt from the last T_max tokens
                 # (exactly what the uncached path sees).
-                caches, pending = model.make_kv_caches(ids.shape[0]), out[:, -T_max:]
+                caches, pending = model.make_kv_caches(B), out[:, -T_max:]
             context = pending if caches is not None else out[:, -T_max:]
             logits, _ = model.forward(context, kv_caches=caches)
-            nxt = sample_next(logits[:, -1], rng, temperature, top_k, top_p)
-            out = np.concatenate([out, nxt[:, None].astype(out.dtype)], axis=1)
+            nxt = _sample(logits[:, -1], rng, temperature, top_k, top_p)
+            out = np.concatenate([out, nxt[:, None]], axis=1)
             pending = out[:, -1:]
     finally:
         model.train(was_training)

@@ -145,22 +145,35 @@ def format_table(results: Sequence[Result]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m npformer.gradcheck", description=__doc__.split("\n")[0])
-    parser.add_argument("families", nargs="+", help=f"'all' or any of the op families")
-    parser.add_argument("--eps", type=float, default=DEFAULT_EPS)
-    parser.add_argument("--tol", type=float, default=DEFAULT_TOL)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m npformer.gradcheck") -> int:
+    """Check the named op families; returns 0 if every gradient passes, 1 if one fails, 2 for a bad option."""
+    from .cli import OptionError, Parser, check_option
+    from .ops._checks import check_count, check_real
 
     known = families()
-    wanted = known if "all" in args.families else args.families
-    unknown = [f for f in wanted if f not in known]
-    if unknown:
-        parser.error(f"unknown op family {unknown}; known: {', '.join(known)}")
+    parser = Parser(prog=prog, description=__doc__.split("\n")[0])
+    parser.add_argument("families", nargs="+", metavar="FAMILY",
+                        help=f"'all', or one or more of: {', '.join(known)}")
+    parser.add_argument("--eps", type=float, default=DEFAULT_EPS,
+                        help=f"finite-difference step, > 0 (default: {DEFAULT_EPS:g})")
+    parser.add_argument("--tol", type=float, default=DEFAULT_TOL,
+                        help=f"largest relative error that passes, > 0 (default: {DEFAULT_TOL:g})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the upstream gradient, >= 0 (default: 0)")
+    try:
+        args = parser.parse_args(argv)
+        unknown = [f for f in args.families if f != "all" and f not in known]
+        if unknown:
+            raise OptionError("FAMILY", f"expected 'all' or op families from {', '.join(known)}, got {unknown}")
+        check_option("eps", check_real, args.eps, lo=0.0, lo_open=True)
+        check_option("tol", check_real, args.tol, lo=0.0, lo_open=True)
+        check_option("seed", check_count, args.seed, lo=0)
+    except OptionError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help, or argparse's own usage error
+        return e.code if isinstance(e.code, int) else 2
 
+    wanted = known if "all" in args.families else list(dict.fromkeys(args.families))
     results: List[Result] = []
     for family in wanted:
         for case in cases(family, args.seed):

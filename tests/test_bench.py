@@ -3,10 +3,14 @@
 import json
 import platform
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from npformer._memory import reuse_freed_memory
 from npformer.bench import REFERENCE, run
 from npformer.cli import main as cli_main
 from npformer.models.gpt import GPTConfig
+from tests.badinput import expect_rejected
 
 TINY = GPTConfig(vocab_size=11, block_size=16, n_layer=1, n_head=2, d_model=16)
 
@@ -43,3 +47,15 @@ def test_reference_config_and_flops():
 
 def test_freed_memory_is_reused_on_glibc():
     assert reuse_freed_memory() == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+
+
+@given(st.sampled_from(["batch", "steps", "torch_twin", "cfg"]), st.data())
+def test_run_rejects_bad_arguments_before_timing_anything(name, data):
+    bad = data.draw({"batch": st.integers(max_value=0) | st.sampled_from([1.0, True, "2", None]),
+                     "steps": st.integers(max_value=0) | st.sampled_from([2.5, False, "1", None]),
+                     "torch_twin": st.sampled_from([1, 0, "yes", None]),
+                     "cfg": st.sampled_from([None, {"n_layer": 1}, "gpt", TINY.to_dict()])}[name])
+    lines = []
+    arguments = {"cfg": TINY, "batch": 1, "steps": 1, "torch_twin": False, name: bad}
+    expect_rejected(lambda: run(log=lines.append, **arguments), "bench.run", name)
+    assert lines == []  # nothing measured, nothing printed

@@ -1,0 +1,260 @@
+"""Sampling: the kept sets of top-k and top-p, the draw's distribution, cached decoding, and bad input."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from npformer.generate import filter_logits, generate, sample_next
+from npformer.models.gpt import GPT, GPTConfig
+from tests.badinput import DTYPE_KINDS, NON_ARRAYS, corrupt, expect_rejected
+
+CFG = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, d_model=12, dtype="float64")
+
+
+@st.composite
+def logit_rows(draw, max_batch=4, max_vocab=9):
+    """(B, V) float64 logits: continuous values or few distinct ones (ties), some masked to -inf."""
+    B, V = draw(st.integers(1, max_batch)), draw(st.integers(1, max_vocab))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    if draw(st.booleans()):
+        z = rng.standard_normal((B, V)) * draw(st.sampled_from([0.1, 1.0, 5.0, 50.0]))
+    else:
+        z = rng.integers(-2, 3, (B, V)).astype(np.float64)  # ties everywhere
+    if draw(st.booleans()):
+        z[rng.random((B, V)) < 0.3] = -np.inf
+        z[np.arange(B), rng.integers(0, V, B)] = rng.standard_normal(B)  # a finite logit in every row
+    return z
+
+
+def kept_by_top_k(z, k):
+    """Independently: every token whose logit is at least the row's k-th largest."""
+    kth = np.array([sorted(row, reverse=True)[min(k, len(row)) - 1] for row in z])
+    return z >= kth[:, None]
+
+
+def kept_by_top_p(z, p):
+    """Independently: the shortest prefix of the tokens by falling probability (lower id first on ties)
+    whose probability reaches p, never empty. Returns the mask and the prefix sums met on the way."""
+    keep = np.zeros(z.shape, bool)
+    sums = []
+    if p >= 1:
+        return np.ones(z.shape, bool), sums  # everything, by definition
+    for b, row in enumerate(z):
+        finite = [v for v in row if v != -math.inf]
+        top = max(finite)
+        weights = [math.exp(v - top) if v != -math.inf else 0.0 for v in row]
+        total = math.fsum(weights)
+        order = sorted(range(len(row)), key=lambda i: (-row[i], i))
+        mass = 0.0
+        for rank, i in enumerate(order):
+            if rank > 0 and mass >= p:
+                break
+            keep[b, i] = True
+            mass = math.fsum([mass, weights[i] / total])
+            sums.append(mass)
+    return keep, sums
+
+
+@given(logit_rows(), st.integers(1, 10))
+def test_top_k_keeps_the_k_largest_and_their_ties(z, k):
+    out = filter_logits(z, top_k=k)
+    np.testing.assert_array_equal(np.isfinite(out), kept_by_top_k(z, k) & np.isfinite(z))
+    np.testing.assert_array_equal(out[np.isfinite(out)], z[np.isfinite(out)])  # kept logits unchanged
+    assert (np.isfinite(out).sum(-1) >= np.minimum(k, np.isfinite(z).sum(-1))).all()
+
+
+@given(logit_rows(), st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 1.0)))
+def test_top_p_keeps_the_smallest_nucleus(z, p):
+    out = filter_logits(z, top_p=p)
+    expected, sums = kept_by_top_p(z, p)
+    assume(all(abs(s - p) > 1e-9 for s in sums))  # a prefix sum equal to p up to round-off could go either way
+    np.testing.assert_array_equal(np.isfinite(out), expected & np.isfinite(z))
+    np.testing.assert_array_equal(out[np.isfinite(out)], z[np.isfinite(out)])
+    best = np.argmax(z, axis=-1)
+    assert np.isfinite(out[np.arange(len(z)), best]).all()  # the most likely token always stays
+    if p == 0.0:
+        assert (np.isfinite(out).sum(-1) == 1).all()  # top_p = 0 keeps exactly the most likely token
+    if p == 1.0:
+        np.testing.assert_array_equal(out, z)
+
+
+@given(logit_rows(), st.integers(1, 10), st.floats(0.0, 1.0))
+def test_top_k_then_top_p_is_the_nucleus_of_the_top_k(z, k, p):
+    after_k = np.where(kept_by_top_k(z, k), z, -np.inf)
+    expected, sums = kept_by_top_p(after_k, p)
+    assume(all(abs(s - p) > 1e-9 for s in sums))
+    out = filter_logits(z, top_k=k, top_p=p)
+    np.testing.assert_array_equal(np.isfinite(out), expected & np.isfinite(after_k))
+    assert (np.isfinite(out).sum(-1) >= 1).all()
+
+
+@given(logit_rows(max_batch=1, max_vocab=6), st.sampled_from([0.5, 1.0, 2.0]),
+       st.sampled_from([None, 1, 2, 4]), st.sampled_from([None, 0.0, 0.5, 0.9]), st.integers(0, 2**16))
+def test_draws_follow_the_filtered_tempered_distribution(z, temperature, k, p, seed):
+    N = 20000
+    draws = sample_next(np.repeat(z, N, axis=0), np.random.default_rng(seed), temperature, k, p)
+    # Expected, written out: temperature first, then top-k, then top-p on the tempered probabilities.
+    tempered = z[0] / temperature
+    keep = kept_by_top_k(tempered[None], k)[0] if k else np.ones_like(tempered, bool)
+    if p is not None:
+        mask, sums = kept_by_top_p(np.where(keep, tempered, -np.inf)[None], p)
+        assume(all(abs(s - p) > 1e-9 for s in sums))
+        keep &= mask[0]
+    weights = np.where(keep & np.isfinite(tempered), np.exp(tempered - tempered[np.isfinite(tempered)].max()), 0.0)
+    expected = weights / weights.sum()
+    freq = np.bincount(draws, minlength=z.shape[1]) / N
+    assert (freq[expected == 0] == 0).all(), "a filtered token was drawn"
+    bound = 5 * np.sqrt(expected * (1 - expected) / N) + 3 / N
+    assert (np.abs(freq - expected) <= bound).all(), (freq, expected)
+
+
+@given(st.floats(0.5, 3.0), st.floats(0.5, 2.0).filter(lambda t: abs(math.log(t)) > 0.2), st.booleans(),
+       st.integers(0, 2**16))
+def test_top_p_measures_the_tempered_probabilities(gap, temperature, between, seed):
+    """Two tokens, logits 0 and -gap: top_p set between (or beyond) the best token's probability before
+    and after the temperature keeps the second token exactly when the tempered probability says so."""
+    best_plain, best_tempered = 1 / (1 + math.exp(-gap)), 1 / (1 + math.exp(-gap / temperature))
+    p = (best_plain + best_tempered) / 2 if between else min(best_plain, best_tempered) / 2
+    draws = sample_next(np.tile([0.0, -gap], (5000, 1)), np.random.default_rng(seed), temperature, top_p=p)
+    second_kept = p > best_tempered
+    assert (draws == 1).any() == second_kept
+
+
+@given(logit_rows(), st.sampled_from([None, 1, 3]), st.sampled_from([None, 0.0, 0.5]), st.integers(0, 100))
+def test_temperature_zero_is_greedy_whatever_the_generator(z, k, p, seed):
+    draws = sample_next(z, np.random.default_rng(seed), 0.0, k, p)
+    np.testing.assert_array_equal(draws, np.argmax(z, axis=-1))
+    assert draws.dtype == np.int64
+
+
+def tiny_model():
+    return GPT(CFG, seed=3)
+
+
+@given(batch=st.integers(1, 3), prompt_len=st.integers(1, CFG.block_size + 3), new=st.integers(0, 2 * CFG.block_size),
+       temperature=st.sampled_from([0.0, 0.5, 1.0, 3.0]), k=st.sampled_from([None, 1, 4, CFG.vocab_size]),
+       p=st.sampled_from([None, 0.0, 0.6, 1.0]), seed=st.integers(0, 2**16))
+def test_cached_sampling_equals_full_recomputation(batch, prompt_len, new, temperature, k, p, seed):
+    """In float64 the KV cache changes nothing but speed, also past the context window and for long prompts."""
+    model = tiny_model()
+    prompt = np.random.default_rng(seed).integers(0, CFG.vocab_size, (batch, prompt_len))
+    options = dict(temperature=temperature, top_k=k, top_p=p)
+    cached = generate(model, prompt, new, rng=np.random.default_rng(seed), use_cache=True, **options)
+    plain = generate(model, prompt, new, rng=np.random.default_rng(seed), use_cache=False, **options)
+    assert cached.shape == (batch, prompt_len + new) and cached.dtype == np.int64
+    np.testing.assert_array_equal(cached, plain)
+    np.testing.assert_array_equal(cached[:, :prompt_len], prompt)
+    assert model.training  # restored
+
+
+def test_greedy_generation_follows_the_argmax_of_the_full_context():
+    model = tiny_model()
+    prompt = np.array([[1, 2, 3]])
+    out = generate(model, prompt, 5, temperature=0)
+    model.eval()
+    for t in range(3, 8):
+        logits, _ = model.forward(out[:, :t])
+        assert out[0, t] == np.argmax(logits[0, -1])
+
+
+# -- bad input: errors name the function and the argument, before any work -----------------------
+def bad_counts(lo):
+    """Not an integer >= lo: smaller integers, floats, bools, strings."""
+    return st.one_of(st.integers(max_value=lo - 1), st.floats(allow_nan=True), st.booleans(), st.text(max_size=3),
+                     st.integers(lo, 10).map(float))
+
+
+def bad_reals(lo, hi=None):
+    """Not a finite real number in [lo, hi]: outside it, NaN, infinities, bools, strings."""
+    outside = st.floats(max_value=lo, exclude_max=True)
+    if hi is not None:
+        outside |= st.floats(min_value=hi, exclude_min=True)
+    return st.one_of(outside, st.sampled_from([math.nan, math.inf, -math.inf, True, False, "1"]))
+
+
+LOGITS = np.random.default_rng(0).standard_normal((2, 5))
+
+
+def bad_logits():
+    kinds = st.sampled_from(NON_ARRAYS + DTYPE_KINDS + ("rank+1", "rank-1")).map(lambda kind: corrupt(LOGITS, kind))
+    special = st.sampled_from(["nan", "+inf", "all -inf", "V=0"]).map(_special_logits)
+    return kinds | special
+
+
+def _special_logits(kind):
+    z = LOGITS.copy()
+    if kind == "nan":
+        z[1, 2] = np.nan
+    elif kind == "+inf":
+        z[0, 0] = np.inf
+    elif kind == "all -inf":
+        z[1] = -np.inf
+    else:
+        z = z[:, :0]
+    return z
+
+
+@given(bad_logits())
+def test_filter_and_sample_reject_bad_logits(z):
+    expect_rejected(lambda: filter_logits(z, top_k=2), "filter_logits", "logits")
+    expect_rejected(lambda: sample_next(z, np.random.default_rng(0)), "sample_next", "logits")
+
+
+BAD_OPTIONS = {"top_k": bad_counts(1), "top_p": bad_reals(0.0, 1.0), "temperature": bad_reals(0.0) | st.none()}
+
+
+@given(st.data())
+def test_filter_and_sample_reject_bad_options(data):
+    name = data.draw(st.sampled_from(sorted(BAD_OPTIONS)))
+    bad = data.draw(BAD_OPTIONS[name])
+    options = {"temperature": 1.0, "top_k": None, "top_p": None, name: bad}
+    expect_rejected(lambda: sample_next(LOGITS, np.random.default_rng(0), **options), "sample_next", name)
+    if name != "temperature":
+        expect_rejected(lambda: filter_logits(LOGITS, top_k=options["top_k"], top_p=options["top_p"]),
+                        "filter_logits", name)
+
+
+@given(st.sampled_from([0, None, "x", np.random.RandomState(0), np.random.default_rng(0).bit_generator]))
+def test_sample_rejects_what_is_not_a_generator(rng):
+    expect_rejected(lambda: sample_next(LOGITS, rng), "sample_next", "rng")
+
+
+def spy_model():
+    """A tiny model that counts forward calls, to show that bad input is refused before any work."""
+    model = tiny_model()
+    calls = []
+    real = model.forward
+    model.forward = lambda *a, **k: calls.append(1) or real(*a, **k)
+    return model, calls
+
+
+PROMPT = np.array([[1, 2, 3], [4, 5, 6]])
+
+
+def bad_prompts():
+    kinds = st.sampled_from(NON_ARRAYS + ("float16", "complex128", "bool", "object", "rank+1", "rank-1"))
+    return kinds.map(lambda kind: corrupt(PROMPT, kind)) | st.sampled_from(
+        [PROMPT[:0], PROMPT[:, :0], PROMPT - 10, PROMPT + CFG.vocab_size])
+
+
+@given(st.data())
+def test_generate_rejects_bad_arguments_before_any_work(data):
+    name = data.draw(st.sampled_from(["ids", "max_new_tokens", "temperature", "top_k", "top_p", "rng", "use_cache"]))
+    strategies = {"ids": bad_prompts(), "max_new_tokens": bad_counts(0), **BAD_OPTIONS,
+                  "rng": st.sampled_from([0, "x", np.random.RandomState(0)]),
+                  "use_cache": st.sampled_from([1, 0, "yes", None, np.array([True])])}
+    bad = data.draw(strategies[name])
+    args = {"ids": PROMPT, "max_new_tokens": 4, "temperature": 1.0, "top_k": None, "top_p": None,
+            "rng": np.random.default_rng(0), "use_cache": True, name: bad}
+    model, calls = spy_model()
+    ids, n = args.pop("ids"), args.pop("max_new_tokens")
+    expect_rejected(lambda: generate(model, ids, n, **args), "generate", name)
+    assert calls == [] and model.training  # nothing ran, nothing changed
+
+
+@pytest.mark.parametrize("model", [None, object(), "gpt"])
+def test_generate_rejects_what_is_not_a_model(model):
+    expect_rejected(lambda: generate(model, PROMPT, 2), "generate", "model")
