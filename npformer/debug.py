@@ -16,6 +16,8 @@ from typing import Iterable, List, Mapping, Optional
 
 import numpy as np
 
+from .ops._checks import check_real
+
 
 @dataclass
 class Divergence:
@@ -59,6 +61,13 @@ def first_divergence(ours: Mapping[str, np.ndarray], reference: Mapping[str, np.
     ``atol`` matters for tensors that are zero in exact arithmetic (the gradient of a key
     bias, which softmax cannot see): their "relative" difference is round-off over round-off.
     """
+    op = "first_divergence"
+    for name, rec in (("ours", ours), ("reference", reference)):
+        if not isinstance(rec, Mapping):
+            raise TypeError(f"{op}: argument '{name}' expected a mapping of name -> array (a recording), "
+                            f"got {type(rec).__name__}")
+    check_real(op, "rtol", rtol, lo=0.0)
+    check_real(op, "atol", atol, lo=0.0)
     shared = divergences(ours, reference)
     if not shared:
         raise ValueError("first_divergence: the two recordings share no names")

@@ -120,3 +120,13 @@ def test_too_long_a_sequence_is_refused():
     model, _ = pair()
     with pytest.raises(ValueError, match=r"GPT.forward: argument 'ids' expected at most 8 positions \(block_size 8"):
         model.forward(np.zeros((1, 9), np.int64))
+
+
+@pytest.mark.parametrize("bad", [("ours", [1]), ("reference", None), ("rtol", -1e-9), ("rtol", float("nan")),
+                                 ("atol", float("inf")), ("atol", True)])
+def test_divergence_finder_checks_its_arguments(bad):
+    from tests.badinput import expect_rejected
+
+    args = {"ours": {"a": np.ones(2)}, "reference": {"a": np.ones(2)}, "rtol": 1e-9, "atol": 0.0}
+    args[bad[0]] = bad[1]
+    expect_rejected(lambda: first_divergence(**args), "first_divergence", bad[0])
