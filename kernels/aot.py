@@ -1,13 +1,29 @@
 """Ahead-of-time compile checks: build every kernel configuration for sm_80 and sm_90
-without a GPU, and report registers, spills, shared memory and the use of ``wgmma``.
+without a GPU, and check registers, spills and shared memory on the cubins Triton built.
 
 Triton compiles for a named target with no device present::
 
     triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32))
 
-gives the TTGIR, PTX and cubin of one specialisation, and its metadata (shared
-memory, warps, stages). The PTX is then passed through the bundled ``ptxas -v`` to
-read the register count and the spill traffic.
+gives the TTGIR, PTX and cubin of one specialisation (from Triton's cache when it
+has built it before), and its metadata (shared memory, warps, stages). The figures of
+the report are read off what Triton launches, never off a rebuild with other flags:
+
+- registers and stack frame: the cubin's own resource table (``cuobjdump -res-usage``,
+  the ``cuobjdump`` bundled with Triton);
+- spill stores and loads: a cubin without a stack frame has nowhere to spill to (0);
+  for one with a stack frame (a spill, or the local array of the float64 sine and
+  cosine's slow path) the PTX goes once more through Triton's own cubin stage with
+  its ptxas log switched on (``TRITON_DUMP_PTXAS_LOG``), i.e. the very ptxas command
+  line of the installed Triton, and the log's figures are taken only if that stage
+  gives back the same register count as the cubin;
+- shared memory: the compiled kernel's metadata.
+
+A build *fails a check* (status ``FAIL`` in the table; ``python -m kernels.aot`` then
+exits with status 1) when it does not compile, spills (any spill store or load),
+needs more registers than a thread may have (255) or than the register file holds
+for its block (64 Ki registers), or asks for more shared memory than a block may
+opt in to on its architecture (``SMEM_LIMIT``).
 
 A build is described as a *launch*: the argument values a real call would pass
 (contiguous tensors of a representative size), specialised the way the Triton
@@ -16,19 +32,26 @@ to 1 becomes the constant 1, an integer divisible by 16 is marked so.
 
 Which configurations (``enumerate_builds``):
 
-- ``full=True`` (``python -m kernels.aot --full``; about 1200 builds, 5 minutes on two
-  cores): for attention every configuration of the launcher's table for the
-  architecture (``attention.config_space``) x dtype (fp16, bf16, fp32) x head tile
+- ``full=True`` (``python -m kernels.aot --full``; 1358 builds, 10 to 25 minutes cold on
+  two cores shared with other work, far less with Triton's cache warm): for attention
+  every configuration of the launcher's table for the architecture
+  (``attention.config_space``) x dtype (fp16, bf16, fp32) x head tile
   (16, 32, 64, 128) x causal, for the forward, dK/dV (group of 1 and of 4 query heads)
   and dQ kernels, plus the preprocess kernel; for RMSNorm every row block (16 ... 8192
-  and the 4096-wide chunked walk) x dtype x residual on/off, forward and backward;
-  for RoPE head sizes 64 and 128 x dtype, forward and inverse. Row blocks, warps
-  and RoPE tiles are the launchers' own (``rmsnorm.warps_for``, ``rope.launch_config``).
-- ``full=False`` (the default, used by the tests; about 130 builds, one minute cold):
-  every table entry for bf16 at D = 128, fp16 at D = 64 and fp32 at D = 64 (causal),
-  the first entry for bf16 at D = 80 (non-causal, dK/dV with a group of 4) and fp32
-  at D = 128; RMSNorm rows of 1024, 8192 and the chunked walk with the residual, and
-  RoPE at D = 128, for bf16 and fp32.
+  and the 4096-wide chunked walk) x dtype (and a float32 weight with fp16 / bf16 rows)
+  x residual on/off, forward and backward; for RoPE head sizes 64 and 128 x dtype,
+  forward and inverse. Row blocks, warps and RoPE tiles are the launchers' own
+  (``rmsnorm.warps_for``, ``rope.launch_config``).
+- ``full=False`` (the default, used by the tests and the benchmark; 140 builds, a few
+  minutes cold, seconds warm): every table entry for bf16 at D = 128, fp16 at D = 64 and fp32 at
+  D = 64 (causal), the first entry for bf16 at D = 80 (non-causal, dK/dV with a group
+  of 4) and fp32 at D = 128; RMSNorm rows of 1024, 8192 and the chunked walk with the
+  residual, for bf16 (also with a float32 weight) and fp32, and RoPE at D = 128.
+
+``python -m kernels.aot --full --commit-results`` writes the table to
+``kernels/results/aot-full-triton<major.minor>.txt``, the committed report of the
+installed Triton; ``tests/kernels/test_aot.py`` checks that every committed report
+lists exactly the builds the launch tables give, all passing.
 
 This module must run in a process where ``TRITON_INTERPRET`` is not set (under the
 interpreter ``triton.jit`` returns an interpreted function that cannot be compiled);
@@ -39,8 +62,10 @@ the same for callers (the tests, the benchmark).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
+import io
 import json
 import os
 import re
@@ -53,10 +78,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from ._common import MAX_REGISTERS_PER_THREAD, REGISTER_FILE, SMEM_LIMIT, interpreting, require_extra
+
 ARCHS = (80, 90)
-# Largest dynamic shared memory one block may use (opt-in), per architecture.
-SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 DTYPES = ("fp16", "bf16", "fp32")
+FAMILIES = ("attention", "rmsnorm", "rope")
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @dataclass(frozen=True)
@@ -90,26 +117,24 @@ class BuildReport:
     label: str
     num_warps: int
     num_stages: int
-    ok: bool = False
+    ok: bool = False  # compiled; ``failures`` says whether it passes the checks
     error: str = ""
     registers: Optional[int] = None
+    stack_frame: Optional[int] = None  # bytes per thread
     spill_stores: Optional[int] = None
     spill_loads: Optional[int] = None
-    stack_frame: Optional[int] = None
+    spills_from: str = ""  # "cubin" (no stack frame) or "ptxas log"
     shared: Optional[int] = None  # bytes of dynamic shared memory
     smem_limit: int = 0
     wgmma: bool = False  # the PTX issues wgmma.mma_async (Hopper warp-group MMA)
     mma: bool = False  # the PTX issues mma.sync (Ampere-style tensor-core MMA)
+    failures: List[str] = field(default_factory=list)  # the checks it fails
     seconds: float = 0.0
     extra: Dict[str, object] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------
-# compatibility shim over triton.compile
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+# compiling, and reading the cubin
 
 
 def specialise(fn, args: Dict[str, object], constexprs: Dict[str, object]):
@@ -172,61 +197,95 @@ def make_source(fn, signature, consts, attrs):
                        f"(parameters {list(params)}); AOT builds need triton >= 3.3")
 
 
-def ptxas_path(arch: int) -> str:
-    """The ptxas Triton itself uses for ``arch`` (recent releases ship a newer one for sm_90+).
+def nvidia_tool(name: str) -> str:
+    """Path of a tool Triton bundles (``cuobjdump``, ``ptxas``); ``TRITON_<NAME>_PATH`` overrides."""
+    from triton import knobs
 
-    ``TRITON_PTXAS_PATH`` overrides; otherwise Triton's own choice, falling back to the
-    bundled ``backends/nvidia/bin/ptxas``.
-    """
-    env = os.environ.get("TRITON_PTXAS_PATH")
-    if env:
-        return env
-    try:
-        from triton.backends.nvidia import compiler as nv
+    tool = getattr(knobs.nvidia, name.replace("-", "_"))
+    if tool is None or not getattr(tool, "path", None):
+        raise RuntimeError(f"aot: triton's NVIDIA backend has no {name}")
+    return tool.path
 
-        get = getattr(nv, "get_ptxas", None)
-        if get is not None:
-            tool = get(arch) if inspect.signature(get).parameters else get()
-            if getattr(tool, "path", None):
-                return tool.path
-    except Exception:  # older layouts: fall through to the bundled binary
-        pass
-    import triton
 
-    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas")
+_RES_USAGE = re.compile(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+
+
+def cubin_usage(cubin: bytes, entry: str) -> Dict[str, int]:
+    """Registers, stack frame and local memory of function ``entry`` of ``cubin``, as the
+    cubin's resource table records them (what the driver allocates when it loads it)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        proc = subprocess.run([nvidia_tool("cuobjdump"), "-res-usage", str(path)], capture_output=True, text=True)
+    text = proc.stdout + proc.stderr
+    found = {m.group(1): tuple(map(int, m.groups()[1:])) for m in _RES_USAGE.finditer(text)}
+    if proc.returncode != 0 or entry not in found:
+        raise RuntimeError(f"cuobjdump -res-usage gave no entry {entry!r} ({proc.returncode}): {text.strip()[-2000:]}")
+    regs, stack, _, local = found[entry]
+    return {"registers": regs, "stack_frame": stack, "local": local}
 
 
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
-def ptxas_info(ptx: str, arch: int) -> Dict[str, int]:
-    """Registers and spill bytes from ``ptxas -v`` (max over the entries in the PTX)."""
-    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "k.ptx"
-        src.write_text(ptx)
-        proc = subprocess.run([ptxas_path(arch), "-v", "--gpu-name", gpu, str(src), "-o", str(Path(tmp) / "k.cubin")],
-                              capture_output=True, text=True)
-    text = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        raise RuntimeError(f"ptxas failed ({proc.returncode}): {text.strip()[-2000:]}")
+def parse_ptxas_log(text: str) -> Dict[str, int]:
+    """Registers of the entry and spill bytes (largest over the functions in the log) from ``ptxas -v``."""
     regs = [int(m) for m in _PTXAS_REGS.findall(text)]
     spills = [tuple(map(int, m)) for m in _PTXAS_SPILL.findall(text)]
     if not regs or not spills:
-        raise RuntimeError(f"could not read ptxas -v output: {text.strip()[-2000:]}")
-    return {"registers": max(regs), "stack_frame": max(s[0] for s in spills),
-            "spill_stores": max(s[1] for s in spills), "spill_loads": max(s[2] for s in spills)}
+        raise RuntimeError(f"could not read the ptxas log: {text.strip()[-2000:]}")
+    return {"registers": max(regs), "spill_stores": max(s[1] for s in spills),
+            "spill_loads": max(s[2] for s in spills)}
+
+
+def triton_ptxas_log(compiled, arch: int) -> str:
+    """The ptxas log of Triton's own cubin stage on this kernel's PTX (same options, same
+    command line as the build Triton launches; Triton prints it when asked to)."""
+    from triton.backends.compiler import GPUTarget, Language
+    from triton.compiler import make_backend
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    metadata = compiled.metadata._asdict()
+    stages: dict = {}
+    backend.add_stages(stages, backend.parse_options(dict(metadata)), Language.TRITON)
+    saved = os.environ.get("TRITON_DUMP_PTXAS_LOG")
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            stages["cubin"](compiled.asm["ptx"], dict(metadata))
+    finally:
+        if saved is None:
+            del os.environ["TRITON_DUMP_PTXAS_LOG"]
+        else:
+            os.environ["TRITON_DUMP_PTXAS_LOG"] = saved
+    return out.getvalue()
+
+
+def check_failures(r: BuildReport) -> List[str]:
+    """The checks a compiled build fails (empty when it passes)."""
+    out = []
+    spill = (r.spill_stores or 0) + (r.spill_loads or 0)
+    if spill:
+        out.append(f"spills {r.spill_stores} B stores, {r.spill_loads} B loads")
+    threads = 32 * r.num_warps
+    per_thread = -(-r.registers // 8) * 8  # registers are allocated in steps of 8 per thread
+    if r.registers > MAX_REGISTERS_PER_THREAD or per_thread * threads > REGISTER_FILE:
+        out.append(f"{r.registers} registers x {threads} threads exceed the register file")
+    if r.shared > r.smem_limit:
+        out.append(f"shared memory {r.shared} B > {r.smem_limit} B")
+    return out
 
 
 def compile_build(build: Build) -> BuildReport:
     """Compile one build for its architecture and read the report off the artefacts."""
     report = BuildReport(kernel=build.kernel, arch=build.arch, dtype=build.dtype, label=build.label,
                          num_warps=build.num_warps, num_stages=build.num_stages,
-                         smem_limit=SMEM_LIMIT.get(build.arch, 0), extra={"constexprs": dict(build.constexprs)})
+                         smem_limit=SMEM_LIMIT[build.arch], extra={"constexprs": dict(build.constexprs)})
     t0 = time.time()
     try:
-        if _interpreting():
+        if interpreting():
             raise RuntimeError("TRITON_INTERPRET=1 is set: kernels are interpreted, not compiled")
         import triton
         from triton.backends.compiler import GPUTarget
@@ -240,11 +299,23 @@ def compile_build(build: Build) -> BuildReport:
         report.shared = int(compiled.metadata.shared)
         report.wgmma = "wgmma.mma_async" in ptx
         report.mma = "mma.sync" in ptx
-        for key, value in ptxas_info(ptx, build.arch).items():
-            setattr(report, key, value)
+        usage = cubin_usage(compiled.asm["cubin"], compiled.metadata.name)
+        report.registers, report.stack_frame = usage["registers"], usage["stack_frame"]
+        if usage["stack_frame"] == 0 and usage["local"] == 0:
+            report.spill_stores = report.spill_loads = 0
+            report.spills_from = "cubin"
+        else:
+            log = parse_ptxas_log(triton_ptxas_log(compiled, build.arch))
+            if log["registers"] != report.registers:
+                raise RuntimeError(f"the ptxas log ({log['registers']} registers) does not describe the cubin "
+                                   f"({report.registers} registers)")
+            report.spill_stores, report.spill_loads = log["spill_stores"], log["spill_loads"]
+            report.spills_from = "ptxas log"
+        report.failures = check_failures(report)
         report.ok = True
     except Exception as e:  # a failed build is reported, not raised: the report lists every build
         report.error = f"{type(e).__name__}: {str(e).strip()[:1500]}"
+        report.failures = ["does not compile"]
     report.seconds = round(time.time() - t0, 2)
     return report
 
@@ -280,7 +351,8 @@ def attention_build(arch: int, kind: str, dtype: str, D: int, causal: bool, grou
     tdtype = getattr(torch, _TORCH_NAME[dtype])
     Hkv = H // group
     q, kv = (B, H, T, D), (B, Hkv, T, D)
-    common = {"H": H, "Tq": T, "Tk": T, "D": D, "qk_scale": 0.125 * A.LOG2E}
+    common = {"H": H, "Tq": T, "Tk": T, "D": D, "qk_scale": 0.125 * A.LOG2E,
+              "Tq_bucket": A.length_bucket(T), "Tk_bucket": A.length_bucket(T)}
     ptrs = {n: Ptr(dtype) for n in ("Q", "K", "V", "DO")}
     bm, bn, warps, stages = cfg
     const = {"CAUSAL": causal, "PRECISION": A.precision_for(tdtype), "DOT_F32": False,
@@ -314,7 +386,7 @@ def attention_space(arch: int, kind: str, dtype: str, D: int) -> List[tuple]:
     A = importlib.import_module("kernels.attention")
 
     return A.config_space(kind, getattr(torch, _TORCH_NAME[dtype]), A.block_d_for(D), arch,
-                          interpreting=False)
+                          interpret=False)
 
 
 def attention_builds(arch: int, full: bool) -> List[Build]:
@@ -353,28 +425,35 @@ def rmsnorm_builds(arch: int, full: bool) -> List[Build]:
     blocks = [(2 ** i, True) for i in range(4, 14)] + [(R.CHUNK_BLOCK_D, False)]
     if not full:
         blocks = [(1024, True), (R.MAX_FUSED_BLOCK_D, True), (R.CHUNK_BLOCK_D, False)]
+    # (rows' dtype, weight's dtype): the weight in the rows' dtype, or float32 with 16-bit rows
+    if full:
+        pairs = [(d, d) for d in DTYPES] + [("fp16", "fp32"), ("bf16", "fp32")]
+    else:
+        pairs = [("bf16", "bf16"), ("bf16", "fp32"), ("fp32", "fp32")]
     builds = []
-    for dtype in (DTYPES if full else ("bf16", "fp32")):
+    for dtype, wtype in pairs:
         for BLOCK_D, one in blocks:
             D = BLOCK_D if one else 65536
             warps = R.warps_for(BLOCK_D, one)
-            tag = f"{dtype} BLOCK_D={BLOCK_D}{'' if one else ' chunked'} w{warps}"
+            weight = "" if wtype == dtype else f" weight={wtype}"
+            tag = f"{dtype}{weight} BLOCK_D={BLOCK_D}{'' if one else ' chunked'} w{warps}"
             for flag in ((False, True) if full else (True,)):
                 builds.append(Build(
                     "rmsnorm.fwd", "kernels.rmsnorm", "_rmsnorm_fwd_kernel", arch, dtype,
-                    {"X": Ptr(dtype), "R": Ptr(dtype), "W": Ptr(dtype), "Y": Ptr(dtype), "Hout": Ptr(dtype),
+                    {"X": Ptr(dtype), "R": Ptr(dtype), "W": Ptr(wtype), "Y": Ptr(dtype), "Hout": Ptr(dtype),
                      "RSTD": Ptr("fp32"), "stride_x": D, "stride_r": D, "stride_y": D, "stride_h": D,
                      "D": D, "eps": 1e-6},
                     {"HAS_RESIDUAL": flag, "BLOCK_D": BLOCK_D, "ONE_BLOCK": one}, warps, 1,
                     f"{tag} residual={flag}"))
                 builds.append(Build(
                     "rmsnorm.bwd", "kernels.rmsnorm", "_rmsnorm_bwd_kernel", arch, dtype,
-                    {"DY": Ptr(dtype), "X": Ptr(dtype), "W": Ptr(dtype), "RSTD": Ptr("fp32"), "DH": Ptr(dtype),
+                    {"DY": Ptr(dtype), "X": Ptr(dtype), "W": Ptr(wtype), "RSTD": Ptr("fp32"), "DH": Ptr(dtype),
                      "DX": Ptr(dtype), "DW_PARTIAL": Ptr("fp32"), "N": 8192, "D": D, "rows_per_program": 31},
                     {"HAS_DH": flag, "BLOCK_D": BLOCK_D, "ONE_BLOCK": one}, warps, 1, f"{tag} dresidual={flag}"))
-        builds.append(Build("rmsnorm.sum_partials", "kernels.rmsnorm", "_sum_partials_kernel", arch, dtype,
-                            {"P": Ptr("fp32"), "OUT": Ptr(dtype), "G": 264, "D": 4096}, {"BLOCK": 1024}, 4, 1,
-                            f"{dtype} BLOCK=1024"))
+        if wtype == dtype:  # dweight is written in the weight's dtype
+            builds.append(Build("rmsnorm.sum_partials", "kernels.rmsnorm", "_sum_partials_kernel", arch, dtype,
+                                {"P": Ptr("fp32"), "OUT": Ptr(dtype), "G": 264, "D": 4096}, {"BLOCK": 1024}, 4, 1,
+                                f"{dtype} BLOCK=1024"))
     return builds
 
 
@@ -395,12 +474,13 @@ def rope_builds(arch: int, full: bool) -> List[Build]:
                         "stride_pos_b": T, "stride_pos_t": 1, "T": T, "H": H, "HKV": Hkv, "offset": 0}
                 const = {"HAS_POS": True, "INVERSE": inverse, "HALF": HALF, "BLOCK_K": BLOCK_K,
                          "BLOCK_H": BLOCK_H}
+                label = f"{dtype} D={D} BLOCK_H={BLOCK_H} w{warps} inverse={inverse}"
                 builds.append(Build("rope.fwd" if not inverse else "rope.bwd", "kernels.rope", "_rope_kernel",
-                                    arch, dtype, args, const, warps, 1, f"{dtype} D={D} BLOCK_H={BLOCK_H} w{warps} inverse={inverse}"))
+                                    arch, dtype, args, const, warps, 1, label))
     return builds
 
 
-def enumerate_builds(archs=ARCHS, full: bool = False, families=("attention", "rmsnorm", "rope")) -> List[Build]:
+def enumerate_builds(archs=ARCHS, full: bool = False, families=FAMILIES) -> List[Build]:
     makers = {"attention": attention_builds, "rmsnorm": rmsnorm_builds, "rope": rope_builds}
     return [b for arch in archs for fam in families for b in makers[fam](arch, full)]
 
@@ -413,9 +493,10 @@ def run(builds: List[Build], jobs: int = 2) -> List[BuildReport]:
         return list(pool.map(compile_build, builds, chunksize=1))
 
 
-def run_in_subprocess(full: bool = False, archs=ARCHS, families=("attention", "rmsnorm", "rope"),
+def run_in_subprocess(full: bool = False, archs=ARCHS, families=FAMILIES,
                       jobs: int = 2, timeout: Optional[float] = None) -> List[dict]:
-    """Run the AOT builds in a fresh interpreter without ``TRITON_INTERPRET``; reports as dicts."""
+    """Run the AOT builds in a fresh interpreter without ``TRITON_INTERPRET``; reports as dicts
+    (whether or not they pass the checks: ``failures`` says)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as tmp:
@@ -428,31 +509,92 @@ def run_in_subprocess(full: bool = False, archs=ARCHS, families=("attention", "r
         return json.loads(out.read_text())["builds"]
 
 
+# ---------------------------------------------------------------------------------------
+# the report
+
+LABEL_WIDTH = 58
+HEADER = (f"{'kernel':<22}{'arch':>5} {'config':<{LABEL_WIDTH}}{'regs':>5}{'stack':>6}{'spill':>6}"
+          f"{'smem KiB':>9}{'wgmma':>6}  status")
+# one row of the table: kernel, arch, configuration, registers, stack, spill, shared KiB, wgmma, status
+ROW = re.compile(r"^(\S+)\s+sm_(\d+) (.+?)\s+(\d+)\s+(\d+)\s+(\d+)\s+([\d.]+)\s+(yes|-)  (ok|FAIL: .*)$")
+FAILED_ROW = re.compile(r"^(\S+)\s+sm_(\d+) (.+?)\s+FAILED: (.*)$")
+
+
+def format_row(r: dict) -> str:
+    where = f"{r['kernel']:<22}{'sm_' + str(r['arch']):>5} {r['label']:<{LABEL_WIDTH}}"
+    if not r["ok"]:
+        return f"{where}FAILED: {r['error'][:200]}"
+    status = "ok" if not r["failures"] else "FAIL: " + "; ".join(r["failures"])
+    return (f"{where}{r['registers']:>5}{r['stack_frame']:>6}{r['spill_stores'] + r['spill_loads']:>6}"
+            f"{r['shared'] / 1024:>9.1f}{('yes' if r['wgmma'] else '-'):>6}  {status}")
+
+
 def format_report(reports: List[dict]) -> str:
     """A fixed-width table, one row per build."""
-    head = f"{'kernel':<22}{'arch':>5} {'config':<44}{'regs':>5}{'spill':>7}{'smem KiB':>9}{'wgmma':>6}  status"
-    lines = [head, "-" * len(head)]
-    for r in reports:
-        if r["ok"]:
-            spill = r["spill_stores"] + r["spill_loads"]
-            status = "ok" if r["shared"] <= r["smem_limit"] and spill == 0 else "CHECK"
-            lines.append(f"{r['kernel']:<22}{'sm_' + str(r['arch']):>5} {r['label']:<44}{r['registers']:>5}"
-                         f"{spill:>7}{r['shared'] / 1024:>9.1f}{('yes' if r['wgmma'] else '-'):>6}  {status}")
-        else:
-            lines.append(f"{r['kernel']:<22}{'sm_' + str(r['arch']):>5} {r['label']:<44}  FAILED: {r['error'][:200]}")
-    return "\n".join(lines)
+    return "\n".join([HEADER, "-" * len(HEADER)] + [format_row(r) for r in reports])
+
+
+def summary_line(reports: List[dict], version: str) -> str:
+    failing = sum(bool(r["failures"]) for r in reports)
+    return (f"{len(reports)} builds, {sum(not r['ok'] for r in reports)} not compiled, {failing} failing a check, "
+            f"triton {version}")
+
+
+def parse_report(text: str) -> List[dict]:
+    """The rows of a report written by ``format_report``: kernel, arch, label, passed."""
+    rows = []
+    for line in text.splitlines():
+        m = ROW.match(line)
+        if m:
+            rows.append({"kernel": m.group(1), "arch": int(m.group(2)), "label": m.group(3),
+                         "registers": int(m.group(4)), "stack_frame": int(m.group(5)), "spill": int(m.group(6)),
+                         "passed": m.group(9) == "ok"})
+            continue
+        m = FAILED_ROW.match(line)
+        if m:
+            rows.append({"kernel": m.group(1), "arch": int(m.group(2)), "label": m.group(3), "passed": False})
+    return rows
+
+
+def committed_report_path(version: str) -> Path:
+    """``kernels/results/aot-full-triton<major.minor>.txt`` for a Triton version string."""
+    return RESULTS / f"aot-full-triton{'.'.join(version.split('.')[:2])}.txt"
+
+
+def _ptxas_versions(archs) -> str:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return ", ".join(f"sm_{a}: ptxas {get_ptxas(a).version}" for a in archs)
+    except Exception as e:  # the report still lists the builds
+        return f"ptxas version unknown ({type(e).__name__})"
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Compile every kernel configuration for sm_80 / sm_90 and report.")
-    parser.add_argument("--full", action="store_true", help="every configuration (default: a representative subset)")
-    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS))
-    parser.add_argument("--family", nargs="+", default=["attention", "rmsnorm", "rope"])
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--json", help="write the reports to this file")
-    parser.add_argument("--quiet", action="store_true")
+    parser = argparse.ArgumentParser(
+        prog="python -m kernels.aot",
+        description="Compile every kernel configuration for sm_80 / sm_90 without a GPU and check registers, "
+                    "spills and shared memory on the cubins Triton built. Exit status 1 if any build fails a check.")
+    parser.add_argument("--full", action="store_true",
+                        help="every configuration of the launch tables (default: a representative subset)")
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=list(ARCHS),
+                        help="architectures to build for (default: %(default)s)")
+    parser.add_argument("--family", nargs="+", default=list(FAMILIES), choices=list(FAMILIES),
+                        help="kernel families to build (default: all)")
+    parser.add_argument("--jobs", type=int, default=2, help="compiler processes (default: %(default)s)")
+    parser.add_argument("--json", help="also write the reports to this file (default: none)")
+    parser.add_argument("--commit-results", action="store_true",
+                        help="write the table to kernels/results/aot-full-triton<version>.txt, the committed report "
+                             "(needs --full and every architecture and family)")
+    parser.add_argument("--quiet", action="store_true", help="print nothing (default: the table and a summary)")
     args = parser.parse_args(argv)
-    if _interpreting():  # re-run without the interpreter: compiled kernels are wanted here
+    if args.commit_results and not (args.full and set(args.arch) == set(ARCHS) and set(args.family) == set(FAMILIES)):
+        parser.error("--commit-results needs --full with every architecture and family")
+    if args.jobs < 1:
+        parser.error(f"--jobs expected an integer >= 1, got {args.jobs}")
+    if not require_extra("kernels.aot"):
+        return 2
+    if interpreting():  # re-run without the interpreter: compiled kernels are wanted here
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         return subprocess.call([sys.executable, "-m", "kernels.aot", *(argv if argv is not None else sys.argv[1:])],
                                env=env)
@@ -460,14 +602,22 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     reports = [asdict(r) for r in run(enumerate_builds(args.arch, args.full, args.family), args.jobs)]
+    seconds = time.time() - t0
+    summary = summary_line(reports, triton.__version__)
     if args.json:
         Path(args.json).write_text(json.dumps({"triton": triton.__version__, "full": args.full,
-                                               "seconds": round(time.time() - t0, 1), "builds": reports}, indent=1))
+                                               "seconds": round(seconds, 1), "builds": reports}, indent=1))
+    if args.commit_results:
+        path = committed_report_path(triton.__version__)
+        path.write_text(f"# python -m kernels.aot --full --commit-results\n"
+                        f"# triton {triton.__version__}; {_ptxas_versions(ARCHS)}\n"
+                        f"{format_report(reports)}\n{summary}\n")
+        if not args.quiet:
+            print(f"wrote {path}")
     if not args.quiet:
         print(format_report(reports))
-        print(f"{len(reports)} builds, {sum(not r['ok'] for r in reports)} failed, triton {triton.__version__}, "
-              f"{time.time() - t0:.0f} s")
-    return 0 if all(r["ok"] for r in reports) else 1
+        print(f"{summary}, {seconds:.0f} s")
+    return 0 if not any(r["failures"] for r in reports) else 1
 
 
 if __name__ == "__main__":

@@ -30,27 +30,30 @@ Kernels (one program = one tile, loops inside the program):
 
 Tile sizes, warps and stages are autotuned on a GPU among the configurations of
 ``CONFIGS`` for the device's architecture (all checked free of register spills by
-``kernels.aot`` under Triton 3.6 and 3.9); ``AUTOTUNE = False`` takes the first entry
-instead, and ``with pinned(fwd=..., dkdv=..., dq=...)`` forces given entries. Under the Triton
-interpreter small tiles are used (``INTERPRET_CONFIGS``).
+``kernels.aot`` under Triton 3.6 and 3.9), once per length bucket (``length_bucket``:
+the next power of two of Tq and of Tk), so that decoding, one key longer at every
+step, is not re-timed at every step; ``AUTOTUNE = False`` takes the first entry
+instead, and ``with pinned(fwd=..., dkdv=..., dq=...)`` forces given entries. Under the
+Triton interpreter small tiles are used (``INTERPRET_CONFIGS``).
+
+Functional API: ``flash_attention(q, k, v, causal=..., scale=..., return_lse=...)``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 from typing import List, Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from npformer.ops._checks import check_bool, check_real
+
+from ._common import SMEM_LIMIT, check_runnable, check_tensor, interpreting
+
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ---------------------------------------------------------------------------------------
@@ -77,6 +80,7 @@ def _attn_fwd_kernel(
     svb, svh, svt, svd,
     sob, soh, sot, sod,
     H, GROUP, Tq, Tk, D, qk_scale,  # qk_scale = scale * log2(e)
+    Tq_bucket, Tk_bucket,  # length buckets: keys of the autotuner's choices, not read here
     CAUSAL: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -167,6 +171,7 @@ def _attn_bwd_dkdv_kernel(
     skgb, skgh, skgt, skgd,  # dk strides
     svgb, svgh, svgt, svgd,  # dv strides
     H, HKV, GROUP, Tq, Tk, D, qk_scale, scale,
+    Tq_bucket, Tk_bucket,  # length buckets: keys of the autotuner's choices, not read here
     CAUSAL: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -233,6 +238,7 @@ def _attn_bwd_dq_kernel(
     sdb, sdh, sdt, sdd,
     sqgb, sqgh, sqgt, sqgd,  # dq strides
     H, GROUP, Tq, Tk, D, qk_scale, scale,
+    Tq_bucket, Tk_bucket,  # length buckets: keys of the autotuner's choices, not read here
     CAUSAL: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -288,11 +294,15 @@ def _attn_bwd_dq_kernel(
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, element size (2: fp16/bf16,
 # 4: fp32), head-dim tile (<= 64 or 128) and architecture family (80: Ampere and Ada,
 # 90: Hopper and later). Every entry was compiled with ``python -m kernels.aot --full``
-# for sm_80 and sm_90 under Triton 3.6 and 3.9 (``kernels/results/aot-full-triton*.txt``):
-# none spills registers with either and all fit in shared memory; on sm_90 the
-# fp16/bf16 entries use wgmma (M-side tiles of at least 64 rows). The register
+# for sm_80 and sm_90 under Triton 3.6 and 3.9 (``kernels/results/aot-full-triton*.txt``,
+# registers and spills read off the cubins Triton builds, i.e. with its own ptxas
+# flags): none spills registers with either and all fit in shared memory; on sm_90
+# the fp16/bf16 entries use wgmma (M-side tiles of at least 64 rows). The register
 # allocation differs between releases: an entry that sits at the 255-register limit
 # with one may spill with the other, and such entries are left out of the table.
+# That is why the Hopper fp32 tables hold no wgmma-sized forward tile at D = 128:
+# each one tried -- (128, 32, 8, 1), (128, 16, 8, 1), (64, 16, 4, 1 to 3) and
+# (64, 32, 4 or 8, 1 to 3) -- spills 4 to 136 bytes under 3.6 or 3.9.
 
 CONFIGS = {
     # 16-bit inputs
@@ -323,17 +333,14 @@ CONFIGS[("fwd", 2, 128, 90)] += [(128, 32, 4, 3)]
 CONFIGS[("dkdv", 2, 64, 90)] += [(64, 64, 8, 2)]
 CONFIGS[("dkdv", 2, 128, 90)] += [(32, 64, 4, 2), (32, 128, 8, 2)]
 CONFIGS[("dq", 2, 128, 90)] += [(128, 64, 8, 2)]
-CONFIGS[("fwd", 4, 128, 90)] = [(128, 32, 8, 1), (32, 32, 4, 2)]
-CONFIGS[("dkdv", 4, 64, 90)] = [(16, 64, 4, 2), (32, 128, 8, 2)]
+CONFIGS[("fwd", 4, 128, 90)] = [(32, 64, 8, 2), (32, 32, 4, 2)]
+CONFIGS[("dkdv", 4, 64, 90)] = [(16, 64, 4, 2), (16, 128, 8, 2)]
+CONFIGS[("dq", 4, 128, 90)] = [(16, 32, 4, 2), (16, 64, 8, 2), (16, 16, 4, 2)]
 CONFIGS[("dq", 4, 64, 90)] = [(64, 32, 4, 2), (64, 16, 4, 2), (128, 32, 8, 2), (64, 32, 8, 2)]
 
 # under the interpreter: small tiles, so that short test sequences cross tile edges; the
 # first is the default, the others (BLOCK_M != BLOCK_N) are reached by ``pinned``
 INTERPRET_CONFIGS = [(16, 16, 4, 1), (16, 32, 4, 1), (32, 16, 4, 1)]
-
-# largest dynamic shared memory per block (opt-in), by compute capability
-SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
-
 
 def smem_estimate(kind: str, BLOCK_M: int, BLOCK_N: int, BLOCK_D: int, elem_bytes: int, num_stages: int) -> int:
     """A conservative estimate (bytes) of the shared memory a configuration asks for, used
@@ -341,21 +348,25 @@ def smem_estimate(kind: str, BLOCK_M: int, BLOCK_N: int, BLOCK_D: int, elem_byte
 
     The tiles that are staged (``num_stages`` copies of the streamed ones) and the P / dS
     tile; fp32 builds (3xTF32 products) were measured at up to 1.45x that, so they get
-    1.5x. ``tests/kernels/test_aot.py`` checks the estimate against the compiled builds.
+    1.5x. The dK/dV kernel also stages the fp32 lse and delta of each query tile it
+    streams. ``tests/kernels/test_aot.py`` checks the estimate against the compiled builds.
     """
+    row_stats = 0
     if kind == "fwd":
         elems = BLOCK_M * BLOCK_D + num_stages * 2 * BLOCK_N * BLOCK_D + BLOCK_M * BLOCK_N
     else:
         resident, streamed = (BLOCK_N, BLOCK_M) if kind == "dkdv" else (BLOCK_M, BLOCK_N)
         elems = 2 * resident * BLOCK_D + num_stages * 2 * streamed * BLOCK_D + 2 * BLOCK_M * BLOCK_N
-    return elems * elem_bytes * (3 if elem_bytes == 4 else 2) // 2
+        if kind == "dkdv":
+            row_stats = num_stages * 2 * BLOCK_M * 4
+    return elems * elem_bytes * (3 if elem_bytes == 4 else 2) // 2 + row_stats
 
 
-def config_space(kind: str, dtype: torch.dtype, BLOCK_D: int, arch: int, interpreting: Optional[bool] = None
+def config_space(kind: str, dtype: torch.dtype, BLOCK_D: int, arch: int, interpret: Optional[bool] = None
                  ) -> List[tuple]:
     """The configurations (BLOCK_M, BLOCK_N, num_warps, num_stages) ``kind`` may launch with
     on compute capability ``arch`` (80, 86, 90, ...)."""
-    if _interpreting() if interpreting is None else interpreting:
+    if (interpreting() if interpret is None else interpret):
         return list(INTERPRET_CONFIGS)
     elem = 4 if dtype == torch.float32 else 2
     family = 90 if arch >= 90 else 80
@@ -373,10 +384,21 @@ def _arch(t: torch.Tensor) -> int:
 
 
 # Autotuning: on (default) the autotuner times every configuration of the table the first
-# time it meets a new (Tq, Tk, head tile, causal, group, dtype); off, the first entry of
-# the table is used without timing (the tests do this to stay fast). Under the
-# interpreter there is nothing to time: the first entry is used.
+# time it meets a new (length buckets of Tq and Tk, head tile, causal, group, dtype), and
+# keeps that choice for every later call in the same buckets: decoding, whose key length
+# grows by one per step, is timed once per power of two, not once per step. Off, the
+# first entry of the table is used without timing (the tests do this to stay fast).
+# Under the interpreter there is nothing to time: the first entry is used.
 AUTOTUNE = True
+MIN_LENGTH_BUCKET = 16
+
+
+def length_bucket(T: int) -> int:
+    """The autotuner's key for a sequence length: the next power of two, at least 16
+    (so lengths 17 ... 32 share one tuning, and 1 ... 16 another)."""
+    return max(MIN_LENGTH_BUCKET, triton.next_power_of_2(max(int(T), 1)))
+
+
 _PINNED: dict = {}  # kernel -> (BLOCK_M, BLOCK_N, num_warps, num_stages) forced by ``pinned``
 
 
@@ -390,26 +412,26 @@ def _pruner(kind: str):
         allowed = config_space(kind, q.dtype, kwargs["BLOCK_D"], _arch(q) if q.is_cuda else 90)
         if kind in _PINNED:
             want = [_PINNED[kind]]
-        elif AUTOTUNE and not _interpreting():
+        elif AUTOTUNE and not interpreting():
             want = allowed
         else:
             want = allowed[:1]
         kept = [c for c in configs if _key(c) in want]
         if not kept:
-            raise ValueError(f"attention: configuration {want} of the {kind} kernel is not among {allowed}")
+            raise ValueError(f"flash_attention: configuration {want} of the {kind} kernel is not among {allowed}")
         return kept
 
     return prune
 
 
 def _autotuned(fn, kind):
-    if _interpreting():
+    if interpreting():
         configs = INTERPRET_CONFIGS
     else:
         configs = list(dict.fromkeys(c for (k, *_), table in CONFIGS.items() if k == kind for c in table))
     return triton.autotune(
         configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in configs],
-        key=["Tq", "Tk", "BLOCK_D", "CAUSAL", "GROUP"],
+        key=["Tq_bucket", "Tk_bucket", "BLOCK_D", "CAUSAL", "GROUP"],
         prune_configs_by={"early_config_prune": _pruner(kind)},
     )(fn)
 
@@ -450,7 +472,7 @@ def precision_for(dtype: torch.dtype) -> str:
 
 def dot_f32_for(dtype: torch.dtype) -> bool:
     """Products on fp32 copies: only for bf16 under the interpreter (see ``_mm``)."""
-    return dtype == torch.bfloat16 and _interpreting()
+    return dtype == torch.bfloat16 and interpreting()
 
 
 def block_d_for(D: int) -> int:
@@ -461,33 +483,32 @@ def block_d_for(D: int) -> int:
 # launchers
 
 
-def _check_runnable(t: torch.Tensor) -> None:
-    """Triton runs on CUDA tensors, or on CPU tensors under the interpreter."""
-    if t.device.type != "cuda" and not _interpreting():
-        raise RuntimeError(f"attention: tensors on {t.device} need the Triton interpreter: set TRITON_INTERPRET=1 "
-                           "before triton is first imported (or move the tensors to a CUDA device)")
-
-
 def _check(q, k, v):
-    _check_runnable(q)
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.dim() != 4:
-            raise ValueError(f"attention: argument '{name}' expected 4 dimensions, got shape {tuple(x.shape)}")
-        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ValueError(f"attention: argument '{name}' expected dtype float16, bfloat16 or float32, got {x.dtype}")
+        check_tensor("flash_attention", name, x, ndim=4)
+    check_runnable("flash_attention", q)
+    for name, x in (("k", k), ("v", v)):
         if x.dtype != q.dtype or x.device != q.device:
-            raise ValueError(f"attention: argument '{name}' expected dtype {q.dtype} on {q.device}, "
+            raise ValueError(f"flash_attention: argument '{name}' expected dtype {q.dtype} on {q.device}, "
                              f"got {x.dtype} on {x.device}")
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"attention: argument 'k' expected shape ({B}, *, *, {D}), got {tuple(k.shape)}")
+        raise ValueError(f"flash_attention: argument 'k' expected shape ({B}, *, *, {D}), got {tuple(k.shape)}")
     if v.shape != k.shape:
-        raise ValueError(f"attention: argument 'v' expected shape {tuple(k.shape)} (same as 'k'), got {tuple(v.shape)}")
+        raise ValueError(f"flash_attention: argument 'v' expected shape {tuple(k.shape)} (same as 'k'), "
+                         f"got {tuple(v.shape)}")
     if Hkv == 0 or H % Hkv:
-        raise ValueError(f"attention: argument 'k' expected a number of heads dividing H = {H}, got {Hkv}")
+        raise ValueError(f"flash_attention: argument 'k' expected a number of heads dividing H = {H}, got {Hkv}")
     if not 1 <= D <= 128:
-        raise ValueError(f"attention: argument 'q' expected a head size D in [1, 128], got {D}")
+        raise ValueError(f"flash_attention: argument 'q' expected a head size D in [1, 128], got {D}")
+
+
+def _check_options(causal, return_lse, scale):
+    check_bool("flash_attention", "causal", causal)
+    check_bool("flash_attention", "return_lse", return_lse)
+    if scale is not None:
+        check_real("flash_attention", "scale", scale, lo=0.0, lo_open=True)
 
 
 def attention_fwd(q, k, v, causal=False, scale=None):
@@ -505,7 +526,7 @@ def attention_fwd(q, k, v, causal=False, scale=None):
     _attn_fwd[grid](
         q, k, v, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        H, H // Hkv, Tq, Tk, D, scale * LOG2E,
+        H, H // Hkv, Tq, Tk, D, scale * LOG2E, length_bucket(Tq), length_bucket(Tk),
         CAUSAL=bool(causal), PRECISION=precision_for(q.dtype), DOT_F32=dot_f32_for(q.dtype),
         BLOCK_D=block_d_for(D),
     )
@@ -522,7 +543,7 @@ def attention_bwd(do, q, k, v, o, lse, causal=False, scale=None):
         return dq.zero_(), dk.zero_(), dv.zero_()
     BLOCK_D = block_d_for(D)
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
-    PRE_M = 16 if _interpreting() else 64
+    PRE_M = 16 if interpreting() else 64
     _attn_bwd_preprocess[(triton.cdiv(Tq, PRE_M), B * H)](
         o, do, delta, *o.stride(), *do.stride(), H, Tq, D, BLOCK_M=PRE_M, BLOCK_D=BLOCK_D,
     )
@@ -531,12 +552,12 @@ def attention_bwd(do, q, k, v, o, lse, causal=False, scale=None):
     _attn_bwd_dkdv[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)](
         q, k, v, do, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        H, Hkv, H // Hkv, Tq, Tk, D, scale * LOG2E, scale, **common,
+        H, Hkv, H // Hkv, Tq, Tk, D, scale * LOG2E, scale, length_bucket(Tq), length_bucket(Tk), **common,
     )
     _attn_bwd_dq[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)](
         q, k, v, do, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        H, H // Hkv, Tq, Tk, D, scale * LOG2E, scale, **common,
+        H, H // Hkv, Tq, Tk, D, scale * LOG2E, scale, length_bucket(Tq), length_bucket(Tk), **common,
     )
     return dq, dk, dv
 
@@ -559,12 +580,15 @@ class AttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-              scale: Optional[float] = None, return_lse: bool = False):
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                    scale: Optional[float] = None, return_lse: bool = False):
     """softmax(scale * q k^T, causally masked) v per head, fused.
 
     q: (B, H, Tq, D), k, v: (B, Hkv, Tk, D)  ->  out: (B, H, Tq, D)
-    (and lse: (B, H, Tq) fp32 when ``return_lse``). ``scale`` defaults to 1/sqrt(D).
+    (and lse: (B, H, Tq) fp32 when ``return_lse``). ``scale`` defaults to 1/sqrt(D)
+    and must be a finite number > 0; ``causal`` and ``return_lse`` are bools.
     """
+    _check(q, k, v)
+    _check_options(causal=causal, return_lse=return_lse, scale=scale)
     out, lse = AttentionFunction.apply(q, k, v, bool(causal), scale)
     return (out, lse) if return_lse else out

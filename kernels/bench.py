@@ -1,8 +1,9 @@
 """Benchmark the Triton kernels against torch and the npformer NumPy references.
 
-    python -m kernels.bench            # the full sweep
-    python -m kernels.bench --quick    # fewer sizes and repetitions
-    python -m kernels.bench --no-aot   # skip the static compile report
+    python -m kernels.bench                    # the full sweep, into runs/kernels/<device>/
+    python -m kernels.bench --quick            # fewer sizes and repetitions
+    python -m kernels.bench --no-aot           # skip the static compile report
+    python -m kernels.bench --commit-results   # into kernels/results/ (the committed results)
 
 On a CUDA device, in one run:
 
@@ -13,17 +14,23 @@ On a CUDA device, in one run:
   torch eager, ``F.rms_norm`` and the SDPA backends (flash, cuDNN, memory-efficient,
   each through ``torch.nn.attention.sdpa_kernel``);
 - the NumPy reference on the CPU at a CPU-sized problem, as a throughput, and the
-  Triton speedup over it (throughput ratio, since the sizes differ);
+  Triton speedup over it (throughput ratio, since the sizes differ), with the BLAS
+  library NumPy runs and its threads (threadpoolctl);
 - the static AOT report (registers, spills, shared memory, wgmma) of ``kernels.aot``.
 
 Without a CUDA device: a small correctness sweep of every kernel under the Triton
 interpreter, the NumPy (and torch CPU) timings, the AOT report; the GPU figures are
 absent and the JSON says so.
 
-Results go to ``kernels/results/<device>.json``, ``.md`` and ``.png``, stamped with
-the device, the library versions and the date. The last line printed is one JSON
-object: per kernel, the best and worst speedup over the fastest torch implementation
-and the best and worst fraction of the device peak.
+Results go to ``runs/kernels/<device>/<device>.json``, ``.md`` and ``.png`` (or the
+folder ``--out`` names), stamped with the device, the library versions, the date and
+the command line; only ``--commit-results`` writes the committed copies in
+``kernels/results/``. The last line printed is one JSON object: per kernel, the best
+and worst speedup over the fastest torch implementation and the best and worst
+fraction of the device peak.
+
+Without torch and triton (the core install) the command says which extra to install
+and exits with status 2.
 """
 
 from __future__ import annotations
@@ -39,7 +46,10 @@ import sys
 import time
 from pathlib import Path
 
+from kernels._common import require_extra
+
 RESULTS = Path(__file__).resolve().parent / "results"
+RUNS = Path("runs") / "kernels"
 DEVICE = "cuda"
 
 # GPU problem sizes, full and --quick.
@@ -239,7 +249,7 @@ def gpu_rmsnorm(rows, peaks, quick):
         w = torch.randn(D, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
         dy = torch.randn_like(x)
         e = x.element_size()
-        impls = {"triton": lambda a, b: kernels.rmsnorm(a, b), "torch eager": torch_rmsnorm,
+        impls = {"triton": lambda a, b: kernels.rms_norm(a, b), "torch eager": torch_rmsnorm,
                  "torch F.rms_norm": lambda a, b: F.rms_norm(a, (D,), b, 1e-6)}
         shape = f"{n}x{D} bf16"
         for name, f in impls.items():
@@ -262,7 +272,7 @@ def gpu_rope(rows, peaks, quick):
         cos, sin = torch_rope_tables(T, D, DEVICE)
         work = 2 * (q.numel() + k.numel()) * q.element_size()
         shape = f"B{B} H{H}/{Hkv} T{T} D{D} bf16"
-        for name, f in {"triton": lambda a, b: kernels.rope(a, b),
+        for name, f in {"triton": lambda a, b: kernels.apply_rope(a, b),
                         "torch eager": lambda a, b: torch_rope(a, b, cos, sin)}.items():
             _record(rows, "rope", shape, "fwd", name, try_time(lambda: f(q, k), quick), work, "GB/s",
                     peaks["copy_GBps"])
@@ -285,7 +295,7 @@ def gpu_attention(rows, peaks, quick):
             do = torch.randn_like(q)
             flops = 4 * B * H * T * T * D * (0.5 if causal else 1.0)
             shape = f"B{B} H{H}/{Hkv} T{T} D{D} {'causal' if causal else 'full'} bf16"
-            impls = {"triton": lambda a, b, c: kernels.attention(a, b, c, causal=causal)}
+            impls = {"triton": lambda a, b, c: kernels.flash_attention(a, b, c, causal=causal)}
             for backend, label in (("FLASH_ATTENTION", "sdpa flash"), ("CUDNN_ATTENTION", "sdpa cudnn"),
                                    ("EFFICIENT_ATTENTION", "sdpa efficient")):
                 impls[label] = (lambda f: lambda a, b, c: f(a, b, c, causal))(sdpa(backend))
@@ -391,17 +401,19 @@ def interpreter_sweep() -> list:
 
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         name = str(dtype).replace("torch.", "")
-        x, w = t((6, 40), dtype), t((40,), dtype)
-        y = kernels.rmsnorm(x, w)
-        dy = torch.randn_like(y)
-        dx, dw = torch.autograd.grad(y, (x, w), dy)
-        yr, c = rmsnorm_forward(f64(x), f64(w))
-        dxr, dwr = rmsnorm_backward(f64(dy), c)
-        rows.append({"kernel": "rmsnorm", "dtype": name, "shape": "6x40",
-                     "max_rel_err": max(err(y, yr), err(dx, dxr), err(dw, dwr)), "rtol": rtol[dtype]})
+        for wtype in (dtype, torch.float32) if dtype != torch.float32 else (dtype,):
+            x, w = t((6, 40), dtype), t((40,), wtype)
+            y = kernels.rms_norm(x, w)
+            dy = torch.randn_like(y)
+            dx, dw = torch.autograd.grad(y, (x, w), dy)
+            yr, c = rmsnorm_forward(f64(x), f64(w))
+            dxr, dwr = rmsnorm_backward(f64(dy), c)
+            shape = "6x40" + ("" if wtype == dtype else ", float32 weight")
+            rows.append({"kernel": "rmsnorm", "dtype": name, "shape": shape,
+                         "max_rel_err": max(err(y, yr), err(dx, dxr), err(dw, dwr)), "rtol": rtol[dtype]})
 
         q, k = t((2, 4, 9, 16), dtype), t((2, 2, 9, 16), dtype)
-        qr, kr = kernels.rope(q, k, offset=3)
+        qr, kr = kernels.apply_rope(q, k, offset=3)
         dq, dk = torch.randn_like(qr), torch.randn_like(kr)
         gq, gk = torch.autograd.grad((qr, kr), (q, k), (dq, dk))
         e = 0.0
@@ -413,7 +425,7 @@ def interpreter_sweep() -> list:
 
         for causal in (False, True):
             q, k, v = t((1, 4, 20, 24), dtype), t((1, 2, 33, 24), dtype), t((1, 2, 33, 24), dtype)
-            o = kernels.attention(q, k, v, causal=causal)
+            o = kernels.flash_attention(q, k, v, causal=causal)
             do = torch.randn_like(o)
             g = torch.autograd.grad(o, (q, k, v), do)
             ref, c = attention_forward(f64(q), f64(k), f64(v), causal=causal)
@@ -492,7 +504,8 @@ def speedups_over_numpy(rows: list, numpy_rows: list) -> list:
 
 def write_markdown(path: Path, result: dict) -> None:
     lines = [f"# Kernel benchmark: {result['device']}", "",
-             f"{result['date']} · " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()), ""]
+             f"{result['date']} · " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()), "",
+             f"Made by `{result['command']}`.", ""]
     if result["gpu"]:
         p = result["peaks"]
         lines += [f"Measured peaks: copy {p['copy_GBps']:.0f} GB/s, bf16 matmul {p['bf16_matmul_TFLOPs']:.0f} TFLOP/s.",
@@ -514,8 +527,11 @@ def write_markdown(path: Path, result: dict) -> None:
         lines += [f"| {r['kernel']} | {r['dtype']} | {r['shape']} | {r['max_rel_err']:.2e} | {r['rtol']:.1e} | "
                   f"{'yes' if r['ok'] else 'NO'} |" for r in result["interpreter_sweep"]]
     np_peaks = result["numpy_peaks"]
+    blas = result["numpy_blas"]
+    blas_text = (f"{blas.get('internal_api')} {blas.get('version')} ({blas.get('architecture')} kernels, "
+                 f"{blas.get('num_threads')} threads)" if blas.get("internal_api") else blas.get("note", "unknown"))
     lines += ["", f"## NumPy reference on the CPU ({result['cpu']}; torch CPU with one thread)", "",
-              f"Measured: copy {np_peaks['copy_GBps']:.1f} GB/s, "
+              f"NumPy's BLAS: {blas_text}. Measured: copy {np_peaks['copy_GBps']:.1f} GB/s, "
               f"f32 matmul {np_peaks['f32_matmul_GFLOPs']:.0f} GFLOP/s.",
               "", "| kernel | shape | mode | impl | ms | throughput |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['kernel']} | {r['shape']} | {r['mode']} | {r['impl']} | {r['seconds'] * 1e3:.2f} | "
@@ -524,7 +540,8 @@ def write_markdown(path: Path, result: dict) -> None:
     if result.get("aot"):
         a = result["aot"]
         lines += ["", "## Static compile report (kernels.aot)", "",
-                  f"{a['builds']} builds for sm_80 and sm_90, {a['failed']} failed, {a['spilling']} spilling, "
+                  f"{a['builds']} builds for sm_80 and sm_90, {a['failed']} not compiled, {a['spilling']} spilling, "
+                  f"{a['failing_a_check']} failing a check, "
                   f"max shared memory {a['max_shared_KiB']:.0f} KiB, sm_90 fp16/bf16 attention builds with wgmma: "
                   f"{a['sm90_attention_wgmma']}.", "", "```", a["table"], "```"]
     path.write_text("\n".join(lines) + "\n")
@@ -579,26 +596,48 @@ def aot_summary(reports: list) -> dict:
             and r["dtype"] in ("fp16", "bf16")]
     return {"builds": len(reports), "failed": len(reports) - len(ok),
             "spilling": sum(r["spill_stores"] + r["spill_loads"] > 0 for r in ok),
+            "failing_a_check": sum(bool(r["failures"]) for r in reports),
             "max_shared_KiB": max((r["shared"] for r in ok), default=0) / 1024,
             "sm90_attention_wgmma": f"{sum(r['wgmma'] for r in attn)}/{len(attn)}",
             "table": format_report(reports)}
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer sizes and repetitions (default: the full sweep)")
+    parser.add_argument("--no-aot", action="store_true", help="skip the static compile report (default: include it)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, default=None,
+                       help="folder for the result files (default: runs/kernels/<device>/)")
+    where.add_argument("--commit-results", action="store_true",
+                       help="write the committed result files in kernels/results/ (default: a run folder)")
+    return parser.parse_args(argv)
+
+
+def output_dir(args: argparse.Namespace, device: str) -> Path:
+    """Where the result files go: a run folder, unless the committed results are asked for."""
+    if args.commit_results:
+        return RESULTS
+    return args.out if args.out is not None else RUNS / device
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
-    parser.add_argument("--no-aot", action="store_true", help="skip the static compile report")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the result files")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
+    if not require_extra("kernels.bench"):
+        return 2
     _reexec_for_interpreter()
 
     import torch
 
+    from npformer.bench import blas_info
+
     t0 = time.time()
     gpu = torch.cuda.is_available()
     device = _slug(torch.cuda.get_device_name()) if gpu else f"cpu-{_slug(platform.machine())}"
+    command = "python -m kernels.bench " + " ".join(sys.argv[1:] if argv is None else argv)
     result = {"device": device, "gpu": gpu, "cpu": _cpu_name(), "versions": _versions(),
-              "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "quick": args.quick}
+              "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "quick": args.quick,
+              "command": command.strip()}
     rows = []
     if gpu:
         print(f"device {torch.cuda.get_device_name()}: measuring peaks ...", flush=True)
@@ -619,6 +658,7 @@ def main(argv=None) -> int:
                   f"(tol {r['rtol']:.1e}) {'ok' if r['ok'] else 'FAIL'}", flush=True)
     result["rows"] = rows
     print("NumPy references on the CPU ...", flush=True)
+    result["numpy_blas"] = blas_info()
     result["numpy_peaks"] = numpy_peaks()
     result["numpy"] = numpy_timings(args.quick)
     for r in result["numpy"]:
@@ -639,8 +679,9 @@ def main(argv=None) -> int:
             result["aot_error"] = f"{type(e).__name__}: {e}"[:2000]
             print(f"AOT report failed: {result['aot_error']}")
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / device
+    out = output_dir(args, device)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / device
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
     write_markdown(stem.with_suffix(".md"), result)
     plotted = write_plot(stem.with_suffix(".png"), result)

@@ -13,9 +13,15 @@ so in float32 this is exactly (RMS.4) and in fp16/bf16 it is what
 ``LlamaRMSNorm`` computes. The backward works in fp32 (``dweight`` sums ``dy`` times
 the rounded ``xhat`` the forward multiplied by, as autograd of that code would).
 
+The weight is in the input's dtype or in float32 (a model kept in bf16 with its norm
+weights in float32, as Hugging Face LLaMA and Liger-Kernel allow): the formulas above
+do not change, the output stays in the input's dtype (as Liger-Kernel's; Hugging
+Face's ``LlamaRMSNorm`` would promote it to float32), and ``dweight`` comes out in the
+weight's dtype, so a float32 weight gets its float32 sum unrounded.
+
 With ``residual``: ``h = x + residual``, rounded to the input dtype as a transformer
 block's residual stream is, is written out as the new residual stream and normalised;
-``rmsnorm(x, w, residual=r)`` returns ``(rmsnorm(h), h)``, and both x and residual
+``rms_norm(x, w, residual=r)`` returns ``(rms_norm(h), h)``, and both x and residual
 receive the gradient of h.
 
 Kernels:
@@ -32,21 +38,20 @@ Kernels:
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from npformer.ops._checks import check_real
+
+from ._common import check_runnable, check_tensor
+
 # Largest row kept in registers in one piece; longer rows are walked in chunks.
 MAX_FUSED_BLOCK_D = 8192
 # Chunk width for rows longer than MAX_FUSED_BLOCK_D.
 CHUNK_BLOCK_D = 4096
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -195,14 +200,17 @@ def block_for(D: int, block_d: Optional[int] = None):
 def warps_for(BLOCK_D: int, one_block: bool = True) -> int:
     """Warps for a block of ``BLOCK_D`` columns.
 
-    A row held in one block: 4 warps up to 1024 columns, then one warp per 256 columns,
-    at most 16. A chunk of the chunked walk (``one_block=False``, whose backward also
-    carries the running ``dweight`` partial through the second pass): one warp per 512
-    columns, 4 to 8, i.e. 8 for the 4096-wide ``CHUNK_BLOCK_D``; with 16 warps that
-    backward spills registers under some Triton releases (``python -m kernels.aot``).
+    A row held in one block: 4 warps up to 512 columns, then one warp per 128 columns,
+    at most 16 (8 for 1024, 16 from 2048 on). With one warp per 256 columns the
+    backward of 1024- and 2048-wide fp16 rows with a float32 weight and a residual
+    gradient spills registers (``python -m kernels.aot --full``). A chunk of the chunked
+    walk (``one_block=False``, whose backward also carries the running ``dweight``
+    partial through the second pass): one warp per 512 columns, 4 to 8, i.e. 8 for the
+    4096-wide ``CHUNK_BLOCK_D``; with 16 warps that backward spills registers under
+    some Triton releases.
     """
     if one_block:
-        return max(4, min(16, BLOCK_D // 256))
+        return max(4, min(16, BLOCK_D // 128))
     return max(4, min(8, BLOCK_D // 512))
 
 
@@ -213,38 +221,32 @@ def _num_programs(N: int, device: torch.device) -> int:
     return max(1, min(N, 4))
 
 
-def _check_runnable(t: torch.Tensor) -> None:
-    """Triton runs on CUDA tensors, or on CPU tensors under the interpreter."""
-    if t.device.type != "cuda" and not _interpreting():
-        raise RuntimeError(f"rmsnorm: tensors on {t.device} need the Triton interpreter: set TRITON_INTERPRET=1 "
-                           "before triton is first imported (or move the tensors to a CUDA device)")
-
-
-def _check(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor]) -> None:
-    _check_runnable(x)
-    if x.dim() < 1:
-        raise ValueError(f"rmsnorm: argument 'x' expected at least 1 dimension, got shape {tuple(x.shape)}")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"rmsnorm: argument 'x' expected dtype float16, bfloat16 or float32, got {x.dtype}")
+def _check(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor], eps: float) -> None:
+    check_tensor("rms_norm", "x", x, min_ndim=1)
+    check_runnable("rms_norm", x)
     D = x.shape[-1]
+    check_tensor("rms_norm", "weight", weight, ndim=1)
     if weight.shape != (D,):
-        raise ValueError(f"rmsnorm: argument 'weight' expected shape ({D},), got {tuple(weight.shape)}")
-    if weight.dtype != x.dtype:
-        raise ValueError(f"rmsnorm: argument 'weight' expected dtype {x.dtype} (same as 'x'), got {weight.dtype}")
+        raise ValueError(f"rms_norm: argument 'weight' expected shape ({D},), got {tuple(weight.shape)}")
+    if weight.dtype not in (x.dtype, torch.float32):
+        allowed = "float32" if x.dtype == torch.float32 else f"{x.dtype} (same as 'x') or torch.float32"
+        raise ValueError(f"rms_norm: argument 'weight' expected dtype {allowed}, got {weight.dtype}")
     if residual is not None:
+        check_tensor("rms_norm", "residual", residual)
         if residual.shape != x.shape:
-            raise ValueError(f"rmsnorm: argument 'residual' expected shape {tuple(x.shape)}, "
+            raise ValueError(f"rms_norm: argument 'residual' expected shape {tuple(x.shape)}, "
                              f"got {tuple(residual.shape)}")
         if residual.dtype != x.dtype:
-            raise ValueError(f"rmsnorm: argument 'residual' expected dtype {x.dtype}, got {residual.dtype}")
+            raise ValueError(f"rms_norm: argument 'residual' expected dtype {x.dtype}, got {residual.dtype}")
     for name, t in (("weight", weight), ("residual", residual)):
         if t is not None and t.device != x.device:
-            raise ValueError(f"rmsnorm: argument '{name}' expected device {x.device}, got {t.device}")
+            raise ValueError(f"rms_norm: argument '{name}' expected device {x.device}, got {t.device}")
+    check_real("rms_norm", "eps", eps, lo=0.0)
 
 
 def rmsnorm_fwd(x, weight, eps=1e-6, residual=None, *, block_d=None):
     """Launch the forward. x: (..., D) -> y: (..., D), h: (..., D) or None, rstd: (N,) fp32."""
-    _check(x, weight, residual)
+    _check(x, weight, residual, eps)
     shape, D = x.shape, x.shape[-1]
     x2 = x.reshape(-1, D).contiguous()
     N = x2.shape[0]
@@ -315,10 +317,11 @@ class RMSNormFunction(torch.autograd.Function):
         return dx, dweight, (dx if ctx.has_residual else None), None
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: Optional[torch.Tensor] = None):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: Optional[torch.Tensor] = None):
     """RMSNorm over the last axis, LLaMA convention (see the module docstring).
 
-    x: (..., D), weight: (D,)  ->  y: (..., D);
-    with residual (..., D): h = x + residual  ->  (rmsnorm(h), h).
+    x: (..., D), weight: (D,) in x's dtype or float32  ->  y: (..., D) in x's dtype;
+    with residual (..., D): h = x + residual  ->  (rms_norm(h), h).
     """
-    return RMSNormFunction.apply(x, weight, residual, eps)
+    _check(x, weight, residual, eps)
+    return RMSNormFunction.apply(x, weight, residual, float(eps))

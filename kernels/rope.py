@@ -24,12 +24,15 @@ to every head of q and of k, ``BLOCK_H`` heads at a time (tile and warps:
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from npformer.ops._checks import check_bool, check_count, check_real
+
+from ._common import check_runnable, check_tensor
 
 
 @triton.jit
@@ -115,43 +118,34 @@ def launch_config(H: int, HALF: int, elem_bytes: int):
     return BLOCK_K, BLOCK_H, 4 if BLOCK_H * BLOCK_K >= 1024 else 2
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _check_runnable(t: torch.Tensor) -> None:
-    """Triton runs on CUDA tensors, or on CPU tensors under the interpreter."""
-    if t.device.type != "cuda" and not _interpreting():
-        raise RuntimeError(f"rope: tensors on {t.device} need the Triton interpreter: set TRITON_INTERPRET=1 "
-                           "before triton is first imported (or move the tensors to a CUDA device)")
-
-
-def _check(q, k, base, offset, positions):
-    _check_runnable(q)
+def _check(q, k, base, offset, positions, inverse=False):
     for name, x in (("q", q), ("k", k)):
-        if x.dim() != 4:
-            raise ValueError(f"rope: argument '{name}' expected 4 dimensions (B, H, T, D), got shape {tuple(x.shape)}")
-        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ValueError(f"rope: argument '{name}' expected dtype float16, bfloat16 or float32, got {x.dtype}")
+        check_tensor("apply_rope", name, x, ndim=4)
+    check_runnable("apply_rope", q)
     B, H, T, D = q.shape
     if k.shape[0] != B or k.shape[2] != T or k.shape[3] != D:
-        raise ValueError(f"rope: argument 'k' expected shape ({B}, *, {T}, {D}), got {tuple(k.shape)}")
+        raise ValueError(f"apply_rope: argument 'k' expected shape ({B}, *, {T}, {D}), got {tuple(k.shape)}")
     if k.dtype != q.dtype or k.device != q.device:
-        raise ValueError(f"rope: argument 'k' expected dtype {q.dtype} on {q.device}, got {k.dtype} on {k.device}")
+        raise ValueError(f"apply_rope: argument 'k' expected dtype {q.dtype} on {q.device}, "
+                         f"got {k.dtype} on {k.device}")
     if D < 2 or D % 2:
-        raise ValueError(f"rope: argument 'q' expected an even size D >= 2 of the last axis, got {D}")
-    if not base > 0:
-        raise ValueError(f"rope: argument 'base' expected a value > 0, got {base}")
+        raise ValueError(f"apply_rope: argument 'q' expected an even size D >= 2 of the last axis, got {D}")
+    check_real("apply_rope", "base", base, lo=0.0, lo_open=True)
+    check_count("apply_rope", "offset", offset, lo=0)
+    check_bool("apply_rope", "inverse", inverse)
     if positions is not None:
         if offset != 0:
-            raise ValueError(f"rope: argument 'offset' expected 0 when 'positions' is given, got {offset}")
-        if positions.dtype.is_floating_point or positions.dtype == torch.bool:
-            raise ValueError(f"rope: argument 'positions' expected an integer dtype, got {positions.dtype}")
+            raise ValueError(f"apply_rope: argument 'offset' expected 0 when 'positions' is given, got {offset}")
+        if not isinstance(positions, torch.Tensor):
+            raise TypeError(f"apply_rope: argument 'positions' expected a torch.Tensor, "
+                            f"got {type(positions).__name__}")
+        if positions.dtype.is_floating_point or positions.dtype.is_complex or positions.dtype == torch.bool:
+            raise ValueError(f"apply_rope: argument 'positions' expected an integer dtype, got {positions.dtype}")
         if tuple(positions.shape) not in ((T,), (B, T)):
-            raise ValueError(f"rope: argument 'positions' expected shape ({T},) or ({B}, {T}), "
+            raise ValueError(f"apply_rope: argument 'positions' expected shape ({T},) or ({B}, {T}), "
                              f"got {tuple(positions.shape)}")
         if positions.device != q.device:
-            raise ValueError(f"rope: argument 'positions' expected device {q.device}, got {positions.device}")
+            raise ValueError(f"apply_rope: argument 'positions' expected device {q.device}, got {positions.device}")
 
 
 def rope_apply(q, k, *, base=10000.0, offset=0, positions=None, inverse=False, out=None):
@@ -160,7 +154,7 @@ def rope_apply(q, k, *, base=10000.0, offset=0, positions=None, inverse=False, o
     q: (B, H, T, D), k: (B, Hkv, T, D)  ->  (q_rot, k_rot), written to ``out`` if given
     (``out=(q, k)`` rotates in place).
     """
-    _check(q, k, base, offset, positions)
+    _check(q, k, base, offset, positions, inverse)
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     qo, ko = out if out is not None else (torch.empty_like(q), torch.empty_like(k))
@@ -205,7 +199,7 @@ class RopeFunction(torch.autograd.Function):
         return dq_in, dk_in, None, None, None, None
 
 
-def rope(
+def apply_rope(
     q: torch.Tensor,
     k: torch.Tensor,
     *,
@@ -217,6 +211,9 @@ def rope(
     """Rotate q (B, H, T, D) and k (B, Hkv, T, D) by their positions -> (q_rot, k_rot).
 
     ``positions``: (T,) or (B, T) integers (then ``offset`` must be 0); otherwise
-    row t has position ``offset + t``. ``inplace=True`` overwrites q and k.
+    row t has position ``offset + t`` (``offset`` an integer >= 0).
+    ``inplace=True`` overwrites q and k.
     """
+    _check(q, k, base, offset, positions)
+    check_bool("apply_rope", "inplace", inplace)
     return RopeFunction.apply(q, k, float(base), int(offset), positions, bool(inplace))

@@ -10,6 +10,9 @@ on the *same* (already rounded) inputs, so only the kernel's own rounding is mea
 float32 uses the suite's float32 tolerance; fp16 and bf16 allow four units of the
 dtype's machine epsilon (the kernels round the output once and at most one intermediate
 -- xhat, P, dS -- once more, with fp32 accumulation in between).
+
+Inputs are also drawn in other memory layouts (``in_layout``): a transposed or
+strided view holds the same values and must give the same results.
 """
 
 import importlib
@@ -42,6 +45,24 @@ few_examples = settings(max_examples=KERNEL_EXAMPLES)
 def tensor(rng: np.random.Generator, shape, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
     """Standard normal values times ``scale``, rounded to ``dtype``, on DEVICE."""
     return torch.from_numpy(rng.standard_normal(shape) * scale).to(dtype=dtype, device=DEVICE)
+
+
+# The same values in another memory layout (torch has no negative strides).
+LAYOUTS = ("contiguous", "transposed", "strided")
+
+
+def in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """``t``'s values in the layout named ``layout``: a view with other strides where it can be."""
+    if layout == "contiguous" or t.dim() == 0:
+        return t
+    if layout == "transposed":  # the axes stored in reverse order, viewed back: no axis has stride 1 but the first
+        return t.permute(*reversed(range(t.dim()))).contiguous().permute(*reversed(range(t.dim())))
+    if layout == "strided":  # every other element of a buffer twice the size on every axis
+        buf = torch.full(tuple(2 * s for s in t.shape), float("nan"), dtype=t.dtype, device=t.device)
+        view = buf[tuple(slice(None, None, 2) for _ in t.shape)]
+        view.copy_(t)
+        return view
+    raise ValueError(f"in_layout: unknown layout {layout!r}")
 
 
 def f64(t: torch.Tensor) -> np.ndarray:

@@ -8,10 +8,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernels.attention import attention, block_d_for, config_space, pinned
+import kernels.attention as A
+from kernels.attention import block_d_for, config_space, flash_attention, length_bucket, pinned
 from npformer.ops.attention import attention_backward, attention_forward
 from npformer.ops.flash_attention import flash_attention_forward
-from tests.kernels import DEVICE, KERNEL_DTYPES, check, f64, few_examples, tensor
+from tests.kernels import DEVICE, KERNEL_DTYPES, LAYOUTS, check, f64, few_examples, in_layout, tensor
 from tests.strategies import rngs
 
 # Lengths around the interpreter's 16-wide tiles (1, a partial tile, one tile, two tiles
@@ -24,7 +25,7 @@ HEAD_DIMS = st.sampled_from([16, 24, 40, 64, 80, 128])
 def run(q, k, v, dout, **kw):
     """Kernel out, lse and gradients."""
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    out, lse = attention(q, k, v, return_lse=True, **kw)
+    out, lse = flash_attention(q, k, v, return_lse=True, **kw)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
     return out, lse, dq, dk, dv
 
@@ -49,11 +50,12 @@ def scales(q, k, v, dout, causal, scale):
 
 @few_examples
 @given(st.sampled_from([1, 2]), HEADS, LENGTHS, LENGTHS, HEAD_DIMS, st.booleans(),
-       st.sampled_from(KERNEL_DTYPES), rngs())
-def test_matches_reference(B, heads, Tq, Tk, D, causal, dtype, rng):
+       st.sampled_from(KERNEL_DTYPES), st.sampled_from(LAYOUTS), rngs())
+def test_matches_reference(B, heads, Tq, Tk, D, causal, dtype, layout, rng):
     H, Hkv = heads
     q, dout = tensor(rng, (B, H, Tq, D), dtype), tensor(rng, (B, H, Tq, D), dtype)
     k, v = tensor(rng, (B, Hkv, Tk, D), dtype), tensor(rng, (B, Hkv, Tk, D), dtype)
+    q, k, v, dout = (in_layout(t, layout) for t in (q, k, v, dout))
     out, lse, dq, dk, dv = run(q, k, v, dout, causal=causal)
 
     out_ref, flash = flash_attention_forward(f64(q), f64(k), f64(v), causal=causal)
@@ -164,16 +166,25 @@ def test_strided_inputs_and_determinism():
         assert torch.equal(a, c)
 
 
-@pytest.mark.parametrize("bad", ["heads", "dtype", "head_dim", "v_shape"])
-def test_bad_input_raises(bad):
-    q = torch.zeros(1, 4, 3, 16, device=DEVICE)
-    k = torch.zeros(1, 2, 5, 16, device=DEVICE)
-    with pytest.raises(ValueError, match="attention: argument"):
-        if bad == "heads":
-            attention(q, torch.zeros(1, 3, 5, 16, device=DEVICE), torch.zeros(1, 3, 5, 16, device=DEVICE))
-        elif bad == "dtype":
-            attention(q, k, k.half())
-        elif bad == "head_dim":
-            attention(q, torch.zeros(1, 2, 5, 8, device=DEVICE), torch.zeros(1, 2, 5, 8, device=DEVICE))
-        else:
-            attention(q, k, torch.zeros(1, 2, 6, 16, device=DEVICE))
+@given(st.integers(1, 1 << 20))
+def test_length_bucket(T):
+    """The autotuner's length key: a power of two, at least 16, at least T, less than 2T above 16."""
+    b = length_bucket(T)
+    assert b & (b - 1) == 0 and b >= max(T, 16)
+    assert b < 2 * T or b == 16
+
+
+@few_examples
+@given(st.lists(st.integers(1, 40), min_size=2, max_size=3), st.booleans())
+def test_lengths_in_one_bucket_share_one_tuning(lengths, causal):
+    """Decoding grows the key length by one per step: the autotuner keeps one choice per
+    length bucket (and per the other keys), not one per length."""
+    rng = np.random.default_rng(6)
+    A._forget_choices()
+    for T in lengths:
+        q = tensor(rng, (1, 2, 1, 16), torch.float32)  # one query, as in decoding
+        k, v = tensor(rng, (1, 1, T, 16), torch.float32), tensor(rng, (1, 1, T, 16), torch.float32)
+        flash_attention(q, k, v, causal=causal)
+    buckets = {length_bucket(T) for T in lengths}
+    assert len(A._attn_fwd.cache) == len(buckets)
+    assert {key[1] for key in A._attn_fwd.cache} == buckets  # (Tq bucket, Tk bucket, ...)

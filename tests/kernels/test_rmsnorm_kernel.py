@@ -6,10 +6,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernels.rmsnorm import rmsnorm, rmsnorm_bwd, rmsnorm_fwd
+from kernels.rmsnorm import rms_norm, rmsnorm_bwd, rmsnorm_fwd
 from npformer.ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
-from tests.kernels import DEVICE, KERNEL_DTYPES, check, f64, few_examples, tensor
+from tests.kernels import KERNEL_DTYPES, KERNEL_RTOL, LAYOUTS, check, f64, few_examples, in_layout, tensor
 from tests.strategies import rngs
+from tests.tolerances import assert_close
 
 EPS = 1e-6
 ROWS = st.lists(st.sampled_from([1, 2, 3, 5]), min_size=1, max_size=2).map(tuple)
@@ -36,16 +37,17 @@ def scales(x, w, dy):
 
 
 @few_examples
-@given(ROWS, HIDDEN, st.sampled_from(KERNEL_DTYPES), st.sampled_from([1e-2, 1.0, 30.0]), st.booleans(), rngs())
-def test_matches_reference(rows, D, dtype, scale, with_residual, rng):
+@given(ROWS, HIDDEN, st.sampled_from(KERNEL_DTYPES), st.sampled_from([1e-2, 1.0, 30.0]), st.booleans(),
+       st.sampled_from(LAYOUTS), rngs())
+def test_matches_reference(rows, D, dtype, scale, with_residual, layout, rng):
     shape = rows + (D,)
-    x = tensor(rng, shape, dtype, scale).requires_grad_()
+    x = in_layout(tensor(rng, shape, dtype, scale), layout).requires_grad_()
     w = tensor(rng, (D,), dtype).requires_grad_()
     dy = tensor(rng, shape, dtype)
     if with_residual:
         r = tensor(rng, shape, dtype, scale).requires_grad_()
         dh = tensor(rng, shape, dtype)
-        y, h = rmsnorm(x, w, EPS, residual=r)
+        y, h = rms_norm(x, w, EPS, residual=r)
         dx, dw, dr = torch.autograd.grad((y, h), (x, w, r), (dy, dh))
         y_ref, h_ref, dx_ref, dw_ref = reference(x, w, dy, r, dh)
         s = scales(h, w, dy)
@@ -53,7 +55,7 @@ def test_matches_reference(rows, D, dtype, scale, with_residual, rng):
         check(h, h_ref, dtype, what="h")
         check(dr, dx_ref, dtype, scale=s["dx"], what="dresidual")
     else:
-        y = rmsnorm(x, w, EPS)
+        y = rms_norm(x, w, EPS)
         dx, dw = torch.autograd.grad(y, (x, w), dy)
         y_ref, _, dx_ref, dw_ref = reference(x, w, dy)
         s = scales(x, w, dy)
@@ -82,7 +84,7 @@ def test_hidden_65536():
     D = 65536
     x, w, dy = tensor(rng, (2, D), torch.float32), tensor(rng, (D,), torch.float32), tensor(rng, (2, D), torch.float32)
     x.requires_grad_(), w.requires_grad_()
-    y = rmsnorm(x, w, EPS)
+    y = rms_norm(x, w, EPS)
     dx, dw = torch.autograd.grad(y, (x, w), dy)
     y_ref, _, dx_ref, dw_ref = reference(x, w, dy)
     s = scales(x, w, dy)
@@ -98,7 +100,7 @@ def test_llama_convention_in_torch(dtype):
     x, w = tensor(rng, (4, 48), dtype), tensor(rng, (48,), dtype)
     xf = x.float()
     expected = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS)).to(dtype)
-    y = rmsnorm(x, w, EPS)
+    y = rms_norm(x, w, EPS)
     assert y.dtype == dtype
     # identical up to one rounding of y (the torch product rounds once too)
     check(y, f64(expected), dtype, what="y vs torch LLaMA RMSNorm")
@@ -126,7 +128,7 @@ def test_residual_gradient_reaches_both_inputs():
     rng = np.random.default_rng(3)
     x, r = (tensor(rng, (3, 10), torch.float32).requires_grad_() for _ in range(2))
     w = tensor(rng, (10,), torch.float32)
-    y, h = rmsnorm(x, w, EPS, residual=r)
+    y, h = rms_norm(x, w, EPS, residual=r)
     (y.square().sum() + 3 * h.sum()).backward()
     assert torch.equal(x.grad, r.grad)
     xt, rt = x.detach().double().requires_grad_(), r.detach().double().requires_grad_()
@@ -136,16 +138,48 @@ def test_residual_gradient_reaches_both_inputs():
     check(x.grad, f64(xt.grad), torch.float32, what="dx vs torch autograd")
 
 
-@pytest.mark.parametrize("bad", ["weight_shape", "weight_dtype", "residual_shape", "int_input"])
-def test_bad_input_raises(bad):
-    x = torch.zeros(2, 8, device=DEVICE)
-    w = torch.ones(8, device=DEVICE)
-    with pytest.raises(ValueError, match="rmsnorm: argument"):
-        if bad == "weight_shape":
-            rmsnorm(x, torch.ones(7, device=DEVICE))
-        elif bad == "weight_dtype":
-            rmsnorm(x, w.double())
-        elif bad == "residual_shape":
-            rmsnorm(x, w, residual=torch.zeros(2, 7, device=DEVICE))
-        else:
-            rmsnorm(torch.zeros(2, 8, dtype=torch.int32, device=DEVICE), w)
+@few_examples
+@given(ROWS, HIDDEN, st.sampled_from([torch.bfloat16, torch.float16]), st.booleans(), rngs())
+def test_float32_weight_with_16_bit_rows(rows, D, dtype, with_residual, rng):
+    """A float32 weight with fp16/bf16 rows (Hugging Face LLaMA's and Liger-Kernel's mix):
+    y in the rows' dtype, as ``(w_f32 * xhat.to(dtype)).to(dtype)`` in torch gives it;
+    dweight in float32, dx (and dresidual) in the rows' dtype, against the float64 reference."""
+    shape = rows + (D,)
+    x = tensor(rng, shape, dtype).requires_grad_()
+    w = tensor(rng, (D,), torch.float32).requires_grad_()
+    dy = tensor(rng, shape, dtype)
+    r = tensor(rng, shape, dtype).requires_grad_() if with_residual else None
+    if with_residual:
+        y, h = rms_norm(x, w, EPS, residual=r)
+        dx, dw, dr = torch.autograd.grad(y, (x, w, r), dy)
+        assert torch.equal(dx, dr)
+    else:
+        h = x
+        y = rms_norm(x, w, EPS)
+        dx, dw = torch.autograd.grad(y, (x, w), dy)
+    assert (y.dtype, dx.dtype, dw.dtype) == (dtype, dtype, torch.float32)
+    # the convention written in torch, on the same (rounded) h
+    hf = h.detach().float()
+    xhat = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + EPS)).to(dtype)
+    expected = (w.detach() * xhat.float()).to(dtype)
+    check(y, f64(expected), dtype, scale=float(np.abs(f64(expected)).max(initial=0.0)) or 1.0,
+          what="y vs the torch formula")
+    y_ref, _, dx_ref, dw_ref = reference(h, w, dy)
+    s = scales(h, w, dy)
+    check(y, y_ref, dtype, scale=s["y"], what="y")
+    check(dx, dx_ref, dtype, scale=s["dx"], what="dx")
+    # dweight sums dy * xhat with xhat rounded to the rows' dtype: that rounding sets the tolerance
+    assert_close(f64(dw), dw_ref, rtol=KERNEL_RTOL[dtype], scale=s["dw"], what="dweight")
+
+
+def test_float32_weight_keeps_its_gradient_unrounded():
+    """dweight of a float32 weight is the float32 sum, not a sum rounded to the rows' dtype."""
+    rng = np.random.default_rng(5)
+    x, dy = tensor(rng, (64, 16), torch.bfloat16), tensor(rng, (64, 16), torch.bfloat16)
+    w = tensor(rng, (16,), torch.float32).requires_grad_()
+    dw = torch.autograd.grad(rms_norm(x, w, EPS), w, dy)[0]
+    assert dw.dtype == torch.float32
+    assert not torch.equal(dw, dw.to(torch.bfloat16).float())  # finer than bf16's grid
+    w16 = w.detach().to(torch.bfloat16).requires_grad_()
+    dw16 = torch.autograd.grad(rms_norm(x, w16, EPS), w16, dy)[0]
+    assert dw16.dtype == torch.bfloat16
