@@ -4,6 +4,7 @@ The reader's fuzzing (mutated files) is in ``test_checkpoint_fuzz.py``.
 """
 
 import json
+import math
 import os
 import stat
 import struct
@@ -219,3 +220,165 @@ def test_a_state_nested_too_deep_or_containing_itself_is_refused(tmp_path_factor
     path = tmp_path_factory.mktemp("deep") / f"c.{fmt}"
     message = expect_rejected(lambda: checkpoint.save(path, state), "checkpoint.save", "state")
     assert "nested deeper than" in message and not path.exists()
+
+
+# -- keys: any text key round-trips or is refused by name --------------------------------------
+
+SPECIAL_KEYS = ["", "\x00", "/", "#", ".", "..", "a/b", "#len", "x#len", "format", "version", "__metadata__",
+                "\\", "a\\b", "k.npy", "é", "\ud800", "😀", "0", "a\x00b", " ", "npformer", "npformer.sha256"]
+KEYS = st.text(max_size=4) | st.sampled_from(SPECIAL_KEYS)
+KEY_DTYPES = [np.float64, np.float32, np.float16, np.int64, np.uint8, np.int8, np.bool_, np.complex128]
+
+
+@st.composite
+def small_arrays(draw):
+    dtype = draw(st.sampled_from(KEY_DTYPES))
+    shape = draw(shapes(min_dims=0, max_dims=2, sides=st.sampled_from([0, 1, 3])))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    return np.asarray(rng.standard_normal(shape) * 10).astype(dtype)  # 0-d stays an array
+
+
+JSON_LEAVES = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
+                        st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=4))
+VALUES = st.recursive(JSON_LEAVES | small_arrays(),
+                      lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEYS, inner, max_size=3),
+                      max_leaves=8)
+STATES = st.dictionaries(KEYS, VALUES, max_size=4)
+
+
+def assert_identical(a, b, where="state"):
+    """``b`` is ``a``: the same types (a dict, a list, an int, a float with its sign), keys, dtypes and values."""
+    assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
+    if isinstance(a, dict):
+        assert list(sorted(a)) == list(sorted(b)), f"{where}: keys {sorted(a)!r} != {sorted(b)!r}"
+        for k in a:
+            assert_identical(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{where}: {a.dtype}{a.shape} != {b.dtype}{b.shape}"
+        np.testing.assert_array_equal(a, b, err_msg=where)
+    elif isinstance(a, float):
+        assert a == b and math.copysign(1, a) == math.copysign(1, b), f"{where}: {a!r} != {b!r}"
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def unholdable(state, fmt):
+    """The rules of the module docstring, applied to ``state``: a reason it cannot be saved, or None."""
+
+    def walk(tree, path):
+        if isinstance(tree, dict):
+            for k, v in tree.items():
+                if "/" in k or k.endswith("#len"):
+                    return f"key {k!r}"
+                if not path and k in ("format", "version", "__metadata__"):
+                    return f"reserved key {k!r}"
+                reason = walk(v, path + (k,))
+                if reason:
+                    return reason
+        elif isinstance(tree, list):
+            for i, v in enumerate(tree):
+                reason = walk(v, path + (str(i),))
+                if reason:
+                    return reason
+        elif isinstance(tree, np.ndarray):
+            name = "/".join(path)
+            if any(0xD800 <= ord(c) <= 0xDFFF for c in name):
+                return f"array name {name!r} with a lone surrogate"
+            if fmt == "npz" and ("\x00" in name or "\\" in name):
+                return f"array name {name!r} for a zip member"
+            if fmt == "safetensors" and tree.dtype.kind == "c":
+                return "a complex array in safetensors"
+        return None
+
+    return walk(state, ())
+
+
+def holds_arrays(tree):
+    if isinstance(tree, dict):
+        return any(holds_arrays(v) for v in tree.values())
+    if isinstance(tree, list):
+        return any(holds_arrays(v) for v in tree)
+    return isinstance(tree, np.ndarray)
+
+
+@given(fmt=st.sampled_from(FORMATS), state=STATES)
+def test_any_text_keys_load_back_equal_or_are_refused_by_name(tmp_path_factory, fmt, state):
+    """Keys "", NUL, "/", "#", ".", "\\", any Unicode, at any depth: what loads is what was saved, or save says no."""
+    path = tmp_path_factory.mktemp("keys") / f"c.{fmt}"
+    reason = unholdable(state, fmt)
+    if reason is None:
+        assert_identical(checkpoint.load(checkpoint.save(path, state)), state)
+    else:
+        with pytest.raises(ValueError) as info:
+            checkpoint.save(path, state)
+        assert "checkpoint.save: argument 'state'" in str(info.value), str(info.value)
+        assert not path.exists() and os.listdir(path.parent) == [], reason
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("state", [{"": {"a": 1}}, {"": {}, "b": 1}, {"": [{"a": 1}]}, {"": np.ones(2)},
+                                   {"a": {"": {"": [np.zeros(1), {"": 2}]}}}, {"": 3, "x": {"": []}}])
+def test_the_empty_key_is_a_key_like_any_other(tmp_path, fmt, state):
+    assert_identical(checkpoint.load(checkpoint.save(tmp_path / f"c.{fmt}", state)), state)
+
+
+@pytest.mark.parametrize("key", ["format", "version", "__metadata__"])
+def test_reserved_top_level_keys_are_named_as_reserved(tmp_path, key):
+    for value in (1, np.ones(1)):
+        message = expect_rejected(lambda: checkpoint.save(tmp_path / "c.npz", {key: value}), "checkpoint.save",
+                                  "state")
+        assert "reserves" in message and repr(key) in message
+    state = {"nested": {key: 1}}  # one level down they are ordinary keys
+    assert_identical(checkpoint.load(checkpoint.save(tmp_path / "c.npz", state)), state)
+
+
+# -- arrays as the formats need them; paths --------------------------------------------------------
+
+@given(fmt=st.sampled_from(FORMATS), dtype=st.sampled_from([np.float64, np.float32, np.float16, np.int64, np.int32,
+                                                            np.uint16, np.uint64]),
+       shape=shapes(min_dims=0, max_dims=3, sides=st.sampled_from([0, 1, 2, 5])), rng=rngs())
+def test_big_endian_arrays_are_stored_and_come_back_native(tmp_path_factory, fmt, dtype, shape, rng):
+    values = np.asarray(rng.standard_normal(shape) * 100).astype(dtype)
+    swapped = values.astype(np.dtype(dtype).newbyteorder(">"))
+    loaded = checkpoint.load(checkpoint.save(tmp_path_factory.mktemp("be") / f"c.{fmt}", {"x": swapped}))["x"]
+    assert loaded.dtype == np.dtype(dtype) and loaded.dtype.isnative and loaded.shape == shape
+    np.testing.assert_array_equal(loaded, values)
+
+
+@given(fmt=st.sampled_from(FORMATS), raw=st.lists(st.integers(0, 255), max_size=12))
+def test_bool_arrays_of_any_bytes_are_stored_as_zero_or_one(tmp_path_factory, fmt, raw):
+    """A bool array may hold any byte (a view of uint8): non-zero is True, and the file holds 0/1."""
+    flags = np.array(raw, dtype=np.uint8).view(np.bool_)
+    loaded = checkpoint.load(checkpoint.save(tmp_path_factory.mktemp("b") / f"c.{fmt}", {"m": flags}))["m"]
+    assert loaded.dtype == np.bool_
+    np.testing.assert_array_equal(loaded.view(np.uint8), (np.array(raw) != 0).astype(np.uint8))
+
+
+@given(fmt=st.sampled_from(FORMATS), relative=st.booleans(), exists=st.booleans())
+def test_saving_to_a_symlink_writes_the_file_it_points_to(tmp_path_factory, fmt, relative, exists):
+    directory = tmp_path_factory.mktemp("link")
+    (directory / "real").mkdir()
+    target = directory / "real" / f"data.{fmt}"
+    if exists:
+        checkpoint.save(target, {"step": 1})
+    link = directory / f"ckpt.{fmt}"
+    link.symlink_to(os.path.relpath(target, directory) if relative else target)
+    assert checkpoint.save(link, {"step": 2}) == link
+    assert link.is_symlink() and os.readlink(link) == (os.path.relpath(target, directory) if relative else str(target))
+    assert checkpoint.load(target)["step"] == 2 and checkpoint.load(link)["step"] == 2
+    assert sorted(os.listdir(directory / "real")) == [target.name]
+
+
+@given(fmt=st.sampled_from(FORMATS), length=st.integers(1, 255))
+def test_file_names_up_to_the_limit_of_the_file_system(tmp_path_factory, fmt, length):
+    suffix = f".{fmt}"
+    name = ("n" * 255)[: max(1, length - len(suffix))] + suffix
+    name = name[-255:]
+    directory = tmp_path_factory.mktemp("long")
+    path = checkpoint.save(directory / name, {"w": np.arange(3.0)})
+    np.testing.assert_array_equal(checkpoint.load(path)["w"], np.arange(3.0))
+    assert os.listdir(directory) == [name]

@@ -37,6 +37,7 @@ naming the function and the argument.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
@@ -53,6 +54,7 @@ VOCAB = "\n*+-0123456789="
 _SALT = {"+": 0x2545F4914F6CDD1D, "-": 0x9E3779B97F4A7C15, "*": 0xD6E8FEB86659FD93}
 _M64 = (1 << 64) - 1
 MAX_DIGITS = 9  # operands below 10^9 < 2^32, the range the held-out hash takes
+_ANSWER = re.compile(r"-?[0-9]+", re.ASCII)  # an answer as written (sign first): ASCII digits, nothing else
 
 
 def _check_op(op: str, value: object) -> str:
@@ -152,18 +154,26 @@ class Problem:
         return self.prompt + self.answer + "\n"
 
     def parse(self, answer: str) -> Optional[int]:
-        """The integer an answer string in this problem's format stands for (None if it is not one)."""
+        """The integer an answer string in this problem's format stands for (None if it is not one).
+
+        Surrounding whitespace (the closing newline) is ignored; what remains must be ASCII
+        digits with an optional leading "-" (trailing, when ``reverse``), the only characters
+        an answer is written with. ``int``'s other spellings ("1_0", "+5", "٣", " 5 ") are
+        not answers, so they give None.
+        """
         s = check_text("Problem.parse", "answer", answer).strip()
         s = s[::-1] if self.reverse else s
-        try:
-            return int(s)
-        except ValueError:
-            return None
+        return int(s) if _ANSWER.fullmatch(s) else None
 
 
 def _operand(where: str, name: str, x: object) -> np.ndarray:
-    """Operands of ``heldout_mask`` as uint64, refusing floats, bools and values outside [0, 2^32)."""
+    """Operands of ``heldout_mask`` as uint64, refusing floats, bools and values outside [0, 2^32).
+
+    An empty list or tuple is an empty set of operands (NumPy alone would make it float64).
+    """
     arr = np.asarray(x) if isinstance(x, (np.ndarray, int, np.integer, list, tuple, range)) else None
+    if arr is not None and arr.size == 0 and isinstance(x, (list, tuple)) and arr.dtype == np.float64:
+        arr = arr.astype(np.int64)
     if arr is None or isinstance(x, (bool, np.bool_)) or arr.dtype.kind not in "iu":
         raise ValueError(f"{where}: argument '{name}' expected integers in [0, 2^32), got "
                          f"{type(x).__name__}{'' if arr is None else ' of dtype ' + str(arr.dtype)}")

@@ -17,7 +17,10 @@ bad byte, as ``errors="replace"`` does.
 
 Text is first split into chunks by ``PATTERN`` (a run of letters with one optional
 leading space, a run of digits, a run of other symbols, whitespace), and merges never
-cross a chunk boundary: "dog." and "dog!" share the token for " dog".
+cross a chunk boundary: "dog." and "dog!" share the token for " dog". Another
+``pattern`` may match only part of a text (``r"\\w+"`` skips spaces and punctuation):
+the text between two matches (or before the first, or after the last) is then a chunk
+of its own, so chunks always cover the whole text and nothing is dropped.
 
 Training counts each distinct chunk once, with its frequency, and keeps the pair
 counts up to date incrementally (only the chunks containing the merged pair are
@@ -85,6 +88,25 @@ def _compile(op: str, pattern: object) -> "re.Pattern":
     return compiled
 
 
+def _chunks(split: "re.Pattern", text: str) -> List[str]:
+    """``text`` cut into the pattern's matches and the (non-empty) stretches between them, in order.
+
+    Joined, the chunks give ``text`` back, whatever the pattern matches; empty matches are dropped.
+    """
+    chunks: List[str] = []
+    end = 0
+    for match in split.finditer(text):
+        start = match.start()
+        if start > end:
+            chunks.append(text[end:start])  # a gap the pattern does not match
+        if match.end() > start:
+            chunks.append(match.group())
+        end = match.end()
+    if end < len(text):
+        chunks.append(text[end:])
+    return chunks
+
+
 def _merge(ids: Sequence[int], pair: Pair, new: int) -> List[int]:
     """Replace every non-overlapping occurrence of ``pair`` in ``ids`` (left to right) by ``new``."""
     out, i, n = [], 0, len(ids)
@@ -123,7 +145,7 @@ class ByteBPE:
         check_text("ByteBPE.train", "text", text)
         vocab_size = check_count("ByteBPE.train", "vocab_size", vocab_size, lo=256)
         split = _compile("ByteBPE.train", pattern)
-        chunks = Counter(split.findall(text))
+        chunks = Counter(_chunks(split, text))
         words = [list(_utf8(chunk)) for chunk in chunks]
         freqs = list(chunks.values())
 
@@ -181,12 +203,13 @@ class ByteBPE:
 
     def _encode(self, text: str) -> List[int]:
         out: List[int] = []
-        for chunk in self._split.findall(text):
+        for chunk in _chunks(self._split, text):
             out.extend(self._encode_chunk(chunk))
         return out
 
     def encode(self, text: str) -> List[int]:
-        """UTF-8 bytes of ``text``, chunked by ``pattern``, with the merges applied in the order learned."""
+        """UTF-8 bytes of ``text``, chunked by ``pattern`` (gaps between matches are chunks too), with the
+        merges applied in the order learned."""
         return self._encode(check_text("ByteBPE.encode", "text", text))
 
     def encode_array(self, text: str) -> np.ndarray:

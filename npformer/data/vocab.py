@@ -6,7 +6,9 @@ wrong value, naming the function and the argument):
 - ``check_text(op, name, text)``: a ``str``;
 - ``check_ids(op, name, ids, vocab_size)``: a 1-d sequence of integer ids in
   ``[0, vocab_size)`` (a list, tuple, range, iterator or 1-d integer array; bools,
-  floats, strings and sets are refused, so ``2.7`` is never truncated to ``2``).
+  floats, strings and sets are refused, so ``2.7`` is never truncated to ``2``). A
+  non-integer id is a ``TypeError`` in a list and in an array alike (``[1.0]`` and
+  ``np.array([1.0])``); an array of another rank is a ``ValueError``.
 
 Vocabularies (for a trainer resuming a run, or a sampler loading a checkpoint):
 
@@ -33,7 +35,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from ..ops._checks import check_count
+from ..ops._checks import check_bool, check_count
 
 
 def check_text(op: str, name: str, text: object) -> str:
@@ -51,7 +53,11 @@ def check_ids(op: str, name: str, ids: object, vocab_size: int) -> List[int]:
                           f"[0, {vocab_size})")
 
     if isinstance(ids, np.ndarray):
-        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        # A non-integer id is a TypeError whether it comes in an array or a list; a wrong rank is a ValueError.
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"{op}: argument '{name}' expected a 1-d integer array, got {ids.dtype} "
+                            f"of shape {ids.shape}")
+        if ids.ndim != 1:
             raise ValueError(f"{op}: argument '{name}' expected a 1-d integer array, got {ids.dtype} "
                              f"of shape {ids.shape}")
         bad = (ids < 0) | (ids >= vocab_size)
@@ -91,6 +97,7 @@ def check_vocab(tokenizer: object, vocab_size: int, where: str = "check_vocab", 
     vocab_size = check_count("check_vocab", "vocab_size", vocab_size, lo=1)
     if not isinstance(where, str):
         raise TypeError(f"check_vocab: argument 'where' expected a str, got {type(where).__name__}")
+    allow_padding = check_bool("check_vocab", "allow_padding", allow_padding)
     if n > vocab_size:
         raise ValueError(f"{where}: the tokenizer has {n} ids but the model's vocab_size is {vocab_size}: "
                          f"ids {vocab_size}..{n - 1} would index past the model's embedding")

@@ -51,30 +51,71 @@ def _as_list(op: str, params: Params) -> list:
 
 
 def grad_norm(params: Params) -> float:
-    """Global L2 norm of all gradients, sqrt(sum_p sum_i g_pi^2), summed in float64 across parameters."""
+    """Global L2 norm of all gradients, sqrt(sum_p sum_i g_pi^2), summed in float64 across parameters.
+
+    NaN if a gradient holds NaN, inf if one holds inf; finite gradients give a finite norm
+    (their squares are rescaled when they would overflow).
+    """
+    return _total_norm(_as_list("grad_norm", params))
+
+
+def _total_norm(params: list) -> float:
     # np.vdot(g, g) is a BLAS dot over the flattened gradient: no squared temporary.
-    return math.sqrt(sum(float(np.vdot(p.grad, p.grad)) for p in _as_list("grad_norm", params)))
+    total = math.sqrt(sum(float(np.vdot(p.grad, p.grad)) for p in params))
+    if math.isfinite(total) or _first_nonfinite(params) is not None:
+        return total
+    # Every gradient is finite, but a sum of squares overflowed (|g| > 1e19 in float32, 1e154 in float64):
+    # measure again with every gradient divided by the largest magnitude, in float64.
+    scale = max(float(np.max(np.abs(p.grad), initial=0.0)) for p in params)
+    squares = 0.0
+    for p in params:
+        g = p.grad.astype(np.float64) / scale
+        squares += float(np.vdot(g, g))
+    return scale * math.sqrt(squares)
 
 
-def clip_grad_norm_(params: Params, max_norm: float, error_if_nonfinite: bool = False) -> float:
+def _first_nonfinite(params: list):
+    """``(index, "NaN" or "inf")`` of the first parameter whose gradient is not finite, else None."""
+    for i, p in enumerate(params):
+        if not np.isfinite(p.grad).all():
+            return i, "NaN" if np.isnan(p.grad).any() else "inf"
+    return None
+
+
+def clip_grad_norm_(params: Params, max_norm: float, error_if_nonfinite: bool = True) -> float:
     """Scale all gradients in place so that their global L2 norm is at most ``max_norm``.
 
     As ``torch.nn.utils.clip_grad_norm_``: the coefficient is
     ``max_norm / (total_norm + 1e-6)``, applied only when it is below 1, and the
     return value is the norm *before* clipping. ``max_norm`` must be > 0 (``math.inf``
     measures the norm and clips nothing); NaN, zero and negative values are refused.
+
+    A gradient holding NaN or inf has no norm to clip to. By default
+    (``error_if_nonfinite=True``, where torch's default is False) that raises
+    ``ValueError`` naming the first such parameter, and no gradient changes: training on
+    would only spread the NaN into every weight. With ``error_if_nonfinite=False`` the
+    gradients are scaled as torch scales them: by NaN when the norm is NaN, by 0 when it is
+    inf (an inf entry becomes NaN), and by NaN when both the norm and ``max_norm`` are inf.
+    Finite gradients whose squares overflow are measured exactly (see ``grad_norm``), where
+    torch would report an inf norm and zero them.
     """
     op = "clip_grad_norm_"
     params = _as_list(op, params)
     if not (isinstance(max_norm, (float, np.floating)) and max_norm == math.inf):
         check_real(op, "max_norm", max_norm, lo=0.0, lo_open=True)
-    check_bool(op, "error_if_nonfinite", error_if_nonfinite)
-    total = math.sqrt(sum(float(np.vdot(p.grad, p.grad)) for p in params))
-    if error_if_nonfinite and not math.isfinite(total):
-        raise ValueError(f"clip_grad_norm_: the total gradient norm is {total}")
-    coef = max_norm / (total + 1e-6)
-    if coef < 1.0:
-        _scale(params, coef)
+    error_if_nonfinite = check_bool(op, "error_if_nonfinite", error_if_nonfinite)
+    total = _total_norm(params)
+    if not math.isfinite(total) and error_if_nonfinite:
+        bad = _first_nonfinite(params)
+        what = (f"the gradient is not finite: parameter {bad[0]}'s gradient holds {bad[1]}" if bad is not None
+                else "the gradient norm is not finite: the gradients are finite, but their norm exceeds the "
+                     "largest float64")
+        raise ValueError(f"{op}: argument 'params': {what} (total norm {total}); expected finite gradients "
+                         "(error_if_nonfinite=False scales them as torch does)")
+    coef = float(max_norm) / (total + 1e-6)  # NaN for a NaN norm (or inf / inf), 0 for an inf norm
+    if math.isnan(coef) or coef < 1.0:
+        with np.errstate(invalid="ignore"):  # inf * 0 is NaN, as in torch
+            _scale(params, coef)
     return total
 
 

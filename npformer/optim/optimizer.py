@@ -8,31 +8,44 @@ An optimizer takes either a list of Parameters or a list of *group* dicts::
 
 Each group is a dict holding ``"params"`` and every hyperparameter (missing ones
 are filled from the constructor's defaults), so a trainer changes the learning
-rate with ``for g in opt.param_groups: g["lr"] = schedule(step)``.
+rate with ``for g in opt.param_groups: g["lr"] = schedule(step)``. A group may also
+hold ``"names"`` (the parameters' names, as ``param_groups`` writes them); any other
+key is refused by name, so a misspelt option (``"lrr"``) cannot be silently ignored.
 
-Per-parameter state (moments, step counts) lives in ``opt.state[param]``.
-``state_dict()`` numbers the parameters 0, 1, … in group order (as torch does) and
-holds only arrays, ints, floats, strings and lists of them, so
-``npformer.checkpoint`` can store it without pickle.
+Per-parameter state (moments, step counts) lives in ``opt.state[param]``: arrays of
+the parameter's shape and dtype (a 0-d parameter has 0-d moments) and ints.
+``state_dict()`` numbers the parameters 0, 1, … in group order (as torch does), names
+the optimizer's class under ``"type"``, and holds only arrays, ints, floats, strings
+and lists of them, so ``npformer.checkpoint`` can store it without pickle.
 
 Every parameter is updated on every ``step()``: a Parameter always has a ``.grad``
 array, and a zero gradient is a gradient (torch instead skips ``grad is None``).
-Updates are in place, in the parameter's own dtype (float32 stays float32).
+Updates are computed in the parameter's own dtype (float32 stays float32) and written
+into the parameter's own array (``p.data`` stays the same object).
+
+``step()`` is all or nothing. It first checks everything: options (a trainer writes
+``group["lr"]`` directly), that every gradient is an array of its parameter's shape
+and dtype, that every state entry fits its parameter, that every parameter's array is
+writeable. It then computes every new value into new arrays (about one extra copy of
+the parameters and of the optimizer state, held for the length of the step), and only
+then writes them all. So an error at any point, a ``FloatingPointError`` under
+``np.seterr(all="raise")`` or a ``MemoryError`` included, leaves every parameter and
+the whole state as they were.
 
 Options are checked where they enter (the constructor, ``add_param_group``,
-``load_state_dict``) and again by ``step()``, since a trainer writes ``group["lr"]``
-directly: ``lr`` and ``weight_decay`` finite and >= 0, ``eps`` finite and > 0, each
-of ``betas`` and ``momentum`` in [0, 1), ``dampening`` in [0, 1], ``nesterov`` a bool.
-``step()`` also checks that every gradient is an array of its parameter's shape and
-dtype. A failure raises ``ValueError`` (or ``TypeError`` for a wrong type) naming the
-optimizer, the argument and the group; nothing is updated.
+``load_state_dict``) and again by ``step()``: ``lr`` and ``weight_decay`` finite and
+>= 0, ``eps`` finite and > 0, each of ``betas`` and ``momentum`` in [0, 1),
+``dampening`` in [0, 1], ``nesterov`` a bool. A failure raises ``ValueError`` (or
+``TypeError`` for a wrong type) naming the optimizer, the argument and the group;
+nothing is updated.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -47,15 +60,36 @@ _BOUNDS = {
     "momentum": (0.0, 1.0, False, True),
     "dampening": (0.0, 1.0, False, False),
 }
+# Keys a group may hold besides its options.
+_GROUP_KEYS = ("params", "names")
+# The keys of a state dict.
+_STATE_DICT_KEYS = ("state", "param_groups", "type")
+# A parameter index written as text: decimal digits, no sign, no leading zero ("01" and "²" are refused).
+_INDEX = re.compile(r"0|[1-9][0-9]*")
 
 
 class Optimizer:
-    """Parameter groups, state, zero_grad and state dicts; subclasses write ``_update``."""
+    """Parameter groups, state, zero_grad and state dicts; subclasses write ``_update``.
+
+    A subclass names its options in ``_OPTIONS`` (its constructor's keyword arguments)
+    and its per-parameter state in ``_STATE``; an ``Optimizer`` made directly takes the
+    keys of ``defaults`` as its options.
+    """
+
+    _OPTIONS: Optional[Tuple[str, ...]] = None
+    _STATE: Optional[Dict[str, str]] = None
+    _STATE_REQUIRED = False
 
     def __init__(self, params: Iterable, defaults: Dict[str, Any]):
         name = type(self).__name__
         if not isinstance(defaults, dict):
             raise TypeError(f"{name}: argument 'defaults' expected a dict, got {type(defaults).__name__}")
+        for key in defaults:
+            if not isinstance(key, str) or key in _GROUP_KEYS or (self._OPTIONS is not None
+                                                                   and key not in self._OPTIONS):
+                expected = f"options from {list(self._OPTIONS)}" if self._OPTIONS is not None else "option names"
+                raise ValueError(f"{name}: argument 'defaults' expected {expected}, got the key {key!r}")
+        self._option_names: Tuple[str, ...] = tuple(self._OPTIONS if self._OPTIONS is not None else defaults)
         self.defaults = self._checked_options(name, dict(defaults))
         self.param_groups: List[Dict[str, Any]] = []
         self.state: Dict[Parameter, Dict[str, Any]] = {}
@@ -101,9 +135,13 @@ class Optimizer:
             group.setdefault(key, value)
         self.param_groups.append(self._checked_options(f"{op} (group {k})", group))
 
-    @staticmethod
-    def _checked_options(op: str, options: Dict[str, Any]) -> Dict[str, Any]:
-        """``options`` with every known option checked (messages start with ``op``); betas become a tuple."""
+    def _checked_options(self, op: str, options: Dict[str, Any]) -> Dict[str, Any]:
+        """``options`` with every key known and every option checked (messages start with ``op``);
+        betas become a tuple."""
+        for key in options:
+            if key not in _GROUP_KEYS and key not in self._option_names:
+                raise ValueError(f"{op}: argument {str(key)!r:.60} is not an option of {type(self).__name__}: "
+                                 f"expected one of {list(_GROUP_KEYS + self._option_names)}, got {key!r:.60}")
         for key, (lo, hi, lo_open, hi_open) in _BOUNDS.items():
             if key in options:
                 check_real(op, key, options[key], lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open)
@@ -139,57 +177,100 @@ class Optimizer:
                 p.grad = np.zeros_like(p.data)
 
     def step(self) -> None:
-        """One update of every parameter from its ``.grad``; options and gradients are checked first."""
+        """One update of every parameter from its ``.grad``: check everything, compute everything, then write."""
+        self._check_step()
+        updates = []  # (parameter, its new values, its new state): nothing is written until all are computed
+        for group in self.param_groups:
+            for p in group["params"]:
+                new_data, new_state = self._update(p.data, p.grad, self.state.get(p, {}), group)
+                updates.append((p, new_data, new_state))
+        for p, new_data, new_state in updates:  # same shapes and dtypes, writeable: these cannot fail
+            np.copyto(p.data, new_data)
+            self.state[p] = new_state
+
+    def _check_step(self) -> None:
         name = type(self).__name__
         for k, group in enumerate(self.param_groups):
             self._checked_options(f"{name}.step (group {k})", group)
             for i, p in enumerate(group["params"]):
+                where = f"{name}.step: argument 'params': group {k}, parameter {i}"
                 g = p.grad
                 if not isinstance(g, np.ndarray) or g.shape != p.data.shape or g.dtype != p.data.dtype:
                     got = (f"{g.dtype} of shape {g.shape}" if isinstance(g, np.ndarray) else type(g).__name__)
-                    raise ValueError(f"{name}.step: argument 'params': group {k}, parameter {i} has a gradient of "
-                                     f"{got}; expected {p.data.dtype} of shape {p.data.shape}")
-                for key, value in self.state.get(p, {}).items():
-                    if isinstance(value, np.ndarray) and value.shape != p.data.shape:
-                        raise ValueError(f"{name}.step: argument 'params': group {k}, parameter {i} has shape "
-                                         f"{p.data.shape}, but its state '{key}' has shape {value.shape}")
-        for group in self.param_groups:
-            for p in group["params"]:
-                self._update(p, p.grad, self.state.setdefault(p, {}), group)
+                    raise ValueError(f"{where} has a gradient of {got}; expected {p.data.dtype} of shape "
+                                     f"{p.data.shape}")
+                if not p.data.flags.writeable:
+                    raise ValueError(f"{where} expected a writeable array, got a read-only one")
+                self._check_live_state(where, p, self.state.get(p, {}))
 
-    def _update(self, p: Parameter, g: np.ndarray, state: Dict[str, Any], group: Dict[str, Any]) -> None:
+    def _check_live_state(self, where: str, p: Parameter, state: object) -> None:
+        """The state ``step`` is about to read: the entries of ``_STATE``, arrays of ``p``'s shape and dtype."""
+        if not isinstance(state, dict):
+            raise ValueError(f"{where} has a state of type {type(state).__name__}; expected a dict")
+        spec = self._STATE
+        if spec is not None and state:
+            missing = sorted(set(spec) - set(state)) if self._STATE_REQUIRED else []
+            unknown = sorted(map(str, set(state) - set(spec)))
+            if missing or unknown:
+                raise ValueError(f"{where} has the state entries {sorted(map(str, state))}; expected {sorted(spec)}")
+        for key, value in state.items():
+            kind = None if spec is None else spec[key]
+            if isinstance(value, np.ndarray) and kind != "int":
+                if value.shape != p.data.shape or value.dtype != p.data.dtype:
+                    raise ValueError(f"{where} has shape {p.data.shape} and dtype {p.data.dtype}, but its state "
+                                     f"'{key}' has shape {value.shape} and dtype {value.dtype}")
+            elif kind == "array":
+                raise ValueError(f"{where} has a state '{key}' of type {type(value).__name__}; expected an array")
+            elif kind == "int" and (type(value) is not int or value < 0):
+                raise ValueError(f"{where} has a state '{key}' = {value!r:.40}; expected an integer >= 0")
+
+    def _update(self, data: np.ndarray, grad: np.ndarray, state: Dict[str, Any],
+                group: Dict[str, Any]) -> Tuple[np.ndarray, Dict[str, Any]]:
+        """``(new values of the parameter, its new state)``, in new arrays; ``data``, ``grad`` and ``state``
+        are only read."""
         raise NotImplementedError
 
     # -- state dicts ------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
-        """``{"state": {"0": {...}, ...}, "param_groups": [{..., "params": [0, 1]}, ...]}``.
+        """``{"state": {"0": {...}, ...}, "param_groups": [{..., "params": [0, 1]}, ...], "type": "AdamW"}``.
 
         Arrays are copies, so a later ``step()`` does not change a dict already taken.
         """
         index = {id(p): i for i, p in enumerate(self.parameters())}
         state = {str(index[id(p)]): {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in s.items()}
-                 for p, s in self.state.items() if s}
+                 for p, s in self.state.items() if s and id(p) in index}
         groups = []
         for g in self.param_groups:
             saved = {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
             saved["params"] = [index[id(p)] for p in g["params"]]
             groups.append(saved)
-        return {"state": state, "param_groups": groups}
+        return {"state": state, "param_groups": groups, "type": type(self).__name__}
 
     def load_state_dict(self, state_dict: Dict[str, Any], *, cast: bool = False) -> None:
         """Restore state and hyperparameters saved by ``state_dict`` into the same layout of parameters.
 
         Accepts the dict as ``state_dict`` returns it or as ``npformer.checkpoint.load``
         gives it back (string keys, lists for tuples, no ``"state"`` entry if it was empty).
-        Everything is checked before anything changes: the number of groups and of
-        parameters in each, the options, and each state entry's keys, shapes and
-        dtypes. A state array must have its parameter's dtype unless ``cast=True``
-        (then any float dtype is converted); a non-float array is always refused.
+        Everything is checked before anything changes: the optimizer's type (when the dict
+        names one), the number of groups and of parameters in each, the options (each
+        group must hold exactly this optimizer's options, so another optimizer's state is
+        refused), the state keys (parameter indices written ``"0"``, ``"1"``, …, each once)
+        and each state entry's names, shapes and dtypes. A state array must have its
+        parameter's dtype unless ``cast=True`` (then any float dtype is converted, if its
+        values fit); a non-float array is always refused.
         """
         name = f"{type(self).__name__}.load_state_dict"
         if not isinstance(state_dict, dict):
             raise TypeError(f"{name}: argument 'state_dict' expected a dict, got {type(state_dict).__name__}")
         cast = check_bool(name, "cast", cast)
+        unknown = [k for k in state_dict if k not in _STATE_DICT_KEYS]
+        if unknown:
+            raise ValueError(f"{name}: argument 'state_dict' expected the keys {list(_STATE_DICT_KEYS)}, "
+                             f"got {unknown[0]!r:.60}")
+        kind = state_dict.get("type", type(self).__name__)
+        if kind != type(self).__name__:
+            raise ValueError(f"{name}: argument 'state_dict' expected a state dict of {type(self).__name__}, "
+                             f"got one of {kind!r:.60}")
         saved_groups = state_dict.get("param_groups")
         if not isinstance(saved_groups, list):
             raise ValueError(f"{name}: argument 'state_dict' expected a list under 'param_groups', "
@@ -211,6 +292,10 @@ class Optimizer:
                     raise ValueError(f"{name}: argument 'state_dict': parameter index {j} appears twice")
                 by_index[j] = p
             options = {k: v for k, v in saved.items() if k != "params"}
+            missing = [k for k in self._option_names if k not in options]
+            if missing:
+                raise ValueError(f"{name}: argument 'state_dict': group {i} expected the options "
+                                 f"{list(self._option_names)}, got {sorted(map(str, options))} (no {missing[0]!r})")
             try:
                 new_options.append(self._checked_options(f"{name} (group {i})", options))
             except ValueError as e:
@@ -221,10 +306,13 @@ class Optimizer:
                              f"got {type(saved_state).__name__}")
         new_state: Dict[Parameter, Dict[str, Any]] = {}
         for key, entry in saved_state.items():
-            j = int(key) if isinstance(key, str) and key.isdigit() else key
-            if type(j) is not int or j not in by_index:
-                raise ValueError(f"{name}: argument 'state_dict': state key {key!r} names no parameter "
-                                 f"(expected one of the indices in 'param_groups')")
+            j = _state_index(key)
+            if j is None or j not in by_index:
+                raise ValueError(f"{name}: argument 'state_dict': state key {key!r:.60} names no parameter "
+                                 f"(expected one of the indices in 'param_groups', written as '0', '1', ...)")
+            if by_index[j] in new_state:
+                raise ValueError(f"{name}: argument 'state_dict': the state of parameter {j} appears twice "
+                                 f"(key {key!r:.60})")
             new_state[by_index[j]] = self._checked_state(name, j, by_index[j], entry, cast)
         self.state = new_state
         for group, options in zip(self.param_groups, new_options):
@@ -235,7 +323,7 @@ class Optimizer:
         where = f"{op}: argument 'state_dict': state of parameter {index}"
         if not isinstance(entry, dict):
             raise ValueError(f"{where} expected a dict, got {type(entry).__name__}")
-        spec = getattr(self, "_STATE", None)
+        spec = self._STATE
         if spec is not None and entry:
             unknown = sorted(set(map(str, entry)) - set(spec))
             missing = sorted(set(spec) - set(entry)) if self._STATE_REQUIRED else []
@@ -252,7 +340,11 @@ class Optimizer:
                 if value.dtype.kind != "f" or (value.dtype != p.data.dtype and not cast):
                     raise ValueError(f"{where}: '{key}' expected dtype {p.data.dtype} (the parameter's), "
                                      f"got {value.dtype}" + ("" if value.dtype.kind != "f" else "; cast=True converts"))
-                value = value.astype(p.data.dtype, copy=True)
+                with np.errstate(over="ignore"):
+                    converted = value.astype(p.data.dtype, copy=True)
+                if not np.array_equal(np.isfinite(converted), np.isfinite(value)):
+                    raise ValueError(f"{where}: '{key}' holds values too large for {p.data.dtype}")
+                value = converted
             elif kind == "array":
                 raise ValueError(f"{where}: '{key}' expected an array, got {type(value).__name__}")
             elif kind == "int" and (type(value) is not int or value < 0):
@@ -268,6 +360,15 @@ class Optimizer:
         return "\n".join(lines + [")"])
 
 
+def _state_index(key: object) -> Optional[int]:
+    """The parameter index a state key stands for: an int >= 0, or its decimal text; None for anything else."""
+    if type(key) is int:
+        return key if key >= 0 else None
+    if isinstance(key, str) and key.isascii() and _INDEX.fullmatch(key):
+        return int(key)
+    return None
+
+
 class SGD(Optimizer):
     """Stochastic gradient descent with optional (Nesterov) momentum and L2 weight decay.
 
@@ -278,6 +379,7 @@ class SGD(Optimizer):
         p <- p - lr * b                    otherwise (and p - lr * d without momentum)
     """
 
+    _OPTIONS = ("lr", "momentum", "dampening", "nesterov", "weight_decay")
     _STATE = {"momentum_buffer": "array"}
     _STATE_REQUIRED = False
 
@@ -286,18 +388,30 @@ class SGD(Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
                                       weight_decay=weight_decay))
 
-    def _update(self, p, g, state, group):
-        lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
-        d = g + wd * p.data if wd != 0 else g  # L2 decay joins the gradient (a new array: .grad is untouched)
+    def _update(self, data, grad, state, group):
+        lr, momentum, wd = float(group["lr"]), float(group["momentum"]), float(group["weight_decay"])
+        # Every array this update writes into is a copy made here: an array stays an array even when
+        # the parameter is 0-d (where NumPy arithmetic on two arrays returns a scalar).
+        d = grad.copy()
+        if wd != 0:
+            d += wd * data  # L2 decay joins the gradient
+        new_state = {}
         if momentum != 0:
             buf = state.get("momentum_buffer")
             if buf is None:
-                buf = state["momentum_buffer"] = d.copy()
+                buf = d.copy()
             else:
+                buf = buf.copy()
                 buf *= momentum
-                buf += (1 - group["dampening"]) * d
-            d = d + momentum * buf if group["nesterov"] else buf
-        p.data -= lr * d
+                buf += (1 - float(group["dampening"])) * d
+            new_state["momentum_buffer"] = buf
+            if group["nesterov"]:
+                d += momentum * buf
+            else:
+                d = buf
+        new_data = data.copy()
+        new_data -= lr * d
+        return new_data, new_state
 
 
 class Adam(Optimizer):
@@ -313,6 +427,7 @@ class Adam(Optimizer):
     """
 
     decoupled = False
+    _OPTIONS = ("lr", "betas", "eps", "weight_decay")
     _STATE = {"step": "int", "exp_avg": "array", "exp_avg_sq": "array"}
     _STATE_REQUIRED = True
 
@@ -320,33 +435,26 @@ class Adam(Optimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
-    def _update(self, p, g, state, group):
-        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = np.zeros_like(p.data)  # m: first moment
-            state["exp_avg_sq"] = np.zeros_like(p.data)  # v: second moment
-        state["step"] += 1
-        t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+    def _update(self, data, grad, state, group):
+        lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
+        beta1, beta2 = (float(b) for b in group["betas"])
+        t = state.get("step", 0) + 1
+        # New arrays, updated in place below (so they stay arrays for a 0-d parameter).
+        m = state["exp_avg"].copy() if state else np.zeros_like(data)  # first moment
+        v = state["exp_avg_sq"].copy() if state else np.zeros_like(data)  # second moment
+        new_data = data.copy()
         if wd != 0:
             if self.decoupled:
-                p.data *= 1 - lr * wd
+                new_data *= 1 - lr * wd
             else:
-                g = g + wd * p.data
-        tmp = np.subtract(g, m)  # the one scratch array of this update
-        tmp *= 1 - beta1
-        m += tmp
-        np.multiply(g, g, out=tmp)
-        tmp *= 1 - beta2
+                grad = grad + wd * data  # a new value: .grad is untouched
+        m += (1 - beta1) * (grad - m)
         v *= beta2
-        v += tmp
+        v += (1 - beta2) * (grad * grad)
         step_size = lr / (1 - beta1**t)
-        denom = np.sqrt(v, out=tmp)
-        denom /= math.sqrt(1 - beta2**t)
-        denom += eps
-        update = np.divide(m, denom, out=tmp)
-        update *= step_size
-        p.data -= update
+        denom = np.sqrt(v) / math.sqrt(1 - beta2**t) + eps
+        new_data -= step_size * (m / denom)
+        return new_data, {"step": t, "exp_avg": m, "exp_avg_sq": v}
 
 
 class AdamW(Adam):

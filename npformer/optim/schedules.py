@@ -18,6 +18,14 @@ Warmup is linear and never starts at zero: ``lr * (step + 1) / warmup`` for
 from ``step = warmup`` (at ``lr``) to ``step = total_steps`` (at its end value), and
 stays at the end value after that.
 
+The landmarks are exact, not merely close: the rate is exactly ``lr`` at update
+``warmup - 1`` and at update ``warmup`` (when a decay follows), exactly the end value
+from update ``max(warmup, total_steps)`` on, and never outside ``[0, lr]`` (outside
+``[end value, lr]`` once warmup is over), whatever the rounding of the formulas.
+When ``total_steps <= warmup`` there is no decay phase: the rate drops to the end
+value at update ``warmup``; in particular ``warmup = total_steps = 0`` gives the end
+value (``min_lr`` or ``end_lr``) from update 0 (a run of no steps has decayed fully).
+
 Each schedule is a small frozen dataclass, so a debugger or ``print`` shows its settings.
 
 Settings are checked when a schedule is made (by its function or its class): rates
@@ -61,6 +69,16 @@ def _progress(step: int, warmup: int, total_steps: int) -> float:
     return 1.0 if span <= 0 else min(max((step - warmup) / span, 0.0), 1.0)
 
 
+def _warmup(lr: float, step: int, warmup: int) -> float:
+    """The rate of warmup update ``step < warmup``: ``lr (step + 1) / warmup``, exactly ``lr`` at the last one."""
+    return lr if step + 1 == warmup else lr * (step + 1) / warmup
+
+
+def _between(value: float, end: float, lr: float) -> float:
+    """``value`` clamped into ``[end, lr]``: a decay formula's rounding never leaves the interval."""
+    return min(max(value, end), lr)
+
+
 @dataclass(frozen=True)
 class Constant:
     lr: float
@@ -90,9 +108,12 @@ class WarmupCosine:
     def __call__(self, step: int) -> float:
         step = _check_step("WarmupCosine", step)
         if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
+            return _warmup(self.lr, step, self.warmup)
         p = _progress(step, self.warmup, self.total_steps)
-        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * p))
+        if p >= 1.0:
+            return self.min_lr
+        # lr - (lr - min_lr) (1 - cos(pi p)) / 2: exactly lr at p = 0, where cos(0) = 1.
+        return _between(self.lr - (self.lr - self.min_lr) * (1.0 - math.cos(math.pi * p)) / 2, self.min_lr, self.lr)
 
 
 @dataclass(frozen=True)
@@ -112,9 +133,11 @@ class LinearDecay:
     def __call__(self, step: int) -> float:
         step = _check_step("LinearDecay", step)
         if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
+            return _warmup(self.lr, step, self.warmup)
         p = _progress(step, self.warmup, self.total_steps)
-        return (1.0 - p) * self.lr + p * self.end_lr  # exactly lr at p = 0 and end_lr at p = 1
+        if p >= 1.0:
+            return self.end_lr
+        return _between((1.0 - p) * self.lr + p * self.end_lr, self.end_lr, self.lr)  # exactly lr at p = 0
 
 
 def constant(lr: float) -> Constant:
@@ -124,8 +147,8 @@ def constant(lr: float) -> Constant:
 
 
 def warmup_cosine(lr: float, min_lr: float, warmup: int, total_steps: int) -> WarmupCosine:
-    """``lr (s+1)/warmup`` for ``s < warmup``; then ``min_lr + (lr - min_lr)(1 + cos(pi p))/2``
-    with ``p = (s - warmup)/(total_steps - warmup)`` clipped to [0, 1]."""
+    """``lr (s+1)/warmup`` for ``s < warmup``; then ``lr - (lr - min_lr)(1 - cos(pi p))/2``
+    with ``p = (s - warmup)/(total_steps - warmup)`` clipped to [0, 1] (``min_lr`` at ``p = 1``)."""
     _check_rate("warmup_cosine", "lr", lr)
     _check_end("warmup_cosine", lr, "min_lr", min_lr)
     _check_steps("warmup_cosine", warmup, total_steps)

@@ -317,3 +317,45 @@ def test_task_bad_arguments():
         ArithmeticTask("+", 10)
     with pytest.raises(ValueError, match="argument 'split' expected 'train' or 'heldout', got 'val'"):
         ArithmeticTask().sample(np.random.default_rng(0), 1, "val")
+
+
+# -- answers are read strictly ------------------------------------------------------------------
+
+ANSWER_TEXTS = st.text(alphabet="0123456789-+_ \n٣１²x", max_size=6) | st.sampled_from(
+    ["1_0", "+5", "٣", "１", "²", "1 0", "--1", "-", "", "0x1", "1e3", "-0", "007", " 12\n"])
+
+
+@given(problem=st.sampled_from([Problem(12, 34, "+", 2), Problem(5, 9, "-", 2, reverse=True),
+                                Problem(3, 4, "*", 1, fixed_width=False)]), text=ANSWER_TEXTS)
+def test_parse_reads_ascii_digits_with_a_sign_and_nothing_else(problem, text):
+    """The answer format is ASCII digits and a leading "-" (trailing when reversed); int()'s other spellings
+    ("1_0", "+5", "٣") are not answers."""
+    stripped = text.strip()
+    s = stripped[::-1] if problem.reverse else stripped
+    digits = s[1:] if s.startswith("-") else s
+    expected = int(s) if digits and all(c in "0123456789" for c in digits) else None
+    assert problem.parse(text) == expected
+    assert problem.parse(problem.answer) == problem.result and problem.parse(problem.answer + "\n") == problem.result
+
+
+# -- BPE: the chunks cover the whole text, whatever the pattern ------------------------------------
+
+SPLIT_PATTERNS = [r"\w+", r"\d", r"[aeiou]+", r"\s", r" ?\w+", r"x*", r"\b", r"(?:ab)+", r"$", r".", r"[^\W\d_]+",
+                  PATTERN]
+
+
+@given(pattern=st.sampled_from(SPLIT_PATTERNS), text=st.text(max_size=40) | st.sampled_from(SAMPLES),
+       train=st.booleans())
+def test_bpe_round_trips_any_text_under_any_pattern(pattern, text, train):
+    r"""r"\w+" matches no space or punctuation: the gaps between matches are chunks of their own, so
+    decode(encode(text)) == text for every pattern, trained on the text or not."""
+    tok = ByteBPE.train(text + " abab aab", 256 + 12, pattern) if train else ByteBPE(pattern=pattern)
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.decode(tok.encode_array(text)) == text
+    assert len(ids) <= len(text.encode("utf-8", "surrogatepass"))
+
+
+def test_bpe_with_a_partial_pattern_keeps_what_it_does_not_match():
+    tok = ByteBPE(pattern=r"\w+")
+    assert tok.decode(tok.encode("Hello, World! 123")) == "Hello, World! 123"

@@ -194,6 +194,8 @@ CASES = [
     Case("check_vocab", "tokenizer", lambda bad: check_vocab(bad, 5), anything_but(CharTokenizer, ByteBPE)),
     Case("check_vocab", "vocab_size", lambda bad: check_vocab(CHAR, bad), bad_counts(1)),
     Case("check_vocab", "where", lambda bad: check_vocab(CHAR, 5, bad), NOT_STR.filter(lambda v: v is not None)),
+    Case("check_vocab", "allow_padding", lambda bad: check_vocab(CHAR, 5, allow_padding=bad),
+         NON_BOOL | st.sampled_from(["no", "False", 0, 1, None, np.array(True)])),
     Case("tokenizer_difference", "saved", lambda bad: tokenizer_difference(bad, CHAR), anything_but(CharTokenizer)),
     Case("tokenizer_difference", "current", lambda bad: tokenizer_difference(BPE, bad), anything_but(ByteBPE)),
     Case("check_same_tokenizer", "current", lambda bad: check_same_tokenizer(CHAR, bad), anything_but(CharTokenizer)),
@@ -227,3 +229,41 @@ def test_the_checks_leave_good_input_alone():
     assert heldout_mask("+", [1, 2], np.uint32(3), 0.5).shape == (2,)
     check_vocab(CHAR, 5)
     check_same_tokenizer(BPE, ByteBPE(BPE.merges))
+
+
+# -- the same wrong id is the same error, in a list or in an array ---------------------------------
+
+WITH_A_FLOAT = st.tuples(st.lists(st.integers(0, 4), max_size=4), st.sampled_from([1.0, 2.5, np.float64(1.0)]),
+                         st.integers(0, 4)).map(lambda t: t[0][: t[2]] + [t[1]] + t[0][t[2]:])
+
+
+@given(tok=st.sampled_from([CHAR, BPE]), ids=WITH_A_FLOAT | st.lists(st.booleans(), min_size=1, max_size=4))
+def test_a_non_integer_id_is_a_type_error_in_a_list_and_in_an_array(tok, ids):
+    """[1, 2.5] and np.array([1, 2.5]) (float64), [True] and np.array([True]) (bool): the same TypeError."""
+    errors = []
+    for given_as in (ids, np.array(ids)):  # [1.0] and np.array([1.0]) (an array of floats or of bools)
+        with pytest.raises((TypeError, ValueError)) as info:
+            tok.decode(given_as)
+        assert type(tok).__name__ + ".decode" in str(info.value) and "'ids'" in str(info.value)
+        errors.append(type(info.value))
+    assert errors == [TypeError, TypeError]
+
+
+@given(tok=st.sampled_from([CHAR, BPE]), shape=st.sampled_from([(), (1, 2), (2, 1, 1)]))
+def test_an_id_array_of_another_rank_is_a_value_error(tok, shape):
+    with pytest.raises(ValueError, match="expected a 1-d integer array"):
+        tok.decode(np.zeros(shape, dtype=np.int64))
+
+
+@given(op=st.sampled_from(["+", "-", "*"]), a=st.lists(st.integers(0, 2**32 - 1), max_size=3),
+       b=st.lists(st.integers(0, 2**32 - 1), max_size=3), as_tuple=st.booleans(),
+       fraction=st.floats(0, 1))
+def test_heldout_mask_takes_empty_lists_as_no_operands(op, a, b, as_tuple, fraction):
+    """``[]`` is an empty set of operands (NumPy alone would make it a float64 array): an empty bool mask."""
+    a = a if len(a) == len(b) else []
+    b = b if a else []
+    wrap = tuple if as_tuple else list
+    mask = heldout_mask(op, wrap(a), wrap(b), fraction)
+    expected = heldout_mask(op, np.array(a, dtype=np.int64), np.array(b, dtype=np.int64), fraction)
+    assert mask.dtype == np.bool_ and mask.shape == (len(a),)
+    np.testing.assert_array_equal(mask, expected)

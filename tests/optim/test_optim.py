@@ -13,7 +13,8 @@ from npformer import checkpoint
 from npformer.nn.module import Module, ModuleList, Parameter
 from npformer.optim import (SGD, Adam, AdamW, accumulate_gradients, classify, clip_grad_norm_, constant, grad_norm,
                             linear_decay, param_groups, scale_grads_, warmup_cosine)
-from tests.strategies import DTYPES, rngs
+from tests.badinput import expect_rejected
+from tests.strategies import DTYPES, rngs, shapes
 from tests.tolerances import RTOL, assert_close
 
 SHAPES = [(3, 4), (5,), (2, 3, 2), (1,)]
@@ -41,7 +42,7 @@ def make_params(rng, dtype=np.float64):
 
 def set_grads(rng, ours, theirs, scale=1.0):
     for p, t in zip(ours, theirs):
-        g = rng.standard_normal(p.shape) * scale
+        g = np.asarray(rng.standard_normal(p.shape) * scale)  # 0-d stays an array
         p.grad[...] = g
         t.grad = torch.from_numpy(g.copy())
 
@@ -419,3 +420,185 @@ def test_schedule_bad_arguments():
         warmup_cosine(1.0, -0.1, 1, 10)
     with pytest.raises(ValueError, match="linear_decay: argument 'warmup' expected an integer >= 0, got 2.5"):
         linear_decay(1.0, 2.5, 10)
+
+
+# -- any shape (0-d included), every option, several steps: against torch.optim in float64 ---------
+
+# The structure of the options (which terms are on); hypothesis draws their values.
+OPTION_SWITCHES = [
+    ("SGD", dict(momentum=False, dampening=False, nesterov=False, weight_decay=False)),
+    ("SGD", dict(momentum=False, dampening=False, nesterov=False, weight_decay=True)),
+    ("SGD", dict(momentum=True, dampening=False, nesterov=False, weight_decay=False)),
+    ("SGD", dict(momentum=True, dampening=False, nesterov=False, weight_decay=True)),
+    ("SGD", dict(momentum=True, dampening=True, nesterov=False, weight_decay=False)),
+    ("SGD", dict(momentum=True, dampening=True, nesterov=False, weight_decay=True)),
+    ("SGD", dict(momentum=True, dampening=False, nesterov=True, weight_decay=False)),
+    ("SGD", dict(momentum=True, dampening=False, nesterov=True, weight_decay=True)),
+    ("Adam", dict(weight_decay=False)),
+    ("Adam", dict(weight_decay=True)),
+    ("AdamW", dict(weight_decay=False)),
+    ("AdamW", dict(weight_decay=True)),
+]
+OURS = {"SGD": SGD, "Adam": Adam, "AdamW": AdamW}
+THEIRS = {"SGD": torch.optim.SGD, "Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}
+ANY_SHAPES = st.lists(st.just(()) | shapes(min_dims=0, max_dims=3, sides=st.sampled_from([1, 2, 3])),
+                      min_size=1, max_size=4)
+
+
+@st.composite
+def options_for(draw, kind, switches):
+    lr = draw(st.sampled_from([0.0, 0.01, 0.1, 0.7]))
+    wd = draw(st.sampled_from([0.01, 0.1, 0.5])) if switches["weight_decay"] else 0.0
+    if kind == "SGD":
+        momentum = draw(st.sampled_from([0.1, 0.5, 0.9])) if switches["momentum"] else 0.0
+        dampening = draw(st.sampled_from([0.3, 1.0])) if switches["dampening"] else 0.0
+        return dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=switches["nesterov"], weight_decay=wd)
+    betas = draw(st.sampled_from([(0.9, 0.999), (0.0, 0.5), (0.5, 0.0), (0.8, 0.95), (0.0, 0.0)]))
+    return dict(lr=lr, betas=betas, eps=draw(st.sampled_from([1e-8, 1e-3, 0.5])), weight_decay=wd)
+
+
+@pytest.mark.parametrize("kind, switches", OPTION_SWITCHES, ids=[f"{k}-{'-'.join(n for n, on in s.items() if on)}"
+                                                                 for k, s in OPTION_SWITCHES])
+@given(data=st.data(), shapes_=ANY_SHAPES, rng=rngs(), steps=st.integers(1, 5), groups=st.booleans())
+def test_every_option_and_any_shape_match_torch_step_by_step(kind, switches, data, shapes_, rng, steps, groups):
+    """0-d, size-1 and other shapes, each option on or off, several steps: the values torch.optim gives."""
+    options = data.draw(options_for(kind, switches), label="options")
+    ours = [Parameter(np.asarray(rng.standard_normal(s))) for s in shapes_]
+    theirs = [torch.tensor(p.data.copy(), requires_grad=True) for p in ours]
+    arrays = [p.data for p in ours]
+    if groups and len(ours) > 1:  # a second group with its own lr and weight decay
+        opt = OURS[kind]([{"params": ours[:1]}, {"params": ours[1:], "lr": 0.05, "weight_decay": 0.2}], **options)
+        topt = THEIRS[kind]([{"params": theirs[:1]}, {"params": theirs[1:], "lr": 0.05, "weight_decay": 0.2}],
+                            **options)
+    else:
+        opt, topt = OURS[kind](ours, **options), THEIRS[kind](theirs, **options)
+    for step in range(steps):
+        set_grads(rng, ours, theirs, scale=float(rng.choice([0.0, 1.0, 10.0])))
+        opt.step()
+        topt.step()
+        assert_params_close(ours, theirs, f"{kind} {options} step {step}")
+    for p, a in zip(ours, arrays):
+        assert p.data is a  # written in place
+        for name, value in opt.state[p].items():
+            if name != "step":  # every buffer an array of its parameter's shape, 0-d ones included
+                assert type(value) is np.ndarray and value.shape == p.shape and value.dtype == p.data.dtype, name
+
+
+def test_sgd_momentum_and_weight_decay_on_a_0d_parameter_keeps_its_buffer():
+    """Five steps of gradient 1 from 1.0 (lr 0.1, momentum 0.9, weight decay 0.1): torch gives -0.41202571510000024."""
+    p = Parameter(np.array(1.0))
+    opt = SGD([p], lr=0.1, momentum=0.9, weight_decay=0.1)
+    for _ in range(5):
+        p.grad[...] = 1.0
+        opt.step()
+    t = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    topt = torch.optim.SGD([t], lr=0.1, momentum=0.9, weight_decay=0.1)
+    for _ in range(5):
+        t.grad = torch.tensor(1.0, dtype=torch.float64)
+        topt.step()
+    assert_close(p.data, t.detach().numpy(), what="0-d SGD")
+    assert p.data.shape == () and type(opt.state[p]["momentum_buffer"]) is np.ndarray
+
+
+# -- step() is all or nothing ------------------------------------------------------------------------
+
+def optimizer_state(opt, params):
+    return [p.data.copy() for p in params], {id(p): {k: (v.copy() if isinstance(v, np.ndarray) else v)
+                                                      for k, v in s.items()} for p, s in opt.state.items()}
+
+
+def assert_same_state(before, after):
+    (data0, state0), (data1, state1) = before, after
+    for a, b in zip(data0, data1):
+        np.testing.assert_array_equal(a, b)
+    assert state0.keys() == state1.keys()
+    for k in state0:
+        assert state0[k].keys() == state1[k].keys()
+        for name in state0[k]:
+            np.testing.assert_array_equal(state0[k][name], state1[k][name])
+
+
+@pytest.mark.parametrize("kind", ["SGD", "Adam", "AdamW"])
+@given(shapes_=ANY_SHAPES, rng=rngs(), warm=st.integers(0, 2), where=st.data(),
+       failure=st.sampled_from(["overflow", "read-only"]))
+def test_a_step_that_fails_part_way_changes_nothing(kind, shapes_, rng, warm, where, failure):
+    """An error on any parameter (an overflow under np.seterr(all="raise"), a read-only array) leaves every
+    parameter and the whole state as they were, the parameters before it included."""
+    ours = [Parameter(np.asarray(rng.standard_normal(s))) for s in shapes_]
+    opt = OURS[kind](ours, lr=1.0, **({"momentum": 0.9} if kind == "SGD" else {}))
+    for _ in range(warm):
+        for p in ours:
+            p.grad[...] = rng.standard_normal(p.shape)
+        opt.step()
+    bad = where.draw(st.integers(0, len(ours) - 1), label="failing parameter")
+    for p in ours:
+        p.grad[...] = rng.standard_normal(p.shape)
+    before = optimizer_state(opt, ours)
+    if failure == "overflow":  # SGD: p - lr * g overflows; Adam: g * g overflows
+        ours[bad].data[...] = -1.5e308
+        ours[bad].grad[...] = 1.5e308 if kind == "SGD" else 1e200
+        before = optimizer_state(opt, ours)
+        with np.errstate(over="raise", invalid="raise"), pytest.raises(FloatingPointError):
+            opt.step()
+    else:
+        ours[bad].data.flags.writeable = False
+        expect_rejected(opt.step, f"{kind}.step", "params")
+        ours[bad].data.flags.writeable = True
+    assert_same_state(before, optimizer_state(opt, ours))
+
+
+# -- clipping non-finite gradients ------------------------------------------------------------------
+
+@st.composite
+def gradients_with(draw, bad_values):
+    """Gradients of a few parameters, one entry (or more) replaced by a value from ``bad_values``."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    shapes_ = draw(ANY_SHAPES)
+    grads = [np.asarray(rng.standard_normal(s)) for s in shapes_]
+    for _ in range(draw(st.integers(1, 3))):
+        g = grads[draw(st.integers(0, len(grads) - 1))]
+        g[np.unravel_index(draw(st.integers(0, g.size - 1)), g.shape) if g.ndim else ()] = draw(
+            st.sampled_from(bad_values))
+    return grads
+
+
+def params_with(grads):
+    params = [Parameter(np.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad[...] = g
+    return params
+
+
+@given(grads=gradients_with([math.nan, math.inf, -math.inf]), max_norm=st.sampled_from([0.5, 3.0, math.inf]))
+def test_clip_refuses_a_gradient_that_is_not_finite_and_changes_nothing(grads, max_norm):
+    params = params_with(grads)
+    message = expect_rejected(lambda: clip_grad_norm_(params, max_norm), "clip_grad_norm_", "params")
+    first = next(i for i, g in enumerate(grads) if not np.isfinite(g).all())
+    assert "not finite" in message and f"parameter {first}'s gradient holds" in message
+    for p, g in zip(params, grads):
+        np.testing.assert_array_equal(p.grad, g)
+
+
+@given(grads=gradients_with([math.nan, math.inf, -math.inf]), max_norm=st.sampled_from([0.5, 3.0, math.inf]))
+def test_clip_with_error_if_nonfinite_false_scales_as_torch(grads, max_norm):
+    params = params_with(grads)
+    tensors = [torch.zeros(g.shape, dtype=torch.float64, requires_grad=True) for g in grads]
+    for t, g in zip(tensors, grads):
+        t.grad = torch.from_numpy(g.copy())
+    total = clip_grad_norm_(params, max_norm, error_if_nonfinite=False)
+    expected = float(torch.nn.utils.clip_grad_norm_(tensors, max_norm, error_if_nonfinite=False))
+    assert (math.isnan(total) and math.isnan(expected)) or total == expected
+    for p, t in zip(params, tensors):
+        np.testing.assert_array_equal(p.grad, t.grad.numpy())  # NaN where torch has NaN, 0 where it has 0
+
+
+@given(rng=rngs(), exponent=st.integers(160, 300), dtype=st.sampled_from([np.float64, np.float32]))
+def test_clip_measures_finite_gradients_whose_squares_overflow(rng, exponent, dtype):
+    """|g| ~ 1e200 (float64) or ~ 1e30 (float32): the squares overflow, the norm does not, and the clip works."""
+    scale = 10.0 ** (exponent if dtype == np.float64 else exponent // 10)
+    grads = [(rng.standard_normal(s) * scale).astype(dtype) for s in [(3, 2), (4,)]]
+    params = params_with(grads)
+    exact = math.hypot(*(float(x) for g in grads for x in g.ravel()))
+    assert grad_norm(params) == pytest.approx(exact, rel=1e-6)
+    assert clip_grad_norm_(params, 1.0) == pytest.approx(exact, rel=1e-6)
+    assert grad_norm(params) == pytest.approx(1.0, rel=1e-5)

@@ -325,3 +325,170 @@ def test_a_refused_group_is_not_added(make, bad):
     with pytest.raises((ValueError, TypeError)):
         opt.add_param_group(group)
     assert opt.param_groups == groups and len(opt.parameters()) == 2
+
+
+# -- options and state dicts of another optimizer ---------------------------------------------------
+
+MAKERS = {
+    "SGD": lambda ps: SGD(ps, lr=0.1, momentum=0.9),
+    "Adam": lambda ps: Adam(ps, lr=0.01),
+    "AdamW": lambda ps: AdamW(ps, lr=0.01),
+}
+OPTION_NAMES = {"SGD": {"lr", "momentum", "dampening", "nesterov", "weight_decay"},
+                "Adam": {"lr", "betas", "eps", "weight_decay"}, "AdamW": {"lr", "betas", "eps", "weight_decay"}}
+UNKNOWN_KEYS = st.text(min_size=1, max_size=6) | st.sampled_from(["lrr", "momentum", "betas", "amsgrad", "name",
+                                                                  "maximize", "Lr"])
+
+
+@given(kind=st.sampled_from(sorted(MAKERS)), key=UNKNOWN_KEYS, where=st.sampled_from(["constructor", "add", "step"]))
+def test_an_unknown_option_key_is_refused_by_name(kind, key, where):
+    """A misspelt or foreign option (``"lrr"``, SGD's ``"momentum"`` given to Adam) is an error, never ignored."""
+    if key in OPTION_NAMES[kind] | {"params", "names"}:
+        return
+    ps = params()
+    if where == "constructor":
+        call = lambda: MAKERS[kind]([{"params": ps, key: 0.1}])  # noqa: E731
+        func = kind
+    elif where == "add":
+        opt = MAKERS[kind](ps[:1])
+        call = lambda: opt.add_param_group({"params": ps[1:], key: 0.1})  # noqa: E731
+        func = f"{kind}.add_param_group"
+    else:
+        opt = MAKERS[kind](ps)
+        opt.step()
+        before = snapshot(opt, ps)
+        opt.param_groups[0][key] = 0.1  # a trainer's typo
+        call, func = opt.step, f"{kind}.step"
+    with pytest.raises(ValueError) as info:
+        call()
+    message = str(info.value)
+    assert message.startswith(func) and f"argument {key!r} is not an option of {kind}" in message, message
+    assert "expected" in message and "got" in message
+    if where == "step":
+        del opt.param_groups[0][key]
+        assert_unchanged(before, snapshot(opt, ps))
+
+
+@given(source=st.sampled_from(sorted(MAKERS)), target=st.sampled_from(sorted(MAKERS)), steps=st.integers(0, 2),
+       keep_type=st.booleans())
+def test_the_state_of_another_optimizer_is_refused(source, target, steps, keep_type):
+    """SGD's state into Adam (and Adam's into AdamW): refused by its type, or by its options when the type is gone."""
+    if source == target:
+        return
+    src_params, dst_params = params(0), params(1)
+    src, dst = MAKERS[source](src_params), MAKERS[target](dst_params)
+    for _ in range(steps):
+        src.step()
+    dst.step()
+    before = snapshot(dst, dst_params)
+    sd = src.state_dict()
+    assert sd["type"] == source
+    if not keep_type:
+        del sd["type"]
+        if OPTION_NAMES[source] == OPTION_NAMES[target]:
+            return  # Adam and AdamW have the same options and state: only the type tells them apart
+    expect_rejected(lambda: dst.load_state_dict(sd), f"{target}.load_state_dict", "state_dict")
+    assert_unchanged(before, snapshot(dst, dst_params))
+
+
+BAD_INDEX_KEYS = st.sampled_from(["²", "٣", "01", "00", "+1", "-1", " 1", "1 ", "1.0", "1_0", "0x1", "", "one", "１"])
+
+
+@given(key=BAD_INDEX_KEYS | st.text(max_size=3).filter(lambda k: not (k.isascii() and k.isdigit())),
+       kind=st.sampled_from(sorted(MAKERS)))
+def test_state_keys_are_decimal_indices(key, kind):
+    """A state key is "0", "1", ... exactly: "²" (which str.isdigit accepts and int() refuses), "01", "+1" are not."""
+    ps = params()
+    opt = MAKERS[kind](ps)
+    opt.step()
+    sd = opt.state_dict()
+    sd["state"][key] = sd["state"].pop("1")
+    before = snapshot(opt, ps)
+    message = expect_rejected(lambda: opt.load_state_dict(sd), f"{kind}.load_state_dict", "state_dict")
+    assert "names no parameter" in message
+    assert_unchanged(before, snapshot(opt, ps))
+
+
+@given(kind=st.sampled_from(sorted(MAKERS)), twin=st.sampled_from(["01", 1, "1"]))
+def test_one_parameter_state_given_twice_is_refused(kind, twin):
+    """Keys "1" and 1 (or "1" and "01") both name parameter 1: refused, not last-one-wins."""
+    ps = params()
+    opt = MAKERS[kind](ps)
+    opt.step()
+    sd = opt.state_dict()
+    state = dict(sd["state"])
+    if twin == "1":
+        state = {**{k: v for k, v in state.items() if k != "1"}, 1: state["1"], "1": state["1"]}
+    else:
+        state[twin] = state["1"]
+    sd["state"] = state
+    expect_rejected(lambda: opt.load_state_dict(sd), f"{kind}.load_state_dict", "state_dict")
+
+
+@given(kind=st.sampled_from(sorted(MAKERS)),
+       edit=st.sampled_from(["extra option", "missing option", "top-level key"]))
+def test_a_state_dict_with_foreign_or_missing_options_is_refused(kind, edit):
+    ps = params()
+    opt = MAKERS[kind](ps)
+    sd = opt.state_dict()
+    if edit == "extra option":
+        sd["param_groups"][0]["amsgrad"] = False
+    elif edit == "missing option":
+        del sd["param_groups"][0]["lr"]
+    else:
+        sd["scheduler"] = {}
+    before = snapshot(opt, ps)
+    expect_rejected(lambda: opt.load_state_dict(sd), f"{kind}.load_state_dict", "state_dict")
+    assert_unchanged(before, snapshot(opt, ps))
+
+
+@given(kind=st.sampled_from(sorted(MAKERS)), keep_type=st.booleans(), int_keys=st.booleans())
+def test_its_own_state_dict_loads(kind, keep_type, int_keys):
+    """The checks refuse only what they should: its own state, with or without "type", with int or text keys."""
+    ps = params()
+    opt = MAKERS[kind](ps)
+    opt.step()
+    sd = opt.state_dict()
+    if not keep_type:
+        del sd["type"]
+    if int_keys:
+        sd["state"] = {int(k): v for k, v in sd["state"].items()}
+    other = MAKERS[kind](params(1))
+    other.load_state_dict(sd)
+    assert other.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
+    for k, entry in opt.state_dict()["state"].items():
+        for name, value in entry.items():
+            np.testing.assert_array_equal(other.state_dict()["state"][k][name], value)
+
+
+# -- schedules: exact landmarks -------------------------------------------------------------------
+
+RATES = st.sampled_from([0.1, 0.3, 1 / 3, 0.7, 3e-4, 6e-4, 1.0, 2.5]) | st.floats(1e-6, 10)
+
+
+@given(lr=RATES, end_fraction=st.sampled_from([0.0, 0.1, 0.5, 1.0]) | st.floats(0, 1), total=st.integers(0, 120),
+       step=st.integers(0, 150))
+def test_schedules_never_leave_their_interval_and_hit_their_landmarks_exactly(lr, end_fraction, total, step):
+    """For every warmup from 0 to 40: the rate at any step lies in [0, lr] ([end, lr] after warmup), and is
+    exactly lr at the end of warmup and the start of the decay, exactly the end value from the end on."""
+    end = lr * end_fraction
+    for warmup in range(41):
+        for schedule in (warmup_cosine(lr, end, warmup, total), linear_decay(lr, warmup, total, end)):
+            for s in {step, max(warmup - 1, 0), warmup, total, max(warmup, total)}:
+                value = schedule(s)
+                assert 0.0 <= value <= lr, (schedule, s)  # exactly: not one rounding step above lr
+                if s >= warmup:
+                    assert end <= value <= lr, (schedule, s)
+                if s == warmup - 1 or (s == warmup and total > warmup):
+                    assert value == lr, (schedule, s)  # the end of warmup, and the start of the decay
+                if s >= max(warmup, total):
+                    assert value == end, (schedule, s)
+
+
+@pytest.mark.parametrize("schedule, step, expected", [
+    (warmup_cosine(0.1, 0, 3, 10), 2, 0.1), (linear_decay(0.1, 3, 10), 2, 0.1),
+    (warmup_cosine(0.3, 0.03, 5, 100), 5, 0.3), (linear_decay(0.3, 5, 100, 0.03), 5, 0.3),
+    (warmup_cosine(0.3, 0.03, 0, 0), 0, 0.03), (linear_decay(0.3, 0, 0, 0.03), 7, 0.03),
+])
+def test_schedule_boundaries_are_exact(schedule, step, expected):
+    assert schedule(step) == expected
