@@ -5,8 +5,9 @@ Reported in one run, on one machine, with one thread count:
 - tokens/s of npformer (float32 by default);
 - model-FLOP utilisation: achieved matmul FLOP/s (``flops_per_token`` x tokens/s)
   over the float32 matmul FLOP/s NumPy reaches on this machine, measured here;
-- the same step in a torch CPU twin of the same config (if torch is installed) and
-  the ratio npformer / torch;
+- the same step in a torch CPU twin of the same config (if torch is installed and
+  ``torch_twin`` is on, i.e. no ``--no-torch``) and the ratio npformer / torch; the
+  result's ``torch_twin`` says which: ``"ran"``, ``"skipped"`` or ``"torch not installed"``;
 - which BLAS NumPy runs, and with how many threads (threadpoolctl, if installed).
 
 ``--json`` ends the output with one JSON line holding all of it.
@@ -116,6 +117,7 @@ def run(cfg: GPTConfig = REFERENCE, batch: int = 16, steps: int = 5, torch_twin:
     }
     log(f"npformer: {result['tokens_per_s']:,.0f} tok/s ({t_np * 1e3:.0f} ms/step), MFU {result['mfu']:.1%}")
     twin = time_torch(cfg, batch, steps) if torch_twin else None
+    result["torch_twin"] = "ran" if twin is not None else "torch not installed" if torch_twin else "skipped"
     t_torch = None if twin is None else twin["step_s"]
     result["torch_tokens_per_s"] = None if t_torch is None else tokens / t_torch
     result["ratio_vs_torch"] = None if t_torch is None else t_torch / t_np
@@ -124,8 +126,10 @@ def run(cfg: GPTConfig = REFERENCE, batch: int = 16, steps: int = 5, torch_twin:
         result["machine"]["torch_threads"] = twin["threads"]
         log(f"torch twin: {result['torch_tokens_per_s']:,.0f} tok/s ({t_torch * 1e3:.0f} ms/step); "
             f"npformer / torch = {result['ratio_vs_torch']:.2f}x")
-    else:
+    elif torch_twin:
         log("torch twin: not run (torch not installed)")
+    else:
+        log("torch twin: skipped (--no-torch)")
     return result
 
 

@@ -5,8 +5,12 @@ that names the option, in argparse's style, and exit status 2::
 
     npformer train: error: argument --steps: expected an integer >= 1, got 0
 
-An unknown flag prints the subcommand's usage before that line. ``main`` returns the
-exit status rather than exiting, so it can be called in-process.
+An unknown flag prints the subcommand's usage before that line; flags are never
+abbreviated (``--ov`` is unknown, not ``--overwrite``). A failure while working (a run
+that diverges, a model whose logits are NaN, a file that cannot be written) is one line
+too, with exit status 1; Ctrl-C saves what training has done, says so in one line and
+exits with 130. ``main`` returns the exit status rather than exiting, so it can be
+called in-process.
 """
 
 from __future__ import annotations
@@ -22,7 +26,15 @@ import numpy as np
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors for a bad option value; usage only for unknown or missing arguments."""
+    """argparse with one-line errors for a bad option value; usage only for unknown or missing arguments.
+
+    Abbreviated flags are not accepted (``allow_abbrev=False``, also in the subcommands' parsers,
+    which argparse makes of this class): ``--ov`` must not silently mean ``--overwrite``.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         if message.startswith("argument "):
@@ -36,6 +48,14 @@ class OptionError(Exception):
     def __init__(self, flag: str, reason: str):
         super().__init__(f"argument {flag}: {reason}")
         self.flag, self.reason = flag, reason
+
+
+class CommandFailed(Exception):
+    """A command that could not finish: one line, and the exit status (1, or 130 for Ctrl-C)."""
+
+    def __init__(self, message: str, status: int = 1, prefix: str = "error: "):
+        super().__init__(message)
+        self.status, self.prefix = status, prefix
 
 
 def flag(name: str) -> str:
@@ -62,7 +82,7 @@ def _add_train(sub) -> argparse.ArgumentParser:
                    help="JSON object of TrainConfig fields; flags given here override it (default: none)")
     metavars = {"data": "FILE", "out_dir": "DIR"}
     for f in fields(TrainConfig):
-        text = f"{FIELD_HELP[f.name]} (default: {f.default!r})"
+        text = f"{FIELD_HELP[f.name]} (default: {f.default!r})".replace("%", "%%")  # argparse formats help
         if f.type in ("bool", bool):
             p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                            help=text)
@@ -74,21 +94,25 @@ def _add_train(sub) -> argparse.ArgumentParser:
 
 
 def _resolve_train(args: argparse.Namespace):
-    """The TrainConfig to run, and where each field came from ("flag", "config", "checkpoint", "default").
+    """The TrainConfig to run, where each field came from ("flag", "config", "checkpoint", "default"),
+    and the checkpoint that supplied settings (None without --resume).
 
     Precedence: flags > the --config file > the checkpoint's settings (with --resume) > defaults.
+    The checkpoint read is the one in --out-dir as given now (default runs/gpt): the folder,
+    and the other fields of ``NOT_INHERITED``, are never taken from it. The data file is (it
+    is the text the run was trained on, checked by content), unless --data is given.
     """
     from . import checkpoint
-    from .train import CHOICES, NOT_INHERITED, TrainConfig, saved_runs
+    from .train import CHOICES, NOT_INHERITED, TrainConfig, both_formats, describe_path, saved_runs
 
     names = {f.name for f in fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in names}
     from_file: Dict[str, object] = {}
     if hasattr(args, "config"):
         path = Path(args.config)
-        if not path.is_file():
-            raise OptionError("--config", f"expected a JSON file of TrainConfig fields, got {args.config!r} "
-                                          f"({'a folder' if path.is_dir() else 'no such file'})")
+        why = describe_path(path)
+        if why is not None:
+            raise OptionError("--config", f"expected a JSON file of TrainConfig fields, got {args.config!r} ({why})")
         try:
             from_file = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -100,44 +124,68 @@ def _resolve_train(args: argparse.Namespace):
         if unknown:
             raise OptionError("--config", f"expected TrainConfig fields, got unknown {unknown} in {args.config!r}")
     merged = {**from_file, **given}
+    if merged.get("resume") is True and merged.get("overwrite") is True:  # before looking for the run
+        raise OptionError("--overwrite", "cannot be combined with --resume (continue a run, or replace it)")
     from_checkpoint: Dict[str, object] = {}
+    found = None
     out_dir, fmt = merged.get("out_dir", TrainConfig.out_dir), merged.get("checkpoint_format")
     # A bad out_dir or format is left to TrainConfig.validate, which names it.
-    if merged.get("resume") is True and isinstance(out_dir, str) and out_dir and fmt in (None, *CHOICES[
-            "checkpoint_format"]):
+    if merged.get("resume") is True and isinstance(out_dir, str) and out_dir and "\x00" not in out_dir \
+            and fmt in (None, *CHOICES["checkpoint_format"]):
+        both = both_formats(out_dir)
+        if both:
+            raise OptionError("--resume", f"expected one run in {out_dir}, but {both}")
         runs = saved_runs(out_dir)
-        path = Path(out_dir) / f"ckpt.{fmt}" if fmt else (runs[0] if runs else None)
-        if path is None or not path.is_file():
-            where = path if path is not None else f"{out_dir}/ckpt.npz"
+        found = Path(out_dir) / f"ckpt.{fmt}" if fmt else (runs[0] if runs else None)
+        if found is None or not found.is_file():
+            where = found if found is not None else f"{out_dir}/ckpt.npz"
             raise OptionError("--resume", f"expected a run to resume, but there is no {where} "
                                           f"(train one first, without --resume, or pass its --out-dir)")
         try:
-            saved = checkpoint.load(path).get("config")
+            saved = checkpoint.load(found).get("config")
         except checkpoint.CheckpointError as e:
             raise OptionError("--resume", str(e))
         saved = saved if isinstance(saved, dict) else {}  # train() says what the checkpoint lacks
         from_checkpoint = {k: v for k, v in saved.items() if k in names and k not in NOT_INHERITED}
         if fmt is None:
-            from_checkpoint["checkpoint_format"] = path.suffix[1:]
+            from_checkpoint["checkpoint_format"] = found.suffix[1:]
+        data = from_checkpoint.get("data")
+        if "data" not in merged and isinstance(data, str) and data not in ("", "default"):
+            why = describe_path(data)
+            if why is not None:
+                relative = "" if Path(data).is_absolute() else ", read from the current folder"
+                state = "does not exist" if why == "no such file" else f"is {why}"
+                raise OptionError("--data", f"not given, so the run's own text file was wanted, but {data!r} (the "
+                                            f"path saved in {found}{relative}) {state}: pass --data FILE with "
+                                            f"the text the run was trained on")
     values = {**from_checkpoint, **merged}
     source = {name: ("flag" if name in given else "config" if name in from_file
                      else "checkpoint" if name in from_checkpoint else "default") for name in names}
-    return TrainConfig(**values), source
+    return TrainConfig(**values), source, found
 
 
 def _run_train(args) -> int:
     from . import checkpoint
-    from .train import ConfigError, train
+    from .train import ConfigError, TrainingDiverged, TrainingInterrupted, train
 
-    cfg, source = _resolve_train(args)
+    cfg, source, found = _resolve_train(args)
     try:
         summary = train(cfg)
     except ConfigError as e:
         if source.get(e.field) == "config":
             raise OptionError("--config", f"field '{e.field}' in {args.config!r} {e.reason}") from None
+        if source.get(e.field) == "checkpoint":
+            raise OptionError(flag(e.field), f"{e.reason} ({flag(e.field)} was not given: "
+                                             f"{getattr(cfg, e.field)!r} is the value saved in {found})") from None
         raise OptionError(flag(e.field), e.reason) from None
     except checkpoint.CheckpointError as e:
         raise OptionError("--resume", str(e)) from None
+    except TrainingDiverged as e:
+        raise CommandFailed(str(e)) from None
+    except TrainingInterrupted as e:
+        raise CommandFailed(str(e), status=130, prefix="") from None
+    except OSError as e:  # a file that cannot be written while training (a full disk, a folder removed)
+        raise CommandFailed(f"{e.strerror or e}: {e.filename}" if e.filename else str(e)) from None
     if summary["steps_run"] == 0:
         return 0  # a finished run: train() has said so and how to extend it
     losses = ", ".join(f"{k} loss {summary[f'{k}_loss']:.4f}" for k in ("train", "val")
@@ -151,14 +199,20 @@ def _run_train(args) -> int:
 
 
 # -- sample -----------------------------------------------------------------------------------------
+MAX_SAMPLE_TOKENS = 100_000  # sample --tokens at most this (a bigger number is a typo, and would run for hours)
+
+
 def _add_sample(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample text from a training checkpoint",
                        description="Continue a prompt with a model saved by npformer train.")
-    p.add_argument("--checkpoint", metavar="FILE", default="runs/gpt/ckpt.npz",
-                   help="checkpoint written by npformer train (default: runs/gpt/ckpt.npz)")
-    p.add_argument("--prompt", default="\n",
-                   help="text to continue; every character must be in the model's vocabulary (default: a newline)")
-    p.add_argument("--tokens", type=int, default=300, help="characters to sample, >= 0 (default: 300)")
+    p.add_argument("--checkpoint", metavar="PATH", default="runs/gpt",
+                   help="checkpoint written by npformer train, or its run folder (then the ckpt.npz or "
+                        "ckpt.safetensors in it) (default: runs/gpt)")
+    p.add_argument("--prompt", default=None,
+                   help="text to continue; every character must be in the model's vocabulary (default: a newline, "
+                        "or the first character of the run's text if it has none, as training samples)")
+    p.add_argument("--tokens", type=int, default=300,
+                   help=f"characters to sample, 0 to {MAX_SAMPLE_TOKENS} (default: 300)")
     p.add_argument("--temperature", type=float, default=0.8,
                    help="softmax temperature, >= 0; 0 picks the most likely token (default: 0.8)")
     p.add_argument("--top-k", type=int, default=None,
@@ -172,27 +226,64 @@ def _add_sample(sub) -> argparse.ArgumentParser:
     return p
 
 
+def _sample_checkpoint(given: str) -> Path:
+    """The checkpoint file that ``--checkpoint`` names: a file, or a run folder holding exactly one."""
+    from .train import CHOICES, both_formats, describe_path, saved_runs
+
+    path = Path(given)
+    if path.is_dir():
+        runs = saved_runs(path)
+        if not runs:
+            raise OptionError("--checkpoint", f"expected a checkpoint file or a run folder, but the folder {path} "
+                                              f"holds no ckpt.npz or ckpt.safetensors (train a model first with "
+                                              f"npformer train --out-dir {path})")
+        path = runs[0]
+    else:
+        why = describe_path(path)
+        if why == "no such file":
+            others = saved_runs(path.parent)
+            hint = f"; there is {others[0]}" if others else "; train a model first with npformer train"
+            raise OptionError("--checkpoint", f"expected a checkpoint file or a run folder, but there is no "
+                                              f"{path}{hint}")
+        if why is not None:
+            raise OptionError("--checkpoint", f"expected a checkpoint file or a run folder, got {path}, {why}")
+    if path.name in {f"ckpt.{fmt}" for fmt in CHOICES["checkpoint_format"]}:
+        both = both_formats(path.parent)
+        if both:
+            raise OptionError("--checkpoint", f"expected one run in {path.parent}, but {both}")
+    return path
+
+
+def _default_prompt(state, tok) -> str:
+    """What training samples from: the checkpoint's saved prompt, else a newline, else the vocabulary's first
+    character (for a checkpoint saved before the prompt was)."""
+    saved = state.get("sample_prompt")
+    for candidate in ([saved] if isinstance(saved, str) and saved else []) + ["\n"]:
+        try:
+            tok.encode_array(candidate)
+            return candidate
+        except ValueError:
+            continue
+    return tok.decode([0])
+
+
 def _run_sample(args) -> int:
     from . import checkpoint
-    from .generate import generate
+    from .generate import NonFiniteLogitsError, generate
     from .models.gpt import GPT, GPTConfig
     from .ops._checks import check_count, check_real
-    from .train import saved_runs, tokenizer_from_checkpoint
+    from .train import nonfinite_weights, tokenizer_from_checkpoint
 
-    check_option("tokens", check_count, args.tokens, lo=0)
+    check_option("tokens", check_count, args.tokens, lo=0, hi=MAX_SAMPLE_TOKENS)
     check_option("temperature", check_real, args.temperature, lo=0.0)
     if args.top_k is not None:
         check_option("top_k", check_count, args.top_k, lo=1)
     if args.top_p is not None:
         check_option("top_p", check_real, args.top_p, lo=0.0, hi=1.0)
     check_option("seed", check_count, args.seed, lo=0)
-    if not args.prompt:
+    if args.prompt is not None and not args.prompt:
         raise OptionError("--prompt", "expected at least one character, got ''")
-    path = Path(args.checkpoint)
-    if not path.is_file():
-        others = saved_runs(path.parent)
-        hint = f"; there is {others[0]}" if others else "; train a model first with npformer train"
-        raise OptionError("--checkpoint", f"expected a checkpoint file, but there is no {path}{hint}")
+    path = _sample_checkpoint(args.checkpoint)
     try:
         state = checkpoint.load(path)
         tok = tokenizer_from_checkpoint(state, str(path))
@@ -200,12 +291,23 @@ def _run_sample(args) -> int:
         model.load_state_dict(state["model"])
     except (checkpoint.CheckpointError, ValueError, TypeError, KeyError) as e:
         raise OptionError("--checkpoint", f"expected a model saved by npformer train, got {path}: {e}") from None
+    bad = nonfinite_weights(model)
+    if bad:
+        raise OptionError("--checkpoint", f"expected a model with finite weights, got {path}, whose {bad} "
+                                          f"(a diverged run)")
+    text = args.prompt if args.prompt is not None else _default_prompt(state, tok)
     try:
-        prompt = tok.encode_array(args.prompt)[None]  # (1, T0)
+        prompt = tok.encode_array(text)[None]  # (1, T0)
     except ValueError as e:
+        if args.prompt is None:
+            raise OptionError("--prompt", f"not given, and the default prompt {text!r} is not in the model's "
+                                          f"vocabulary: pass --prompt TEXT ({e})") from None
         raise OptionError("--prompt", f"expected characters of the model's vocabulary: {e}") from None
-    out = generate(model, prompt, args.tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   rng=np.random.default_rng(args.seed), use_cache=not args.no_cache)
+    try:
+        out = generate(model, prompt, args.tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       rng=np.random.default_rng(args.seed), use_cache=not args.no_cache)
+    except NonFiniteLogitsError as e:
+        raise CommandFailed(f"{path}: {e}") from None
     print(tok.decode(out[0].tolist()))
     return 0
 
@@ -274,9 +376,11 @@ RUNNERS = {"train": _run_train, "sample": _run_sample, "bench": _run_bench}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run one subcommand; returns the exit status (0 ok, 1 a failed check, 2 a bad option)."""
+    """Run one subcommand; returns the exit status (0 ok, 1 a failure while working, 2 a bad option,
+    130 interrupted by Ctrl-C)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, subs = build_parser()
+    prog = subs[argv[0]].prog if argv and argv[0] in subs else parser.prog
     try:
         if argv[:1] == ["gradcheck"]:
             from .gradcheck import main as gradcheck_main
@@ -289,9 +393,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else 2
     except OptionError as e:
-        prog = subs[argv[0]].prog if argv and argv[0] in subs else parser.prog
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except CommandFailed as e:
+        print(f"{prog}: {e.prefix}{e}", file=sys.stderr)
+        return e.status
+    except KeyboardInterrupt:  # before or after training's own handling (which saves): no traceback
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

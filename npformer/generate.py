@@ -16,6 +16,11 @@ The options, checked before any work:
   kept, so ``top_p=0`` keeps it alone and ``top_p=1`` keeps everything.
 
 Order: temperature, then top-k, then top-p, then one inverse-CDF draw per row.
+
+``generate`` checks the model's logits at every step it samples from (a cheap test of
+the last position's row) and raises ``NonFiniteLogitsError`` on a NaN or +inf, or a row
+with no finite logit, rather than sampling from them: a model with NaN weights (a
+diverged run) would otherwise "sample" token 0 forever.
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ from typing import Optional
 import numpy as np
 
 from .ops._checks import check_bool, check_count, check_float, check_int, check_ndim, check_real
+
+
+class NonFiniteLogitsError(ValueError):
+    """The model gave logits that cannot be sampled from (NaN, +inf, or no finite entry in a row)."""
 
 
 def _check_logits(op: str, logits: object) -> np.ndarray:
@@ -41,6 +50,16 @@ def _check_logits(op: str, logits: object) -> np.ndarray:
         raise ValueError(f"{op}: argument 'logits' expected a finite logit in every row, "
                          f"got row {int(np.argmax(hopeless))} all -inf")
     return logits
+
+
+def _check_model_logits(op: str, last: np.ndarray, i: int) -> None:
+    """The logits (B, V) a model gave for new token ``i``: ``NonFiniteLogitsError`` if they cannot be sampled."""
+    nan, posinf = int(np.isnan(last).sum()), int(np.isposinf(last).sum())
+    hopeless = ~np.isfinite(last).any(axis=-1)
+    if nan or posinf or hopeless.any():
+        what = (f"{nan} NaN and {posinf} +inf" if nan or posinf else f"row {int(np.argmax(hopeless))} all -inf")
+        raise NonFiniteLogitsError(f"{op}: the model's logits for new token {i} hold {what}, which cannot be "
+                                   f"sampled from (are its weights finite? a diverged run gives NaN)")
 
 
 def _check_options(op: str, temperature: object = 1.0, top_k: object = None, top_p: object = None) -> None:
@@ -142,21 +161,30 @@ def generate(model, ids: np.ndarray, max_new_tokens: int, *, temperature: float 
     was_training = model.training
     model.eval()
     T_max = model.cfg.block_size
-    B = ids.shape[0]
-    out = ids.astype(np.int64)  # a copy
+    B, T0 = ids.shape
+    try:
+        out = np.empty((B, T0 + max_new_tokens), dtype=np.int64)
+    except (MemoryError, ValueError, OverflowError):
+        raise ValueError(f"{op}: argument 'max_new_tokens' expected a count whose output fits in memory, "
+                         f"got {max_new_tokens}") from None
+    out[:, :T0] = ids
     try:
         caches = model.make_kv_caches(B) if use_cache and max_new_tokens else None
-        pending = out
-        for _ in range(max_new_tokens):
-            if caches is not None and caches[0].length + pending.shape[1] > T_max:
+        start = 0  # the first position the model has not seen yet (cached path)
+        for i in range(max_new_tokens):
+            end = T0 + i  # out[:, :end] is known
+            if caches is not None and caches[0].length + (end - start) > T_max:
                 # The window is full: positions shift, so the cache is rebuilt from the last T_max tokens
                 # (exactly what the uncached path sees).
-                caches, pending = model.make_kv_caches(B), out[:, -T_max:]
-            context = pending if caches is not None else out[:, -T_max:]
-            logits, _ = model.forward(context, kv_caches=caches)
-            nxt = _sample(logits[:, -1], rng, temperature, top_k, top_p)
-            out = np.concatenate([out, nxt[:, None]], axis=1)
-            pending = out[:, -1:]
+                caches, start = model.make_kv_caches(B), end - T_max
+            context = out[:, start:end] if caches is not None else out[:, max(0, end - T_max):end]
+            with np.errstate(over="ignore", invalid="ignore"):  # the logits are checked below
+                logits, _ = model.forward(context, kv_caches=caches)
+            last = logits[:, -1]  # (B, V)
+            if not np.isfinite(last).all():  # the cheap test; the details only when it fails
+                _check_model_logits(op, last, i)
+            out[:, end] = _sample(last, rng, temperature, top_k, top_p)
+            start = end
     finally:
         model.train(was_training)
     return out

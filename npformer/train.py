@@ -2,33 +2,48 @@
 
 ``python -m npformer train`` runs ``train(TrainConfig(...))``: AdamW with warmup +
 cosine decay, gradient clipping, periodic validation and samples, an atomic
-checkpoint (model, optimizer, RNG streams, step, the data's fingerprint), and a
-loss-curve PNG. With ``resume=True`` it continues from the checkpoint so that every
-later loss equals the one an uninterrupted run would have printed.
+checkpoint (model, optimizer, RNG streams, step, the data's fingerprint and split),
+and a loss-curve PNG. With ``resume=True`` it continues from the checkpoint in
+``out_dir`` so that every later loss equals the one an uninterrupted run would have
+printed.
 
 Every option is checked before any work, and a bad one raises ``ConfigError``
 naming the field (the command line turns it into ``argument --field: ...``):
 
 - ``TrainConfig.validate`` checks each field on its own (types, ranges, choices,
-  that ``n_head`` divides ``d_model``, that ``data`` names a file);
+  that ``n_head`` divides ``d_model``, that ``data`` names a regular file, that
+  ``out_dir`` is or can become a folder, that ``stop_at`` is at most ``steps``);
 - ``train`` then checks what needs the checkpoint or the data: a run is never
-  overwritten without ``overwrite=True``; a resumed run must find its checkpoint,
-  keep its model, seed and data (the same text, hence the same vocabulary), and
-  have steps left; the text must be long enough for ``block_size``; and the
-  estimated memory of a training step must fit in the memory available.
+  overwritten without ``overwrite=True``; a resumed run must find exactly one
+  checkpoint, whose every entry (weights, optimizer state, RNG streams, history) fits
+  the run, keep its model, seed and data (the same text, hence the same vocabulary),
+  and have steps left; the text must be long enough for ``block_size`` and
+  ``val_fraction``; and the estimated memory of a training step must fit in the
+  memory available.
 
 Nothing is written (not even ``out_dir``) until all of that has passed.
+
+While it trains, ``train`` stops with ``TrainingDiverged`` (saving nothing) as soon as
+the training loss, the gradient norm, the validation loss or a weight is not finite,
+and a Ctrl-C (``KeyboardInterrupt``) saves the steps done since the last checkpoint
+and raises ``TrainingInterrupted``, so that ``resume=True`` continues bit for bit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
+import signal
+import stat
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Dict, List, Optional
+from types import SimpleNamespace
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -38,10 +53,14 @@ from .data.bpe import ByteBPE
 from .data.char import CharTokenizer
 from .data.corpus import default_corpus, get_batch, train_val_split
 from .data.vocab import check_vocab, tokenizer_difference
-from .generate import generate
+from .generate import NonFiniteLogitsError, generate
 from .models.gpt import GPT, GPTConfig
 from .ops._checks import check_bool, check_count, check_real
 from .optim import AdamW, clip_grad_norm_, param_groups, warmup_cosine
+
+# Upper bounds of the per-validation work (a larger value is a typo, not a plan).
+MAX_EVAL_BATCHES = 1000
+MAX_SAMPLE_TOKENS = 10_000
 
 
 @dataclass
@@ -97,11 +116,14 @@ class TrainConfig:
         """Check every field on its own; raises ``ConfigError`` naming the first bad one."""
         _field(self, "data", _check_data)
         _field(self, "val_fraction", check_real, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
-        for name in ("n_layer", "n_head", "d_model", "block_size", "steps", "batch_size", "eval_interval",
-                     "eval_batches"):
+        for name in ("n_layer", "n_head", "d_model", "block_size", "steps", "batch_size", "eval_interval"):
             _field(self, name, check_count, lo=1)
-        for name in ("warmup", "sample_tokens", "seed", "stop_at"):
+        _field(self, "eval_batches", check_count, lo=1, hi=MAX_EVAL_BATCHES)
+        _field(self, "sample_tokens", check_count, lo=0, hi=MAX_SAMPLE_TOKENS)
+        for name in ("warmup", "seed", "stop_at"):
             _field(self, name, check_count, lo=0)
+        if self.stop_at > self.steps:
+            raise ConfigError("stop_at", f"expected 0 or a step at most --steps = {self.steps}, got {self.stop_at}")
         if self.d_model % self.n_head:
             raise ConfigError("n_head", f"expected a divisor of d_model = {self.d_model}, got {self.n_head}")
         _field(self, "dropout", check_real, lo=0.0, hi=1.0, hi_open=True)
@@ -112,10 +134,7 @@ class TrainConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(name, f"expected one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if not isinstance(self.out_dir, str) or not self.out_dir:
-            raise ConfigError("out_dir", f"expected a folder name, got {self.out_dir!r}")
-        if Path(self.out_dir).exists() and not Path(self.out_dir).is_dir():
-            raise ConfigError("out_dir", f"expected a folder, got {self.out_dir!r}, which is a file")
+        _check_out_dir(self.out_dir)
         for name in ("resume", "progress", "overwrite"):
             _field(self, name, check_bool)
         if self.resume and self.overwrite:
@@ -123,41 +142,54 @@ class TrainConfig:
         return self
 
 
+# How the text is split (see ``split_tokens``): chunks of SPLIT_CHUNK tokens where that gives a
+# validation share within SPLIT_TOLERANCE of val_fraction (relative to the smaller of the two
+# shares), else shorter chunks down to SPLIT_MIN_CHUNK, else the text's last part.
+SPLIT_CHUNK = 4096
+SPLIT_MIN_CHUNK = 512
+SPLIT_TOLERANCE = 0.1
+
 # One line of help per field (the command line's --help shows it with the default).
 FIELD_HELP = {
-    "data": "'default' (text from the standard library's help and docstrings) or a UTF-8 text file",
-    "val_fraction": "fraction of the text held out for the validation loss, in (0, 1)",
+    "data": "'default' (text from the standard library's help and docstrings) or a UTF-8 text file; with "
+            "--resume the run's own file unless given, and its content must be the checkpoint's",
+    "val_fraction": f"fraction of the text held out for the validation loss, in (0, 1): random chunks of "
+                    f"{SPLIT_CHUNK} characters, shorter ones (down to {SPLIT_MIN_CHUNK}) or else the text's "
+                    f"end when needed to hold the fraction within {SPLIT_TOLERANCE:.0%} (the split is printed)",
     "n_layer": "transformer blocks",
     "n_head": "attention heads; must divide --d-model",
     "d_model": "width of the residual stream",
     "block_size": "context length in tokens",
     "dropout": "dropout rate, in [0, 1)",
     "dtype": "floating-point type of weights and activations",
-    "steps": "optimisation steps of the whole run (resume with a larger value to extend a finished run)",
+    "steps": "optimisation steps of the whole run; --resume with a larger value extends a run, and the cosine "
+             "schedule is then stretched to the new total, so the learning rate rises again (it is printed)",
     "batch_size": "sequences per step",
-    "lr": "peak learning rate, reached after the warmup",
+    "lr": "peak learning rate, reached after the warmup (a run whose loss becomes NaN or inf stops: lower it)",
     "min_lr": "learning rate at the end of the cosine decay (at most --lr)",
     "warmup": "steps of linear learning-rate warmup",
     "weight_decay": "AdamW weight decay of the weight matrices",
     "grad_clip": "clip the global gradient norm to this value",
     "eval_interval": "every this many steps: validation loss, a sample and a checkpoint",
-    "eval_batches": "batches averaged for the validation loss",
-    "sample_tokens": "characters sampled at each validation (0: no sample)",
-    "out_dir": "run folder: checkpoint ckpt.<format> and loss.png",
+    "eval_batches": f"batches averaged for the validation loss, 1 to {MAX_EVAL_BATCHES}",
+    "sample_tokens": f"characters sampled at each validation, 0 (no sample) to {MAX_SAMPLE_TOKENS}",
+    "out_dir": "run folder: checkpoint ckpt.<format> and loss.png (also the folder --resume reads and writes)",
     "checkpoint_format": "checkpoint file format",
     "seed": "seed of the initialisation, the batches and dropout",
-    "resume": "continue the run saved in --out-dir with its own settings (flags given here override them)",
-    "stop_at": "if > 0, save and stop after this many steps (to --resume later)",
+    "resume": "continue the run saved in --out-dir with its own settings (flags given here override them; "
+              "--out-dir is never taken from the checkpoint)",
+    "stop_at": "if > 0, save and stop after this many steps, at most --steps (to --resume later)",
     "progress": "progress bar with loss, tokens/s and time left",
-    "overwrite": "replace a run already saved in --out-dir (otherwise refused)",
+    "overwrite": "replace a run already saved in --out-dir, in either checkpoint format (otherwise refused)",
 }
 CHOICES = {"dtype": ("float32", "float64"), "checkpoint_format": ("npz", "safetensors")}
 # What a resumed run must share with its checkpoint: the model, the data split, and the parameter
 # groups' decay, all of which the saved state depends on. The text itself is compared by content.
 FIXED_ON_RESUME = ("val_fraction", "n_layer", "n_head", "d_model", "block_size", "dropout", "dtype",
                    "weight_decay", "seed")
-# Fields a resumed run does not take from its checkpoint: they say what to do this time.
-NOT_INHERITED = ("resume", "overwrite", "stop_at")
+# Fields a resumed run does not take from its checkpoint: they say what to do this time, or where
+# (the run folder is the one named now, never the one the checkpoint was first written in).
+NOT_INHERITED = ("resume", "overwrite", "stop_at", "out_dir", "progress")
 
 
 class ConfigError(ValueError):
@@ -168,6 +200,36 @@ class ConfigError(ValueError):
         super().__init__(f"train: argument '{field_name}' {reason}")
 
 
+class TrainingDiverged(RuntimeError):
+    """The run diverged (a loss, the gradient norm or a weight is not finite); nothing was saved.
+
+    ``step`` is the step (1-based) that failed, ``what`` names the quantity, ``saved_step`` the
+    step the checkpoint holds (None if there is none).
+    """
+
+    def __init__(self, step: int, what: str, lr: float, checkpoint_path: Path, saved_step: Optional[int]):
+        self.step, self.what, self.lr, self.saved_step = step, what, lr, saved_step
+        kept = (f"{checkpoint_path} still holds step {saved_step}" if saved_step is not None
+                else "no checkpoint was written")
+        super().__init__(f"the run diverged at step {step}: {what}; stopped without saving ({kept}): "
+                         f"train again with a lower --lr (now {lr:g})")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: the steps done were saved (if any since the last save); resume continues them."""
+
+    def __init__(self, step: int, checkpoint_path: Path, saved: bool):
+        self.step, self.checkpoint, self.saved = step, checkpoint_path, saved
+        if saved:
+            what = f"saved {checkpoint_path}"
+        elif checkpoint_path.is_file():
+            what = f"{checkpoint_path} already holds it"
+        else:
+            what = "nothing to save"
+        super().__init__(f"interrupted at step {step}; {what}; continue with --resume "
+                         f"--out-dir {checkpoint_path.parent}")
+
+
 def _field(cfg: TrainConfig, name: str, check, **options) -> None:
     """Run a ``_checks`` helper on one field, as a ``ConfigError`` naming it."""
     try:
@@ -176,12 +238,52 @@ def _field(cfg: TrainConfig, name: str, check, **options) -> None:
         raise ConfigError(name, str(e).split(f"argument '{name}' ", 1)[-1]) from None
 
 
+def describe_path(path: str | os.PathLike) -> Optional[str]:
+    """None if ``path`` is a regular file (or a link to one); else what is there, in words."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "no such file"
+    except OSError as e:
+        return f"cannot be read: {e.strerror}"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISFIFO, "a pipe"), (stat.S_ISSOCK, "a socket"))
+    kind = next((name for test, name in kinds if test(mode)), "something else")
+    return kind if kind == "a folder" else f"{kind}, not a regular file"
+
+
 def _check_data(op: str, name: str, data: object) -> None:
     if not isinstance(data, str) or not data:
         raise ValueError(f"{op}: argument '{name}' expected 'default' or a file name, got {data!r}")
-    if data != "default" and not Path(data).is_file():
-        why = "a folder" if Path(data).is_dir() else "no such file"
-        raise ValueError(f"{op}: argument '{name}' expected 'default' or a text file, got {data!r} ({why})")
+    if data != "default":
+        why = describe_path(data)
+        if why is not None:
+            raise ValueError(f"{op}: argument '{name}' expected 'default' or a text file, got {data!r} ({why})")
+
+
+def _check_out_dir(out_dir: object) -> None:
+    """A folder, or a path whose nearest existing ancestor is a folder this process may create in."""
+    if not isinstance(out_dir, str) or not out_dir or "\x00" in out_dir:
+        raise ConfigError("out_dir", f"expected a folder name, got {out_dir!r}")
+    path = Path(out_dir)
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError("out_dir", f"expected a folder, got {out_dir!r}, which is "
+                                         f"{describe_path(path) or 'a file'}")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError("out_dir", f"expected a folder this user can write in, got {out_dir!r}")
+        return
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError("out_dir", f"expected a folder that can be created, got {out_dir!r}, but {str(ancestor)!r} "
+                                     f"is {describe_path(ancestor) or 'a file'}, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError("out_dir", f"expected a folder that can be created, got {out_dir!r}, but this user "
+                                     f"cannot write in {str(ancestor)!r}")
 
 
 @dataclass
@@ -227,6 +329,67 @@ def saved_runs(out_dir: str | os.PathLike) -> List[Path]:
     return [p for p in (Path(out_dir) / f"ckpt.{fmt}" for fmt in CHOICES["checkpoint_format"]) if p.is_file()]
 
 
+def both_formats(out_dir: str | os.PathLike) -> Optional[str]:
+    """If ``out_dir`` holds a checkpoint in each format (which run is current cannot be told), says so."""
+    runs = saved_runs(out_dir)
+    if len(runs) < 2:
+        return None
+    return (f"{' and '.join(map(str, runs))} both exist, so which run is current cannot be told: "
+            f"remove the one that is not")
+
+
+# -- the train/validation split ---------------------------------------------------------------------
+def split_tokens(ids: np.ndarray, val_fraction: float, seed: int,
+                 method: Optional[Dict[str, object]] = None) -> Tuple[np.ndarray, np.ndarray, Dict[str, object]]:
+    """Training and validation tokens, and how they were split (saved in the checkpoint).
+
+    ``method`` (a resumed run's) is ``{"chunk_size": n}`` or ``{"contiguous": True}``. Without
+    one, the first that holds the validation share within ``SPLIT_TOLERANCE`` of
+    ``val_fraction`` (relative to ``min(val_fraction, 1 - val_fraction)``) is used: random
+    chunks of ``SPLIT_CHUNK`` tokens (the corpus's topics mixed into both sides), then
+    shorter chunks down to ``SPLIT_MIN_CHUNK``, then the text's last part (exact to a
+    token). A text of fewer than 2 tokens cannot be split: ``ConfigError`` naming ``data``.
+    """
+    N = len(ids)
+    if N < 2:
+        raise ConfigError("data", f"expected a text of at least 2 characters to split into training and validation "
+                                  f"text, got {N}")
+    if method is not None:
+        if method.get("contiguous") is True:
+            return (*train_val_split(ids, val_fraction, seed=seed, contiguous=True), method)
+        return (*train_val_split(ids, val_fraction, seed=seed, chunk_size=int(method["chunk_size"])), method)
+    tolerance = SPLIT_TOLERANCE * min(val_fraction, 1 - val_fraction)
+    sizes = sorted({round(SPLIT_CHUNK * 2 ** (-k / 4)) for k in range(13)} | {SPLIT_MIN_CHUNK}, reverse=True)
+    for chunk_size in (s for s in sizes if s >= SPLIT_MIN_CHUNK):
+        train_ids, val_ids = train_val_split(ids, val_fraction, seed=seed, chunk_size=chunk_size)
+        if abs(len(val_ids) / N - val_fraction) <= tolerance:
+            return train_ids, val_ids, {"chunk_size": chunk_size}
+    return (*train_val_split(ids, val_fraction, seed=seed, contiguous=True), {"contiguous": True})
+
+
+def _describe_split(train_ids: np.ndarray, val_ids: np.ndarray, method: Dict[str, object]) -> str:
+    share = len(val_ids) / (len(train_ids) + len(val_ids))
+    how = "the text's end" if method.get("contiguous") else f"chunks of {method['chunk_size']}"
+    return f"{len(train_ids):,} train / {len(val_ids):,} val tokens ({share:.1%} validation, {how})"
+
+
+def _check_split(train_ids, val_ids, method, cfg: TrainConfig, resumed: bool) -> None:
+    """The split must leave a window of ``block_size + 1`` tokens on each side, and hold ``val_fraction``."""
+    N, shortest = len(train_ids) + len(val_ids), min(len(train_ids), len(val_ids))
+    split = f"{N} tokens split into {len(train_ids)} train and {len(val_ids)} validation"
+    if shortest < 2:
+        raise ConfigError("data", f"expected a longer text: {split}, too short for any --block-size (each side "
+                                  f"needs at least block_size + 1 >= 2 tokens)")
+    if shortest <= cfg.block_size:
+        raise ConfigError("block_size", f"expected fewer tokens than the shortest split of the data ({split}), "
+                                        f"got {cfg.block_size}: lower it to at most {shortest - 1}, or use a longer "
+                                        f"--data")
+    share = len(val_ids) / N
+    if not resumed and abs(share - cfg.val_fraction) > SPLIT_TOLERANCE * min(cfg.val_fraction, 1 - cfg.val_fraction):
+        raise ConfigError("val_fraction", f"expected a fraction this text can hold within {SPLIT_TOLERANCE:.0%}: "
+                                          f"{split} ({share:.1%}) is the nearest split, got {cfg.val_fraction}")
+
+
 # -- memory -------------------------------------------------------------------------------------
 def estimate_memory(mcfg: GPTConfig, batch_size: int) -> Dict[str, int]:
     """Bytes of one training step, roughly (within a factor of about two), by part.
@@ -261,25 +424,41 @@ def available_memory() -> Optional[int]:
         return None
 
 
+# The options a memory refusal may name, in the order of its "lower one of" list (ties go to the first).
+MEMORY_OPTIONS = ("block_size", "batch_size", "d_model", "n_layer")
+
+
+def memory_culprit(mcfg: GPTConfig, batch_size: int) -> str:
+    """The option of ``MEMORY_OPTIONS`` that, set to 1 with the others kept, shrinks the estimate the most."""
+    values = {**mcfg.to_dict(), "batch_size": batch_size}
+    total = sum(estimate_memory(mcfg, batch_size).values())
+
+    def shrink(name: str) -> float:
+        lowered = {**values, name: 1}
+        smaller = sum(estimate_memory(SimpleNamespace(**lowered), lowered["batch_size"]).values())
+        return total / smaller
+
+    return max(MEMORY_OPTIONS, key=lambda name: (shrink(name), -MEMORY_OPTIONS.index(name)))
+
+
 def check_memory(mcfg: GPTConfig, batch_size: int, available: Optional[int] = None, field_names=None) -> int:
     """The estimated bytes of a training step; ``ConfigError`` if more than ``available`` (default: now).
 
-    The error names the option that drives the largest part: ``block_size`` for the attention
-    (quadratic in T), ``batch_size`` for the other activations, ``d_model`` for the weights.
+    The error names the option that drives the estimate (``memory_culprit``: the one whose
+    lowering to 1 shrinks it the most, e.g. ``block_size`` when the attention's T^2 dominates,
+    ``n_layer`` for a very deep model, ``d_model`` for a very wide one).
     """
     parts = estimate_memory(mcfg, batch_size)
     total = sum(parts.values())
     available = available_memory() if available is None else available
     if available is not None and total > available:
-        weights = parts["parameters"] + parts["gradients"] + parts["optimizer"]
-        largest = max((parts["attention"], "block_size"), (parts["activations"], "batch_size"), (weights, "d_model"))[1]
-        sizes = ("block_size", "batch_size", "d_model", "n_layer")
-        names = {name: (field_names or {}).get(name, name) for name in sizes}
+        names = {name: (field_names or {}).get(name, name) for name in MEMORY_OPTIONS}
         detail = ", ".join(f"{k} {_bytes(v)}" for k, v in parts.items())
-        lower = ", ".join("--" + names[n].replace("_", "-") for n in sizes)
-        raise ConfigError(names[largest],
+        lower = ", ".join("--" + names[n].replace("_", "-") for n in MEMORY_OPTIONS)
+        raise ConfigError(names[memory_culprit(mcfg, batch_size)],
                           f"needs about {_bytes(total)} for one training step ({detail}; batch {batch_size} x "
-                          f"block {mcfg.block_size}), but {_bytes(available)} is available: lower one of {lower}")
+                          f"block {mcfg.block_size}, {mcfg.n_layer} layers of width {mcfg.d_model}), but "
+                          f"{_bytes(available)} is available: lower one of {lower}")
     return total
 
 
@@ -310,9 +489,21 @@ def tokenizer_from_checkpoint(state: Dict[str, object], where: str):
     return tok
 
 
+def nonfinite_weights(model) -> Optional[str]:
+    """None if every weight of ``model`` is finite; else which parameter is not, in words."""
+    for name, p in model.named_parameters():
+        if not np.isfinite(p.data).all():
+            return (f"weight {name!r} holds {int(np.isnan(p.data).sum())} NaN and "
+                    f"{int(np.isinf(p.data).sum())} infinite values")
+    return None
+
+
 def _load_run(cfg: TrainConfig) -> Dict[str, object]:
     """The checkpoint of the run to resume, checked against ``cfg`` (but not yet against the data)."""
     path = checkpoint_path(cfg)
+    both = both_formats(cfg.out_dir)
+    if both:
+        raise ConfigError("resume", f"expected one run in {cfg.out_dir}, but {both}")
     if not path.is_file():
         others = [p.name for p in saved_runs(cfg.out_dir) if p != path]
         hint = f" (there is {others[0]}: pass --checkpoint-format {others[0].split('.', 1)[1]})" if others else \
@@ -337,21 +528,88 @@ def _load_run(cfg: TrainConfig) -> Dict[str, object]:
 RUN_ENTRIES = ("config", "model_config", "vocab", "model", "optim", "step", "rng", "history")
 
 
+def _is_int(x: object) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
 def _check_run_state(state: Dict[str, object], path: Path) -> None:
-    """A checkpoint ``train`` wrote: every entry a resume reads is there, of the right kind."""
+    """A checkpoint ``train`` wrote: every entry a resume reads is there, of the right kind and size.
+
+    Whether the weights, the optimizer state and the RNG streams fit the model is checked when
+    they are loaded (``_restore``), still before anything is written.
+    """
+    def bad(what: str) -> checkpoint.CheckpointError:
+        return checkpoint.CheckpointError(f"{path}: {what}")
+
     missing = [k for k in RUN_ENTRIES if k not in state]
     if missing:
-        raise checkpoint.CheckpointError(f"{path}: not a training run's checkpoint (no {', '.join(missing)})")
+        raise bad(f"not a training run's checkpoint (no {', '.join(missing)})")
     step = state["step"]
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise checkpoint.CheckpointError(f"{path}: 'step' expected an integer >= 0, got {step!r}")
+    if not _is_int(step) or step < 0:
+        raise bad(f"'step' expected an integer >= 0, got {step!r:.80}")
+    for name in ("config", "model_config", "model", "optim", "rng"):
+        if not isinstance(state[name], dict):
+            raise bad(f"'{name}' expected a dict (as train saves it), got {type(state[name]).__name__}")
+    rng = state["rng"]
+    if set(rng) != {"data", "model"} or not all(isinstance(v, dict) for v in rng.values()):
+        raise bad(f"'rng' expected the entries ['data', 'model'], each a generator state, got {sorted(map(str, rng))}")
+    for name, value in state["model"].items():
+        if not isinstance(value, np.ndarray):
+            raise bad(f"'model' entry {name!r} expected an array, got {type(value).__name__}")
+    names = [f.name for f in fields(History)]
     history = state["history"]
-    if not isinstance(history, dict) or set(history) != {f.name for f in fields(History)}:
-        raise checkpoint.CheckpointError(f"{path}: 'history' expected the entries "
-                                         f"{[f.name for f in fields(History)]}, got {history!r:.80}")
-    if not isinstance(state["config"], dict) or not isinstance(state["rng"], dict) \
-            or not {"data", "model"} <= set(state["rng"]):
-        raise checkpoint.CheckpointError(f"{path}: 'config' and 'rng' expected the entries a training run saves")
+    if not isinstance(history, dict) or set(history) != set(names):
+        raise bad(f"'history' expected the entries {names}, got {history!r:.80}")
+    for name in names:
+        if not isinstance(history[name], list):
+            raise bad(f"'history/{name}' expected a list, got {type(history[name]).__name__}")
+    if history["steps"] != list(range(step)):
+        raise bad(f"'history/steps' expected the steps 0 to {step - 1} (step {step} is saved), got "
+                  f"{len(history['steps'])} entries {history['steps'][:5]!r:.60}")
+    for losses, steps in (("train_loss", "steps"), ("val_loss", "val_steps")):
+        if len(history[losses]) != len(history[steps]):
+            raise bad(f"'history/{losses}' expected one loss per entry of 'history/{steps}' "
+                      f"({len(history[steps])}), got {len(history[losses])}")
+        if not all(_is_real(v) for v in history[losses]):
+            raise bad(f"'history/{losses}' expected numbers, got {history[losses][:5]!r:.60}")
+    val_steps = history["val_steps"]
+    increasing = all(a < b for a, b in zip(val_steps, val_steps[1:]))
+    if not all(_is_int(s) and 0 <= s < step for s in val_steps) or not increasing:
+        raise bad(f"'history/val_steps' expected increasing steps below {step}, got {val_steps[:5]!r:.60}")
+    split = state.get("split")
+    if split is not None and not (split == {"contiguous": True} or (
+            isinstance(split, dict) and set(split) == {"chunk_size"} and _is_int(split["chunk_size"])
+            and split["chunk_size"] >= 1)):
+        raise bad(f"'split' expected {{'chunk_size': n}} or {{'contiguous': True}}, got {split!r:.80}")
+
+
+def _restore(state: Dict[str, object], path: Path, mcfg: GPTConfig, model: GPT, opt: AdamW,
+             data_rng: np.random.Generator) -> None:
+    """Load a checked run into the model, the optimizer and the generators: all of it, or a
+    ``CheckpointError`` naming the file and what does not fit (the objects are then discarded)."""
+    try:
+        saved = GPTConfig(**state["model_config"]).to_dict()
+    except (TypeError, ValueError) as e:
+        raise checkpoint.CheckpointError(f"{path}: 'model_config' is not a model's settings: {e}") from None
+    if saved != mcfg.to_dict():
+        diff = sorted(k for k in saved if saved[k] != mcfg.to_dict()[k])
+        raise checkpoint.CheckpointError(f"{path}: 'model_config' differs from the model of this run in {diff}")
+    steps = [("model", lambda: model.load_state_dict(state["model"])),
+             ("optim", lambda: opt.load_state_dict(state["optim"])),
+             ("rng/data", lambda: setattr(data_rng.bit_generator, "state", state["rng"]["data"])),
+             ("rng/model", lambda: setattr(model.rng.bit_generator, "state", state["rng"]["model"]))]
+    for entry, load in steps:
+        try:
+            load()
+        except (TypeError, ValueError, KeyError) as e:
+            raise checkpoint.CheckpointError(f"{path}: '{entry}' does not fit this run: {e}") from None
+    bad = nonfinite_weights(model)
+    if bad:
+        raise checkpoint.CheckpointError(f"{path}: {bad} (a diverged run; resume an earlier checkpoint)")
 
 
 def _check_same_data(state: Dict[str, object], tok: CharTokenizer, text: str, path: Path) -> None:
@@ -366,13 +624,43 @@ def _check_same_data(state: Dict[str, object], tok: CharTokenizer, text: str, pa
                                   f"sha256 {here['sha256'][:12]}...")
 
 
+# -- Ctrl-C ------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold a Ctrl-C (SIGINT) until the block is done, so an update is never cut in half; then deliver it.
+
+    Only in the main thread, where Python handles signals; elsewhere it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: List[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    except (ValueError, OSError):  # no signal handling here (an embedded interpreter)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        signal.raise_signal(signal.SIGINT)  # to the handler that was there before (KeyboardInterrupt by default)
+
+
 # -- the loop ---------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, log=print) -> Dict[str, object]:
     """Train and return a summary (final losses, training tokens/s, checkpoint path, history).
 
     ``tokens_per_s`` counts the training steps' time only (not validation, sampling or saving).
     A resumed run that has already done ``steps`` steps trains nothing: the summary has
-    ``complete=True`` and ``steps_run=0``.
+    ``complete=True`` and ``steps_run=0``. A run stopped by ``stop_at`` is evaluated at the
+    step it stops at, so ``val_loss`` is the current one (not recorded in the history, which
+    stays that of an uninterrupted run).
+
+    Raises ``ConfigError`` (an option), ``checkpoint.CheckpointError`` (the run to resume),
+    ``TrainingDiverged`` (a non-finite loss, gradient or weight: nothing saved) and
+    ``TrainingInterrupted`` (Ctrl-C: the steps done are saved first).
     """
     reuse_freed_memory()
     cfg.validate()
@@ -380,15 +668,6 @@ def train(cfg: TrainConfig, log=print) -> Dict[str, object]:
     state = None
     if cfg.resume:
         state = _load_run(cfg)
-        if int(state["step"]) == cfg.steps:
-            history = History(**state["history"])
-            log(f"{path} is a finished run ({cfg.steps} of {cfg.steps} steps): nothing to do. To train it further, "
-                f"resume with a larger --steps, e.g. npformer train --resume --out-dir {cfg.out_dir} "
-                f"--steps {2 * cfg.steps}")
-            return {"complete": True, "steps_run": 0, "step": cfg.steps,
-                    "train_loss": history.train_loss[-1] if history.train_loss else None,
-                    "val_loss": history.val_loss[-1] if history.val_loss else None,
-                    "tokens_per_s": None, "checkpoint": str(path), "plot": None, "history": history}
     elif saved_runs(cfg.out_dir) and not cfg.overwrite:
         names = ", ".join(str(p) for p in saved_runs(cfg.out_dir))
         raise ConfigError("out_dir", f"expected a folder without a run, but {names} exists: pass --resume to "
@@ -398,88 +677,184 @@ def train(cfg: TrainConfig, log=print) -> Dict[str, object]:
     tok = CharTokenizer.from_text(text)
     if state is not None:
         _check_same_data(state, tok, text, path)
+        if int(state["step"]) == cfg.steps:
+            history = History(**state["history"])
+            log(f"{path} is a finished run ({cfg.steps} of {cfg.steps} steps): nothing to do. To train it further, "
+                f"resume with a larger --steps, e.g. npformer train --resume --out-dir {cfg.out_dir} "
+                f"--steps {2 * cfg.steps}")
+            return {"complete": True, "steps_run": 0, "step": cfg.steps,
+                    "train_loss": history.train_loss[-1] if history.train_loss else None,
+                    "val_loss": history.val_loss[-1] if history.val_loss else None,
+                    "tokens_per_s": None, "checkpoint": str(path), "plot": None, "history": history}
     ids = tok.encode_array(text)
-    train_ids, val_ids = train_val_split(ids, cfg.val_fraction, seed=cfg.seed)
-    shortest = min(len(train_ids), len(val_ids))
-    if shortest <= cfg.block_size:
-        raise ConfigError("block_size", f"expected fewer tokens than the shortest split of the data "
-                                        f"({len(train_ids)} train, {len(val_ids)} validation), got {cfg.block_size}")
+    # A run resumed from a checkpoint without a saved split was split with chunks of 4096 tokens.
+    saved_split = None if state is None else state.get("split", {"chunk_size": SPLIT_CHUNK})
+    train_ids, val_ids, split = split_tokens(ids, cfg.val_fraction, cfg.seed, saved_split)
+    _check_split(train_ids, val_ids, split, cfg, resumed=state is not None)
     mcfg = GPTConfig(vocab_size=tok.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                      d_model=cfg.d_model, dropout=cfg.dropout, dtype=cfg.dtype)
     check_memory(mcfg, cfg.batch_size)
-
-    # Every check has passed: from here on, work and write.
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     model = GPT(mcfg, seed=cfg.seed)
     opt = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
     data_rng = np.random.default_rng(cfg.seed + 1)
     history, start = History(), 0
+    schedule = warmup_cosine(cfg.lr, cfg.min_lr, cfg.warmup, cfg.steps)
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optim"])
-        data_rng.bit_generator.state = state["rng"]["data"]
-        model.rng.bit_generator.state = state["rng"]["model"]
+        _restore(state, path, mcfg, model, opt, data_rng)
         history = History(**state["history"])
         start = int(state["step"])
-        log(f"resumed from {path} at step {start} of {cfg.steps}")
 
-    def save(step: int) -> Path:
-        return checkpoint.save(path, {
+    # Every check has passed: from here on, work and write.
+    out_dir = Path(cfg.out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError("out_dir", f"expected a folder that can be created, got {cfg.out_dir!r}: "
+                                     f"{e.strerror or e}") from None
+    if state is not None:
+        log(_resume_line(path, start, cfg, state, schedule))
+    sample_prompt = "\n" if "\n" in tok.stoi else text[0]
+    saved_step: Optional[int] = start if state is not None else None
+    replaced_others = not cfg.overwrite
+
+    def save(step: int) -> None:
+        nonlocal saved_step, replaced_others
+        bad = nonfinite_weights(model)
+        if bad:
+            raise TrainingDiverged(step, bad, cfg.lr, path, saved_step)
+        checkpoint.save(path, {
             "config": asdict(cfg), "model_config": mcfg.to_dict(), "vocab": tok.to_dict(), "data": fingerprint(text),
+            "split": split, "sample_prompt": sample_prompt,
             "model": model.state_dict(), "optim": opt.state_dict(), "step": step,
             "rng": {"data": data_rng.bit_generator.state, "model": model.rng.bit_generator.state},
             "history": asdict(history),
         })
+        saved_step = step
+        if not replaced_others:  # --overwrite: the replaced run's checkpoint in the other format goes too
+            for other in saved_runs(out_dir):
+                if other != path:
+                    other.unlink()
+            replaced_others = True
+
+    def interrupted() -> TrainingInterrupted:
+        """After a Ctrl-C: the state of the last whole step, saved if newer than the checkpoint.
+
+        A step cut before its update is undone (its batch and dropout draws go back to the
+        generators); a validation cut short is done again, so the history is that of an
+        uninterrupted run. A second Ctrl-C while saving gives up the save.
+        """
+        saved = False
+        try:
+            if rng_at_step is not None and rng_at_step[0] == done:  # step `done` did not update: undo its draws
+                data_rng.bit_generator.state, model.rng.bit_generator.state = rng_at_step[1]
+            model.clear_caches()
+            model.train()
+            if done > (saved_step if saved_step is not None else 0):
+                if (done % cfg.eval_interval == 0 or done == cfg.steps) and history.val_steps[-1:] != [done - 1]:
+                    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                        _validate(model, val_ids, cfg, done, path, saved_step, history)
+                save(done)
+                saved = True
+            if done > start:
+                plot_losses(history, out_dir / "loss.png")
+        except KeyboardInterrupt:
+            saved = False
+        return TrainingInterrupted(done, path, saved)
 
     log(f"model: {model.num_parameters():,} parameters, vocab {tok.vocab_size}, "
-        f"{len(train_ids):,} train / {len(val_ids):,} val tokens, {cfg.dtype}")
-    schedule = warmup_cosine(cfg.lr, cfg.min_lr, cfg.warmup, cfg.steps)
+        f"{_describe_split(train_ids, val_ids, split)}, {cfg.dtype}")
     tokens_per_step = cfg.batch_size * cfg.block_size
-    prompt = tok.encode_array("\n" if "\n" in tok.stoi else text[0])[None]  # (1, 1)
+    prompt = tok.encode_array(sample_prompt)[None]  # (1, 1)
     bar = _progress(range(start, cfg.steps), cfg.progress)
-    train_time, tokens_seen, steps_run = 0.0, 0, 0
-    for step in bar:
-        t = time.perf_counter()
-        for group in opt.param_groups:
-            group["lr"] = schedule(step)
-        x, y = get_batch(train_ids, cfg.batch_size, cfg.block_size, data_rng)
-        _, loss = model.forward(x, y)
-        model.zero_grad()
-        model.backward()
-        clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        train_time += time.perf_counter() - t  # training throughput: validation, samples and saves excluded
-        history.steps.append(step)
-        history.train_loss.append(loss)
-        tokens_seen += tokens_per_step
-        steps_run += 1
-        tok_s = tokens_seen / train_time
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
-        last = step == cfg.steps - 1
-        if (step + 1) % cfg.eval_interval == 0 or last:
-            val = estimate_loss(model, val_ids, cfg)
-            history.val_steps.append(step)
-            history.val_loss.append(val)
-            text_out = ""
-            if cfg.sample_tokens:
-                out = generate(model, prompt, cfg.sample_tokens, temperature=0.8, top_k=20,
-                               rng=np.random.default_rng(step))
-                text_out = tok.decode(out[0].tolist())
-            _write(bar, f"\nstep {step + 1}: train {loss:.4f}, val {val:.4f}, {tok_s:,.0f} tok/s (training)\n"
-                        f"{text_out}\n")
-            save(step + 1)
-        if cfg.stop_at and step + 1 >= cfg.stop_at and not last:
-            save(step + 1)
-            break
+    train_time, tokens_seen = 0.0, 0
+    done = start  # steps whose update is applied and recorded in the history
+    rng_at_step = None  # (step, generator states before it)
+    final_val = None
+    try:
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite values are checked here
+            for step in bar:
+                rng_at_step = (step, (data_rng.bit_generator.state, model.rng.bit_generator.state))
+                t = time.perf_counter()
+                lr = schedule(step)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                x, y = get_batch(train_ids, cfg.batch_size, cfg.block_size, data_rng)
+                _, loss = model.forward(x, y)
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(step + 1, f"the training loss is {loss}", cfg.lr, path, saved_step)
+                model.zero_grad()
+                model.backward()
+                norm = clip_grad_norm_(model.parameters(), cfg.grad_clip, error_if_nonfinite=False)
+                if not math.isfinite(norm):
+                    raise TrainingDiverged(step + 1, f"the gradient norm is {norm}", cfg.lr, path, saved_step)
+                with _sigint_deferred():  # the update and its record: both or neither
+                    opt.step()
+                    history.steps.append(step)
+                    history.train_loss.append(loss)
+                    done = step + 1
+                train_time += time.perf_counter() - t  # training throughput: validation, samples and saves excluded
+                tokens_seen += tokens_per_step
+                tok_s = tokens_seen / train_time
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
+                last = done == cfg.steps
+                if done % cfg.eval_interval == 0 or last:
+                    val = _validate(model, val_ids, cfg, done, path, saved_step, history)
+                    text_out = ""
+                    if cfg.sample_tokens:
+                        try:
+                            out = generate(model, prompt, cfg.sample_tokens, temperature=0.8, top_k=20,
+                                           rng=np.random.default_rng(step))
+                        except NonFiniteLogitsError as e:
+                            raise TrainingDiverged(done, str(e), cfg.lr, path, saved_step) from None
+                        text_out = tok.decode(out[0].tolist())
+                    _write(bar, f"\nstep {done}: train {loss:.4f}, val {val:.4f}, {tok_s:,.0f} tok/s (training)\n"
+                                f"{text_out}\n")
+                    save(done)
+                if cfg.stop_at and done >= cfg.stop_at and not last:
+                    if saved_step != done:
+                        save(done)
+                    final_val = history.val_loss[-1] if history.val_steps[-1:] == [step] else \
+                        estimate_loss(model, val_ids, cfg)
+                    break
+    except KeyboardInterrupt:
+        _close(bar)
+        raise interrupted() from None
+    finally:
+        _close(bar)  # also when the run diverged
     plot = plot_losses(history, out_dir / "loss.png")
-    return {"complete": history.steps[-1] + 1 == cfg.steps if history.steps else False, "steps_run": steps_run,
-            "step": start + steps_run,
-            "train_loss": history.train_loss[-1] if history.train_loss else None,
-            "val_loss": history.val_loss[-1] if history.val_loss else None,
+    if final_val is None:
+        final_val = history.val_loss[-1] if history.val_loss else None
+    return {"complete": done == cfg.steps, "steps_run": done - start, "step": done,
+            "train_loss": history.train_loss[-1] if history.train_loss else None, "val_loss": final_val,
             "tokens_per_s": tokens_seen / train_time if train_time > 0 else None,
             "checkpoint": str(path), "plot": str(plot), "history": history}
+
+
+def _validate(model, val_ids, cfg, done, path, saved_step, history) -> float:
+    """The validation loss after step ``done``, recorded in the history; ``TrainingDiverged`` if not finite."""
+    val = estimate_loss(model, val_ids, cfg)
+    if not math.isfinite(val):
+        raise TrainingDiverged(done, f"the validation loss is {val}", cfg.lr, path, saved_step)
+    with _sigint_deferred():  # both entries or neither
+        history.val_steps.append(done - 1)
+        history.val_loss.append(val)
+    return val
+
+
+def _resume_line(path: Path, start: int, cfg: TrainConfig, state: Dict[str, object], schedule) -> str:
+    """Where the run resumes, and its learning rate there (which a longer --steps raises: the cosine restarts)."""
+    line = f"resumed from {path} at step {start} of {cfg.steps}"
+    saved_steps = state["config"].get("steps")
+    if start < cfg.steps:
+        line += f"; learning rate {schedule(start):.3g}"
+        groups = state["optim"].get("param_groups")
+        last = groups[0].get("lr") if isinstance(groups, list) and groups and isinstance(groups[0], dict) else None
+        if _is_real(last) and start > 0:
+            line += f" (the last step used {last:.3g})"
+        if saved_steps != cfg.steps:
+            line += f": the cosine schedule now decays to --min-lr at step {cfg.steps}, not {saved_steps}"
+    return line
 
 
 def _progress(it, enabled: bool):
@@ -488,6 +863,11 @@ def _progress(it, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(it, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _close(bar) -> None:
+    if hasattr(bar, "close"):
+        bar.close()
 
 
 def _write(bar, text: str) -> None:

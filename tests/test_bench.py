@@ -59,3 +59,21 @@ def test_run_rejects_bad_arguments_before_timing_anything(name, data):
     arguments = {"cfg": TINY, "batch": 1, "steps": 1, "torch_twin": False, name: bad}
     expect_rejected(lambda: run(log=lines.append, **arguments), "bench.run", name)
     assert lines == []  # nothing measured, nothing printed
+
+
+@given(st.booleans())
+def test_the_torch_twin_line_says_why_it_did_not_run(skip):
+    """--no-torch says the twin was skipped; it is not 'torch not installed' when torch is installed."""
+    import importlib.util
+
+    lines = []
+    result = run(TINY, batch=1, steps=1, torch_twin=not skip, log=lines.append)
+    twin_line = next(line for line in lines if line.startswith("torch twin:"))
+    installed = importlib.util.find_spec("torch") is not None
+    if skip:
+        assert twin_line == "torch twin: skipped (--no-torch)" and result["torch_twin"] == "skipped"
+        assert result["torch_tokens_per_s"] is None
+    elif installed:
+        assert result["torch_twin"] == "ran" and "tok/s" in twin_line
+    else:
+        assert twin_line == "torch twin: not run (torch not installed)"

@@ -7,16 +7,17 @@ import io
 import itertools
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import npformer.train as train_module
-from npformer import gradcheck
+from npformer import checkpoint, gradcheck
 from npformer.cli import build_parser, main
 from npformer.train import TrainConfig, train
 
@@ -29,6 +30,7 @@ def home(tmp_path_factory):
     """A folder with a text file and a finished tiny run (runs/tiny/ckpt.npz)."""
     root = tmp_path_factory.mktemp("cli")
     (root / "corpus.txt").write_text(TEXT, encoding="utf-8")
+    (root / "one.txt").write_text("x", encoding="utf-8")
     train(TrainConfig(data=str(root / "corpus.txt"), n_layer=1, n_head=2, d_model=16, block_size=16, batch_size=4,
                       steps=4, warmup=1, eval_interval=4, eval_batches=1, sample_tokens=0,
                       out_dir=str(root / "runs" / "tiny"), progress=False), log=lambda *a: None)
@@ -93,18 +95,22 @@ def missing_file():
 
 TRAIN_BAD = {
     "--steps": ints_below(1), "--batch-size": ints_below(1), "--eval-interval": ints_below(1),
-    "--eval-batches": ints_below(1), "--n-layer": ints_below(1), "--d-model": ints_below(1),
+    "--eval-batches": ints_below(1) | st.integers(1001, 10**20).map(str),
+    "--n-layer": ints_below(1) | st.sampled_from(["100000000", "10000000000"]),  # memory: named, not --d-model
+    "--d-model": ints_below(1),
     "--block-size": ints_below(1) | st.integers(900, 10**6).map(str),  # longer than the data's splits
     "--n-head": ints_below(1) | st.sampled_from(["3", "5", "6", "7", "32"]),  # not dividing d_model = 16
-    "--warmup": ints_below(0), "--sample-tokens": ints_below(0), "--seed": ints_below(0), "--stop-at": ints_below(0),
+    "--warmup": ints_below(0), "--sample-tokens": ints_below(0) | st.integers(10_001, 10**20).map(str),
+    "--seed": ints_below(0), "--stop-at": ints_below(0) | st.integers(3, 10**6).map(str),  # beyond --steps 2
     "--lr": floats_outside(lo=0.0, lo_open=True), "--min-lr": floats_outside(lo=0.0, hi=0.01),
     "--dropout": floats_outside(lo=0.0, hi=1.0, hi_open=True),
     "--val-fraction": floats_outside(lo=0.0, hi=1.0, lo_open=True, hi_open=True),
     "--weight-decay": floats_outside(lo=0.0), "--grad-clip": floats_outside(lo=0.0, lo_open=True),
     "--dtype": not_choices({"float32", "float64"}) | st.sampled_from(["float16", "bfloat16"]),
     "--checkpoint-format": not_choices({"npz", "safetensors"}) | st.just("pt"),
-    "--data": missing_file() | st.just("runs"), "--config": missing_file() | st.just("runs"),
-    "--out-dir": st.just("corpus.txt"),  # a file, not a folder
+    "--data": missing_file() | st.sampled_from(["runs", "/dev/null", "one.txt"]),
+    "--config": missing_file() | st.sampled_from(["runs", "/dev/null"]),
+    "--out-dir": st.sampled_from(["corpus.txt", "corpus.txt/sub", "one.txt/a/b", "/proc/nope"]),  # cannot be made
 }
 
 
@@ -169,7 +175,7 @@ def test_a_saved_run_is_not_overwritten_without_the_flag(home, steps):
 
 @given(st.sampled_from(["--block-size", "--batch-size", "--d-model"]))
 def test_a_run_larger_than_memory_is_refused_with_the_estimate(home, option):
-    big = {"--block-size": ["--block-size", "800", "--batch-size", "64"],
+    big = {"--block-size": ["--block-size", "170", "--batch-size", "128"],
            "--batch-size": ["--block-size", "16", "--batch-size", "100000", "--d-model", "64"],
            "--d-model": ["--d-model", "4096", "--n-head", "2", "--n-layer", "8"]}[option]
     argv = train_args(next(_names)) + big
@@ -184,9 +190,10 @@ def test_a_run_larger_than_memory_is_refused_with_the_estimate(home, option):
 
 
 SAMPLE_BAD = {
-    "--tokens": ints_below(0), "--top-k": ints_below(1), "--seed": ints_below(0),
+    "--tokens": ints_below(0) | st.integers(100_001, 10**30).map(str), "--top-k": ints_below(1),
+    "--seed": ints_below(0),
     "--temperature": floats_outside(lo=0.0), "--top-p": floats_outside(lo=0.0, hi=1.0),
-    "--checkpoint": missing_file() | st.sampled_from(["runs", "corpus.txt", "runs/tiny/loss.png"]),
+    "--checkpoint": missing_file() | st.sampled_from(["runs", "corpus.txt", "runs/tiny/loss.png", "/dev/null"]),
     "--prompt": st.text(st.characters(min_codepoint=0x100, max_codepoint=0x2FF), min_size=1, max_size=4) | st.just(""),
 }
 
@@ -204,7 +211,7 @@ def test_sample_rejects_a_bad_value_naming_the_option(home, option, data):
 def test_sample_without_a_run_says_so_and_creates_nothing(tmp_path):
     status, _, err, changed = run(tmp_path, ["sample"])
     assert_one_line_error(status, err, changed, "sample", "--checkpoint")
-    assert "no runs/gpt/ckpt.npz" in err and list(tmp_path.iterdir()) == []
+    assert "there is no runs/gpt;" in err and list(tmp_path.iterdir()) == []
 
 
 def test_sample_continues_the_prompt(home):
@@ -214,8 +221,9 @@ def test_sample_continues_the_prompt(home):
 
 
 BENCH_BAD = {
-    "--steps": ints_below(1), "--batch": ints_below(1), "--n-layer": ints_below(1), "--d-model": ints_below(1),
+    "--steps": ints_below(1), "--batch": ints_below(1), "--d-model": ints_below(1),
     "--vocab-size": ints_below(1), "--block-size": ints_below(1) | st.integers(50_000, 10**6).map(str),
+    "--n-layer": ints_below(1) | st.sampled_from(["100000000", "10000000000"]),
     "--n-head": ints_below(1) | st.sampled_from(["5", "7", "500"]),  # not dividing d_model = 384
     "--dtype": not_choices({"float32", "float64"}),
 }
@@ -302,3 +310,175 @@ def test_module_entry_point_exits_with_the_status(home):
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(repo)})
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip() == "npformer train: error: argument --steps: expected an integer >= 1, got 0"
+
+
+# -- no abbreviations -----------------------------------------------------------------------------------
+# With each abbreviated flag goes a bad value of a real flag: a parser that took the abbreviation would
+# stop on that value (naming it) instead of at the abbreviation.
+STOPPERS = {"train": ["--steps", "0"], "sample": ["--tokens", "-1"], "bench": ["--steps", "0"],
+            "gradcheck": ["layernorm", "--seed", "-1"]}
+
+
+def long_options(command):
+    if command == "gradcheck":
+        return ["--eps", "--tol", "--seed"]
+    parser = subparsers()[command]
+    return [o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
+
+
+@given(st.sampled_from(sorted(STOPPERS)), st.data())
+def test_an_abbreviated_flag_is_unknown(home, command, data):
+    options = long_options(command)
+    option = data.draw(st.sampled_from(options), label="option")
+    prefix = option[:data.draw(st.integers(3, len(option) - 1), label="length")]
+    assume(prefix not in options)
+    status, _, err, changed = run(home, [command, f"{prefix}=x"] + STOPPERS[command])
+    assert status == 2 and not changed
+    assert err.strip().splitlines()[-1].endswith(f"error: unrecognized arguments: {prefix}=x"), err
+
+
+# -- resume: the run named now, the data it was trained on --------------------------------------------------
+TINY_RUN = ["--n-layer", "1", "--n-head", "2", "--d-model", "8", "--block-size", "8", "--batch-size", "2",
+            "--eval-batches", "1", "--sample-tokens", "0", "--no-progress"]
+
+
+@given(default_dir=st.booleans(), absolute_data=st.booleans())
+def test_resume_continues_the_run_in_the_out_dir_named_now(tmp_path_factory, default_dir, absolute_data):
+    root = tmp_path_factory.mktemp("copied")
+    (root / "corpus.txt").write_text(TEXT, encoding="utf-8")
+    data = str(root / "corpus.txt") if absolute_data else "corpus.txt"
+    assert run(root, ["train", "--data", data, "--steps", "4", "--out-dir", "runs/original"] + TINY_RUN)[0] == 0
+    copy = root / "runs" / ("gpt" if default_dir else "copy")
+    shutil.copytree(root / "runs" / "original", copy)
+    before = {p.name: p.read_bytes() for p in (root / "runs" / "original").iterdir()}
+    argv = ["train", "--resume", "--steps", "6"] + ([] if default_dir else ["--out-dir", str(copy.relative_to(root))])
+    status, out, err, _ = run(root, argv)
+    assert status == 0, err
+    assert {p.name: p.read_bytes() for p in (root / "runs" / "original").iterdir()} == before  # untouched
+    assert checkpoint.load(copy / "ckpt.npz")["step"] == 6 and f"checkpoint {copy.relative_to(root)}/ckpt.npz" in out
+
+
+@given(st.sampled_from(["moved", "edited"]))
+def test_a_data_path_from_the_checkpoint_is_named_as_such(tmp_path_factory, change):
+    root = tmp_path_factory.mktemp("datapath")
+    (root / "texts").mkdir()
+    (root / "texts" / "corpus.txt").write_text(TEXT, encoding="utf-8")
+    argv = ["train", "--data", "texts/corpus.txt", "--steps", "2", "--out-dir", "runs/r"] + TINY_RUN
+    assert run(root, argv)[0] == 0
+    if change == "moved":
+        (root / "texts" / "corpus.txt").rename(root / "texts" / "elsewhere.txt")
+    else:
+        (root / "texts" / "corpus.txt").write_text(TEXT.upper(), encoding="utf-8")
+    status, _, err, changed = run(root, ["train", "--resume", "--out-dir", "runs/r", "--steps", "4"])
+    assert_one_line_error(status, err, changed, "train", "--data")
+    assert "runs/r/ckpt.npz" in err and "'texts/corpus.txt'" in err
+    if change == "moved":
+        assert "not given" in err and "saved in" in err and "current folder" in err and "does not exist" in err
+    else:
+        assert "--data was not given" in err and "saved in" in err
+
+
+def test_resume_with_overwrite_names_the_conflict_first(tmp_path):
+    status, _, err, changed = run(tmp_path, ["train", "--resume", "--overwrite"])
+    assert_one_line_error(status, err, changed, "train", "--overwrite")
+    assert "--resume" in err
+
+
+def test_a_finished_run_with_other_data_names_the_data(home):
+    (home / "other.txt").write_text(TEXT.upper(), encoding="utf-8")
+    status, out, err, changed = run(home, ["train", "--resume", "--out-dir", "runs/tiny", "--data", "other.txt"])
+    assert_one_line_error(status, err, changed - {home / "other.txt"}, "train", "--data")
+    assert "finished" not in out
+
+
+# -- files that are not regular files, data too short, both formats ------------------------------------------
+@given(st.sampled_from(["--data", "--config"]), st.sampled_from(["/dev/null", "fifo"]))
+def test_a_device_or_a_pipe_is_named_for_what_it_is(tmp_path_factory, option, kind):
+    root = tmp_path_factory.mktemp("special")
+    (root / "corpus.txt").write_text(TEXT, encoding="utf-8")
+    path = kind
+    if kind == "fifo":
+        os.mkfifo(root / "fifo")
+    argv = ["train", "--data", "corpus.txt", "--out-dir", "runs/x", option, path]
+    status, _, err, _ = run(root, argv)
+    assert status == 2 and f"argument {option}:" in err
+    assert ("a character device, not a regular file" if kind == "/dev/null" else "a pipe, not a regular file") in err
+    assert "no such file" not in err and not (root / "runs").exists()
+
+
+def test_a_one_character_text_is_named(home):
+    status, _, err, changed = run(home, ["train", "--data", "one.txt", "--out-dir", "runs/one"])
+    assert_one_line_error(status, err, changed, "train", "--data")
+    assert "at least 2 characters" in err
+
+
+def test_a_text_too_short_for_any_block_says_the_data_is_too_short(home):
+    (home / "three.txt").write_text("abc", encoding="utf-8")
+    status, _, err, changed = run(home, ["train", "--data", "three.txt", "--out-dir", "runs/three",
+                                         "--block-size", "1"])
+    assert_one_line_error(status, err, changed - {home / "three.txt"}, "train", "--data")
+    assert "too short for any --block-size" in err
+
+
+@given(st.sampled_from(["sample", "train"]))
+def test_a_folder_with_both_formats_is_refused_naming_both(tmp_path_factory, home, command):
+    root = tmp_path_factory.mktemp("both")
+    shutil.copytree(home / "runs" / "tiny", root / "runs" / "gpt")
+    checkpoint.save(root / "runs" / "gpt" / "ckpt.safetensors", checkpoint.load(root / "runs" / "gpt" / "ckpt.npz"))
+    argv = ["sample", "--tokens", "2"] if command == "sample" else ["train", "--resume"]
+    status, _, err, changed = run(root, argv)
+    assert_one_line_error(status, err, changed, command, "--checkpoint" if command == "sample" else "--resume")
+    assert "runs/gpt/ckpt.npz" in err and "runs/gpt/ckpt.safetensors" in err
+
+
+# -- sample: a folder, the default prompt, non-finite models -------------------------------------------------------
+def test_sample_accepts_the_run_folder(home):
+    argv = ["sample", "--prompt", "the", "--tokens", "6", "--seed", "2"]
+    by_file = run(home, argv + ["--checkpoint", "runs/tiny/ckpt.npz"])
+    by_folder = run(home, argv + ["--checkpoint", "runs/tiny"])
+    assert by_file[0] == by_folder[0] == 0 and by_file[1] == by_folder[1] and by_file[1].startswith("the")
+
+
+@given(st.text("abcdefgh ", min_size=1, max_size=3).map(lambda s: s * 400))
+def test_the_default_prompt_works_without_a_newline_in_the_text(tmp_path_factory, text):
+    root = tmp_path_factory.mktemp("nonewline")
+    (root / "flat.txt").write_text(text, encoding="utf-8")
+    assert run(root, ["train", "--data", "flat.txt", "--steps", "1", "--out-dir", "runs/gpt"] + TINY_RUN)[0] == 0
+    status, out, err, _ = run(root, ["sample", "--tokens", "4"])
+    assert status == 0 and err == "" and out.startswith(text[0]) and len(out.rstrip("\n")) == 5
+
+
+def test_sample_refuses_non_finite_weights(tmp_path_factory, home):
+    root = tmp_path_factory.mktemp("nanweights")
+    state = checkpoint.load(home / "runs" / "tiny" / "ckpt.npz")
+    state["model"]["ln_f.weight"][0] = float("nan")
+    checkpoint.save(root / "bad" / "ckpt.npz", state)
+    status, out, err, changed = run(root, ["sample", "--checkpoint", "bad"])
+    assert_one_line_error(status, err, changed, "sample", "--checkpoint")
+    assert "finite" in err and "ln_f.weight" in err and out == ""
+
+
+def test_sample_stops_on_logits_it_cannot_sample(home, monkeypatch):
+    from npformer.models.gpt import GPT
+
+    real = GPT.forward
+
+    def nan_logits(self, *args, **kwargs):
+        logits, rest = real(self, *args, **kwargs)
+        return logits * float("nan"), rest
+
+    monkeypatch.setattr(GPT, "forward", nan_logits)
+    status, out, err, changed = run(home, ["sample", "--checkpoint", "runs/tiny", "--tokens", "5"])
+    lines = err.strip().splitlines()
+    assert status == 1 and len(lines) == 1 and not changed and out == ""
+    assert lines[0].startswith("npformer sample: error: runs/tiny/ckpt.npz: generate: the model's logits for new "
+                               "token 0 hold ")
+
+
+# -- memory: the option that drives it ------------------------------------------------------------------------
+@given(st.sampled_from(["train", "bench"]), st.integers(10**7, 10**10))
+def test_a_very_deep_model_names_n_layer(home, command, layers):
+    argv = (train_args(next(_names)) if command == "train" else ["bench", "--no-torch"]) + ["--n-layer", str(layers)]
+    status, _, err, changed = run(home, argv)
+    assert_one_line_error(status, err, changed, command, "--n-layer")
+    assert "needs about" in err

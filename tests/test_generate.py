@@ -258,3 +258,51 @@ def test_generate_rejects_bad_arguments_before_any_work(data):
 @pytest.mark.parametrize("model", [None, object(), "gpt"])
 def test_generate_rejects_what_is_not_a_model(model):
     expect_rejected(lambda: generate(model, PROMPT, 2), "generate", "model")
+
+
+# -- logits that cannot be sampled: a named error, at the step they appear ---------------------------------
+def poisoned_model(at, value):
+    """The tiny model, whose forward returns logits with ``value`` in row 0's last position from call ``at`` on."""
+    model = tiny_model()
+    real = model.forward
+    calls = []
+
+    def forward(*args, **kwargs):
+        logits, rest = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) >= at:
+            logits = logits.copy()
+            if value == "all -inf":
+                logits[0, -1] = -np.inf
+            else:
+                logits[0, -1, calls[-1] % logits.shape[-1]] = value
+        return logits, rest
+
+    model.forward = forward
+    return model, calls
+
+
+@given(at=st.integers(1, 12), value=st.sampled_from([np.nan, np.inf, "all -inf"]), use_cache=st.booleans(),
+       prompt_len=st.integers(1, CFG.block_size + 2))
+def test_generate_refuses_logits_it_cannot_sample_at_the_step_they_appear(at, value, use_cache, prompt_len):
+    """A NaN (a diverged model) used to 'sample' token 0 forever; now the first bad step stops generation."""
+    from npformer.generate import NonFiniteLogitsError
+
+    model, calls = poisoned_model(at, value)
+    prompt = np.random.default_rng(at).integers(0, CFG.vocab_size, (2, prompt_len))
+    with pytest.raises(NonFiniteLogitsError) as info:
+        generate(model, prompt, 12, rng=np.random.default_rng(0), use_cache=use_cache)
+    assert len(calls) == at  # stopped at the first bad logits, before any further forward
+    assert f"for new token {at - 1} hold" in str(info.value) and str(info.value).startswith("generate: ")
+    assert model.training  # restored
+
+
+@given(st.sampled_from(["wte.weight", "ln_f.bias", "blocks.0.attn.q_proj.weight", "blocks.1.mlp.fc.bias"]),
+       st.booleans())
+def test_a_model_with_a_nan_weight_cannot_generate(name, use_cache):
+    from npformer.generate import NonFiniteLogitsError
+
+    model = tiny_model()
+    dict(model.named_parameters())[name].data[...] = np.nan
+    with pytest.raises(NonFiniteLogitsError, match="new token 0"):
+        generate(model, np.array([[1, 2]]), 5, temperature=0, use_cache=use_cache)

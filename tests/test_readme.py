@@ -68,7 +68,7 @@ def test_shell_command_names_what_exists(line):
             assert all(w == "all" or w in gradcheck.families() for w in rest if not w.startswith("-")), rest
             return
         args = parses(build_parser()[1][command], rest)
-        if command == "sample":  # the prompt must encode with the default run's vocabulary
+        if command == "sample" and args.prompt is not None:  # the prompt must encode with the default run's vocabulary
             from npformer.data.corpus import default_corpus
 
             assert set(args.prompt) <= set(default_corpus()), args.prompt

@@ -2,9 +2,13 @@
 
 A run is refused before any work (nothing is written, not even the run folder) when an
 option cannot work, when it would overwrite a saved run, when a resumed run's model,
-split or data differ from its checkpoint, and when one step would not fit in memory.
+split, data or any checkpoint entry does not fit, and when one step would not fit in
+memory. While training, a non-finite loss, gradient or weight stops the run without
+saving, and Ctrl-C saves the steps done so that the resumed run is bit-exact.
 """
 
+import contextlib
+import io
 import math
 import re
 import shutil
@@ -339,17 +343,27 @@ def test_the_memory_estimate_is_within_a_factor_of_two_of_the_measured_peak(batc
     assert 0.5 <= estimate / peak <= 2.0, (estimate, peak)
 
 
-@given(batch=st.integers(1, 64), T=st.sampled_from([16, 256, 4096, 100_000]), D=st.sampled_from([16, 192, 4096]))
-def test_memory_beyond_what_is_available_is_refused_naming_the_largest_part(batch, T, D):
-    cfg = GPTConfig(vocab_size=65, block_size=T, n_layer=2, n_head=2, d_model=D)
-    parts = estimate_memory(cfg, batch)
-    total = sum(parts.values())
+@given(batch=st.integers(1, 64), T=st.sampled_from([16, 256, 4096, 100_000]), D=st.sampled_from([16, 192, 4096]),
+       L=st.sampled_from([1, 2, 12, 10**8]))
+def test_memory_beyond_what_is_available_is_refused_naming_the_option_that_drives_it(batch, T, D, L):
+    """The option named is the one whose lowering to 1 (the others kept) shrinks the estimate the most:
+    a very deep model names --n-layer, not --d-model."""
+    cfg = GPTConfig(vocab_size=65, block_size=T, n_layer=L, n_head=1, d_model=D)
+    total = sum(estimate_memory(cfg, batch).values())
     assert check_memory(cfg, batch, available=total) == total  # exactly enough is enough
     with pytest.raises(ConfigError) as info:
         check_memory(cfg, batch, available=total - 1)
-    weights = parts["parameters"] + parts["gradients"] + parts["optimizer"]
-    largest = max((parts["attention"], "block_size"), (parts["activations"], "batch_size"), (weights, "d_model"))[1]
-    assert info.value.field == largest and "available" in info.value.reason
+
+    def lowered(name):
+        values = {**cfg.to_dict(), "batch_size": batch, name: 1}
+        b = values.pop("batch_size")
+        return sum(estimate_memory(GPTConfig(**values), b).values())
+
+    order = ["block_size", "batch_size", "d_model", "n_layer"]
+    expected = min(order, key=lambda name: (lowered(name), order.index(name)))
+    assert info.value.field == expected and "available" in info.value.reason
+    if L == 10**8:
+        assert expected == "n_layer"
 
 
 def test_train_refuses_a_step_larger_than_memory(tmp_path, monkeypatch):
@@ -373,3 +387,336 @@ def test_reported_throughput_is_training_time_only(tmp_path, monkeypatch, capsys
     assert summary["tokens_per_s"] > 4 * tokens  # trained in under a quarter of the evaluations' second
     printed = [float(x.replace(",", "")) for x in re.findall(r"([\d,]+) tok/s", capsys.readouterr().out)]
     assert len(printed) == 4 and min(printed) > 4 * tokens
+
+
+# -- divergence: stop without saving -------------------------------------------------------------------
+def inject_after(monkeypatch, owner, name, at, action, when=lambda *a, **k: True):
+    """Wrap ``owner.name``: on its ``at``-th call (counting calls where ``when`` holds) run ``action`` on
+    the call's arguments and result, and return what it returns instead of the result."""
+    real = getattr(owner, name)
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if when(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == at:
+                return action(result, *args, **kwargs)
+        return result
+
+    monkeypatch.setattr(owner, name, wrapper)
+    return calls
+
+
+def nan_loss(result, *args, **kwargs):
+    return result[0], float("nan")
+
+
+def nan_gradient(result, model, *args, **kwargs):
+    model.parameters()[-1].grad[0] = np.nan
+    return result
+
+
+def training_forward(model, ids, targets=None, *args, **kwargs):
+    return model.training and targets is not None
+
+
+@given(what=st.sampled_from(["loss", "gradient", "validation"]), at=st.integers(1, 12))
+def test_a_diverged_run_stops_at_the_step_and_saves_nothing(tmp_path_factory, what, at):
+    root = tmp_path_factory.mktemp("diverged")
+    cfg = tiny(root, steps=12, eval_interval=4, sample_tokens=0, eval_batches=1)
+    with pytest.MonkeyPatch.context() as mp:
+        if what == "loss":
+            inject_after(mp, GPT, "forward", at, nan_loss, when=training_forward)
+        elif what == "gradient":
+            inject_after(mp, GPT, "backward", at, nan_gradient)
+        else:
+            at = 4 * ((at - 1) % 3 + 1)  # the validations come after steps 4, 8 and 12
+            inject_after(mp, train_module, "estimate_loss", at // 4, lambda result, *a: float("inf"))
+        with pytest.raises(train_module.TrainingDiverged) as info:
+            train(cfg, log=QUIET)
+    assert info.value.step == at and f"at step {at}:" in str(info.value) and "--lr" in str(info.value)
+    saved = 4 * ((at - 1) // 4)  # the last checkpoint before the failing step
+    path = root / "run" / "ckpt.npz"
+    assert info.value.saved_step == (saved or None)
+    if saved:
+        state = checkpoint.load(path)
+        assert state["step"] == saved and all(np.isfinite(w).all() for w in state["model"].values())
+    else:
+        assert not path.exists()
+
+
+def test_a_huge_learning_rate_stops_the_command_and_keeps_the_checkpoint(finished, tmp_path, capsys):
+    shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
+    before = snapshot(tmp_path)
+    status = cli_main(["train", "--resume", "--out-dir", str(tmp_path / "run"), "--steps", "30", "--lr", "1e30",
+                       "--data", str(tmp_path / "corpus.txt"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and len(err) == 1, err
+    expected = (r"npformer train: error: the run diverged at step 2[1-9]: .*still holds step 20"
+                r".*lower --lr \(now 1e\+30\)$")
+    assert re.match(expected, err[0]), err
+    assert snapshot(tmp_path) == before
+
+
+# -- Ctrl-C: save the steps done, resume bit for bit --------------------------------------------------------
+INTERRUPTED = dict(steps=12, eval_interval=4, dropout=0.1, sample_tokens=3, eval_batches=1)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("uninterrupted")
+    summary = train(tiny(root, **INTERRUPTED), log=QUIET)
+    return checkpoint.load(summary["checkpoint"])
+
+
+def raise_interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def assert_same_run(state, reference):
+    assert state["step"] == reference["step"]
+    assert state["history"] == reference["history"]  # every train and validation loss, bit for bit
+    for name, w in reference["model"].items():
+        np.testing.assert_array_equal(state["model"][name], w)
+    for index, moments in reference["optim"]["state"].items():
+        for key, value in moments.items():
+            np.testing.assert_array_equal(state["optim"]["state"][index][key], value)
+    assert state["rng"] == reference["rng"]
+
+
+@given(phase=st.sampled_from(["forward", "clip", "validation", "sample", "save"]), at=st.integers(1, 12))
+def test_ctrl_c_saves_the_steps_done_and_resume_is_bit_exact(tmp_path_factory, uninterrupted, phase, at):
+    root = tmp_path_factory.mktemp("interrupted")
+    cfg = tiny(root, **INTERRUPTED)
+    with pytest.MonkeyPatch.context() as mp:
+        if phase == "forward":  # after the batch and the dropout masks are drawn: the step must be undone
+            inject_after(mp, GPT, "forward", at, raise_interrupt, when=training_forward)
+            done = at - 1
+        elif phase == "clip":
+            inject_after(mp, train_module, "clip_grad_norm_", at, raise_interrupt)
+            done = at - 1
+        else:  # the validations, their samples and saves come after steps 4, 8 and 12
+            nth = (at - 1) % 3 + 1
+            owner, name = {"validation": (train_module, "estimate_loss"), "sample": (train_module, "generate"),
+                           "save": (checkpoint, "save")}[phase]
+            inject_after(mp, owner, name, nth, raise_interrupt)
+            done = 4 * nth
+        with pytest.raises(train_module.TrainingInterrupted) as info:
+            train(cfg, log=QUIET)
+    assert info.value.step == done and f"interrupted at step {done};" in str(info.value)
+    path = root / "run" / "ckpt.npz"
+    if done == 0:
+        assert not path.exists() and not info.value.saved
+        train(cfg, log=QUIET)
+    else:
+        assert checkpoint.load(path)["step"] == done
+        train(tiny(root, resume=True, **INTERRUPTED), log=QUIET)
+    assert_same_run(checkpoint.load(path), uninterrupted)
+
+
+@given(at=st.integers(1, 12))
+def test_a_real_sigint_during_an_update_waits_for_the_update(tmp_path_factory, uninterrupted, at):
+    """SIGINT delivered inside the optimizer's step: the update and its record finish first."""
+    import signal
+
+    root = tmp_path_factory.mktemp("sigint")
+    with pytest.MonkeyPatch.context() as mp:
+        inject_after(mp, AdamW, "step", at, lambda result, *a: signal.raise_signal(signal.SIGINT))
+        with pytest.raises(train_module.TrainingInterrupted) as info:
+            train(tiny(root, **INTERRUPTED), log=QUIET)
+    assert info.value.step == at and checkpoint.load(root / "run" / "ckpt.npz")["step"] == at
+    train(tiny(root, resume=True, **INTERRUPTED), log=QUIET)
+    assert_same_run(checkpoint.load(root / "run" / "ckpt.npz"), uninterrupted)
+
+
+def test_ctrl_c_on_the_command_line_is_one_line_and_status_130(tmp_path, monkeypatch, capsys):
+    inject_after(monkeypatch, train_module, "clip_grad_norm_", 6, raise_interrupt)
+    cfg = tiny(tmp_path, **INTERRUPTED)
+    status = cli_main(["train", "--data", cfg.data, "--n-layer", "1", "--n-head", "2", "--d-model", "16",
+                       "--block-size", "16", "--steps", "12", "--eval-interval", "4", "--sample-tokens", "0",
+                       "--out-dir", cfg.out_dir, "--no-progress"])
+    captured = capsys.readouterr()
+    assert status == 130 and "Traceback" not in captured.err
+    assert captured.err.strip().splitlines() == [
+        f"npformer train: interrupted at step 5; saved {cfg.out_dir}/ckpt.npz; continue with --resume "
+        f"--out-dir {cfg.out_dir}"]
+    assert checkpoint.load(f"{cfg.out_dir}/ckpt.npz")["step"] == 5 and (tmp_path / "run" / "loss.png").is_file()
+
+
+# -- the validation share ----------------------------------------------------------------------------------
+def model_line(lines):
+    line = next(entry for entry in lines if entry.startswith("model:"))
+    counts = re.search(r"([\d,]+) train / ([\d,]+) val tokens", line).groups()
+    return tuple(int(n.replace(",", "")) for n in counts)
+
+
+@given(length=st.integers(2_000, 30_000), fraction=st.sampled_from([0.05, 0.1, 0.2, 0.3, 0.5, 0.7]),
+       seed=st.integers(0, 50))
+def test_the_validation_share_is_the_fraction_asked_for(tmp_path_factory, length, fraction, seed):
+    """Within 10% of min(f, 1 - f), on short texts too (chunks of 4096 gave 50% below 8192 characters)."""
+    root = tmp_path_factory.mktemp("split")
+    (root / "corpus.txt").write_text((TEXT * (length // len(TEXT) + 1))[:length], encoding="utf-8")
+    lines = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_module, "plot_losses", lambda history, path: path)
+        train(tiny(root, val_fraction=fraction, seed=seed, steps=1, eval_batches=1, sample_tokens=0),
+              log=lines.append)
+    train_n, val_n = model_line(lines)
+    assert train_n + val_n == length
+    assert abs(val_n / length - fraction) <= 0.1 * min(fraction, 1 - fraction), (train_n, val_n)
+
+
+def test_a_long_text_keeps_chunks_of_4096(tmp_path, monkeypatch):
+    """Where chunks of 4096 already hold the fraction (the built-in corpus), the split is what it was."""
+    from npformer.data.corpus import train_val_split
+
+    text = (TEXT * 30)[:40_000]  # 10 chunks of 4000: one of them is exactly 10%
+    (tmp_path / "corpus.txt").write_text(text, encoding="utf-8")
+    monkeypatch.setattr(train_module, "plot_losses", lambda history, path: path)
+    summary = train(tiny(tmp_path, steps=1, eval_batches=1, sample_tokens=0), log=QUIET)
+    ids = train_module.CharTokenizer.from_text(text).encode_array(text)
+    _, val_ids = train_val_split(ids, 0.1, seed=1337, chunk_size=4096)
+    assert checkpoint.load(summary["checkpoint"])["split"] == {"chunk_size": 4096} and len(val_ids) == 4000
+
+
+# -- data too short, folders that cannot be made -----------------------------------------------------------
+@given(st.integers(1, 3))
+def test_a_text_too_short_for_any_block_says_so(tmp_path_factory, length):
+    root = tmp_path_factory.mktemp("short")
+    (root / "corpus.txt").write_text("ab\n"[:length], encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        train(tiny(root, block_size=1), log=QUIET)
+    assert info.value.field == "data" and ("too short" in info.value.reason or "at least 2" in info.value.reason)
+    assert not (root / "run").exists()
+
+
+@given(st.sampled_from(["corpus.txt/sub", "corpus.txt/a/b", "/proc/nope", "/proc/self/nope/deeper"]))
+def test_an_out_dir_that_cannot_be_made_is_refused(tmp_path_factory, out_dir):
+    root = tmp_path_factory.mktemp("outdir")
+    cfg = tiny(root)
+    cfg.out_dir = str(root / out_dir) if not out_dir.startswith("/") else out_dir
+    with pytest.raises(ConfigError) as info:
+        train(cfg, log=QUIET)
+    assert info.value.field == "out_dir" and "folder" in info.value.reason
+    assert (root / "corpus.txt").is_file()
+
+
+# -- checkpoints that load but do not fit ----------------------------------------------------------------
+def first(mapping):
+    return next(iter(mapping))
+
+
+DAMAGE = {
+    "renamed weight": lambda s: s["model"].__setitem__("renamed", s["model"].pop(first(s["model"]))),
+    "missing weight": lambda s: s["model"].pop(first(s["model"])),
+    "weight of another shape": lambda s: s["model"].__setitem__(first(s["model"]), np.zeros(3, np.float32)),
+    "float64 weights": lambda s: s["model"].update({k: v.astype(np.float64) for k, v in s["model"].items()}),
+    "NaN weight": lambda s: s["model"][first(s["model"])].__setitem__((0, 0), np.nan),
+    "optimizer groups": lambda s: s["optim"].__setitem__("param_groups", s["optim"]["param_groups"][:1]),
+    "optimizer moment": lambda s: s["optim"]["state"]["0"].__setitem__("exp_avg", np.zeros(2, np.float32)),
+    "optimizer not a dict": lambda s: s.__setitem__("optim", [1, 2]),
+    "rng of another generator": lambda s: s["rng"]["data"].__setitem__("bit_generator", "MT19937"),
+    "rng state garbage": lambda s: s["rng"]["model"].__setitem__("state", "garbage"),
+    "history not lists": lambda s: s["history"].__setitem__("train_loss", 3.0),
+    "history lengths": lambda s: s["history"]["train_loss"].pop(),
+    "validation history lengths": lambda s: s["history"]["val_loss"].append(1.0),
+    "history steps": lambda s: s["history"]["steps"].reverse(),
+    "model config": lambda s: s["model_config"].__setitem__("bias", False),
+    "split": lambda s: s.__setitem__("split", {"chunk_size": -4}),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_resume_checks_the_whole_checkpoint_before_training(finished, tmp_path_factory, damage):
+    root = tmp_path_factory.mktemp("misfit")
+    state = checkpoint.load(finished / "run" / "ckpt.npz")
+    DAMAGE[damage](state)
+    path = checkpoint.save(root / "run" / "ckpt.npz", state)
+    (root / "corpus.txt").write_text(TEXT, encoding="utf-8")
+    before = snapshot(root)
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        train(tiny(root, resume=True, steps=30), log=QUIET)
+    assert str(path) in str(info.value)
+    assert snapshot(root) == before
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = cli_main(["train", "--resume", "--out-dir", str(root / "run"), "--steps", "30",
+                           "--data", str(root / "corpus.txt")])
+    lines = err.getvalue().strip().splitlines()
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("npformer train: error: argument --resume: ")
+    assert snapshot(root) == before
+
+
+# -- resuming: data checked first, the schedule stated, stop_at evaluated ---------------------------------
+def test_a_finished_run_checks_the_data_before_saying_it_is_finished(finished, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text(TEXT.upper(), encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        train(tiny(finished, resume=True, data=str(other)), log=QUIET)
+    assert info.value.field == "data"
+
+
+@given(st.integers(21, 60))
+def test_resume_states_the_learning_rate_of_the_new_schedule(finished, tmp_path_factory, steps):
+    root = tmp_path_factory.mktemp("extend")
+    shutil.copytree(finished, root, dirs_exist_ok=True)
+    lines = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_module, "plot_losses", lambda history, path: path)
+        mp.setattr(train_module, "estimate_loss", lambda *a: 1.0)
+        mp.setattr(train_module, "get_batch", raise_interrupt)  # no need to train: the line comes first
+        with pytest.raises(train_module.TrainingInterrupted):
+            train(tiny(root, resume=True, steps=steps, sample_tokens=0), log=lines.append)
+    cfg = tiny(root, steps=steps)
+    expected = train_module.warmup_cosine(cfg.lr, cfg.min_lr, cfg.warmup, steps)(20)
+    last = train_module.warmup_cosine(cfg.lr, cfg.min_lr, cfg.warmup, 20)(19)
+    line = next(entry for entry in lines if entry.startswith("resumed from"))
+    assert f"at step 20 of {steps}; learning rate {expected:.3g} (the last step used {last:.3g})" in line
+    assert f"decays to --min-lr at step {steps}, not 20" in line
+
+
+@given(st.integers(1, 19))
+def test_a_stopped_run_reports_the_validation_loss_at_its_step(tmp_path_factory, stop_at):
+    root = tmp_path_factory.mktemp("stopat")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_module, "plot_losses", lambda history, path: path)
+        summary = train(tiny(root, stop_at=stop_at, sample_tokens=0), log=QUIET)
+    assert summary["step"] == stop_at and not summary["complete"]
+    model = GPT(GPTConfig(**checkpoint.load(summary["checkpoint"])["model_config"]))
+    model.load_state_dict(checkpoint.load(summary["checkpoint"])["model"])
+    text = TEXT
+    tok = train_module.CharTokenizer.from_text(text)
+    _, val_ids, _ = train_module.split_tokens(tok.encode_array(text), 0.1, 1337)
+    assert summary["val_loss"] == train_module.estimate_loss(model, val_ids, tiny(root))
+
+
+def test_stop_at_beyond_steps_is_refused(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        train(tiny(tmp_path, steps=2, stop_at=5), log=QUIET)
+    assert info.value.field == "stop_at" and "at most" in info.value.reason and not (tmp_path / "run").exists()
+
+
+# -- overwrite in the other format ---------------------------------------------------------------------------
+@given(st.sampled_from([("npz", "safetensors"), ("safetensors", "npz")]))
+def test_overwrite_in_the_other_format_removes_the_old_checkpoint(tmp_path_factory, formats):
+    old, new = formats
+    root = tmp_path_factory.mktemp("formats")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_module, "plot_losses", lambda history, path: path)
+        train(tiny(root, steps=4, eval_interval=4, sample_tokens=0, checkpoint_format=old), log=QUIET)
+        train(tiny(root, steps=2, eval_interval=2, sample_tokens=0, checkpoint_format=new, overwrite=True),
+              log=QUIET)
+    assert saved_runs(root / "run") == [root / "run" / f"ckpt.{new}"]
+    assert checkpoint.load(root / "run" / f"ckpt.{new}")["step"] == 2
+
+
+def test_a_folder_with_both_formats_is_refused_naming_both(finished, tmp_path):
+    shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
+    state = checkpoint.load(tmp_path / "run" / "ckpt.npz")
+    checkpoint.save(tmp_path / "run" / "ckpt.safetensors", state)
+    for fmt in ("npz", "safetensors"):
+        with pytest.raises(ConfigError) as info:
+            train(tiny(tmp_path, resume=True, steps=30, checkpoint_format=fmt), log=QUIET)
+        assert info.value.field == "resume"
+        assert "ckpt.npz" in info.value.reason and "ckpt.safetensors" in info.value.reason
