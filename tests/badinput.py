@@ -14,17 +14,27 @@ is legal for ``x`` of a norm but not for its ``gamma``.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
 # Not an array at all.
 NON_ARRAYS = ("list", "tuple", "scalar", "none", "string")
+# An ndarray subclass holding the same values: np.matrix (``*`` is a matrix product, every result
+# 2-D), a masked array (reductions skip masked entries), and a subclass that changes nothing.
+# Ops take plain ndarrays only, so each of these is refused by name, not computed with.
+SUBCLASS_KINDS = ("matrix", "masked", "subclass")
 # An array of a dtype no float op takes.
 DTYPE_KINDS = ("int64", "int32", "bool", "float16", "complex128", "object", "uint8")
 # The right dtype, the wrong rank or size.
 RANK_KINDS = ("rank+1", "rank-1")
 SHAPE_KINDS = ("last+1", "first+1")
 ARRAY_KINDS = NON_ARRAYS + DTYPE_KINDS + RANK_KINDS + SHAPE_KINDS
+
+
+class PlainSubclass(np.ndarray):
+    """An ndarray subclass that overrides nothing: still not an ndarray an op should take silently."""
 
 
 def corrupt(x: np.ndarray, kind: str):
@@ -44,6 +54,14 @@ def corrupt(x: np.ndarray, kind: str):
         return x.astype(kind)
     if kind == "object":
         return x.astype(object)
+    if kind == "matrix":  # always 2-D: the values of x, as rows when x is not 2-D already
+        with warnings.catch_warnings():  # numpy's PendingDeprecationWarning for np.matrix itself
+            warnings.simplefilter("ignore", PendingDeprecationWarning)
+            return np.asmatrix(x if x.ndim == 2 else x.reshape(1, -1))
+    if kind == "masked":  # same shape and dtype, every other entry masked
+        return np.ma.masked_array(x, mask=np.arange(x.size).reshape(x.shape) % 2 == 1)
+    if kind == "subclass":
+        return x.view(PlainSubclass)
     if kind == "rank+1":
         return x[None]
     if kind == "rank-1":
@@ -67,13 +85,15 @@ def expect_rejected(call, func: str, arg: str, errors=(ValueError, TypeError)) -
 
 # Scalar options, each wrong for the kind of option named.
 BAD_FLAGS = (1, 0, 1.0, "True", None, np.array(True), [True])  # a bool is wanted
-BAD_SCALES = (np.nan, np.inf, -np.inf, -1.0, 0.0, True, False, "0.5", [0.5], np.array(0.5), np.float32(np.nan))  # > 0
-BAD_COUNTS = (-1, 2.5, 3.0, True, "3", None, np.float64(2.0), [2])  # an integer >= 0 (a length, an offset)
-BAD_BASES = (np.nan, np.inf, 0.0, -1.0, True, "1e4", None, [1e4])  # a frequency base > 0
+# > 0; 10**400 is an int no float64 can hold
+BAD_SCALES = (np.nan, np.inf, -np.inf, -1.0, 0.0, True, False, "0.5", [0.5], np.array(0.5), np.float32(np.nan), 10**400)
+# an integer >= 0 (a length, an offset), and at most 2**53 - 1 for an op's positions and sizes
+BAD_COUNTS = (-1, 2.5, 3.0, True, "3", None, np.float64(2.0), [2], 2**53, 2**64, np.uint64(2**64 - 1), 10**400)
+BAD_BASES = (np.nan, np.inf, 0.0, -1.0, True, "1e4", None, [1e4], 10**400)  # a frequency base > 0, a finite float
 BAD_EVEN_DIMS = (0, 1, 3, -2, 2.0, True, "4", None)  # an even integer >= 2
 BAD_DTYPES = (np.int64, "int32", np.float16, np.complex128, object, bool, "x", None)  # float32 or float64
 NOT_A_MASK = tuple(k for k in NON_ARRAYS if k != "none") + tuple(k for k in DTYPE_KINDS if k != "bool") + (
-    "float32", "float64") + RANK_KINDS + SHAPE_KINDS
+    "float32", "float64") + RANK_KINDS + SHAPE_KINDS + SUBCLASS_KINDS
 
 
 def rejects_all(call, func, arg, bad_values):

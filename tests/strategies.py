@@ -23,7 +23,7 @@ def rngs(draw):
 
 
 def randn(rng, shape, dtype=np.float64, scale=1.0):
-    return (rng.standard_normal(shape) * scale).astype(dtype)
+    return np.asarray(rng.standard_normal(shape) * scale, dtype=dtype)  # an array for shape () too
 
 
 # -- layouts: the same values in another memory layout -------------------------------
@@ -37,6 +37,10 @@ def in_layout(x: np.ndarray, layout: str) -> np.ndarray:
     x = np.ascontiguousarray(x) if np.ndim(x) else np.array(x)  # ascontiguousarray makes a 0-d array 1-d
     if layout == "contiguous":
         return x
+    if x.ndim == 0 and layout != "readonly":  # a 0-d view into a larger buffer (NumPy's helpers make 0-d 1-d)
+        buf = np.zeros(2, x.dtype)
+        buf[1] = x
+        return buf[1:].reshape(())
     if layout == "fortran":
         return np.asfortranarray(x)
     if layout == "transposed":  # a transposed copy, transposed back: last axis not contiguous

@@ -5,7 +5,7 @@ equation it implements. Every op here acts on each element on its own, so any
 shape works, empty included (empty in, empty out): ``x: (...)`` (in a transformer
 MLP, ``(B, T, F)`` with ``F`` the hidden width). The gated units take two arrays of
 one identical shape and dtype; every backward takes ``dy`` of its forward input's
-shape and dtype.
+shape and dtype. A 0-d array in gives 0-d arrays out, never NumPy scalars.
 
     relu    y = max(x, 0)
     gelu    y = x Phi(x)                       approximate="none"  (exact, with erf)
@@ -85,32 +85,53 @@ def _erfc_fraction(a: np.ndarray) -> np.ndarray:
     return _ONE_OVER_SQRT_PI * _exp_minus_square(a) / f
 
 
-def erf(x: np.ndarray) -> np.ndarray:
-    """The error function, elementwise, to float64 round-off; dtype preserved. x: (...)."""
-    check_float("erf", "x", x)
-    a = np.abs(x)
-    out = np.empty_like(x)
+def _erf(x: np.ndarray) -> np.ndarray:
+    """erf of a float array of any shape, 0-d included (worked on as one flat row)."""
+    flat = x.reshape(-1)
+    a = np.abs(flat)
+    out = np.empty_like(flat)
     small = a < _ERF_SPLIT
     out[small] = _erf_series(a[small])
     out[~small] = 1.0 - _erfc_fraction(a[~small])
-    return np.copysign(out, x)  # erf is odd
+    return np.copysign(out, flat).reshape(x.shape)  # erf is odd
+
+
+def _erfc(x: np.ndarray) -> np.ndarray:
+    """erfc of a float array of any shape, 0-d included (worked on as one flat row)."""
+    flat = x.reshape(-1)
+    a = np.abs(flat)
+    out = np.empty_like(flat)
+    small = a < _ERF_SPLIT
+    out[small] = 1.0 - np.copysign(_erf_series(a[small]), flat[small])
+    tail = _erfc_fraction(a[~small])
+    out[~small] = np.where(flat[~small] > 0, tail, 2.0 - tail)  # erfc(-a) = 2 - erfc(a)
+    return out.reshape(x.shape)
+
+
+def erf(x: np.ndarray) -> np.ndarray:
+    """The error function, elementwise, to float64 round-off; dtype preserved. x: (...) -> (...)"""
+    check_float("erf", "x", x)
+    return _erf(x)
 
 
 def erfc(x: np.ndarray) -> np.ndarray:
-    """1 - erf(x), elementwise, without cancellation for large positive x; dtype preserved."""
+    """1 - erf(x), elementwise, without cancellation for large positive x; dtype preserved. x: (...) -> (...)"""
     check_float("erfc", "x", x)
-    a = np.abs(x)
-    out = np.empty_like(x)
-    small = a < _ERF_SPLIT
-    out[small] = 1.0 - np.copysign(_erf_series(a[small]), x[small])
-    tail = _erfc_fraction(a[~small])
-    out[~small] = np.where(x[~small] > 0, tail, 2.0 - tail)  # erfc(-a) = 2 - erfc(a)
-    return out
+    return _erfc(x)
 
 
 # ---------------------------------------------------------------------------
 # shared pieces: checks, sigmoid, softplus
 # ---------------------------------------------------------------------------
+
+
+def _array(a) -> np.ndarray:
+    """``a`` as an ndarray (itself when it is one already).
+
+    A ufunc given 0-d arrays returns a NumPy scalar, not a 0-d array, and the next op
+    would refuse it: every result and every cached value here passes through this.
+    """
+    return np.asarray(a)
 
 
 def _check_approximate(op: str, approximate: object) -> None:
@@ -147,7 +168,7 @@ class ReluCache(NamedTuple):
 def relu_forward(x: np.ndarray) -> Tuple[np.ndarray, ReluCache]:
     """y = max(x, 0) (ACT.4).  x: (...) -> y: (...)"""
     check_float("relu_forward", "x", x)
-    y = np.maximum(x, 0.0)  # (ACT.4)
+    y = _array(np.maximum(x, 0.0))  # (ACT.4)
     return y, ReluCache(x=x)
 
 
@@ -213,9 +234,9 @@ def gelu_forward(x: np.ndarray, approximate: str = "none") -> Tuple[np.ndarray, 
     check_float("gelu_forward", "x", x)
     _check_approximate("gelu_forward", approximate)
     if approximate == "none":
-        cdf = 0.5 * erfc(-_SQRT_HALF * x)  # (ACT.6)  Phi(x); erfc keeps its left tail accurate
+        cdf = _array(0.5 * _erfc(_array(-_SQRT_HALF * x)))  # (ACT.6)  Phi(x); erfc keeps its left tail accurate
         tanh_u = None
-        y = x * cdf  # (ACT.6)
+        y = _array(x * cdf)  # (ACT.6)
     else:
         y, tanh_u, cdf = _gelu_tanh_parts(x)  # (ACT.8)
     return y, GeluCache(x=x, cdf=cdf, tanh_u=tanh_u, approximate=approximate)
@@ -229,7 +250,7 @@ def gelu_backward(dy: np.ndarray, cache: GeluCache) -> np.ndarray:
     if approximate == "none":
         pdf = _ONE_OVER_SQRT_2PI * np.exp(-0.5 * (x * x))  # phi(x)
         dgelu = cdf + x * pdf  # (ACT.7)
-        dx = dy * dgelu  # (ACT.1)
+        dx = _array(dy * dgelu)  # (ACT.1)
         return dx
     # (ACT.9): gelu' = cdf + 1/2 x (1 - tanh^2 u) du/dx, then times dy (ACT.1), chunk by chunk
     x_flat, t_flat, cdf_flat, dy_flat = x.reshape(-1), tanh_u.reshape(-1), cdf.reshape(-1), dy.reshape(-1)
@@ -264,7 +285,7 @@ def silu_forward(x: np.ndarray) -> Tuple[np.ndarray, SiluCache]:
     """y = x sigmoid(x) (ACT.11).  x: (...) -> y: (...)"""
     check_float("silu_forward", "x", x)
     s = _sigmoid(x)  # (ACT.10)
-    y = x * s  # (ACT.11)
+    y = _array(x * s)  # (ACT.11)
     return y, SiluCache(x=x, s=s)
 
 
@@ -274,7 +295,7 @@ def silu_backward(dy: np.ndarray, cache: SiluCache) -> np.ndarray:
     x, s = cache
     _check_dy("silu_backward", dy, x)
     dsilu = s * (1.0 + x * (1.0 - s))  # (ACT.12)
-    return dy * dsilu  # (ACT.1)
+    return _array(dy * dsilu)  # (ACT.1)
 
 
 # ---------------------------------------------------------------------------
@@ -290,8 +311,8 @@ class MishCache(NamedTuple):
 def mish_forward(x: np.ndarray) -> Tuple[np.ndarray, MishCache]:
     """y = x tanh(softplus(x)) (ACT.14).  x: (...) -> y: (...)"""
     check_float("mish_forward", "x", x)
-    t = np.tanh(_softplus(x))  # (ACT.13), (ACT.14)
-    y = x * t  # (ACT.14)
+    t = _array(np.tanh(_softplus(x)))  # (ACT.13), (ACT.14)
+    y = _array(x * t)  # (ACT.14)
     return y, MishCache(x=x, t=t)
 
 
@@ -302,7 +323,7 @@ def mish_backward(dy: np.ndarray, cache: MishCache) -> np.ndarray:
     _check_dy("mish_backward", dy, x)
     s = _sigmoid(x)  # softplus'(x), (ACT.13)
     dmish = t + x * (1.0 - t * t) * s  # (ACT.15)
-    return dy * dmish  # (ACT.1)
+    return _array(dy * dmish)  # (ACT.1)
 
 
 # ---------------------------------------------------------------------------
@@ -326,7 +347,7 @@ def swiglu_forward(gate: np.ndarray, up: np.ndarray) -> Tuple[np.ndarray, Swiglu
     """y = silu(gate) * up (ACT.16).  gate, up: (...) of one shape -> y: (...)"""
     _check_gate_up("swiglu_forward", gate, up)
     act, silu_cache = silu_forward(gate)  # (ACT.11)
-    y = act * up  # (ACT.16)
+    y = _array(act * up)  # (ACT.16)
     return y, SwigluCache(silu=silu_cache, act=act, up=up)
 
 
@@ -335,8 +356,8 @@ def swiglu_backward(dy: np.ndarray, cache: SwigluCache) -> Tuple[np.ndarray, np.
     check_cache_type("swiglu_backward", cache, SwigluCache)
     silu_cache, act, up = cache
     _check_dy("swiglu_backward", dy, up, "up")
-    dup = dy * act  # (ACT.18)
-    dact = dy * up  # (ACT.17)  through the product
+    dup = _array(dy * act)  # (ACT.18)
+    dact = _array(dy * up)  # (ACT.17)  through the product
     dgate = silu_backward(dact, silu_cache)  # (ACT.17)  through silu, (ACT.12)
     return dgate, dup
 
@@ -352,7 +373,7 @@ def geglu_forward(gate: np.ndarray, up: np.ndarray, approximate: str = "none") -
     _check_gate_up("geglu_forward", gate, up)
     _check_approximate("geglu_forward", approximate)
     act, gelu_cache = gelu_forward(gate, approximate)  # (ACT.6) or (ACT.8)
-    y = act * up  # (ACT.19)
+    y = _array(act * up)  # (ACT.19)
     return y, GegluCache(gelu=gelu_cache, act=act, up=up)
 
 
@@ -361,8 +382,8 @@ def geglu_backward(dy: np.ndarray, cache: GegluCache) -> Tuple[np.ndarray, np.nd
     check_cache_type("geglu_backward", cache, GegluCache)
     gelu_cache, act, up = cache
     _check_dy("geglu_backward", dy, up, "up")
-    dup = dy * act  # (ACT.21)
-    dact = dy * up  # (ACT.20)  through the product
+    dup = _array(dy * act)  # (ACT.21)
+    dact = _array(dy * up)  # (ACT.20)  through the product
     dgate = gelu_backward(dact, gelu_cache)  # (ACT.20)  through gelu, (ACT.7) or (ACT.9)
     return dgate, dup
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._checks import check_count, check_dtype_option
+from ._checks import MAX_POSITION, check_count, check_dtype_option, check_fits
 
 OP = "alibi"
 
@@ -33,7 +33,8 @@ def alibi_slopes(n_head: int) -> np.ndarray:
 
     n_head = H  ->  (H,)
     """
-    H = check_count("alibi_slopes", "n_head", n_head, 1)
+    H = check_count("alibi_slopes", "n_head", n_head, 1, MAX_POSITION)
+    check_fits("alibi_slopes", "n_head", (2 * H,), 8)  # the float64 slopes of up to 2H heads, (ALIBI.2)
     closest = 1 << (H.bit_length() - 1)  # 2^k <= H < 2^(k+1)
     slopes = _geometric_slopes(closest)  # (ALIBI.1)
     if closest == H:
@@ -49,12 +50,19 @@ def alibi_bias(n_head: int, Tq: int, Tk: int, *, dtype=np.float32) -> np.ndarray
     keys, as with a key/value cache); key j at position j.
 
     n_head = H  ->  (1, H, Tq, Tk) in ``dtype`` (empty when Tq or Tk is 0)
+
+    Sizes are at most 2**53 - 1 (positions exact in float64), and a bias that would not
+    fit in memory (it is formed in float64) is refused before any work, by name.
     """
     op = "alibi_bias"
-    H = check_count(op, "n_head", n_head, 1)
-    Tq = check_count(op, "Tq", Tq)
-    Tk = check_count(op, "Tk", Tk)
+    H = check_count(op, "n_head", n_head, 1, MAX_POSITION)
+    Tq = check_count(op, "Tq", Tq, 0, MAX_POSITION)
+    Tk = check_count(op, "Tk", Tk, 0, MAX_POSITION)
     dtype = check_dtype_option(op, "dtype", dtype)
+    largest = max((("n_head", H), ("Tq", Tq), ("Tk", Tk)), key=lambda named: named[1])[0]
+    check_fits(op, largest, (H + 2, Tq, Tk), 8)  # the int64 distances, the float64 bias and its cast
+    if Tq == 0 or Tk == 0:
+        return np.zeros((1, H, Tq, Tk), dtype)  # no positions to form (the other length may be huge)
     slopes = alibi_slopes(H)  # (H,)
     query_pos = np.arange(Tq)[:, None] + (Tk - Tq)  # (Tq, 1)
     key_pos = np.arange(Tk)[None, :]  # (1, Tk)

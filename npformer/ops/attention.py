@@ -37,11 +37,13 @@ from typing import NamedTuple, Optional, Tuple
 import numpy as np
 
 from ._checks import (
+    MAX_POSITION,
     _fail,
     check_array,
     check_bool,
     check_cache_type,
     check_count,
+    check_fits,
     check_float,
     check_ndim,
     check_real,
@@ -98,9 +100,15 @@ def check_dout(op: str, dout: object, q: np.ndarray, k: np.ndarray) -> Tuple[int
 
 
 def causal_mask(Tq: int, Tk: int) -> np.ndarray:
-    """(Tq, Tk) bool, True where key j is *hidden* from query i: j > i + (Tk - Tq)."""
-    Tq = check_count("causal_mask", "Tq", Tq)
-    Tk = check_count("causal_mask", "Tk", Tk)
+    """(Tq, Tk) bool, True where key j is *hidden* from query i: j > i + (Tk - Tq).
+
+    Lengths are at most 2**53 - 1, and a mask that would not fit in memory is refused by name.
+    """
+    Tq = check_count("causal_mask", "Tq", Tq, 0, MAX_POSITION)
+    Tk = check_count("causal_mask", "Tk", Tk, 0, MAX_POSITION)
+    check_fits("causal_mask", "Tq" if Tq >= Tk else "Tk", (Tq, Tk), 1)
+    if Tq == 0 or Tk == 0:
+        return np.zeros((Tq, Tk), bool)  # no pairs (the other length may be huge)
     i = np.arange(Tq)[:, None]
     j = np.arange(Tk)[None, :]
     return j > i + (Tk - Tq)

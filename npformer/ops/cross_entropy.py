@@ -9,7 +9,13 @@ prediction ("row"), N rows in all. The loss goes through log-softmax
 Conventions (each argued in the proof):
 
 - ``ignore_index`` marks rows that take no part in the loss; it must lie outside
-  ``[0, V)``, so that a class id can never be silently ignored.
+  ``[0, V)``, so that a class id can never be silently ignored. Ignored rows are never
+  evaluated: whatever they hold (-inf, nan, logits beyond float range), the loss is that
+  of the counted rows and their gradient is exactly 0.
+- Infinite logits in a counted row follow PyTorch: -inf at a class that is not the
+  target is probability 0, exactly; -inf at the target gives loss +inf (with label
+  smoothing, -inf anywhere in the row does) and the finite gradient p - q; a row with
+  no finite logit, +inf or nan gives nan.
 - ``reduction="mean"`` divides by the number of non-ignored rows; when every row
   is ignored the loss and its gradient are 0 (PyTorch returns nan there).
 - ``label_smoothing = eps`` mixes the one-hot target with the uniform
@@ -41,9 +47,9 @@ REDUCTIONS = ("mean", "sum")
 
 
 class CrossEntropyCache(NamedTuple):
-    logp: np.ndarray  # (N, V)  log-probabilities of every row, (CE.1)
-    targets: np.ndarray  # (N,)  target class per row, ignored rows set to class 0
-    weight: np.ndarray  # (N, 1)  w: 1 for a counted row, 0 for an ignored one, (CE.5)
+    p: np.ndarray  # (M, V)  softmax of the M counted rows, exp of (CE.1): what (CE.6) needs
+    targets: np.ndarray  # (M,)  target class of each counted row
+    counted: np.ndarray  # (N,)  bool: w of (CE.5), True for a row that counts, False for an ignored one
     denom: int  # the normaliser D of (CE.5): rows counted for "mean" (at least 1), 1 for "sum"
     label_smoothing: float  # eps of (CE.3)
     shape: Tuple[int, ...]  # (..., V) the shape of logits, for dlogits
@@ -94,26 +100,29 @@ def cross_entropy_forward(
     eps = _check_options(op, V, ignore_index, label_smoothing, reduction)
 
     t = targets.reshape(-1)  # (N,)
-    valid = t != ignore_index  # (N,)  rows that count, w of (CE.5)
-    bad = valid & ((t < 0) | (t >= V))
+    counted = t != ignore_index  # (N,)  rows that count, w of (CE.5)
+    bad = counted & ((t < 0) | (t >= V))
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         check_range(op, "targets", int(t[row]), 0, V)  # raises, naming the first offending value
-    classes = np.where(valid, t, 0)  # (N,)  t, with any in-range class for ignored rows (their weight is 0)
-    n_valid = int(valid.sum())
-    denom = max(n_valid, 1) if reduction == "mean" else 1  # (CE.5)
+    n_counted = int(counted.sum())
+    denom = max(n_counted, 1) if reduction == "mean" else 1  # (CE.5)
 
-    logp, _ = log_softmax_forward(logits.reshape(-1, V))  # (N, V)  (CE.1)
-    nll = -logp[np.arange(classes.size), classes]  # (N,)  (CE.2)
-    if eps:
-        smooth = -logp.mean(axis=-1)  # (N,)  mean over classes of -log p
-        row_loss = (1.0 - eps) * nll + eps * smooth  # (CE.3)
+    # Only the counted rows are evaluated: an ignored row (padding) may hold anything, -inf, nan
+    # or logits beyond float range, and 0 * its loss would be nan. (CE.5) sums over counted rows.
+    rows = logits.reshape(-1, V)  # (N, V)
+    every = n_counted == t.size
+    x = rows if every else rows[counted]  # (M, V)
+    classes = (t if every else t[counted]).astype(np.intp)  # (M,)  each counted row's target
+    logp, log_softmax_cache = log_softmax_forward(x)  # (M, V)  (CE.1); its cache holds p = exp(logp)
+    if eps == 1.0:  # (CE.3) with the nll term's weight 0: left out, since 0 * nll is nan where nll = inf
+        row_loss = -logp.mean(axis=-1)  # (M,)  mean over classes of -log p
     else:
-        row_loss = nll
-    weight = valid.astype(logits.dtype)[:, None]  # (N, 1)
-    loss = np.dot(row_loss, weight[:, 0]) / logits.dtype.type(denom)  # (CE.5)  a sum of non-negative terms
-    cache = CrossEntropyCache(logp=logp, targets=classes, weight=weight, denom=denom, label_smoothing=eps,
-                              shape=tuple(logits.shape))
+        nll = -logp[np.arange(classes.size), classes]  # (M,)  (CE.2)
+        row_loss = (1.0 - eps) * nll - eps * logp.mean(axis=-1) if eps else nll  # (CE.3)
+    loss = row_loss.sum() / logits.dtype.type(denom)  # (CE.5)  a sum of non-negative terms
+    cache = CrossEntropyCache(p=log_softmax_cache.p, targets=classes, counted=counted, denom=denom,
+                              label_smoothing=eps, shape=tuple(logits.shape))
     return np.asarray(loss, dtype=logits.dtype), cache
 
 
@@ -124,17 +133,20 @@ def cross_entropy_backward(dloss: Union[float, np.ndarray], cache: CrossEntropyC
     """
     op = f"{OP}_backward"
     check_cache_type(op, cache, CrossEntropyCache)
-    logp, t, weight, denom, eps, shape = cache
-    dloss = _check_dloss(op, dloss, logp.dtype)
-    N, V = logp.shape
-    dtype = logp.dtype.type
-    coef = weight * dtype(dloss / denom)  # (N, 1)  dloss * w_n / D, (CE.7)
-    p = np.exp(logp)  # (N, V)  softmax of every row, (CE.6)
+    p, t, counted, denom, eps, shape = cache  # p: (M, V) softmax of every counted row, (CE.6)
+    dloss = _check_dloss(op, dloss, p.dtype)
+    M, V = p.shape
+    dtype = p.dtype.type
+    coef = dtype(dloss / denom)  # dloss * w_n / D for every counted row (w_n = 1), (CE.7)
     # (CE.7): dlogits = coef * (p - q), with q = (1 - eps) onehot(t) + eps / V of (CE.4)
-    dlogits = p * coef
-    dlogits[np.arange(N), t] -= coef[:, 0] * dtype(1.0 - eps)  # the one-hot part of q
+    dcounted = p * coef  # a new array: the cache's p stays as it is
+    dcounted[np.arange(M), t] -= coef * dtype(1.0 - eps)  # the one-hot part of q
     if eps:
-        dlogits -= coef * dtype(eps / V)  # the uniform part of q
+        dcounted -= coef * dtype(eps / V)  # the uniform part of q
+    if M == counted.size:
+        return dcounted.reshape(shape)
+    dlogits = np.zeros((counted.size, V), p.dtype)  # (CE.7)  ignored rows (w_n = 0): exactly 0
+    dlogits[counted] = dcounted
     return dlogits.reshape(shape)
 
 

@@ -38,7 +38,7 @@ from typing import NamedTuple, Tuple
 
 import numpy as np
 
-from ._checks import check_bool, check_cache_type, check_count
+from ._checks import MAX_POSITION, check_bool, check_cache_type, check_count
 from .attention import check_dout, check_qkv, check_scale
 
 OP = "flash_attention"
@@ -48,7 +48,7 @@ class FlashAttentionCache(NamedTuple):
     q: np.ndarray  # (B, H, Tq, D)
     k: np.ndarray  # (B, Hkv, Tk, D)
     v: np.ndarray  # (B, Hkv, Tk, D)
-    out: np.ndarray  # (B, H, Tq, D)
+    out: np.ndarray  # (B, H, Tq, D)  the output, the cache's own copy (not the returned array)
     row_max: np.ndarray  # (B, H, Tq)  m_i of (FA.4): the largest visible logit, 0 in a row that sees no key
     log_row_sum: np.ndarray  # (B, H, Tq)  log l_i of (FA.4), +inf in a row that sees no key
     lse: np.ndarray  # (B, H, Tq)  row_max + log_row_sum: log-sum-exp of each row of logits, (FA.4)
@@ -102,8 +102,8 @@ def flash_attention_forward(
     B, H, Hkv, Tq, Tk, D = check_qkv(op, q, k, v)
     causal = check_bool(op, "causal", causal)
     scale = check_scale(op, scale, D)
-    block_q = check_count(op, "block_q", block_q, 1)
-    block_k = check_count(op, "block_k", block_k, 1)
+    block_q = check_count(op, "block_q", block_q, 1, MAX_POSITION)
+    block_k = check_count(op, "block_k", block_k, 1, MAX_POSITION)
     G = H // Hkv
     offset = Tk - Tq  # causal: query i sees key j iff j <= i + offset
     dtype = q.dtype
@@ -144,7 +144,8 @@ def flash_attention_forward(
     out = out.reshape(B, H, Tq, D)
     row_max, log_row_sum = row_max.reshape(B, H, Tq), log_row_sum.reshape(B, H, Tq)
     lse = row_max + log_row_sum  # (FA.4)
-    cache = FlashAttentionCache(q=q, k=k, v=v, out=out, row_max=row_max, log_row_sum=log_row_sum, lse=lse,
+    out_kept = out.copy()  # (FA.6) reads O: the cache's own copy, so a caller writing to out changes nothing
+    cache = FlashAttentionCache(q=q, k=k, v=v, out=out_kept, row_max=row_max, log_row_sum=log_row_sum, lse=lse,
                                 scale=scale, causal=causal, block_q=block_q, block_k=block_k)
     return out, cache
 

@@ -9,8 +9,8 @@ and its backward zero parameter gradients.
 Floating point (``proofs/layernorm.md``, "Floating point"): the row is centred on one
 of its own entries before the mean is taken (LN.12), so a float32 row far from zero
 (10000.3 in every entry) is centred exactly instead of carrying the rounding error of
-its mean into ``xhat``; a row whose squares overflow is normalised from ``x / max|x|``
-(LN.13).
+its mean into ``xhat``; a row whose squares overflow is scaled by powers of two (exact),
+centred, and scaled again by its centred maximum before the variance is taken (LN.13).
 """
 
 from __future__ import annotations
@@ -57,12 +57,31 @@ def _centred(x: np.ndarray) -> np.ndarray:
     return shifted
 
 
+def _scaled_by_power_of_two(a: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(a / 2^k, k) per row, with 2^k the power of two just above max|a|: |a / 2^k| < 1.
+
+    Dividing by a power of two only moves the exponent, so it is exact (short of the
+    subnormal range, far below the row's largest entry); dividing by max|a| itself would
+    round every entry, relative to its own size.
+    """
+    _, k = np.frexp(np.max(np.abs(a), axis=-1, keepdims=True))  # max|a| = m 2^k, m in [1/2, 1)
+    return np.ldexp(a, -k), k
+
+
 def _normalise_huge_rows(x: np.ndarray, eps: float) -> Tuple[np.ndarray, np.ndarray]:
-    """xhat and r of rows whose variance overflows, from z = x / s with s = max|x| (LN.13)."""
-    s = np.max(np.abs(x), axis=-1, keepdims=True)
-    zc = _centred(x / s)  # z - mean(z), every entry in [-2, 2]
-    rstd_z = 1.0 / np.sqrt(np.mean(zc * zc, axis=-1, keepdims=True) + eps / s / s)
-    return zc * rstd_z, rstd_z / s  # xhat is the same for x and z; r(x) = r_z / s
+    """xhat and r of rows whose variance overflows (LN.13): centre first, then scale.
+
+    z = x / 2^a (exact, |z| < 1), centred on its first entry by (LN.12), which cannot
+    overflow now; then w = (z - mu_z) / 2^b (exact, max|w| in [1/2, 1)), so that the
+    variance of w is a sum of squares of order one whatever the row's offset and spread.
+    With s = 2^(a+b): xhat = w / sqrt(var(w) + eps/s^2) and r = 1/(s sqrt(var(w) + eps/s^2)).
+    """
+    z, a = _scaled_by_power_of_two(x)  # x / 2^a
+    w, b = _scaled_by_power_of_two(_centred(z))  # (LN.12), then (x - mu) / s with s = 2^(a+b)
+    k = a + b  # (..., 1)  s = 2^k
+    eps_s = np.ldexp(np.float64(eps), -2 * k).astype(x.dtype)  # eps / s^2 (0 once below the dtype's range)
+    rstd_w = 1.0 / np.sqrt(_row_dot(w, w) / x.shape[-1] + eps_s)  # (LN.13)
+    return w * rstd_w, np.ldexp(rstd_w, -k)  # (LN.13)  xhat is the same for x and w; r(x) = r_w / s
 
 
 def layernorm_forward(

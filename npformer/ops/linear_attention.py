@@ -32,7 +32,7 @@ class LinearAttentionCache(NamedTuple):
     S: np.ndarray  # (B, H, D, Dv), or (B, H, T, D, Dv) prefix sums when causal
     z: np.ndarray  # (B, H, D), or (B, H, T, D) prefix sums when causal
     den: np.ndarray  # (B, H, T, 1)   phi(q_i) . z (+ eps)
-    out: np.ndarray  # (B, H, T, Dv)
+    out: np.ndarray  # (B, H, T, Dv)  the output, the cache's own copy (not the returned array)
     causal: bool
 
 
@@ -86,7 +86,9 @@ def linear_attention_forward(
         num = np.matmul(q_feat, S)  # (B, H, T, Dv)
         den = np.matmul(q_feat, z[..., None]) + eps  # (B, H, T, 1)
     out = num / den  # (LINATT.3) / (LINATT.4)
-    cache = LinearAttentionCache(q_feat=q_feat, k_feat=k_feat, v=v, S=S, z=z, den=den, out=out, causal=bool(causal))
+    out_kept = out.copy()  # (LINATT.5) reads o: the cache's own copy, so a caller writing to out changes nothing
+    cache = LinearAttentionCache(q_feat=q_feat, k_feat=k_feat, v=v, S=S, z=z, den=den, out=out_kept,
+                                 causal=bool(causal))
     return out, cache
 
 

@@ -9,8 +9,9 @@ the token embeddings of a sequence of length ``T``: ``x = tok_emb + pos[None]``.
   of a learned ``(P, D)`` table (POS.4); the backward puts ``dout`` back into
   those rows (POS.5).
 
-Lengths and offsets are integers >= 0 (floats are refused, not truncated); ``T = 0``
-gives an empty table or output.
+Lengths and offsets are integers >= 0 (floats are refused, not truncated), at most
+2**53 - 1, so that every position is exact in float64; ``T = 0`` gives an empty table or
+output, and a table that would not fit in memory is refused by name before any work.
 """
 
 from __future__ import annotations
@@ -19,7 +20,17 @@ from typing import NamedTuple, Tuple
 
 import numpy as np
 
-from ._checks import _fail, check_cache_type, check_count, check_dtype_option, check_float, check_ndim, check_real
+from ._checks import (
+    MAX_POSITION,
+    _fail,
+    check_cache_type,
+    check_count,
+    check_dtype_option,
+    check_fits,
+    check_float,
+    check_ndim,
+    check_real,
+)
 
 OP = "positional_embedding"
 
@@ -37,12 +48,15 @@ def sinusoidal_table(T: int, D: int, *, base: float = 10000.0, dtype=np.float32)
     ->  (T, D) in ``dtype`` (computed in float64, then cast; empty when T = 0)
     """
     op = "sinusoidal_table"
-    T = check_count(op, "T", T)
-    D = check_count(op, "D", D, 2)
+    T = check_count(op, "T", T, 0, MAX_POSITION)
+    D = check_count(op, "D", D, 2, MAX_POSITION)
     if D % 2:
         _fail(op, "D", "an even integer", D)
+    check_fits(op, "T" if T >= D else "D", (T, D), 8)  # the float64 table
     base = check_real(op, "base", base, lo=0.0, lo_open=True)
     dtype = check_dtype_option(op, "dtype", dtype)
+    if T == 0:
+        return np.zeros((0, D), dtype)  # no positions (D may be large: no frequencies needed)
     omega = base ** (-np.arange(0, D, 2, dtype=np.float64) / D)  # (D/2,)
     angle = np.arange(T, dtype=np.float64)[:, None] * omega  # (T, D/2)
     pe = np.empty((T, D), np.float64)
@@ -61,8 +75,8 @@ def positional_embedding_forward(
     op = f"{OP}_forward"
     check_float(op, "table", table)
     check_ndim(op, "table", table, 2)
-    T = check_count(op, "T", T)
-    offset = check_count(op, "offset", offset)
+    T = check_count(op, "T", T, 0, MAX_POSITION)
+    offset = check_count(op, "offset", offset, 0, MAX_POSITION)
     P = table.shape[0]
     if offset + T > P:
         _fail(op, "T", f"'offset' + 'T' <= {P}, the rows of 'table'", f"{offset} + {T} = {offset + T}")

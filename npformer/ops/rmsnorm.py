@@ -6,7 +6,8 @@ of x's dtype; the statistic is taken over the last axis and every leading axis i
 LayerNorm there is no centring and no bias, so the backward loses the mean term.
 
 The mean square is a sum of non-negative terms, so it is accurate in float32 for rows
-at any offset; a row whose squares overflow is normalised from ``x / max|x|`` (RMS.10).
+at any offset; a row whose squares overflow is normalised from ``x / s`` (RMS.10), with s
+the power of two just above max|x|, so that the scaling itself is exact.
 """
 
 from __future__ import annotations
@@ -35,11 +36,16 @@ class RMSNormCache(NamedTuple):
 
 
 def _normalise_huge_rows(x: np.ndarray, eps: float) -> Tuple[np.ndarray, np.ndarray]:
-    """xhat and r of rows whose mean square overflows, from z = x / s with s = max|x| (RMS.10)."""
-    s = np.max(np.abs(x), axis=-1, keepdims=True)
-    z = x / s  # every entry in [-1, 1]
-    rstd_z = 1.0 / np.sqrt(np.mean(z * z, axis=-1, keepdims=True) + eps / s / s)
-    return z * rstd_z, rstd_z / s  # xhat is the same for x and z; r(x) = r_z / s
+    """xhat and r of rows whose mean square overflows, from z = x / s, s = 2^k > max|x| (RMS.10).
+
+    s is the power of two just above max|x|, so z is x with only its exponent moved: exact
+    (short of the subnormal range), where x / max|x| would round every entry once more.
+    """
+    _, k = np.frexp(np.max(np.abs(x), axis=-1, keepdims=True))  # max|x| = m 2^k, m in [1/2, 1)
+    z = np.ldexp(x, -k)  # every entry in (-1, 1), the largest of size at least 1/2
+    eps_s = np.ldexp(np.float64(eps), -2 * k).astype(x.dtype)  # eps / s^2 (0 once below the dtype's range)
+    rstd_z = 1.0 / np.sqrt(np.mean(z * z, axis=-1, keepdims=True) + eps_s)  # (RMS.10)
+    return z * rstd_z, np.ldexp(rstd_z, -k)  # (RMS.10)  xhat is the same for x and z; r(x) = r_z / s
 
 
 def rmsnorm_forward(x: np.ndarray, gamma: np.ndarray, eps: float = 1e-6) -> Tuple[np.ndarray, RMSNormCache]:

@@ -13,7 +13,9 @@ orthogonal, so the backward is the same rotation by ``-theta`` (ROPE.5).
 
 Positions: ``offset + t`` for row ``t`` (``offset`` an integer >= 0, the position of
 the first row after a cache of ``offset`` tokens; a float is refused, not truncated),
-or an explicit integer array ``positions`` of shape (T,) or (B, T), any values.
+or an explicit integer array ``positions`` of shape (T,) or (B, T), any values with
+|p| <= 2**53 - 1. Every position is exact in float64 within that bound, and
+``offset + T - 1`` cannot wrap around in int64; beyond it a position is refused by name.
 
 Angles, cosines and sines are computed in float64 and then cast to the dtype of
 ``x``; a GPU kernel with the same semantics computes ``cos``/``sin`` of exactly
@@ -27,14 +29,17 @@ from typing import NamedTuple, Optional, Tuple
 import numpy as np
 
 from ._checks import (
+    MAX_POSITION,
     _fail,
     check_bool,
     check_cache_type,
     check_count,
     check_dtype_option,
     check_float,
+    check_fits,
     check_int,
     check_ndim,
+    check_positions,
     check_real,
 )
 
@@ -56,10 +61,11 @@ def rope_cos_sin(
     positions: (...) int  ->  cos, sin: (..., D/2) in ``dtype`` (one angle per pair)
     """
     op = "rope_cos_sin"
-    check_int(op, "positions", positions)
-    D = check_count(op, "D", D, 2)
+    _check_position_values(op, positions)
+    D = check_count(op, "D", D, 2, MAX_POSITION)
     if D % 2:
         _fail(op, "D", "an even integer >= 2", D)
+    check_fits(op, "D", positions.shape + (D // 2,), 8)  # theta, in float64
     base = check_real(op, "base", base, lo=0.0, lo_open=True)
     dtype = check_dtype_option(op, "dtype", dtype)
     inv_freq = base ** (-np.arange(0, D, 2, dtype=np.float64) / D)  # (D/2,)  (ROPE.1)
@@ -88,12 +94,23 @@ def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, interleaved: bool) 
     return y
 
 
+def _check_position_values(op: str, positions: object) -> None:
+    """An integer array of positions p, each with |p| <= MAX_POSITION (exact in float64)."""
+    check_int(op, "positions", positions)
+    if positions.size:
+        lo, hi = int(positions.min()), int(positions.max())  # Python ints: uint64 compared exactly
+        if lo < -MAX_POSITION or hi > MAX_POSITION:
+            _fail(op, "positions", "values p with |p| <= 2**53 - 1 (exact in float64)",
+                  f"values in [{lo}, {hi}]")
+
+
 def _positions(op: str, positions: Optional[np.ndarray], offset: int, B: int, T: int) -> np.ndarray:
     """Positions as (1 or B, 1, T): offset + arange(T), or the given array."""
-    offset = check_count(op, "offset", offset, 0)
+    offset = check_count(op, "offset", offset, 0, MAX_POSITION)
     if positions is None:
+        check_positions(op, "offset", offset, T)  # offset + T - 1 <= MAX_POSITION: no int64 wraparound
         return (offset + np.arange(T, dtype=np.int64))[None, None, :]
-    check_int(op, "positions", positions)
+    _check_position_values(op, positions)
     if offset != 0:
         _fail(op, "offset", "0 when 'positions' is given", offset)
     if positions.shape == (T,):

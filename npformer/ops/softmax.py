@@ -7,6 +7,10 @@ empty in, empty out); the axis itself must hold at least one entry. Both forward
 subtract the row's maximum first, so logits of any finite size (up to float32's
 3.4e38 either way) give finite probabilities, and a row of equal logits, however
 large, gives exactly 1/V.
+
+The returned output is the caller's: writing to it (``y *= 3``) never changes what the
+backward returns. The softmax cache keeps its own copy of ``y``; the
+log-softmax cache keeps the softmax ``p`` (which its backward needs) instead of ``y``.
 """
 
 from __future__ import annotations
@@ -22,12 +26,12 @@ LOG_OP = "log_softmax"
 
 
 class SoftmaxCache(NamedTuple):
-    y: np.ndarray  # (..., V, ...)  softmax output, (SM.1); the Jacobian needs only y, (SM.2)
+    y: np.ndarray  # (..., V, ...)  softmax output, (SM.1), the cache's own copy; (SM.2) needs only y
     axis: int  # the softmax axis, normalised to 0 <= axis < ndim
 
 
 class LogSoftmaxCache(NamedTuple):
-    y: np.ndarray  # (..., V, ...)  log-probabilities, (LSM.1); softmax is exp(y)
+    p: np.ndarray  # (..., V, ...)  softmax of x, (LSM.2): what (LSM.3) needs (the output y is the caller's)
     axis: int  # the normalisation axis, normalised to 0 <= axis < ndim
 
 
@@ -76,7 +80,8 @@ def softmax_forward(x: np.ndarray, axis: int = -1) -> Tuple[np.ndarray, SoftmaxC
     s = e.sum(axis=axis, keepdims=True)  # s >= 1: no division by zero
     y = np.divide(e, s, out=e)  # (SM.1), written over e, which is not needed again
     del e  # (its buffer is y's now)
-    return y, SoftmaxCache(y=y, axis=axis)
+    # The caller may write to y (y *= 3): the cache keeps its own copy, so the backward cannot change.
+    return y, SoftmaxCache(y=y.copy(), axis=axis)
 
 
 def softmax_backward(dy: np.ndarray, cache: SoftmaxCache) -> np.ndarray:
@@ -100,10 +105,12 @@ def log_softmax_forward(x: np.ndarray, axis: int = -1) -> Tuple[np.ndarray, LogS
     """
     axis = _check_input(f"{LOG_OP}_forward", x, axis)
     z = _shifted(x, axis)  # x - m
-    lse = np.log(np.exp(z).sum(axis=axis, keepdims=True))  # in [0, log V]: z has a 0 in every row
-    y = np.subtract(z, lse, out=z)  # (LSM.1), written over x - m, which is not needed again
+    e = np.exp(z)  # e^(x - m), in [0, 1]
+    s = e.sum(axis=axis, keepdims=True)  # in [1, V]: z has a 0 in every row
+    y = np.subtract(z, np.log(s), out=z)  # (LSM.1), written over x - m, which is not needed again
     del z  # (its buffer is y's now)
-    return y, LogSoftmaxCache(y=y, axis=axis)
+    p = np.divide(e, s, out=e)  # (LSM.2)  the softmax, which the backward needs: kept instead of y
+    return y, LogSoftmaxCache(p=p, axis=axis)
 
 
 def log_softmax_backward(dy: np.ndarray, cache: LogSoftmaxCache) -> np.ndarray:
@@ -112,9 +119,8 @@ def log_softmax_backward(dy: np.ndarray, cache: LogSoftmaxCache) -> np.ndarray:
     dy: (..., V, ...)  ->  dx: same shape
     """
     check_cache_type(f"{LOG_OP}_backward", cache, LogSoftmaxCache)
-    y, axis = cache
-    _check_dy(f"{LOG_OP}_backward", dy, y)
-    p = np.exp(y)  # softmax, (LSM.2)
+    p, axis = cache  # p: the softmax, (LSM.2)
+    _check_dy(f"{LOG_OP}_backward", dy, p)
     dx = p * -dy.sum(axis=axis, keepdims=True)  # (LSM.3)  dx = dy - softmax * sum(dy), in one buffer
     dx += dy
     return dx

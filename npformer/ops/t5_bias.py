@@ -10,9 +10,14 @@ Buckets follow Hugging Face's ``T5Attention._relative_position_bucket`` exactly,
 including its float32 logarithm (T5.3).
 
 Options: ``Tq``, ``Tk`` and ``offset`` (the position of the first query) are integers
->= 0 (an empty sequence gives an empty bias); the table needs at least 4 rows
-(bidirectional) or 2 (one-way), one exact bucket per sign, and ``max_distance`` must
-exceed the number of exact buckets.
+>= 0 (an empty sequence gives an empty bias), positions at most 2**53 - 1
+(``offset + Tq - 1`` included), and a bias that would not fit in memory is refused by
+name; the table needs at least 4 rows (bidirectional) or 2 (one-way), one exact bucket
+per sign, and ``max_distance`` must exceed the number of exact buckets.
+
+Relative positions may be any integers of any integer dtype, int64's -2**63 and uint64
+values beyond 2**63 included: every distance at or beyond ``max_distance`` shares the
+last bucket of its sign, so they are clamped, exactly, before anything can wrap around.
 """
 
 from __future__ import annotations
@@ -22,7 +27,18 @@ from typing import NamedTuple, Tuple
 
 import numpy as np
 
-from ._checks import _fail, check_bool, check_cache_type, check_count, check_float, check_int, check_ndim
+from ._checks import (
+    MAX_POSITION,
+    _fail,
+    check_bool,
+    check_cache_type,
+    check_count,
+    check_fits,
+    check_float,
+    check_int,
+    check_ndim,
+    check_positions,
+)
 
 OP = "t5_bias"
 
@@ -42,7 +58,21 @@ def _min_buckets(bidirectional: bool) -> int:
 def _check_max_distance(op: str, max_distance: object, num_buckets: int, bidirectional: bool) -> int:
     """max_distance M must exceed the e exact buckets of (T5.3), so that ln(M/e) > 0."""
     n = num_buckets // 2 if bidirectional else num_buckets
-    return check_count(op, "max_distance", max_distance, n // 2 + 1)
+    return check_count(op, "max_distance", max_distance, n // 2 + 1, MAX_POSITION)
+
+
+# |r| beyond this is clamped before the conversion to int64 (it lands in the last bucket either way,
+# since max_distance <= MAX_POSITION < _CLAMP): int64's -2**63 has no int64 absolute value, and
+# uint64 values from 2**63 on are not int64 values at all.
+_CLAMP = 2**62
+
+
+def _clamped_int64(r: np.ndarray) -> np.ndarray:
+    """r as int64, with every |r| > 2**62 brought to +-2**62 in r's own dtype first: no wraparound."""
+    info = np.iinfo(r.dtype)
+    if info.min < -_CLAMP or info.max > _CLAMP:  # int64, uint64 (smaller types fit as they are)
+        r = np.clip(r, max(info.min, -_CLAMP), _CLAMP)
+    return r.astype(np.int64)
 
 
 def t5_relative_bucket(
@@ -55,11 +85,11 @@ def t5_relative_bucket(
     op = "t5_relative_bucket"
     check_int(op, "relative_position", relative_position)
     bidirectional = check_bool(op, "bidirectional", bidirectional)
-    N = check_count(op, "num_buckets", num_buckets, _min_buckets(bidirectional))
+    N = check_count(op, "num_buckets", num_buckets, _min_buckets(bidirectional), MAX_POSITION)
     max_distance = _check_max_distance(op, max_distance, N, bidirectional)
     n = N // 2 if bidirectional else N  # buckets per sign
     exact = n // 2  # distances 0 .. exact-1 get a bucket each
-    r = relative_position.astype(np.int64)
+    r = _clamped_int64(relative_position)  # |r| <= 2**62: -r and |r| are exact in int64
 
     # (T5.2)  sign and distance
     if bidirectional:
@@ -100,9 +130,15 @@ def t5_bias_forward(
         _fail(op, "table", f"shape (N, H) with N >= {_min_buckets(bidirectional)} buckets and H >= 1 heads",
               tuple(table.shape))
     max_distance = _check_max_distance(op, max_distance, N, bidirectional)
-    Tq = check_count(op, "Tq", Tq)
-    Tk = check_count(op, "Tk", Tk)
-    offset = check_count(op, "offset", offset)
+    Tq = check_count(op, "Tq", Tq, 0, MAX_POSITION)
+    Tk = check_count(op, "Tk", Tk, 0, MAX_POSITION)
+    offset = check_count(op, "offset", offset, 0, MAX_POSITION)
+    check_positions(op, "offset", offset, Tq)  # the last query's position offset + Tq - 1
+    check_fits(op, "Tq" if Tq >= Tk else "Tk", (Tq, Tk, H + 1), 8)  # int64 buckets and the gathered bias
+    if Tq == 0 or Tk == 0:  # no pairs: nothing to look up (the other length may be huge)
+        buckets = np.zeros((Tq, Tk), np.int64)
+        return np.zeros((1, H, Tq, Tk), table.dtype), T5BiasCache(buckets=buckets, num_buckets=N, num_heads=H,
+                                                                  dtype=table.dtype)
     query_pos = offset + np.arange(Tq)[:, None]  # (Tq, 1)
     key_pos = np.arange(Tk)[None, :]  # (1, Tk)
     relative = key_pos - query_pos  # (T5.1)  (Tq, Tk)

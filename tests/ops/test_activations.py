@@ -29,7 +29,7 @@ from npformer.ops.activations import (
     swiglu_backward,
     swiglu_forward,
 )
-from tests.badinput import DTYPE_KINDS, NON_ARRAYS, RANK_KINDS, SHAPE_KINDS, corrupt, expect_rejected
+from tests.badinput import DTYPE_KINDS, NON_ARRAYS, RANK_KINDS, SHAPE_KINDS, SUBCLASS_KINDS, corrupt, expect_rejected
 from tests.oracle import backprop, leaf
 from tests.strategies import DTYPES, SCALES, in_layout, layouts, randn, rngs, shapes
 from tests.tolerances import FD_RTOL, assert_close
@@ -58,7 +58,7 @@ GATED = {
                     lambda g, u: F.gelu(g, approximate="tanh") * u),
 }
 
-cases = st.tuples(shapes(1, 3), DTYPES, SCALES, rngs())
+cases = st.tuples(shapes(0, 3), DTYPES, SCALES, rngs())  # 0-d arrays included
 unary_layouts = st.fixed_dictionaries({"x": layouts(), "dy": layouts()})
 gated_layouts = st.fixed_dictionaries({"gate": layouts(), "up": layouts(), "dy": layouts()})
 
@@ -98,6 +98,7 @@ def check_unary_against_torch(name, case, layout):
     tx = leaf(x)
     ty = oracle(tx)
     (tdx,) = backprop(ty, dy, tx)
+    assert type(y) is type(dx) is np.ndarray and y.shape == dx.shape == x.shape  # 0-d in, 0-d arrays out
     assert y.dtype == dtype and dx.dtype == dtype
     assert np.all(np.isfinite(y)) and np.all(np.isfinite(dx))
     assert_close(y, ty.detach().numpy(), scale=float(np.abs(x).max()), what=f"{name} y")
@@ -118,6 +119,7 @@ def check_gated_against_torch(name, case, layout):
     ty = oracle(tg, tu)
     tdgate, tdup = backprop(ty, dy, tg, tu)
     for a in (y, dgate, dup):
+        assert type(a) is np.ndarray and a.shape == gate.shape  # 0-d in, 0-d arrays out
         assert a.dtype == dtype
         assert np.all(np.isfinite(a))
     g64, u64, dy64 = (a.astype(np.float64) for a in (gate, up, dy))
@@ -289,7 +291,7 @@ SYMPY_DF = {name: _elementwise(sp.diff(expr, _T)) for name, expr in DEFINITIONS.
 
 @pytest.mark.derivation("ACT.1")
 @pytest.mark.parametrize("name", list(UNARY))
-@given(case=st.tuples(shapes(1, 3), DTYPES, rngs()))
+@given(case=st.tuples(shapes(0, 3), DTYPES, rngs()))
 def test_backward_is_dy_times_elementwise_derivative(name, case):
     """(ACT.1): dx = dy * f'(x), with f' differentiated by sympy from f's definition (ReLU: f'(0) = 0)."""
     forward, backward, options, _ = UNARY[name]
@@ -310,7 +312,7 @@ def test_backward_is_dy_times_elementwise_derivative(name, case):
 @pytest.mark.derivation("ACT.20")
 @pytest.mark.derivation("ACT.21")
 @pytest.mark.parametrize("name", list(GATED))
-@given(case=st.tuples(shapes(1, 3), DTYPES, rngs()))
+@given(case=st.tuples(shapes(0, 3), DTYPES, rngs()))
 def test_gated_backward_is_the_product_rule(name, case):
     """y = f(gate) up, dgate = dy up f'(gate), dup = dy f(gate), with f and f' from sympy, not from the op."""
     forward, backward, options, _ = GATED[name]
@@ -472,6 +474,16 @@ def test_erfc_matches_math_erfc_on_the_whole_line():
     assert (error[tail] / ref[tail]).max() <= ERF_RTOL
 
 
+@given(st.floats(-40.0, 40.0, width=32) | st.sampled_from([-np.inf, np.inf, 1.5, -1.5, 0.0, -0.0]), DTYPES)
+def test_erf_of_a_0d_array_is_a_0d_array(value, dtype):
+    """erf and erfc of a 0-d array: a 0-d array of its dtype, the value the same entry has in a 1-d array."""
+    x = np.asarray(value, dtype)
+    for f in (erf, erfc):
+        out = f(x)
+        assert type(out) is np.ndarray and out.shape == () and out.dtype == dtype
+        np.testing.assert_array_equal(out, f(x.reshape(1))[0])
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_erf_keeps_dtype_and_limits(dtype):
     x = np.array([-np.inf, -1e3, -30.0, 0.0, 30.0, 1e3, np.inf], dtype)
@@ -514,8 +526,8 @@ def test_empty_in_empty_out(name, dtype, shape):
 # bad input
 # ---------------------------------------------------------------------------
 
-EXACT_KINDS = NON_ARRAYS + DTYPE_KINDS + RANK_KINDS + SHAPE_KINDS + ("other float",)
-X_KINDS = NON_ARRAYS + DTYPE_KINDS
+EXACT_KINDS = NON_ARRAYS + SUBCLASS_KINDS + DTYPE_KINDS + RANK_KINDS + SHAPE_KINDS + ("other float",)
+X_KINDS = NON_ARRAYS + SUBCLASS_KINDS + DTYPE_KINDS
 BAD_APPROXIMATIONS = ("fast", "TANH", "", None, 1, True, ("tanh",), np.array(["tanh"]))
 
 

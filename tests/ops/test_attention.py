@@ -17,18 +17,19 @@ from npformer import gradcheck
 from npformer.ops.attention import attention_backward, attention_forward, causal_mask
 from tests.badinput import (
     ARRAY_KINDS,
-    DTYPE_KINDS,
-    NON_ARRAYS,
-    RANK_KINDS,
-    SHAPE_KINDS,
     BAD_COUNTS,
     BAD_FLAGS,
     BAD_SCALES,
+    DTYPE_KINDS,
+    NON_ARRAYS,
     NOT_A_MASK,
-    other_float,
-    rejects_all,
+    RANK_KINDS,
+    SHAPE_KINDS,
+    SUBCLASS_KINDS,
     corrupt,
     expect_rejected,
+    other_float,
+    rejects_all,
 )
 from tests.oracle import backprop, leaf
 from tests.strategies import DTYPES, in_layout, layouts, rngs
@@ -522,8 +523,8 @@ def test_forward_rejects_bad_arrays(name, call):
     args, _ = call
     dtype = args["q"].dtype
     kinds = {"key_padding_mask": NOT_A_MASK,
-             "bias": tuple(k for k in ARRAY_KINDS if k != "none") + (other_float(dtype),)}.get(
-        name, ARRAY_KINDS + (other_float(dtype),))
+             "bias": tuple(k for k in ARRAY_KINDS if k != "none") + SUBCLASS_KINDS + (other_float(dtype),)}.get(
+        name, ARRAY_KINDS + SUBCLASS_KINDS + (other_float(dtype),))
     rejects_all(lambda bad: call_forward(args, name, bad), "attention_forward", name,
                 [corrupt(args[name], kind) for kind in kinds])
 
@@ -551,7 +552,7 @@ def test_backward_rejects_bad_input(name, call):
     args, dout = call
     _, cache = call_forward(args, "causal", True)
     if name == "dout":
-        bad_values = [corrupt(dout, kind) for kind in ARRAY_KINDS + (other_float(dout.dtype),)]
+        bad_values = [corrupt(dout, kind) for kind in ARRAY_KINDS + SUBCLASS_KINDS + (other_float(dout.dtype),)]
         rejects_all(lambda bad: attention_backward(bad, cache), "attention_backward", "dout", bad_values)
     else:
         bad_values = [None, tuple(cache), list(cache), cache._asdict(), "cache", dout]

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import sympy as sp
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from npformer import gradcheck
 from npformer.ops.cross_entropy import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
 from npformer.ops.softmax import log_softmax_forward
-from tests.badinput import DTYPE_KINDS, NON_ARRAYS, RANK_KINDS, SHAPE_KINDS, corrupt, expect_rejected
+from tests.badinput import DTYPE_KINDS, NON_ARRAYS, RANK_KINDS, SHAPE_KINDS, SUBCLASS_KINDS, corrupt, expect_rejected
 from tests.oracle import backprop, leaf
 from tests.strategies import DTYPES, SCALES, SIDES, in_layout, layouts, randn, rngs, shapes
 from tests.tolerances import FD_RTOL, assert_close
@@ -133,6 +133,93 @@ def test_all_ignored_gives_zero(dtype, reduction, label_smoothing):
     # The documented difference: torch divides 0 by 0 rows for "mean"; both give 0 for "sum".
     t_loss, _ = torch_oracle(logits, targets, options, np.asarray(1.0))
     assert np.isnan(t_loss) if reduction == "mean" else t_loss == 0
+
+
+# ---- what ignored rows hold; -inf in counted rows -----------------------------------------
+
+
+def junk(dtype):
+    """Values an ignored (padding) row may hold: infinities, nan, the largest floats."""
+    big = float(np.finfo(dtype).max)
+    return np.array([-np.inf, np.inf, np.nan, big, -big, big / 3], dtype)
+
+
+@st.composite
+def cases_with_ignored_rows(draw):
+    """A case with at least one counted and at least one ignored row (two rows or more)."""
+    logits, targets, options, dloss = draw(cases(at_least_one_valid=True))
+    if targets.size < 2:
+        logits, targets = np.stack([logits, logits]), np.stack([targets, targets])
+    ignored = targets == options["ignore_index"]
+    if not ignored.any():
+        targets.flat[-1] = options["ignore_index"]
+    return logits, targets, options, dloss
+
+
+@pytest.mark.derivation("CE.5")
+@pytest.mark.derivation("CE.7")
+@given(cases_with_ignored_rows(), rngs())
+@example((np.array([[-np.inf, 1.0, 2.0], [0.0, 1.0, 2.0]]), np.array([-100, 1]),
+          {"ignore_index": -100, "label_smoothing": 0.0, "reduction": "mean"}, np.asarray(1.0)),
+         np.random.default_rng(0))
+def test_ignored_rows_may_hold_anything(case, rng):
+    """Ignored rows full of -inf, inf, nan and the largest floats: the loss and the gradient are
+    bit for bit those of the same rows holding 0, the gradient there is exactly 0, and both agree
+    with torch (whose loss is finite too)."""
+    logits, targets, options, dloss = case
+    ignored = targets == options["ignore_index"]
+    clean = logits.copy()
+    clean[ignored] = 0
+    dirty = logits.copy()
+    dirty[ignored] = rng.choice(junk(logits.dtype), size=dirty[ignored].shape)
+    loss, cache = cross_entropy_forward(dirty, targets, **options)
+    dlogits = cross_entropy_backward(dloss, cache)
+    clean_loss, clean_cache = cross_entropy_forward(clean, targets, **options)
+    np.testing.assert_array_equal(loss, clean_loss)
+    np.testing.assert_array_equal(dlogits, cross_entropy_backward(dloss, clean_cache))
+    assert np.all(dlogits[ignored] == 0) and np.isfinite(loss)
+    t_loss, t_dlogits = torch_oracle(clean, targets, options, dloss)
+    assert_close(loss, t_loss, scale=loss_scale(t_loss), what="loss vs torch")
+    assert_close(dlogits, t_dlogits, scale=dlogits_scale(targets, options, dloss), what="dlogits vs torch")
+    if options["label_smoothing"] == 0:  # torch, given the junk itself, returns the same loss
+        t_dirty, _ = torch_oracle(dirty, targets, options, dloss)
+        assert_close(loss, t_dirty, scale=loss_scale(t_dirty), what="loss vs torch on the junk rows")
+
+
+@pytest.mark.derivation("CE.7")
+@given(cases(scales=SCALES), st.booleans(), rngs())
+def test_minus_inf_logits_in_counted_rows(case, target_at_minus_inf, rng):
+    """-inf at a class other than the target is probability 0: the loss stays finite. -inf at the
+    target (or anywhere, with label smoothing) gives loss +inf. The gradient p - q stays finite.
+    Both as in torch, except label smoothing 1 with the target at -inf, where torch's 0 * inf gives nan
+    and we give inf (the nll term has weight 0 and is left out)."""
+    logits, targets, options, dloss = case
+    V = logits.shape[-1]
+    if V < 2:  # a row needs a finite logit: -inf everywhere has no distribution (nan)
+        logits, targets = np.concatenate([logits, logits], axis=-1), np.minimum(targets, 2 * V - 1)
+        V = 2 * V
+    counted = targets != options["ignore_index"]
+    rows, t = logits.reshape(-1, V), targets.reshape(-1)
+    hidden = rng.random(rows.shape) < 0.4  # entries set to -inf in counted rows
+    hidden[np.arange(t.size), np.where(counted.reshape(-1), t, 0)] = False  # targets stay finite ...
+    hidden[np.arange(t.size), (np.where(counted.reshape(-1), t, 0) + 1) % V] = False  # ... and one more
+    if target_at_minus_inf:  # ... except in the first counted row
+        first = int(np.flatnonzero(counted.reshape(-1))[0])
+        hidden[first, t[first]] = True
+    hidden &= counted.reshape(-1)[:, None]
+    rows[hidden] = -np.inf
+    loss, cache = cross_entropy_forward(logits, targets, **options)
+    dlogits = cross_entropy_backward(dloss, cache)
+    assert np.all(np.isfinite(dlogits))
+    t_loss, t_dlogits = torch_oracle(logits, targets, options, dloss)
+    assert_close(dlogits, t_dlogits, scale=dlogits_scale(targets, options, dloss), what="dlogits vs torch")
+    eps = options["label_smoothing"]
+    if target_at_minus_inf or (eps > 0 and hidden.any()):
+        assert loss == np.inf
+        assert np.isnan(t_loss) if eps == 1 and target_at_minus_inf else t_loss == np.inf
+    else:
+        assert np.isfinite(loss)
+        assert_close(loss, t_loss, scale=loss_scale(t_loss), what="loss vs torch")
 
 
 # ---- symbolic checks, V = 3 --------------------------------------------------------
@@ -284,9 +371,9 @@ def targets_with(value):
     return t
 
 
-LOGITS_KINDS = NON_ARRAYS + DTYPE_KINDS + ("0-d", "V = 0")
-TARGETS_KINDS = (NON_ARRAYS + ("bool", "float16", "complex128", "object", "float32", "float64") + RANK_KINDS
-                 + SHAPE_KINDS + ("too large", "negative"))
+LOGITS_KINDS = NON_ARRAYS + SUBCLASS_KINDS + DTYPE_KINDS + ("0-d", "V = 0")
+TARGETS_KINDS = (NON_ARRAYS + SUBCLASS_KINDS + ("bool", "float16", "complex128", "object", "float32", "float64")
+                 + RANK_KINDS + SHAPE_KINDS + ("too large", "negative"))
 BAD_OPTIONS = {
     "ignore_index": ("a class", 1.5, True, None, "-100", np.float64(-100)),
     "label_smoothing": (-0.1, 1.5, float("nan"), float("inf"), True, None, "0.1", [0.1]),

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from npformer import gradcheck
 from npformer.ops.dropout import DropoutCache, dropout_backward, dropout_forward, dropout_mask
 from npformer.ops.rmsnorm import rmsnorm_forward
-from tests.badinput import DTYPE_KINDS, NON_ARRAYS, RANK_KINDS, SHAPE_KINDS, corrupt, expect_rejected
+from tests.badinput import DTYPE_KINDS, NON_ARRAYS, RANK_KINDS, SHAPE_KINDS, SUBCLASS_KINDS, corrupt, expect_rejected
 from tests.oracle import backprop, leaf
 from tests.strategies import DTYPES, in_layout, layouts, randn, rngs, shapes
 from tests.tolerances import FD_RTOL, assert_close
@@ -20,11 +20,12 @@ INPUTS = ("x", "dy", "mask")
 
 
 @pytest.mark.derivation("DO.2")
-@given(shapes(1, 3), DTYPES, PS, st.booleans(), st.fixed_dictionaries({name: layouts() for name in INPUTS}), rngs())
+@given(shapes(0, 3), DTYPES, PS, st.booleans(), st.fixed_dictionaries({name: layouts() for name in INPUTS}), rngs())
 def test_dropout_matches_torch_with_same_mask(shape, dtype, p, explicit_mask, layout, rng):
-    """x, dy and a given mask in every memory layout; none of them is written to."""
+    """x, dy and a given mask in every memory layout (0-d included); none of them is written to.
+    A given mask is applied at every p, p = 0 included (scale 1); results are arrays, 0-d ones too."""
     x, dy = randn(rng, shape, dtype), randn(rng, shape, dtype)
-    mask = rng.random(shape) >= p if explicit_mask else None
+    mask = np.asarray(rng.random(shape) >= p) if explicit_mask else None
     args = {name: in_layout(a, layout[name]) for name, a in (("x", x), ("dy", dy), ("mask", mask)) if a is not None}
     y, cache = dropout_forward(args["x"], p, rng, mask=args.get("mask"))
     dx = dropout_backward(args["dy"], cache)
@@ -32,10 +33,11 @@ def test_dropout_matches_torch_with_same_mask(shape, dtype, p, explicit_mask, la
         if a is not None:
             np.testing.assert_array_equal(args[name], a, err_msg=f"{name} was written to")
     used = np.ones(shape, bool) if cache.mask is None else cache.mask
-    if explicit_mask and p > 0:
+    if explicit_mask:
         np.testing.assert_array_equal(used, mask)
+    assert isinstance(y, np.ndarray) and isinstance(dx, np.ndarray) and y.shape == dx.shape == shape
     tx = leaf(x)
-    ty = tx * torch.from_numpy(np.ascontiguousarray(used)) / (1 - p)  # torch's dropout formula with our mask
+    ty = tx * torch.from_numpy(np.array(used)) / (1 - p)  # torch's dropout formula with our mask
     (tdx,) = backprop(ty, dy, tx)
     assert y.dtype == dx.dtype == dtype
     assert_close(y, ty.detach().numpy(), what="y")
@@ -73,17 +75,42 @@ def test_mean_is_preserved():
 
 @pytest.mark.derivation("DO.2")
 @pytest.mark.derivation("DO.3")
-@given(shapes(1, 3), DTYPES, st.sampled_from([0.1, 0.4, 0.9]), rngs())
+@given(shapes(0, 3), DTYPES, st.sampled_from([0.0, 0.1, 0.4, 0.9]), rngs())
 def test_backward_uses_the_same_mask(shape, dtype, p, rng):
-    """With a mask chosen here: y = s m x (DO.2) and dx = s m dy (DO.3), s = 1 / (1 - p), in float64."""
+    """With a mask chosen here (any mask goes with any p, p = 0 included): y = s m x (DO.2) and
+    dx = s m dy (DO.3), s = 1 / (1 - p), in float64; arrays of x's shape, 0-d included."""
     x, dy = randn(rng, shape, dtype), randn(rng, shape, dtype)
-    m = rng.random(shape) >= p
+    m = np.asarray(rng.random(shape) >= 0.5)  # an array for shape () too
     y, cache = dropout_forward(x, p, None, mask=m)
     dx = dropout_backward(dy, cache)
+    assert isinstance(y, np.ndarray) and isinstance(dx, np.ndarray) and y.shape == dx.shape == shape
     s = 1.0 / (1.0 - p)
     assert_close(y, s * m * x.astype(np.float64), scale=s * float(np.abs(x).max()), what="y vs (DO.2)")
     assert_close(dx, s * m * dy.astype(np.float64), scale=s * float(np.abs(dy).max()), what="dx vs (DO.3)")
     np.testing.assert_array_equal(dx == 0, ~m)
+
+
+@pytest.mark.derivation("DO.3")
+@given(shapes(0, 3), DTYPES, st.sampled_from([0.0, 0.5]), rngs())
+def test_cache_keeps_its_own_mask(shape, dtype, p, rng):
+    """The caller's mask may be reused or changed after the forward: the backward keeps what it was."""
+    x, dy = randn(rng, shape, dtype), randn(rng, shape, dtype)
+    mask = np.asarray(rng.random(shape) >= 0.5)
+    kept = mask.copy()
+    _, cache = dropout_forward(x, p, None, mask=mask)
+    mask[...] = ~mask  # the caller's buffer, reused
+    dx = dropout_backward(dy, cache)
+    np.testing.assert_array_equal(dx, dy * kept / dtype(1 - p))
+    np.testing.assert_array_equal(cache.mask, kept)
+
+
+@given(shapes(0, 3), st.sampled_from([0.0, 0.5]), rngs())
+def test_a_mask_in_evaluation_is_refused(shape, p, rng):
+    """Evaluation is the identity: a mask there would be ignored, so it is refused, naming it."""
+    x = randn(rng, shape)
+    mask = np.asarray(rng.random(shape) >= 0.5)
+    message = expect_rejected(lambda: dropout_forward(x, p, rng, training=False, mask=mask), "dropout_forward", "mask")
+    assert "None when 'training' is False" in message
 
 
 @given(shapes(1, 2), rngs())
@@ -105,11 +132,11 @@ def test_empty_in_empty_out(dtype, shape, p, training):
 
 # ---- bad input ----------------------------------------------------------------------------
 
-X_KINDS = NON_ARRAYS + DTYPE_KINDS
+X_KINDS = NON_ARRAYS + SUBCLASS_KINDS + DTYPE_KINDS
 # A mask is bool: 0/1 numbers (floats, ints) are refused rather than taken as a scale.
-MASK_KINDS = ("list", "tuple", "scalar", "string", "float64", "float32", "int64", "uint8", "object") + RANK_KINDS + (
-    SHAPE_KINDS)
-EXACT_KINDS = NON_ARRAYS + DTYPE_KINDS + RANK_KINDS + SHAPE_KINDS + ("other float",)
+MASK_KINDS = ("list", "tuple", "scalar", "string", "float64", "float32", "int64", "uint8", "object") + (
+    SUBCLASS_KINDS + RANK_KINDS + SHAPE_KINDS)
+EXACT_KINDS = NON_ARRAYS + SUBCLASS_KINDS + DTYPE_KINDS + RANK_KINDS + SHAPE_KINDS + ("other float",)
 BAD = {
     "p": (-0.1, 1.0, 1.5, float("nan"), float("inf"), True, None, "0.5", [0.5]),
     "rng": (None, 7, "seed", np.random.RandomState(0)),

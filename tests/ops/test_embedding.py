@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from npformer import gradcheck
 from npformer.ops.embedding import EmbeddingCache, embedding_backward, embedding_forward
 from npformer.ops.linear import linear_forward
-from tests.badinput import DTYPE_KINDS, NON_ARRAYS, RANK_KINDS, SHAPE_KINDS, corrupt, expect_rejected
+from tests.badinput import DTYPE_KINDS, NON_ARRAYS, RANK_KINDS, SHAPE_KINDS, SUBCLASS_KINDS, corrupt, expect_rejected
 from tests.oracle import backprop, leaf
 from tests.strategies import DTYPES, SIDES, in_layout, layouts, randn, rngs, shapes
 from tests.tolerances import FD_RTOL, assert_close
@@ -89,9 +89,10 @@ def test_no_ids_gives_empty_output_and_zero_gradient(dtype, id_shape, V, D):
 # ---- bad input ------------------------------------------------------------------------------
 
 # ids: any integer dtype is fine; floats, bools, complex and objects are not ids.
-IDS_KINDS = NON_ARRAYS + ("bool", "float16", "complex128", "object", "float32", "float64", "too large", "negative")
-W_KINDS = NON_ARRAYS + DTYPE_KINDS + RANK_KINDS
-EXACT_KINDS = NON_ARRAYS + DTYPE_KINDS + RANK_KINDS + SHAPE_KINDS + ("other float",)
+IDS_KINDS = NON_ARRAYS + SUBCLASS_KINDS + (
+    "bool", "float16", "complex128", "object", "float32", "float64", "too large", "negative")
+W_KINDS = NON_ARRAYS + SUBCLASS_KINDS + DTYPE_KINDS + RANK_KINDS
+EXACT_KINDS = NON_ARRAYS + SUBCLASS_KINDS + DTYPE_KINDS + RANK_KINDS + SHAPE_KINDS + ("other float",)
 
 
 def bad(a, kind, V=None):

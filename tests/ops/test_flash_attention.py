@@ -14,7 +14,7 @@ from npformer import gradcheck
 from npformer.ops import flash_attention as flash
 from npformer.ops.attention import attention_backward, attention_forward
 from npformer.ops.flash_attention import flash_attention_backward, flash_attention_forward
-from tests.badinput import ARRAY_KINDS, BAD_FLAGS, BAD_SCALES, corrupt, other_float, rejects_all
+from tests.badinput import ARRAY_KINDS, BAD_FLAGS, BAD_SCALES, SUBCLASS_KINDS, corrupt, other_float, rejects_all
 from tests.ops.test_attention import hidden_mask, in_layouts, layouts_of_inputs, make, offset_cases, run_torch, term_scales
 from tests.strategies import DTYPES, rngs
 from tests.tolerances import FD_RTOL, assert_close
@@ -340,7 +340,7 @@ def call_forward(args, name, value):
 @given(valid_calls())
 def test_forward_rejects_bad_arrays(name, call):
     args, _ = call
-    kinds = ARRAY_KINDS + (other_float(args["q"].dtype),)
+    kinds = ARRAY_KINDS + SUBCLASS_KINDS + (other_float(args["q"].dtype),)
     rejects_all(lambda bad: call_forward(args, name, bad), "flash_attention_forward", name,
                 [corrupt(args[name], kind) for kind in kinds])
 
@@ -359,7 +359,7 @@ def test_backward_rejects_bad_input(name, call):
     args, dout = call
     _, cache = flash_attention_forward(args["q"], args["k"], args["v"], causal=True, block_q=2, block_k=3)
     if name == "dout":
-        bad_values = [corrupt(dout, kind) for kind in ARRAY_KINDS + (other_float(dout.dtype),)]
+        bad_values = [corrupt(dout, kind) for kind in ARRAY_KINDS + SUBCLASS_KINDS + (other_float(dout.dtype),)]
         rejects_all(lambda bad: flash_attention_backward(bad, cache), "flash_attention_backward", "dout", bad_values)
     else:
         plain_cache = attention_forward(args["q"], args["k"], args["v"])[1]  # another op's cache

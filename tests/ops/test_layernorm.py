@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 import sympy as sp
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from npformer import gradcheck
 from npformer.ops.layernorm import LayerNormCache, layernorm_backward, layernorm_forward
 from npformer.ops.rmsnorm import rmsnorm_forward
-from tests.badinput import DTYPE_KINDS, NON_ARRAYS, RANK_KINDS, SHAPE_KINDS, corrupt, expect_rejected
+from tests.badinput import DTYPE_KINDS, NON_ARRAYS, RANK_KINDS, SHAPE_KINDS, SUBCLASS_KINDS, corrupt, expect_rejected
 from tests.oracle import backprop, leaf
+from tests.ops.huge_rows import exact, huge_rows, overflows
 from tests.strategies import DTYPES, SCALES, in_layout, layouts, randn, rngs, shapes
 from tests.tolerances import FD_RTOL, RTOL, assert_close
 
@@ -272,6 +273,34 @@ def test_huge_rows_are_scaled(dtype, D, magnitude, relative_offset, rng):
     assert_close(dx * s, ref["dx"], rtol=rtol, scale=float((ref["r"] * np.abs(ref["g"])).max() * 3), what="dx * s")
 
 
+@pytest.mark.derivation("LN.13")
+@given(huge_rows(), st.sampled_from([EPS, 1.0]), rngs())
+@example((np.float32(1e25) + np.array([[0, 1e20, 2e20, 3e20]] * 2, np.float32), 1e5), EPS, np.random.default_rng(0))
+@example((1e170 + 1e160 * np.array([[0.0, 1, 2, 3]] * 2), 1e10), EPS, np.random.default_rng(0))
+def test_huge_rows_far_from_zero(case, eps, rng):
+    """Rows whose variance overflows, at offsets up to 10^7 (float32) or 10^15 (float64) times their
+    spread, against (LN.1)-(LN.5) in exact rational arithmetic, judged by the size of y.
+
+    Scaling such a row by max|x| before centring rounds it relative to its offset and loses
+    the spread (x = 1e25 + 1e20 k in float32 was off by 1.5e-3).
+    """
+    x, _ = case
+    assert overflows(x, centre=True).all()  # every row takes the (LN.13) path
+    D, dtype = x.shape[-1], x.dtype
+    gamma, beta, dy = randn(rng, (D,), dtype), randn(rng, (D,), dtype), randn(rng, x.shape, dtype)
+    y, cache = layernorm_forward(x, gamma, beta, eps)
+    dx, _, _ = layernorm_backward(dy, cache)
+    xhat, r = exact(x, eps, centre=True)
+    y_exact = gamma.astype(np.float64) * xhat + beta
+    y_scale = float(np.abs(gamma).max() * np.abs(xhat).max() + np.abs(beta).max())
+    assert_close(y, y_exact, scale=y_scale, what="y")
+    assert_close(cache.xhat, xhat, scale=1.0, what="xhat")
+    assert_close(cache.rstd, r, what="rstd")
+    g = dy.astype(np.float64) * gamma  # (LN.8)
+    dx_exact = r * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))  # (LN.10)
+    assert_close(dx, dx_exact, scale=float((r * np.abs(g)).max() * 3), what="dx")
+
+
 # ---- empty input ---------------------------------------------------------------------------
 
 
@@ -290,8 +319,8 @@ def test_no_rows_gives_empty_output_and_zero_parameter_gradients(dtype, lead, D)
 # ---- bad input -------------------------------------------------------------------------------
 
 # gamma, beta and dy have exactly one right shape and dtype; x may have any leading shape.
-EXACT_KINDS = NON_ARRAYS + DTYPE_KINDS + RANK_KINDS + SHAPE_KINDS + ("other float",)
-X_KINDS = NON_ARRAYS + DTYPE_KINDS + ("0-d", "D = 0")
+EXACT_KINDS = NON_ARRAYS + SUBCLASS_KINDS + DTYPE_KINDS + RANK_KINDS + SHAPE_KINDS + ("other float",)
+X_KINDS = NON_ARRAYS + SUBCLASS_KINDS + DTYPE_KINDS + ("0-d", "D = 0")
 BAD_EPS = (-1e-5, -1.0, float("nan"), float("inf"), -float("inf"), "1e-5", None, True, [1e-5])
 
 

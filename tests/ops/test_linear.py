@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from npformer import gradcheck
 from npformer.ops.embedding import embedding_forward
 from npformer.ops.linear import LinearCache, linear_backward, linear_forward
-from tests.badinput import DTYPE_KINDS, NON_ARRAYS, RANK_KINDS, SHAPE_KINDS, corrupt, expect_rejected
+from tests.badinput import DTYPE_KINDS, NON_ARRAYS, RANK_KINDS, SHAPE_KINDS, SUBCLASS_KINDS, corrupt, expect_rejected
 from tests.oracle import backprop, leaf
 from tests.strategies import DTYPES, SCALES, SIDES, in_layout, layouts, randn, rngs, shapes
 from tests.tolerances import FD_RTOL, assert_close
@@ -128,10 +128,12 @@ def test_zero_sizes_are_empty_sums(dtype, lead, d_in, d_out, bias, rng):
 
 # ---- bad input --------------------------------------------------------------------------------
 
-X_KINDS = NON_ARRAYS + DTYPE_KINDS + ("0-d",)
-W_KINDS = NON_ARRAYS + DTYPE_KINDS + RANK_KINDS + ("last+1", "other float")  # first+1 is another Dout: legal
-B_KINDS = ("list", "tuple", "scalar", "string") + DTYPE_KINDS + RANK_KINDS + SHAPE_KINDS + ("other float",)
-EXACT_KINDS = NON_ARRAYS + DTYPE_KINDS + RANK_KINDS + SHAPE_KINDS + ("other float",)
+X_KINDS = NON_ARRAYS + SUBCLASS_KINDS + DTYPE_KINDS + ("0-d",)
+# first+1 is another Dout: legal
+W_KINDS = NON_ARRAYS + SUBCLASS_KINDS + DTYPE_KINDS + RANK_KINDS + ("last+1", "other float")
+B_KINDS = ("list", "tuple", "scalar", "string") + SUBCLASS_KINDS + DTYPE_KINDS + RANK_KINDS + SHAPE_KINDS + (
+    "other float",)
+EXACT_KINDS = NON_ARRAYS + SUBCLASS_KINDS + DTYPE_KINDS + RANK_KINDS + SHAPE_KINDS + ("other float",)
 
 
 def bad(a, kind):

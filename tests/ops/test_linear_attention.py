@@ -14,6 +14,7 @@ from tests.badinput import (
     BAD_SCALES,
     DTYPE_KINDS,
     NON_ARRAYS,
+    SUBCLASS_KINDS,
     corrupt,
     other_float,
     rejects_all,
@@ -223,7 +224,7 @@ def valid_calls(draw):
 def test_forward_rejects_bad_arrays(name, case):
     q, k, v, _, causal = case
     args = {"q": q, "k": k, "v": v}
-    kinds = ARRAY_KINDS + (other_float(q.dtype),)
+    kinds = ARRAY_KINDS + SUBCLASS_KINDS + (other_float(q.dtype),)
     if name == "v":
         kinds = tuple(kind for kind in kinds if kind != "last+1")  # any value size Dv is valid
     rejects_all(lambda bad: linear_attention_forward(**{**args, name: bad}, causal=causal), "linear_attention_forward",
@@ -246,7 +247,7 @@ def test_backward_rejects_bad_input(name, case):
     q, k, v, dout, causal = case
     _, cache = linear_attention_forward(q, k, v, causal=causal)
     if name == "dout":
-        kinds = ARRAY_KINDS + (other_float(dout.dtype),)
+        kinds = ARRAY_KINDS + SUBCLASS_KINDS + (other_float(dout.dtype),)
         rejects_all(lambda bad: linear_attention_backward(bad, cache), "linear_attention_backward", "dout",
                     [corrupt(dout, kind) for kind in kinds])
     else:
@@ -258,4 +259,4 @@ def test_backward_rejects_bad_input(name, case):
 def test_feature_map_rejects_non_float_arrays(case):
     q = case[0]
     rejects_all(elu_plus_one, "elu_plus_one", "x",
-                [corrupt(q, kind) for kind in NON_ARRAYS + DTYPE_KINDS])
+                [corrupt(q, kind) for kind in NON_ARRAYS + SUBCLASS_KINDS + DTYPE_KINDS])

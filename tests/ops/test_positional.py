@@ -19,6 +19,7 @@ from tests.badinput import (
     DTYPE_KINDS,
     NON_ARRAYS,
     RANK_KINDS,
+    SUBCLASS_KINDS,
     corrupt,
     other_float,
     rejects_all,
@@ -151,7 +152,8 @@ def test_forward_rejects_bad_arguments(name, case):
     P = table.shape[0]
     bad_values = {
         # wrong type, dtype or rank, or too few rows for offset + T
-        "table": [corrupt(table, kind) for kind in NON_ARRAYS + DTYPE_KINDS + RANK_KINDS] + [table[: offset + T - 1]],
+        "table": [corrupt(table, kind) for kind in NON_ARRAYS + SUBCLASS_KINDS + DTYPE_KINDS + RANK_KINDS]
+        + [table[: offset + T - 1]],
         "T": BAD_COUNTS + (P - offset + 1,),  # past the last row of the table
         "offset": BAD_COUNTS + (P - T + 1,),
     }[name]
@@ -166,7 +168,7 @@ def test_backward_rejects_bad_input(name, case):
     table, T, offset, dout = case
     _, cache = positional_embedding_forward(table, T, offset=offset)
     if name == "dout":
-        kinds = ARRAY_KINDS + (other_float(dout.dtype),)
+        kinds = ARRAY_KINDS + SUBCLASS_KINDS + (other_float(dout.dtype),)
         rejects_all(lambda bad: positional_embedding_backward(bad, cache), "positional_embedding_backward", "dout",
                     [corrupt(dout, kind) for kind in kinds])
     else:

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from npformer import gradcheck
 from npformer.ops.layernorm import layernorm_forward
 from npformer.ops.rmsnorm import RMSNormCache, rmsnorm_backward, rmsnorm_forward
-from tests.badinput import DTYPE_KINDS, NON_ARRAYS, RANK_KINDS, SHAPE_KINDS, corrupt, expect_rejected
+from tests.badinput import DTYPE_KINDS, NON_ARRAYS, RANK_KINDS, SHAPE_KINDS, SUBCLASS_KINDS, corrupt, expect_rejected
 from tests.oracle import backprop, leaf
+from tests.ops.huge_rows import exact, huge_rows, overflows
 from tests.strategies import DTYPES, SCALES, in_layout, layouts, randn, rngs, shapes
 from tests.tolerances import FD_RTOL, RTOL, assert_close
 
@@ -201,6 +202,27 @@ def test_huge_rows_are_scaled(dtype, D, magnitude, relative_offset, rng):
     assert_close(dx * s, ref["dx"], rtol=rtol, scale=float((ref["r"] * np.abs(ref["g"])).max() * 2), what="dx * s")
 
 
+@pytest.mark.derivation("RMS.10")
+@given(huge_rows(), st.sampled_from([EPS, 1.0]), rngs())
+def test_huge_rows_far_from_zero(case, eps, rng):
+    """Rows whose mean square overflows, at offsets up to 10^7 (float32) or 10^15 (float64) times their
+    spread, against (RMS.1)-(RMS.4) in exact rational arithmetic, judged by the size of y (and xhat
+    entry by entry: with nothing to cancel, every entry keeps its own relative accuracy)."""
+    x, _ = case
+    assert overflows(x, centre=False).all()  # every row takes the (RMS.10) path
+    D, dtype = x.shape[-1], x.dtype
+    w, dy = randn(rng, (D,), dtype), randn(rng, x.shape, dtype)
+    y, cache = rmsnorm_forward(x, w, eps)
+    dx, _ = rmsnorm_backward(dy, cache)
+    xhat, r = exact(x, eps, centre=False)
+    assert_close(y, w.astype(np.float64) * xhat, scale=float(np.abs(w).max() * np.abs(xhat).max()), what="y")
+    np.testing.assert_allclose(cache.xhat, xhat, rtol=4 * np.finfo(dtype).eps, atol=0, err_msg="xhat")
+    assert_close(cache.rstd, r, what="rstd")
+    g = dy.astype(np.float64) * w  # (RMS.6)
+    dx_exact = r * (g - xhat * (g * xhat).mean(-1, keepdims=True))  # (RMS.8)
+    assert_close(dx, dx_exact, scale=float((r * np.abs(g)).max() * 2), what="dx")
+
+
 # ---- empty input ------------------------------------------------------------------------------
 
 
@@ -215,8 +237,8 @@ def test_no_rows_gives_empty_output_and_zero_gamma_gradient(dtype, lead, D):
 
 # ---- bad input ----------------------------------------------------------------------------------
 
-EXACT_KINDS = NON_ARRAYS + DTYPE_KINDS + RANK_KINDS + SHAPE_KINDS + ("other float",)
-X_KINDS = NON_ARRAYS + DTYPE_KINDS + ("0-d", "D = 0")
+EXACT_KINDS = NON_ARRAYS + SUBCLASS_KINDS + DTYPE_KINDS + RANK_KINDS + SHAPE_KINDS + ("other float",)
+X_KINDS = NON_ARRAYS + SUBCLASS_KINDS + DTYPE_KINDS + ("0-d", "D = 0")
 BAD_EPS = (-1e-6, -1.0, float("nan"), float("inf"), "1e-6", None, False, (1e-6,))
 
 

@@ -19,6 +19,7 @@ from tests.badinput import (
     BAD_FLAGS,
     DTYPE_KINDS,
     NON_ARRAYS,
+    SUBCLASS_KINDS,
     corrupt,
     other_float,
     rejects_all,
@@ -252,8 +253,8 @@ def test_conventions_differ_by_permutation(inputs, offset):
 
 # ---------------------------------------------------------------- bad input
 
-NOT_POSITIONS = tuple(k for k in NON_ARRAYS if k != "none") + ("bool", "float16", "float32", "float64", "complex128",
-                                                               "object", "rank+1", "rank-1", "last+1", "first+1")
+NOT_POSITIONS = tuple(k for k in NON_ARRAYS if k != "none") + SUBCLASS_KINDS + (
+    "bool", "float16", "float32", "float64", "complex128", "object", "rank+1", "rank-1", "last+1", "first+1")
 
 
 @st.composite
@@ -267,7 +268,8 @@ def valid_calls(draw):
 @given(valid_calls())
 def test_forward_rejects_bad_x(call):
     x, _, _ = call
-    kinds = tuple(k for k in ARRAY_KINDS if k != "first+1")  # a larger batch is a valid x; last+1: an odd D
+    # a larger batch is a valid x; last+1: an odd D
+    kinds = tuple(k for k in ARRAY_KINDS if k != "first+1") + SUBCLASS_KINDS
     rejects_all(lambda bad: rope_forward(bad), "rope_forward", "x", [corrupt(x, kind) for kind in kinds])
 
 
@@ -294,7 +296,7 @@ def test_backward_rejects_bad_input(name, call):
     x, dy, _ = call
     _, cache = rope_forward(x, offset=3)
     if name == "dy":
-        bad_values = [corrupt(dy, kind) for kind in ARRAY_KINDS + (other_float(dy.dtype),)]
+        bad_values = [corrupt(dy, kind) for kind in ARRAY_KINDS + SUBCLASS_KINDS + (other_float(dy.dtype),)]
         rejects_all(lambda bad: rope_backward(bad, cache), "rope_backward", "dy", bad_values)
     else:
         bad_values = [None, tuple(cache), list(cache), cache._asdict(), dy]
@@ -309,7 +311,8 @@ def test_cos_sin_rejects_bad_options(name, bad_values, call):
     arguments = {"D": 4, "base": 10000.0, "dtype": np.float32}
     rejects_all(lambda bad: rope_cos_sin(positions, **{**arguments, name: bad}), "rope_cos_sin", name, bad_values)
     integer_kinds = ("int64", "int32", "uint8")
-    not_integers = [corrupt(positions, kind) for kind in NON_ARRAYS + DTYPE_KINDS if kind not in integer_kinds]
+    not_integers = [corrupt(positions, kind) for kind in NON_ARRAYS + SUBCLASS_KINDS + DTYPE_KINDS
+                    if kind not in integer_kinds]
     rejects_all(lambda bad: rope_cos_sin(bad, **arguments), "rope_cos_sin", "positions", not_integers)
 
 

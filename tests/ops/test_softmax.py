@@ -19,7 +19,7 @@ from npformer.ops.softmax import (
     softmax_backward,
     softmax_forward,
 )
-from tests.badinput import DTYPE_KINDS, NON_ARRAYS, RANK_KINDS, SHAPE_KINDS, corrupt, expect_rejected
+from tests.badinput import DTYPE_KINDS, NON_ARRAYS, RANK_KINDS, SHAPE_KINDS, SUBCLASS_KINDS, corrupt, expect_rejected
 from tests.oracle import backprop, leaf
 from tests.strategies import DTYPES, SCALES, in_layout, layouts, randn, rngs, shapes
 from tests.tolerances import FD_RTOL, assert_close
@@ -240,8 +240,8 @@ def test_gradcheck_cases_pass():
 
 # ---- bad input ---------------------------------------------------------------------
 
-EXACT_KINDS = NON_ARRAYS + DTYPE_KINDS + RANK_KINDS + SHAPE_KINDS + ("other float",)
-X_KINDS = NON_ARRAYS + DTYPE_KINDS + ("0-d", "V = 0")
+EXACT_KINDS = NON_ARRAYS + SUBCLASS_KINDS + DTYPE_KINDS + RANK_KINDS + SHAPE_KINDS + ("other float",)
+X_KINDS = NON_ARRAYS + SUBCLASS_KINDS + DTYPE_KINDS + ("0-d", "V = 0")
 BAD_AXES = ("ndim", "-ndim-1", 1.0, np.float64(0), True, None, "0", (0,))
 
 

@@ -17,6 +17,7 @@ from tests.badinput import (
     DTYPE_KINDS,
     NON_ARRAYS,
     RANK_KINDS,
+    SUBCLASS_KINDS,
     corrupt,
     other_float,
     rejects_all,
@@ -81,6 +82,45 @@ def test_buckets_match_reference_exhaustively(bidirectional):
     ours = t5_relative_bucket(r, bidirectional=bidirectional)
     ref = torch_bucket(torch.from_numpy(r), bidirectional, 32, 128).numpy()
     np.testing.assert_array_equal(ours, ref)
+
+
+def around(k):
+    """Integers within 3 of 2**k, and their negatives."""
+    return st.tuples(st.integers(-3, 3), st.sampled_from([1, -1])).map(lambda c: c[1] * (2**k + c[0]))
+
+
+EXTREMES = st.one_of([around(k) for k in (7, 15, 31, 53, 62, 63, 64)])
+INTEGER_DTYPES = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64]
+
+
+def python_bucket(r, bidirectional, num_buckets, max_distance):
+    """(T5.2)-(T5.3) for one Python integer r: exact integer arithmetic, the float32 logarithm of the reference."""
+    n = num_buckets // 2 if bidirectional else num_buckets
+    base, a = ((n if r > 0 else 0), abs(r)) if bidirectional else (0, max(-r, 0))
+    exact = n // 2
+    if a < exact:
+        return base + a
+    if a >= max_distance:  # every distance from M on shares the last bucket of its sign
+        return base + n - 1
+    log_part = np.log(np.float32(a) / exact) / math.log(max_distance / exact) * (n - exact)
+    return base + min(exact + int(log_part), n - 1)
+
+
+@pytest.mark.derivation("T5.2")
+@pytest.mark.derivation("T5.3")
+@given(st.lists(EXTREMES, min_size=1, max_size=6), st.sampled_from(INTEGER_DTYPES), NUM_BUCKETS, MAX_DISTANCES,
+       st.booleans())
+def test_extreme_relative_positions(values, dtype, num_buckets, max_distance, bidirectional):
+    """Relative positions at the ends of every integer dtype (int64's -2**63, uint64's 2**63 and beyond):
+    each bucket as exact integer arithmetic gives it, in [0, N), never wrapped around."""
+    assume(valid(num_buckets, max_distance, bidirectional))
+    info = np.iinfo(dtype)
+    values = [v for v in values if info.min <= v <= info.max] + [int(info.min), int(info.max), 0]
+    r = np.array(values, dtype)
+    ours = t5_relative_bucket(r, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance)
+    expected = [python_bucket(v, bidirectional, num_buckets, max_distance) for v in values]
+    np.testing.assert_array_equal(ours, expected)
+    assert np.all((0 <= ours) & (ours < num_buckets))
 
 
 @pytest.mark.derivation("T5.2")
@@ -174,7 +214,8 @@ def test_finite_differences(bidirectional, offset, rng):
 
 # -- bad input -----------------------------------------------------------------------------------
 
-NOT_INTEGERS = tuple(k for k in NON_ARRAYS + DTYPE_KINDS if k not in ("int64", "int32", "uint8")) + ("float64",)
+NOT_INTEGERS = tuple(k for k in NON_ARRAYS + SUBCLASS_KINDS + DTYPE_KINDS if k not in ("int64", "int32", "uint8")) + (
+    "float64",)
 BAD_BUCKET_COUNTS = (3, 1, 0, -4, 32.0, True, "32", None)  # >= 4 buckets bidirectional, >= 2 one-way
 BAD_MAX_DISTANCES = (8, 0, -128, 128.0, True, "128", None)  # > 8, the exact buckets of 32 bidirectional ones
 
@@ -197,7 +238,8 @@ def test_forward_rejects_bad_arguments(name, case):
     table, _, opts = case
     arguments = {"table": table, "Tq": 3, "Tk": 5, **opts}
     if name == "table":  # wrong type, dtype or rank, or fewer rows than the smallest bucket rule needs
-        bad_values = [corrupt(table, k) for k in NON_ARRAYS + DTYPE_KINDS + RANK_KINDS] + [table[:1], table[:, :0]]
+        bad_values = [corrupt(table, k) for k in NON_ARRAYS + SUBCLASS_KINDS + DTYPE_KINDS + RANK_KINDS] + [
+            table[:1], table[:, :0]]
     else:
         bad_values = {"bidirectional": BAD_FLAGS, "max_distance": (0, -1, 2.5, True, "8", None)}.get(name, BAD_COUNTS)
     rejects_all(lambda bad: t5_bias_forward(**{**arguments, name: bad}), "t5_bias_forward", name, bad_values)
@@ -209,7 +251,7 @@ def test_backward_rejects_bad_input(name, case):
     table, dbias, opts = case
     _, cache = t5_bias_forward(table, dbias.shape[2], dbias.shape[3], **opts)
     if name == "dbias":
-        kinds = ARRAY_KINDS + (other_float(dbias.dtype),)
+        kinds = ARRAY_KINDS + SUBCLASS_KINDS + (other_float(dbias.dtype),)
         rejects_all(lambda bad: t5_bias_backward(bad, cache), "t5_bias_backward", "dbias",
                     [corrupt(dbias, k) for k in kinds])
     else:

@@ -1,0 +1,67 @@
+"""Rows whose squares overflow, at offsets from zero up to many orders of magnitude beyond their
+spread, and their normalisation evaluated exactly (rational arithmetic), for the norm tests."""
+
+from fractions import Fraction
+import math
+
+import numpy as np
+from hypothesis import strategies as st
+
+from tests.strategies import rngs
+
+# log10 of the spread: wide enough that the variance overflows (float32: 3.4e38, float64: 1.8e308)
+SPREAD_EXPONENTS = {np.dtype(np.float32): (20.0, 37.3), np.dtype(np.float64): (154.8, 307.2)}
+# log10 of offset / spread: from well inside the spread to where the spread is a few units in the
+# last place of the offset (2^24 ~ 1.7e7 for float32, 2^53 ~ 9e15 for float64)
+RATIO_EXPONENTS = {np.dtype(np.float32): (-3.0, 7.0), np.dtype(np.float64): (-3.0, 15.5)}
+
+
+@st.composite
+def huge_rows(draw, rows=2):
+    """(x, ratio): float rows offset + spread * u, with u spread over [-1, 1], whose variance overflows."""
+    dtype = np.dtype(draw(st.sampled_from([np.float32, np.float64]), label="dtype"))
+    D = draw(st.sampled_from([2, 3, 5, 8]), label="D")
+    spread = 10.0 ** draw(st.floats(*SPREAD_EXPONENTS[dtype]), label="log10 spread")
+    ratio = 10.0 ** draw(st.floats(*RATIO_EXPONENTS[dtype]), label="log10 offset/spread")
+    sign = draw(st.sampled_from([1.0, -1.0]), label="sign of the offset")
+    rng = draw(rngs())
+    limit = float(np.finfo(dtype).max)
+    offset = sign * min(spread * ratio, limit / 2)
+    u = np.linspace(-1.0, 1.0, D) + rng.uniform(-0.2, 0.2, (rows, D))  # the ends of [-1, 1] always in use
+    u = rng.permuted(u, axis=-1)
+    x = np.clip(offset + spread / 2 * u, -limit, limit).astype(dtype)
+    return x, ratio
+
+
+def exact(x, eps, *, centre):
+    """xhat and r of each row of ``x``, (LN.1)-(LN.4) (``centre``) or (RMS.1)-(RMS.3), to float64 round-off.
+
+    Every sum is taken in rational arithmetic on the exact values of x; only the final
+    square root and quotient are rounded, after scaling by the largest centred entry.
+    """
+    x = np.asarray(x, np.float64)  # exact for float32 and float64 input
+    xhat, r = np.empty_like(x), np.empty(x.shape[:-1] + (1,))
+    for i in np.ndindex(x.shape[:-1]):
+        row = [Fraction(float(v)) for v in x[i]]
+        D = len(row)
+        mu = sum(row) / D if centre else Fraction(0)
+        c = [v - mu for v in row]
+        s = max(abs(v) for v in c)
+        if s == 0:
+            xhat[i], r[i] = 0.0, 1.0 / math.sqrt(eps)
+            continue
+        var_s = float(sum(v * v for v in c) / D / (s * s)) + float(Fraction(eps) / (s * s))  # (var + eps) / s^2
+        xhat[i] = [float(v / s) / math.sqrt(var_s) for v in c]
+        r[i] = float(1 / s) / math.sqrt(var_s)
+    return xhat, r
+
+
+def overflows(x, *, centre):
+    """Whether each row's variance (or mean square) is beyond the dtype's largest number, exactly."""
+    limit = Fraction(float(np.finfo(x.dtype).max))
+    result = []
+    for i in np.ndindex(x.shape[:-1]):
+        row = [Fraction(float(v)) for v in x[i]]
+        mu = sum(row) / len(row) if centre else Fraction(0)
+        result.append(sum((v - mu) ** 2 for v in row) / len(row) > limit)
+    return np.array(result).reshape(x.shape[:-1])
