@@ -14,6 +14,8 @@ is legal for ``x`` of a norm but not for its ``gamma``.
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import warnings
 
 import numpy as np
@@ -31,27 +33,40 @@ DTYPE_KINDS = ("int64", "int32", "bool", "float16", "complex128", "object", "uin
 RANK_KINDS = ("rank+1", "rank-1")
 SHAPE_KINDS = ("last+1", "first+1")
 ARRAY_KINDS = NON_ARRAYS + DTYPE_KINDS + RANK_KINDS + SHAPE_KINDS
+# An argument with exactly one right shape and dtype (a norm's gamma, a backward's dy).
+EXACT_KINDS = NON_ARRAYS + SUBCLASS_KINDS + DTYPE_KINDS + RANK_KINDS + SHAPE_KINDS + ("other float",)
+# Rows (..., D) normalised along the last axis: any leading shape, but D >= 1 and at least one axis.
+ROW_KINDS = NON_ARRAYS + SUBCLASS_KINDS + DTYPE_KINDS + ("0-d", "D = 0")
 
 
 class PlainSubclass(np.ndarray):
     """An ndarray subclass that overrides nothing: still not an ndarray an op should take silently."""
 
 
+def not_an_array(x, kind: str):
+    """``x`` (a NumPy array or a torch tensor) as something that is no array at all: a NON_ARRAYS kind."""
+    return {
+        "list": lambda: x.tolist(),
+        "tuple": lambda: tuple(x.reshape(-1).tolist()),
+        "scalar": lambda: 1.5,
+        "none": lambda: None,
+        "string": lambda: "x",
+    }[kind]()
+
+
 def corrupt(x: np.ndarray, kind: str):
     """``x`` made wrong in the way ``kind`` names (values kept where the kind allows)."""
     x = np.asarray(x)
-    if kind == "list":
-        return x.tolist()
-    if kind == "tuple":
-        return tuple(x.reshape(-1).tolist())
-    if kind == "scalar":
-        return 1.5
-    if kind == "none":
-        return None
-    if kind == "string":
-        return "x"
+    if kind in NON_ARRAYS:
+        return not_an_array(x, kind)
     if kind in ("int64", "int32", "bool", "float16", "float32", "float64", "complex128", "uint8"):
         return x.astype(kind)
+    if kind == "other float":  # float32 <-> float64: mixed float dtypes are refused, not up-cast
+        return x.astype(np.float32 if x.dtype == np.float64 else np.float64)
+    if kind == "0-d":
+        return np.asarray(x.reshape(-1)[0])
+    if kind == "D = 0":  # nothing on the last axis
+        return x[..., :0]
     if kind == "object":
         return x.astype(object)
     if kind == "matrix":  # always 2-D: the values of x, as rows when x is not 2-D already
@@ -105,3 +120,15 @@ def rejects_all(call, func, arg, bad_values):
 
 def other_float(dtype):
     return "float32" if np.dtype(dtype) == np.float64 else "float64"
+
+
+class Case(NamedTuple):
+    """One argument of one public function, and a strategy of values that are wrong for it."""
+
+    func: str
+    arg: str
+    call: Callable
+    values: object  # a hypothesis SearchStrategy
+
+    def __repr__(self):
+        return f"{self.func}-{self.arg}"

@@ -205,3 +205,12 @@ def check_cache_type(op: str, cache: object, cache_type: type) -> None:
     """A backward's ``cache`` must be what the matching forward returned (``cache_type``)."""
     if not isinstance(cache, cache_type):
         _fail(op, "cache", f"a {cache_type.__name__} from the matching forward", type(cache).__name__)
+
+
+def check_rows(op: str, name: str, x: object) -> int:
+    """A float array of rows (..., D) with D >= 1, normalised along its last axis; returns D."""
+    check_float(op, name, x)
+    check_ndim(op, name, x, 1, at_least=True)
+    if x.shape[-1] == 0:
+        _fail(op, name, "at least one entry on the last axis", f"shape {tuple(x.shape)}")
+    return x.shape[-1]

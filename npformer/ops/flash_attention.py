@@ -169,16 +169,33 @@ def _backward_delta(dout: np.ndarray, cache: FlashAttentionCache) -> np.ndarray:
     return np.einsum("bhid,bhid->bhi", dout, cache.out)  # (FA.6)
 
 
+class _Grouped(NamedTuple):
+    """What both backward passes read: sizes, and q, dout, delta with the G query heads of a key/value head together."""
+
+    B: int
+    Hkv: int
+    G: int
+    Tq: int
+    Tk: int
+    D: int
+    offset: int  # Tk - Tq: the causal diagonal, aligned to the end
+    qg: np.ndarray  # (B, Hkv, G, Tq, D)
+    dout_g: np.ndarray  # (B, Hkv, G, Tq, D)
+    delta_g: np.ndarray  # (B, Hkv, G, Tq)
+
+
+def _grouped(dout: np.ndarray, cache: "FlashAttentionCache", delta: np.ndarray) -> _Grouped:
+    B, H, Tq, D = cache.q.shape
+    Hkv, Tk = cache.k.shape[1], cache.k.shape[2]
+    G = H // Hkv
+    return _Grouped(B, Hkv, G, Tq, Tk, D, Tk - Tq, cache.q.reshape(B, Hkv, G, Tq, D),
+                    dout.reshape(B, Hkv, G, Tq, D), delta.reshape(B, Hkv, G, Tq))
+
+
 def _backward_dkdv(dout: np.ndarray, cache: FlashAttentionCache, delta: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """dK, dV: one program per key tile, walking the query tiles that can see it (FA.9).  -> (B, Hkv, Tk, D) each"""
     q, k, v = cache.q, cache.k, cache.v
-    B, H, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    G = H // Hkv
-    offset = Tk - Tq
-    qg = q.reshape(B, Hkv, G, Tq, D)
-    dout_g = dout.reshape(B, Hkv, G, Tq, D)
-    delta_g = delta.reshape(B, Hkv, G, Tq)
+    B, Hkv, G, Tq, Tk, D, offset, qg, dout_g, delta_g = _grouped(dout, cache, delta)
     dk = np.empty((B, Hkv, Tk, D), q.dtype)
     dv = np.empty((B, Hkv, Tk, D), q.dtype)
     for j0 in range(0, Tk, cache.block_k):  # one GPU program per key tile
@@ -203,13 +220,7 @@ def _backward_dkdv(dout: np.ndarray, cache: FlashAttentionCache, delta: np.ndarr
 def _backward_dq(dout: np.ndarray, cache: FlashAttentionCache, delta: np.ndarray) -> np.ndarray:
     """dQ: one program per query tile, walking the key tiles it can see (FA.9).  -> (B, H, Tq, D)"""
     q, k, v = cache.q, cache.k, cache.v
-    B, H, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    G = H // Hkv
-    offset = Tk - Tq
-    qg = q.reshape(B, Hkv, G, Tq, D)
-    dout_g = dout.reshape(B, Hkv, G, Tq, D)
-    delta_g = delta.reshape(B, Hkv, G, Tq)
+    B, Hkv, G, Tq, Tk, D, offset, qg, dout_g, delta_g = _grouped(dout, cache, delta)
     dq = np.empty((B, Hkv, G, Tq, D), q.dtype)
     for i0 in range(0, Tq, cache.block_q):  # one GPU program per query tile
         i1 = min(i0 + cache.block_q, Tq)
@@ -224,7 +235,7 @@ def _backward_dq(dout: np.ndarray, cache: FlashAttentionCache, delta: np.ndarray
             ds = p * (dp - delta_g[:, :, :, i0:i1, None])  # (FA.7)
             dq_acc += np.matmul(ds, k_tile)  # (ATT.8)
         dq[:, :, :, i0:i1] = cache.scale * dq_acc  # (ATT.8): c_s once, on the tile's T x D result
-    return dq.reshape(B, H, Tq, D)
+    return dq.reshape(q.shape)
 
 
 def flash_attention_backward(dout: np.ndarray, cache: FlashAttentionCache) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -20,11 +20,11 @@ from typing import NamedTuple, Tuple
 import numpy as np
 
 from ._checks import (
-    _fail,
     check_cache_type,
     check_float,
     check_ndim,
     check_real,
+    check_rows,
     check_same_dtype_as,
     check_shape,
 )
@@ -92,11 +92,7 @@ def layernorm_forward(
     x: (..., D), gamma: (D,), beta: (D,), eps >= 0  ->  y: (..., D)
     """
     op = f"{OP}_forward"
-    check_float(op, "x", x)
-    check_ndim(op, "x", x, 1, at_least=True)
-    D = x.shape[-1]
-    if D == 0:
-        _fail(op, "x", "at least one entry on the last axis", f"shape {tuple(x.shape)}")
+    D = check_rows(op, "x", x)
     for name, p in (("gamma", gamma), ("beta", beta)):
         check_same_dtype_as(op, name, p, x.dtype, "x")
         check_shape(op, name, p, (D,))

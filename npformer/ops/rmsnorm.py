@@ -17,11 +17,11 @@ from typing import NamedTuple, Tuple
 import numpy as np
 
 from ._checks import (
-    _fail,
     check_cache_type,
     check_float,
     check_ndim,
     check_real,
+    check_rows,
     check_same_dtype_as,
     check_shape,
 )
@@ -54,11 +54,7 @@ def rmsnorm_forward(x: np.ndarray, gamma: np.ndarray, eps: float = 1e-6) -> Tupl
     x: (..., D), gamma: (D,), eps >= 0  ->  y: (..., D)
     """
     op = f"{OP}_forward"
-    check_float(op, "x", x)
-    check_ndim(op, "x", x, 1, at_least=True)
-    D = x.shape[-1]
-    if D == 0:
-        _fail(op, "x", "at least one entry on the last axis", f"shape {tuple(x.shape)}")
+    D = check_rows(op, "x", x)
     check_same_dtype_as(op, "gamma", gamma, x.dtype, "x")
     check_shape(op, "gamma", gamma, (D,))
     eps = check_real(op, "eps", eps, lo=0.0)

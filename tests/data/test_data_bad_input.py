@@ -6,7 +6,6 @@ vocabulary, block sizes larger than the data, ...). The call must raise ``ValueE
 or ``TypeError`` whose message names the function and the argument.
 """
 
-from typing import Callable, NamedTuple
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from npformer.data import (ArithmeticTask, ByteBPE, CharTokenizer, Problem, data
                            exact_match, get_batch, make_batch, train_val_split)
 from npformer.data.arithmetic import heldout_mask
 from npformer.data.vocab import check_same_tokenizer, check_vocab, tokenizer_difference
-from tests.badinput import expect_rejected
+from tests.badinput import Case, expect_rejected
 
 CHAR = CharTokenizer("abcde")
 BPE = ByteBPE([(97, 98), (256, 99)])
@@ -90,15 +89,6 @@ def bad_problem_lists():
 
 
 # -- the cases ----------------------------------------------------------------------------------
-
-class Case(NamedTuple):
-    func: str
-    arg: str
-    call: Callable
-    values: st.SearchStrategy
-
-    def __repr__(self):
-        return f"{self.func}-{self.arg}"
 
 
 CASES = [

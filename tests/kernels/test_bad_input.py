@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import kernels
-from tests.badinput import expect_rejected
+from tests.badinput import NON_ARRAYS, expect_rejected, not_an_array
 from tests.kernels import DEVICE
 
 # Not a tensor at all (a NumPy array included: the API takes torch tensors only).
-NON_TENSORS = ("list", "tuple", "scalar", "none", "string", "ndarray")
+NON_TENSORS = NON_ARRAYS + ("ndarray",)
 # A dtype no kernel takes (float32 inputs: float16 / bfloat16 differ from the other tensors').
 BAD_DTYPES = ("int64", "int32", "bool", "float64", "complex64", "uint8")
 OTHER_FLOATS = ("float16", "bfloat16")
@@ -25,16 +25,8 @@ SIZES = ("last+1", "first+1")
 
 def corrupt(t: torch.Tensor, kind: str):
     """``t`` made wrong in the way ``kind`` names (values kept where the kind allows)."""
-    if kind == "list":
-        return t.tolist()
-    if kind == "tuple":
-        return tuple(t.reshape(-1).tolist())
-    if kind == "scalar":
-        return 1.5
-    if kind == "none":
-        return None
-    if kind == "string":
-        return "x"
+    if kind in NON_ARRAYS:
+        return not_an_array(t, kind)
     if kind == "ndarray":
         return t.detach().cpu().numpy()
     if kind in BAD_DTYPES + OTHER_FLOATS:

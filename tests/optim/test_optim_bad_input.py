@@ -6,7 +6,6 @@ and leaves every parameter and the optimizer's state as they were.
 """
 
 import math
-from typing import Callable, NamedTuple
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from npformer.nn.module import Module, Parameter
 from npformer.optim import (SGD, Adam, AdamW, Constant, LinearDecay, WarmupCosine, accumulate_gradients, classify,
                             clip_grad_norm_, constant, grad_norm, linear_decay, param_groups, scale_grads_,
                             warmup_cosine)
-from tests.badinput import expect_rejected
+from tests.badinput import Case, expect_rejected
 from tests.tolerances import RTOL
 
 
@@ -72,15 +71,6 @@ BAD_PARAM_LISTS = st.one_of(
     st.just(params()[:1] * 2),
 )
 
-
-class Case(NamedTuple):
-    func: str
-    arg: str
-    call: Callable
-    values: st.SearchStrategy
-
-    def __repr__(self):
-        return f"{self.func}-{self.arg}"
 
 
 CASES = [
