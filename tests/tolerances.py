@@ -16,6 +16,16 @@ RTOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-4}
 FD_RTOL = 1e-6
 FD_EPS = 1e-6
 
+# erf is held to float64 round-off, in units of float64's machine epsilon (2.2e-16):
+# a few units absolute (about 1e-15) and 45 units relative (about 1e-14).
+F64_EPS = float(np.finfo(np.float64).eps)
+ERF_ATOL = 5 * F64_EPS
+ERF_RTOL = 45 * F64_EPS
+
+# Triton kernels against the NumPy reference, by the dtype of the kernel's inputs: float32 as
+# the oracle's float32 bound, the 16-bit formats at four units of their machine epsilon.
+KERNEL_RTOL = {"float32": RTOL[np.dtype(np.float32)], "float16": 4 * 2.0**-10, "bfloat16": 4 * 2.0**-7}
+
 # A whole model sums many float64 round-offs: about 1e-9 relative against its torch twin.
 MODEL_RTOL = 1e-9
 # Some model gradients are zero in exact arithmetic (a key bias: softmax ignores a per-row shift):

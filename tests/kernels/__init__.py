@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from hypothesis import settings
 
-from tests.tolerances import RTOL, assert_close
+from tests.tolerances import KERNEL_RTOL as TOLERANCES
+from tests.tolerances import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -30,11 +31,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 importlib.import_module("kernels.attention").AUTOTUNE = False
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-KERNEL_RTOL = {
-    torch.float32: RTOL[np.dtype(np.float32)],
-    torch.float16: 4 * torch.finfo(torch.float16).eps,  # 3.9e-3
-    torch.bfloat16: 4 * torch.finfo(torch.bfloat16).eps,  # 3.1e-2
-}
+KERNEL_RTOL = {dtype: TOLERANCES[str(dtype).removeprefix("torch.")] for dtype in KERNEL_DTYPES}
 
 # Hypothesis examples per kernel property: the profile's number (15 in CI), capped where
 # the interpreter runs each program in Python.

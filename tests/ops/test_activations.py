@@ -32,13 +32,8 @@ from npformer.ops.activations import (
 from tests.badinput import DTYPE_KINDS, NON_ARRAYS, RANK_KINDS, SHAPE_KINDS, SUBCLASS_KINDS, corrupt, expect_rejected
 from tests.oracle import backprop, leaf
 from tests.strategies import DTYPES, SCALES, in_layout, layouts, randn, rngs, shapes
-from tests.tolerances import FD_RTOL, assert_close
+from tests.tolerances import ERF_ATOL, ERF_RTOL, FD_RTOL, assert_close
 
-# erf is held to float64 round-off, stated in units of float64's machine epsilon
-# (2.2e-16): a few units absolute (about 1e-15) and 45 units relative (about 1e-14).
-F64_EPS = float(np.finfo(np.float64).eps)
-ERF_ATOL = 5 * F64_EPS
-ERF_RTOL = 45 * F64_EPS
 
 APPROXIMATIONS = ["none", "tanh"]
 
