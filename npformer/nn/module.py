@@ -73,28 +73,68 @@ class Recorder(OrderedDict):
         self[name if n == 1 else f"{name}@{n}"] = np.array(value, copy=True) if self.copy else value
 
 
+class _Snapshot:
+    """What a layer call may change, taken before the outermost call so a failure can put it back.
+
+    The cache stack of every module below the layer; in a backward, every parameter's
+    ``.grad``; the ``length`` of every KV cache passed in (``kv_cache=``, ``kv_caches=[...]``);
+    the entries of the recorder. Nested calls inside it take none (the outermost restores all).
+    """
+
+    def __init__(self, module: "Module", args, kwargs, grads: bool):
+        modules = [m for _, m in module.named_modules()]
+        self.stacks = [(m._caches, list(m._caches)) for m in modules]
+        self.grads = [(p, p.grad.copy()) for p in module.parameters()] if grads else []
+        passed = list(args) + list(kwargs.values())
+        passed += [c for a in passed if isinstance(a, (list, tuple)) for c in a]
+        self.kv = [(c, c.length) for c in passed if hasattr(c, "length") and hasattr(c, "stage")]
+        rec = module._recorder
+        self.recorder = None if rec is None else (rec, len(rec), dict(rec._calls))
+
+    def restore(self) -> None:
+        for stack, before in self.stacks:
+            stack[:] = before
+        for p, grad in self.grads:
+            p.grad[...] = grad
+        for cache, length in self.kv:
+            cache.length = length
+        if self.recorder is not None:
+            rec, n, calls = self.recorder
+            while len(rec) > n:
+                rec.popitem(last=True)
+            rec._calls = calls
+
+
+_active_calls = 0  # layer calls in progress: only the outermost takes a snapshot
+
+
 def atomic(method):
     """Make a layer's ``forward``/``backward`` all or nothing, and name the layer in its errors.
 
-    If the call raises, every cache stack below the layer is put back as it was (a
-    failed forward leaves no cache behind, a failed backward consumes none), and a
-    ``ValueError``/``TypeError`` raised by an op inside is re-raised with the layer's
-    own name in front: ``Embedding.forward: embedding_forward: argument 'ids' ...``.
-    Backwards validate their gradient before adding into any ``.grad``.
+    If the call raises (a bad argument, a bug, Ctrl-C), everything it changed is put back
+    (``_Snapshot``): a failed forward leaves no cache, no recording and no KV cache
+    positions behind; a failed backward consumes no cache and adds to no ``.grad``. A
+    ``ValueError``/``TypeError`` raised inside is re-raised with the layer's own name in
+    front: ``Embedding.forward: embedding_forward: argument 'ids' ...``.
     """
     where = method.__qualname__
+    is_backward = method.__name__ == "backward"
 
     @functools.wraps(method)
     def call(self, *args, **kwargs):
-        stacks = [(m._caches, list(m._caches)) for _, m in self.named_modules()]
+        global _active_calls
+        snapshot = _Snapshot(self, args, kwargs, grads=is_backward) if _active_calls == 0 else None
+        _active_calls += 1
         try:
             return method(self, *args, **kwargs)
         except BaseException as err:
-            for stack, before in stacks:
-                stack[:] = before
+            if snapshot is not None:
+                snapshot.restore()
             if type(err) in (ValueError, TypeError) and not str(err).startswith(where):
                 raise type(err)(f"{where}: {err}") from err
             raise
+        finally:
+            _active_calls -= 1
 
     return call
 
@@ -115,6 +155,9 @@ class Module:
             self._modules.pop(name, None)
             self._params[name] = value
         elif isinstance(value, Module):
+            if any(m is self for _, m in value.named_modules()):
+                raise ValueError(f"{type(self).__name__}: attribute '{name}' expected a module that does not "
+                                 "contain this one (a module cannot hold itself)")
             self._params.pop(name, None)
             self._modules[name] = value
         elif name in self._params or name in self._modules:
@@ -252,7 +295,11 @@ class Module:
                     value = value.astype(p.data.dtype)
                 if not np.isfinite(value).all() and np.isfinite(state[name]).all():
                     raise ValueError(f"{where} expected values that fit {p.data.dtype}, got some that overflow it")
-            updates.append((p, value))
+            updates.append((p, np.array(value, dtype=p.data.dtype, copy=True)))  # a copy: states may alias params
+        pending = sum(m.pending_backwards for _, m in self.named_modules())
+        if pending:
+            raise RuntimeError(f"{op}: forwards wait for their backward ({pending} caches), computed with the "
+                               "current weights; run the backwards or clear_caches() before loading new weights")
         for p, value in updates:  # every entry checked: now write
             p.data[...] = value
 

@@ -177,3 +177,93 @@ def test_kv_cache_refuses_another_dtype():
     k = np.zeros((1, 2, 1, 4), np.float64)
     expect_rejected(lambda: kv.append(k, k), "KVCache.append", "k_new")
     assert kv.length == 0
+
+
+TINY = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, d_model=12, dtype="float64")
+
+
+def fail_on_call(monkeypatch, module, name, k, error):
+    """Make ``module.name`` raise ``error`` on its k-th call (1-based)."""
+    real, calls = getattr(module, name), [0]
+
+    def wrapped(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == k:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+
+
+def everything(model):
+    """Every gradient and every cache stack length of a model, to compare before and after."""
+    return ([p.grad.copy() for p in model.parameters()], [m.pending_backwards for _, m in model.named_modules()])
+
+
+@given(st.sampled_from(["layernorm_backward", "linear_backward", "dropout_backward"]), st.integers(1, 5),
+       st.sampled_from([ValueError("planted"), KeyboardInterrupt()]), rngs())
+def test_a_backward_that_fails_midway_changes_nothing(op, k, error, rng):
+    """Whatever op fails, however deep, no .grad keeps a partial sum and no cache is consumed."""
+    import npformer.nn.layers as layers
+
+    ids, tg = rng.integers(0, 11, (2, 8)), rng.integers(0, 11, (2, 8))
+    model, clean = GPT(TINY, seed=1), GPT(TINY, seed=1)
+    for m in (model, clean):
+        m.forward(ids, tg)
+        m.forward(ids[:, ::-1].copy(), tg)  # a second pending forward: the first backward must match it
+        for p in m.parameters():
+            p.grad[...] = 0.5  # accumulation in progress: a failure must keep these, not zero them
+    before = everything(model)
+    with pytest.MonkeyPatch.context() as mp:
+        fail_on_call(mp, layers, op, k, error)
+        with pytest.raises(type(error)):
+            model.backward()
+    after = everything(model)
+    for a, b in zip(before[0], after[0]):
+        np.testing.assert_array_equal(a, b)
+    assert before[1] == after[1]
+    model.backward()  # the retry equals a clean run
+    clean.backward()
+    for (name, p), (_, q) in zip(model.named_parameters(), clean.named_parameters()):
+        np.testing.assert_array_equal(p.grad, q.grad, err_msg=name)
+
+
+@given(st.integers(1, 4), st.sampled_from([ValueError("planted"), KeyboardInterrupt()]), rngs())
+def test_a_decoding_forward_that_fails_moves_no_cache_and_records_nothing(k, error, rng):
+    import npformer.nn.layers as layers
+
+    ids = rng.integers(0, 11, (1, 6))
+    model, clean = GPT(TINY, seed=2).eval(), GPT(TINY, seed=2).eval()
+    kv, kv_clean = model.make_kv_caches(1), clean.make_kv_caches(1)
+    model.forward(ids[:, :2], kv_caches=kv)
+    clean.forward(ids[:, :2], kv_caches=kv_clean)
+    rec = model.start_recording()
+    with pytest.MonkeyPatch.context() as mp:
+        fail_on_call(mp, layers, "layernorm_forward", k, error)
+        with pytest.raises(type(error)):
+            model.forward(ids[:, 2:5], kv_caches=kv)
+    assert [c.length for c in kv] == [2, 2] and len(rec) == 0
+    logits, _ = model.forward(ids[:, 2:5], kv_caches=kv)
+    np.testing.assert_array_equal(logits, clean.forward(ids[:, 2:5], kv_caches=kv_clean)[0])
+    assert "logits" in rec and "logits@2" not in rec
+
+
+def test_load_state_dict_with_aliased_values_and_pending_caches():
+    model = GPT(TINY, seed=0)
+    sd = {k: p.data for k, p in model.named_parameters()}  # views of the parameters themselves
+    w, b = sd["blocks.0.ln_1.weight"].copy(), sd["blocks.0.ln_1.bias"].copy()
+    model.load_state_dict({"blocks.0.ln_1.weight": sd["blocks.0.ln_1.bias"],
+                           "blocks.0.ln_1.bias": sd["blocks.0.ln_1.weight"]}, strict=False)
+    np.testing.assert_array_equal(model.blocks[0].ln_1.weight.data, b)  # swapped, not both overwritten
+    np.testing.assert_array_equal(model.blocks[0].ln_1.bias.data, w)
+    model.forward(np.zeros((1, 3), np.int64), np.zeros((1, 3), np.int64))
+    with pytest.raises(RuntimeError, match="load_state_dict: forwards wait for their backward"):
+        model.load_state_dict(model.state_dict())
+
+
+def test_a_module_cannot_hold_itself():
+    outer, inner = ModuleList(), ModuleList()
+    outer.append(inner)
+    expect_rejected(lambda: setattr(outer, "me", outer), "ModuleList", "me")
+    expect_rejected(lambda: inner.append(outer), "ModuleList", "1" if len(inner) else "0")
+    assert [name for name, _ in outer.named_modules()] == ["", "0"]
