@@ -225,6 +225,8 @@ def _check(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tenso
     check_tensor("rms_norm", "x", x, min_ndim=1)
     check_runnable("rms_norm", x)
     D = x.shape[-1]
+    if D == 0:
+        raise ValueError(f"rms_norm: argument 'x' expected at least one entry on the last axis, got shape {tuple(x.shape)}")
     check_tensor("rms_norm", "weight", weight, ndim=1)
     if weight.shape != (D,):
         raise ValueError(f"rms_norm: argument 'weight' expected shape ({D},), got {tuple(weight.shape)}")

@@ -118,6 +118,9 @@ def launch_config(H: int, HALF: int, elem_bytes: int):
     return BLOCK_K, BLOCK_H, 4 if BLOCK_H * BLOCK_K >= 1024 else 2
 
 
+MAX_KERNEL_POSITION = 2**31 - 1  # positions are int32 inside the kernel
+
+
 def _check(q, k, base, offset, positions, inverse=False):
     for name, x in (("q", q), ("k", k)):
         check_tensor("apply_rope", name, x, ndim=4)
@@ -131,7 +134,9 @@ def _check(q, k, base, offset, positions, inverse=False):
     if D < 2 or D % 2:
         raise ValueError(f"apply_rope: argument 'q' expected an even size D >= 2 of the last axis, got {D}")
     check_real("apply_rope", "base", base, lo=0.0, lo_open=True)
-    check_count("apply_rope", "offset", offset, lo=0)
+    # The kernel forms positions in int32 (and angles in float32, which are coarse long before):
+    # the last position must fit, or it would wrap silently.
+    check_count("apply_rope", "offset", offset, lo=0, hi=MAX_KERNEL_POSITION - max(T - 1, 0))
     check_bool("apply_rope", "inverse", inverse)
     if positions is not None:
         if offset != 0:
@@ -146,6 +151,9 @@ def _check(q, k, base, offset, positions, inverse=False):
                              f"got {tuple(positions.shape)}")
         if positions.device != q.device:
             raise ValueError(f"apply_rope: argument 'positions' expected device {q.device}, got {positions.device}")
+        if positions.numel() and int(positions.abs().max()) > MAX_KERNEL_POSITION:
+            raise ValueError(f"apply_rope: argument 'positions' expected values with |p| <= {MAX_KERNEL_POSITION}, "
+                             f"got {int(positions.abs().max())}")
 
 
 def rope_apply(q, k, *, base=10000.0, offset=0, positions=None, inverse=False, out=None):
@@ -216,4 +224,7 @@ def apply_rope(
     """
     _check(q, k, base, offset, positions)
     check_bool("apply_rope", "inplace", inplace)
+    if inplace and q.data_ptr() == k.data_ptr():
+        raise ValueError("apply_rope: argument 'k' expected another tensor than 'q' when inplace=True "
+                         "(the same memory would be rotated twice)")
     return RopeFunction.apply(q, k, float(base), int(offset), positions, bool(inplace))

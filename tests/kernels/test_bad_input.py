@@ -9,6 +9,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import kernels
 from tests.badinput import NON_ARRAYS, expect_rejected, not_an_array
@@ -157,3 +159,24 @@ def test_apply_rope_rejects_bad_positions(kind):
 def test_apply_rope_shape_rules():
     """An odd head size cannot be split into pairs: named, not launched."""
     expect_rejected(lambda: kernels.apply_rope(_zeros(1, 2, 3, 5), _zeros(1, 1, 3, 5)), "apply_rope", "q")
+
+
+@given(st.sampled_from(["offset", "positions"]), st.sampled_from([2**31 - 2, 2**31 - 1, 2**31, 2**53 - 1, 2**62]))
+def test_rope_positions_past_int32_are_refused_not_wrapped(where, last):
+    """The kernel forms positions in int32: a last position past 2**31 - 1 must be refused by name."""
+    T = 3
+    q, k = _zeros(1, 1, T, 4), _zeros(1, 1, T, 4)
+    first = last - (T - 1)
+    call = (lambda: kernels.apply_rope(q, k, offset=first)) if where == "offset" else (
+        lambda: kernels.apply_rope(q, k, positions=torch.arange(first, last + 1, device=DEVICE)))
+    if last <= 2**31 - 1:
+        q_rot, k_rot = call()  # in range: runs
+        assert q_rot.shape == q.shape and k_rot.shape == k.shape
+    else:
+        expect_rejected(call, "apply_rope", where)
+
+
+def test_rope_in_place_on_one_tensor_and_rms_norm_of_nothing_are_refused():
+    x = _zeros(1, 1, 2, 4)
+    expect_rejected(lambda: kernels.apply_rope(x, x, inplace=True), "apply_rope", "k")
+    expect_rejected(lambda: kernels.rms_norm(_zeros(2, 0), _zeros(0), 1e-6), "rms_norm", "x")
