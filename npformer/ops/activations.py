@@ -173,11 +173,15 @@ def relu_forward(x: np.ndarray) -> Tuple[np.ndarray, ReluCache]:
 
 
 def relu_backward(dy: np.ndarray, cache: ReluCache) -> np.ndarray:
-    """dx = dy where x > 0, else 0 (ACT.5); the kink x = 0 gets 0, as in torch.  dy: (...) -> dx: (...)"""
+    """dx = 0 where x <= 0, else dy (ACT.5); the kink x = 0 gets 0, as in torch.  dy: (...) -> dx: (...)
+
+    Written as "zero where x <= 0" so that a NaN input passes its gradient through, as torch does
+    (NaN <= 0 is false): a NaN in the forward stays visible in the backward.
+    """
     check_cache_type("relu_backward", cache, ReluCache)
     x = cache.x
     _check_dy("relu_backward", dy, x)
-    dx = np.where(x > 0, dy, np.zeros((), dy.dtype))  # (ACT.5)
+    dx = np.where(x <= 0, np.zeros((), dy.dtype), dy)  # (ACT.5)
     return dx
 
 

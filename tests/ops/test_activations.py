@@ -186,6 +186,22 @@ def test_relu_kink_gets_zero_gradient_like_torch():
     np.testing.assert_array_equal(relu_backward(dy, cache), [0.0, 0.0, 0.0, 3.0])
 
 
+@pytest.mark.derivation("ACT.5")
+@given(st.lists(st.sampled_from([np.nan, np.inf, -np.inf, -0.0, 0.0, 1.0, -1.0, 1e-300]), min_size=1, max_size=8),
+       st.lists(st.sampled_from([np.nan, np.inf, -np.inf, 0.0, 2.0]), min_size=8, max_size=8), DTYPES)
+def test_relu_passes_nan_and_inf_as_torch_does(xs, dys, dtype):
+    """NaN inputs and inf/NaN upstream gradients travel through ReLU's backward exactly as in torch."""
+    x = np.array(xs, dtype)
+    dy = np.array(dys[: len(xs)], dtype)
+    y, cache = relu_forward(x)
+    tx = torch.from_numpy(x.copy()).requires_grad_(True)
+    ty = F.relu(tx)
+    ty.backward(torch.from_numpy(dy.copy()))
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(y, ty.detach().numpy())
+        np.testing.assert_array_equal(relu_backward(dy, cache), tx.grad.numpy())
+
+
 # ---------------------------------------------------------------------------
 # large magnitudes: finite, no floating point warnings, still right
 # ---------------------------------------------------------------------------
