@@ -31,7 +31,9 @@ symbolic link is written through: the file it points to is replaced, the link st
 The file gets the permissions an ordinary ``open()`` would give it: those of the file
 it replaces, or ``0o666`` less the process umask for a new file.
 
-Integrity: an ``.npz`` member carries a CRC-32. The safetensors format has no checksum,
+Integrity: an ``.npz`` member carries a CRC-32, and the ``__metadata__`` member lists the
+others (under its own key ``__metadata__``): ``load`` refuses a member it does not list, or
+one it lists that is missing (files written before the list was kept load without the check). The safetensors format has no checksum,
 so ``save`` adds one where other readers ignore it: ``__metadata__["npformer.sha256"]``,
 the SHA-256 of the tensors' names, dtypes, shapes and bytes and of the rest of
 ``__metadata__`` (not of the layout: reordering the tensors keeps it). ``load``
@@ -345,6 +347,7 @@ def save(path: str | os.PathLike, state: Dict[str, Any]) -> Path:
     _check_names(path.suffix, arrays)
     arrays = {name: _stored(a) for name, a in arrays.items()}
     if path.suffix == ".npz":
+        meta[_META_KEY] = sorted(arrays)  # the members the file holds: any other is refused on load
         arrays[_META_KEY] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         _atomic_write(path, lambda f: _write_npz(f, arrays))
     else:
@@ -516,7 +519,24 @@ def _read_npz(path: Path, f: BinaryIO) -> Tuple[Dict[str, np.ndarray], Dict[str,
     if raw_meta.dtype != np.uint8 or raw_meta.ndim != 1:
         raise _error(path, f"the {_META_KEY} entry must be a 1-d uint8 array, got {raw_meta.dtype} "
                            f"of shape {raw_meta.shape}")
-    return arrays, _json_object(path, raw_meta.tobytes(), f"the {_META_KEY} entry")
+    meta = _json_object(path, raw_meta.tobytes(), f"the {_META_KEY} entry")
+    listed = meta.pop(_META_KEY, None)  # None in files written before the member list was kept
+    if listed is not None:
+        if not isinstance(listed, list) or not all(isinstance(k, str) for k in listed):
+            raise _error(path, f"the {_META_KEY} entry's member list must be a JSON array of strings, "
+                               f"got {listed!r:.80}")
+        if len(set(listed)) != len(listed):
+            raise _error(path, f"the {_META_KEY} entry's member list repeats "
+                               f"{next(k for k in listed if listed.count(k) > 1)!r:.80}")
+        extra = sorted(set(arrays) - set(listed))
+        if extra:
+            raise _error(path, f"zip member {extra[0] + '.npy'!r:.100} is not one the checkpoint's {_META_KEY} "
+                               f"lists (a member added to the file)")
+        missing = sorted(set(listed) - set(arrays))
+        if missing:
+            raise _error(path, f"no zip member {missing[0] + '.npy'!r:.100}, which the checkpoint's {_META_KEY} "
+                               "lists (a member removed from the file)")
+    return arrays, meta
 
 
 def _shape_problem(shape: Any, itemsize: int) -> Optional[str]:

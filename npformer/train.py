@@ -47,6 +47,11 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock
+    fcntl = None
+
 from . import checkpoint
 from ._memory import reuse_freed_memory
 from .data.bpe import ByteBPE
@@ -580,11 +585,86 @@ def _check_run_state(state: Dict[str, object], path: Path) -> None:
     increasing = all(a < b for a, b in zip(val_steps, val_steps[1:]))
     if not all(_is_int(s) and 0 <= s < step for s in val_steps) or not increasing:
         raise bad(f"'history/val_steps' expected increasing steps below {step}, got {val_steps[:5]!r:.60}")
+    for losses in ("train_loss", "val_loss"):
+        if not all(math.isfinite(v) for v in history[losses]):
+            raise bad(f"'history/{losses}' expected finite losses, got {history[losses][:5]!r:.60}")
+    data = state.get("data")  # absent in checkpoints written before the text's fingerprint was kept
+    if data is not None and not (isinstance(data, dict) and set(data) == {"characters", "sha256"}
+                                 and _is_int(data["characters"]) and data["characters"] >= 1
+                                 and isinstance(data["sha256"], str) and len(data["sha256"]) == 64
+                                 and all(c in "0123456789abcdef" for c in data["sha256"])):
+        raise bad(f"'data' expected the text's fingerprint {{'characters': n, 'sha256': hex}}, got {data!r:.80}")
+    saved_cfg = _check_saved_config(state["config"], step, path, bad)
+    _check_optim_state(state["optim"], step, saved_cfg, bad)
     split = state.get("split")
     if split is not None and not (split == {"contiguous": True} or (
             isinstance(split, dict) and set(split) == {"chunk_size"} and _is_int(split["chunk_size"])
             and split["chunk_size"] >= 1)):
         raise bad(f"'split' expected {{'chunk_size': n}} or {{'contiguous': True}}, got {split!r:.80}")
+
+
+def _check_saved_config(saved: Dict[str, object], step: int, path: Path, bad) -> TrainConfig:
+    """The run's saved settings, each checked as ``TrainConfig.validate`` checks an option, with
+    ``steps`` at least the saved step. The data file and run folder are those of this resume, not checked here."""
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(map(str, set(saved) - known))
+    if unknown:
+        raise bad(f"'config' holds unknown settings {unknown[:5]}")
+    values = {k: v for k, v in saved.items() if k not in ("data", "out_dir", "resume", "overwrite")}
+    values["out_dir"] = str(path.parent)  # the folder of this resume (the saved one is never used)
+    try:
+        cfg = TrainConfig(**values).validate()
+    except ConfigError as e:
+        raise bad(f"'config/{e.field}' {e.reason}") from None
+    if cfg.steps < step:
+        raise bad(f"'config/steps' expected at least the {step} steps saved, got {cfg.steps}")
+    return cfg
+
+
+def _optim_groups(cfg: TrainConfig, step: int) -> List[Dict[str, object]]:
+    """The options of the two AdamW groups ``train`` saves after ``step`` steps of ``cfg`` (names aside)."""
+    lr = warmup_cosine(cfg.lr, cfg.min_lr, cfg.warmup, cfg.steps)(step - 1) if step > 0 else cfg.lr
+    return [{"weight_decay": wd, "lr": lr, "betas": [0.9, 0.95], "eps": 1e-8} for wd in (cfg.weight_decay, 0.0)]
+
+
+def _same_number(a: object, b: float) -> bool:
+    return _is_real(a) and math.isclose(float(a), b, rel_tol=1e-12, abs_tol=0.0)
+
+
+def _check_optim_state(optim: Dict[str, object], step: int, cfg: TrainConfig, bad) -> None:
+    """The optimizer state of a run saved after ``step`` steps of ``cfg``: the groups' options are those the
+    settings imply, and every parameter has a state (none at step 0) whose ``step`` is the run's."""
+    groups = optim.get("param_groups")
+    expected = _optim_groups(cfg, step)
+    if not isinstance(groups, list) or len(groups) != len(expected) or not all(isinstance(g, dict) for g in groups):
+        raise bad(f"'optim/param_groups' expected {len(expected)} groups (decayed, exempt), got {groups!r:.80}")
+    count = 0
+    for i, (group, want) in enumerate(zip(groups, expected)):
+        for key, value in want.items():
+            got = group.get(key)
+            same = (isinstance(got, list) and len(got) == len(value) and all(map(_same_number, got, value))
+                    if isinstance(value, list) else _same_number(got, value))
+            if not same:
+                raise bad(f"'optim/param_groups/{i}/{key}' expected {value!r} (from the run's settings at step "
+                          f"{step}), got {got!r:.80}")
+        params = group.get("params")
+        if not isinstance(params, list):
+            raise bad(f"'optim/param_groups/{i}/params' expected a list of parameter indices, got {params!r:.80}")
+        count += len(params)
+    moments = optim.get("state", {})
+    if not isinstance(moments, dict):
+        raise bad(f"'optim/state' expected a dict, got {type(moments).__name__}")
+    want_keys = {str(i) for i in range(count)} if step > 0 else set()
+    if set(moments) != want_keys:
+        missing = sorted(want_keys - set(moments), key=lambda k: (len(k), k))
+        extra = sorted(set(map(str, moments)) - want_keys)
+        what = f"no state for parameters {missing[:5]}" if missing else f"states for no parameter {extra[:5]}"
+        raise bad(f"'optim/state' expected the state of each of the {count} parameters after step {step} "
+                  f"(none at step 0), got {what}")
+    for key, entry in moments.items():
+        got = entry.get("step") if isinstance(entry, dict) else None
+        if not (_is_int(got) and got == step):
+            raise bad(f"'optim/state/{key}/step' expected the run's step {step}, got {got!r:.40}")
 
 
 def _restore(state: Dict[str, object], path: Path, mcfg: GPTConfig, model: GPT, opt: AdamW,
@@ -598,6 +678,12 @@ def _restore(state: Dict[str, object], path: Path, mcfg: GPTConfig, model: GPT, 
     if saved != mcfg.to_dict():
         diff = sorted(k for k in saved if saved[k] != mcfg.to_dict()[k])
         raise checkpoint.CheckpointError(f"{path}: 'model_config' differs from the model of this run in {diff}")
+    names = [g.get("names") for g in state["optim"]["param_groups"]]
+    for i, (saved_names, group) in enumerate(zip(names, opt.param_groups)):
+        if saved_names != group["names"]:
+            raise checkpoint.CheckpointError(f"{path}: 'optim/param_groups/{i}/names' expected the parameters "
+                                             f"{group['names'][:3]}... of this model's group {i}, got "
+                                             f"{saved_names!r:.80}")
     steps = [("model", lambda: model.load_state_dict(state["model"])),
              ("optim", lambda: opt.load_state_dict(state["optim"])),
              ("rng/data", lambda: setattr(data_rng.bit_generator, "state", state["rng"]["data"])),
@@ -649,6 +735,50 @@ def _sigint_deferred():
 
 
 # -- the loop ---------------------------------------------------------------------------------------
+class _FolderLock:
+    """An exclusive, non-blocking ``flock`` on the run folder itself (its directory file descriptor).
+
+    Held for the whole training, so that a second training (or a resume) in the same
+    folder is refused instead of overwriting the first one's files. Locking the folder
+    writes nothing into it. Released by ``release`` (and by the system when the process
+    ends, however it ends). Where ``fcntl`` is missing (Windows), nothing is locked.
+    """
+
+    def __init__(self, out_dir: str):
+        self.out_dir, self.fd = out_dir, None
+
+    def acquire(self) -> None:
+        """Take the lock if the folder exists and it is not held yet; ``ConfigError`` if another process holds it."""
+        if self.fd is not None or fcntl is None:
+            return
+        try:
+            fd = os.open(self.out_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except (FileNotFoundError, NotADirectoryError):
+            return  # not made yet: taken once it is, before anything is written
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError("out_dir", f"another training is running in {self.out_dir}: wait for it to end, "
+                                         f"or use another --out-dir") from None
+        except OSError:  # a file system without locks: train unlocked, as before
+            os.close(fd)
+            return
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)  # closing the only descriptor of the open file releases the lock
+
+
+def lock_run_folder(out_dir: str) -> "_FolderLock":
+    """The lock ``train`` holds on ``out_dir`` while it trains, taken now (``ConfigError`` if held elsewhere)."""
+    lock = _FolderLock(str(out_dir))
+    lock.acquire()
+    return lock
+
+
 def train(cfg: TrainConfig, log=print) -> Dict[str, object]:
     """Train and return a summary (final losses, training tokens/s, checkpoint path, history).
 
@@ -661,9 +791,22 @@ def train(cfg: TrainConfig, log=print) -> Dict[str, object]:
     Raises ``ConfigError`` (an option), ``checkpoint.CheckpointError`` (the run to resume),
     ``TrainingDiverged`` (a non-finite loss, gradient or weight: nothing saved) and
     ``TrainingInterrupted`` (Ctrl-C: the steps done are saved first).
+
+    The run folder is locked for the whole training (``lock_run_folder``): a second
+    training or resume in a folder where one is running raises ``ConfigError`` naming
+    ``out_dir`` before any work.
     """
     reuse_freed_memory()
     cfg.validate()
+    lock = _FolderLock(cfg.out_dir)
+    try:
+        lock.acquire()
+        return _train(cfg, log, lock)
+    finally:
+        lock.release()
+
+
+def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
     path = checkpoint_path(cfg)
     state = None
     if cfg.resume:
@@ -711,6 +854,7 @@ def train(cfg: TrainConfig, log=print) -> Dict[str, object]:
     except OSError as e:
         raise ConfigError("out_dir", f"expected a folder that can be created, got {cfg.out_dir!r}: "
                                      f"{e.strerror or e}") from None
+    lock.acquire()  # a folder made just now: locked before anything is written in it
     if state is not None:
         log(_resume_line(path, start, cfg, state, schedule))
     sample_prompt = "\n" if "\n" in tok.stoi else text[0]
@@ -747,6 +891,8 @@ def train(cfg: TrainConfig, log=print) -> Dict[str, object]:
         try:
             if rng_at_step is not None and rng_at_step[0] == done:  # step `done` did not update: undo its draws
                 data_rng.bit_generator.state, model.rng.bit_generator.state = rng_at_step[1]
+                for group in opt.param_groups:  # and its learning rate: the groups hold the last update's
+                    group["lr"] = schedule(done - 1) if done > 0 else cfg.lr
             model.clear_caches()
             model.train()
             if done > (saved_step if saved_step is not None else 0):

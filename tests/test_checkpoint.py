@@ -382,3 +382,70 @@ def test_file_names_up_to_the_limit_of_the_file_system(tmp_path_factory, fmt, le
     path = checkpoint.save(directory / name, {"w": np.arange(3.0)})
     np.testing.assert_array_equal(checkpoint.load(path)["w"], np.arange(3.0))
     assert os.listdir(directory) == [name]
+
+
+# -- an npz holds the members its metadata lists, and no other --------------------------------------
+def npz_members(path):
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        return [(info.filename, zf.read(info)) for info in zf.infolist()]
+
+
+def write_members(path, members):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, raw in members:
+            zf.writestr(name, raw)
+
+
+def npy_bytes(a):
+    import io
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, a, allow_pickle=False)
+    return buffer.getvalue()
+
+
+@pytest.mark.filterwarnings("ignore:Duplicate name")  # a duplicate member is one of the drawn cases
+@given(name=st.sampled_from(["stray", "x/__metadata__", "a/__metadata__", "w", "opt/0/m2"]),
+       values=st.lists(st.integers(-5, 5), max_size=4))
+def test_an_npz_member_its_metadata_does_not_list_is_refused(tmp_path_factory, name, values):
+    path = tmp_path_factory.mktemp("extra") / "c.npz"
+    state = {"w": np.arange(6.0).reshape(2, 3), "x": {"k": 1}, "opt": [{"m": np.ones(2)}]}
+    checkpoint.save(path, state)
+    members = npz_members(path)
+    assert checkpoint.load(path)["w"].tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+    write_members(path, members + [(name + ".npy", npy_bytes(np.array(values, np.int64)))])
+    with pytest.raises(CheckpointError, match=str(path)) as info:
+        checkpoint.load(path)
+    assert "appears twice" in str(info.value) if name == "w" else "does not list" in str(info.value) \
+        or "not one" in str(info.value)
+
+
+def test_an_npz_member_its_metadata_lists_is_required_and_old_files_load(tmp_path):
+    path = tmp_path / "c.npz"
+    checkpoint.save(path, {"w": np.ones(3), "v": np.zeros(2), "n": 4})
+    members = npz_members(path)
+    write_members(path, [m for m in members if m[0] != "v.npy"])
+    with pytest.raises(CheckpointError, match="v.npy"):
+        checkpoint.load(path)
+    # A file written before the member list was kept (no list in its metadata) loads as it did.
+    meta = json.loads(np.lib.format.read_array(__import__("io").BytesIO(dict(members)["__metadata__.npy"])).tobytes())
+    assert meta.pop("__metadata__") == ["v", "w"]
+    old = [(n, npy_bytes(np.frombuffer(json.dumps(meta).encode(), np.uint8)) if n == "__metadata__.npy" else r)
+           for n, r in members]
+    write_members(path, old)
+    state = checkpoint.load(path)
+    assert state["n"] == 4 and state["w"].tolist() == [1.0, 1.0, 1.0] and set(state) == {"w", "v", "n"}
+
+
+@pytest.mark.filterwarnings("ignore:Duplicate name")
+def test_a_second_metadata_member_is_refused(tmp_path):
+    path = tmp_path / "c.npz"
+    checkpoint.save(path, {"w": np.ones(3)})
+    members = npz_members(path)
+    write_members(path, members + [m for m in members if m[0] == "__metadata__.npy"])
+    with pytest.raises(CheckpointError, match="__metadata__"):
+        checkpoint.load(path)

@@ -431,6 +431,11 @@ def test_npy_shapes_numpy_cannot_make_are_refused_by_name(originals, tmp_path_fa
     text = repr({"descr": descr, "fortran_order": False, "shape": tuple(shape)}).encode("latin1")
     text += b" " * (-(10 + len(text) + 1) % 64) + b"\n"
     members["x.npy"] = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text + b"\x00" * nbytes
+    meta = json.loads(np.load(io.BytesIO(members["__metadata__.npy"])).tobytes())
+    meta["__metadata__"] = sorted(meta["__metadata__"] + ["x"])  # the member list accounts for x
+    listed = io.BytesIO()
+    np.save(listed, np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+    members["__metadata__.npy"] = listed.getvalue()
     rebuilt = io.BytesIO()
     with zipfile.ZipFile(rebuilt, "w") as zf:
         for name, member in members.items():

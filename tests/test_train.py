@@ -720,3 +720,90 @@ def test_a_folder_with_both_formats_is_refused_naming_both(finished, tmp_path):
             train(tiny(tmp_path, resume=True, steps=30, checkpoint_format=fmt), log=QUIET)
         assert info.value.field == "resume"
         assert "ckpt.npz" in info.value.reason and "ckpt.safetensors" in info.value.reason
+
+
+# -- one training per run folder ------------------------------------------------------------------------
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_folder_where_a_training_runs_is_refused(finished, tmp_path, resume, capsys):
+    shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
+    if not resume:
+        for p in saved_runs(tmp_path / "run"):
+            p.unlink()
+    before = snapshot(tmp_path)
+    lock = train_module.lock_run_folder(str(tmp_path / "run"))  # as a first training holds it
+    try:
+        with pytest.raises(ConfigError) as info:
+            train(tiny(tmp_path, resume=resume, steps=30), log=QUIET)
+        assert info.value.field == "out_dir" and f"another training is running in {tmp_path / 'run'}" in str(info.value)
+        assert snapshot(tmp_path) == before
+        capsys.readouterr()
+        args = ["train", "--out-dir", str(tmp_path / "run"), "--steps", "30"] + (
+            ["--resume"] if resume else ["--data", str(tmp_path / "corpus.txt")])
+        assert cli_main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"npformer train: error: argument --out-dir: another training is running in "
+                       f"{tmp_path / 'run'}: wait for it to end, or use another --out-dir"]
+        assert snapshot(tmp_path) == before
+    finally:
+        lock.release()
+    summary = train(tiny(tmp_path, resume=resume, steps=30), log=QUIET)  # released: it trains
+    assert summary["step"] == 30
+    train_module.lock_run_folder(str(tmp_path / "run")).release()  # and train released its own lock
+
+
+# -- an edited optimizer state, data entry, history or config is refused ----------------------------------
+def drop_moments(s):
+    del s["optim"]["state"][str(len(s["optim"]["state"]) - 1)]
+
+
+def set_group(i, key, value):
+    return lambda s: s["optim"]["param_groups"][i].__setitem__(key, value)
+
+
+EDITS = {
+    "moments deleted": drop_moments,
+    "one step differs": lambda s: s["optim"]["state"]["3"].__setitem__("step", 19),
+    "all steps differ from the run": lambda s: [e.__setitem__("step", 21) for e in s["optim"]["state"].values()],
+    "betas": set_group(0, "betas", [0.9, 0.999]),
+    "eps": set_group(1, "eps", 1e-6),
+    "weight decay": set_group(0, "weight_decay", 0.2),
+    "exempt decay": set_group(1, "weight_decay", 0.1),
+    "lr": lambda s: [g.__setitem__("lr", g["lr"] * 2) for g in s["optim"]["param_groups"]],
+    "names swapped": lambda s: s["optim"]["param_groups"][0]["names"].reverse(),
+    "names between groups": lambda s: s["optim"]["param_groups"][0]["names"].__setitem__(
+        0, s["optim"]["param_groups"][1]["names"][0]),
+    "data not a dict": lambda s: s.__setitem__("data", "81a1dff0"),
+    "data short": lambda s: s["data"].pop("sha256"),
+    "NaN loss": lambda s: s["history"]["train_loss"].__setitem__(3, float("nan")),
+    "inf val loss": lambda s: s["history"]["val_loss"].__setitem__(0, float("inf")),
+    "history shorter than the step": lambda s: (s["history"]["steps"].pop(), s["history"]["train_loss"].pop()),
+    "steps None": lambda s: s["config"].__setitem__("steps", None),
+    "steps below the step": lambda s: s["config"].__setitem__("steps", 10),
+    "lr None": lambda s: s["config"].__setitem__("lr", None),
+}
+
+
+@given(edit=st.sampled_from(sorted(EDITS)), fmt=st.sampled_from(["npz", "safetensors"]))
+def test_resume_refuses_an_edited_optimizer_data_history_or_config(finished, tmp_path_factory, edit, fmt):
+    root = tmp_path_factory.mktemp("edited")
+    state = checkpoint.load(finished / "run" / "ckpt.npz")
+    (root / "corpus.txt").write_text(TEXT, encoding="utf-8")
+    checkpoint.save(root / "run" / f"ckpt.{fmt}", state)
+    before = snapshot(root)
+    with pytest.raises(ConfigError, match="20 steps"):  # the unedited file is accepted up to --steps
+        train(tiny(root, resume=True, steps=10, checkpoint_format=fmt), log=QUIET)
+    EDITS[edit](state)
+    path = checkpoint.save(root / "run" / f"ckpt.{fmt}", state)
+    before = snapshot(root)
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        train(tiny(root, resume=True, steps=30, checkpoint_format=fmt), log=QUIET)
+    assert str(path) in str(info.value)
+    assert re.search(r"'(optim|data|history|config)[/']", str(info.value))
+    assert snapshot(root) == before
+
+
+def test_the_unedited_checkpoint_resumes(finished, tmp_path):
+    shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
+    state = checkpoint.load(tmp_path / "run" / "ckpt.npz")
+    checkpoint.save(tmp_path / "run" / "ckpt.npz", state)
+    assert train(tiny(tmp_path, resume=True, steps=22), log=QUIET)["step"] == 22
