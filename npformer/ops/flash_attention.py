@@ -144,7 +144,7 @@ def flash_attention_forward(
     out = out.reshape(B, H, Tq, D)
     row_max, log_row_sum = row_max.reshape(B, H, Tq), log_row_sum.reshape(B, H, Tq)
     lse = row_max + log_row_sum  # (FA.4)
-    out_kept = out.copy()  # (FA.6) reads O: the cache's own copy, so a caller writing to out changes nothing
+    out_kept = out.copy()  # the backward reads O: the cache's own copy, so a caller writing to out changes nothing
     cache = FlashAttentionCache(q=q, k=k, v=v, out=out_kept, row_max=row_max, log_row_sum=log_row_sum, lse=lse,
                                 scale=scale, causal=causal, block_q=block_q, block_k=block_k)
     return out, cache

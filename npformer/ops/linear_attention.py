@@ -86,7 +86,7 @@ def linear_attention_forward(
         num = np.matmul(q_feat, S)  # (B, H, T, Dv)
         den = np.matmul(q_feat, z[..., None]) + eps  # (B, H, T, 1)
     out = num / den  # (LINATT.3) / (LINATT.4)
-    out_kept = out.copy()  # (LINATT.5) reads o: the cache's own copy, so a caller writing to out changes nothing
+    out_kept = out.copy()  # the backward reads o: the cache's own copy, so a caller writing to out changes nothing
     cache = LinearAttentionCache(q_feat=q_feat, k_feat=k_feat, v=v, S=S, z=z, den=den, out=out_kept,
                                  causal=bool(causal))
     return out, cache

@@ -202,6 +202,7 @@ def test_causal_tiles_above_diagonal_are_skipped(Tq, Tk, block_q, block_k, causa
         assert_close(a, b, scale=scales[name], what=name)
 
 
+@pytest.mark.derivation("FA.7")
 @pytest.mark.derivation("FA.9")
 @given(configs(dtypes=st.just(np.float64)))
 def test_backward_passes(config):
