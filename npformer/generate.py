@@ -94,7 +94,7 @@ def _filter(z: np.ndarray, top_k: Optional[int], top_p: Optional[float]) -> np.n
     if top_p is not None and top_p < 1:
         order = np.argsort(-z, axis=-1, kind="stable")  # most likely first, lower id first among ties
         z_sorted = np.take_along_axis(z, order, axis=-1)
-        with np.errstate(under="ignore"):
+        with np.errstate(over="ignore", under="ignore"):
             p_sorted = np.exp(z_sorted - z_sorted[:, :1])
         p_sorted /= p_sorted.sum(axis=-1, keepdims=True)
         mass_before = np.cumsum(p_sorted, axis=-1) - p_sorted  # mass of the tokens ranked above each one
@@ -120,15 +120,19 @@ def _sample(logits: np.ndarray, rng: np.random.Generator, temperature: float,
     if temperature == 0:
         return np.argmax(logits, axis=-1).astype(np.int64)
     z = logits.astype(np.float64)
-    z -= z.max(axis=-1, keepdims=True)  # <= 0, so a small temperature can only push logits towards -inf
-    with np.errstate(over="ignore", under="ignore"):
+    with np.errstate(over="ignore", under="ignore"):  # a spread past the float range becomes -inf: probability 0
+        z -= z.max(axis=-1, keepdims=True)  # <= 0, so a small temperature can only push logits towards -inf
         z /= temperature
     z = _filter(z, top_k, top_p)
     with np.errstate(under="ignore"):
         p = np.exp(z - z.max(axis=-1, keepdims=True))
     p /= p.sum(axis=-1, keepdims=True)
-    u = rng.random((p.shape[0], 1))
-    return np.minimum((np.cumsum(p, -1) < u).sum(-1), p.shape[-1] - 1).astype(np.int64)  # inverse-CDF draw
+    u = rng.random((p.shape[0], 1))  # in [0, 1)
+    cdf = np.cumsum(p, -1)
+    # Inverse-CDF draw: the first token whose cumulative mass exceeds u * total. As u * total < total and
+    # a token of probability 0 adds no mass, the draw can never land on a filtered (-inf) token, even
+    # for u = 0 or when the rounded total falls short of 1.
+    return (cdf <= u * cdf[:, -1:]).sum(-1).astype(np.int64)
 
 
 def generate(model, ids: np.ndarray, max_new_tokens: int, *, temperature: float = 1.0,

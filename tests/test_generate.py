@@ -306,3 +306,29 @@ def test_a_model_with_a_nan_weight_cannot_generate(name, use_cache):
     dict(model.named_parameters())[name].data[...] = np.nan
     with pytest.raises(NonFiniteLogitsError, match="new token 0"):
         generate(model, np.array([[1, 2]]), 5, temperature=0, use_cache=use_cache)
+
+
+class _FixedDraws(np.random.Generator):
+    """A generator whose uniform draws are all ``value``: the ends of [0, 1) on demand."""
+
+    def __init__(self, value):
+        super().__init__(np.random.PCG64(0))
+        self.value = value
+
+    def random(self, size=None, dtype=np.float64, out=None):
+        return np.full(size, self.value, dtype)
+
+
+@given(st.sampled_from([0.0, 1 - 2**-53, 0.5]), st.integers(2, 9), st.integers(0, 2**32 - 1),
+       st.sampled_from([None, 1, 2]), st.sampled_from([None, 0.3, 0.9]))
+def test_a_draw_at_either_end_of_the_unit_interval_never_picks_a_filtered_token(u, V, seed, top_k, top_p):
+    """Tokens at -inf, or cut by top-k / top-p, have probability 0 and are never drawn, whatever u is."""
+    from npformer.generate import filter_logits, sample_next
+
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((3, V)) * 3
+    logits[:, rng.random(V) < 0.3] = -np.inf
+    logits[:, rng.integers(V)] = 1.0  # at least one finite entry per row
+    kept = np.isfinite(filter_logits(logits, top_k=top_k, top_p=top_p))
+    picks = sample_next(logits, _FixedDraws(u), top_k=top_k, top_p=top_p)
+    assert all(kept[b, t] for b, t in enumerate(picks)), (picks, kept)
