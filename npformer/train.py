@@ -319,9 +319,13 @@ def fingerprint(text: str) -> Dict[str, object]:
 def estimate_loss(model: GPT, data: np.ndarray, cfg: TrainConfig) -> float:
     """Mean loss over ``eval_batches`` fixed batches (a fixed generator, so comparable across steps)."""
     rng = np.random.default_rng(0)
+    was_training = model.training
     model.eval()
-    losses = [model.forward(*get_batch(data, cfg.batch_size, cfg.block_size, rng))[1] for _ in range(cfg.eval_batches)]
-    model.train()
+    try:
+        losses = [model.forward(*get_batch(data, cfg.batch_size, cfg.block_size, rng))[1]
+                  for _ in range(cfg.eval_batches)]
+    finally:
+        model.train(was_training)  # the mode it found, even if a forward raised
     return float(np.mean(losses))
 
 

@@ -16,6 +16,14 @@ training mode whose backward never runs keeps its cache until ``clear_caches()``
 Accumulating (``+=``) makes tied weights and gradient accumulation over
 micro-batches come out right with no special case; ``zero_grad()`` starts a new step.
 
+Backwards match forwards last in, first out, per module: ``L.forward(x1); L.forward(x2);
+L.backward(dy)`` is the backward of the x2 call. A forward run only to look at a loss
+belongs in eval mode (``model.eval()``), where it keeps no cache and cannot be matched.
+
+A module of your own gets the same guarantees as the built-in layers by decorating its
+``forward`` and ``backward`` with ``@atomic``: a call that raises (a bad argument, a bug,
+Ctrl-C) puts back every cache stack, ``.grad``, KV cache length and recording below it.
+
 Recording: ``model.start_recording()`` names every module by its path
 (``blocks.3.attn``) and lets layers call ``self.record("probs", p)``; the values land
 in ``model.recorder`` as ``"blocks.3.attn.probs"`` in execution order.
@@ -24,6 +32,7 @@ in ``model.recorder`` as ``"blocks.3.attn.probs"`` in execution order.
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
 from collections import OrderedDict
 from typing import Dict, Iterator, List, Mapping, Optional, Tuple
@@ -105,7 +114,7 @@ class _Snapshot:
             rec._calls = calls
 
 
-_active_calls = 0  # layer calls in progress: only the outermost takes a snapshot
+_calls = threading.local()  # per thread: how many layer calls are in progress (only the outermost snapshots)
 
 
 def atomic(method):
@@ -122,9 +131,9 @@ def atomic(method):
 
     @functools.wraps(method)
     def call(self, *args, **kwargs):
-        global _active_calls
-        snapshot = _Snapshot(self, args, kwargs, grads=is_backward) if _active_calls == 0 else None
-        _active_calls += 1
+        depth = getattr(_calls, "depth", 0)
+        snapshot = _Snapshot(self, args, kwargs, grads=is_backward) if depth == 0 else None
+        _calls.depth = depth + 1
         try:
             return method(self, *args, **kwargs)
         except BaseException as err:
@@ -134,7 +143,7 @@ def atomic(method):
                 raise type(err)(f"{where}: {err}") from err
             raise
         finally:
-            _active_calls -= 1
+            _calls.depth = depth
 
     return call
 

@@ -267,3 +267,36 @@ def test_a_module_cannot_hold_itself():
     expect_rejected(lambda: setattr(outer, "me", outer), "ModuleList", "me")
     expect_rejected(lambda: inner.append(outer), "ModuleList", "1" if len(inner) else "0")
     assert [name for name, _ in outer.named_modules()] == ["", "0"]
+
+
+def test_each_thread_snapshots_its_own_outermost_call():
+    """A failing call on one thread is restored even while another thread is inside a layer call."""
+    import threading
+
+    import npformer.nn.layers as layers
+
+    inside, release = threading.Event(), threading.Event()
+    busy = GPT(TINY, seed=3)
+    real = layers.layernorm_forward
+
+    def slow(*args, **kwargs):  # holds the other thread inside busy.forward
+        inside.set()
+        release.wait(10)
+        return real(*args, **kwargs)
+
+    ids = np.zeros((1, 4), np.int64)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(layers, "layernorm_forward", slow)
+        worker = threading.Thread(target=lambda: busy.forward(ids, ids))
+        worker.start()
+        assert inside.wait(10)
+        mp.setattr(layers, "layernorm_forward", real)
+        failing = GPT(TINY, seed=4)
+        with pytest.raises(ValueError):
+            failing.forward(ids, np.full((1, 4), 99))  # targets out of range: refused after the checks
+        fail_on_call(mp, layers, "linear_forward", 3, ValueError("planted"))
+        with pytest.raises(ValueError, match="planted"):
+            failing.forward(ids, ids)
+        release.set()
+        worker.join(10)
+    assert all(m.pending_backwards == 0 for _, m in failing.named_modules())
