@@ -190,7 +190,8 @@ def _run_train(args) -> int:
         return 0  # a finished run: train() has said so and how to extend it
     losses = ", ".join(f"{k} loss {summary[f'{k}_loss']:.4f}" for k in ("train", "val")
                        if summary[f"{k}_loss"] is not None)
-    print(f"final: {losses}, {summary['tokens_per_s']:,.0f} tok/s (training); "
+    label = "final" if summary["complete"] else f"at step {summary['step']}"
+    print(f"{label}: {losses}, {summary['tokens_per_s']:,.0f} tok/s (training); "
           f"checkpoint {summary['checkpoint']}, plot {summary['plot']}")
     if not summary["complete"]:
         print(f"stopped at step {summary['step']} of {cfg.steps}: continue with npformer train --resume "

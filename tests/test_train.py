@@ -807,3 +807,14 @@ def test_the_unedited_checkpoint_resumes(finished, tmp_path):
     state = checkpoint.load(tmp_path / "run" / "ckpt.npz")
     checkpoint.save(tmp_path / "run" / "ckpt.npz", state)
     assert train(tiny(tmp_path, resume=True, steps=22), log=QUIET)["step"] == 22
+
+
+def test_a_run_stopped_early_is_not_reported_as_final(tmp_path, capsys):
+    cfg = tiny(tmp_path, steps=6, eval_interval=3)
+    args = ["train", "--data", cfg.data, "--steps", "6", "--stop-at", "3", "--block-size", "16", "--batch-size", "4",
+            "--n-layer", "1", "--n-head", "2", "--d-model", "16", "--eval-interval", "3", "--eval-batches", "1",
+            "--sample-tokens", "5", "--out-dir", cfg.out_dir, "--no-progress"]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    assert "at step 3: train loss" in out and "final:" not in out
+    assert "stopped at step 3 of 6" in out
