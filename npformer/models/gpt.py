@@ -17,7 +17,7 @@ import numpy as np
 from ..nn.attention import KVCache, MultiHeadAttention
 from ..nn.layers import Dropout, Embedding, LayerNorm
 from ..nn.mlp import MLP
-from ..nn.layers import check_features
+from ..nn.layers import check_dout, check_features
 from ..nn.module import Module, ModuleList, atomic
 from ..ops._checks import check_bool, check_count, check_float, check_int, check_ndim, check_real, check_shape
 from ..ops.cross_entropy import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
@@ -66,6 +66,12 @@ class GPTConfig:
         return 3 * 2 * macs
 
 
+class BlockCache(NamedTuple):
+    """One forward call of a ``Block``: the shape its dout must have (the sublayers keep the rest)."""
+
+    out_shape: Tuple[int, ...]
+
+
 class Block(Module):
     """x + drop(attn(ln_1(x))), then + drop(mlp(ln_2(x)))."""
 
@@ -90,15 +96,14 @@ class Block(Module):
         x = x + self.drop_1.forward(a)
         m = self.mlp.forward(self.ln_2.forward(x))
         x = x + self.drop_2.forward(m)
-        self.save_cache(x.shape)  # the residual stream needs nothing else; the shape checks dout
+        self.save_cache(BlockCache(out_shape=x.shape))  # the residual stream needs nothing else
         self.record("out", x)
         return x
 
     @atomic
     def backward(self, dout: np.ndarray) -> np.ndarray:
         """dout (B, T, D) -> dx (B, T, D): the forward's lines in reverse, one gradient per line."""
-        check_features("Block.backward", "dout", dout, self.ln_1.weight.shape[0], self.ln_1.weight.data.dtype)
-        check_shape("Block.backward", "dout", dout, self.peek_cache())
+        check_dout(self, "Block.backward", "dout", dout, self.ln_1.weight.shape[0], self.ln_1.weight.data.dtype)
         self.pop_cache()
         dm = self.drop_2.backward(dout)  # into the MLP branch
         dh_2 = self.mlp.backward(dm)  # into ln_2's output

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..ops._checks import check_bool, check_float, check_ndim, check_real, check_shape
 from ..ops.attention import AttentionCache, attention_backward, attention_forward
-from .layers import Linear, check_features, check_layer_options
+from .layers import Linear, check_dout, check_features, check_layer_options
 from .module import Module, atomic
 
 
@@ -192,8 +192,7 @@ class MultiHeadAttention(Module):
         ``bias`` given to the matching forward is left in ``self.dbias`` (None without one).
         """
         name = "MultiHeadAttention.backward"
-        check_features(name, "dy", dy, self.d_model, self.q_proj.weight.data.dtype)
-        check_shape(name, "dy", dy, self.peek_cache().out_shape)
+        check_dout(self, name, "dy", dy, self.d_model, self.q_proj.weight.data.dtype)
         cache = self.pop_cache()
         dmerged = self.o_proj.backward(dy)  # (B, T, H*D); the projections in reverse order: o, v, k, q
         dout = split_heads(dmerged, self.n_head)  # (B, H, T, D)

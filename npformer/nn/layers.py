@@ -36,6 +36,14 @@ def check_features(layer: str, name: str, x: object, dim: int, dtype: np.dtype) 
         raise ValueError(f"{layer}: argument '{name}' expected dtype {dtype} (the parameters'), got {x.dtype}")
 
 
+def check_dout(layer: Module, op: str, name: str, dout: object, dim: int, dtype: np.dtype) -> None:
+    """The gradient of a layer's output, checked before any gradient is added: a float array (..., dim)
+    of the layer's dtype, shaped as the output of the forward it will be matched with
+    (``layer.peek_cache().out_shape``)."""
+    check_features(op, name, dout, dim, dtype)
+    check_shape(op, name, dout, layer.peek_cache().out_shape)
+
+
 _UNSET = object()
 
 

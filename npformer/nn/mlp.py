@@ -10,9 +10,9 @@ from typing import NamedTuple, Tuple
 
 import numpy as np
 
-from ..ops._checks import check_bool, check_real, check_shape
+from ..ops._checks import check_bool, check_real
 from ..ops.activations import gelu_backward, gelu_forward, swiglu_backward, swiglu_forward
-from .layers import Linear, check_features, check_layer_options
+from .layers import Linear, check_dout, check_layer_options
 from .module import Module, atomic
 
 
@@ -49,7 +49,7 @@ class MLP(Module):
 
     @atomic
     def backward(self, dy: np.ndarray) -> np.ndarray:
-        check_dy(self, "MLP.backward", dy, self.proj.weight)
+        check_dout(self, "MLP.backward", "dy", dy, self.proj.weight.shape[0], self.proj.weight.data.dtype)
         cache = self.pop_cache()
         da = self.proj.backward(dy)
         dh = gelu_backward(da, cache.act)
@@ -83,7 +83,7 @@ class SwiGLUMLP(Module):
 
     @atomic
     def backward(self, dy: np.ndarray) -> np.ndarray:
-        check_dy(self, "SwiGLUMLP.backward", dy, self.down.weight)
+        check_dout(self, "SwiGLUMLP.backward", "dy", dy, self.down.weight.shape[0], self.down.weight.data.dtype)
         cache = self.pop_cache()
         da = self.down.backward(dy)
         dgate, dup = swiglu_backward(da, cache.act)
@@ -91,8 +91,3 @@ class SwiGLUMLP(Module):
         dx_gate = self.gate.backward(dgate)
         return dx_gate + dx_up
 
-
-def check_dy(block: Module, op: str, dy: object, out_weight) -> None:
-    """Before any gradient is added: dy must match the output of the forward it will be paired with."""
-    check_features(op, "dy", dy, out_weight.shape[0], out_weight.data.dtype)
-    check_shape(op, "dy", dy, block.peek_cache().out_shape)
