@@ -214,3 +214,9 @@ def check_rows(op: str, name: str, x: object) -> int:
     if x.shape[-1] == 0:
         _fail(op, name, "at least one entry on the last axis", f"shape {tuple(x.shape)}")
     return x.shape[-1]
+
+
+def check_like(op: str, name: str, x: object, like: np.ndarray, like_name: str = "x") -> None:
+    """``x`` (an upstream gradient) must be a float array of ``like``'s dtype and exact shape."""
+    check_same_dtype_as(op, name, x, like.dtype, like_name)
+    check_shape(op, name, x, like.shape)

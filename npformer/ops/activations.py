@@ -29,7 +29,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from ._checks import _fail, check_cache_type, check_float, check_same_dtype_as, check_same_shape, check_shape
+from ._checks import _fail, check_cache_type, check_float, check_like, check_same_dtype_as, check_same_shape
 
 APPROXIMATIONS = ("none", "tanh")
 
@@ -139,12 +139,6 @@ def _check_approximate(op: str, approximate: object) -> None:
         _fail(op, "approximate", "'none' or 'tanh'", repr(approximate))
 
 
-def _check_dy(op: str, dy: np.ndarray, like: np.ndarray, like_name: str = "x") -> None:
-    """The upstream gradient must be a float array of the forward input's shape and dtype."""
-    check_same_dtype_as(op, "dy", dy, like.dtype, like_name)
-    check_shape(op, "dy", dy, like.shape)
-
-
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     """1 / (1 + e^-x) with exp taken of -|x| only (ACT.10)."""
     e = np.exp(-np.abs(x))  # in (0, 1]: never overflows
@@ -180,7 +174,7 @@ def relu_backward(dy: np.ndarray, cache: ReluCache) -> np.ndarray:
     """
     check_cache_type("relu_backward", cache, ReluCache)
     x = cache.x
-    _check_dy("relu_backward", dy, x)
+    check_like("relu_backward", "dy", dy, x)
     dx = np.where(x <= 0, np.zeros((), dy.dtype), dy)  # (ACT.5)
     return dx
 
@@ -250,7 +244,7 @@ def gelu_backward(dy: np.ndarray, cache: GeluCache) -> np.ndarray:
     """dx = dy * gelu'(x) (ACT.1), with gelu' from (ACT.7) or (ACT.9).  dy: (...) -> dx: (...)"""
     check_cache_type("gelu_backward", cache, GeluCache)
     x, cdf, tanh_u, approximate = cache
-    _check_dy("gelu_backward", dy, x)
+    check_like("gelu_backward", "dy", dy, x)
     if approximate == "none":
         pdf = _ONE_OVER_SQRT_2PI * np.exp(-0.5 * (x * x))  # phi(x)
         dgelu = cdf + x * pdf  # (ACT.7)
@@ -297,7 +291,7 @@ def silu_backward(dy: np.ndarray, cache: SiluCache) -> np.ndarray:
     """dx = dy * s (1 + x (1 - s)) (ACT.12).  dy: (...) -> dx: (...)"""
     check_cache_type("silu_backward", cache, SiluCache)
     x, s = cache
-    _check_dy("silu_backward", dy, x)
+    check_like("silu_backward", "dy", dy, x)
     dsilu = s * (1.0 + x * (1.0 - s))  # (ACT.12)
     return _array(dy * dsilu)  # (ACT.1)
 
@@ -324,7 +318,7 @@ def mish_backward(dy: np.ndarray, cache: MishCache) -> np.ndarray:
     """dx = dy * (t + x (1 - t^2) sigmoid(x)) (ACT.15).  dy: (...) -> dx: (...)"""
     check_cache_type("mish_backward", cache, MishCache)
     x, t = cache
-    _check_dy("mish_backward", dy, x)
+    check_like("mish_backward", "dy", dy, x)
     s = _sigmoid(x)  # softplus'(x), (ACT.13)
     dmish = t + x * (1.0 - t * t) * s  # (ACT.15)
     return _array(dy * dmish)  # (ACT.1)
@@ -359,7 +353,7 @@ def swiglu_backward(dy: np.ndarray, cache: SwigluCache) -> Tuple[np.ndarray, np.
     """dgate = silu'(gate) * up * dy (ACT.17), dup = silu(gate) * dy (ACT.18).  dy: (...)"""
     check_cache_type("swiglu_backward", cache, SwigluCache)
     silu_cache, act, up = cache
-    _check_dy("swiglu_backward", dy, up, "up")
+    check_like("swiglu_backward", "dy", dy, up, "up")
     dup = _array(dy * act)  # (ACT.18)
     dact = _array(dy * up)  # (ACT.17)  through the product
     dgate = silu_backward(dact, silu_cache)  # (ACT.17)  through silu, (ACT.12)
@@ -385,7 +379,7 @@ def geglu_backward(dy: np.ndarray, cache: GegluCache) -> Tuple[np.ndarray, np.nd
     """dgate = gelu'(gate) * up * dy (ACT.20), dup = gelu(gate) * dy (ACT.21).  dy: (...)"""
     check_cache_type("geglu_backward", cache, GegluCache)
     gelu_cache, act, up = cache
-    _check_dy("geglu_backward", dy, up, "up")
+    check_like("geglu_backward", "dy", dy, up, "up")
     dup = _array(dy * act)  # (ACT.21)
     dact = _array(dy * up)  # (ACT.20)  through the product
     dgate = gelu_backward(dact, gelu_cache)  # (ACT.20)  through gelu, (ACT.7) or (ACT.9)

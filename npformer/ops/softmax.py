@@ -19,7 +19,7 @@ from typing import NamedTuple, Tuple
 
 import numpy as np
 
-from ._checks import _fail, check_cache_type, check_float, check_ndim, check_range, check_same_dtype_as, check_shape
+from ._checks import _fail, check_cache_type, check_float, check_like, check_ndim, check_range
 
 OP = "softmax"
 LOG_OP = "log_softmax"
@@ -46,12 +46,6 @@ def _check_input(op: str, x: np.ndarray, axis: int) -> int:
     if x.shape[axis] == 0:
         _fail(op, "x", f"at least one entry along axis {axis}", f"shape {tuple(x.shape)}")
     return axis
-
-
-def _check_dy(op: str, dy: np.ndarray, y: np.ndarray) -> None:
-    """The upstream gradient: a float array of the output's shape and dtype."""
-    check_same_dtype_as(op, "dy", dy, y.dtype, "x")
-    check_shape(op, "dy", dy, y.shape)
 
 
 def _exp_shifted(x: np.ndarray, axis: int) -> np.ndarray:
@@ -91,7 +85,7 @@ def softmax_backward(dy: np.ndarray, cache: SoftmaxCache) -> np.ndarray:
     """
     check_cache_type(f"{OP}_backward", cache, SoftmaxCache)
     y, axis = cache
-    _check_dy(f"{OP}_backward", dy, y)
+    check_like(f"{OP}_backward", "dy", dy, y)
     dot = np.sum(dy * y, axis=axis, keepdims=True)  # <dy, y> per row
     dx = dy - dot
     dx *= y  # (SM.3)  dx = y * (dy - <dy, y>) = (diag(y) - y y^T) dy
@@ -120,7 +114,7 @@ def log_softmax_backward(dy: np.ndarray, cache: LogSoftmaxCache) -> np.ndarray:
     """
     check_cache_type(f"{LOG_OP}_backward", cache, LogSoftmaxCache)
     p, axis = cache  # p: the softmax, (LSM.2)
-    _check_dy(f"{LOG_OP}_backward", dy, p)
+    check_like(f"{LOG_OP}_backward", "dy", dy, p)
     dx = p * -dy.sum(axis=axis, keepdims=True)  # (LSM.3)  dx = dy - softmax * sum(dy), in one buffer
     dx += dy
     return dx
