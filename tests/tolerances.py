@@ -32,6 +32,12 @@ MODEL_RTOL = 1e-9
 # their recorded values are round-off, about 1e-20, so the divergence finder also gets a floor.
 FINDER_ATOL = 1e-15
 
+# A Hugging Face model against npformer with the same weights: logits at about 1e-5 relative in
+# float32 (two libraries' summation orders over a few layers) and 1e-10 in float64; the loss
+# gradient of every parameter (a longer chain of products) at 1e-8 relative in float64.
+HF_LOGITS_RTOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5}
+HF_GRAD_RTOL = 1e-8
+
 
 def assert_close(actual, expected, *, rtol=None, scale=None, what=""):
     actual = np.asarray(actual)
