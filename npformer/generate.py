@@ -17,6 +17,12 @@ The options, checked before any work:
 
 Order: temperature, then top-k, then top-p, then one inverse-CDF draw per row.
 
+Stopping (``stop_tokens``, e.g. a Hugging Face model's ``eos_token_id``): a row that
+draws one of these ids is finished; each later position of that row is ``pad_token``
+(default: the stop token it drew), and generation ends as soon as every row is
+finished, so the output may be shorter than ``T0 + max_new_tokens``. Without
+``stop_tokens`` exactly ``max_new_tokens`` tokens are added.
+
 ``generate`` checks the model's logits at every step it samples from (a cheap test of
 the last position's row) and raises ``NonFiniteLogitsError`` on a NaN or +inf, or a row
 with no finite logit, rather than sampling from them: a model with NaN weights (a
@@ -25,7 +31,7 @@ diverged run) would otherwise "sample" token 0 forever.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -137,11 +143,14 @@ def _sample(logits: np.ndarray, rng: np.random.Generator, temperature: float,
 
 def generate(model, ids: np.ndarray, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None,
-             rng: Optional[np.random.Generator] = None, use_cache: bool = True) -> np.ndarray:
+             rng: Optional[np.random.Generator] = None, use_cache: bool = True,
+             stop_tokens: Optional[Sequence[int]] = None, pad_token: Optional[int] = None) -> np.ndarray:
     """Extend ids (B, T0) by ``max_new_tokens`` sampled tokens -> (B, T0 + max_new_tokens) int64.
 
     ids: a non-empty prompt per row (B >= 1, T0 >= 1) of ids in [0, vocab_size). A prompt
     longer than ``block_size`` is cropped to its last ``block_size`` tokens for the model.
+    With ``stop_tokens`` (ids in [0, vocab_size)) the output ends once every row has drawn
+    one (see the module's notes); ``pad_token`` fills a finished row's later positions.
     """
     op = "generate"
     if not callable(getattr(model, "forward", None)) or not hasattr(getattr(model, "cfg", None), "block_size"):
@@ -160,6 +169,7 @@ def generate(model, ids: np.ndarray, max_new_tokens: int, *, temperature: float 
     if rng is not None:
         _check_rng(op, rng)
     check_bool(op, "use_cache", use_cache)
+    stops = _check_stop_tokens(op, stop_tokens, pad_token, vocab_size)
 
     rng = rng if rng is not None else np.random.default_rng()
     was_training = model.training
@@ -172,6 +182,8 @@ def generate(model, ids: np.ndarray, max_new_tokens: int, *, temperature: float 
         raise ValueError(f"{op}: argument 'max_new_tokens' expected a count whose output fits in memory, "
                          f"got {max_new_tokens}") from None
     out[:, :T0] = ids
+    finished = np.zeros(B, bool)  # rows that drew a stop token
+    ended_with = np.zeros(B, np.int64)  # the stop token each finished row drew
     try:
         caches = model.make_kv_caches(B) if use_cache and max_new_tokens else None
         start = 0  # the first position the model has not seen yet (cached path)
@@ -189,6 +201,34 @@ def generate(model, ids: np.ndarray, max_new_tokens: int, *, temperature: float 
                 _check_model_logits(op, last, i)
             out[:, end] = _sample(last, rng, temperature, top_k, top_p)
             start = end
+            if stops is not None:
+                if finished.any():
+                    out[finished, end] = pad_token if pad_token is not None else ended_with[finished]
+                newly = ~finished & np.isin(out[:, end], stops)
+                ended_with[newly] = out[newly, end]
+                finished |= newly
+                if finished.all():
+                    return out[:, :end + 1]
     finally:
         model.train(was_training)
     return out
+
+
+def _check_stop_tokens(op: str, stop_tokens: object, pad_token: object, vocab_size: Optional[int]) -> Optional[np.ndarray]:
+    """The stop ids as an int64 array (None without ``stop_tokens``); each id, and ``pad_token``, in the vocabulary."""
+    if stop_tokens is None:
+        if pad_token is not None:
+            raise ValueError(f"{op}: argument 'pad_token' expected None without stop_tokens (it pads finished rows), "
+                             f"got {pad_token!r}")
+        return None
+    if isinstance(stop_tokens, (str, bytes, np.ndarray)) or not hasattr(stop_tokens, "__iter__"):
+        raise TypeError(f"{op}: argument 'stop_tokens' expected a sequence of token ids, got {type(stop_tokens).__name__}")
+    stops = list(stop_tokens)
+    if not stops:
+        raise ValueError(f"{op}: argument 'stop_tokens' expected at least one id (or None), got an empty sequence")
+    hi = None if vocab_size is None else vocab_size - 1
+    for i, t in enumerate(stops):
+        check_count(op, f"stop_tokens[{i}]", t, lo=0, hi=hi)
+    if pad_token is not None:
+        check_count(op, "pad_token", pad_token, lo=0, hi=hi)
+    return np.asarray(stops, np.int64)

@@ -332,3 +332,46 @@ def test_a_draw_at_either_end_of_the_unit_interval_never_picks_a_filtered_token(
     kept = np.isfinite(filter_logits(logits, top_k=top_k, top_p=top_p))
     picks = sample_next(logits, _FixedDraws(u), top_k=top_k, top_p=top_p)
     assert all(kept[b, t] for b, t in enumerate(picks)), (picks, kept)
+
+
+def reference_stopped(full: np.ndarray, prompt_len: int, stops, pad):
+    """Independently: cut the unstopped output where every row has drawn a stop token, padding each finished
+    row after its first stop (with ``pad``, or the stop token it drew)."""
+    out = full.copy()
+    end = full.shape[1]
+    first = []
+    for row in out:
+        hits = [t for t in range(prompt_len, full.shape[1]) if row[t] in stops]
+        first.append(hits[0] if hits else None)
+        if hits:
+            row[hits[0] + 1:] = row[hits[0]] if pad is None else pad
+    if all(f is not None for f in first):
+        end = max(first) + 1
+    return out[:, :end]
+
+
+@given(batch=st.integers(1, 3), prompt_len=st.integers(1, 4), new=st.integers(1, 12),
+       temperature=st.sampled_from([0.0, 1.0, 2.0]), n_stops=st.integers(1, 3), pad=st.sampled_from([None, 0, 10]),
+       use_cache=st.booleans(), seed=st.integers(0, 2**16))
+def test_stop_tokens_end_rows_and_the_whole_generation(batch, prompt_len, new, temperature, n_stops, pad, use_cache,
+                                                       seed):
+    """A row that draws a stop token is padded afterwards; the output ends when every row has stopped. The
+    tokens before that are exactly those of the unstopped run with the same generator."""
+    model = tiny_model()
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(0, CFG.vocab_size, (batch, prompt_len))
+    full = generate(model, prompt, new, temperature=temperature, rng=np.random.default_rng(seed), use_cache=use_cache)
+    # stop tokens drawn from what the run produced, so that rows do stop
+    stops = [int(t) for t in rng.choice(full[:, prompt_len:].ravel(), n_stops)]
+    got = generate(model, prompt, new, temperature=temperature, rng=np.random.default_rng(seed), use_cache=use_cache,
+                   stop_tokens=stops, pad_token=pad)
+    np.testing.assert_array_equal(got, reference_stopped(full, prompt_len, stops, pad))
+
+
+@pytest.mark.parametrize("stop_tokens, pad_token, error", [
+    ([], None, ValueError), ([11], None, ValueError), ([-1], None, ValueError), ([1.0], None, ValueError),
+    ("ab", None, TypeError), (5, None, TypeError), ([1], 11, ValueError), ([1], True, ValueError),
+    (None, 3, ValueError)])
+def test_generate_rejects_bad_stop_tokens(stop_tokens, pad_token, error):
+    with pytest.raises(error, match=r"generate: argument '(stop_tokens|pad_token)"):
+        generate(tiny_model(), np.array([[1]]), 3, stop_tokens=stop_tokens, pad_token=pad_token)
