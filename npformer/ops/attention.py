@@ -16,7 +16,10 @@ group (ATT.12).
 
 Masks: ``causal`` lets query i see key j iff j <= i + (Tk - Tq), i.e. the last
 query is aligned with the last key, as when new queries are appended to a cache
-of keys. ``key_padding_mask`` (B, Tk) is True where a key is padding. A query
+of keys. ``window=W`` (with ``causal``) is a sliding window as in Mistral: query i,
+at absolute position i + (Tk - Tq), sees only its W latest keys,
+i + (Tk - Tq) - W < j <= i + (Tk - Tq) (ATT.15); a window of Tk or more is the plain
+causal mask. ``key_padding_mask`` (B, Tk) is True where a key is padding. A query
 that sees no key at all (a fully masked row) gets output 0 and gradient 0 (ATT.11).
 
 Empty sequences: Tq = 0 gives an empty output and an empty ``dq`` (``dk``, ``dv``
@@ -114,6 +117,25 @@ def causal_mask(Tq: int, Tk: int) -> np.ndarray:
     return j > i + (Tk - Tq)
 
 
+def sliding_window_mask(Tq: int, Tk: int, window: int) -> np.ndarray:
+    """(Tq, Tk) bool, True where key j is *hidden* from query i under a causal sliding window
+    of W = ``window`` keys: visible iff i + (Tk - Tq) - W < j <= i + (Tk - Tq)  (ATT.15).
+
+    Lengths are at most 2**53 - 1, W an integer >= 1, and a mask that would not fit in memory
+    is refused by name. W >= Tk hides nothing beyond ``causal_mask(Tq, Tk)``.
+    """
+    op = "sliding_window_mask"
+    Tq = check_count(op, "Tq", Tq, 0, MAX_POSITION)
+    Tk = check_count(op, "Tk", Tk, 0, MAX_POSITION)
+    W = check_count(op, "window", window, 1, MAX_POSITION)
+    check_fits(op, "Tq" if Tq >= Tk else "Tk", (Tq, Tk), 1)
+    if Tq == 0 or Tk == 0:
+        return np.zeros((Tq, Tk), bool)  # no pairs (the other length may be huge)
+    position = np.arange(Tq)[:, None] + (Tk - Tq)  # (Tq, 1)  absolute position of query i
+    j = np.arange(Tk)[None, :]  # (1, Tk)
+    return (j > position) | (j <= position - W)  # (ATT.15): the complement of the window
+
+
 def attention_forward(
     q: np.ndarray,
     k: np.ndarray,
@@ -123,16 +145,22 @@ def attention_forward(
     key_padding_mask: Optional[np.ndarray] = None,
     bias: Optional[np.ndarray] = None,
     scale: Optional[float] = None,
+    window: Optional[int] = None,
 ) -> Tuple[np.ndarray, AttentionCache]:
     """out = softmax(scale * q k^T + bias, masked) v, per head.
 
     q: (B, H, Tq, D), k, v: (B, Hkv, Tk, D), key_padding_mask: bool (B, Tk),
-    bias: 4-D, each dimension 1 or the matching one of (B, H, Tq, Tk)
+    bias: 4-D, each dimension 1 or the matching one of (B, H, Tq, Tk),
+    window: W >= 1 keys per query, causal only (ATT.15)
     ->  out: (B, H, Tq, D)
     """
     op = f"{OP}_forward"
     B, H, Hkv, Tq, Tk, D = check_qkv(op, q, k, v)
     causal = check_bool(op, "causal", causal)
+    if window is not None:
+        window = check_count(op, "window", window, 1, MAX_POSITION)
+        if not causal:
+            _fail(op, "window", "None unless causal=True (a sliding window is causal)", window)
     if key_padding_mask is not None:
         check_array(op, "key_padding_mask", key_padding_mask)
         if key_padding_mask.dtype != np.bool_:
@@ -148,7 +176,12 @@ def attention_forward(
             _fail(op, "bias", f"4-D shape with each dimension 1 or equal to {full}", tuple(bias.shape))
     scale = check_scale(op, scale, D)
     G = H // Hkv
-    hidden = causal_mask(Tq, Tk) if causal else None  # (Tq, Tk), True = masked
+    if not causal:
+        hidden = None
+    elif window is None or window >= Tk:  # a window of every key is the causal mask
+        hidden = causal_mask(Tq, Tk)  # (Tq, Tk), True = masked
+    else:
+        hidden = sliding_window_mask(Tq, Tk, window)  # (ATT.15)
 
     # c_s Q, with the queries of one kv head's group side by side: (B, Hkv, G*Tq, D), so that each
     # kv head meets all of its queries in one product. Q is scaled, not S: it is T/D times smaller.
@@ -256,3 +289,6 @@ def gradcheck_cases(rng: np.random.Generator):
     yield Case("attention gqa+mask+bias", attention_forward, attention_backward,
                {"q": q4, "k": k, "v": v, "bias": bias, "key_padding_mask": pad},
                wrt=("q", "k", "v", "bias"), options={"causal": True})
+    # a sliding window of 2 keys, Tq < Tk (end-aligned), GQA (ATT.15)
+    yield Case("attention sliding window", attention_forward, attention_backward, {"q": q4, "k": k, "v": v},
+               wrt=("q", "k", "v", None), options={"causal": True, "window": 2})
