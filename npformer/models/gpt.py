@@ -18,12 +18,11 @@ from ..nn.attention import KVCache, MultiHeadAttention
 from ..nn.layers import Dropout, Embedding, LayerNorm
 from ..nn.mlp import MLP
 from ..nn.layers import check_dout, check_features
+from ..nn.lm import IGNORE_INDEX, check_lm_inputs  # noqa: F401  (IGNORE_INDEX: importable from here too)
 from ..nn.module import Module, ModuleList, atomic
-from ..ops._checks import check_bool, check_count, check_float, check_int, check_ndim, check_real, check_shape
+from ..ops._checks import check_bool, check_count, check_float, check_ndim, check_real
 from ..ops.cross_entropy import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
 from ..ops.linear import LinearCache, linear_backward, linear_forward
-
-IGNORE_INDEX = -100  # a target that adds nothing to the loss (prompt positions, padding)
 
 
 @dataclass
@@ -150,7 +149,11 @@ class GPT(Module):
         length (incremental decoding). In training mode each forward keeps its caches
         for one ``backward()``.
         """
-        start = self._check_inputs(ids, targets, kv_caches)
+        cfg = self.cfg
+        start = check_lm_inputs("GPT.forward", ids, targets, kv_caches, vocab_size=cfg.vocab_size,
+                                block_size=cfg.block_size, n_layer=cfg.n_layer, n_kv_head=cfg.n_head,
+                                head_dim=cfg.d_model // cfg.n_head, dtype=np.dtype(cfg.dtype),
+                                training=self.training)  # the first position: the cache length
         B, T = ids.shape
         tok = self.wte.forward(ids)  # (B, T, D)
         pos = self.wpe.forward(np.arange(start, start + T))  # (T, D)
@@ -182,53 +185,6 @@ class GPT(Module):
         dpos = dx.sum(axis=0)  # one position table row per t, shared over the batch
         self.wpe.backward(dpos)
         self.wte.backward(dx)
-
-    def _check_inputs(self, ids, targets, kv_caches) -> int:
-        """Validate a forward's arguments by name; returns the first position (the cache length)."""
-        op, cfg = "GPT.forward", self.cfg
-        check_int(op, "ids", ids)
-        check_ndim(op, "ids", ids, 2)
-        B, T = ids.shape
-        if B < 1 or T < 1:
-            raise ValueError(f"{op}: argument 'ids' expected shape (B, T) with B >= 1 and T >= 1, got {ids.shape}")
-        if ids.min() < 0 or ids.max() >= cfg.vocab_size:
-            raise ValueError(f"{op}: argument 'ids' expected values in [0, {cfg.vocab_size}), "
-                             f"got values in [{ids.min()}, {ids.max()}]")
-        if targets is not None:
-            check_int(op, "targets", targets)
-            check_shape(op, "targets", targets, ids.shape)
-            bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= cfg.vocab_size))
-            if bad.any():
-                raise ValueError(f"{op}: argument 'targets' expected values in [0, {cfg.vocab_size}) or "
-                                 f"{IGNORE_INDEX} (ignored), got {targets[bad].flat[0]}")
-        start = 0
-        if kv_caches is not None:
-            if targets is not None or self.training:
-                raise ValueError(f"{op}: argument 'kv_caches' is for inference: call .eval() first and pass no targets")
-            if not isinstance(kv_caches, (list, tuple)) or len(kv_caches) != cfg.n_layer \
-                    or not all(isinstance(c, KVCache) for c in kv_caches):
-                got = f"{type(kv_caches).__name__} of {len(kv_caches)}" if isinstance(kv_caches, (list, tuple)) \
-                    else type(kv_caches).__name__
-                raise ValueError(f"{op}: argument 'kv_caches' expected a list of {cfg.n_layer} KVCache "
-                                 f"(make_kv_caches), got {got}")
-            if len({id(c) for c in kv_caches}) != len(kv_caches):
-                raise ValueError(f"{op}: argument 'kv_caches' expected one distinct KVCache per block, "
-                                 "got the same cache for two blocks")
-            dtype, D = np.dtype(cfg.dtype), cfg.d_model // cfg.n_head
-            for i, c in enumerate(kv_caches):
-                want = (B, cfg.n_head, D, cfg.block_size, dtype)
-                got = (c.k.shape[0], c.k.shape[1], c.k.shape[3], c.max_len, c.k.dtype)
-                if got != want:
-                    raise ValueError(f"{op}: argument 'kv_caches' entry {i} expected (batch, n_kv_head, head_dim, "
-                                     f"max_len, dtype) = {want}, got {got} (use make_kv_caches)")
-            lengths = {c.length for c in kv_caches}
-            if len(lengths) != 1:
-                raise ValueError(f"{op}: argument 'kv_caches' expected caches of one length, got lengths {sorted(lengths)}")
-            start = lengths.pop()
-        if start + T > cfg.block_size:
-            raise ValueError(f"{op}: argument 'ids' expected at most {cfg.block_size - start} positions "
-                             f"(block_size {cfg.block_size}, {start} cached), got {T}")
-        return start
 
     def astype(self, dtype) -> "GPT":
         """Convert the parameters to float32 or float64; the config follows."""

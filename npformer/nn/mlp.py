@@ -59,7 +59,11 @@ class MLP(Module):
 
 
 class SwiGLUMLP(Module):
-    """x -> (silu(gate(x)) * up(x)) -> down, as LLaMA (no biases by default)."""
+    """x -> silu(gate_proj(x)) * up_proj(x) -> down_proj, as LLaMA (no biases by default).
+
+    The sublayers carry Hugging Face's LLaMA names, so the state dict reads
+    ``gate_proj.weight``, ``up_proj.weight``, ``down_proj.weight``.
+    """
 
     def __init__(self, d_model: int, d_hidden: int, bias: bool = False, *,
                  rng: np.random.Generator, proj_std: float = 0.02, dtype=np.float32):
@@ -67,27 +71,28 @@ class SwiGLUMLP(Module):
         check_layer_options("SwiGLUMLP", d_model=d_model, d_hidden=d_hidden)
         check_real("SwiGLUMLP", "proj_std", proj_std, lo=0.0)
         check_bool("SwiGLUMLP", "bias", bias)
-        self.gate = Linear(d_model, d_hidden, bias, rng=rng, dtype=dtype)
-        self.up = Linear(d_model, d_hidden, bias, rng=rng, dtype=dtype)
-        self.down = Linear(d_hidden, d_model, bias, rng=rng, std=proj_std, dtype=dtype)
+        self.gate_proj = Linear(d_model, d_hidden, bias, rng=rng, dtype=dtype)
+        self.up_proj = Linear(d_model, d_hidden, bias, rng=rng, dtype=dtype)
+        self.down_proj = Linear(d_hidden, d_model, bias, rng=rng, std=proj_std, dtype=dtype)
 
     @atomic
     def forward(self, x: np.ndarray) -> np.ndarray:
-        g = self.gate.forward(x)
-        u = self.up.forward(x)
+        g = self.gate_proj.forward(x)
+        u = self.up_proj.forward(x)
         a, act = swiglu_forward(g, u)
         self.record("act", a)
-        y = self.down.forward(a)
+        y = self.down_proj.forward(a)
         self.save_cache(MLPCache(act=act, out_shape=y.shape))
         return y
 
     @atomic
     def backward(self, dy: np.ndarray) -> np.ndarray:
-        check_dout(self, "SwiGLUMLP.backward", "dy", dy, self.down.weight.shape[0], self.down.weight.data.dtype)
+        down = self.down_proj.weight
+        check_dout(self, "SwiGLUMLP.backward", "dy", dy, down.shape[0], down.data.dtype)
         cache = self.pop_cache()
-        da = self.down.backward(dy)
+        da = self.down_proj.backward(dy)
         dgate, dup = swiglu_backward(da, cache.act)
-        dx_up = self.up.backward(dup)  # reverse order of the forward: up ran after gate
-        dx_gate = self.gate.backward(dgate)
+        dx_up = self.up_proj.backward(dup)  # reverse order of the forward: up_proj ran after gate_proj
+        dx_gate = self.gate_proj.backward(dgate)
         return dx_gate + dx_up
 

@@ -45,11 +45,11 @@ def test_gelu_mlp_matches_torch():
 def test_swiglu_mlp_matches_torch():
     rng = np.random.default_rng(1)
     mlp = SwiGLUMLP(6, 16, rng=rng, dtype=np.float64)
-    assert sorted(n for n, _ in mlp.named_parameters()) == ["down.weight", "gate.weight", "up.weight"]
+    assert sorted(n for n, _ in mlp.named_parameters()) == ["down_proj.weight", "gate_proj.weight", "up_proj.weight"]
     x, dy = rng.standard_normal((2, 5, 6)), rng.standard_normal((2, 5, 6))
 
     def forward(tx, p):
-        return F.linear(F.silu(F.linear(tx, p["gate.weight"])) * F.linear(tx, p["up.weight"]), p["down.weight"])
+        return F.linear(F.silu(F.linear(tx, p["gate_proj.weight"])) * F.linear(tx, p["up_proj.weight"]), p["down_proj.weight"])
 
     check_layer(mlp, x, dy, forward)
 

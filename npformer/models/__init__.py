@@ -1,0 +1,36 @@
+"""The model families by name, for the trainer, the sampler and the benchmark.
+
+``FAMILIES`` maps a family's name (``npformer train --model NAME``) to its model and
+config classes; ``family_of(model)`` is the inverse. Each family's file imports no other.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple, Type
+
+from .gpt import GPT, GPTConfig
+from .llama import Llama, LlamaConfig
+
+FAMILIES: Dict[str, Tuple[Type, Type]] = {"gpt": (GPT, GPTConfig), "llama": (Llama, LlamaConfig)}
+
+
+def family(name: str) -> Tuple[Type, Type]:
+    """(model class, config class) of the family ``name``; ``ValueError`` naming the families otherwise."""
+    if name not in FAMILIES:
+        raise ValueError(f"family: argument 'name' expected one of {', '.join(FAMILIES)}, got {name!r}")
+    return FAMILIES[name]
+
+
+def family_of(model: object) -> str:
+    """The family name of a model instance (``TypeError`` for anything else)."""
+    for name, (cls, _) in FAMILIES.items():
+        if isinstance(model, cls):
+            return name
+    raise TypeError(f"family_of: argument 'model' expected one of {', '.join(c.__name__ for c, _ in FAMILIES.values())}, "
+                    f"got {type(model).__name__}")
+
+
+def build(name: str, config: dict, seed: int = 0):
+    """A new model of family ``name`` from its config's fields (``to_dict()``), initialised with ``seed``."""
+    model_cls, config_cls = family(name)
+    return model_cls(config_cls(**config), seed=seed)

@@ -1,0 +1,73 @@
+"""What every causal language model here shares: the ignored target and the check of a forward's inputs.
+
+A model's ``forward(ids, targets=None, kv_caches=None)`` takes ids (B, T) of integers in
+[0, V), optional targets (B, T) in [0, V) or ``IGNORE_INDEX``, and optional KV caches
+(one per layer, inference only) whose common length is the position of the first new
+token. ``check_lm_inputs`` checks all of it by name, before any work, and returns that
+first position.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..ops._checks import check_int, check_ndim, check_shape
+from .attention import KVCache
+
+IGNORE_INDEX = -100  # a target that adds nothing to the loss (prompt positions, padding)
+
+
+def check_lm_inputs(op: str, ids: object, targets: object, kv_caches: Optional[Sequence[KVCache]], *,
+                    vocab_size: int, block_size: int, n_layer: int, n_kv_head: int, head_dim: int,
+                    dtype: np.dtype, training: bool) -> int:
+    """Validate a language model's forward arguments by name; returns the first position (the cache length).
+
+    ids (B, T) int with B, T >= 1 and values in [0, vocab_size); targets None or (B, T) int in
+    [0, vocab_size) or IGNORE_INDEX; kv_caches None, or (eval mode, no targets) a list of
+    ``n_layer`` distinct ``KVCache`` of shape (B, n_kv_head, block_size, head_dim) in ``dtype``,
+    all of one length; and the cached plus the new positions at most ``block_size``.
+    """
+    check_int(op, "ids", ids)
+    check_ndim(op, "ids", ids, 2)
+    B, T = ids.shape
+    if B < 1 or T < 1:
+        raise ValueError(f"{op}: argument 'ids' expected shape (B, T) with B >= 1 and T >= 1, got {ids.shape}")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise ValueError(f"{op}: argument 'ids' expected values in [0, {vocab_size}), "
+                         f"got values in [{ids.min()}, {ids.max()}]")
+    if targets is not None:
+        check_int(op, "targets", targets)
+        check_shape(op, "targets", targets, ids.shape)
+        bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= vocab_size))
+        if bad.any():
+            raise ValueError(f"{op}: argument 'targets' expected values in [0, {vocab_size}) or "
+                             f"{IGNORE_INDEX} (ignored), got {targets[bad].flat[0]}")
+    start = 0
+    if kv_caches is not None:
+        if targets is not None or training:
+            raise ValueError(f"{op}: argument 'kv_caches' is for inference: call .eval() first and pass no targets")
+        if not isinstance(kv_caches, (list, tuple)) or len(kv_caches) != n_layer \
+                or not all(isinstance(c, KVCache) for c in kv_caches):
+            got = f"{type(kv_caches).__name__} of {len(kv_caches)}" if isinstance(kv_caches, (list, tuple)) \
+                else type(kv_caches).__name__
+            raise ValueError(f"{op}: argument 'kv_caches' expected a list of {n_layer} KVCache "
+                             f"(make_kv_caches), got {got}")
+        if len({id(c) for c in kv_caches}) != len(kv_caches):
+            raise ValueError(f"{op}: argument 'kv_caches' expected one distinct KVCache per block, "
+                             "got the same cache for two blocks")
+        for i, c in enumerate(kv_caches):
+            want = (B, n_kv_head, head_dim, block_size, np.dtype(dtype))
+            got = (c.k.shape[0], c.k.shape[1], c.k.shape[3], c.max_len, c.k.dtype)
+            if got != want:
+                raise ValueError(f"{op}: argument 'kv_caches' entry {i} expected (batch, n_kv_head, head_dim, "
+                                 f"max_len, dtype) = {want}, got {got} (use make_kv_caches)")
+        lengths = {c.length for c in kv_caches}
+        if len(lengths) != 1:
+            raise ValueError(f"{op}: argument 'kv_caches' expected caches of one length, got lengths {sorted(lengths)}")
+        start = lengths.pop()
+    if start + T > block_size:
+        raise ValueError(f"{op}: argument 'ids' expected at most {block_size - start} positions "
+                         f"(block_size {block_size}, {start} cached), got {T}")
+    return start
