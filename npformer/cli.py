@@ -75,8 +75,8 @@ def check_option(name: str, check: Callable, value, **options):
 def _add_train(sub) -> argparse.ArgumentParser:
     from .train import CHOICES, FIELD_HELP, TrainConfig
 
-    p = sub.add_parser("train", help="train a GPT on the built-in corpus (or --data FILE)",
-                       description="Train a character-level GPT. Any TrainConfig field is a flag; "
+    p = sub.add_parser("train", help="train a GPT or LLaMA on the built-in corpus (or --data FILE)",
+                       description="Train a character-level GPT or LLaMA (--model). Any TrainConfig field is a flag; "
                                    "with --resume, the run's saved settings are the defaults.")
     p.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                    help="JSON object of TrainConfig fields; flags given here override it (default: none)")
@@ -204,18 +204,25 @@ MAX_SAMPLE_TOKENS = 100_000  # sample --tokens at most this (a bigger number is 
 
 
 def _add_sample(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("sample", help="sample text from a training checkpoint",
-                       description="Continue a prompt with a model saved by npformer train.")
+    p = sub.add_parser("sample", help="sample text from a training checkpoint or a Hugging Face folder",
+                       description="Continue a prompt with a model saved by npformer train, or (--hf DIR) with a "
+                                   "local Hugging Face model and its tokenizer and generation settings.")
+    p.add_argument("--hf", metavar="DIR", default=None,
+                   help="a local Hugging Face folder (GPT-2, LLaMA, Mistral, Qwen2) instead of a checkpoint: its "
+                        "tokenizer.json and generation_config.json (do_sample, temperature, top_k, top_p, "
+                        "max_new_tokens, eos_token_id) give the defaults of the options below (default: none)")
     p.add_argument("--checkpoint", metavar="PATH", default="runs/gpt",
                    help="checkpoint written by npformer train, or its run folder (then the ckpt.npz or "
                         "ckpt.safetensors in it) (default: runs/gpt)")
     p.add_argument("--prompt", default=None,
                    help="text to continue; every character must be in the model's vocabulary (default: a newline, "
                         "or the first character of the run's text if it has none, as training samples)")
-    p.add_argument("--tokens", type=int, default=300,
-                   help=f"characters to sample, 0 to {MAX_SAMPLE_TOKENS} (default: 300)")
-    p.add_argument("--temperature", type=float, default=0.8,
-                   help="softmax temperature, >= 0; 0 picks the most likely token (default: 0.8)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help=f"tokens (characters for a checkpoint) to sample, 0 to {MAX_SAMPLE_TOKENS} (default: 300; "
+                        f"with --hf the folder's max_new_tokens, else 100)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="softmax temperature, >= 0; 0 picks the most likely token (default: 0.8; with --hf 0 unless "
+                        "the folder's do_sample is true, then its temperature)")
     p.add_argument("--top-k", type=int, default=None,
                    help="sample among the k most likely tokens, k >= 1 (default: all tokens)")
     p.add_argument("--top-p", type=float, default=None,
@@ -271,10 +278,14 @@ def _default_prompt(state, tok) -> str:
 def _run_sample(args) -> int:
     from . import checkpoint
     from .generate import NonFiniteLogitsError, generate
-    from .models.gpt import GPT, GPTConfig
+    from .models import build as build_model
     from .ops._checks import check_count, check_real
     from .train import nonfinite_weights, tokenizer_from_checkpoint
 
+    if args.hf is not None:
+        return _run_sample_hf(args)
+    args.tokens = 300 if args.tokens is None else args.tokens
+    args.temperature = 0.8 if args.temperature is None else args.temperature
     check_option("tokens", check_count, args.tokens, lo=0, hi=MAX_SAMPLE_TOKENS)
     check_option("temperature", check_real, args.temperature, lo=0.0)
     if args.top_k is not None:
@@ -288,7 +299,8 @@ def _run_sample(args) -> int:
     try:
         state = checkpoint.load(path)
         tok = tokenizer_from_checkpoint(state, str(path))
-        model = GPT(GPTConfig(**state["model_config"]))
+        saved = state.get("config")
+        model = build_model(saved.get("model", "gpt") if isinstance(saved, dict) else "gpt", state["model_config"])
         model.load_state_dict(state["model"])
     except (checkpoint.CheckpointError, ValueError, TypeError, KeyError) as e:
         raise OptionError("--checkpoint", f"expected a model saved by npformer train, got {path}: {e}") from None
@@ -313,6 +325,65 @@ def _run_sample(args) -> int:
     return 0
 
 
+def _generation_options(args, gen: Dict[str, object]) -> Dict[str, object]:
+    """The sampling options of ``sample --hf``: each flag given wins over the folder's generation_config.json,
+    which wins over Hugging Face's own defaults (greedy unless do_sample; then temperature 1, top_k 50)."""
+    sampling = bool(gen.get("do_sample", False))
+    temperature = args.temperature if args.temperature is not None else \
+        (float(gen.get("temperature", 1.0)) if sampling else 0.0)
+    top_k = args.top_k if args.top_k is not None else (gen.get("top_k", 50) if sampling else None)
+    top_p = args.top_p if args.top_p is not None else (gen.get("top_p") if sampling else None)
+    tokens = args.tokens if args.tokens is not None else int(gen.get("max_new_tokens", 100))
+    return {"temperature": temperature, "top_k": top_k or None, "top_p": top_p, "tokens": tokens}
+
+
+def _run_sample_hf(args) -> int:
+    from .generate import NonFiniteLogitsError, generate
+    from .hf import load_pretrained, load_tokenizer, read_generation_config
+    from .ops._checks import check_count, check_real
+
+    if args.checkpoint != "runs/gpt":
+        raise OptionError("--hf", "cannot be combined with --checkpoint (sample a checkpoint, or a folder)")
+    folder = Path(args.hf)
+    if not (folder / "config.json").is_file():
+        raise OptionError("--hf", f"expected a Hugging Face model folder with a config.json, got {args.hf!r}")
+    try:
+        model = load_pretrained(folder)
+        tok = load_tokenizer(folder)
+        gen = read_generation_config(folder)
+    except (ValueError, OSError) as e:
+        raise OptionError("--hf", f"expected a model folder npformer can read, got {args.hf!r}: {e}") from None
+    options = _generation_options(args, gen)
+    check_option("tokens", check_count, options["tokens"], lo=0, hi=MAX_SAMPLE_TOKENS)
+    check_option("temperature", check_real, options["temperature"], lo=0.0)
+    if options["top_k"] is not None:
+        check_option("top_k", check_count, options["top_k"], lo=1)
+    if options["top_p"] is not None:
+        check_option("top_p", check_real, options["top_p"], lo=0.0, hi=1.0)
+    check_option("seed", check_count, args.seed, lo=0)
+    if args.prompt is not None and not args.prompt:
+        raise OptionError("--prompt", "expected at least one character, got ''")
+    ids = tok.encode(args.prompt, add_special_tokens=True) if args.prompt is not None else []
+    if not ids:  # no prompt: start from the beginning-of-text token, as Hugging Face's generate does
+        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if start is None:
+            raise OptionError("--prompt", f"not given, and {args.hf} has no bos or eos token to start from")
+        ids = [start]
+    eos = gen.get("eos_token_id", tok.eos_token_id)
+    stops = None if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    pad = gen.get("pad_token_id")
+    try:
+        out = generate(model, np.asarray([ids], np.int64), options["tokens"], temperature=options["temperature"],
+                       top_k=options["top_k"], top_p=options["top_p"], rng=np.random.default_rng(args.seed),
+                       use_cache=not args.no_cache, stop_tokens=stops, pad_token=pad if stops else None)
+    except NonFiniteLogitsError as e:
+        raise CommandFailed(f"{args.hf}: {e}") from None
+    except ValueError as e:  # a generation_config.json whose ids lie outside the model's vocabulary
+        raise OptionError("--hf", f"expected generation settings that fit the model, got {args.hf!r}: {e}") from None
+    print(tok.decode(out[0].tolist(), skip_special_tokens=True))
+    return 0
+
+
 # -- bench ------------------------------------------------------------------------------------------
 def _add_bench(sub) -> argparse.ArgumentParser:
     from .bench import REFERENCE
@@ -321,7 +392,8 @@ def _add_bench(sub) -> argparse.ArgumentParser:
                        description="Time a GPT training step (forward, backward, AdamW) in npformer and, if "
                                    "torch is installed, in a torch twin of the same config.")
     p.add_argument("--steps", type=int, default=5, help="timed steps, after three untimed ones (default: 5)")
-    p.add_argument("--batch", type=int, default=16, help="sequences per step (default: 16)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="sequences per step (default: 16; with --inference, prompts decoded together, default 1)")
     what = {"n_layer": "transformer blocks", "n_head": "attention heads", "d_model": "width of the residual stream",
             "block_size": "context length in tokens", "vocab_size": "vocabulary size"}
     for name, text in what.items():
@@ -331,7 +403,46 @@ def _add_bench(sub) -> argparse.ArgumentParser:
                    help=f"floating-point type (default: {REFERENCE.dtype})")
     p.add_argument("--no-torch", action="store_true", help="skip the torch twin (default: run it if installed)")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the results (default: off)")
+    inf = p.add_argument_group("inference (--inference): prefill and KV-cached decode tokens/s against transformers")
+    inf.add_argument("--inference", action="store_true",
+                     help="time inference instead of a training step: a GPT-2-124M-shaped model with random weights "
+                          "(or --hf DIR), npformer against transformers on torch with the same weights (default: off)")
+    inf.add_argument("--hf", metavar="DIR", default=None,
+                     help="with --inference: a local Hugging Face folder (GPT-2, LLaMA, Mistral, Qwen2) to time "
+                          "instead of random weights (default: none)")
+    inf.add_argument("--model", choices=["gpt", "llama"], default="gpt",
+                     help="with --inference and no --hf: the random model's family, GPT-2 small or a LLaMA of "
+                          "its size (default: gpt)")
+    inf.add_argument("--prompt-len", type=int, default=128, help="with --inference: prompt tokens (default: 128)")
+    inf.add_argument("--new-tokens", type=int, default=32, help="with --inference: greedy tokens decoded (default: 32)")
+    inf.add_argument("--repeats", type=int, default=3, help="with --inference: timed repeats, median taken (default: 3)")
+    inf.add_argument("--attn", choices=["eager", "sdpa"], default="eager",
+                     help="with --inference: transformers' attention implementation (default: eager)")
     return p
+
+
+def _run_bench_inference(args) -> int:
+    from . import bench_inference
+    from .ops._checks import check_count
+
+    for name in ("prompt_len", "new_tokens", "repeats"):
+        check_option(name, check_count, getattr(args, name), lo=1)
+    given = [flag(n) for n in ("n_layer", "n_head", "d_model", "block_size", "vocab_size", "dtype")
+             if getattr(args, n) is not None]
+    if given:
+        raise OptionError(given[0], "sets the training benchmark's model; --inference times a fixed GPT-2-small-"
+                                    "shaped model (or --hf DIR)")
+    if args.hf is not None and not Path(args.hf, "config.json").is_file():
+        raise OptionError("--hf", f"expected a Hugging Face model folder with a config.json, got {args.hf!r}")
+    try:
+        result = bench_inference.run(args.hf, family=args.model, prompt_len=args.prompt_len,
+                                     new_tokens=args.new_tokens, batch=args.batch,
+                                     repeats=args.repeats, hf=not args.no_torch, attn=args.attn)
+    except ValueError as e:
+        raise CommandFailed(str(e)) from None
+    if args.json:
+        print(json.dumps(result))
+    return 0
 
 
 def _run_bench(args) -> int:
@@ -345,7 +456,15 @@ def _run_bench(args) -> int:
     from .train import ConfigError, check_memory
 
     check_option("steps", check_count, args.steps, lo=1)
+    if args.batch is None:
+        args.batch = 1 if args.inference else 16
     check_option("batch", check_count, args.batch, lo=1)
+    if args.inference:
+        return _run_bench_inference(args)
+    for name in ("hf", "prompt_len", "new_tokens", "repeats", "attn", "model"):
+        default = {"hf": None, "prompt_len": 128, "new_tokens": 32, "repeats": 3, "attn": "eager", "model": "gpt"}
+        if getattr(args, name) != default[name]:
+            raise OptionError(flag(name), "is an option of the inference benchmark: add --inference")
     overrides = {k: v for k, v in vars(args).items() if k in GPTConfig.__dataclass_fields__ and v is not None}
     for name, value in overrides.items():
         if name != "dtype":

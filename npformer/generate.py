@@ -1,7 +1,7 @@
 """Sampling from a language model: temperature, top-k, top-p, with or without a KV cache.
 
 ``generate`` works with any model that has ``forward(ids, kv_caches=None) -> (logits, _)``,
-``make_kv_caches(batch)`` and ``cfg.block_size`` (the GPT of ``npformer.models``).
+``make_kv_caches(batch)`` and ``cfg.block_size`` (GPT and Llama of ``npformer.models``).
 The cached path feeds the prompt once, then one token per step; the uncached path
 re-runs the whole (cropped) context every step. Both draw from the same generator
 in the same order, so in float64 they pick the same tokens.

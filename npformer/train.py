@@ -1,4 +1,4 @@
-"""Training loop for a character-level GPT on a text corpus.
+"""Training loop for a character-level GPT or LLaMA on a text corpus.
 
 ``python -m npformer train`` runs ``train(TrainConfig(...))``: AdamW with warmup +
 cosine decay, gradient clipping, periodic validation and samples, an atomic
@@ -59,6 +59,7 @@ from .data.char import CharTokenizer
 from .data.corpus import default_corpus, get_batch, train_val_split
 from .data.vocab import check_vocab, tokenizer_difference
 from .generate import NonFiniteLogitsError, generate
+from .models import build as build_model, family
 from .models.gpt import GPT, GPTConfig
 from .ops._checks import check_bool, check_count, check_real
 from .optim import AdamW, clip_grad_norm_, param_groups, warmup_cosine
@@ -74,8 +75,10 @@ class TrainConfig:
     data: str = "default"  # "default" (built-in corpus) or a path to a UTF-8 text file
     val_fraction: float = 0.1
     # model
+    model: str = "gpt"  # the family: "gpt" (GPT-2) or "llama" (RMSNorm, SwiGLU, RoPE, GQA)
     n_layer: int = 4
     n_head: int = 6
+    n_kv_head: int = 0  # llama: key/value heads (grouped-query attention); 0 means one per query head
     d_model: int = 192
     block_size: int = 128
     dropout: float = 0.0
@@ -132,6 +135,19 @@ class TrainConfig:
         if self.d_model % self.n_head:
             raise ConfigError("n_head", f"expected a divisor of d_model = {self.d_model}, got {self.n_head}")
         _field(self, "dropout", check_real, lo=0.0, hi=1.0, hi_open=True)
+        _field(self, "n_kv_head", check_count, lo=0)
+        if self.model == "llama":
+            if self.n_kv_head and self.n_head % self.n_kv_head:
+                raise ConfigError("n_kv_head", f"expected 0 or a divisor of n_head = {self.n_head}, got {self.n_kv_head}")
+            if (self.d_model // self.n_head) % 2:
+                raise ConfigError("n_head", f"expected heads of even width for llama's rotary embedding, got "
+                                            f"d_model / n_head = {self.d_model} / {self.n_head} = "
+                                            f"{self.d_model // self.n_head}")
+            if self.dropout:
+                raise ConfigError("dropout", f"expected 0 for llama, which has no dropout, got {self.dropout}")
+        elif self.n_kv_head:
+            raise ConfigError("n_kv_head", f"expected 0 for {self.model!r} (grouped-query attention is llama's), "
+                                           f"got {self.n_kv_head}")
         _field(self, "lr", check_real, lo=0.0, lo_open=True)
         _field(self, "min_lr", check_real, lo=0.0, hi=float(self.lr))
         _field(self, "weight_decay", check_real, lo=0.0)
@@ -161,6 +177,9 @@ FIELD_HELP = {
     "val_fraction": f"fraction of the text held out for the validation loss, in (0, 1): random chunks of "
                     f"{SPLIT_CHUNK} characters, shorter ones (down to {SPLIT_MIN_CHUNK}) or else the text's "
                     f"end when needed to hold the fraction within {SPLIT_TOLERANCE:.0%} (the split is printed)",
+    "model": "model family: gpt (LayerNorm, GELU, learned positions, tied head) or llama (RMSNorm, SwiGLU, "
+             "rotary positions, grouped-query attention, untied head)",
+    "n_kv_head": "llama only: key/value heads, a divisor of --n-head (grouped-query attention); 0: as many as --n-head",
     "n_layer": "transformer blocks",
     "n_head": "attention heads; must divide --d-model",
     "d_model": "width of the residual stream",
@@ -187,10 +206,10 @@ FIELD_HELP = {
     "progress": "progress bar with loss, tokens/s and time left",
     "overwrite": "replace a run already saved in --out-dir, in either checkpoint format (otherwise refused)",
 }
-CHOICES = {"dtype": ("float32", "float64"), "checkpoint_format": ("npz", "safetensors")}
+CHOICES = {"model": ("gpt", "llama"), "dtype": ("float32", "float64"), "checkpoint_format": ("npz", "safetensors")}
 # What a resumed run must share with its checkpoint: the model, the data split, and the parameter
 # groups' decay, all of which the saved state depends on. The text itself is compared by content.
-FIXED_ON_RESUME = ("val_fraction", "n_layer", "n_head", "d_model", "block_size", "dropout", "dtype",
+FIXED_ON_RESUME = ("val_fraction", "model", "n_layer", "n_head", "n_kv_head", "d_model", "block_size", "dropout", "dtype",
                    "weight_decay", "seed")
 # Fields a resumed run does not take from its checkpoint: they say what to do this time, or where
 # (the run folder is the one named now, never the one the checkpoint was first written in).
@@ -671,12 +690,21 @@ def _check_optim_state(optim: Dict[str, object], step: int, cfg: TrainConfig, ba
             raise bad(f"'optim/state/{key}/step' expected the run's step {step}, got {got!r:.40}")
 
 
-def _restore(state: Dict[str, object], path: Path, mcfg: GPTConfig, model: GPT, opt: AdamW,
+def model_config(cfg: TrainConfig, vocab_size: int):
+    """The model settings of a run of ``cfg`` on a vocabulary of ``vocab_size`` (a GPTConfig or LlamaConfig)."""
+    shape = dict(vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                 d_model=cfg.d_model, dtype=cfg.dtype)
+    if cfg.model == "llama":
+        return family("llama")[1](**shape, n_kv_head=cfg.n_kv_head or cfg.n_head)
+    return GPTConfig(**shape, dropout=cfg.dropout)
+
+
+def _restore(state: Dict[str, object], path: Path, mcfg, model, opt: AdamW,
              data_rng: np.random.Generator) -> None:
     """Load a checked run into the model, the optimizer and the generators: all of it, or a
     ``CheckpointError`` naming the file and what does not fit (the objects are then discarded)."""
     try:
-        saved = GPTConfig(**state["model_config"]).to_dict()
+        saved = type(mcfg)(**state["model_config"]).to_dict()
     except (TypeError, ValueError) as e:
         raise checkpoint.CheckpointError(f"{path}: 'model_config' is not a model's settings: {e}") from None
     if saved != mcfg.to_dict():
@@ -838,10 +866,9 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
     saved_split = None if state is None else state.get("split", {"chunk_size": SPLIT_CHUNK})
     train_ids, val_ids, split = split_tokens(ids, cfg.val_fraction, cfg.seed, saved_split)
     _check_split(train_ids, val_ids, split, cfg, resumed=state is not None)
-    mcfg = GPTConfig(vocab_size=tok.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                     d_model=cfg.d_model, dropout=cfg.dropout, dtype=cfg.dtype)
+    mcfg = model_config(cfg, tok.vocab_size)
     check_memory(mcfg, cfg.batch_size)
-    model = GPT(mcfg, seed=cfg.seed)
+    model = build_model(cfg.model, mcfg.to_dict(), seed=cfg.seed)
     opt = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
     data_rng = np.random.default_rng(cfg.seed + 1)
     history, start = History(), 0

@@ -111,6 +111,8 @@ TRAIN_BAD = {
     "--data": missing_file() | st.sampled_from(["runs", "/dev/null", "one.txt"]),
     "--config": missing_file() | st.sampled_from(["runs", "/dev/null"]),
     "--out-dir": st.sampled_from(["corpus.txt", "corpus.txt/sub", "one.txt/a/b", "/proc/nope"]),  # cannot be made
+    "--model": not_choices({"gpt", "llama"}) | st.sampled_from(["GPT", "gpt2", "bert"]),
+    "--n-kv-head": ints_below(0) | st.sampled_from(["1", "2"]),  # the default model, gpt, has no kv heads apart
 }
 
 
@@ -195,6 +197,7 @@ SAMPLE_BAD = {
     "--temperature": floats_outside(lo=0.0), "--top-p": floats_outside(lo=0.0, hi=1.0),
     "--checkpoint": missing_file() | st.sampled_from(["runs", "corpus.txt", "runs/tiny/loss.png", "/dev/null"]),
     "--prompt": st.text(st.characters(min_codepoint=0x100, max_codepoint=0x2FF), min_size=1, max_size=4) | st.just(""),
+    "--hf": missing_file() | st.sampled_from(["runs", "corpus.txt", "/dev/null"]),  # and not with --checkpoint
 }
 
 
@@ -226,6 +229,10 @@ BENCH_BAD = {
     "--n-layer": ints_below(1) | st.sampled_from(["100000000", "10000000000"]),
     "--n-head": ints_below(1) | st.sampled_from(["5", "7", "500"]),  # not dividing d_model = 384
     "--dtype": not_choices({"float32", "float64"}),
+    # inference options: without --inference each is named as belonging to it
+    "--prompt-len": ints_below(1) | st.just("64"), "--new-tokens": ints_below(1) | st.just("8"),
+    "--repeats": ints_below(1) | st.just("2"), "--hf": missing_file() | st.just("runs"),
+    "--model": not_choices({"gpt", "llama"}) | st.just("llama"), "--attn": not_choices({"eager", "sdpa"}) | st.just("sdpa"),
 }
 
 

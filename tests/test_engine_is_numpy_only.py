@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FORBIDDEN = {"torch", "triton", "jax", "tensorflow", "autograd"}
+FORBIDDEN = {"torch", "triton", "jax", "tensorflow", "autograd", "transformers", "tokenizers", "safetensors"}
 
 
 def imported_roots(path):

@@ -76,6 +76,47 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, fmt):
     assert resumed.val_loss == full.val_loss
 
 
+def test_llama_training_lowers_the_loss_and_resumes_bit_for_bit(tmp_path):
+    """--model llama: the same loop, checkpoint and resume as GPT; grouped-query attention by n_kv_head."""
+    llama = dict(model="llama", n_head=4, n_kv_head=2)
+    full = train(tiny(tmp_path / "a", steps=60, eval_interval=30, **llama), log=QUIET)
+    history = full["history"]
+    assert np.mean(history.train_loss[:5]) - np.mean(history.train_loss[-5:]) > 1.0
+    state = checkpoint.load(full["checkpoint"])
+    assert state["config"]["model"] == "llama" and state["model_config"]["n_kv_head"] == 2
+    assert "layers.0.self_attn.k_proj.weight" in state["model"] and state["model"]["layers.0.self_attn.k_proj.weight"].shape == (8, 16)
+    train(tiny(tmp_path / "b", steps=60, eval_interval=30, stop_at=20, **llama), log=QUIET)
+    resumed = train(tiny(tmp_path / "b", steps=60, eval_interval=30, resume=True, **llama), log=QUIET)["history"]
+    assert resumed.train_loss == history.train_loss and resumed.val_loss == history.val_loss
+
+
+@pytest.mark.parametrize("overrides, name", [
+    (dict(model="llama", n_head=4, n_kv_head=3), "n_kv_head"),  # not a divisor of n_head
+    (dict(model="llama", n_head=16, d_model=16), "n_head"),  # heads of width 1: no rotation pairs
+    (dict(model="llama", dropout=0.1), "dropout"),  # llama has no dropout
+    (dict(model="gpt", n_kv_head=2), "n_kv_head"),  # grouped-query attention is llama's
+])
+def test_llama_options_are_checked_by_name(tmp_path, overrides, name):
+    with pytest.raises(ConfigError) as info:
+        train(tiny(tmp_path, **overrides), log=QUIET)
+    assert info.value.field == name and not (tmp_path / "run").exists()
+
+
+def test_command_line_train_and_sample_llama(tmp_path, capsys):
+    cfg = tiny(tmp_path, steps=10, eval_interval=10)
+    args = ["train", "--model", "llama", "--n-head", "4", "--n-kv-head", "1", "--d-model", "16", "--n-layer", "1",
+            "--data", cfg.data, "--steps", "10", "--block-size", "16", "--batch-size", "4", "--eval-interval", "10",
+            "--eval-batches", "1", "--sample-tokens", "5", "--out-dir", cfg.out_dir, "--no-progress"]
+    assert cli_main(args) == 0
+    assert "final: train loss" in capsys.readouterr().out
+    sample = ["sample", "--checkpoint", cfg.out_dir, "--prompt", "the", "--tokens", "30", "--seed", "3"]
+    assert cli_main(sample) == 0
+    first = capsys.readouterr().out
+    assert cli_main(sample + ["--no-cache"]) == 0
+    assert first.startswith("the") and len(first.rstrip("\n")) == 33
+    assert capsys.readouterr().out == first  # the KV cache (keys stored rotated) changes nothing but speed
+
+
 def test_command_line_train_and_sample(tmp_path, capsys):
     cfg = tiny(tmp_path, steps=10, eval_interval=10)
     config = tmp_path / "cfg.json"
@@ -124,7 +165,7 @@ VALID_CHANGES = {"val_fraction": st.sampled_from([0.2, 0.3, 0.5]), "n_layer": st
                  "n_head": st.sampled_from([1, 4, 8]), "d_model": st.sampled_from([8, 24, 32]),
                  "block_size": st.sampled_from([8, 12]), "dropout": st.sampled_from([0.1, 0.5]),
                  "dtype": st.just("float64"), "weight_decay": st.sampled_from([0.0, 0.3]),
-                 "seed": st.integers(0, 1000)}
+                 "seed": st.integers(0, 1000), "model": st.just("llama"), "n_kv_head": st.sampled_from([1, 2])}
 
 
 @given(st.data())
@@ -257,7 +298,7 @@ def test_overwrite_replaces_a_run(finished, tmp_path):
 # -- options ------------------------------------------------------------------------------------------
 def bad_values(name):
     """Values a field cannot take (counts, rates, choices, files, flags)."""
-    counts = {"n_layer": 1, "n_head": 1, "d_model": 1, "block_size": 1, "steps": 1, "batch_size": 1,
+    counts = {"n_layer": 1, "n_head": 1, "n_kv_head": 0, "d_model": 1, "block_size": 1, "steps": 1, "batch_size": 1,
               "eval_interval": 1, "eval_batches": 1, "warmup": 0, "sample_tokens": 0, "seed": 0, "stop_at": 0}
     if name in counts:
         lo = counts[name]
@@ -271,6 +312,7 @@ def bad_values(name):
         above = st.floats(min_value=hi, exclude_min=not hi_open) if hi is not None else st.nothing()
         return below | above | st.sampled_from([math.nan, math.inf, "0.1", True, None])
     return {"dtype": st.sampled_from(["float16", "bfloat16", "int64", "", None]),
+            "model": st.sampled_from(["GPT", "bert", "gpt2", "", None]),
             "checkpoint_format": st.sampled_from(["pt", "bin", "NPZ", "", None]),
             "data": st.sampled_from(["missing.txt", "", ".", None]),
             "out_dir": st.sampled_from(["", None, "corpus.txt"]),
@@ -278,7 +320,7 @@ def bad_values(name):
             "overwrite": st.sampled_from([1, "true", None])}[name]
 
 
-FIELDS = ["val_fraction", "n_layer", "n_head", "d_model", "block_size", "dropout", "dtype", "steps", "batch_size",
+FIELDS = ["val_fraction", "model", "n_kv_head", "n_layer", "n_head", "d_model", "block_size", "dropout", "dtype", "steps", "batch_size",
           "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "eval_interval", "eval_batches", "sample_tokens",
           "out_dir", "checkpoint_format", "seed", "stop_at", "progress", "overwrite", "resume", "data"]
 

@@ -1,0 +1,61 @@
+"""Hugging Face transformers on torch's CPU build: the baseline of ``npformer bench --inference``.
+
+Loads a local folder with ``AutoModelForCausalLM`` and times, as npformer's side does,
+one forward over the prompt (prefill) and greedy one-token steps on the KV cache
+(``past_key_values``). Imported by name from ``npformer.bench_inference`` only when
+transformers is installed, so the engine itself never imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Dict
+
+import numpy as np
+import torch
+
+
+def torch_blas() -> Dict[str, object]:
+    """torch's BLAS (from its build configuration) and its thread count."""
+    config = torch.__config__.show()
+    blas = next((line.split("=", 1)[1].strip() for line in config.splitlines() if "BLAS_INFO" in line), "unknown")
+    return {"blas": blas, "mkl": torch.backends.mkl.is_available(), "num_threads": torch.get_num_threads(),
+            "torch": torch.__version__}
+
+
+def _decode(model, prompt: torch.Tensor, new_tokens: int):
+    """Greedy cached decoding: (seconds of the new_tokens - 1 one-token steps, the tokens (B, new_tokens))."""
+    out = model(prompt, use_cache=True)
+    past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1)[:, None]
+    tokens = [nxt]
+    t = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        out = model(nxt, past_key_values=past, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1)[:, None]
+        tokens.append(nxt)
+    return time.perf_counter() - t, torch.cat(tokens, dim=1).numpy()
+
+
+def time_inference(folder: str, prompt: np.ndarray, new_tokens: int, repeats: int, attn: str = "eager") -> Dict:
+    """Median prefill and decode seconds (after one untimed run each), the greedy tokens, and the BLAS."""
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attn)
+    model.eval()
+    ids = torch.from_numpy(prompt)
+    with torch.inference_mode():
+        prefill = []
+        for _ in range(repeats + 1):
+            t = time.perf_counter()
+            model(ids, use_cache=False)
+            prefill.append(time.perf_counter() - t)
+        decode, tokens = [], None
+        for _ in range(repeats + 1):
+            seconds, tokens = _decode(model, ids, new_tokens)
+            decode.append(seconds)
+    import transformers
+
+    return {"prefill_s": float(np.median(prefill[1:])), "decode_s": float(np.median(decode[1:])), "tokens": tokens,
+            "attention": attn, "transformers": transformers.__version__, **torch_blas()}
