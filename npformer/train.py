@@ -102,6 +102,9 @@ class TrainConfig:
     stop_at: int = 0  # if > 0, save and stop after this many steps (a run to --resume later)
     progress: bool = True
     overwrite: bool = False  # replace a run already saved in out_dir
+    # Hugging Face folders
+    hf: str = ""  # fine-tune the model of this local folder, with its tokenizer, instead of a new model
+    save_hf: str = ""  # also write the model as a Hugging Face folder here at every checkpoint
 
     @classmethod
     def from_json(cls, path: str, **overrides) -> "TrainConfig":
@@ -158,9 +161,34 @@ class TrainConfig:
         _check_out_dir(self.out_dir)
         for name in ("resume", "progress", "overwrite"):
             _field(self, name, check_bool)
+        self._check_hf()
         if self.resume and self.overwrite:
             raise ConfigError("overwrite", "cannot be combined with resume (continue a run, or replace it)")
         return self
+
+    def _check_hf(self) -> None:
+        """--hf names a model folder, whose config sets the model (so the model's own flags keep their
+        defaults); --save-hf is a folder that can be written."""
+        for name in ("hf", "save_hf"):
+            if not isinstance(getattr(self, name), str) or "\x00" in getattr(self, name):
+                raise ConfigError(name, f"expected a folder name or '', got {getattr(self, name)!r}")
+        if self.hf:
+            if not (Path(self.hf) / "config.json").is_file():
+                raise ConfigError("hf", f"expected a Hugging Face model folder with a config.json, got {self.hf!r}")
+            for name in HF_SETS:
+                if getattr(self, name) != getattr(TrainConfig, name):
+                    raise ConfigError(name, f"is set by the --hf folder's config.json, so it cannot be given with "
+                                            f"--hf (got {getattr(self, name)!r})")
+        if self.save_hf:
+            try:
+                _check_out_dir(self.save_hf)
+            except ConfigError as e:
+                raise ConfigError("save_hf", e.reason) from None
+
+
+# The model options a Hugging Face folder sets: with --hf they keep their defaults (block_size stays the
+# training window, at most the model's context).
+HF_SETS = ("model", "n_layer", "n_head", "n_kv_head", "d_model", "dropout")
 
 
 # How the text is split (see ``split_tokens``): chunks of SPLIT_CHUNK tokens where that gives a
@@ -205,15 +233,19 @@ FIELD_HELP = {
     "stop_at": "if > 0, save and stop after this many steps, at most --steps (to --resume later)",
     "progress": "progress bar with loss, tokens/s and time left",
     "overwrite": "replace a run already saved in --out-dir, in either checkpoint format (otherwise refused)",
+    "hf": "a local Hugging Face folder (GPT-2, LLaMA, Mistral, Qwen2) to fine-tune: its weights, config and "
+          "tokenizer.json replace a new model and the character vocabulary ('' for none)",
+    "save_hf": "also write the model as a Hugging Face folder (config.json, model.safetensors, and the --hf "
+               "folder's tokenizer and generation files) at every checkpoint ('' for none)",
 }
 CHOICES = {"model": ("gpt", "llama"), "dtype": ("float32", "float64"), "checkpoint_format": ("npz", "safetensors")}
 # What a resumed run must share with its checkpoint: the model, the data split, and the parameter
 # groups' decay, all of which the saved state depends on. The text itself is compared by content.
-FIXED_ON_RESUME = ("val_fraction", "model", "n_layer", "n_head", "n_kv_head", "d_model", "block_size", "dropout", "dtype",
-                   "weight_decay", "seed")
+FIXED_ON_RESUME = ("val_fraction", "model", "n_layer", "n_head", "n_kv_head", "d_model", "block_size", "dropout",
+                   "dtype", "hf", "weight_decay", "seed")
 # Fields a resumed run does not take from its checkpoint: they say what to do this time, or where
 # (the run folder is the one named now, never the one the checkpoint was first written in).
-NOT_INHERITED = ("resume", "overwrite", "stop_at", "out_dir", "progress")
+NOT_INHERITED = ("resume", "overwrite", "stop_at", "out_dir", "progress", "save_hf")
 
 
 class ConfigError(ValueError):
@@ -505,13 +537,16 @@ def tokenizer_from_checkpoint(state: Dict[str, object], where: str):
     vocab, mcfg = state.get("vocab"), state.get("model_config")
     if not isinstance(vocab, dict) or not isinstance(mcfg, dict):
         raise checkpoint.CheckpointError(f"{where}: no vocab or model_config entry (not a training checkpoint)")
-    kinds = {"char": CharTokenizer, "byte-bpe": ByteBPE}
+    from .hf.tokenizer import HFTokenizer
+
+    kinds = {"char": CharTokenizer, "byte-bpe": ByteBPE, "hf": HFTokenizer}
     kind = vocab.get("kind", "char")
     if kind not in kinds:
         raise checkpoint.CheckpointError(f"{where}: unknown tokenizer kind {kind!r} (expected one of {sorted(kinds)})")
     try:
         tok = kinds[kind].from_dict(vocab)
-        check_vocab(tok, mcfg.get("vocab_size"), where)
+        # A Hugging Face model's vocab_size may exceed its tokenizer's (rows padded to a round number)
+        check_vocab(tok, mcfg.get("vocab_size"), where, allow_padding=kind == "hf")
     except (TypeError, ValueError) as e:
         raise checkpoint.CheckpointError(f"{where}: its vocabulary does not fit its model: {e}") from e
     return tok
@@ -690,6 +725,19 @@ def _check_optim_state(optim: Dict[str, object], step: int, cfg: TrainConfig, ba
             raise bad(f"'optim/state/{key}/step' expected the run's step {step}, got {got!r:.40}")
 
 
+def _load_hf(cfg: TrainConfig):
+    """(model, tokenizer) of the --hf folder, in the run's dtype; ``ConfigError`` naming ``hf`` if unreadable."""
+    from .hf import load_pretrained, load_tokenizer
+
+    try:
+        model = load_pretrained(cfg.hf, dtype=cfg.dtype)
+        tok = load_tokenizer(cfg.hf)
+        check_vocab(tok, model.cfg.vocab_size, f"{cfg.hf}", allow_padding=True)
+    except (ValueError, OSError) as e:
+        raise ConfigError("hf", f"expected a model folder npformer can read and fine-tune, got {cfg.hf!r}: {e}") from None
+    return model, tok
+
+
 def model_config(cfg: TrainConfig, vocab_size: int):
     """The model settings of a run of ``cfg`` on a vocabulary of ``vocab_size`` (a GPTConfig or LlamaConfig)."""
     shape = dict(vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
@@ -849,7 +897,8 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
                                      f"continue it, --overwrite to replace it, or another --out-dir")
 
     text = load_text(cfg)
-    tok = CharTokenizer.from_text(text)
+    pretrained = _load_hf(cfg) if cfg.hf else None
+    tok = pretrained[1] if pretrained else CharTokenizer.from_text(text)
     if state is not None:
         _check_same_data(state, tok, text, path)
         if int(state["step"]) == cfg.steps:
@@ -866,9 +915,18 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
     saved_split = None if state is None else state.get("split", {"chunk_size": SPLIT_CHUNK})
     train_ids, val_ids, split = split_tokens(ids, cfg.val_fraction, cfg.seed, saved_split)
     _check_split(train_ids, val_ids, split, cfg, resumed=state is not None)
-    mcfg = model_config(cfg, tok.vocab_size)
+    if pretrained:
+        model = pretrained[0]
+        mcfg = model.cfg
+        if cfg.block_size > mcfg.block_size:
+            raise ConfigError("block_size", f"expected at most the context of the --hf model, {mcfg.block_size}, "
+                                            f"got {cfg.block_size}")
+        model.rng = np.random.default_rng(cfg.seed)  # the stream a checkpoint saves (no dropout draws from it)
+    else:
+        mcfg = model_config(cfg, tok.vocab_size)
     check_memory(mcfg, cfg.batch_size)
-    model = build_model(cfg.model, mcfg.to_dict(), seed=cfg.seed)
+    if not pretrained:
+        model = build_model(cfg.model, mcfg.to_dict(), seed=cfg.seed)
     opt = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
     data_rng = np.random.default_rng(cfg.seed + 1)
     history, start = History(), 0
@@ -879,6 +937,12 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
         start = int(state["step"])
 
     # Every check has passed: from here on, work and write.
+    if cfg.save_hf:
+        try:
+            Path(cfg.save_hf).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError("save_hf", f"expected a folder that can be created, got {cfg.save_hf!r}: "
+                                         f"{e.strerror or e}") from None
     out_dir = Path(cfg.out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -888,7 +952,10 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
     lock.acquire()  # a folder made just now: locked before anything is written in it
     if state is not None:
         log(_resume_line(path, start, cfg, state, schedule))
-    sample_prompt = "\n" if "\n" in tok.stoi else text[0]
+    if pretrained:  # the text's first token, which the tokenizer surely reads back
+        sample_prompt = tok.decode(train_ids[:1].tolist())
+    else:
+        sample_prompt = "\n" if "\n" in tok.stoi else text[0]
     saved_step: Optional[int] = start if state is not None else None
     replaced_others = not cfg.overwrite
 
@@ -905,6 +972,10 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
             "history": asdict(history),
         })
         saved_step = step
+        if cfg.save_hf:
+            from .hf import save_pretrained
+
+            save_pretrained(model, cfg.save_hf, source=cfg.hf or None)
         if not replaced_others:  # --overwrite: the replaced run's checkpoint in the other format goes too
             for other in saved_runs(out_dir):
                 if other != path:

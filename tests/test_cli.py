@@ -113,6 +113,8 @@ TRAIN_BAD = {
     "--out-dir": st.sampled_from(["corpus.txt", "corpus.txt/sub", "one.txt/a/b", "/proc/nope"]),  # cannot be made
     "--model": not_choices({"gpt", "llama"}) | st.sampled_from(["GPT", "gpt2", "bert"]),
     "--n-kv-head": ints_below(0) | st.sampled_from(["1", "2"]),  # the default model, gpt, has no kv heads apart
+    "--hf": missing_file() | st.sampled_from(["runs", "corpus.txt", "/dev/null"]),  # no config.json there
+    "--save-hf": st.sampled_from(["corpus.txt", "corpus.txt/sub", "/proc/nope"]),  # cannot be made
 }
 
 

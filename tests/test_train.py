@@ -165,7 +165,8 @@ VALID_CHANGES = {"val_fraction": st.sampled_from([0.2, 0.3, 0.5]), "n_layer": st
                  "n_head": st.sampled_from([1, 4, 8]), "d_model": st.sampled_from([8, 24, 32]),
                  "block_size": st.sampled_from([8, 12]), "dropout": st.sampled_from([0.1, 0.5]),
                  "dtype": st.just("float64"), "weight_decay": st.sampled_from([0.0, 0.3]),
-                 "seed": st.integers(0, 1000), "model": st.just("llama"), "n_kv_head": st.sampled_from([1, 2])}
+                 "seed": st.integers(0, 1000), "model": st.just("llama"), "n_kv_head": st.sampled_from([1, 2]),
+                 "hf": st.sampled_from(["no-such-folder", "."])}  # a folder without a config.json is refused too
 
 
 @given(st.data())
@@ -313,6 +314,8 @@ def bad_values(name):
         return below | above | st.sampled_from([math.nan, math.inf, "0.1", True, None])
     return {"dtype": st.sampled_from(["float16", "bfloat16", "int64", "", None]),
             "model": st.sampled_from(["GPT", "bert", "gpt2", "", None]),
+            "hf": st.sampled_from(["missing-folder", "corpus.txt", ".", None, 3]),
+            "save_hf": st.sampled_from(["corpus.txt", "corpus.txt/sub", None, 3]),
             "checkpoint_format": st.sampled_from(["pt", "bin", "NPZ", "", None]),
             "data": st.sampled_from(["missing.txt", "", ".", None]),
             "out_dir": st.sampled_from(["", None, "corpus.txt"]),
@@ -320,7 +323,7 @@ def bad_values(name):
             "overwrite": st.sampled_from([1, "true", None])}[name]
 
 
-FIELDS = ["val_fraction", "model", "n_kv_head", "n_layer", "n_head", "d_model", "block_size", "dropout", "dtype", "steps", "batch_size",
+FIELDS = ["val_fraction", "model", "n_kv_head", "hf", "save_hf", "n_layer", "n_head", "d_model", "block_size", "dropout", "dtype", "steps", "batch_size",
           "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "eval_interval", "eval_batches", "sample_tokens",
           "out_dir", "checkpoint_format", "seed", "stop_at", "progress", "overwrite", "resume", "data"]
 
@@ -332,7 +335,7 @@ def test_every_field_is_checked_before_any_work(tmp_path_factory, data):
     name = data.draw(st.sampled_from(FIELDS))
     value = data.draw(bad_values(name))
     cfg = tiny(root)
-    if name in ("data", "out_dir") and isinstance(value, str) and value:
+    if name in ("data", "out_dir", "hf", "save_hf") and isinstance(value, str) and value:
         value = str(root / value)
     setattr(cfg, name, value)
     with pytest.raises(ConfigError) as info:

@@ -1,0 +1,20 @@
+"""Hugging Face folders in and out: safetensors, config and tensor-name maps, bf16 decoding.
+
+NumPy only: the safetensors format is read and written here (``safetensors.py``), and the
+config fields and tensor names of each model family are mapped by explicit tables
+(``pretrained.py``).
+"""
+
+from .pretrained import HFFormatError, load_pretrained, read_generation_config, save_pretrained
+from .safetensors import SafetensorsError, read_safetensors, write_safetensors
+
+__all__ = ["HFFormatError", "SafetensorsError", "load_pretrained", "save_pretrained", "read_generation_config",
+           "read_safetensors", "write_safetensors"]
+
+try:  # the tokenizer module is optional: the weights load without it
+    from .tokenizer import HFTokenizer, load_tokenizer  # noqa: F401
+except ModuleNotFoundError as err:
+    if err.name != f"{__name__}.tokenizer":  # a missing dependency inside it is an error to see
+        raise
+else:
+    __all__ += ["HFTokenizer", "load_tokenizer"]
