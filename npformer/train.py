@@ -126,6 +126,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Check every field on its own; raises ``ConfigError`` naming the first bad one."""
         _field(self, "data", _check_data)
+        self._check_hf()  # first: with --hf, the model's own options are the folder's
         _field(self, "val_fraction", check_real, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
         for name in ("n_layer", "n_head", "d_model", "block_size", "steps", "batch_size", "eval_interval"):
             _field(self, name, check_count, lo=1)
@@ -161,7 +162,6 @@ class TrainConfig:
         _check_out_dir(self.out_dir)
         for name in ("resume", "progress", "overwrite"):
             _field(self, name, check_bool)
-        self._check_hf()
         if self.resume and self.overwrite:
             raise ConfigError("overwrite", "cannot be combined with resume (continue a run, or replace it)")
         return self
@@ -922,6 +922,7 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
             raise ConfigError("block_size", f"expected at most the context of the --hf model, {mcfg.block_size}, "
                                             f"got {cfg.block_size}")
         model.rng = np.random.default_rng(cfg.seed)  # the stream a checkpoint saves (no dropout draws from it)
+        model.train()  # load_pretrained gives a model in eval mode
     else:
         mcfg = model_config(cfg, tok.vocab_size)
     check_memory(mcfg, cfg.batch_size)
