@@ -1,7 +1,7 @@
 """Sampling from a language model: temperature, top-k, top-p, with or without a KV cache.
 
 ``generate`` works with any model that has ``forward(ids, kv_caches=None) -> (logits, _)``,
-``make_kv_caches(batch)`` and ``cfg.block_size`` (GPT and Llama of ``npformer.models``).
+``make_kv_caches(batch, max_len=None)`` and ``cfg.block_size`` (GPT and Llama of ``npformer.models``).
 The cached path feeds the prompt once, then one token per step; the uncached path
 re-runs the whole (cropped) context every step. Both draw from the same generator
 in the same order, so in float64 they pick the same tokens.
@@ -185,14 +185,16 @@ def generate(model, ids: np.ndarray, max_new_tokens: int, *, temperature: float 
     finished = np.zeros(B, bool)  # rows that drew a stop token
     ended_with = np.zeros(B, np.int64)  # the stop token each finished row drew
     try:
-        caches = model.make_kv_caches(B) if use_cache and max_new_tokens else None
+        # caches as long as this call can use: a long-context model's block_size would be mostly unused memory
+        cache_len = min(T_max, T0 + max_new_tokens)
+        caches = model.make_kv_caches(B, max_len=cache_len) if use_cache and max_new_tokens else None
         start = 0  # the first position the model has not seen yet (cached path)
         for i in range(max_new_tokens):
             end = T0 + i  # out[:, :end] is known
             if caches is not None and caches[0].length + (end - start) > T_max:
                 # The window is full: positions shift, so the cache is rebuilt from the last T_max tokens
                 # (exactly what the uncached path sees).
-                caches, start = model.make_kv_caches(B), end - T_max
+                caches, start = model.make_kv_caches(B, max_len=cache_len), end - T_max
             context = out[:, start:end] if caches is not None else out[:, max(0, end - T_max):end]
             with np.errstate(over="ignore", invalid="ignore"):  # the logits are checked below
                 logits, _ = model.forward(context, kv_caches=caches)
@@ -221,8 +223,14 @@ def _check_stop_tokens(op: str, stop_tokens: object, pad_token: object, vocab_si
             raise ValueError(f"{op}: argument 'pad_token' expected None without stop_tokens (it pads finished rows), "
                              f"got {pad_token!r}")
         return None
-    if isinstance(stop_tokens, (str, bytes, np.ndarray)) or not hasattr(stop_tokens, "__iter__"):
-        raise TypeError(f"{op}: argument 'stop_tokens' expected a sequence of token ids, got {type(stop_tokens).__name__}")
+    if isinstance(stop_tokens, np.ndarray):
+        if stop_tokens.ndim != 1:
+            raise ValueError(f"{op}: argument 'stop_tokens' expected a 1-d array of token ids, got shape "
+                             f"{stop_tokens.shape}")
+        stop_tokens = stop_tokens.tolist()
+    if isinstance(stop_tokens, (str, bytes, dict, set, frozenset)) or not isinstance(stop_tokens, (list, tuple)):
+        raise TypeError(f"{op}: argument 'stop_tokens' expected a list, tuple or 1-d array of token ids, "
+                        f"got {type(stop_tokens).__name__}")
     stops = list(stop_tokens)
     if not stops:
         raise ValueError(f"{op}: argument 'stop_tokens' expected at least one id (or None), got an empty sequence")

@@ -236,7 +236,9 @@ FIELD_HELP = {
     "hf": "a local Hugging Face folder (GPT-2, LLaMA, Mistral, Qwen2) to fine-tune: its weights, config and "
           "tokenizer.json replace a new model and the character vocabulary ('' for none)",
     "save_hf": "also write the model as a Hugging Face folder (config.json, model.safetensors, and the --hf "
-               "folder's tokenizer and generation files) at every checkpoint ('' for none)",
+               "folder's tokenizer and generation files) at every checkpoint ('' for none); without --hf the "
+               "run's character vocabulary is no tokenizer.json, so transformers loads the model but sample --hf "
+               "has no tokenizer to read",
 }
 CHOICES = {"model": ("gpt", "llama"), "dtype": ("float32", "float64"), "checkpoint_format": ("npz", "safetensors")}
 # What a resumed run must share with its checkpoint: the model, the data split, and the parameter

@@ -371,7 +371,18 @@ def test_stop_tokens_end_rows_and_the_whole_generation(batch, prompt_len, new, t
 @pytest.mark.parametrize("stop_tokens, pad_token, error", [
     ([], None, ValueError), ([11], None, ValueError), ([-1], None, ValueError), ([1.0], None, ValueError),
     ("ab", None, TypeError), (5, None, TypeError), ([1], 11, ValueError), ([1], True, ValueError),
-    (None, 3, ValueError)])
+    (None, 3, ValueError), ({3: 1}, None, TypeError), ({3}, None, TypeError), (np.array([[1]]), None, ValueError),
+    (np.array([1.5]), None, ValueError)])
 def test_generate_rejects_bad_stop_tokens(stop_tokens, pad_token, error):
     with pytest.raises(error, match=r"generate: argument '(stop_tokens|pad_token)"):
         generate(tiny_model(), np.array([[1]]), 3, stop_tokens=stop_tokens, pad_token=pad_token)
+
+
+def test_stop_tokens_may_be_an_array_of_ids():
+    model = tiny_model()
+    full = generate(model, np.array([[1, 2]]), 6, temperature=0)
+    stop = int(full[0, 3])
+    as_list = generate(model, np.array([[1, 2]]), 6, temperature=0, stop_tokens=[stop])
+    as_array = generate(model, np.array([[1, 2]]), 6, temperature=0, stop_tokens=np.array([stop]))
+    np.testing.assert_array_equal(as_array, as_list)
+    assert as_array.shape[1] <= 4

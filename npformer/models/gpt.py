@@ -18,9 +18,9 @@ from ..nn.attention import KVCache, MultiHeadAttention
 from ..nn.layers import Dropout, Embedding, LayerNorm
 from ..nn.mlp import MLP
 from ..nn.layers import check_dout, check_features
-from ..nn.lm import IGNORE_INDEX, check_lm_inputs  # noqa: F401  (IGNORE_INDEX: importable from here too)
+from ..nn.lm import IGNORE_INDEX, check_kv_length, check_lm_inputs  # noqa: F401  (IGNORE_INDEX: importable here too)
 from ..nn.module import Module, ModuleList, atomic
-from ..ops._checks import check_bool, check_count, check_float, check_ndim, check_real
+from ..ops._checks import MAX_POSITION, check_bool, check_count, check_float, check_ndim, check_real
 from ..ops.cross_entropy import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
 from ..ops.linear import LinearCache, linear_backward, linear_forward
 
@@ -40,12 +40,12 @@ class GPTConfig:
         """Every field checked when the config is made, so a bad one never builds a model."""
         op = "GPTConfig"
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
-            check_count(op, name, getattr(self, name), 1)
+            setattr(self, name, check_count(op, name, getattr(self, name), 1, MAX_POSITION))
         if self.d_model % self.n_head:
             raise ValueError(f"{op}: argument 'n_head' expected a divisor of d_model = {self.d_model}, "
                              f"got {self.n_head}")
-        check_real(op, "dropout", self.dropout, lo=0.0, hi=1.0, hi_open=True)
-        check_bool(op, "bias", self.bias)
+        self.dropout = check_real(op, "dropout", self.dropout, lo=0.0, hi=1.0, hi_open=True)
+        self.bias = check_bool(op, "bias", self.bias)
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"{op}: argument 'dtype' expected 'float32' or 'float64', got {self.dtype!r}")
 
@@ -60,7 +60,7 @@ class GPTConfig:
         the tied head adds V D.
         """
         c = self
-        T = seq_len or c.block_size
+        T = c.block_size if seq_len is None else check_count("GPTConfig.flops_per_token", "seq_len", seq_len, 1)
         macs = c.n_layer * (12 * c.d_model**2 + 2 * T * c.d_model) + c.vocab_size * c.d_model
         return 3 * 2 * macs
 
@@ -192,5 +192,7 @@ class GPT(Module):
         self.cfg = replace(self.cfg, dtype=self.wte.weight.data.dtype.name)
         return self
 
-    def make_kv_caches(self, batch: int) -> List[KVCache]:
-        return [block.attn.make_kv_cache(batch, self.cfg.block_size) for block in self.blocks]
+    def make_kv_caches(self, batch: int, max_len: Optional[int] = None) -> List[KVCache]:
+        """One KVCache per block for ``max_len`` positions (default and at most block_size)."""
+        max_len = check_kv_length("GPT.make_kv_caches", max_len, self.cfg.block_size)
+        return [block.attn.make_kv_cache(batch, max_len) for block in self.blocks]

@@ -25,10 +25,10 @@ import numpy as np
 
 from ..nn.attention import KVCache, MultiHeadAttention
 from ..nn.layers import Embedding, Linear, RMSNorm, check_dout, check_features
-from ..nn.lm import IGNORE_INDEX, check_lm_inputs  # noqa: F401  (IGNORE_INDEX: the ignored target)
+from ..nn.lm import IGNORE_INDEX, check_kv_length, check_lm_inputs  # noqa: F401  (IGNORE_INDEX: the ignored target)
 from ..nn.mlp import SwiGLUMLP
 from ..nn.module import Module, ModuleList, atomic
-from ..ops._checks import check_bool, check_count, check_float, check_ndim, check_real
+from ..ops._checks import MAX_POSITION, check_bool, check_count, check_float, check_ndim, check_real
 from ..ops.cross_entropy import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
 from ..ops.linear import LinearCache, linear_backward, linear_forward
 
@@ -61,13 +61,14 @@ class LlamaConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        """Every field checked when the config is made, so a bad one never builds a model."""
+        """Every field checked when the config is made, so a bad one never builds a model; NumPy scalars
+        become Python numbers (the config is JSON in checkpoints and Hugging Face folders)."""
         op = "LlamaConfig"
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "d_model"):
-            check_count(op, name, getattr(self, name), 1)
+            setattr(self, name, check_count(op, name, getattr(self, name), 1, MAX_POSITION))
         for name in ("head_dim", "intermediate_size", "sliding_window"):
             if getattr(self, name) is not None:
-                check_count(op, name, getattr(self, name), 1)
+                setattr(self, name, check_count(op, name, getattr(self, name), 1, MAX_POSITION))
         if self.n_head % self.n_kv_head:
             raise ValueError(f"{op}: argument 'n_kv_head' expected a divisor of n_head = {self.n_head}, "
                              f"got {self.n_kv_head}")
@@ -78,10 +79,10 @@ class LlamaConfig:
             name = "head_dim" if self.head_dim is not None else "n_head"
             raise ValueError(f"{op}: argument '{name}' expected an even head_dim (RoPE rotates pairs), "
                              f"got head_dim {self.resolved_head_dim}")
-        check_real(op, "rope_theta", self.rope_theta, lo=0.0, lo_open=True)
-        check_real(op, "rms_norm_eps", self.rms_norm_eps, lo=0.0)
+        self.rope_theta = check_real(op, "rope_theta", self.rope_theta, lo=0.0, lo_open=True)
+        self.rms_norm_eps = check_real(op, "rms_norm_eps", self.rms_norm_eps, lo=0.0)
         for name in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias"):
-            check_bool(op, name, getattr(self, name))
+            setattr(self, name, check_bool(op, name, getattr(self, name)))
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"{op}: argument 'dtype' expected 'float32' or 'float64', got {self.dtype!r}")
 
@@ -111,7 +112,7 @@ class LlamaConfig:
         RoPE, SiLU and the softmax are left out.
         """
         c = self
-        T = seq_len or c.block_size
+        T = c.block_size if seq_len is None else check_count("LlamaConfig.flops_per_token", "seq_len", seq_len, 1)
         Dh, I = c.resolved_head_dim, c.resolved_intermediate_size
         attn = c.d_model * Dh * (2 * c.n_head + 2 * c.n_kv_head)
         macs = c.n_layer * (attn + 3 * c.d_model * I + 2 * T * c.n_head * Dh) + c.vocab_size * c.d_model
@@ -248,5 +249,7 @@ class Llama(Module):
         self.cfg = replace(self.cfg, dtype=self.embed_tokens.weight.data.dtype.name)
         return self
 
-    def make_kv_caches(self, batch: int) -> List[KVCache]:
-        return [layer.self_attn.make_kv_cache(batch, self.cfg.block_size) for layer in self.layers]
+    def make_kv_caches(self, batch: int, max_len: Optional[int] = None) -> List[KVCache]:
+        """One KVCache per layer for ``max_len`` positions (default and at most block_size)."""
+        max_len = check_kv_length("Llama.make_kv_caches", max_len, self.cfg.block_size)
+        return [layer.self_attn.make_kv_cache(batch, max_len) for layer in self.layers]

@@ -44,6 +44,7 @@ from ..ops._checks import (
     MAX_POSITION,
     check_bool,
     check_count,
+    check_fits,
     check_float,
     check_ndim,
     check_real,
@@ -68,6 +69,7 @@ class KVCache:
     def __init__(self, batch: int, n_kv_head: int, max_len: int, head_dim: int, dtype=np.float32):
         dtype = check_layer_options("KVCache", dtype=dtype, batch=batch, n_kv_head=n_kv_head, max_len=max_len,
                                     head_dim=head_dim)
+        check_fits("KVCache", "max_len", (2, batch, n_kv_head, max_len, head_dim), dtype.itemsize)  # k and v
         self.k = np.zeros((batch, n_kv_head, max_len, head_dim), dtype)
         self.v = np.zeros((batch, n_kv_head, max_len, head_dim), dtype)
         self.length = 0

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..ops._checks import check_int, check_ndim, check_shape
+from ..ops._checks import check_count, check_int, check_ndim, check_shape
 from .attention import KVCache
 
 IGNORE_INDEX = -100  # a target that adds nothing to the loss (prompt positions, padding)
@@ -26,8 +26,9 @@ def check_lm_inputs(op: str, ids: object, targets: object, kv_caches: Optional[S
 
     ids (B, T) int with B, T >= 1 and values in [0, vocab_size); targets None or (B, T) int in
     [0, vocab_size) or IGNORE_INDEX; kv_caches None, or (eval mode, no targets) a list of
-    ``n_layer`` distinct ``KVCache`` of shape (B, n_kv_head, block_size, head_dim) in ``dtype``,
-    all of one length; and the cached plus the new positions at most ``block_size``.
+    ``n_layer`` distinct ``KVCache`` of shape (B, n_kv_head, max_len, head_dim) in ``dtype`` with
+    max_len <= block_size, all of one length and size; and the cached plus the new positions at
+    most ``block_size`` (and at most the caches' max_len).
     """
     check_int(op, "ids", ids)
     check_ndim(op, "ids", ids, 2)
@@ -48,21 +49,25 @@ def check_lm_inputs(op: str, ids: object, targets: object, kv_caches: Optional[S
     if kv_caches is not None:
         if targets is not None or training:
             raise ValueError(f"{op}: argument 'kv_caches' is for inference: call .eval() first and pass no targets")
-        if not isinstance(kv_caches, (list, tuple)) or len(kv_caches) != n_layer \
-                or not all(isinstance(c, KVCache) for c in kv_caches):
-            got = f"{type(kv_caches).__name__} of {len(kv_caches)}" if isinstance(kv_caches, (list, tuple)) \
-                else type(kv_caches).__name__
+        if not isinstance(kv_caches, (list, tuple)) or not all(isinstance(c, KVCache) for c in kv_caches):
+            got = type(kv_caches).__name__ if not isinstance(kv_caches, (list, tuple)) else \
+                f"{type(kv_caches).__name__} holding {sorted({type(c).__name__ for c in kv_caches})}"
+            raise TypeError(f"{op}: argument 'kv_caches' expected a list of {n_layer} KVCache "
+                            f"(make_kv_caches), got {got}")
+        if len(kv_caches) != n_layer:
             raise ValueError(f"{op}: argument 'kv_caches' expected a list of {n_layer} KVCache "
-                             f"(make_kv_caches), got {got}")
+                             f"(make_kv_caches), got {len(kv_caches)}")
         if len({id(c) for c in kv_caches}) != len(kv_caches):
             raise ValueError(f"{op}: argument 'kv_caches' expected one distinct KVCache per block, "
                              "got the same cache for two blocks")
+        max_len = kv_caches[0].max_len
         for i, c in enumerate(kv_caches):
-            want = (B, n_kv_head, head_dim, block_size, np.dtype(dtype))
+            want = (B, n_kv_head, head_dim, min(max_len, block_size), np.dtype(dtype))
             got = (c.k.shape[0], c.k.shape[1], c.k.shape[3], c.max_len, c.k.dtype)
             if got != want:
                 raise ValueError(f"{op}: argument 'kv_caches' entry {i} expected (batch, n_kv_head, head_dim, "
-                                 f"max_len, dtype) = {want}, got {got} (use make_kv_caches)")
+                                 f"max_len, dtype) = {want} with max_len <= block_size = {block_size}, got {got} "
+                                 f"(use make_kv_caches)")
         lengths = {c.length for c in kv_caches}
         if len(lengths) != 1:
             raise ValueError(f"{op}: argument 'kv_caches' expected caches of one length, got lengths {sorted(lengths)}")
@@ -70,4 +75,14 @@ def check_lm_inputs(op: str, ids: object, targets: object, kv_caches: Optional[S
     if start + T > block_size:
         raise ValueError(f"{op}: argument 'ids' expected at most {block_size - start} positions "
                          f"(block_size {block_size}, {start} cached), got {T}")
+    if kv_caches is not None and start + T > max_len:
+        raise ValueError(f"{op}: argument 'ids' expected at most {max_len - start} positions "
+                         f"(the caches hold {max_len}, {start} used), got {T}")
     return start
+
+
+def check_kv_length(op: str, max_len: object, block_size: int) -> int:
+    """The positions a model's KV caches hold: ``max_len`` in [1, block_size], default block_size. A model
+    whose context is long (a Hugging Face model's max_position_embeddings) decodes with caches only as
+    long as the prompt and the new tokens need."""
+    return block_size if max_len is None else check_count(op, "max_len", max_len, 1, block_size)
