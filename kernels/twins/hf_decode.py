@@ -18,8 +18,8 @@ import torch
 
 def torch_blas() -> Dict[str, object]:
     """torch's BLAS (from its build configuration) and its thread count."""
-    config = torch.__config__.show()
-    blas = next((line.split("=", 1)[1].strip() for line in config.splitlines() if "BLAS_INFO" in line), "unknown")
+    entries = [e.strip() for line in torch.__config__.show().splitlines() for e in line.split(",")]
+    blas = next((e.split("BLAS_INFO=", 1)[1] for e in entries if "BLAS_INFO=" in e), "unknown")
     return {"blas": blas, "mkl": torch.backends.mkl.is_available(), "num_threads": torch.get_num_threads(),
             "torch": torch.__version__}
 
@@ -39,8 +39,13 @@ def _decode(model, prompt: torch.Tensor, new_tokens: int):
 
 def time_inference(folder: str, prompt: np.ndarray, new_tokens: int, repeats: int, attn: str = "eager") -> Dict:
     """Median prefill and decode seconds (after one untimed run each), the greedy tokens, and the BLAS."""
-    from transformers import AutoModelForCausalLM
+    import warnings
 
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # no deprecation notes about the cache's keyword between the timings
+    warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated", category=FutureWarning)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attn)
     model.eval()

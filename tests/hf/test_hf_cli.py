@@ -156,3 +156,29 @@ def test_sample_hf_names_a_bad_folder(tmp_path):
     for bad in ("missing", "empty", "broken"):
         status, out, err = run(["sample", "--hf", bad, "--prompt", "x"], tmp_path)
         assert status == 2 and "argument --hf:" in err and out == "", err
+
+
+def test_bench_inference_times_both_engines_on_a_folder(folder, tmp_path):
+    """bench --inference --hf DIR: prefill and decode tokens/s of npformer and transformers on the same weights,
+    the ratios consistent with them, the same greedy tokens, and both BLAS libraries named."""
+    path, _ = folder
+    status, out, err = run(["bench", "--inference", "--hf", str(path), "--prompt-len", "6", "--new-tokens", "5",
+                            "--repeats", "1", "--json"], tmp_path)
+    assert status == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    ours, theirs = result["npformer"], result["transformers"]
+    assert result["same_tokens"] is True and result["prompt_len"] == 6 and result["new_tokens"] == 5
+    for engine in (ours, theirs):
+        assert engine["prefill_tokens_per_s"] > 0 and engine["decode_tokens_per_s"] > 0
+    assert result["decode_ratio"] == pytest.approx(ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"])
+    assert result["prefill_ratio"] == pytest.approx(ours["prefill_tokens_per_s"] / theirs["prefill_tokens_per_s"])
+    assert theirs["blas"] != "unknown" and "internal_api" in result["numpy_blas"]
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--inference", "--prompt-len", "0"], "--prompt-len"), (["--inference", "--n-layer", "2"], "--n-layer"),
+    (["--inference", "--hf", "missing"], "--hf"), (["--prompt-len", "8"], "--prompt-len"),
+    (["--inference", "--new-tokens", "-1"], "--new-tokens")])
+def test_bench_inference_options_are_checked_by_name(argv, option, tmp_path):
+    status, out, err = run(["bench"] + argv, tmp_path)
+    assert status == 2 and f"argument {option}:" in err and out == "", err
