@@ -5,10 +5,10 @@ config fields and tensor names of each model family are mapped by explicit table
 (``pretrained.py``).
 """
 
-from .pretrained import HFFormatError, load_pretrained, read_generation_config, save_pretrained
+from .pretrained import HFFormatError, hf_state_dict, load_pretrained, read_generation_config, save_pretrained
 from .safetensors import SafetensorsError, read_safetensors, write_safetensors
 
-__all__ = ["HFFormatError", "SafetensorsError", "load_pretrained", "save_pretrained", "read_generation_config",
+__all__ = ["HFFormatError", "SafetensorsError", "load_pretrained", "save_pretrained", "read_generation_config", "hf_state_dict",
            "read_safetensors", "write_safetensors"]
 
 try:  # the tokenizer module is optional: the weights load without it
