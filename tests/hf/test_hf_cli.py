@@ -21,10 +21,16 @@ transformers = pytest.importorskip("transformers")
 
 from npformer.cli import main  # noqa: E402
 from npformer.hf import load_pretrained  # noqa: E402
-from tests.hf.test_tokenizer import build_gpt2, build_llama2, corpus  # noqa: E402
+from tests.hf.test_tokenizer import build_gpt2, build_llama2, build_mistral_metaspace, build_qwen2, corpus  # noqa: E402
 from tests.tolerances import HF_LOGITS_RTOL, assert_close  # noqa: E402
 
 F32 = np.dtype(np.float32)
+
+
+# each family with the tokenizer of its kind; the model's vocabulary padded beyond the tokenizer's for LLaMA
+TOKENIZERS = {"llama": build_llama2, "mistral": build_mistral_metaspace, "qwen2": build_qwen2, "gpt2": build_gpt2}
+SPECIAL = {"llama": ("<s>", "</s>"), "mistral": ("<s>", "</s>"), "qwen2": ("<|endoftext|>", "<|im_end|>"),
+           "gpt2": ("<|endoftext|>", "<|endoftext|>")}
 
 
 def _config(family: str, vocab: int, special: dict):
@@ -32,17 +38,22 @@ def _config(family: str, vocab: int, special: dict):
         return transformers.LlamaConfig(vocab_size=vocab + 3, hidden_size=32, intermediate_size=48,
                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                         max_position_embeddings=128, tie_word_embeddings=False, **special)
+    if family == "mistral":  # a window shorter than the training block and the sampled text
+        return transformers.MistralConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128,
+                                          sliding_window=6, tie_word_embeddings=False, **special)
+    if family == "qwen2":
+        return transformers.Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                        tie_word_embeddings=True, use_sliding_window=False, **special)
     return transformers.GPT2Config(vocab_size=vocab, n_positions=128, n_embd=32, n_layer=2, n_head=4,
                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **special)
 
 
 def build_folder(folder, family: str, do_sample: bool = False):
     """A complete model folder: weights, config, tokenizer files and generation settings."""
-    tok = build_llama2() if family == "llama" else build_gpt2()
-    if family == "llama":
-        names = {"bos_token": "<s>", "eos_token": "</s>"}
-    else:
-        names = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}
+    tok = TOKENIZERS[family]()
+    names = dict(zip(("bos_token", "eos_token"), SPECIAL[family]))
     special = {k + "_id": tok.token_to_id(v) for k, v in names.items()}
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(_config(family, tok.get_vocab_size(), special))
@@ -59,7 +70,7 @@ def build_folder(folder, family: str, do_sample: bool = False):
     return folder, tok
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
+@pytest.fixture(scope="module", params=sorted(TOKENIZERS))
 def folder(request, tmp_path_factory):
     return build_folder(tmp_path_factory.mktemp(request.param), request.param)
 
