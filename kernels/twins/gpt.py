@@ -8,7 +8,6 @@ Parameter names match npformer's ``state_dict`` one to one (``load_npformer_stat
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from typing import Dict, Optional
 
@@ -16,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import timing
 
 
 class TwinAttention(nn.Module):
@@ -167,23 +168,5 @@ class TwinGPT(nn.Module):
 
 def time_training_step(config: Dict[str, object], batch: int, steps: int, *, warmup: int = 1,
                        threads: int = 1) -> Dict[str, object]:
-    """Median seconds of one float32 training step (forward, backward, AdamW) of the twin.
-
-    The baseline of ``npformer bench``: same config, same optimizer settings, same thread count.
-    """
-    torch.set_num_threads(threads)
-    model = TwinGPT(**config).float()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-    ids = torch.from_numpy(np.random.default_rng(0).integers(0, config["vocab_size"],
-                                                              (batch, config["block_size"] + 1)))
-    x, y = ids[:, :-1], ids[:, 1:]
-    times = []
-    for i in range(warmup + steps):
-        t = time.perf_counter()
-        _, loss = model(x, y)
-        opt.zero_grad(set_to_none=False)
-        loss.backward()
-        opt.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return {"step_s": float(np.median(times)), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    """Median seconds of one float32 training step of the twin of ``config`` (see ``timing.py``)."""
+    return timing.time_training_step(TwinGPT, config, batch, steps, warmup=warmup, threads=threads)
