@@ -260,14 +260,19 @@ def build_normalizer(reader: Reader, spec: Any, where: str = "normalizer") -> Op
         compiled = reader.pattern(spec, "pattern", where)
         content = reader.get(spec, "content", str, where)
         return lambda s: replace_all(compiled, s, content)
-    parts = reader.get(spec, "normalizers", list, where)
-    steps = [build_normalizer(reader, p, f"{where}.normalizers[{i}]") for i, p in enumerate(parts)]
+    return _chain(reader, spec, where, "normalizers", build_normalizer)
+
+
+def _chain(reader: Reader, spec: dict, where: str, key: str, build: Callable) -> Callable:
+    """A ``Sequence`` component: the stages listed under ``key``, each applied to the previous one's output."""
+    parts = reader.get(spec, key, list, where)
+    steps = [build(reader, p, f"{where}.{key}[{i}]") for i, p in enumerate(parts)]
     steps = [f for f in steps if f is not None]
 
-    def sequence(s: str) -> str:
+    def sequence(value):
         for f in steps:
-            s = f(s)
-        return s
+            value = f(value)
+        return value
 
     return sequence
 
@@ -339,16 +344,7 @@ def build_pre_tokenizer(reader: Reader, spec: Any, where: str = "pre_tokenizer")
             return unicodedata.category(c) in ("Nd", "Nl", "No")
 
         return lambda pieces: split_pieces(pieces, lambda t: char_spans(t, is_numeric), behavior)
-    parts = reader.get(spec, "pretokenizers", list, where)
-    steps = [build_pre_tokenizer(reader, p, f"{where}.pretokenizers[{i}]") for i, p in enumerate(parts)]
-    steps = [f for f in steps if f is not None]
-
-    def sequence(pieces: List[Piece]) -> List[Piece]:
-        for f in steps:
-            pieces = f(pieces)
-        return pieces
-
-    return sequence
+    return _chain(reader, spec, where, "pretokenizers", build_pre_tokenizer)
 
 
 # ----------------------------------------------------------------------------- post-processors
@@ -501,13 +497,4 @@ def build_decoder(reader: Reader, spec: Any, where: str = "decoder") -> Optional
             return out
 
         return strip
-    parts = reader.get(spec, "decoders", list, where)
-    steps = [build_decoder(reader, p, f"{where}.decoders[{i}]") for i, p in enumerate(parts)]
-    steps = [f for f in steps if f is not None]
-
-    def sequence(tokens: List[str]) -> List[str]:
-        for f in steps:
-            tokens = f(tokens)
-        return tokens
-
-    return sequence
+    return _chain(reader, spec, where, "decoders", build_decoder)
