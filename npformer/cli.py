@@ -325,16 +325,35 @@ def _run_sample(args) -> int:
     return 0
 
 
-def _generation_options(args, gen: Dict[str, object]) -> Dict[str, object]:
+# generation_config.json settings ``sample --hf`` has no way to follow: refused when set, rather than ignored.
+UNSUPPORTED_GENERATION = {"num_beams": 1, "no_repeat_ngram_size": 0}
+
+
+def _generation_options(args, gen: Dict[str, object], prompt_len: int) -> Dict[str, object]:
     """The sampling options of ``sample --hf``: each flag given wins over the folder's generation_config.json,
-    which wins over Hugging Face's own defaults (greedy unless do_sample; then temperature 1, top_k 50)."""
+    which wins over Hugging Face's own defaults (greedy unless do_sample; then temperature 1, top_k 50).
+    max_new_tokens, else max_length (which counts the prompt), else 100 new tokens."""
+    for field, neutral in UNSUPPORTED_GENERATION.items():
+        if gen.get(field, neutral) != neutral:
+            raise OptionError("--hf", f"expected a generation_config.json that npformer can follow, got {field} = "
+                                      f"{gen[field]!r} in {args.hf} (not implemented: set it to {neutral} there)")
     sampling = bool(gen.get("do_sample", False))
+    if sampling and args.temperature is None and gen.get("temperature", 1.0) == 0:
+        raise OptionError("--hf", f"expected a temperature > 0 with do_sample true, got 0 in {args.hf}'s "
+                                  f"generation_config.json (or pass --temperature)")
     temperature = args.temperature if args.temperature is not None else \
         (float(gen.get("temperature", 1.0)) if sampling else 0.0)
     top_k = args.top_k if args.top_k is not None else (gen.get("top_k", 50) if sampling else None)
     top_p = args.top_p if args.top_p is not None else (gen.get("top_p") if sampling else None)
-    tokens = args.tokens if args.tokens is not None else int(gen.get("max_new_tokens", 100))
-    return {"temperature": temperature, "top_k": top_k or None, "top_p": top_p, "tokens": tokens}
+    if args.tokens is not None:
+        tokens = args.tokens
+    elif "max_new_tokens" in gen:
+        tokens = int(gen["max_new_tokens"])
+    else:
+        tokens = max(0, int(gen["max_length"]) - prompt_len) if "max_length" in gen else 100
+    return {"temperature": temperature, "top_k": top_k or None, "top_p": top_p, "tokens": tokens,
+            "repetition_penalty": float(gen.get("repetition_penalty", 1.0)),
+            "min_new_tokens": int(gen.get("min_new_tokens", 0))}
 
 
 def _run_sample_hf(args) -> int:
@@ -353,14 +372,6 @@ def _run_sample_hf(args) -> int:
         gen = read_generation_config(folder)
     except (ValueError, OSError) as e:
         raise OptionError("--hf", f"expected a model folder npformer can read, got {args.hf!r}: {e}") from None
-    options = _generation_options(args, gen)
-    check_option("tokens", check_count, options["tokens"], lo=0, hi=MAX_SAMPLE_TOKENS)
-    check_option("temperature", check_real, options["temperature"], lo=0.0)
-    if options["top_k"] is not None:
-        check_option("top_k", check_count, options["top_k"], lo=1)
-    if options["top_p"] is not None:
-        check_option("top_p", check_real, options["top_p"], lo=0.0, hi=1.0)
-    check_option("seed", check_count, args.seed, lo=0)
     if args.prompt is not None and not args.prompt:
         raise OptionError("--prompt", "expected at least one character, got ''")
     ids = tok.encode(args.prompt, add_special_tokens=True) if args.prompt is not None else []
@@ -369,13 +380,26 @@ def _run_sample_hf(args) -> int:
         if start is None:
             raise OptionError("--prompt", f"not given, and {args.hf} has no bos or eos token to start from")
         ids = [start]
+    if max(ids) >= model.cfg.vocab_size:
+        raise OptionError("--prompt", f"encodes to id {max(ids)}, outside the model's vocabulary of "
+                                      f"{model.cfg.vocab_size} (the folder's tokenizer has more tokens than its model)")
+    options = _generation_options(args, gen, len(ids))
+    check_option("tokens", check_count, options["tokens"], lo=0, hi=MAX_SAMPLE_TOKENS)
+    check_option("temperature", check_real, options["temperature"], lo=0.0)
+    if options["top_k"] is not None:
+        check_option("top_k", check_count, options["top_k"], lo=1)
+    if options["top_p"] is not None:
+        check_option("top_p", check_real, options["top_p"], lo=0.0, hi=1.0)
+    check_option("seed", check_count, args.seed, lo=0)
     eos = gen.get("eos_token_id", tok.eos_token_id)
     stops = None if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     pad = gen.get("pad_token_id")
     try:
         out = generate(model, np.asarray([ids], np.int64), options["tokens"], temperature=options["temperature"],
                        top_k=options["top_k"], top_p=options["top_p"], rng=np.random.default_rng(args.seed),
-                       use_cache=not args.no_cache, stop_tokens=stops, pad_token=pad if stops else None)
+                       use_cache=not args.no_cache, stop_tokens=stops, pad_token=pad if stops else None,
+                       repetition_penalty=options["repetition_penalty"],
+                       min_new_tokens=options["min_new_tokens"] if stops else 0)
     except NonFiniteLogitsError as e:
         raise CommandFailed(f"{args.hf}: {e}") from None
     except ValueError as e:  # a generation_config.json whose ids lie outside the model's vocabulary
@@ -439,6 +463,11 @@ def _run_bench_inference(args) -> int:
                                      new_tokens=args.new_tokens, batch=args.batch,
                                      repeats=args.repeats, hf=not args.no_torch, attn=args.attn)
     except ValueError as e:
+        import re
+
+        named = re.search(r"argument '(\w+)' (.*)", str(e))
+        if named and named.group(1) in ("prompt_len", "new_tokens"):  # together longer than the model's context
+            raise OptionError(flag(named.group(1)), named.group(2)) from None
         raise CommandFailed(str(e)) from None
     if args.json:
         print(json.dumps(result))

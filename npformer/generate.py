@@ -15,7 +15,13 @@ The options, checked before any work:
   (after temperature and top-k) reaches ``top_p``. The most likely token is always
   kept, so ``top_p=0`` keeps it alone and ``top_p=1`` keeps everything.
 
-Order: temperature, then top-k, then top-p, then one inverse-CDF draw per row.
+Order: repetition penalty, minimum length, temperature, then top-k, then top-p, then one
+inverse-CDF draw per row (greedy: the argmax after the first two).
+
+``repetition_penalty`` p > 0 (Hugging Face's, from the CTRL paper; 1 means none) divides the
+logit of every token already in the row (prompt included) by p where it is positive and
+multiplies it by p where it is negative. ``min_new_tokens`` keeps the stop tokens out
+(logit -inf) until that many tokens have been added.
 
 Stopping (``stop_tokens``, e.g. a Hugging Face model's ``eos_token_id``): a row that
 draws one of these ids is finished; each later position of that row is ``pad_token``
@@ -144,7 +150,8 @@ def _sample(logits: np.ndarray, rng: np.random.Generator, temperature: float,
 def generate(model, ids: np.ndarray, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None,
              rng: Optional[np.random.Generator] = None, use_cache: bool = True,
-             stop_tokens: Optional[Sequence[int]] = None, pad_token: Optional[int] = None) -> np.ndarray:
+             stop_tokens: Optional[Sequence[int]] = None, pad_token: Optional[int] = None,
+             repetition_penalty: float = 1.0, min_new_tokens: int = 0) -> np.ndarray:
     """Extend ids (B, T0) by ``max_new_tokens`` sampled tokens -> (B, T0 + max_new_tokens) int64.
 
     ids: a non-empty prompt per row (B >= 1, T0 >= 1) of ids in [0, vocab_size). A prompt
@@ -170,6 +177,11 @@ def generate(model, ids: np.ndarray, max_new_tokens: int, *, temperature: float 
         _check_rng(op, rng)
     check_bool(op, "use_cache", use_cache)
     stops = _check_stop_tokens(op, stop_tokens, pad_token, vocab_size)
+    repetition_penalty = check_real(op, "repetition_penalty", repetition_penalty, lo=0.0, lo_open=True)
+    min_new_tokens = check_count(op, "min_new_tokens", min_new_tokens, lo=0)
+    if min_new_tokens and stops is None:
+        raise ValueError(f"{op}: argument 'min_new_tokens' expected 0 without stop_tokens (it holds them back), "
+                         f"got {min_new_tokens}")
 
     rng = rng if rng is not None else np.random.default_rng()
     was_training = model.training
@@ -201,6 +213,12 @@ def generate(model, ids: np.ndarray, max_new_tokens: int, *, temperature: float 
             last = logits[:, -1]  # (B, V)
             if not np.isfinite(last).all():  # the cheap test; the details only when it fails
                 _check_model_logits(op, last, i)
+            if repetition_penalty != 1.0 or i < min_new_tokens:
+                last = last.copy()
+                if repetition_penalty != 1.0:
+                    _penalize_repeats(last, out[:, :end], repetition_penalty)
+                if i < min_new_tokens:
+                    last[:, stops] = -np.inf
             out[:, end] = _sample(last, rng, temperature, top_k, top_p)
             start = end
             if stops is not None:
@@ -214,6 +232,15 @@ def generate(model, ids: np.ndarray, max_new_tokens: int, *, temperature: float 
     finally:
         model.train(was_training)
     return out
+
+
+def _penalize_repeats(logits: np.ndarray, seen: np.ndarray, penalty: float) -> None:
+    """In place: each row's logits of the tokens in that row of ``seen`` (B, T) pushed down by ``penalty``."""
+    p = logits.dtype.type(penalty)
+    for b in range(logits.shape[0]):
+        tokens = np.unique(seen[b])
+        z = logits[b, tokens]
+        logits[b, tokens] = np.where(z > 0, z / p, z * p)
 
 
 def _check_stop_tokens(op: str, stop_tokens: object, pad_token: object, vocab_size: Optional[int]) -> Optional[np.ndarray]:

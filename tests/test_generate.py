@@ -386,3 +386,42 @@ def test_stop_tokens_may_be_an_array_of_ids():
     as_array = generate(model, np.array([[1, 2]]), 6, temperature=0, stop_tokens=np.array([stop]))
     np.testing.assert_array_equal(as_array, as_list)
     assert as_array.shape[1] <= 4
+
+
+def penalized_argmax_reference(model, prompt, new, penalty, stops=(), min_new=0):
+    """Independently: greedy decoding from full recomputation, each step's logits penalised by hand."""
+    out = prompt.copy()
+    model.eval()
+    for i in range(new):
+        logits, _ = model.forward(out[:, -CFG.block_size:])
+        z = logits[:, -1].copy()
+        for b in range(z.shape[0]):
+            for t in set(out[b].tolist()):
+                z[b, t] = z[b, t] / penalty if z[b, t] > 0 else z[b, t] * penalty
+            for s in stops if i < min_new else ():
+                z[b, s] = -np.inf
+        out = np.concatenate([out, z.argmax(-1)[:, None]], axis=1)
+    model.train()
+    return out
+
+
+@given(batch=st.integers(1, 3), prompt_len=st.integers(1, 6), new=st.integers(1, 10),
+       penalty=st.sampled_from([0.5, 1.0, 1.3, 4.0]), min_new=st.integers(0, 10), seed=st.integers(0, 2**16))
+def test_repetition_penalty_and_min_new_tokens_follow_their_definition(batch, prompt_len, new, penalty, min_new, seed):
+    model = tiny_model()
+    prompt = np.random.default_rng(seed).integers(0, CFG.vocab_size, (batch, prompt_len))
+    stops = [int(t) for t in np.random.default_rng(seed + 1).choice(CFG.vocab_size, 2, replace=False)]
+    expected = penalized_argmax_reference(model, prompt, new, penalty, stops, min_new)
+    got = generate(model, prompt, new, temperature=0, repetition_penalty=penalty, stop_tokens=stops,
+                   min_new_tokens=min_new)
+    cut = reference_stopped(expected, prompt_len, stops, None)
+    np.testing.assert_array_equal(got, cut)
+    assert not np.isin(got[:, prompt_len:prompt_len + min_new], stops).any()
+
+
+@pytest.mark.parametrize("options", [dict(repetition_penalty=0.0), dict(repetition_penalty=-1.0),
+                                     dict(repetition_penalty=float("nan")), dict(min_new_tokens=-1),
+                                     dict(min_new_tokens=2), dict(min_new_tokens=1.5, stop_tokens=[1])])
+def test_generate_rejects_bad_penalty_and_minimum(options):
+    with pytest.raises(ValueError, match=r"generate: argument '(repetition_penalty|min_new_tokens)'"):
+        generate(tiny_model(), np.array([[1]]), 3, **options)

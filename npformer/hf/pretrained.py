@@ -35,7 +35,10 @@ __all__ = ["HFFormatError", "load_pretrained", "save_pretrained", "read_generati
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
 # Copied from ``source`` by save_pretrained when present.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# What a folder's tokenizer may consist of (copied as they are by save_pretrained(source=...)).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+MISTRAL_DEFAULT_WINDOW = 4096  # transformers' MistralConfig.sliding_window when config.json does not set it
 GENERATION_FILE = "generation_config.json"
 # npformer's GPT: LayerNorm eps (nn.layers.LayerNorm's default) and its GELU (tanh approximation).
 GPT_LAYERNORM_EPS = 1e-5
@@ -265,12 +268,17 @@ def _llama_config(f: _Fields, model_type: str, dtype: str, block_size: Optional[
         sliding_window = None
     elif model_type == "qwen2":
         qkv_bias, o_bias, mlp_bias = True, False, False
-        if f.get("use_sliding_window", "bool", False):
-            raise f.fail("use_sliding_window", "is true; npformer's Llama loads Qwen2 only with full attention")
+        # Qwen2 windows the layers from max_window_layers on: with none of them windowed, all attend fully
+        n_layer = f.get("num_hidden_layers", "int")
+        if f.get("use_sliding_window", "bool", False) and f.get("max_window_layers", "int0", 28) < n_layer:
+            raise f.fail("use_sliding_window", "is true with max_window_layers below num_hidden_layers; npformer's "
+                                               "Llama gives every layer the same attention, so it loads Qwen2 only "
+                                               "with full attention in every layer")
         sliding_window = None
-    else:  # mistral
+    else:  # mistral: a config.json without the key means transformers' default window, not none
         qkv_bias, o_bias, mlp_bias = False, False, False
-        sliding_window = f.get("sliding_window", "int", None)
+        raw = f.doc.get("sliding_window", MISTRAL_DEFAULT_WINDOW)
+        sliding_window = None if raw is None else f.get("sliding_window", "int", MISTRAL_DEFAULT_WINDOW)
     f.require("pretraining_tp", (1,), 1, "npformer computes each projection as one matrix product")
     return LlamaConfig(
         vocab_size=f.get("vocab_size", "int"),
@@ -344,7 +352,8 @@ def load_pretrained(path, *, dtype: str = "float32", block_size: Optional[int] =
         raise _error(op, config_path, f"describes a model npformer cannot build: {err}") from None
     model, rows = Model(cfg), rows_of(cfg)
 
-    weights = folder / INDEX_FILE if (folder / INDEX_FILE).is_file() else folder / SINGLE_FILE
+    # One file first, then the sharded index: the order transformers reads a folder in
+    weights = folder / SINGLE_FILE if (folder / SINGLE_FILE).is_file() else folder / INDEX_FILE
     if not weights.is_file():
         raise _error(op, folder, f"holds neither {SINGLE_FILE} nor {INDEX_FILE}")
     try:
@@ -484,7 +493,11 @@ def save_pretrained(model, path, *, model_type: Optional[str] = None, dtype: Opt
     doc = _gpt2_config_json(model.cfg) if family == "gpt2" else _llama_config_json(model.cfg, model_type)
     stored = dtype or model.cfg.dtype
     doc["dtype"] = stored
+    if source_dir is not None:  # the source's special token ids, which generate() reads from config.json
+        source_doc = _read_json(op, source_dir / "config.json") if (source_dir / "config.json").is_file() else {}
+        doc.update({k: source_doc[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in source_doc})
     folder.mkdir(parents=True, exist_ok=True)
+    _remove_shards(op, folder)  # a folder saved sharded before would otherwise keep its old weights beside the new
     write_safetensors(folder / SINGLE_FILE, hf_state_dict(model), metadata={"format": "pt"}, dtype=stored)
     (folder / "config.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     if source_dir is not None:
@@ -492,6 +505,20 @@ def save_pretrained(model, path, *, model_type: Optional[str] = None, dtype: Opt
             if (source_dir / name).is_file() and (source_dir / name).resolve() != (folder / name).resolve():
                 shutil.copyfile(source_dir / name, folder / name)
     return folder
+
+
+def _remove_shards(op: str, folder: Path) -> None:
+    """Delete a sharded checkpoint (its index and the shard files the index names) from ``folder``."""
+    index = folder / INDEX_FILE
+    if not index.is_file():
+        return
+    weight_map = _read_json(op, index).get("weight_map")
+    shards = set(weight_map.values()) if isinstance(weight_map, dict) else set()
+    for name in shards:
+        shard = folder / str(name)
+        if shard.parent.resolve() == folder.resolve() and shard.suffix == ".safetensors" and shard.is_file():
+            shard.unlink()
+    index.unlink()
 
 
 # -- generation config ----------------------------------------------------------------------------------
@@ -509,6 +536,11 @@ _GENERATION_FIELDS: Dict[str, Tuple[str, Callable[[object], bool]]] = {
     "temperature": ("a number >= 0", lambda v: type(v) in (int, float) and np.isfinite(v) and v >= 0),
     "top_k": ("an integer >= 0", lambda v: type(v) is int and v >= 0),
     "top_p": ("a number in (0, 1]", lambda v: type(v) in (int, float) and 0 < v <= 1),
+    "repetition_penalty": ("a number > 0", lambda v: type(v) in (int, float) and np.isfinite(v) and v > 0),
+    "min_new_tokens": ("an integer >= 0", lambda v: type(v) is int and v >= 0),
+    "max_length": ("an integer >= 0", lambda v: type(v) is int and v >= 0),
+    "num_beams": ("an integer >= 1", lambda v: type(v) is int and v >= 1),
+    "no_repeat_ngram_size": ("an integer >= 0", lambda v: type(v) is int and v >= 0),
 }
 
 
@@ -516,8 +548,9 @@ def read_generation_config(path) -> dict:
     """generation_config.json of a folder as a dict ({} when the folder has none).
 
     The fields generation uses are checked (eos_token_id an int or list of ints; bos/pad
-    token ids; max_new_tokens, do_sample, temperature, top_k, top_p); null counts as absent
-    and is dropped. Other fields pass through unchecked.
+    token ids; max_new_tokens, max_length, min_new_tokens, do_sample, temperature, top_k,
+    top_p, repetition_penalty, num_beams, no_repeat_ngram_size); null counts as absent and
+    is dropped. Other fields pass through unchecked.
     """
     op = "read_generation_config"
     folder = _check_folder(op, path)

@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -193,3 +194,45 @@ def test_bench_inference_times_both_engines_on_a_folder(folder, tmp_path):
 def test_bench_inference_options_are_checked_by_name(argv, option, tmp_path):
     status, out, err = run(["bench"] + argv, tmp_path)
     assert status == 2 and f"argument {option}:" in err and out == "", err
+
+
+@pytest.mark.parametrize("settings", [
+    dict(repetition_penalty=1.8), dict(min_new_tokens=12, max_new_tokens=14), dict(max_length=9),
+    dict(repetition_penalty=0.7, max_new_tokens=10)])
+def test_sample_hf_follows_more_generation_settings_as_transformers(folder, tmp_path, settings):
+    """repetition_penalty, min_new_tokens and max_length in generation_config.json give transformers' text."""
+    path, oracle_tok = folder
+    local = tmp_path / "model"
+    shutil.copytree(path, local)
+    gen = json.loads((local / "generation_config.json").read_text())
+    gen.pop("max_new_tokens") if "max_length" in settings else None
+    gen.update(settings)
+    (local / "generation_config.json").write_text(json.dumps(gen))
+    status, out, err = run(["sample", "--hf", str(local), "--prompt", "the water of the"], tmp_path)
+    assert status == 0, err
+    hf = transformers.AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32).eval()
+    ids = torch.tensor([oracle_tok.encode("the water of the").ids])
+    with torch.no_grad():
+        expected = hf.generate(ids, attention_mask=torch.ones_like(ids))[0].tolist()
+    assert out == oracle_tok.decode(expected, skip_special_tokens=True) + "\n"
+
+
+@pytest.mark.parametrize("settings, named", [
+    (dict(num_beams=3), "num_beams"), (dict(no_repeat_ngram_size=2), "no_repeat_ngram_size"),
+    (dict(do_sample=True, temperature=0.0), "temperature"), (dict(repetition_penalty=0), "repetition_penalty"),
+    (dict(min_new_tokens=-1), "min_new_tokens")])
+def test_sample_hf_refuses_settings_it_cannot_follow(folder, tmp_path, settings, named):
+    path, _ = folder
+    local = tmp_path / "model"
+    shutil.copytree(path, local)
+    gen = json.loads((local / "generation_config.json").read_text()) | settings
+    (local / "generation_config.json").write_text(json.dumps(gen))
+    status, out, err = run(["sample", "--hf", str(local), "--prompt", "the"], tmp_path)
+    assert status == 2 and "argument --hf:" in err and named in err and out == "", err
+
+
+def test_bench_inference_names_a_length_beyond_the_context(folder, tmp_path):
+    path, _ = folder
+    status, out, err = run(["bench", "--inference", "--hf", str(path), "--prompt-len", "100", "--new-tokens", "100"],
+                           tmp_path)
+    assert status == 2 and "argument --new-tokens:" in err, err

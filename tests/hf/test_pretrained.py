@@ -250,7 +250,6 @@ LLAMA_REFUSED = [
     ("llama_gqa", "rope_parameters", {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}),
     ("llama_gqa", "rope_scaling", {"type": "dynamic", "factor": 2.0}),
     ("llama_gqa", "rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}),
-    ("qwen2", "use_sliding_window", True),
     ("llama_gqa", "num_hidden_layers", 0),
     ("llama_gqa", "model_type", "bert"),
     ("llama_gqa", "max_position_embeddings", "64"),
@@ -422,3 +421,68 @@ def test_bad_arguments_named(tmp_path):
     no_bias = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=1, d_model=4, bias=False))
     with pytest.raises(ValueError, match="save_pretrained: argument 'model' has bias=False"):
         save_pretrained(no_bias, tmp_path)
+
+
+# -- folders saved over, and what transformers defaults to ---------------------------------------------------
+def test_saving_over_a_sharded_folder_replaces_its_weights(hf_folder, tmp_path):
+    """A folder saved sharded, then saved again by npformer: both libraries read the new weights (the old index
+    and shards are removed; and a single file wins over an index, as in transformers)."""
+    folder = tmp_path / "m"
+    shutil.copytree(hf_folder("llama_gqa", "sharded"), folder)
+    model = load_pretrained(folder)
+    for p in model.parameters():
+        p.data *= 0.5
+    save_pretrained(model, folder)
+    assert not (folder / "model.safetensors.index.json").exists()
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == ["model.safetensors"]
+    back = load_pretrained(folder)
+    ids = _ids(model.cfg.vocab_size)
+    ours, _ = back.forward(ids)
+    assert_close(ours, model.forward(ids)[0], rtol=HF_LOGITS_RTOL[F32], what="reloaded")
+    assert_close(ours, _hf_logits(load_hf(folder), ids), rtol=HF_LOGITS_RTOL[F32], what="transformers")
+
+
+def test_a_single_file_wins_over_an_index(hf_folder, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(hf_folder("llama_gqa", "sharded"), folder)
+    shutil.copyfile(hf_folder("llama_bias_tied") / "model.safetensors", folder / "model.safetensors")
+    with pytest.raises(HFFormatError, match="model.safetensors"):  # the single file is read: another model's
+        load_pretrained(folder)
+
+
+def test_mistral_without_a_sliding_window_key_gets_transformers_default(hf_folder, tmp_path):
+    import transformers
+
+    folder = _edited(hf_folder("mistral_window"), tmp_path, lambda c: c.pop("sliding_window"))
+    assert load_pretrained(folder).cfg.sliding_window == 4096 == transformers.MistralConfig().sliding_window
+    null = tmp_path / "null"
+    shutil.copytree(folder, null)
+    config = json.loads((null / "config.json").read_text()) | {"sliding_window": None}
+    (null / "config.json").write_text(json.dumps(config))
+    assert load_pretrained(null).cfg.sliding_window is None  # null: full attention
+
+
+@pytest.mark.parametrize("max_window_layers, refused", [(2, False), (28, False), (1, True), (0, True)])
+def test_qwen2_sliding_window_on_no_layer_is_full_attention(hf_folder, tmp_path, max_window_layers, refused):
+    """use_sliding_window with max_window_layers >= num_hidden_layers windows no layer: logits as transformers'."""
+    edit = lambda c: c.update(use_sliding_window=True, sliding_window=4, max_window_layers=max_window_layers)  # noqa
+    folder = _edited(hf_folder("qwen2"), tmp_path, edit)
+    if refused:
+        with pytest.raises(HFFormatError, match="use_sliding_window"):
+            load_pretrained(folder)
+        return
+    model = load_pretrained(folder)
+    ids = _ids(model.cfg.vocab_size)
+    assert_close(model.forward(ids)[0], _hf_logits(load_hf(folder), ids), rtol=HF_LOGITS_RTOL[F32], what="qwen2")
+
+
+def test_save_pretrained_carries_the_chat_template_and_special_ids(hf_folder, tmp_path):
+    source = tmp_path / "src"
+    shutil.copytree(hf_folder("qwen2"), source)
+    (source / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    config = json.loads((source / "config.json").read_text()) | {"bos_token_id": 3, "eos_token_id": [4, 5]}
+    (source / "config.json").write_text(json.dumps(config))
+    save_pretrained(load_pretrained(source), tmp_path / "out", source=source)
+    assert (tmp_path / "out" / "chat_template.jinja").read_text() == (source / "chat_template.jinja").read_text()
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["bos_token_id"] == 3 and saved["eos_token_id"] == [4, 5]
