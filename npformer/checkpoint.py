@@ -5,8 +5,9 @@ Two formats, chosen by the file's suffix:
 - ``.npz``: a zip of ``.npy`` arrays, as ``numpy.savez`` writes it (and readable by
   ``np.load(..., allow_pickle=False)``);
 - ``.safetensors``: the safetensors layout (8-byte little-endian header length, a
-  JSON header of dtype/shape/offsets, then the raw bytes), written and read here
-  with NumPy alone.
+  JSON header of dtype/shape/offsets, then the raw bytes), parsed and laid out by
+  ``npformer._safetensors`` with NumPy alone; what is kept here is npformer's own: the
+  ``npformer`` entry of ``__metadata__``, the checksum and the checkpoint version.
 
 Nested state (an optimizer's per-parameter moments, a bit generator's state) is
 flattened to ``/``-joined keys: arrays become tensors, everything else goes into a
@@ -69,25 +70,24 @@ import secrets
 import struct
 import zipfile
 import zlib
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from . import _safetensors as container
+from ._safetensors import META_KEY as _META_KEY, parse_json, shape_problem
 from .ops._checks import memory_limit
 
 FORMAT = "npformer-checkpoint"
 # Version 2 adds the safetensors checksum (and requires it); version 1 files, written without one, still load.
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
-_META_KEY = "__metadata__"
 _LEN_SUFFIX = "#len"
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-              "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16,
-              "U8": np.uint8, "BOOL": np.bool_}
-_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
-# Largest safetensors JSON header accepted (the limit of the reference implementation).
-_MAX_HEADER_BYTES = 100_000_000
+# The safetensors dtype names a checkpoint holds: all but BF16, for which NumPy has no dtype.
+_ST_DTYPES = tuple(name for name in container.DTYPES if name != "BF16")
+_ST_NAMES = {container.DTYPES[name].newbyteorder("="): name for name in _ST_DTYPES}
 # Largest .npy header accepted (NumPy's own limit for untrusted files).
 _MAX_NPY_HEADER = 10_000
 _NPY_MAGIC = b"\x93NUMPY"
@@ -99,9 +99,6 @@ _MAX_DEPTH = 64
 _RESERVED = ("format", "version", _META_KEY)
 # The safetensors __metadata__ entry holding the SHA-256 of the file's contents.
 _SHA_KEY = "npformer.sha256"
-# What NumPy can make: at most 64 dimensions, at most the largest intp of bytes (zero sizes aside).
-_MAX_NDIM = 64
-_MAX_ARRAY_BYTES = int(np.iinfo(np.intp).max)
 # The longest zip member name (a 2-byte length field).
 _MAX_ZIP_NAME = 0xFFFF
 # Temporary files are named with this prefix and a random suffix: short, whatever the target's name.
@@ -127,11 +124,6 @@ def _check_path(op: str, path: object) -> Path:
     if "\x00" in str(result):
         raise ValueError(f"{op}: argument 'path' expected a file name, got one with a NUL character: {str(result)!r}")
     return result
-
-
-def _json_type(x: object) -> str:
-    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer", float: "number"}
-    return "null" if x is None else names.get(type(x), type(x).__name__)
 
 
 # -- flattening a nested state into keys -------------------------------------------------------
@@ -356,18 +348,11 @@ def save(path: str | os.PathLike, state: Dict[str, Any]) -> Path:
                 raise ValueError(f"checkpoint.save: argument 'state' has array {name!r} of unsupported dtype "
                                  f"{a.dtype} for safetensors; expected one of {sorted(map(str, _ST_NAMES))}")
         header, blobs = _safetensors_parts(arrays, meta)
-        if len(header) > _MAX_HEADER_BYTES:
+        if len(header) > container.MAX_HEADER_BYTES:
             raise ValueError(f"checkpoint.save: argument 'state' needs a safetensors header of {len(header)} bytes, "
-                             f"more than the {_MAX_HEADER_BYTES} a reader accepts (too many keys or too much "
+                             f"more than the {container.MAX_HEADER_BYTES} a reader accepts (too many keys or too much "
                              "metadata); use .npz")
-
-        def write(f: BinaryIO) -> None:
-            f.write(struct.pack("<Q", len(header)))
-            f.write(header)
-            for blob in blobs:
-                f.write(blob)
-
-        _atomic_write(path, write)
+        _atomic_write(path, lambda f: container.write(f, header, blobs))
     return path
 
 
@@ -380,7 +365,7 @@ def _write_npz(f: BinaryIO, arrays: Dict[str, np.ndarray]) -> None:
                 np.lib.format.write_array(member, np.asanyarray(a), allow_pickle=False)
 
 
-def _safetensors_digest(tensors: List[Tuple[str, str, List[int], Any]], metadata: Dict[str, str]) -> str:
+def _safetensors_digest(tensors: List[Tuple[str, str, Tuple[int, ...], Any]], metadata: Dict[str, str]) -> str:
     """SHA-256 (hex) of the contents of a safetensors file, independent of its layout.
 
     ``tensors``: (name, dtype name, shape, bytes) of each tensor; ``metadata``: the
@@ -402,19 +387,9 @@ def _safetensors_digest(tensors: List[Tuple[str, str, List[int], Any]], metadata
 def _safetensors_parts(arrays: Dict[str, np.ndarray], meta: Dict[str, Any]) -> Tuple[bytes, List[bytes]]:
     """The header (padded to 8 bytes, checksum included) and the tensors' bytes, in file order."""
     metadata = {"npformer": json.dumps(meta)}
-    header: Dict[str, Any] = {}
-    offset, blobs, tensors = 0, [], []
-    for name, a in arrays.items():
-        blob = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes(order="C")  # C order; a 0-d array stays 0-d
-        header[name] = {"dtype": _ST_NAMES[a.dtype], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + len(blob)]}
-        offset += len(blob)
-        blobs.append(blob)
-        tensors.append((name, _ST_NAMES[a.dtype], list(a.shape), blob))
-    header = {_META_KEY: {**metadata, _SHA_KEY: _safetensors_digest(tensors, metadata)}, **header}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes
-    return raw, blobs
+    tensors = [(name, _ST_NAMES[a.dtype], a.shape, container.tensor_bytes(a)) for name, a in arrays.items()]
+    header = container.header_bytes(tensors, {**metadata, _SHA_KEY: _safetensors_digest(tensors, metadata)})
+    return header, [blob for *_, blob in tensors]
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -452,29 +427,6 @@ def load(path: str | os.PathLike) -> Dict[str, Any]:
                            f"{', '.join(map(str, READABLE_VERSIONS))}")
     meta = {k: v for k, v in meta.items() if k not in ("format", "version")}
     return _unflatten(path, arrays, meta)
-
-
-def _json_object(path: Path, raw: bytes, what: str) -> Dict[str, Any]:
-    """``raw`` decoded as UTF-8 JSON that must be an object with no repeated keys."""
-
-    def no_repeats(pairs):
-        keys = [k for k, _ in pairs]
-        if len(set(keys)) != len(keys):
-            repeated = next(k for k in keys if keys.count(k) > 1)
-            raise _error(path, f"{what} repeats the key {repeated!r}")
-        return dict(pairs)
-
-    try:
-        value = json.loads(raw.decode("utf-8"), object_pairs_hook=no_repeats)
-    except CheckpointError:
-        raise
-    except UnicodeDecodeError as e:
-        raise _error(path, f"{what} is not UTF-8 text ({e})") from None
-    except (ValueError, RecursionError) as e:
-        raise _error(path, f"{what} is not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise _error(path, f"{what} is a JSON {_json_type(value)}, expected an object")
-    return value
 
 
 # .npz ----------------------------------------------------------------------------------------
@@ -519,7 +471,7 @@ def _read_npz(path: Path, f: BinaryIO) -> Tuple[Dict[str, np.ndarray], Dict[str,
     if raw_meta.dtype != np.uint8 or raw_meta.ndim != 1:
         raise _error(path, f"the {_META_KEY} entry must be a 1-d uint8 array, got {raw_meta.dtype} "
                            f"of shape {raw_meta.shape}")
-    meta = _json_object(path, raw_meta.tobytes(), f"the {_META_KEY} entry")
+    meta = parse_json(raw_meta.tobytes(), f"the {_META_KEY} entry", partial(_error, path))
     listed = meta.pop(_META_KEY, None)  # None in files written before the member list was kept
     if listed is not None:
         if not isinstance(listed, list) or not all(isinstance(k, str) for k in listed):
@@ -537,16 +489,6 @@ def _read_npz(path: Path, f: BinaryIO) -> Tuple[Dict[str, np.ndarray], Dict[str,
             raise _error(path, f"no zip member {missing[0] + '.npy'!r:.100}, which the checkpoint's {_META_KEY} "
                                "lists (a member removed from the file)")
     return arrays, meta
-
-
-def _shape_problem(shape: Any, itemsize: int) -> Optional[str]:
-    """Why NumPy cannot make an array of ``shape`` (a sequence of ints >= 0), or None if it can."""
-    if len(shape) > _MAX_NDIM:
-        return f"has {len(shape)} dimensions, more than the {_MAX_NDIM} a NumPy array can have"
-    nbytes = math.prod(s for s in shape if s) * itemsize  # Python ints: no overflow; NumPy's own rule
-    if nbytes > _MAX_ARRAY_BYTES:
-        return f"is too large for a NumPy array (its non-zero sizes make {nbytes} bytes, at most {_MAX_ARRAY_BYTES})"
-    return None
 
 
 def _read_exactly(stream: BinaryIO, n: int) -> bytes:
@@ -588,7 +530,7 @@ def _read_npy(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndar
         if len(text) != hlen:
             raise bad("the .npy header is truncated")
         dtype, fortran, shape = _npy_header(bad, version, text)
-        problem = _shape_problem(shape, dtype.itemsize)
+        problem = shape_problem(shape, dtype.itemsize)
         if problem is not None:
             raise bad(f"the .npy shape {shape!r:.100} {problem}")
         count = math.prod(shape)
@@ -633,89 +575,27 @@ def _npy_header(bad, version: Tuple[int, int], raw: bytes) -> Tuple[np.dtype, bo
 
 # .safetensors ------------------------------------------------------------------------------
 def _read_safetensors(path: Path, f: BinaryIO, size: int) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
-    if size < 8:
-        raise _error(path, f"the file has {size} bytes, fewer than the 8-byte header length (truncated)")
-    (n,) = struct.unpack("<Q", f.read(8))
-    if n > size - 8:
-        raise _error(path, f"header length {n} exceeds the {size - 8} bytes after the length field (truncated, "
-                           "or not a safetensors file)")
-    if n > _MAX_HEADER_BYTES:
-        raise _error(path, f"header length {n} is larger than the {_MAX_HEADER_BYTES} bytes allowed")
-    header = _json_object(path, f.read(n), "the safetensors header")
-    body_size = size - 8 - n
-
-    meta_entry = header.pop(_META_KEY, None)
-    if meta_entry is None:
-        raise _error(path, f"not an npformer checkpoint (no {_META_KEY} in the header)")
-    if not isinstance(meta_entry, dict) or not all(isinstance(v, str) for v in meta_entry.values()):
-        raise _error(path, f"{_META_KEY} must be a JSON object of strings, got a JSON {_json_type(meta_entry)}"
-                           + ("" if not isinstance(meta_entry, dict) else " holding other values"))
+    error = partial(_error, path)
+    entries, meta_entry, body_size = container.read_header(f, size, _ST_DTYPES, error)
     if "npformer" not in meta_entry:
-        raise _error(path, f"not an npformer checkpoint (no 'npformer' entry in {_META_KEY})")
+        raise error(f"not an npformer checkpoint (no 'npformer' entry in {_META_KEY})")
     checksum = meta_entry.pop(_SHA_KEY, None)
     if checksum is not None and not _HEX64.fullmatch(checksum):
-        raise _error(path, f"{_META_KEY}[{_SHA_KEY!r}] must be 64 lowercase hex digits, got {checksum!r:.80}")
-    meta = _json_object(path, meta_entry["npformer"].encode("utf-8", "surrogatepass"), f"{_META_KEY}['npformer']")
+        raise error(f"{_META_KEY}[{_SHA_KEY!r}] must be 64 lowercase hex digits, got {checksum!r:.80}")
+    meta = parse_json(meta_entry["npformer"].encode("utf-8", "surrogatepass"), f"{_META_KEY}['npformer']", error)
     if checksum is None and type(meta.get("version")) is int and meta["version"] >= 2:
-        raise _error(path, f"a version {meta['version']} checkpoint carries a SHA-256 in {_META_KEY}[{_SHA_KEY!r}], "
-                           "and this file has none: the file is corrupt")
+        raise error(f"a version {meta['version']} checkpoint carries a SHA-256 in {_META_KEY}[{_SHA_KEY!r}], "
+                    "and this file has none: the file is corrupt")
 
-    # Validate every entry before reading any data.
-    entries = []  # (begin, end, name, dtype name, shape)
-    for name, info in header.items():
-        where = f"tensor {name!r}"
-        if not isinstance(info, dict):
-            raise _error(path, f"{where}: expected a JSON object of dtype, shape and data_offsets, "
-                               f"got a JSON {_json_type(info)}")
-        if set(info) != {"dtype", "shape", "data_offsets"}:
-            raise _error(path, f"{where}: expected the keys dtype, shape and data_offsets, got {sorted(info)}")
-        dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if not isinstance(dtype_name, str) or dtype_name not in _ST_DTYPES:
-            raise _error(path, f"{where}: dtype {dtype_name!r:.100} is not one of {sorted(_ST_DTYPES)}")
-        if not (isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)):
-            raise _error(path, f"{where}: shape must be a list of integers >= 0, got {shape!r:.100}")
-        problem = _shape_problem(shape, np.dtype(_ST_DTYPES[dtype_name]).itemsize)
-        if problem is not None:
-            raise _error(path, f"{where}: shape {shape!r:.100} {problem}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-            raise _error(path, f"{where}: data_offsets must be a list [begin, end] of two integers, "
-                               f"got {offsets!r:.100}")
-        begin, end = offsets
-        if not 0 <= begin <= end:
-            raise _error(path, f"{where}: data_offsets [{begin}, {end}] must satisfy 0 <= begin <= end")
-        dtype = np.dtype(_ST_DTYPES[dtype_name]).newbyteorder("<")
-        nbytes = math.prod(shape) * dtype.itemsize
-        if end - begin != nbytes:
-            raise _error(path, f"{where}: data_offsets [{begin}, {end}] span {end - begin} bytes, but shape "
-                               f"{shape} of {dtype_name} needs {nbytes}")
-        entries.append((begin, end, name, dtype_name, shape))
-    entries.sort(key=lambda e: (e[0], e[1]))
-    position = 0
-    for begin, end, name, _, _ in entries:
-        if begin != position:
-            problem = "overlaps the tensor before it" if begin < position else f"leaves a gap after byte {position}"
-            raise _error(path, f"tensor {name!r}: data_offsets [{begin}, {end}] {problem}")
-        position = end
-    if position > body_size:
-        raise _error(path, f"the tensors need {position} bytes of data, the file holds {body_size} (truncated)")
-    if position < body_size:
-        raise _error(path, f"the file holds {body_size - position} bytes of data after the last tensor")
-
-    body = f.read(body_size)
-    if len(body) != body_size:
-        raise _error(path, f"the file ended after {len(body)} of {body_size} data bytes (truncated)")
+    body = container.read_body(f, body_size, error)
     if checksum is not None:
         view = memoryview(body)
-        actual = _safetensors_digest([(name, dtype_name, shape, view[begin:end])
-                                      for begin, end, name, dtype_name, shape in entries], meta_entry)
+        actual = _safetensors_digest([(e.name, e.dtype, e.shape, view[e.begin:e.end]) for e in entries], meta_entry)
         if not hmac.compare_digest(actual, checksum):
-            raise _error(path, f"the contents do not match the SHA-256 in {_META_KEY}[{_SHA_KEY!r}]: the file is "
-                               "corrupt (a changed byte in the data, a tensor's name, dtype or shape, or the metadata)")
+            raise error(f"the contents do not match the SHA-256 in {_META_KEY}[{_SHA_KEY!r}]: the file is "
+                        "corrupt (a changed byte in the data, a tensor's name, dtype or shape, or the metadata)")
     arrays = {}
-    for begin, end, name, dtype_name, shape in entries:
-        dtype = np.dtype(_ST_DTYPES[dtype_name]).newbyteorder("<")
-        flat = np.frombuffer(body, dtype=dtype, count=math.prod(shape), offset=begin)
-        if dtype.kind == "b" and np.any(flat.view(np.uint8) > 1):
-            raise _error(path, f"tensor {name!r}: a BOOL tensor holds bytes other than 0 and 1")
-        arrays[name] = flat.reshape(tuple(shape)).astype(dtype.newbyteorder("="))  # a 0-d tensor stays 0-d
+    for entry in entries:
+        flat = container.elements(body, entry, error)
+        arrays[entry.name] = flat.reshape(entry.shape).astype(flat.dtype.newbyteorder("="))  # a 0-d tensor stays 0-d
     return arrays, meta

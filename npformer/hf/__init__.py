@@ -1,6 +1,7 @@
 """Hugging Face folders in and out: safetensors, config and tensor-name maps, bf16 decoding.
 
-NumPy only: the safetensors format is read and written here (``safetensors.py``), and the
+NumPy only: the safetensors format is read and written in NumPy (``npformer/_safetensors.py``, shared with
+the training checkpoints; ``safetensors.py`` adds bf16/fp16 decoding and sharded folders), and the
 config fields and tensor names of each model family are mapped by explicit tables
 (``pretrained.py``).
 """

@@ -1,15 +1,8 @@
-"""The safetensors format, read and written with NumPy alone.
+"""Hugging Face weights in safetensors files, read and written with NumPy alone.
 
-A file is three parts, in this order:
-
-    8 bytes      N, the header length, an unsigned little-endian 64-bit integer
-    N bytes      a JSON object: name -> {"dtype": "F32", "shape": [2, 3], "data_offsets": [begin, end]},
-                 and optionally "__metadata__": {str: str}; trailing spaces pad it
-    the rest     the data buffer: each tensor's bytes, C order, little-endian, at [begin, end)
-                 counted from the start of the buffer; the tensors cover it with no gap or overlap
-
-Reading checks every part before any tensor is made, and any fault raises
-``SafetensorsError`` (a ``ValueError``) naming the file and the entry.
+The container (header length, JSON header, data buffer) is parsed and laid out by
+``npformer._safetensors``; reading checks every part before any tensor is made, and any
+fault raises ``SafetensorsError`` (a ``ValueError``) naming the file and the entry.
 
 16-bit floats are widened when read (float32 by default, float64 on request):
 float16 through ``numpy.float16`` (exact), bfloat16 by hand, since NumPy has no
@@ -26,36 +19,25 @@ tensor name -> shard file name; ``read_safetensors(folder)`` reads every shard.
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import struct
+from functools import partial
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple
 
 import numpy as np
+
+from .. import _safetensors as container
+from .._safetensors import META_KEY as _META_KEY, json_type as _json_type
 
 __all__ = ["SafetensorsError", "read_safetensors", "write_safetensors", "bf16_bits_to_float",
            "float_to_bf16_bits", "SINGLE_FILE", "INDEX_FILE"]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-_META_KEY = "__metadata__"
-# A header larger than this is refused before it is read (the reference reader's limit, 100 MB).
-_MAX_HEADER_BYTES = 100_000_000
-# The most dimensions a NumPy array may have (32 before NumPy 2, 64 since).
-_MAX_NDIM = 64 if int(np.__version__.split(".")[0]) >= 2 else 32
-
-# File dtype name -> the NumPy dtype of its stored bytes (little-endian). BF16 is stored as its bits (uint16).
-_STORED = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
-    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
-    "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
-}
-# NumPy dtype -> file dtype name, for writing arrays as they are.
-_NAMES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
-          np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.int16): "I16",
-          np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL"}
+# The file dtype names read and written here (U16, U32 and U64 are not among them).
+_FILE_DTYPES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")
+# NumPy dtype -> file dtype name, for writing arrays as they are (bfloat16 aside: NumPy has none).
+_NAMES = {container.DTYPES[name].newbyteorder("="): name for name in _FILE_DTYPES if name != "BF16"}
 
 
 class SafetensorsError(ValueError):
@@ -64,11 +46,6 @@ class SafetensorsError(ValueError):
 
 def _error(path, what: str) -> SafetensorsError:
     return SafetensorsError(f"read_safetensors: {path}: {what}")
-
-
-def _json_type(x: object) -> str:
-    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer", float: "number"}
-    return "null" if x is None else names.get(type(x), type(x).__name__)
 
 
 def _check_path(op: str, path: object) -> Path:
@@ -125,126 +102,30 @@ def float_to_bf16_bits(x: np.ndarray) -> np.ndarray:
 
 
 # -- reading --------------------------------------------------------------------------------------
-def _no_duplicates(path):
-    def hook(pairs):
-        seen = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _error(path, f"the JSON names {key!r:.100} twice")
-            seen.add(key)
-        return dict(pairs)
-    return hook
-
-
-def _parse_json(path, raw: bytes, what: str) -> dict:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise _error(path, f"{what} is not UTF-8 text (byte {err.start})") from None
-    try:
-        value = json.loads(text, object_pairs_hook=_no_duplicates(path))
-    except SafetensorsError:
-        raise
-    except (json.JSONDecodeError, RecursionError, ValueError) as err:
-        raise _error(path, f"{what} is not valid JSON ({str(err)[:120]})") from None
-    if not isinstance(value, dict):
-        raise _error(path, f"{what} must be a JSON object, got a JSON {_json_type(value)}")
-    return value
-
-
-def _read_header(path: Path, f, size: int) -> Tuple[list, Dict[str, str], int]:
-    """Validate the header: (entries sorted by offset, metadata, byte offset of the data buffer)."""
-    if size < 8:
-        raise _error(path, f"the file has {size} bytes, fewer than the 8-byte header length (truncated)")
-    (n,) = struct.unpack("<Q", f.read(8))
-    if n > size - 8:
-        raise _error(path, f"header length {n} exceeds the {size - 8} bytes after the length field "
-                           "(truncated, or not a safetensors file)")
-    if n > _MAX_HEADER_BYTES:
-        raise _error(path, f"header length {n} exceeds the {_MAX_HEADER_BYTES} bytes allowed")
-    raw = f.read(n)
-    if len(raw) != n:
-        raise _error(path, "the file ended inside the header (truncated)")
-    if not raw.startswith(b"{"):
-        raise _error(path, "the header must start with '{' (not a safetensors file)")
-    header = _parse_json(path, raw, "the header")
-    body_size = size - 8 - n
-
-    metadata = header.pop(_META_KEY, {})
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise _error(path, f"{_META_KEY} must be a JSON object of strings, got a JSON {_json_type(metadata)}"
-                           + (" holding other values" if isinstance(metadata, dict) else ""))
-    entries = []
-    for name, info in header.items():
-        where = f"tensor {name!r:.200}"
-        if not isinstance(info, dict):
-            raise _error(path, f"{where}: expected a JSON object of dtype, shape and data_offsets, "
-                               f"got a JSON {_json_type(info)}")
-        if set(info) != {"dtype", "shape", "data_offsets"}:
-            raise _error(path, f"{where}: expected the keys dtype, shape and data_offsets, got {sorted(info)!r:.200}")
-        dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if not isinstance(dtype_name, str) or dtype_name not in _STORED:
-            raise _error(path, f"{where}: unknown dtype {dtype_name!r:.100}, expected one of {sorted(_STORED)}")
-        if not (isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)):
-            raise _error(path, f"{where}: shape must be a list of integers >= 0, got {shape!r:.100}")
-        if len(shape) > _MAX_NDIM:
-            raise _error(path, f"{where}: shape has {len(shape)} dimensions, more than NumPy's {_MAX_NDIM}")
-        if math.prod(max(s, 1) for s in shape) * _STORED[dtype_name].itemsize > np.iinfo(np.intp).max:
-            raise _error(path, f"{where}: shape {shape!r:.100} is larger than NumPy can index")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-            raise _error(path, f"{where}: data_offsets must be a list [begin, end] of two integers, "
-                               f"got {offsets!r:.100}")
-        begin, end = offsets
-        if not 0 <= begin <= end:
-            raise _error(path, f"{where}: data_offsets [{begin}, {end}] must satisfy 0 <= begin <= end")
-        nbytes = math.prod(shape) * _STORED[dtype_name].itemsize
-        if end - begin != nbytes:
-            raise _error(path, f"{where}: data_offsets [{begin}, {end}] span {end - begin} bytes, but shape "
-                               f"{shape} of {dtype_name} needs {nbytes}")
-        if end > body_size:
-            raise _error(path, f"{where}: data_offsets [{begin}, {end}] reach past the {body_size} bytes "
-                               "of the data buffer (truncated)")
-        entries.append((begin, end, name, dtype_name, tuple(shape)))
-    entries.sort(key=lambda e: (e[0], e[1]))
-    position = 0
-    for begin, end, name, _, _ in entries:
-        if begin != position:
-            problem = "overlaps the tensor before it" if begin < position else f"leaves a gap after byte {position}"
-            raise _error(path, f"tensor {name!r:.200}: data_offsets [{begin}, {end}] {problem}")
-        position = end
-    if position != body_size:
-        raise _error(path, f"the data buffer holds {body_size - position} bytes after the last tensor")
-    return entries, metadata, 8 + n
-
-
 def _read_file(path: Path, dtype: np.dtype) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
+    error = partial(_error, path)
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            entries, metadata, start = _read_header(path, f, size)
-            body = f.read(size - start)
+            entries, metadata, body_size = container.read_header(f, size, _FILE_DTYPES, error)
+            body = container.read_body(f, body_size, error)
     except FileNotFoundError:
         raise _error(path, "no such file") from None
     except IsADirectoryError:
         raise _error(path, "is a folder, not a file") from None
     except PermissionError:
         raise _error(path, "cannot be read (permission denied)") from None
-    if len(body) != size - start:
-        raise _error(path, "the file ended inside the data buffer (truncated)")
     tensors = {}
-    for begin, end, name, dtype_name, shape in entries:
-        stored = _STORED[dtype_name]
-        flat = np.frombuffer(body, dtype=stored, count=math.prod(shape), offset=begin)
-        if dtype_name == "BOOL" and np.any(flat.view(np.uint8) > 1):
-            raise _error(path, f"tensor {name!r:.200}: a BOOL tensor holds bytes other than 0 and 1")
-        if dtype_name == "BF16":
+    for entry in entries:
+        flat = container.elements(body, entry, error)
+        if entry.dtype == "BF16":
             value = bf16_bits_to_float(flat, dtype)
-        elif dtype_name == "F16":
+        elif entry.dtype == "F16":
             with np.errstate(invalid="ignore"):  # exact; a signalling NaN widens to a quiet one
                 value = flat.astype(dtype)
         else:
-            value = flat.astype(stored.newbyteorder("="))  # a copy: the arrays own their memory
-        tensors[name] = value.reshape(shape)
+            value = flat.astype(flat.dtype.newbyteorder("="))  # a copy: the arrays own their memory
+        tensors[entry.name] = value.reshape(entry.shape)
     return tensors, metadata
 
 
@@ -253,7 +134,7 @@ def _read_sharded(index: Path, dtype: np.dtype) -> Tuple[Dict[str, np.ndarray], 
         raw = index.read_bytes()
     except OSError as err:
         raise _error(index, f"cannot be read ({err.strerror})") from None
-    doc = _parse_json(index, raw, "the index")
+    doc = container.parse_json(raw, "the index", partial(_error, index))
     weight_map = doc.get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise _error(index, f"'weight_map' must be a JSON object of tensor name -> shard file name, "
@@ -340,10 +221,7 @@ def write_safetensors(path, tensors: Mapping[str, np.ndarray], *, metadata: Opti
         if not isinstance(name, str) or name == _META_KEY or not name:
             raise ValueError(f"{op}: argument 'tensors' expected non-empty str names other than {_META_KEY!r}, "
                              f"got {name!r:.100}")
-    header: Dict[str, object] = {}
-    if metadata:
-        header[_META_KEY] = dict(metadata)
-    blobs, offset = [], 0
+    parts = []  # (name, file dtype name, shape, bytes), in name order
     for name in sorted(tensors):
         a = tensors[name]
         if not isinstance(a, np.ndarray):
@@ -359,19 +237,12 @@ def write_safetensors(path, tensors: Mapping[str, np.ndarray], *, metadata: Opti
                                  f"safetensors here cannot store (expected one of "
                                  f"{sorted(str(d) for d in _NAMES)})")
             data, file_dtype = a, _NAMES[a.dtype.newbyteorder("=")]
-        blob = np.ascontiguousarray(data).astype(data.dtype.newbyteorder("<"), copy=False).tobytes()
-        header[name] = {"dtype": file_dtype, "shape": list(a.shape), "data_offsets": [offset, offset + len(blob)]}
-        offset += len(blob)
-        blobs.append(blob)
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
+        parts.append((name, file_dtype, a.shape, container.tensor_bytes(data)))
+    header = container.header_bytes(parts, metadata or {})
     tmp = path.with_name(path.name + ".tmp")  # written whole, then renamed: a reader never sees half a file
     try:
         with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for blob in blobs:
-                f.write(blob)
+            container.write(f, header, [blob for *_, blob in parts])
         os.replace(tmp, path)
     finally:
         if tmp.exists():
