@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import timing
+from .common import TwinModel, time_training_step as _time_step
 
 
 class TwinAttention(nn.Module):
@@ -90,7 +90,9 @@ def _store(recorder: Dict[str, np.ndarray], name: str):
     return hook
 
 
-class TwinGPT(nn.Module):
+class TwinGPT(TwinModel):
+    recording_modules = (TwinAttention, TwinMLP)  # the submodules that record into self.recorder
+
     def __init__(self, vocab_size, block_size, n_layer, n_head, d_model, dropout=0.0, bias=True, **_):
         super().__init__()
         self.wte = nn.Module()
@@ -146,27 +148,8 @@ class TwinGPT(nn.Module):
                     lambda mod, gin, gout, path=path: rec.__setitem__(f"{path}.dx", gin[0].detach().numpy().copy())))
         return rec
 
-    def stop_recording(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-        self.recorder = None
-        for m in self.modules():
-            if isinstance(m, (TwinAttention, TwinMLP)):
-                m.recorder = None
-
-    def load_npformer_state(self, state: Dict[str, np.ndarray]) -> None:
-        """Copy an npformer ``state_dict`` (same names) into this twin, in the twin's dtype."""
-        own = dict(self.named_parameters())
-        missing = set(own) - set(state)
-        if missing:
-            raise ValueError(f"TwinGPT.load_npformer_state: missing {sorted(missing)}")
-        with torch.no_grad():
-            for name, prm in own.items():
-                prm.copy_(torch.from_numpy(np.ascontiguousarray(state[name])))
-
 
 def time_training_step(config: Dict[str, object], batch: int, steps: int, *, warmup: int = 1,
                        threads: int = 1) -> Dict[str, object]:
-    """Median seconds of one float32 training step of the twin of ``config`` (see ``timing.py``)."""
-    return timing.time_training_step(TwinGPT, config, batch, steps, warmup=warmup, threads=threads)
+    """Median seconds of one float32 training step of the twin of ``config`` (see ``common.py``)."""
+    return _time_step(TwinGPT, config, batch, steps, warmup=warmup, threads=threads)

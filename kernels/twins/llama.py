@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import timing
+from .common import TwinModel, time_training_step as _time_step
 
 
 def _store(recorder: Dict[str, np.ndarray], name: str):
@@ -119,7 +119,9 @@ class TwinDecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class TwinLlama(nn.Module):
+class TwinLlama(TwinModel):
+    recording_modules = (TwinAttention, TwinSwiGLU)  # the submodules that record into self.recorder
+
     def __init__(self, vocab_size=65, block_size=256, n_layer=4, n_head=6, n_kv_head=2, d_model=192, head_dim=None,
                  intermediate_size=None, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
                  qkv_bias=False, o_bias=False, mlp_bias=False, sliding_window=None, **_):
@@ -195,27 +197,8 @@ class TwinLlama(nn.Module):
             self._hooks.append(self.embed_tokens.weight.register_hook(_store(rec, "embed_tokens.dW")))
         return rec
 
-    def stop_recording(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-        self.recorder = None
-        for m in self.modules():
-            if isinstance(m, (TwinAttention, TwinSwiGLU)):
-                m.recorder = None
-
-    def load_npformer_state(self, state: Dict[str, np.ndarray]) -> None:
-        """Copy an npformer ``state_dict`` (same names) into this twin, in the twin's dtype."""
-        own = dict(self.named_parameters())
-        missing, extra = set(own) - set(state), set(state) - set(own)
-        if missing or extra:
-            raise ValueError(f"TwinLlama.load_npformer_state: missing {sorted(missing)}, unexpected {sorted(extra)}")
-        with torch.no_grad():
-            for name, prm in own.items():
-                prm.copy_(torch.from_numpy(np.ascontiguousarray(state[name])))
-
 
 def time_training_step(config: Dict[str, object], batch: int, steps: int, *, warmup: int = 1,
                        threads: int = 1) -> Dict[str, object]:
-    """Median seconds of one float32 training step of the twin of ``config`` (see ``timing.py``)."""
-    return timing.time_training_step(TwinLlama, config, batch, steps, warmup=warmup, threads=threads)
+    """Median seconds of one float32 training step of the twin of ``config`` (see ``common.py``)."""
+    return _time_step(TwinLlama, config, batch, steps, warmup=warmup, threads=threads)

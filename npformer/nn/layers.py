@@ -11,7 +11,6 @@ backward ``<path>.dW``/``.db`` (Linear, Embedding), ``.dweight``/``.dbias``/``.d
 
 from __future__ import annotations
 
-from typing import Optional
 
 import numpy as np
 

@@ -18,8 +18,6 @@ import numpy as np
 
 from ._checks import (
     check_cache_type,
-    check_float,
-    check_ndim,
     check_real,
     check_rows,
     check_same_dtype_as,

@@ -25,7 +25,6 @@ still agrees with the unpatched one in float32, so the patch changes precision o
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

@@ -1,0 +1,65 @@
+"""What every torch twin shares: loading npformer's weights, ending a recording, and a timed step.
+
+``TwinModel`` is the base of ``TwinGPT`` and ``TwinLlama``: ``load_npformer_state`` copies an
+npformer ``state_dict`` (the same names, none missing, none extra) and ``stop_recording`` removes
+the hooks ``start_recording`` placed. ``time_training_step`` is the baseline of ``npformer
+bench``: the same float32 step as npformer's (forward with the loss, backward, AdamW with the
+same settings), on the same batch shape, with a given thread count; the median of ``steps``
+timed steps after ``warmup``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class TwinModel(nn.Module):
+    """A twin whose submodules of the types in ``recording_modules`` record into ``self.recorder``."""
+
+    recording_modules: tuple = ()
+
+    def stop_recording(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self.recorder = None
+        for m in self.modules():
+            if isinstance(m, self.recording_modules):
+                m.recorder = None
+
+    def load_npformer_state(self, state: Dict[str, np.ndarray]) -> None:
+        """Copy an npformer ``state_dict`` (same names) into this twin, in the twin's dtype."""
+        own = dict(self.named_parameters())
+        missing, extra = set(own) - set(state), set(state) - set(own)
+        if missing or extra:
+            raise ValueError(f"{type(self).__name__}.load_npformer_state: missing {sorted(missing)}, "
+                             f"unexpected {sorted(extra)}")
+        with torch.no_grad():
+            for name, prm in own.items():
+                prm.copy_(torch.from_numpy(np.ascontiguousarray(state[name])))
+
+
+def time_training_step(make_twin: Callable[..., torch.nn.Module], config: Dict[str, object], batch: int,
+                       steps: int, *, warmup: int = 1, threads: int = 1) -> Dict[str, object]:
+    """Median seconds of one float32 training step of ``make_twin(**config)`` at full length ``block_size``."""
+    torch.set_num_threads(threads)
+    model = make_twin(**config).float()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, config["vocab_size"],
+                                                              (batch, config["block_size"] + 1)))
+    x, y = ids[:, :-1], ids[:, 1:]
+    times = []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return {"step_s": float(np.median(times)), "torch": torch.__version__, "threads": torch.get_num_threads()}
