@@ -7,15 +7,21 @@
   split, answer-only loss masks, ``exact_match``;
 - ``vocab.py``: checks shared by the tokenizers, ``check_vocab`` (a tokenizer against a
   model's ``vocab_size``), ``tokenizer_difference`` / ``check_same_tokenizer`` (against a
-  saved one); ``corpus.data_fingerprint`` identifies a text or token stream.
+  saved one); ``corpus.data_fingerprint`` identifies a text or token stream;
+- ``objectives.py``: encoder pre-training objectives: masked LM (80/10/10, whole-word option),
+  NSP and SOP sentence pairs, ELECTRA's replaced-token labels, and corpus batches for each.
 """
 
 from .arithmetic import IGNORE_INDEX, ArithmeticTask, Problem, exact_match, make_batch
 from .bpe import ByteBPE
 from .char import CharTokenizer
 from .corpus import data_fingerprint, default_corpus, get_batch, train_val_split
+from .objectives import (PairBatch, SpecialIds, mask_tokens, pretraining_batches, replaced_token_labels,
+                         sentence_pairs, special_ids_for)
 from .vocab import check_same_tokenizer, check_vocab, tokenizer_difference
 
 __all__ = ["CharTokenizer", "ByteBPE", "default_corpus", "train_val_split", "get_batch",
            "ArithmeticTask", "Problem", "make_batch", "exact_match", "IGNORE_INDEX",
-           "check_vocab", "check_same_tokenizer", "tokenizer_difference", "data_fingerprint"]
+           "check_vocab", "check_same_tokenizer", "tokenizer_difference", "data_fingerprint",
+           "mask_tokens", "sentence_pairs", "replaced_token_labels", "pretraining_batches", "special_ids_for",
+           "SpecialIds", "PairBatch"]
