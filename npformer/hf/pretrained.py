@@ -12,6 +12,11 @@ layout change in between:
   transposed into npformer's (out, in); its fused ``c_attn`` (in, 3 D) splits into q, k, v.
 - LLaMA, Mistral and Qwen2 store nn.Linear weights (out, in), as npformer does, so their
   tensors move over unchanged.
+- BERT (``bert``, as ``BertForPreTraining``) and RoBERTa (``roberta``, as ``RobertaForMaskedLM``)
+  also store nn.Linear weights; only the names change (``attention.self.query`` is npformer's
+  ``attention.q_proj``, ...). Their MLM decoder is the word table itself: a checkpoint may
+  store it again (``cls.predictions.decoder.weight``, ``lm_head.decoder.weight``), and then it
+  must equal the table.
 
 Whatever npformer's model cannot represent exactly is refused by name (a different
 activation, a rope scaling, a sliding window where npformer has none, ...) rather
@@ -33,7 +38,7 @@ from .safetensors import INDEX_FILE, SINGLE_FILE, SafetensorsError, read_safeten
 __all__ = ["HFFormatError", "load_pretrained", "save_pretrained", "read_generation_config", "hf_state_dict",
            "SUPPORTED_MODEL_TYPES"]
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "bert", "roberta")
 # Copied from ``source`` by save_pretrained when present.
 # What a folder's tokenizer may consist of (copied as they are by save_pretrained(source=...)).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -43,6 +48,10 @@ GENERATION_FILE = "generation_config.json"
 # npformer's GPT: LayerNorm eps (nn.layers.LayerNorm's default) and its GELU (tanh approximation).
 GPT_LAYERNORM_EPS = 1e-5
 GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
+# The encoder families: the name of each HF model's inner module (the prefix of its encoder's tensors),
+# and the architecture save_pretrained writes (the heads npformer's Bert has: MLM + NSP, or MLM alone).
+ENCODER_PREFIX = {"bert": "bert", "roberta": "roberta"}
+ENCODER_ARCHITECTURES = {"bert": "BertForPreTraining", "roberta": "RobertaForMaskedLM"}
 
 
 class HFFormatError(ValueError):
@@ -200,6 +209,58 @@ def _llama_rows(cfg) -> List[_Row]:
     return rows
 
 
+def _encoder_rows(cfg, model_type: str) -> List[_Row]:
+    """BERT (``bert.`` + the encoder, ``cls.*`` heads, the pooler) and RoBERTa (``roberta.`` + the encoder,
+    ``lm_head.*``): the same encoder names, tensors unchanged."""
+    pre = ENCODER_PREFIX[model_type]
+    rows: List[_Row] = []
+    for table in ("word", "position", "token_type"):
+        if table != "token_type" or cfg.type_vocab_size:
+            rows.append((f"{pre}.embeddings.{table}_embeddings.weight", (f"embeddings.{table}_embeddings.weight",),
+                         "same"))
+    pairs = [("embeddings.LayerNorm", "embeddings.LayerNorm")]
+    for i in range(cfg.n_layer):
+        hf, ours = f"encoder.layer.{i}", f"layers.{i}"
+        pairs += [(f"{hf}.attention.self.query", f"{ours}.attention.q_proj"),
+                  (f"{hf}.attention.self.key", f"{ours}.attention.k_proj"),
+                  (f"{hf}.attention.self.value", f"{ours}.attention.v_proj"),
+                  (f"{hf}.attention.output.dense", f"{ours}.attention.o_proj"),
+                  (f"{hf}.attention.output.LayerNorm", f"{ours}.attention_norm"),
+                  (f"{hf}.intermediate.dense", f"{ours}.mlp.fc"),
+                  (f"{hf}.output.dense", f"{ours}.mlp.proj"),
+                  (f"{hf}.output.LayerNorm", f"{ours}.output_norm")]
+    pairs = [(f"{pre}.{hf}", ours) for hf, ours in pairs]
+    if model_type == "bert":
+        pairs += [("bert.pooler.dense", "pooler.dense"), ("cls.predictions.transform.dense", "mlm_head.dense"),
+                  ("cls.predictions.transform.LayerNorm", "mlm_head.layer_norm"),
+                  ("cls.seq_relationship", "seq_relationship")]
+    else:
+        pairs += [("lm_head.dense", "mlm_head.dense"), ("lm_head.layer_norm", "mlm_head.layer_norm")]
+    rows += [(f"{hf}.{w}", (f"{ours}.{w}",), "same") for hf, ours in pairs for w in ("weight", "bias")]
+    rows.append(("cls.predictions.bias" if model_type == "bert" else "lm_head.bias", ("mlm_head.bias",), "same"))
+    return rows
+
+
+def _encoder_tied(model_type: str) -> Dict[str, str]:
+    """Tensors a checkpoint may store beside their original (the tied decoder): stored name -> original."""
+    pre, head = ENCODER_PREFIX[model_type], ("cls.predictions" if model_type == "bert" else "lm_head")
+    return {f"{head}.decoder.weight": f"{pre}.embeddings.word_embeddings.weight",
+            f"{head}.decoder.bias": f"{head}.bias"}
+
+
+def _encoder_ignored(model_type: str) -> Callable[[str], bool]:
+    """Buffers some checkpoints carry (position and token-type ids), and RoBERTa's pooler, which the masked-LM
+    model has no use for (transformers drops it too)."""
+    pre = ENCODER_PREFIX[model_type]
+
+    def ignored(name: str) -> bool:
+        if name in (f"{pre}.embeddings.position_ids", f"{pre}.embeddings.token_type_ids"):
+            return True
+        return model_type == "roberta" and name.startswith("roberta.pooler.")
+
+    return ignored
+
+
 def _llama_ignored(name: str) -> bool:
     """Older LLaMA checkpoints store RoPE's inverse frequencies, which npformer recomputes."""
     return name.endswith(".self_attn.rotary_emb.inv_freq")
@@ -293,8 +354,42 @@ def _llama_config(f: _Fields, model_type: str, dtype: str, block_size: Optional[
         qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias, sliding_window=sliding_window, dtype=dtype)
 
 
+def _encoder_config(f: _Fields, model_type: str, dtype: str, block_size: Optional[int]):
+    from ..models.bert import BertConfig
+
+    prefix = {"bert": "Bert", "roberta": "Roberta"}[model_type]
+    architectures = f.doc.get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(a, str) and a.startswith(prefix)
+                                                      for a in architectures):
+        raise f.fail("model_type", f"is {model_type!r}, but 'architectures' names {architectures!r:.80}, "
+                                   f"not a {prefix}* model")
+    f.require("hidden_act", ("gelu",), "gelu", "npformer's encoder layers use the exact (erf) GELU")
+    f.require("position_embedding_type", ("absolute",), "absolute",
+              "npformer's BERT has a learned table of absolute positions")
+    f.require("is_decoder", (False,), False, "npformer's BERT is a bidirectional encoder")
+    f.require("add_cross_attention", (False,), False, "npformer's BERT has no cross attention")
+    f.require("tie_word_embeddings", (True,), True, "npformer's MLM head decodes with the word table itself")
+    default_pad = 0 if model_type == "bert" else 1  # transformers' BertConfig / RobertaConfig defaults
+    pad = None if f.doc.get("pad_token_id", default_pad) is None else f.get("pad_token_id", "int0", default_pad)
+    if model_type == "roberta" and pad is None:
+        raise f.fail("pad_token_id", "is null; RoBERTa counts its positions from the pad id")
+    cfg = BertConfig(vocab_size=f.get("vocab_size", "int"), max_position=f.get("max_position_embeddings", "int"),
+                     type_vocab_size=f.get("type_vocab_size", "int", 2), n_layer=f.get("num_hidden_layers", "int"),
+                     n_head=f.get("num_attention_heads", "int"), d_model=f.get("hidden_size", "int"),
+                     d_ff=f.get("intermediate_size", "int"), dropout=0.0,
+                     layer_norm_eps=float(f.get("layer_norm_eps", "float", 1e-12)), pad_token_id=pad,
+                     position_padding_idx=pad if model_type == "roberta" else None,
+                     nsp_head=model_type == "bert", dtype=dtype)
+    if block_size not in (None, cfg.block_size):
+        raise ValueError(f"{f.op}: argument 'block_size' expected None or {cfg.block_size} for {model_type} (what "
+                         f"its position table covers), got {block_size}")
+    return cfg
+
+
 def _family(model) -> str:
-    """'gpt2' for npformer's GPT, 'llama' for its Llama (the config picks llama/mistral/qwen2)."""
+    """'gpt2' for npformer's GPT, 'llama' for its Llama (the config picks llama/mistral/qwen2), 'bert' for its
+    Bert (the NSP head picks bert or roberta)."""
+    from ..models.bert import Bert
     from ..models.gpt import GPT
     from ..models.llama import Llama
 
@@ -302,21 +397,30 @@ def _family(model) -> str:
         return "gpt2"
     if isinstance(model, Llama):
         return "llama"
-    raise TypeError(f"save_pretrained: argument 'model' expected an npformer GPT or Llama, got {type(model).__name__}")
+    if isinstance(model, Bert):
+        return "bert"
+    raise TypeError(f"save_pretrained: argument 'model' expected an npformer GPT, Llama or Bert, "
+                    f"got {type(model).__name__}")
 
 
 def _rows_for(model) -> List[_Row]:
-    return _gpt2_rows(model.cfg.n_layer) if _family(model) == "gpt2" else _llama_rows(model.cfg)
+    family = _family(model)
+    if family == "gpt2":
+        return _gpt2_rows(model.cfg.n_layer)
+    if family == "bert":
+        return _encoder_rows(model.cfg, _infer_model_type(model))
+    return _llama_rows(model.cfg)
 
 
 # -- loading -------------------------------------------------------------------------------------------
 def load_pretrained(path, *, dtype: str = "float32", block_size: Optional[int] = None):
-    """Build an npformer model from a Hugging Face folder (gpt2, llama, mistral, qwen2).
+    """Build an npformer model from a Hugging Face folder (gpt2, llama, mistral, qwen2, bert, roberta).
 
     path: the folder with config.json and model.safetensors (or its sharded index).
     dtype: 'float32' or 'float64' for the parameters (16-bit weights widen exactly).
     block_size: the longest sequence the model will take; default the config's
-    n_positions / max_position_embeddings. The model comes back in eval mode, with dropout 0.
+    n_positions / max_position_embeddings (gpt2, bert and roberta: only that, their position
+    table's). The model comes back in eval mode, with dropout 0.
     Raises HFFormatError naming the file and the field or tensor.
     """
     op = "load_pretrained"
@@ -337,6 +441,11 @@ def load_pretrained(path, *, dtype: str = "float32", block_size: Optional[int] =
 
         make_config, rows_of, ignored = (lambda: _gpt2_config(f, dtype, block_size)), \
             (lambda c: _gpt2_rows(c.n_layer)), _gpt2_ignored
+    elif model_type in ENCODER_PREFIX:
+        from ..models.bert import Bert as Model
+
+        make_config, rows_of, ignored = (lambda: _encoder_config(f, model_type, dtype, block_size)), \
+            (lambda c: _encoder_rows(c, model_type)), _encoder_ignored(model_type)
     else:
         from ..models.llama import Llama as Model
 
@@ -372,9 +481,16 @@ def _state_from_hf(op, weights, tensors, rows, ignored, model, model_type) -> Di
     dtype = next(iter(params.values())).data.dtype
     expected = {hf for hf, _, _ in rows}
     tied = getattr(model.cfg, "tie_word_embeddings", model_type == "gpt2")
+    stored_twice = _encoder_tied(model_type) if model_type in ENCODER_PREFIX else {}
     for name in tensors:
         if name in expected or ignored(name):
             continue
+        if name in stored_twice:  # the tied MLM decoder, stored again: it must be its original
+            original = stored_twice[name]
+            if original in tensors and np.array_equal(tensors[name], tensors[original]):
+                continue
+            raise _error(op, weights, f"tensor {name!r} differs from {original!r}, but npformer's MLM head "
+                                      "decodes with that tensor itself (tied)")
         if tied and name == "lm_head.weight":  # some tied checkpoints store the head too: it must be the embedding
             embedding = "transformer.wte.weight" if model_type == "gpt2" else "model.embed_tokens.weight"
             if embedding in tensors and np.array_equal(tensors[name], tensors[embedding]):
@@ -403,19 +519,35 @@ def _state_from_hf(op, weights, tensors, rows, ignored, model, model_type) -> Di
 
 
 # -- saving -----------------------------------------------------------------------------------------
-def hf_state_dict(model, *, grads: bool = False) -> Dict[str, np.ndarray]:
+def hf_state_dict(model, *, grads: bool = False, model_type: Optional[str] = None) -> Dict[str, np.ndarray]:
     """The model's parameters (or, with ``grads=True``, their gradients) under HF names and layouts.
 
     The maps are linear (transposes, splits), so a gradient maps exactly as its parameter does.
+    model_type: the names of which HF family, where a model has several ('bert' or 'roberta' for a
+    Bert; default as ``save_pretrained``'s). The llama family's names are one table for all three.
     """
     params = dict(model.named_parameters())
+    family = _family(model)
+    if model_type is not None and model_type not in _MODEL_TYPES_OF[family]:
+        raise ValueError(f"hf_state_dict: argument 'model_type' expected None or one of "
+                         f"{list(_MODEL_TYPES_OF[family])} for a {type(model).__name__}, got {model_type!r}")
+    if family == "bert" and model_type is not None:
+        rows = _encoder_rows(model.cfg, model_type)
+    else:
+        rows = _rows_for(model)  # gpt2 and the llama family each have one table for all their types
     return {hf: np.ascontiguousarray(_to_hf(layout, [params[n].grad if grads else params[n].data for n in ours]))
-            for hf, ours, layout in _rows_for(model)}
+            for hf, ours, layout in rows}
+
+
+# The Hugging Face model types each npformer family is written as (``_family``'s names).
+_MODEL_TYPES_OF = {"gpt2": ("gpt2",), "llama": ("llama", "mistral", "qwen2"), "bert": ("bert", "roberta")}
 
 
 def _infer_model_type(model) -> str:
     if _family(model) == "gpt2":
         return "gpt2"
+    if _family(model) == "bert":
+        return "bert" if model.cfg.nsp_head else "roberta"
     cfg = model.cfg
     if cfg.qkv_bias and not cfg.o_bias:
         return "qwen2"
@@ -467,19 +599,44 @@ def _llama_config_json(cfg, model_type: str) -> dict:
     return doc
 
 
+def _encoder_config_json(cfg, model_type: str) -> dict:
+    """config.json of a BertForPreTraining (model_type 'bert') or RobertaForMaskedLM ('roberta')."""
+    op = "save_pretrained"
+    if model_type == "bert" and (not cfg.nsp_head or cfg.position_padding_idx is not None):
+        raise ValueError(f"{op}: argument 'model' expected, for 'bert', the NSP head and positions 0 .. T-1, got "
+                         f"nsp_head={cfg.nsp_head}, position_padding_idx={cfg.position_padding_idx}")
+    if model_type == "roberta" and (cfg.nsp_head or cfg.position_padding_idx is None
+                                    or cfg.position_padding_idx != cfg.pad_token_id):
+        raise ValueError(f"{op}: argument 'model' expected, for 'roberta', no NSP head and positions counted from "
+                         f"the pad id (position_padding_idx == pad_token_id), got nsp_head={cfg.nsp_head}, "
+                         f"position_padding_idx={cfg.position_padding_idx}, pad_token_id={cfg.pad_token_id}")
+    if not cfg.type_vocab_size:
+        raise ValueError(f"{op}: argument 'model' has type_vocab_size=0, which a {model_type} config cannot express "
+                         "(its models always add a token-type embedding; use type_vocab_size=1)")
+    return {"architectures": [ENCODER_ARCHITECTURES[model_type]], "model_type": model_type,
+            "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layer,
+            "num_attention_heads": cfg.n_head, "intermediate_size": cfg.d_ff, "hidden_act": "gelu",
+            "hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": 0.0,
+            "max_position_embeddings": cfg.max_position, "type_vocab_size": cfg.type_vocab_size,
+            "layer_norm_eps": cfg.layer_norm_eps, "pad_token_id": cfg.pad_token_id,
+            "position_embedding_type": "absolute", "is_decoder": False, "add_cross_attention": False,
+            "tie_word_embeddings": True, "bos_token_id": None, "eos_token_id": None}
+
+
 def save_pretrained(model, path, *, model_type: Optional[str] = None, dtype: Optional[str] = None,
                     source=None) -> Path:
     """Write ``model`` as a Hugging Face folder: config.json and model.safetensors; returns the folder.
 
     model_type: 'gpt2' for a GPT; 'llama', 'mistral' or 'qwen2' for a Llama (default: qwen2 with
-    qkv biases and no o bias, mistral with a sliding window, else llama).
+    qkv biases and no o bias, mistral with a sliding window, else llama); 'bert' or 'roberta' for a
+    Bert (default: bert with the NSP head, roberta without).
     dtype: the stored float format, None (the parameters' own), 'float32', 'float64' or 'bfloat16'.
     source: a Hugging Face folder whose generation_config.json and tokenizer files are copied.
     """
     op = "save_pretrained"
     family = _family(model)
     folder = _check_folder(op, path)
-    allowed = ("gpt2",) if family == "gpt2" else ("llama", "mistral", "qwen2")
+    allowed = _MODEL_TYPES_OF[family]
     if model_type is None:
         model_type = _infer_model_type(model)
     elif model_type not in allowed:
@@ -490,7 +647,12 @@ def save_pretrained(model, path, *, model_type: Optional[str] = None, dtype: Opt
     source_dir = None if source is None else _check_folder(op, source)
     if source_dir is not None and not source_dir.is_dir():
         raise ValueError(f"{op}: argument 'source' expected a folder, got {str(source_dir)!r}")
-    doc = _gpt2_config_json(model.cfg) if family == "gpt2" else _llama_config_json(model.cfg, model_type)
+    if family == "gpt2":
+        doc = _gpt2_config_json(model.cfg)
+    elif family == "bert":
+        doc = _encoder_config_json(model.cfg, model_type)
+    else:
+        doc = _llama_config_json(model.cfg, model_type)
     stored = dtype or model.cfg.dtype
     doc["dtype"] = stored
     if source_dir is not None:  # the source's special token ids, which generate() reads from config.json
@@ -498,7 +660,8 @@ def save_pretrained(model, path, *, model_type: Optional[str] = None, dtype: Opt
         doc.update({k: source_doc[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in source_doc})
     folder.mkdir(parents=True, exist_ok=True)
     _remove_shards(op, folder)  # a folder saved sharded before would otherwise keep its old weights beside the new
-    write_safetensors(folder / SINGLE_FILE, hf_state_dict(model), metadata={"format": "pt"}, dtype=stored)
+    write_safetensors(folder / SINGLE_FILE, hf_state_dict(model, model_type=model_type), metadata={"format": "pt"},
+                      dtype=stored)
     (folder / "config.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     if source_dir is not None:
         for name in (GENERATION_FILE,) + TOKENIZER_FILES:
