@@ -66,7 +66,7 @@ def run(folder: Optional[str] = None, *, family: str = "gpt", prompt_len: int = 
         batch: int = 1, repeats: int = 3, hf: bool = True, attn: str = "eager", log=print) -> Dict[str, object]:
     """Time prefill and decode of npformer (and transformers, if ``hf`` and it is installed); figures by name."""
     from .hf import load_pretrained, save_pretrained
-    from .models import build
+    from .models import build, check_causal_lm
 
     op = "bench_inference.run"
     if family not in SHAPES:
@@ -86,6 +86,7 @@ def run(folder: Optional[str] = None, *, family: str = "gpt", prompt_len: int = 
             source = f"random {family} weights, {SHAPES[family]}"
         else:
             model = load_pretrained(folder)
+            check_causal_lm(op, "folder", model)
             source = str(folder)
         cfg = model.cfg
         if prompt_len + new_tokens > cfg.block_size:

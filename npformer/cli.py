@@ -359,6 +359,7 @@ def _generation_options(args, gen: Dict[str, object], prompt_len: int) -> Dict[s
 def _run_sample_hf(args) -> int:
     from .generate import NonFiniteLogitsError, generate
     from .hf import load_pretrained, load_tokenizer, read_generation_config
+    from .models import check_causal_lm
     from .ops._checks import check_count, check_real
 
     if args.checkpoint != "runs/gpt":
@@ -368,6 +369,7 @@ def _run_sample_hf(args) -> int:
         raise OptionError("--hf", f"expected a Hugging Face model folder with a config.json, got {args.hf!r}")
     try:
         model = load_pretrained(folder)
+        check_causal_lm("sample", "hf", model)
         tok = load_tokenizer(folder)
         gen = read_generation_config(folder)
     except (ValueError, OSError) as e:
@@ -468,6 +470,8 @@ def _run_bench_inference(args) -> int:
         named = re.search(r"argument '(\w+)' (.*)", str(e))
         if named and named.group(1) in ("prompt_len", "new_tokens"):  # together longer than the model's context
             raise OptionError(flag(named.group(1)), named.group(2)) from None
+        if named and named.group(1) == "folder":  # not a causal language model
+            raise OptionError("--hf", named.group(2)) from None
         raise CommandFailed(str(e)) from None
     if args.json:
         print(json.dumps(result))

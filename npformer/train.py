@@ -59,7 +59,7 @@ from .data.char import CharTokenizer
 from .data.corpus import default_corpus, get_batch, train_val_split
 from .data.vocab import check_vocab, tokenizer_difference
 from .generate import NonFiniteLogitsError, generate
-from .models import build as build_model, family
+from .models import build as build_model, check_causal_lm, family
 from .models.gpt import GPT, GPTConfig
 from .ops._checks import check_bool, check_count, check_real
 from .optim import AdamW, clip_grad_norm_, param_groups, warmup_cosine
@@ -733,6 +733,7 @@ def _load_hf(cfg: TrainConfig):
 
     try:
         model = load_pretrained(cfg.hf, dtype=cfg.dtype)
+        check_causal_lm("train", "hf", model)
         tok = load_tokenizer(cfg.hf)
         check_vocab(tok, model.cfg.vocab_size, f"{cfg.hf}", allow_padding=True)
     except (ValueError, OSError) as e:

@@ -30,6 +30,14 @@ def family_of(model: object) -> str:
                     f"got {type(model).__name__}")
 
 
+def check_causal_lm(op: str, name: str, model: object) -> None:
+    """A model that ``generate`` and the language-model trainer can drive (GPT or Llama); ``ValueError``
+    naming ``name`` for an encoder (BERT, ...), which predicts masked tokens, not the next one."""
+    if not isinstance(model, tuple(cls for cls, _ in FAMILIES.values())):
+        raise ValueError(f"{op}: argument '{name}' expected a causal language model ({', '.join(FAMILIES)}), "
+                         f"got a {type(model).__name__}, which predicts masked tokens, not the next one")
+
+
 def build(name: str, config: dict, seed: int = 0):
     """A new model of family ``name`` from its config's fields (``to_dict()``), initialised with ``seed``."""
     model_cls, config_cls = family(name)

@@ -236,3 +236,18 @@ def test_bench_inference_names_a_length_beyond_the_context(folder, tmp_path):
     status, out, err = run(["bench", "--inference", "--hf", str(path), "--prompt-len", "100", "--new-tokens", "100"],
                            tmp_path)
     assert status == 2 and "argument --new-tokens:" in err, err
+
+
+def test_hf_commands_refuse_an_encoder_folder_by_name(tmp_path):
+    """A BERT folder loads (load_pretrained reads encoders too), but sample, train and bench need a causal LM."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=32)
+    transformers.BertForPreTraining(config).save_pretrained(tmp_path / "bert")
+    (tmp_path / "text.txt").write_text("some text " * 200)
+    for argv in (["sample", "--hf", "bert", "--prompt", "x"],
+                 ["train", "--hf", "bert", "--data", "text.txt", "--steps", "1", "--out-dir", "run", "--no-progress"],
+                 ["bench", "--inference", "--hf", "bert", "--prompt-len", "4", "--new-tokens", "2"]):
+        status, out, err = run(argv, tmp_path)
+        assert status == 2 and "argument --hf:" in err and "causal language model" in err, (argv, err)
+        assert not (tmp_path / "run").exists()
