@@ -278,7 +278,7 @@ def _default_prompt(state, tok) -> str:
 def _run_sample(args) -> int:
     from . import checkpoint
     from .generate import NonFiniteLogitsError, generate
-    from .models import build as build_model
+    from .models import build as build_model, check_causal_lm
     from .ops._checks import check_count, check_real
     from .train import nonfinite_weights, tokenizer_from_checkpoint
 
@@ -301,6 +301,7 @@ def _run_sample(args) -> int:
         tok = tokenizer_from_checkpoint(state, str(path))
         saved = state.get("config")
         model = build_model(saved.get("model", "gpt") if isinstance(saved, dict) else "gpt", state["model_config"])
+        check_causal_lm("sample", "checkpoint", model)
         model.load_state_dict(state["model"])
     except (checkpoint.CheckpointError, ValueError, TypeError, KeyError) as e:
         raise OptionError("--checkpoint", f"expected a model saved by npformer train, got {path}: {e}") from None

@@ -40,7 +40,7 @@ import signal
 import stat
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Dict, List, Optional, Tuple
@@ -59,6 +59,8 @@ from .data.char import CharTokenizer
 from .data.corpus import default_corpus, get_batch, train_val_split
 from .data.vocab import check_vocab, tokenizer_difference
 from .generate import NonFiniteLogitsError, generate
+from . import pretraining
+from .pretraining import ENCODERS, OBJECTIVES
 from .models import build as build_model, check_causal_lm, family
 from .models.gpt import GPT, GPTConfig
 from .ops._checks import check_bool, check_count, check_real
@@ -75,7 +77,8 @@ class TrainConfig:
     data: str = "default"  # "default" (built-in corpus) or a path to a UTF-8 text file
     val_fraction: float = 0.1
     # model
-    model: str = "gpt"  # the family: "gpt" (GPT-2) or "llama" (RMSNorm, SwiGLU, RoPE, GQA)
+    model: str = "gpt"  # the family: "gpt" (GPT-2), "llama" (RMSNorm, SwiGLU, RoPE, GQA), or an encoder
+    objective: str = ""  # "" the family's own: next token for gpt/llama, masked LM for the encoders
     n_layer: int = 4
     n_head: int = 6
     n_kv_head: int = 0  # llama: key/value heads (grouped-query attention); 0 means one per query head
@@ -140,6 +143,7 @@ class TrainConfig:
             raise ConfigError("n_head", f"expected a divisor of d_model = {self.d_model}, got {self.n_head}")
         _field(self, "dropout", check_real, lo=0.0, hi=1.0, hi_open=True)
         _field(self, "n_kv_head", check_count, lo=0)
+        self._check_objective()
         if self.model == "llama":
             if self.n_kv_head and self.n_head % self.n_kv_head:
                 raise ConfigError("n_kv_head", f"expected 0 or a divisor of n_head = {self.n_head}, got {self.n_kv_head}")
@@ -166,6 +170,23 @@ class TrainConfig:
             raise ConfigError("overwrite", "cannot be combined with resume (continue a run, or replace it)")
         return self
 
+    def _check_objective(self) -> None:
+        """The objective must be one the family trains with ('' picks its default)."""
+        allowed = OBJECTIVES.get(self.model, ("clm",)) if isinstance(self.model, str) else ("clm",)
+        if not isinstance(self.objective, str) or self.objective not in ("",) + allowed:
+            raise ConfigError("objective", f"expected '' or one of {', '.join(allowed)} for --model {self.model}, "
+                                           f"got {self.objective!r}")
+
+    @property
+    def encoder(self) -> bool:
+        """Whether the model is an encoder, pre-trained by ``npformer.pretraining``."""
+        return self.model in ENCODERS
+
+    @property
+    def resolved_objective(self) -> str:
+        """The objective the run trains with: ``objective``, or the family's first."""
+        return self.objective or OBJECTIVES.get(self.model, ("clm",))[0]
+
     def _check_hf(self) -> None:
         """--hf names a model folder, whose config sets the model (so the model's own flags keep their
         defaults); --save-hf is a folder that can be written."""
@@ -188,7 +209,7 @@ class TrainConfig:
 
 # The model options a Hugging Face folder sets: with --hf they keep their defaults (block_size stays the
 # training window, at most the model's context).
-HF_SETS = ("model", "n_layer", "n_head", "n_kv_head", "d_model", "dropout")
+HF_SETS = ("model", "objective", "n_layer", "n_head", "n_kv_head", "d_model", "dropout")
 
 
 # How the text is split (see ``split_tokens``): chunks of SPLIT_CHUNK tokens where that gives a
@@ -205,8 +226,12 @@ FIELD_HELP = {
     "val_fraction": f"fraction of the text held out for the validation loss, in (0, 1): random chunks of "
                     f"{SPLIT_CHUNK} characters, shorter ones (down to {SPLIT_MIN_CHUNK}) or else the text's "
                     f"end when needed to hold the fraction within {SPLIT_TOLERANCE:.0%} (the split is printed)",
-    "model": "model family: gpt (LayerNorm, GELU, learned positions, tied head) or llama (RMSNorm, SwiGLU, "
-             "rotary positions, grouped-query attention, untied head)",
+    "model": "model family: gpt (LayerNorm, GELU, learned positions, tied head), llama (RMSNorm, SwiGLU, "
+             "rotary positions, grouped-query attention, untied head), or an encoder pre-trained with --objective: "
+             "bert, roberta",
+    "objective": "what the model learns: clm (next token; gpt, llama), mlm (masked LM, 15%% of tokens, 80/10/10), "
+                 "wwm (whole-word masked LM), nsp (MLM plus next-sentence prediction; bert); '' for the "
+                 "family's first",
     "n_kv_head": "llama only: key/value heads, a divisor of --n-head (grouped-query attention); 0: as many as --n-head",
     "n_layer": "transformer blocks",
     "n_head": "attention heads; must divide --d-model",
@@ -240,10 +265,10 @@ FIELD_HELP = {
                "run's character vocabulary is no tokenizer.json, so transformers loads the model but sample --hf "
                "has no tokenizer to read",
 }
-CHOICES = {"model": ("gpt", "llama"), "dtype": ("float32", "float64"), "checkpoint_format": ("npz", "safetensors")}
+CHOICES = {"model": ("gpt", "llama", "bert", "roberta"), "dtype": ("float32", "float64"), "checkpoint_format": ("npz", "safetensors")}
 # What a resumed run must share with its checkpoint: the model, the data split, and the parameter
 # groups' decay, all of which the saved state depends on. The text itself is compared by content.
-FIXED_ON_RESUME = ("val_fraction", "model", "n_layer", "n_head", "n_kv_head", "d_model", "block_size", "dropout",
+FIXED_ON_RESUME = ("val_fraction", "model", "objective", "n_layer", "n_head", "n_kv_head", "d_model", "block_size", "dropout",
                    "dtype", "hf", "weight_decay", "seed")
 # Fields a resumed run does not take from its checkpoint: they say what to do this time, or where
 # (the run folder is the one named now, never the one the checkpoint was first written in).
@@ -369,14 +394,23 @@ def fingerprint(text: str) -> Dict[str, object]:
     return {"characters": len(text), "sha256": hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()}
 
 
-def estimate_loss(model: GPT, data: np.ndarray, cfg: TrainConfig) -> float:
-    """Mean loss over ``eval_batches`` fixed batches (a fixed generator, so comparable across steps)."""
+def estimate_loss(model, data, cfg: TrainConfig, tokenizer=None) -> float:
+    """Mean loss over ``eval_batches`` fixed batches (a fixed generator, so comparable across steps).
+
+    data: the validation token ids, or for an encoder its validation text (batched by its
+    objective with ``tokenizer``)."""
     rng = np.random.default_rng(0)
     was_training = model.training
     model.eval()
     try:
-        losses = [model.forward(*get_batch(data, cfg.batch_size, cfg.block_size, rng))[1]
-                  for _ in range(cfg.eval_batches)]
+        if cfg.encoder:
+            batches = pretraining.batches(tokenizer, cfg.resolved_objective, data, batch_size=cfg.batch_size,
+                                          block_size=cfg.block_size, specials=pretraining.specials_for(tokenizer),
+                                          rng=rng)
+            losses = [pretraining.forward(model, next(batches)) for _ in range(cfg.eval_batches)]
+        else:
+            losses = [model.forward(*get_batch(data, cfg.batch_size, cfg.block_size, rng))[1]
+                      for _ in range(cfg.eval_batches)]
     finally:
         model.train(was_training)  # the mode it found, even if a forward raised
     return float(np.mean(losses))
@@ -548,7 +582,9 @@ def tokenizer_from_checkpoint(state: Dict[str, object], where: str):
     try:
         tok = kinds[kind].from_dict(vocab)
         # A Hugging Face model's vocab_size may exceed its tokenizer's (rows padded to a round number)
-        check_vocab(tok, mcfg.get("vocab_size"), where, allow_padding=kind == "hf")
+        saved = state.get("config") if isinstance(state.get("config"), dict) else {}
+        encoder = saved.get("model") in ENCODERS  # its vocabulary adds [CLS], [SEP], [MASK], [PAD] after the text's
+        check_vocab(tok, mcfg.get("vocab_size"), where, allow_padding=kind == "hf" or encoder)
     except (TypeError, ValueError) as e:
         raise checkpoint.CheckpointError(f"{where}: its vocabulary does not fit its model: {e}") from e
     return tok
@@ -727,6 +763,25 @@ def _check_optim_state(optim: Dict[str, object], step: int, cfg: TrainConfig, ba
             raise bad(f"'optim/state/{key}/step' expected the run's step {step}, got {got!r:.40}")
 
 
+def _encoder_data(cfg: TrainConfig, tok, train_ids: np.ndarray, val_ids: np.ndarray, rng: np.random.Generator):
+    """An encoder run's training batches (drawn from ``rng`` lazily) and its validation text; ``ConfigError``
+    naming ``data`` when the text cannot make the objective's batches (e.g. NSP with one document)."""
+
+    texts = tok.decode(train_ids.tolist()), tok.decode(val_ids.tolist())
+    try:
+        for text in texts[1:]:  # the validation text is batched afresh at each validation: checked here once
+            pretraining.batches(tok, cfg.resolved_objective, text, batch_size=cfg.batch_size,
+                                block_size=cfg.block_size, specials=pretraining.specials_for(tok),
+                                rng=np.random.default_rng(0))
+        train_batches = pretraining.batches(tok, cfg.resolved_objective, texts[0], batch_size=cfg.batch_size,
+                                            block_size=cfg.block_size, specials=pretraining.specials_for(tok),
+                                            rng=rng)
+    except ValueError as e:
+        raise ConfigError("data", f"expected a text that makes --objective {cfg.resolved_objective} batches of "
+                                  f"--block-size {cfg.block_size}: {e}") from None
+    return train_batches, texts[1]
+
+
 def _load_hf(cfg: TrainConfig):
     """(model, tokenizer) of the --hf folder, in the run's dtype; ``ConfigError`` naming ``hf`` if unreadable."""
     from .hf import load_pretrained, load_tokenizer
@@ -742,7 +797,14 @@ def _load_hf(cfg: TrainConfig):
 
 
 def model_config(cfg: TrainConfig, vocab_size: int):
-    """The model settings of a run of ``cfg`` on a vocabulary of ``vocab_size`` (a GPTConfig or LlamaConfig)."""
+    """The model settings of a run of ``cfg`` on a tokenizer of ``vocab_size`` ids (GPTConfig, LlamaConfig, or an
+    encoder's, whose vocabulary adds four special ids)."""
+    if cfg.encoder:
+        specials = pretraining.SpecialIds(*range(vocab_size, vocab_size + 4), vocab_size=vocab_size + 4)
+        return pretraining.encoder_config(cfg.model, cfg.resolved_objective, vocab_size=vocab_size + 4,
+                                          specials=specials, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                                          n_head=cfg.n_head, d_model=cfg.d_model, dropout=cfg.dropout,
+                                          dtype=cfg.dtype)
     shape = dict(vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                  d_model=cfg.d_model, dtype=cfg.dtype)
     if cfg.model == "llama":
@@ -917,7 +979,11 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
     # A run resumed from a checkpoint without a saved split was split with chunks of 4096 tokens.
     saved_split = None if state is None else state.get("split", {"chunk_size": SPLIT_CHUNK})
     train_ids, val_ids, split = split_tokens(ids, cfg.val_fraction, cfg.seed, saved_split)
+    data_rng = np.random.default_rng(cfg.seed + 1)
     _check_split(train_ids, val_ids, split, cfg, resumed=state is not None)
+    train_batches = None
+    if cfg.encoder:  # batches of the objective, drawn from data_rng (as it stands after a restore, below)
+        train_batches, val_ids = _encoder_data(cfg, tok, train_ids, val_ids, data_rng)
     if pretrained:
         model = pretrained[0]
         mcfg = model.cfg
@@ -928,11 +994,12 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
         model.train()  # load_pretrained gives a model in eval mode
     else:
         mcfg = model_config(cfg, tok.vocab_size)
-    check_memory(mcfg, cfg.batch_size)
+    # An encoder's step holds about what a GPT of its shape holds: its estimate stands in
+    check_memory(model_config(replace(cfg, model="gpt", objective=""), mcfg.vocab_size) if cfg.encoder else mcfg,
+                 cfg.batch_size)
     if not pretrained:
         model = build_model(cfg.model, mcfg.to_dict(), seed=cfg.seed)
     opt = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-    data_rng = np.random.default_rng(cfg.seed + 1)
     history, start = History(), 0
     schedule = warmup_cosine(cfg.lr, cfg.min_lr, cfg.warmup, cfg.steps)
     if state is not None:
@@ -1004,7 +1071,7 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
             if done > (saved_step if saved_step is not None else 0):
                 if (done % cfg.eval_interval == 0 or done == cfg.steps) and history.val_steps[-1:] != [done - 1]:
                     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                        _validate(model, val_ids, cfg, done, path, saved_step, history)
+                        _validate(model, val_ids, cfg, done, path, saved_step, history, tok)
                 save(done)
                 saved = True
             if done > start:
@@ -1030,8 +1097,11 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
                 lr = schedule(step)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                x, y = get_batch(train_ids, cfg.batch_size, cfg.block_size, data_rng)
-                _, loss = model.forward(x, y)
+                if train_batches is not None:  # an encoder: its objective's batch
+                    loss = pretraining.forward(model, next(train_batches))
+                else:
+                    x, y = get_batch(train_ids, cfg.batch_size, cfg.block_size, data_rng)
+                    _, loss = model.forward(x, y)
                 if not math.isfinite(loss):
                     raise TrainingDiverged(step + 1, f"the training loss is {loss}", cfg.lr, path, saved_step)
                 model.zero_grad()
@@ -1051,9 +1121,9 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
                 last = done == cfg.steps
                 if done % cfg.eval_interval == 0 or last:
-                    val = _validate(model, val_ids, cfg, done, path, saved_step, history)
+                    val = _validate(model, val_ids, cfg, done, path, saved_step, history, tok)
                     text_out = ""
-                    if cfg.sample_tokens:
+                    if cfg.sample_tokens and not cfg.encoder:  # an encoder does not continue text
                         try:
                             out = generate(model, prompt, cfg.sample_tokens, temperature=0.8, top_k=20,
                                            rng=np.random.default_rng(step))
@@ -1061,13 +1131,13 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
                             raise TrainingDiverged(done, str(e), cfg.lr, path, saved_step) from None
                         text_out = tok.decode(out[0].tolist())
                     _write(bar, f"\nstep {done}: train {loss:.4f}, val {val:.4f}, {tok_s:,.0f} tok/s (training)\n"
-                                f"{text_out}\n")
+                                + (f"{text_out}\n" if text_out else ""))
                     save(done)
                 if cfg.stop_at and done >= cfg.stop_at and not last:
                     if saved_step != done:
                         save(done)
                     final_val = history.val_loss[-1] if history.val_steps[-1:] == [step] else \
-                        estimate_loss(model, val_ids, cfg)
+                        estimate_loss(model, val_ids, cfg, tok)
                     break
     except KeyboardInterrupt:
         _close(bar)
@@ -1083,9 +1153,9 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
             "checkpoint": str(path), "plot": str(plot), "history": history}
 
 
-def _validate(model, val_ids, cfg, done, path, saved_step, history) -> float:
+def _validate(model, val_ids, cfg, done, path, saved_step, history, tokenizer=None) -> float:
     """The validation loss after step ``done``, recorded in the history; ``TrainingDiverged`` if not finite."""
-    val = estimate_loss(model, val_ids, cfg)
+    val = estimate_loss(model, val_ids, cfg, tokenizer)
     if not math.isfinite(val):
         raise TrainingDiverged(done, f"the validation loss is {val}", cfg.lr, path, saved_step)
     with _sigint_deferred():  # both entries or neither

@@ -30,6 +30,8 @@ from npformer.train import (FIXED_ON_RESUME, ConfigError, TrainConfig, check_mem
 
 TEXT = "the quick brown fox jumps over the lazy dog.\n" * 40
 QUIET = lambda *a: None  # noqa: E731
+PARAGRAPHS = "".join(f"the {w} fox jumps over the lazy dog.\nit runs {i} miles home.\n" + ("\n" if i % 3 == 2 else "")
+                     for i, w in enumerate(["quick", "brown", "red", "slow", "grey", "small"] * 12))
 
 
 def tiny(tmp_path, **overrides):
@@ -102,6 +104,48 @@ def test_llama_options_are_checked_by_name(tmp_path, overrides, name):
     assert info.value.field == name and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("model, objective", [("bert", "mlm"), ("bert", "nsp"), ("bert", "wwm"), ("roberta", "mlm")])
+def test_encoders_pretrain_with_their_objectives_and_resume_bit_for_bit(tmp_path, model, objective):
+    """--model bert|roberta --objective ...: the loss falls; a stopped run resumes to the same losses."""
+    enc = dict(model=model, objective=objective, n_head=2, d_model=32, block_size=24, batch_size=8, lr=3e-3,
+               eval_batches=2)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for run in ("a", "b"):  # documents (blank-line separated) for the sentence pairs of NSP
+        (tmp_path / run / "corpus.txt").write_text(PARAGRAPHS, encoding="utf-8")
+    full = train(tiny(tmp_path / "a", steps=40, eval_interval=20, **enc), log=QUIET)
+    history = full["history"]
+    assert np.mean(history.train_loss[:4]) - np.mean(history.train_loss[-4:]) > 0.3, history.train_loss
+    state = checkpoint.load(full["checkpoint"])
+    assert state["config"]["model"] == model and state["model_config"]["nsp_head"] == (objective == "nsp")
+    assert state["model_config"]["vocab_size"] == state["model"]["embeddings.word_embeddings.weight"].shape[0]
+    train(tiny(tmp_path / "b", steps=40, eval_interval=20, stop_at=10, **enc), log=QUIET)
+    resumed = train(tiny(tmp_path / "b", steps=40, eval_interval=20, resume=True, **enc), log=QUIET)["history"]
+    assert resumed.train_loss == history.train_loss and resumed.val_loss == history.val_loss
+
+
+@pytest.mark.parametrize("overrides", [dict(model="gpt", objective="mlm"), dict(model="llama", objective="nsp"),
+                                       dict(model="roberta", objective="nsp"), dict(model="bert", objective="clm"),
+                                       dict(model="bert", objective="rtd")])
+def test_an_objective_the_family_does_not_train_with_is_refused(tmp_path, overrides):
+    with pytest.raises(ConfigError) as info:
+        train(tiny(tmp_path, **overrides), log=QUIET)
+    assert info.value.field == "objective" and not (tmp_path / "run").exists()
+
+
+def test_nsp_on_a_text_of_one_document_is_refused_naming_data(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        train(tiny(tmp_path, model="bert", objective="nsp"), log=QUIET)
+    assert info.value.field == "data" and "nsp" in info.value.reason and not (tmp_path / "run").exists()
+
+
+def test_an_encoder_checkpoint_is_not_sampled(tmp_path, capsys):
+    cfg = tiny(tmp_path, model="bert", steps=2, eval_interval=2, eval_batches=1)
+    train(cfg, log=QUIET)
+    assert cli_main(["sample", "--checkpoint", cfg.out_dir, "--prompt", "the"]) == 2
+    assert "causal language model" in capsys.readouterr().err
+
+
 def test_command_line_train_and_sample_llama(tmp_path, capsys):
     cfg = tiny(tmp_path, steps=10, eval_interval=10)
     args = ["train", "--model", "llama", "--n-head", "4", "--n-kv-head", "1", "--d-model", "16", "--n-layer", "1",
@@ -165,7 +209,8 @@ VALID_CHANGES = {"val_fraction": st.sampled_from([0.2, 0.3, 0.5]), "n_layer": st
                  "n_head": st.sampled_from([1, 4, 8]), "d_model": st.sampled_from([8, 24, 32]),
                  "block_size": st.sampled_from([8, 12]), "dropout": st.sampled_from([0.1, 0.5]),
                  "dtype": st.just("float64"), "weight_decay": st.sampled_from([0.0, 0.3]),
-                 "seed": st.integers(0, 1000), "model": st.just("llama"), "n_kv_head": st.sampled_from([1, 2]),
+                 "seed": st.integers(0, 1000), "model": st.sampled_from(["llama", "bert"]), "n_kv_head": st.sampled_from([1, 2]),
+                 "objective": st.just("mlm"),  # a gpt run's objective is clm; mlm is refused for it
                  "hf": st.sampled_from(["no-such-folder", "."])}  # a folder without a config.json is refused too
 
 
@@ -313,7 +358,8 @@ def bad_values(name):
         above = st.floats(min_value=hi, exclude_min=not hi_open) if hi is not None else st.nothing()
         return below | above | st.sampled_from([math.nan, math.inf, "0.1", True, None])
     return {"dtype": st.sampled_from(["float16", "bfloat16", "int64", "", None]),
-            "model": st.sampled_from(["GPT", "bert", "gpt2", "", None]),
+            "model": st.sampled_from(["GPT", "BERT", "gpt2", "", None]),
+            "objective": st.sampled_from(["mlm", "nsp", "sop", "CLM", None, 3]),  # none is gpt's
             "hf": st.sampled_from(["missing-folder", "corpus.txt", ".", None, 3]),
             "save_hf": st.sampled_from(["corpus.txt", "corpus.txt/sub", None, 3]),
             "checkpoint_format": st.sampled_from(["pt", "bin", "NPZ", "", None]),
@@ -323,7 +369,7 @@ def bad_values(name):
             "overwrite": st.sampled_from([1, "true", None])}[name]
 
 
-FIELDS = ["val_fraction", "model", "n_kv_head", "hf", "save_hf", "n_layer", "n_head", "d_model", "block_size", "dropout", "dtype", "steps", "batch_size",
+FIELDS = ["val_fraction", "model", "objective", "n_kv_head", "hf", "save_hf", "n_layer", "n_head", "d_model", "block_size", "dropout", "dtype", "steps", "batch_size",
           "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "eval_interval", "eval_batches", "sample_tokens",
           "out_dir", "checkpoint_format", "seed", "stop_at", "progress", "overwrite", "resume", "data"]
 
@@ -421,7 +467,7 @@ def test_train_refuses_a_step_larger_than_memory(tmp_path, monkeypatch):
 # -- throughput --------------------------------------------------------------------------------------------
 def test_reported_throughput_is_training_time_only(tmp_path, monkeypatch, capsys):
     """Each validation sleeps 0.25 s: tokens/s counting it would be below tokens / 1 s."""
-    def slow_eval(model, data, cfg):
+    def slow_eval(model, data, cfg, tokenizer=None):
         time.sleep(0.25)
         return 1.0
 

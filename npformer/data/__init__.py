@@ -9,7 +9,10 @@
   model's ``vocab_size``), ``tokenizer_difference`` / ``check_same_tokenizer`` (against a
   saved one); ``corpus.data_fingerprint`` identifies a text or token stream;
 - ``objectives.py``: encoder pre-training objectives: masked LM (80/10/10, whole-word option),
-  NSP and SOP sentence pairs, ELECTRA's replaced-token labels, and corpus batches for each.
+  NSP and SOP sentence pairs, ELECTRA's replaced-token labels, and corpus batches for each;
+- ``tasks.py``: fine-tuning tasks from the standard library (docstring -> module, Python token
+  tags), split by hash, ``classification_batches``, accuracy / macro-F1 / majority baseline /
+  confusion matrix.
 """
 
 from .arithmetic import IGNORE_INDEX, ArithmeticTask, Problem, exact_match, make_batch
@@ -18,10 +21,14 @@ from .char import CharTokenizer
 from .corpus import data_fingerprint, default_corpus, get_batch, train_val_split
 from .objectives import (PairBatch, SpecialIds, mask_tokens, pretraining_batches, replaced_token_labels,
                          sentence_pairs, special_ids_for)
+from .tasks import (Task, TaggedLine, TextExample, accuracy, align_labels, classification_batches, confusion_matrix,
+                    docstring_task, load_task, macro_f1, majority_baseline, token_accuracy, token_task)
 from .vocab import check_same_tokenizer, check_vocab, tokenizer_difference
 
 __all__ = ["CharTokenizer", "ByteBPE", "default_corpus", "train_val_split", "get_batch",
            "ArithmeticTask", "Problem", "make_batch", "exact_match", "IGNORE_INDEX",
            "check_vocab", "check_same_tokenizer", "tokenizer_difference", "data_fingerprint",
            "mask_tokens", "sentence_pairs", "replaced_token_labels", "pretraining_batches", "special_ids_for",
-           "SpecialIds", "PairBatch"]
+           "SpecialIds", "PairBatch", "Task", "TaggedLine", "TextExample", "accuracy", "align_labels",
+           "classification_batches", "confusion_matrix", "docstring_task", "load_task", "macro_f1",
+           "majority_baseline", "token_accuracy", "token_task"]

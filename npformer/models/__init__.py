@@ -1,17 +1,22 @@
 """The model families by name, for the trainer, the sampler and the benchmark.
 
 ``FAMILIES`` maps a family's name (``npformer train --model NAME``) to its model and
-config classes; ``family_of(model)`` is the inverse. Each family's file imports no other.
+config classes (RoBERTa is a configuration of BERT's model); ``family_of(model)`` is the
+inverse (the first family of the model's class). ``CAUSAL_LMS`` are those that generate.
+Each family's file imports no other.
 """
 
 from __future__ import annotations
 
 from typing import Dict, Tuple, Type
 
+from .bert import Bert, BertConfig
 from .gpt import GPT, GPTConfig
 from .llama import Llama, LlamaConfig
 
-FAMILIES: Dict[str, Tuple[Type, Type]] = {"gpt": (GPT, GPTConfig), "llama": (Llama, LlamaConfig)}
+FAMILIES: Dict[str, Tuple[Type, Type]] = {"gpt": (GPT, GPTConfig), "llama": (Llama, LlamaConfig),
+                                          "bert": (Bert, BertConfig), "roberta": (Bert, BertConfig)}
+CAUSAL_LMS = ("gpt", "llama")  # the families that predict the next token (generate, sample, bench --inference)
 
 
 def family(name: str) -> Tuple[Type, Type]:
@@ -33,8 +38,8 @@ def family_of(model: object) -> str:
 def check_causal_lm(op: str, name: str, model: object) -> None:
     """A model that ``generate`` and the language-model trainer can drive (GPT or Llama); ``ValueError``
     naming ``name`` for an encoder (BERT, ...), which predicts masked tokens, not the next one."""
-    if not isinstance(model, tuple(cls for cls, _ in FAMILIES.values())):
-        raise ValueError(f"{op}: argument '{name}' expected a causal language model ({', '.join(FAMILIES)}), "
+    if not isinstance(model, tuple(FAMILIES[f][0] for f in CAUSAL_LMS)):
+        raise ValueError(f"{op}: argument '{name}' expected a causal language model ({', '.join(CAUSAL_LMS)}), "
                          f"got a {type(model).__name__}, which predicts masked tokens, not the next one")
 
 
