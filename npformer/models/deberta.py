@@ -1,0 +1,470 @@
+"""DeBERTa-v2/v3 as a masked-language model: disentangled attention over shared relative embeddings.
+
+Read it beside ``bert.py``: the same post-norm encoder layer and tied MLM head, with three
+differences. (1) Positions: by default no absolute position table at all
+(``position_biased_input=False``, DeBERTa-v3's setting; ``True`` adds a learned table as BERT
+does); instead every layer's attention adds content-to-position and position-to-content
+scores read from one table of relative embeddings ``rel_embeddings`` (2 S, D), shared by
+all layers, LayerNorm'd once per forward (``norm_rel_ebd``), and projected in each layer by
+that layer's own query and key projections (``share_att_key``) or by separate ones
+(``pos_query_proj``, ``pos_key_proj``). The op is ``ops/disentangled_attention.py``
+(proof: ``proofs/disentangled_attention.md``), with relative positions log-bucketed
+(``position_buckets``, ``max_relative_positions``). (2) Padding: the attention mask is the
+pairwise product of the (B, T) padding mask, so a padding query sees no key (its row is
+uniform, as the op documents), and the embeddings' output is zeroed at padding. (3) The
+scale is 1/sqrt(D_h (1 + n)) for n position terms, the square root rounded to float32, as
+Hugging Face computes it (so that float64 logits agree with it to round-off).
+
+Gradients: ``rel_embeddings`` collects one contribution from every layer (each layer's
+backward returns the gradient of its (2 S, D) input, summed by ``backward`` before the one
+LayerNorm backward); with ``share_att_key`` a layer's query and key weights each get two
+contributions, from the content and from the relative rows.
+
+The enhanced mask decoder (EMD). The DeBERTa paper feeds absolute positions back into the
+last layers just before the MLM head: those layers are run again with the query stream
+built from the hidden states plus absolute position embeddings. Hugging Face's
+``DebertaV2ForMaskedLM`` keeps the code path for it (``z_steps``, ``query_states``) but sets
+``z_steps = 0``, so it never runs: its MLM head reads the last encoder layer's output
+directly, and with ``position_biased_input=False`` no absolute position enters at all.
+Released checkpoints' EMD-related tensors (``mask_predictions.*``) are dropped on load by
+transformers too. This model follows Hugging Face's computation exactly, for parity, and
+has no EMD.
+
+Not represented (refused by name where a Hugging Face config asks for it, ``hf/deberta_map``):
+the convolution beside the first layer (``conv_kernel_size > 0``), a separate embedding width
+(``embedding_size``), activations other than the exact GELU, dropout on attention
+probabilities (``dropout`` is applied to the embeddings, the relative embeddings of every
+layer, and each sublayer's output, as Hugging Face's ``hidden_dropout_prob``).
+
+Parameter names: ``embeddings.word_embeddings.weight``, ``embeddings.position_embeddings.weight``
+(with ``position_biased_input``), ``embeddings.token_type_embeddings.weight`` (type_vocab_size > 0),
+``embeddings.LayerNorm.*``, ``rel_embeddings.weight``, ``rel_norm.*`` (with ``norm_rel_ebd``),
+``layers.{i}.attention.{query_proj,key_proj,value_proj,o_proj}.*`` (and
+``pos_key_proj``/``pos_query_proj`` without ``share_att_key``), ``layers.{i}.attention_norm.*``,
+``layers.{i}.mlp.{fc,proj}.*``, ``layers.{i}.output_norm.*``, ``mlm_head.{dense,layer_norm}.*``,
+``mlm_head.bias`` (the decoder is the word table).
+
+Shapes: ids (B, T) int, hidden (B, T, D), rel (2 S, D), mlm_logits (B, T, V); D_h = D / H per head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import NamedTuple, Optional, Tuple
+
+import numpy as np
+
+from ..nn.attention import merge_heads, split_heads
+from ..nn.encoder import MLMHead, key_padding_mask
+from ..nn.layers import Dropout, Embedding, LayerNorm, Linear, check_dout
+from ..nn.lm import IGNORE_INDEX
+from ..nn.mlp import MLP
+from ..nn.module import Module, ModuleList, atomic
+from ..ops._checks import MAX_POSITION, check_bool, check_count, check_int, check_real, check_shape
+from ..ops.cross_entropy import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
+from ..ops.disentangled_attention import (
+    deberta_relative_indices,
+    disentangled_attention_backward,
+    disentangled_attention_forward,
+    pairwise_attention_mask,
+)
+from ..ops.linear import linear_backward, linear_forward
+
+__all__ = ["DebertaConfig", "Deberta", "DebertaOutputs", "IGNORE_INDEX", "deberta_scale"]
+
+
+def deberta_scale(head_dim: int, n_terms: int) -> float:
+    """c = 1 / sqrt(D_h (1 + n)) with the square root rounded to float32, as Hugging Face computes it (DA.7)."""
+    return 1.0 / float(np.sqrt(np.float32(head_dim * (1 + n_terms))))
+
+
+@dataclass
+class DebertaConfig:
+    """A DeBERTa-v2/v3 masked-LM's shape; Hugging Face's field name, where it differs, in the comment."""
+
+    vocab_size: int = 65
+    max_position: int = 128  # max_position_embeddings: rows of the absolute table (position_biased_input)
+    type_vocab_size: int = 0  # 0: no token-type table
+    n_layer: int = 2  # num_hidden_layers
+    n_head: int = 4  # num_attention_heads
+    d_model: int = 128  # hidden_size
+    d_ff: int = 512  # intermediate_size
+    dropout: float = 0.1  # hidden_dropout_prob (embeddings, relative embeddings, sublayer outputs)
+    layer_norm_eps: float = 1e-7
+    pad_token_id: Optional[int] = 0  # the word row a lookup never trains; None: none
+    position_biased_input: bool = False  # True: add a learned absolute position table to the embeddings
+    position_buckets: Optional[int] = 256  # N log buckets (span S = N); None: no bucketing (S = max_relative_positions)
+    max_relative_positions: int = 512  # M of the log buckets (DA.1), or the span S without bucketing
+    pos_att_type: Tuple[str, ...] = ("p2c", "c2p")  # which position terms the scores add
+    share_att_key: bool = True  # project the relative rows with the content query/key projections
+    norm_rel_ebd: bool = True  # norm_rel_ebd "layer_norm": LayerNorm the relative table once per forward
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        """Every field checked when the config is made, so a bad one never builds a model."""
+        op = "DebertaConfig"
+        for name in ("vocab_size", "max_position", "n_layer", "n_head", "d_model", "d_ff"):
+            setattr(self, name, check_count(op, name, getattr(self, name), 1, MAX_POSITION))
+        self.type_vocab_size = check_count(op, "type_vocab_size", self.type_vocab_size, 0, MAX_POSITION)
+        if self.d_model % self.n_head:
+            raise ValueError(f"{op}: argument 'n_head' expected a divisor of d_model = {self.d_model}, "
+                             f"got {self.n_head}")
+        self.dropout = check_real(op, "dropout", self.dropout, lo=0.0, hi=1.0, hi_open=True)
+        self.layer_norm_eps = check_real(op, "layer_norm_eps", self.layer_norm_eps, lo=0.0)
+        if self.pad_token_id is not None:
+            self.pad_token_id = check_count(op, "pad_token_id", self.pad_token_id, 0, self.vocab_size - 1)
+        for name in ("position_biased_input", "share_att_key", "norm_rel_ebd"):
+            setattr(self, name, check_bool(op, name, getattr(self, name)))
+        if self.position_buckets is None:
+            self.max_relative_positions = check_count(op, "max_relative_positions", self.max_relative_positions, 1,
+                                                      MAX_POSITION)
+        else:
+            self.position_buckets = check_count(op, "position_buckets", self.position_buckets, 2, MAX_POSITION)
+            self.max_relative_positions = check_count(  # ln((M - 1) / mid) > 0 in (DA.1)
+                op, "max_relative_positions", self.max_relative_positions, self.position_buckets // 2 + 2,
+                MAX_POSITION)
+        terms = self.pos_att_type
+        if (not isinstance(terms, (tuple, list)) or not all(isinstance(t, str) and t in ("c2p", "p2c") for t in terms)
+                or len(set(terms)) != len(terms)):
+            raise ValueError(f"{op}: argument 'pos_att_type' expected a tuple of distinct names from "
+                             f"('c2p', 'p2c'), got {terms!r}")
+        self.pos_att_type = tuple(terms)
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"{op}: argument 'dtype' expected 'float32' or 'float64', got {self.dtype!r}")
+
+    @property
+    def att_span(self) -> int:
+        """S: the relative table has 2 S rows."""
+        return self.max_relative_positions if self.position_buckets is None else self.position_buckets
+
+    @property
+    def block_size(self) -> Optional[int]:
+        """The longest sequence: max_position with an absolute table, else None (no limit from positions)."""
+        return self.max_position if self.position_biased_input else None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class DebertaOutputs(NamedTuple):
+    mlm_logits: np.ndarray  # (B, T, V)
+
+
+class DebertaCache(NamedTuple):
+    """One training forward of ``Deberta``: the loss's op cache (None without labels)."""
+
+    mlm_loss: Optional[CrossEntropyCache]
+
+
+# -- embeddings ---------------------------------------------------------------------------------------
+class DebertaEmbeddingsCache(NamedTuple):
+    word_frozen: Optional[np.ndarray]  # (B, T) bool: ids == pad_token_id (None: no frozen row)
+    tokens: Optional[np.ndarray]  # (B, T, 1) of the dtype: 1 at a token, 0 at padding (None: no padding)
+    out_shape: Tuple[int, ...]  # (B, T, D)
+
+
+class DebertaEmbeddings(Module):
+    """drop(LN(word[ids] (+ position[0..T-1]) (+ token_type[types])) * tokens): zero at padding."""
+
+    def __init__(self, cfg: DebertaConfig, *, rng: np.random.Generator, dtype):
+        super().__init__()
+        self.pad_token_id = cfg.pad_token_id
+        self.word_embeddings = Embedding(cfg.vocab_size, cfg.d_model, rng=rng, dtype=dtype)
+        if cfg.position_biased_input:
+            self.position_embeddings = Embedding(cfg.max_position, cfg.d_model, rng=rng, dtype=dtype)
+        if cfg.type_vocab_size:
+            self.token_type_embeddings = Embedding(cfg.type_vocab_size, cfg.d_model, rng=rng, dtype=dtype)
+        self.LayerNorm = LayerNorm(cfg.d_model, cfg.layer_norm_eps, dtype=dtype)
+        self.dropout = Dropout(cfg.dropout, rng=rng)
+        if cfg.pad_token_id is not None:
+            self.word_embeddings.weight.data[cfg.pad_token_id] = 0  # a frozen row starts at zero, as torch's
+
+    @atomic
+    def forward(self, ids: np.ndarray, token_type_ids: Optional[np.ndarray], pad: Optional[np.ndarray]) -> np.ndarray:
+        """ids (B, T), token_type_ids (B, T) or None, pad (B, T) bool True at padding or None -> (B, T, D)."""
+        B, T = ids.shape
+        x = self.word_embeddings.forward(ids)
+        if self.position_embeddings_on:
+            x = x + self.position_embeddings.forward(np.broadcast_to(np.arange(T), (B, T)))
+        if self.token_type_on:
+            x = x + self.token_type_embeddings.forward(np.zeros((B, T), np.int64) if token_type_ids is None
+                                                       else token_type_ids)
+        h = self.LayerNorm.forward(x)
+        tokens = None if pad is None else (~pad)[..., None].astype(h.dtype)
+        if tokens is not None:
+            h = h * tokens  # padding's embeddings are zero
+        out = self.dropout.forward(h)
+        self.save_cache(DebertaEmbeddingsCache(
+            word_frozen=None if self.pad_token_id is None else ids == self.pad_token_id, tokens=tokens,
+            out_shape=out.shape))
+        self.record("out", out)
+        return out
+
+    @property
+    def position_embeddings_on(self) -> bool:
+        return "position_embeddings" in self._modules
+
+    @property
+    def token_type_on(self) -> bool:
+        return "token_type_embeddings" in self._modules
+
+    @atomic
+    def backward(self, dout: np.ndarray) -> None:
+        """dout (B, T, D): the tables' gradients; a lookup of the frozen pad row adds nothing to it."""
+        cache = self.pop_cache()
+        dh = self.dropout.backward(dout)
+        if cache.tokens is not None:
+            dh = dh * cache.tokens
+        dx = self.LayerNorm.backward(dh)  # the sum of the lookups gets dx in each table
+        if self.token_type_on:
+            self.token_type_embeddings.backward(dx)
+        if self.position_embeddings_on:
+            self.position_embeddings.backward(dx)
+        dword = dx if cache.word_frozen is None else np.where(cache.word_frozen[..., None], 0, dx)
+        self.word_embeddings.backward(dword)
+
+
+# -- attention ----------------------------------------------------------------------------------------
+class RelativeProjection(NamedTuple):
+    """One projection of the relative rows: which Linear's weights, and linear_forward's cache."""
+
+    proj: Linear
+    cache: object  # LinearCache of (2 S, D) @ W^T + b
+
+
+class DisentangledAttentionLayerCache(NamedTuple):
+    op: object  # DisentangledAttentionCache
+    k_r: Optional[RelativeProjection]  # "c2p"
+    q_r: Optional[RelativeProjection]  # "p2c"
+    rel_shape: Tuple[int, ...]  # (2 S, D)
+
+
+class DisentangledSelfAttention(Module):
+    """o_proj(disentangled_attention(query_proj(x), key_proj(x), value_proj(x), rel projections)).
+
+    rel (2 S, D) is dropped out here (each layer its own mask), then projected: by query_proj /
+    key_proj themselves with ``share_att_key``, else by pos_query_proj / pos_key_proj.
+    """
+
+    def __init__(self, cfg: DebertaConfig, *, rng: np.random.Generator, dtype):
+        super().__init__()
+        D = cfg.d_model
+        self.n_head = cfg.n_head
+        self.terms = cfg.pos_att_type
+        self.query_proj = Linear(D, D, True, rng=rng, dtype=dtype)
+        self.key_proj = Linear(D, D, True, rng=rng, dtype=dtype)
+        self.value_proj = Linear(D, D, True, rng=rng, dtype=dtype)
+        if not cfg.share_att_key:
+            if "c2p" in self.terms:
+                self.pos_key_proj = Linear(D, D, True, rng=rng, dtype=dtype)
+            if "p2c" in self.terms:
+                self.pos_query_proj = Linear(D, D, True, rng=rng, dtype=dtype)
+        self.share = cfg.share_att_key
+        self.rel_dropout = Dropout(cfg.dropout, rng=rng)
+        self.o_proj = Linear(D, D, True, rng=rng, dtype=dtype)
+        self.scale = deberta_scale(D // cfg.n_head, len(self.terms))
+
+    def _project_rel(self, rel: np.ndarray, term: str) -> Tuple[np.ndarray, RelativeProjection]:
+        """rel (2 S, D) -> (H, 2 S, D_h) through the term's projection, its cache kept for the backward."""
+        if term == "c2p":
+            proj = self.key_proj if self.share else self.pos_key_proj
+        else:
+            proj = self.query_proj if self.share else self.pos_query_proj
+        y, cache = linear_forward(rel, proj.weight.data, proj.bias.data)
+        return split_heads(y[None], self.n_head)[0], RelativeProjection(proj=proj, cache=cache)
+
+    @atomic
+    def forward(self, x: np.ndarray, rel: np.ndarray, visible: Optional[np.ndarray], c2p_index: np.ndarray,
+                p2c_index: np.ndarray) -> np.ndarray:
+        """x (B, T, D), rel (2 S, D), visible (B, 1, T, T) bool or None, indices (T, T) -> (B, T, D)."""
+        H = self.n_head
+        q_c = split_heads(self.query_proj.forward(x), H)  # (B, H, T, D_h)
+        k_c = split_heads(self.key_proj.forward(x), H)
+        v = split_heads(self.value_proj.forward(x), H)
+        rel = self.rel_dropout.forward(rel)
+        k_r, k_r_proj = self._project_rel(rel, "c2p") if "c2p" in self.terms else (None, None)
+        q_r, q_r_proj = self._project_rel(rel, "p2c") if "p2c" in self.terms else (None, None)
+        out, op_cache = disentangled_attention_forward(
+            q_c, k_c, v, q_r, k_r, c2p_index=c2p_index if k_r is not None else None,
+            p2c_index=p2c_index if q_r is not None else None, attention_mask=visible, pos_att_type=self.terms,
+            scale=self.scale)
+        self.record("probs", op_cache.probs)
+        y = self.o_proj.forward(merge_heads(out))
+        self.save_cache(DisentangledAttentionLayerCache(op=op_cache, k_r=k_r_proj, q_r=q_r_proj,
+                                                         rel_shape=rel.shape))
+        return y
+
+    @atomic
+    def backward(self, dy: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """dy (B, T, D) -> (dx (B, T, D), drel (2 S, D)): the forward's lines in reverse."""
+        cache = self.pop_cache()
+        H = self.n_head
+        dout = split_heads(self.o_proj.backward(dy), H)  # (B, H, T, D_h)
+        dq_c, dk_c, dv, dq_r, dk_r = disentangled_attention_backward(dout, cache.op)
+        drel = np.zeros(cache.rel_shape, dy.dtype)
+        for name, d_heads, rp in (("dq_r", dq_r, cache.q_r), ("dk_r", dk_r, cache.k_r)):
+            if d_heads is None:
+                continue
+            self.record(name, d_heads)
+            d_rows = merge_heads(d_heads[None])[0]  # (2 S, D)
+            d_in, dW, db = linear_backward(d_rows, rp.cache)
+            rp.proj.weight.grad += dW  # shared key: the content call's gradient joins it below
+            rp.proj.bias.grad += db
+            drel += d_in
+        drel = self.rel_dropout.backward(drel)
+        dx = self.value_proj.backward(merge_heads(dv))
+        dx = dx + self.key_proj.backward(merge_heads(dk_c))
+        dx = dx + self.query_proj.backward(merge_heads(dq_c))
+        return dx, drel
+
+
+class DebertaLayerCache(NamedTuple):
+    out_shape: Tuple[int, ...]
+
+
+class DebertaLayer(Module):
+    """h = attention_norm(x + drop_1(attention(x, rel))), out = output_norm(h + drop_2(mlp(h)))."""
+
+    def __init__(self, cfg: DebertaConfig, *, rng: np.random.Generator, dtype):
+        super().__init__()
+        self.attention = DisentangledSelfAttention(cfg, rng=rng, dtype=dtype)
+        self.drop_1 = Dropout(cfg.dropout, rng=rng)
+        self.attention_norm = LayerNorm(cfg.d_model, cfg.layer_norm_eps, dtype=dtype)
+        self.mlp = MLP(cfg.d_model, cfg.d_ff, True, "none", rng=rng, dtype=dtype)
+        self.drop_2 = Dropout(cfg.dropout, rng=rng)
+        self.output_norm = LayerNorm(cfg.d_model, cfg.layer_norm_eps, dtype=dtype)
+
+    @atomic
+    def forward(self, x, rel, visible, c2p_index, p2c_index) -> np.ndarray:
+        a = self.attention.forward(x, rel, visible, c2p_index, p2c_index)
+        h = self.attention_norm.forward(x + self.drop_1.forward(a))
+        m = self.mlp.forward(h)
+        out = self.output_norm.forward(h + self.drop_2.forward(m))
+        self.save_cache(DebertaLayerCache(out_shape=out.shape))
+        self.record("out", out)
+        return out
+
+    @atomic
+    def backward(self, dout: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """dout (B, T, D) -> (dx (B, T, D), drel (2 S, D))."""
+        norm = self.output_norm.weight
+        check_dout(self, "DebertaLayer.backward", "dout", dout, norm.shape[0], norm.data.dtype)
+        self.pop_cache()
+        dz_2 = self.output_norm.backward(dout)  # into h + drop_2(m)
+        dh = dz_2 + self.mlp.backward(self.drop_2.backward(dz_2))  # residual: identity path plus MLP path
+        dz_1 = self.attention_norm.backward(dh)  # into x + drop_1(a)
+        da_x, drel = self.attention.backward(self.drop_1.backward(dz_1))
+        dx = dz_1 + da_x  # residual again
+        self.record("dx", dx)
+        return dx, drel
+
+
+# -- the model ----------------------------------------------------------------------------------------
+class Deberta(Module):
+    """embeddings -> layers (each reading the shared, normalised relative table) -> mlm_head (tied)."""
+
+    def __init__(self, cfg: DebertaConfig, seed: int = 0):
+        super().__init__()
+        if not isinstance(cfg, DebertaConfig):
+            raise TypeError(f"Deberta: argument 'cfg' expected a DebertaConfig, got {type(cfg).__name__}")
+        check_count("Deberta", "seed", seed, 0)
+        self.cfg = cfg
+        self.rng = rng = np.random.default_rng(seed)  # init normal(0, 0.02), then dropout masks
+        dtype = np.dtype(cfg.dtype)
+        self.embeddings = DebertaEmbeddings(cfg, rng=rng, dtype=dtype)
+        self.rel_embeddings = Embedding(2 * cfg.att_span, cfg.d_model, rng=rng, dtype=dtype)  # its weight only
+        if cfg.norm_rel_ebd:
+            self.rel_norm = LayerNorm(cfg.d_model, cfg.layer_norm_eps, dtype=dtype)
+        self.layers = ModuleList(DebertaLayer(cfg, rng=rng, dtype=dtype) for _ in range(cfg.n_layer))
+        self.mlm_head = MLMHead(cfg.d_model, cfg.vocab_size, layer_norm_eps=cfg.layer_norm_eps, rng=rng, dtype=dtype)
+
+    def _check_inputs(self, op: str, ids: object, token_type_ids: object, mlm_labels: object) -> None:
+        cfg = self.cfg
+        check_int(op, "ids", ids)
+        if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
+            raise ValueError(f"{op}: argument 'ids' expected shape (B, T) with B >= 1 and T >= 1, got {ids.shape}")
+        if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+            raise ValueError(f"{op}: argument 'ids' expected values in [0, {cfg.vocab_size}), got values in "
+                             f"[{ids.min()}, {ids.max()}]")
+        if cfg.block_size is not None and ids.shape[1] > cfg.block_size:
+            raise ValueError(f"{op}: argument 'ids' expected at most {cfg.block_size} positions (the position "
+                             f"table's), got {ids.shape[1]}")
+        if token_type_ids is not None:
+            if not cfg.type_vocab_size:
+                raise ValueError(f"{op}: argument 'token_type_ids' expected None (this model has no token-type "
+                                 "embeddings), got an array")
+            check_int(op, "token_type_ids", token_type_ids)
+            check_shape(op, "token_type_ids", token_type_ids, ids.shape)
+            if token_type_ids.min() < 0 or token_type_ids.max() >= cfg.type_vocab_size:
+                raise ValueError(f"{op}: argument 'token_type_ids' expected values in [0, {cfg.type_vocab_size}), "
+                                 f"got values in [{token_type_ids.min()}, {token_type_ids.max()}]")
+        if mlm_labels is not None:
+            check_int(op, "mlm_labels", mlm_labels)
+            check_shape(op, "mlm_labels", mlm_labels, ids.shape)
+            bad = (mlm_labels != IGNORE_INDEX) & ((mlm_labels < 0) | (mlm_labels >= cfg.vocab_size))
+            if bad.any():
+                raise ValueError(f"{op}: argument 'mlm_labels' expected values in [0, {cfg.vocab_size}) or "
+                                 f"{IGNORE_INDEX} (not masked), got {mlm_labels[bad].flat[0]}")
+
+    @atomic
+    def forward(self, ids: np.ndarray, token_type_ids: Optional[np.ndarray] = None,
+                attention_mask: Optional[np.ndarray] = None,
+                mlm_labels: Optional[np.ndarray] = None) -> Tuple[DebertaOutputs, Optional[float]]:
+        """ids (B, T) -> (DebertaOutputs(mlm_logits (B, T, V)), loss or None).
+
+        token_type_ids (B, T) in [0, type_vocab_size) (default 0, where the model has types);
+        attention_mask (B, T) of 1 for a token and 0 for padding (default all 1; every row needs
+        a token); mlm_labels (B, T) in [0, V) or -100 where not masked. The loss is the mean
+        cross entropy over the masked tokens.
+        """
+        op, cfg = "Deberta.forward", self.cfg
+        self._check_inputs(op, ids, token_type_ids, mlm_labels)
+        pad = key_padding_mask(op, attention_mask, ids.shape)  # (B, T) True at padding
+        T = ids.shape[1]
+
+        visible = None if pad is None else pairwise_attention_mask(~pad)  # (B, 1, T, T)
+        c2p_index, p2c_index = deberta_relative_indices(  # (T, T) each, (DA.3)
+            T, T, position_buckets=cfg.position_buckets, max_relative_positions=cfg.max_relative_positions)
+        x = self.embeddings.forward(ids, token_type_ids, pad)  # (B, T, D)
+        rel = self.rel_embeddings.weight.data  # (2 S, D), shared by every layer
+        if cfg.norm_rel_ebd:
+            rel = self.rel_norm.forward(rel)
+        for layer in self.layers:
+            x = layer.forward(x, rel, visible, c2p_index, p2c_index)
+        mlm_logits = self.mlm_head.forward(x, self.embeddings.word_embeddings.weight.data)  # tied decoder
+        loss, mlm_cache = None, None
+        if mlm_labels is not None:
+            mlm_loss, mlm_cache = cross_entropy_forward(mlm_logits, mlm_labels)
+            loss = float(mlm_loss)
+        self.save_cache(DebertaCache(mlm_loss=mlm_cache))
+        return DebertaOutputs(mlm_logits=mlm_logits), loss
+
+    @atomic
+    def backward(self) -> None:
+        """Add every parameter's gradient of the latest unmatched forward's loss, walking the layers in reverse."""
+        cache = self.peek_cache()
+        if cache.mlm_loss is None:
+            raise RuntimeError("Deberta.backward: the matching forward had no labels, so there is no loss to "
+                               "differentiate")
+        self.pop_cache()
+        one = np.asarray(1.0, self.mlm_head.bias.data.dtype)
+        dmlm_logits = cross_entropy_backward(one, cache.mlm_loss)  # (B, T, V)
+        self.record("dmlm_logits", dmlm_logits)
+        dx, dW_word = self.mlm_head.backward(dmlm_logits)
+        self.embeddings.word_embeddings.weight.grad += dW_word  # tied: the decoder's gradient joins the table's
+        drel = np.zeros_like(self.rel_embeddings.weight.data)  # (2 S, D): every layer's share adds up
+        for layer in reversed(self.layers):
+            dx, drel_layer = layer.backward(dx)
+            drel += drel_layer
+        self.record("drel", drel)
+        if self.cfg.norm_rel_ebd:
+            drel = self.rel_norm.backward(drel)
+        self.rel_embeddings.weight.grad += drel
+        self.record("rel_embeddings.dW", drel)
+        self.embeddings.backward(dx)
+
+    def astype(self, dtype) -> "Deberta":
+        """Convert the parameters to float32 or float64; the config follows."""
+        super().astype(dtype)
+        self.cfg = replace(self.cfg, dtype=self.mlm_head.bias.data.dtype.name)
+        return self

@@ -1,0 +1,428 @@
+"""DeBERTa-v2 masked-LM against its torch twin: loss and every gradient over drawn configurations (position
+terms, buckets, spans, padding, shared or separate position projections, absolute positions, T = 1), the shared
+relative table's gradient from every layer, recordings and the divergence finder, config and input checks."""
+
+import ast
+import inspect
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import npformer.models.deberta as deberta_module
+from kernels.twins.deberta import TwinDeberta, relative_index
+from npformer.debug import first_divergence
+from npformer.models.deberta import IGNORE_INDEX, Deberta, DebertaConfig, DebertaOutputs, deberta_scale
+from npformer.ops.disentangled_attention import deberta_relative_indices
+from tests.badinput import NON_ARRAYS, RANK_KINDS, SHAPE_KINDS, SUBCLASS_KINDS, corrupt, expect_rejected
+from tests.tolerances import FINDER_ATOL, MODEL_RTOL, RTOL, assert_close
+
+TINY = dict(vocab_size=13, max_position=10, n_layer=2, n_head=2, d_model=6, d_ff=7, dropout=0.0,
+            position_buckets=4, max_relative_positions=6)
+# Gradients that are zero in exact arithmetic (softmax ignores a shift shared by a row): a key bias, and with
+# c2p alone the relative LayerNorm's bias and a separate position-key bias. Judged at a sibling tensor's scale.
+ZERO_BY_SHIFT = {"key_proj.bias": "value_proj.weight", "rel_norm.bias": "rel_embeddings.weight"}
+
+
+def randomise(model, seed=7):
+    """Weights of order one (not the near-uniform init), so every mask, bias and norm shows in the loss."""
+    rng = np.random.default_rng(seed)
+    for name, prm in model.named_parameters():
+        base = 1.0 if "norm" in name.lower() and name.endswith("weight") else 0.0
+        scale = 0.3 if prm.data.ndim == 1 else 1.0 / np.sqrt(prm.shape[1])
+        prm.data[...] = base + scale * rng.standard_normal(prm.shape)
+    return model
+
+
+def pair(seed=0, **overrides):
+    cfg = DebertaConfig(**{**TINY, **overrides, "dtype": "float64"})
+    model = randomise(Deberta(cfg, seed=seed), seed + 7)
+    twin = TwinDeberta(**cfg.to_dict()).double()
+    twin.load_npformer_state(model.state_dict())
+    return model, twin
+
+
+def batch(cfg, B=3, T=8, seed=1, pad_rows=True):
+    """ids, token types (where the model has them), an attention mask whose later rows are right-padded
+    (every row keeps a token), MLM labels with -100 where not masked."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, cfg.vocab_size, (B, T))
+    mask = np.ones((B, T), np.int64)
+    if pad_rows:
+        for b in range(1, B):
+            mask[b, rng.integers(1, T + 1):] = 0
+    if cfg.pad_token_id is not None:
+        ids[mask == 0] = cfg.pad_token_id
+    types = rng.integers(0, cfg.type_vocab_size, (B, T)) if cfg.type_vocab_size else None
+    labels = rng.integers(0, cfg.vocab_size, (B, T))
+    labels[rng.random((B, T)) < 0.4] = IGNORE_INDEX
+    labels[0, 0] = rng.integers(0, cfg.vocab_size)  # at least one counted label
+    return ids, types, mask, labels
+
+
+def _t(a):
+    return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
+
+
+def run_twin(twin, args, masks=None):
+    twin.zero_grad()
+    _, loss = twin(*map(_t, args), masks=masks)
+    loss.backward()
+    return loss.item(), {n: (p.grad.numpy() if p.grad is not None else np.zeros(p.shape)) for n, p in
+                         twin.named_parameters()}
+
+
+def assert_grads_match(model, twin_grads, rtol=MODEL_RTOL):
+    ours = dict(model.named_parameters())
+    assert set(ours) == set(twin_grads)  # same names; the tied decoder appears once, as the word table
+    for name, prm in ours.items():
+        scale = None
+        for suffix, sibling in ZERO_BY_SHIFT.items():
+            if name.endswith(suffix):  # the sibling in the same module (layers.0.attention.), or at the top
+                scale = np.abs(twin_grads[name[:name.rfind(".", 0, -len(suffix)) + 1] + sibling]).max()
+        assert_close(prm.grad, twin_grads[name], rtol=rtol, scale=scale, what=name)
+
+
+@st.composite
+def configs(draw):
+    """A small DeBERTa: c2p and/or p2c, bucketed (N, M) or a plain span, shared or separate position
+    projections, the relative LayerNorm or not, absolute positions and token types or not, dropout or not."""
+    n_head = draw(st.integers(1, 3))
+    vocab = draw(st.sampled_from([2, 5, 13]))
+    buckets = draw(st.sampled_from([None, 2, 4, 5, 8]))
+    if buckets is None:
+        max_rel = draw(st.integers(1, 6))
+    else:
+        max_rel = draw(st.integers(buckets // 2 + 2, 12))
+    return DebertaConfig(
+        vocab_size=vocab, max_position=draw(st.integers(7, 9)), type_vocab_size=draw(st.integers(0, 2)),
+        n_layer=draw(st.integers(1, 2)), n_head=n_head, d_model=n_head * draw(st.integers(-(-3 // n_head), 3)),
+        d_ff=draw(st.integers(1, 6)), dropout=draw(st.sampled_from([0.0, 0.0, 0.3])),
+        layer_norm_eps=draw(st.sampled_from([1e-7, 1e-5, 0.1])),
+        pad_token_id=draw(st.one_of(st.none(), st.integers(0, vocab - 1))),
+        position_biased_input=draw(st.booleans()), position_buckets=buckets, max_relative_positions=max_rel,
+        pos_att_type=draw(st.sampled_from([("c2p", "p2c"), ("p2c", "c2p"), ("c2p",), ("p2c",)])),
+        share_att_key=draw(st.booleans()), norm_rel_ebd=draw(st.booleans()), dtype="float64")
+
+
+@settings(max_examples=25, deadline=None)
+@given(cfg=configs(), data=st.data())
+def test_loss_and_every_gradient_match_the_twin(cfg, data):
+    model = randomise(Deberta(cfg, seed=data.draw(st.integers(0, 3))))
+    twin = TwinDeberta(**cfg.to_dict()).double()
+    twin.load_npformer_state(model.state_dict())
+    T = data.draw(st.sampled_from([1, 2, 5, 7]))
+    args = batch(cfg, B=data.draw(st.integers(1, 3)), T=T, seed=data.draw(st.integers(0, 9)),
+                 pad_rows=data.draw(st.booleans()))
+    model.zero_grad()
+    recording = model.start_recording()  # the dropout masks, for the twin to reuse
+    outputs, loss = model.forward(*args)
+    model.backward()
+    twin_loss, twin_grads = run_twin(twin, args, masks=recording)
+    assert outputs.mlm_logits.shape == args[0].shape + (cfg.vocab_size,)
+    assert abs(loss - twin_loss) <= MODEL_RTOL * abs(twin_loss)
+    assert_grads_match(model, twin_grads)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(pos_att_type=("c2p",), share_att_key=False),
+                                     dict(position_biased_input=True, type_vocab_size=2)])
+def test_float32_matches_the_twin(options):
+    model, twin = pair(**options)
+    model.astype("float32")
+    twin.float()
+    args = batch(model.cfg)
+    outputs, loss = model.forward(*args)
+    model.backward()
+    twin_loss, twin_grads = run_twin(twin, args)
+    assert outputs.mlm_logits.dtype == np.float32 and all(p.grad.dtype == np.float32 for p in model.parameters())
+    assert abs(loss - twin_loss) <= RTOL[np.dtype(np.float32)] * abs(twin_loss)
+    for name, prm in model.named_parameters():
+        if not name.endswith(tuple(ZERO_BY_SHIFT)):
+            assert_close(prm.grad, twin_grads[name], rtol=RTOL[np.dtype(np.float32)], what=name)
+
+
+# -- the relative table: shared, LayerNorm'd once, gradients from every layer ---------------------------
+def test_the_relative_table_collects_every_layers_gradient():
+    """The table's gradient is the sum of the layers' shares: zeroing one layer's share changes it, and a
+    one-layer model gets exactly its own layer's share."""
+    model, twin = pair(n_layer=3)
+    rec = model.start_recording()
+    args = batch(model.cfg)
+    model.forward(*args)
+    model.backward()
+    _, twin_grads = run_twin(twin, args)
+    assert_close(model.rel_embeddings.weight.grad, twin_grads["rel_embeddings.weight"], rtol=MODEL_RTOL,
+                 what="rel table")
+    for i in range(3):  # every layer sends the projected rows a gradient: dk_r, dq_r (H, 2S, D_h)
+        assert np.any(rec[f"layers.{i}.attention.dk_r"] != 0) and np.any(rec[f"layers.{i}.attention.dq_r"] != 0)
+    # a twin whose relative rows reach only the last layer gets a different table gradient
+    detached = TwinDeberta(**model.cfg.to_dict()).double()
+    detached.load_npformer_state(model.state_dict())
+    for layer in detached.layers[:-1]:
+        original = layer.attention.forward
+        layer.attention.forward = (lambda f: lambda x, rel, *a: f(x, rel.detach(), *a))(original)
+    _, partial = run_twin(detached, args)
+    assert not np.allclose(partial["rel_embeddings.weight"], twin_grads["rel_embeddings.weight"])
+
+
+@given(T=st.integers(1, 40), config=st.sampled_from([(None, 1), (None, 5), (2, 3), (4, 6), (8, 12), (256, 512)]))
+def test_twin_and_op_read_the_same_relative_rows(T, config):
+    """The twin's own float32 torch buckets give npformer's tables (DA.3), and the p2c table read per key."""
+    N, M = config
+    c2p, p2c = deberta_relative_indices(T, T, position_buckets=N, max_relative_positions=M)
+    twin_c2p, twin_p2c_by_key = relative_index(T, N, M)
+    np.testing.assert_array_equal(twin_c2p.numpy(), c2p)
+    np.testing.assert_array_equal(twin_p2c_by_key.numpy().T, p2c)
+
+
+def test_scale_is_the_float32_root():
+    for head_dim, n in ((3, 2), (64, 2), (5, 1), (7, 0)):
+        root32 = float(torch.sqrt(torch.tensor(head_dim * (1 + n), dtype=torch.float32)))
+        assert deberta_scale(head_dim, n) == 1.0 / root32
+    assert deberta_scale(3, 2) == 1.0 / 3.0  # an exact root stays exact
+    assert deberta_scale(5, 1) != 1.0 / np.sqrt(10.0)  # an inexact one is float32's, not float64's
+
+
+# -- padding --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("options", [dict(), dict(position_biased_input=True)])
+def test_padding_changes_nothing_at_the_tokens(options):
+    """Right padding leaves every token's logits as without it; padded positions' embeddings are zero."""
+    model, _ = pair(**options)
+    model.eval()
+    rec = model.start_recording()
+    ids = np.array([[3, 5, 7, 2]])
+    alone = model.forward(ids)[0]
+    pad = model.cfg.pad_token_id
+    padded = model.forward(np.array([[3, 5, 7, 2, pad, pad]]), attention_mask=np.array([[1, 1, 1, 1, 0, 0]]))[0]
+    assert_close(padded.mlm_logits[:, :4], alone.mlm_logits, what="token logits")
+    assert np.all(rec["embeddings.out@2"][:, 4:] == 0)
+    probs = rec["layers.0.attention.probs@2"]  # a padding query sees no key: a uniform row
+    assert_close(probs[0, :, 4], np.full((2, 6), 1 / 6), what="padding rows")
+    assert np.all(probs[0, :, :4, 4:] == 0)
+    unmasked = model.forward(np.array([[3, 5, 7, 2, pad, pad]]))[0]  # the mask is not inert
+    assert not np.allclose(unmasked.mlm_logits[:, :4], alone.mlm_logits)
+
+
+def test_the_options_move_the_loss():
+    model, _ = pair(type_vocab_size=2)
+    ids, types, mask, labels = batch(model.cfg)
+    base = model.forward(ids, types, mask, labels)[1]
+    assert model.forward(ids, None, mask, labels)[1] != base
+    assert model.forward(ids, types, None, labels)[1] != base
+    for change in (dict(pos_att_type=("c2p",)), dict(pos_att_type=("p2c",)), dict(share_att_key=False),
+                   dict(norm_rel_ebd=False), dict(position_biased_input=True), dict(position_buckets=None)):
+        assert pair(type_vocab_size=2, **change)[0].forward(ids, types, mask, labels)[1] != base, change
+
+
+def test_the_word_pad_row_gets_only_the_decoders_gradient():
+    model, _ = pair(pad_token_id=1)
+    rec = model.start_recording()
+    ids, types, mask, labels = batch(model.cfg)
+    ids[0, 2] = 1
+    model.forward(ids, types, mask, labels)
+    model.backward()
+    assert np.all(rec["embeddings.word_embeddings.dW"][1] == 0)
+    assert np.any(model.embeddings.word_embeddings.weight.grad[1] != 0)
+
+
+# -- the divergence finder ------------------------------------------------------------------------------
+def record_both(model, twin):
+    args = batch(model.cfg)
+    ours, theirs = model.start_recording(), twin.start_recording()
+    model.forward(*args)
+    model.zero_grad()
+    model.backward()
+    run_twin(twin, args, masks=ours)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("options", [dict(), dict(dropout=0.2), dict(share_att_key=False, pos_att_type=("p2c",))])
+def test_recordings_agree_everywhere(options):
+    model, twin = pair(**options)
+    ours, theirs = record_both(model, twin)
+    assert first_divergence(ours, theirs, rtol=MODEL_RTOL, atol=FINDER_ATOL) is None
+    shared = set(ours) & set(theirs)
+    assert {"embeddings.out", "layers.1.attention.probs", "layers.0.dx", "dmlm_logits", "mlm_head.act",
+            "drel", "rel_embeddings.dW", "layers.0.attention.dq_r", "rel_norm.dweight",
+            "layers.0.output_norm.dx"} <= shared
+
+
+@pytest.mark.parametrize("where, options, expected", [
+    ("layers.1.attention.value_proj.weight", dict(), "layers.1.attention.value_proj.out"),
+    ("rel_norm.weight", dict(), "rel_norm.out"),
+    ("rel_embeddings.weight", dict(norm_rel_ebd=False), "layers.0.attention.probs"),
+    ("layers.0.attention.pos_query_proj.weight", dict(share_att_key=False), "layers.0.attention.probs"),
+    ("mlm_head.layer_norm.bias", dict(), "mlm_head.layer_norm.out"),
+])
+def test_divergence_finder_names_a_planted_forward_error(where, options, expected):
+    model, twin = pair(**options)
+    with torch.no_grad():
+        dict(twin.named_parameters())[where].view(-1)[0] += 1e-3
+    ours, theirs = record_both(model, twin)
+    found = first_divergence(ours, theirs, rtol=MODEL_RTOL, atol=FINDER_ATOL)
+    assert found is not None and found.name == expected, found
+
+
+def test_divergence_finder_names_a_planted_backward_error(monkeypatch):
+    """A wrong relative-row gradient in one layer is found there, after a forward that agrees."""
+    model, twin = pair()
+    import npformer.models.deberta as mod
+
+    original = mod.disentangled_attention_backward
+    calls = []
+
+    def wrong(dout, cache):
+        grads = list(original(dout, cache))
+        calls.append(1)
+        if len(calls) == 1:  # the last layer's backward runs first
+            grads[4] = grads[4] * 1.001  # dk_r
+        return tuple(grads)
+
+    monkeypatch.setattr(mod, "disentangled_attention_backward", wrong)
+    ours, theirs = record_both(model, twin)
+    found = first_divergence(ours, theirs, rtol=MODEL_RTOL, atol=FINDER_ATOL)
+    assert found is not None and found.name == "layers.1.attention.dk_r", found
+
+
+# -- config ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("field, value", [
+    ("vocab_size", 0), ("vocab_size", 2.0), ("max_position", -1), ("type_vocab_size", -1), ("n_layer", True),
+    ("n_head", 0), ("n_head", 5), ("d_model", None), ("d_ff", 0), ("dropout", 1.0), ("dropout", "0.1"),
+    ("layer_norm_eps", -1e-7), ("layer_norm_eps", float("nan")), ("pad_token_id", 13), ("pad_token_id", -1),
+    ("position_biased_input", 1), ("share_att_key", None), ("norm_rel_ebd", "layer_norm"),
+    ("position_buckets", 1), ("position_buckets", 0), ("position_buckets", 4.0), ("max_relative_positions", 3),
+    ("pos_att_type", "c2p"), ("pos_att_type", ("c2p", "c2p")), ("pos_att_type", ("p2p",)),
+    ("dtype", "float16"), ("dtype", np.float32),
+])
+def test_config_refuses_a_bad_field_by_name(field, value):
+    expect_rejected(lambda: DebertaConfig(**{**TINY, field: value}), "DebertaConfig", field)
+
+
+def test_config_refuses_a_bad_span_without_buckets():
+    expect_rejected(lambda: DebertaConfig(**{**TINY, "position_buckets": None, "max_relative_positions": 0}),
+                    "DebertaConfig", "max_relative_positions")
+
+
+@given(cfg=configs())
+def test_config_round_trips(cfg):
+    assert DebertaConfig(**cfg.to_dict()) == cfg
+    assert cfg.att_span == (cfg.max_relative_positions if cfg.position_buckets is None else cfg.position_buckets)
+    assert Deberta(cfg).rel_embeddings.weight.shape == (2 * cfg.att_span, cfg.d_model)
+
+
+def test_model_refuses_a_bad_config_or_seed():
+    expect_rejected(lambda: Deberta(dict(TINY)), "Deberta", "cfg")
+    expect_rejected(lambda: Deberta(DebertaConfig(**TINY), seed=-1), "Deberta", "seed")
+
+
+# -- inputs ---------------------------------------------------------------------------------------------
+def test_forward_refuses_bad_inputs_by_name():
+    model = Deberta(DebertaConfig(**TINY, type_vocab_size=2, position_biased_input=True))
+    ids = np.ones((2, 4), np.int64)
+    for call, arg in [
+        (lambda: model.forward(ids.astype(np.float64)), "ids"),
+        (lambda: model.forward(ids[0]), "ids"),
+        (lambda: model.forward(ids + 13), "ids"),
+        (lambda: model.forward(np.zeros((2, 0), np.int64)), "ids"),
+        (lambda: model.forward(np.ones((1, 11), np.int64)), "ids"),
+        (lambda: model.forward(ids, ids * 2), "token_type_ids"),
+        (lambda: model.forward(ids, ids[:, :3]), "token_type_ids"),
+        (lambda: model.forward(ids, attention_mask=ids.astype(np.float32)), "attention_mask"),
+        (lambda: model.forward(ids, attention_mask=ids * 2), "attention_mask"),
+        (lambda: model.forward(ids, attention_mask=np.array([[1, 1, 0, 0], [0, 0, 0, 0]])), "attention_mask"),
+        (lambda: model.forward(ids, attention_mask=ids[:, :2]), "attention_mask"),
+        (lambda: model.forward(ids, mlm_labels=ids - 5), "mlm_labels"),
+        (lambda: model.forward(ids, mlm_labels=ids[:1]), "mlm_labels"),
+    ]:
+        expect_rejected(call, "Deberta.forward", arg)
+    assert sum(m.pending_backwards for _, m in model.named_modules()) == 0  # refused before any work
+    plain = Deberta(DebertaConfig(**TINY))
+    expect_rejected(lambda: plain.forward(ids, ids * 0), "Deberta.forward", "token_type_ids")
+    assert plain.forward(np.ones((1, 40), np.int64))[0].mlm_logits.shape == (1, 40, 13)  # no absolute table
+
+
+NOT_IDS = NON_ARRAYS + SUBCLASS_KINDS + ("bool", "float16", "float32", "float64", "complex128", "object")
+NOT_LABELS = tuple(k for k in NOT_IDS if k != "none") + RANK_KINDS + SHAPE_KINDS
+NOT_A_MASK = tuple(k for k in NOT_IDS if k not in ("none", "bool")) + RANK_KINDS + SHAPE_KINDS
+BAD_KINDS = {"ids": NOT_IDS + RANK_KINDS, "token_type_ids": NOT_LABELS, "attention_mask": NOT_A_MASK,
+             "mlm_labels": NOT_LABELS}
+
+
+@given(arg=st.sampled_from(sorted(BAD_KINDS)), data=st.data())
+def test_forward_refuses_generated_bad_arguments(arg, data):
+    kind = data.draw(st.sampled_from(BAD_KINDS[arg]))
+    model = Deberta(DebertaConfig(**TINY, type_vocab_size=2))
+    ids = np.random.default_rng(0).integers(0, 2, (2, 5))
+    good = dict(ids=ids, token_type_ids=ids, attention_mask=np.ones_like(ids), mlm_labels=ids)
+    kwargs = dict(good, **{arg: corrupt(good[arg], kind)})
+    expect_rejected(lambda: model.forward(**kwargs), "Deberta.forward", arg)
+    assert sum(m.pending_backwards for _, m in model.named_modules()) == 0
+
+
+def test_backward_needs_a_loss_and_eval_keeps_no_cache():
+    model = Deberta(DebertaConfig(**TINY))
+    ids = np.ones((1, 3), np.int64)
+    model.forward(ids)
+    with pytest.raises(RuntimeError, match="Deberta.backward: the matching forward had no labels"):
+        model.backward()
+    model.clear_caches()
+    model.eval()
+    outputs, loss = model.forward(ids, mlm_labels=ids)
+    assert isinstance(outputs, DebertaOutputs) and loss > 0
+    assert sum(m.pending_backwards for _, m in model.named_modules()) == 0
+
+
+# -- names, dtypes, init --------------------------------------------------------------------------------
+def test_state_dict_names():
+    model = Deberta(DebertaConfig(**{**TINY, "n_layer": 1}))
+    layer = {f"layers.0.attention.{p}.{w}" for p in ("query_proj", "key_proj", "value_proj", "o_proj")
+             for w in ("weight", "bias")}
+    layer |= {f"layers.0.{n}.{w}" for n in ("attention_norm", "output_norm", "mlp.fc", "mlp.proj")
+              for w in ("weight", "bias")}
+    emb = {"embeddings.word_embeddings.weight", "embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias"}
+    rel = {"rel_embeddings.weight", "rel_norm.weight", "rel_norm.bias"}
+    head = {"mlm_head.dense.weight", "mlm_head.dense.bias", "mlm_head.layer_norm.weight",
+            "mlm_head.layer_norm.bias", "mlm_head.bias"}
+    assert set(model.state_dict()) == layer | emb | rel | head
+    other = Deberta(DebertaConfig(**{**TINY, "n_layer": 1}, share_att_key=False, norm_rel_ebd=False,
+                                  position_biased_input=True, type_vocab_size=2))
+    extra = {f"layers.0.attention.pos_{p}_proj.{w}" for p in ("key", "query") for w in ("weight", "bias")}
+    extra |= {"embeddings.position_embeddings.weight", "embeddings.token_type_embeddings.weight"}
+    assert set(other.state_dict()) == (layer | emb | rel | head | extra) - {"rel_norm.weight", "rel_norm.bias"}
+
+
+def test_init_and_astype():
+    model = Deberta(DebertaConfig(n_layer=2), seed=3)
+    matrices = np.concatenate([p.data.ravel() for n, p in model.named_parameters()
+                               if p.data.ndim == 2 and n != "embeddings.word_embeddings.weight"])
+    assert abs(matrices.std() - 0.02) < 0.001 and abs(matrices.mean()) < 0.001
+    assert np.all(model.embeddings.word_embeddings.weight.data[0] == 0)
+    before = model.state_dict()
+    assert model.astype("float64") is model and model.cfg.dtype == "float64"
+    assert model.forward(np.ones((1, 4), np.int64))[0].mlm_logits.dtype == np.float64
+    for name, value in model.state_dict().items():
+        assert value.dtype == np.float64 and np.array_equal(value, before[name]), name
+
+
+def test_the_model_imports_no_other_model():
+    tree = ast.parse(inspect.getsource(deberta_module))
+    imported = {"." * node.level + (node.module or "") for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not any(m.startswith("..models") for m in imported), imported
+    assert "..ops.disentangled_attention" in imported
+
+
+def test_a_few_adamw_steps_fit_a_fixed_batch():
+    from npformer.optim.optimizer import AdamW
+
+    model = Deberta(DebertaConfig(**{**TINY, "dropout": 0.1}), seed=1)
+    ids, types, mask, labels = batch(model.cfg, seed=3)
+    opt = AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    losses = []
+    for _ in range(60):
+        model.zero_grad()
+        losses.append(model.forward(ids, types, mask, labels)[1])
+        model.backward()
+        opt.step()
+    assert losses[-1] < 0.5 * losses[0], losses[::10]
