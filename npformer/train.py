@@ -228,10 +228,11 @@ FIELD_HELP = {
                     f"end when needed to hold the fraction within {SPLIT_TOLERANCE:.0%} (the split is printed)",
     "model": "model family: gpt (LayerNorm, GELU, learned positions, tied head), llama (RMSNorm, SwiGLU, "
              "rotary positions, grouped-query attention, untied head), or an encoder pre-trained with --objective: "
-             "bert, roberta",
+             "bert, roberta, deberta, albert, electra",
     "objective": "what the model learns: clm (next token; gpt, llama), mlm (masked LM, 15%% of tokens, 80/10/10), "
-                 "wwm (whole-word masked LM), nsp (MLM plus next-sentence prediction; bert); '' for the "
-                 "family's first",
+                 "wwm (whole-word masked LM), nsp (MLM plus next-sentence prediction; bert), sop (MLM plus "
+                 "sentence-order prediction; albert), rtd (generator MLM plus replaced-token detection; electra); "
+                 "'' for the family's first",
     "n_kv_head": "llama only: key/value heads, a divisor of --n-head (grouped-query attention); 0: as many as --n-head",
     "n_layer": "transformer blocks",
     "n_head": "attention heads; must divide --d-model",
@@ -265,7 +266,7 @@ FIELD_HELP = {
                "run's character vocabulary is no tokenizer.json, so transformers loads the model but sample --hf "
                "has no tokenizer to read",
 }
-CHOICES = {"model": ("gpt", "llama", "bert", "roberta"), "dtype": ("float32", "float64"), "checkpoint_format": ("npz", "safetensors")}
+CHOICES = {"model": ("gpt", "llama", "bert", "roberta", "deberta", "albert", "electra"), "dtype": ("float32", "float64"), "checkpoint_format": ("npz", "safetensors")}
 # What a resumed run must share with its checkpoint: the model, the data split, and the parameter
 # groups' decay, all of which the saved state depends on. The text itself is compared by content.
 FIXED_ON_RESUME = ("val_fraction", "model", "objective", "n_layer", "n_head", "n_kv_head", "d_model", "block_size", "dropout",
@@ -584,7 +585,8 @@ def tokenizer_from_checkpoint(state: Dict[str, object], where: str):
         # A Hugging Face model's vocab_size may exceed its tokenizer's (rows padded to a round number)
         saved = state.get("config") if isinstance(state.get("config"), dict) else {}
         encoder = saved.get("model") in ENCODERS  # its vocabulary adds [CLS], [SEP], [MASK], [PAD] after the text's
-        check_vocab(tok, mcfg.get("vocab_size"), where, allow_padding=kind == "hf" or encoder)
+        vocab_size = mcfg.get("vocab_size", (mcfg.get("discriminator") or {}).get("vocab_size"))  # electra: a pair's
+        check_vocab(tok, vocab_size, where, allow_padding=kind == "hf" or encoder)
     except (TypeError, ValueError) as e:
         raise checkpoint.CheckpointError(f"{where}: its vocabulary does not fit its model: {e}") from e
     return tok

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 from typing import Dict, Tuple, Type
 
+from .albert import Albert, AlbertConfig
 from .bert import Bert, BertConfig
+from .deberta import Deberta, DebertaConfig
+from .electra import ElectraPretraining, ElectraPretrainingConfig
 from .gpt import GPT, GPTConfig
 from .llama import Llama, LlamaConfig
 
 FAMILIES: Dict[str, Tuple[Type, Type]] = {"gpt": (GPT, GPTConfig), "llama": (Llama, LlamaConfig),
-                                          "bert": (Bert, BertConfig), "roberta": (Bert, BertConfig)}
+                                          "bert": (Bert, BertConfig), "roberta": (Bert, BertConfig),
+                                          "deberta": (Deberta, DebertaConfig), "albert": (Albert, AlbertConfig),
+                                          "electra": (ElectraPretraining, ElectraPretrainingConfig)}
 CAUSAL_LMS = ("gpt", "llama")  # the families that predict the next token (generate, sample, bench --inference)
 
 

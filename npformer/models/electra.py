@@ -329,13 +329,53 @@ class ElectraPretrainingOutputs(NamedTuple):
     rtd_labels: np.ndarray  # (B, T) 1 where the corrupted id differs from the original
 
 
-class ElectraPretraining(Module):
-    """A generator and a discriminator sharing one embeddings module, trained on replaced-token detection."""
+@dataclass
+class ElectraPretrainingConfig:
+    """The pair's two configs and the discriminator loss weight: what ``npformer train --model electra`` saves."""
 
-    def __init__(self, generator_cfg: ElectraConfig, discriminator_cfg: ElectraConfig, seed: int = 0,
+    generator: ElectraConfig
+    discriminator: ElectraConfig
+    rtd_weight: float = RTD_WEIGHT
+
+    def __post_init__(self) -> None:
+        op = "ElectraPretrainingConfig"
+        for name in ("generator", "discriminator"):  # from a checkpoint, each comes as the dict to_dict gave
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                value = ElectraConfig(**value)
+            if not isinstance(value, ElectraConfig):
+                raise TypeError(f"{op}: argument '{name}' expected an ElectraConfig or its dict, got "
+                                f"{type(value).__name__}")
+            setattr(self, name, value)
+        self.rtd_weight = check_real(op, "rtd_weight", self.rtd_weight, lo=0.0)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.discriminator.vocab_size
+
+    @property
+    def dtype(self) -> str:
+        return self.discriminator.dtype
+
+    def to_dict(self) -> dict:
+        return {"generator": asdict(self.generator), "discriminator": asdict(self.discriminator),
+                "rtd_weight": self.rtd_weight}
+
+
+class ElectraPretraining(Module):
+    """A generator and a discriminator sharing one embeddings module, trained on replaced-token detection.
+
+    Made from both configs, or from one ``ElectraPretrainingConfig`` (``ElectraPretraining(cfg, seed=...)``).
+    ``rng`` draws the generator's samples when ``forward`` is given none (a trainer saves its state).
+    """
+
+    def __init__(self, generator_cfg, discriminator_cfg: Optional[ElectraConfig] = None, seed: int = 0,
                  rtd_weight: float = RTD_WEIGHT):
         super().__init__()
         op = "ElectraPretraining"
+        if isinstance(generator_cfg, ElectraPretrainingConfig) and discriminator_cfg is None:
+            generator_cfg, discriminator_cfg, rtd_weight = (generator_cfg.generator, generator_cfg.discriminator,
+                                                            generator_cfg.rtd_weight)
         for name, cfg in (("generator_cfg", generator_cfg), ("discriminator_cfg", discriminator_cfg)):
             if not isinstance(cfg, ElectraConfig):
                 raise TypeError(f"{op}: argument '{name}' expected an ElectraConfig, got {type(cfg).__name__}")
@@ -350,11 +390,13 @@ class ElectraPretraining(Module):
         self.discriminator = ElectraDiscriminator(discriminator_cfg, seed)
         self.generator = ElectraGenerator(generator_cfg, seed + 1)
         self.generator.embeddings = self.discriminator.embeddings  # ONE table set: both add their gradients
+        self.cfg = ElectraPretrainingConfig(generator_cfg, discriminator_cfg, self.rtd_weight)
+        self.rng = np.random.default_rng(seed + 2)  # the generator's samples, when forward is given no rng
 
     @atomic
     def forward(self, ids: np.ndarray, token_type_ids: Optional[np.ndarray] = None,
                 attention_mask: Optional[np.ndarray] = None, mlm_labels: Optional[np.ndarray] = None, *,
-                rng: np.random.Generator) -> Tuple[ElectraPretrainingOutputs, float]:
+                rng: Optional[np.random.Generator] = None) -> Tuple[ElectraPretrainingOutputs, float]:
         """ids (B, T) with masked positions (e.g. [MASK]), mlm_labels (B, T) the original token there, -100 elsewhere
         (required: they say which positions the generator fills).
 
@@ -367,6 +409,7 @@ class ElectraPretraining(Module):
         if mlm_labels is None:
             raise ValueError(f"{op}: argument 'mlm_labels' expected the masked positions' tokens, got None")
         _check_mlm_labels(op, ids, mlm_labels, self.generator.cfg.vocab_size)
+        rng = self.rng if rng is None else rng
         if not isinstance(rng, np.random.Generator):
             raise TypeError(f"{op}: argument 'rng' expected a numpy.random.Generator, got {type(rng).__name__}")
 
@@ -394,6 +437,7 @@ class ElectraPretraining(Module):
         name = self.discriminator.embeddings.LayerNorm.weight.data.dtype.name
         for model in (self.discriminator, self.generator):
             model.cfg = replace(model.cfg, dtype=name)
+        self.cfg = ElectraPretrainingConfig(self.generator.cfg, self.discriminator.cfg, self.rtd_weight)
         return self
 
 
