@@ -15,38 +15,16 @@ runs on its own differentiable copies of the shared parameters, whose gradients 
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Dict, Optional
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .bert import (TwinAttention, TwinEmbeddings, TwinEncoderLayer, TwinLayerNorm, TwinMLMHead, TwinMLP, TwinPooler,
-                   _store)
+from .bert import TwinAttention, TwinEmbeddings, TwinEncoderLayer, TwinPooler
 from .common import TwinModel
-
-
-class Calls(OrderedDict):
-    """A recording in which a name set again is kept as ``<name>@2``, ``<name>@3``, ... (npformer's Recorder)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: Dict[str, int] = {}
-
-    def __setitem__(self, name, value):
-        n = self.calls[name] = self.calls.get(name, 0) + 1
-        super().__setitem__(name if n == 1 else f"{name}@{n}", value)
-
-
-def narrow_mlm_head(c: dict, embed_dim: int) -> TwinMLMHead:
-    """The BERT twin's MLM head with dense D -> E and its LayerNorm E wide (ALBERT's, ELECTRA's generator's)."""
-    head = TwinMLMHead(c)
-    head.dense = nn.Linear(c["d_model"], embed_dim)
-    head.layer_norm = TwinLayerNorm(embed_dim, c["layer_norm_eps"])
-    return head
+from .encoder import (Calls, TwinMLMHead, TwinMLP, active_recorder, narrow_mlm_head, pretraining_loss, record,
+                      record_common, record_table_grads, store_grad)
 
 
 def masks_of_call(masks: Optional[Dict[str, np.ndarray]], prefix: str, i: int):
@@ -59,25 +37,6 @@ def masks_of_call(masks: Optional[Dict[str, np.ndarray]], prefix: str, i: int):
         if key in masks:
             out[f"{prefix}.{drop}.mask"] = masks[key]
     return out
-
-
-def record_common(model: TwinModel, rec: Calls, skip=()) -> None:
-    """The hooks the BERT twin places: linear and norm outputs and gradients, norm and layer input gradients,
-    attention probabilities, GELU activations; parameters of the modules under a path in ``skip`` excluded."""
-    save = lambda name: (lambda mod, inp, out: rec.__setitem__(name, out.detach().numpy().copy()))  # noqa: E731
-    save_dx = lambda name: (  # noqa: E731
-        lambda mod, gin, gout: rec.__setitem__(name, gin[0].detach().numpy().copy()))
-    for path, m in model.named_modules():
-        if isinstance(m, model.recording_modules):
-            m.recorder, m.path = rec, path
-        if isinstance(m, (nn.Linear, TwinLayerNorm)):
-            model._hooks.append(m.register_forward_hook(save(f"{path}.out")))
-            if not any(path == s or path.startswith(s + ".") for s in skip):
-                names = ("dW", "db") if isinstance(m, nn.Linear) else ("dweight", "dbias")
-                for prm, gname in zip((m.weight, m.bias), names):
-                    model._hooks.append(prm.register_hook(_store(rec, f"{path}.{gname}")))
-        if isinstance(m, (TwinLayerNorm, TwinEncoderLayer)):
-            model._hooks.append(m.register_full_backward_hook(save_dx(f"{path}.dx")))
 
 
 class TwinAlbert(TwinModel):
@@ -101,11 +60,10 @@ class TwinAlbert(TwinModel):
 
     def forward(self, ids, token_type_ids=None, attention_mask=None, mlm_labels=None, sop_labels=None, masks=None):
         """-> (mlm_logits (B, T, V), sop_logits (B, 2), loss or None), as ``Albert.forward``."""
-        rec = self.recorder if self.recorder is not None and torch.is_grad_enabled() else None
+        rec = active_recorder(self)
         pad = None if attention_mask is None else attention_mask == 0
         e = self.embeddings(ids, token_type_ids, masks, rec)
-        if rec is not None:
-            rec["embeddings.out"] = e.detach().numpy().copy()
+        record(rec, "embeddings.out", e)
         x = self.embedding_hidden_mapping_in(e)
         shared = dict(self.layer.named_parameters())
         for i in range(self.n_layer):
@@ -118,35 +76,23 @@ class TwinAlbert(TwinModel):
                 module, kind = name.rsplit(".", 1)
                 gname = {"weight": "dW", "bias": "db"} if "norm" not in module else {"weight": "dweight",
                                                                                     "bias": "dbias"}
-                copies[name].register_hook(_store(rec, f"layer.{module}.{gname[kind]}"))
+                copies[name].register_hook(store_grad(rec, f"layer.{module}.{gname[kind]}"))
             x = functional_call(self.layer, copies, (x, pad, masks_of_call(masks, "layer", i), "layer"))
-            rec["layer.out"] = x.detach().numpy().copy()
+            record(rec, "layer.out", x)
         mlm_logits = self.mlm_head(x, self.embeddings.word_embeddings.weight)
         pooled = self.pooler(x)
         sop_logits = self.sop_classifier(pooled)
-        if rec is not None:
-            rec["mlm_head.logits"] = mlm_logits.detach().numpy().copy()
-            mlm_logits.register_hook(_store(rec, "dmlm_logits"))
-            rec["pooler.out"] = pooled.detach().numpy().copy()
-            rec["sop_logits"] = sop_logits.detach().numpy().copy()
-            sop_logits.register_hook(_store(rec, "dsop_logits"))
-        loss = None
-        if mlm_labels is not None:
-            loss = F.cross_entropy(mlm_logits.flatten(0, 1), mlm_labels.flatten(), ignore_index=-100)
-        if sop_labels is not None:
-            sop_loss = F.cross_entropy(sop_logits, sop_labels)
-            loss = sop_loss if loss is None else loss + sop_loss
-        return mlm_logits, sop_logits, loss
+        record(rec, "mlm_head.logits", mlm_logits, "dmlm_logits")
+        record(rec, "pooler.out", pooled)
+        record(rec, "sop_logits", sop_logits, "dsop_logits")
+        return mlm_logits, sop_logits, pretraining_loss(mlm_logits, mlm_labels, sop_logits, sop_labels)
 
     def start_recording(self) -> Calls:
         """Record what npformer's ALBERT records, under its names (see the module's docstring)."""
         self.stop_recording()
         rec = Calls()
         self.recorder = rec
-        record_common(self, rec, skip=("layer",))
-        self._hooks.append(self.mlm_head.bias.register_hook(_store(rec, "mlm_head.dbias")))
-        for name in ("position_embeddings", "token_type_embeddings"):  # the word table is tied: not comparable
-            if hasattr(self.embeddings, name):
-                self._hooks.append(getattr(self.embeddings, name).weight.register_hook(
-                    _store(rec, f"embeddings.{name}.dW")))
+        record_common(self, rec, (TwinEncoderLayer,), skip_grads=("layer",))
+        self._hooks.append(self.mlm_head.bias.register_hook(store_grad(rec, "mlm_head.dbias")))
+        record_table_grads(self, rec, self.embeddings)
         return rec

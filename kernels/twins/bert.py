@@ -7,11 +7,12 @@ RoBERTa's padding-aware positions, LayerNorm from its mean and variance, attenti
 padded keys at -inf, the exact GELU from erf, the tied decoder, tanh pooling. A lookup of a
 frozen row (``pad_token_id``, ``position_padding_idx``) adds nothing to its gradient, as
 ``F.embedding(..., padding_idx=...)`` does. Parameter names match npformer's ``state_dict``.
+The pieces every encoder twin shares (LayerNorm, GELU, the MLP and the MLM head, dropout with
+npformer's masks, the recording hooks) are in ``encoder.py``.
 """
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from typing import Dict, Optional
 
@@ -21,43 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import TwinModel
-
-
-def _store(recorder: Dict[str, np.ndarray], name: str):
-    def hook(grad: torch.Tensor) -> None:
-        recorder[name] = grad.detach().numpy().copy()
-
-    return hook
-
-
-def _drop(x, masks: Optional[Dict[str, np.ndarray]], name: str, p: float, training: bool):
-    """Dropout with npformer's recorded mask ``<name>.mask`` (to mirror it exactly), else torch's own."""
-    if masks is not None and f"{name}.mask" in masks:
-        return x * torch.from_numpy(np.asarray(masks[f"{name}.mask"])).to(x.dtype) / (1.0 - p)
-    return F.dropout(x, p, training)
-
-
-class TwinLayerNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(-1, keepdim=True)
-        var = (x - mean).pow(2).mean(-1, keepdim=True)  # biased variance
-        return (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
-
-
-def _gelu(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
-
-
-class _Table(nn.Module):
-    def __init__(self, rows: int, dim: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(rows, dim))
+from .encoder import (Table, TwinLayerNorm, TwinMLMHead, TwinMLP, active_recorder, drop, pretraining_loss,
+                      record, record_common, record_table_grads, store_grad)
 
 
 class TwinAttention(nn.Module):
@@ -85,21 +51,6 @@ class TwinAttention(nn.Module):
         return self.o_proj((probs @ v).transpose(1, 2).reshape(B, T, C))
 
 
-class TwinMLP(nn.Module):
-    def __init__(self, d_model: int, d_ff: int):
-        super().__init__()
-        self.fc = nn.Linear(d_model, d_ff)
-        self.proj = nn.Linear(d_ff, d_model)
-        self.recorder: Optional[Dict[str, np.ndarray]] = None
-        self.path = ""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = _gelu(self.fc(x))
-        if self.recorder is not None and a.requires_grad:
-            self.recorder[f"{self.path}.act"] = a.detach().numpy().copy()
-        return self.proj(a)
-
-
 class TwinEncoderLayer(nn.Module):
     def __init__(self, c: dict):
         super().__init__()
@@ -110,17 +61,17 @@ class TwinEncoderLayer(nn.Module):
         self.p = c["dropout"]
 
     def forward(self, x, pad, masks, prefix):
-        h = self.attention_norm(x + _drop(self.attention(x, pad), masks, f"{prefix}.drop_1", self.p, self.training))
-        return self.output_norm(h + _drop(self.mlp(h), masks, f"{prefix}.drop_2", self.p, self.training))
+        h = self.attention_norm(x + drop(self.attention(x, pad), masks, f"{prefix}.drop_1", self.p, self.training))
+        return self.output_norm(h + drop(self.mlp(h), masks, f"{prefix}.drop_2", self.p, self.training))
 
 
 class TwinEmbeddings(nn.Module):
     def __init__(self, c: dict):
         super().__init__()
-        self.word_embeddings = _Table(c["vocab_size"], c["d_model"])
-        self.position_embeddings = _Table(c["max_position"], c["d_model"])
+        self.word_embeddings = Table(c["vocab_size"], c["d_model"])
+        self.position_embeddings = Table(c["max_position"], c["d_model"])
         if c["type_vocab_size"]:
-            self.token_type_embeddings = _Table(c["type_vocab_size"], c["d_model"])
+            self.token_type_embeddings = Table(c["type_vocab_size"], c["d_model"])
         self.LayerNorm = TwinLayerNorm(c["d_model"], c["layer_norm_eps"])
         self.pad, self.position_pad, self.p = c["pad_token_id"], c["position_padding_idx"], c["dropout"]
 
@@ -139,27 +90,10 @@ class TwinEmbeddings(nn.Module):
             tt = F.embedding(torch.zeros_like(ids) if types is None else types, self.token_type_embeddings.weight)
             parts.append(("token_type_embeddings", tt))
             x = x + tt
-        if rec is not None:
-            rec["embeddings.position_ids"] = positions.numpy().copy()
-            for name, value in parts:
-                rec[f"embeddings.{name}.out"] = value.detach().numpy().copy()
-        return _drop(self.LayerNorm(x), masks, "embeddings.dropout", self.p, self.training)
-
-
-class TwinMLMHead(nn.Module):
-    def __init__(self, c: dict):
-        super().__init__()
-        self.dense = nn.Linear(c["d_model"], c["d_model"])
-        self.layer_norm = TwinLayerNorm(c["d_model"], c["layer_norm_eps"])
-        self.bias = nn.Parameter(torch.zeros(c["vocab_size"]))
-        self.recorder: Optional[Dict[str, np.ndarray]] = None
-        self.path = ""
-
-    def forward(self, h, word_weight):
-        g = _gelu(self.dense(h))
-        if self.recorder is not None and g.requires_grad:
-            self.recorder[f"{self.path}.act"] = g.detach().numpy().copy()
-        return self.layer_norm(g) @ word_weight.T + self.bias
+        record(rec, "embeddings.position_ids", positions)
+        for name, value in parts:
+            record(rec, f"embeddings.{name}.out", value)
+        return drop(self.LayerNorm(x), masks, "embeddings.dropout", self.p, self.training)
 
 
 class TwinPooler(nn.Module):
@@ -193,34 +127,22 @@ class TwinBert(TwinModel):
 
     def forward(self, ids, token_type_ids=None, attention_mask=None, mlm_labels=None, nsp_labels=None, masks=None):
         """-> (mlm_logits (B, T, V), nsp_logits (B, 2) or None, loss or None), as ``Bert.forward``."""
-        rec = self.recorder if self.recorder is not None and torch.is_grad_enabled() else None
+        rec = active_recorder(self)
         pad = None if attention_mask is None else attention_mask == 0
         x = self.embeddings(ids, token_type_ids, masks, rec)
-        if rec is not None:
-            rec["embeddings.out"] = x.detach().numpy().copy()
+        record(rec, "embeddings.out", x)
         for i, layer in enumerate(self.layers):
             x = layer(x, pad, masks, f"layers.{i}")
-            if rec is not None:
-                rec[f"layers.{i}.out"] = x.detach().numpy().copy()
+            record(rec, f"layers.{i}.out", x)
         mlm_logits = self.mlm_head(x, self.embeddings.word_embeddings.weight)
-        if rec is not None:
-            rec["mlm_head.logits"] = mlm_logits.detach().numpy().copy()
-            mlm_logits.register_hook(_store(rec, "dmlm_logits"))
+        record(rec, "mlm_head.logits", mlm_logits, "dmlm_logits")
         nsp_logits = None
         if self.nsp:
             pooled = self.pooler(x)
             nsp_logits = self.seq_relationship(pooled)
-            if rec is not None:
-                rec["pooler.out"] = pooled.detach().numpy().copy()
-                rec["nsp_logits"] = nsp_logits.detach().numpy().copy()
-                nsp_logits.register_hook(_store(rec, "dnsp_logits"))
-        loss = None
-        if mlm_labels is not None:
-            loss = F.cross_entropy(mlm_logits.flatten(0, 1), mlm_labels.flatten(), ignore_index=-100)
-        if nsp_labels is not None:
-            nsp_loss = F.cross_entropy(nsp_logits, nsp_labels)
-            loss = nsp_loss if loss is None else loss + nsp_loss
-        return mlm_logits, nsp_logits, loss
+            record(rec, "pooler.out", pooled)
+            record(rec, "nsp_logits", nsp_logits, "dnsp_logits")
+        return mlm_logits, nsp_logits, pretraining_loss(mlm_logits, mlm_labels, nsp_logits, nsp_labels)
 
     # -- recording, under npformer's names ----------------------------------------------------------
     def start_recording(self) -> Dict[str, np.ndarray]:
@@ -230,24 +152,7 @@ class TwinBert(TwinModel):
         self.stop_recording()
         rec: Dict[str, np.ndarray] = OrderedDict()
         self.recorder = rec
-        save = lambda name: (lambda mod, inp, out: rec.__setitem__(name, out.detach().numpy().copy()))  # noqa: E731
-        save_dx = lambda name: (  # noqa: E731
-            lambda mod, gin, gout: rec.__setitem__(name, gin[0].detach().numpy().copy()))
-        for path, m in self.named_modules():
-            if isinstance(m, self.recording_modules):
-                m.recorder, m.path = rec, path
-            if isinstance(m, (nn.Linear, TwinLayerNorm)):
-                self._hooks.append(m.register_forward_hook(save(f"{path}.out")))
-                names = ("dW", "db") if isinstance(m, nn.Linear) else ("dweight", "dbias")
-                for prm, gname in zip((m.weight, m.bias), names):
-                    self._hooks.append(prm.register_hook(_store(rec, f"{path}.{gname}")))
-            if isinstance(m, TwinLayerNorm):
-                self._hooks.append(m.register_full_backward_hook(save_dx(f"{path}.dx")))
-            if isinstance(m, TwinEncoderLayer):
-                self._hooks.append(m.register_full_backward_hook(save_dx(f"{path}.dx")))
-        self._hooks.append(self.mlm_head.bias.register_hook(_store(rec, "mlm_head.dbias")))
-        emb = self.embeddings
-        for name in ("position_embeddings", "token_type_embeddings"):  # the word table is tied: not comparable
-            if hasattr(emb, name):
-                self._hooks.append(getattr(emb, name).weight.register_hook(_store(rec, f"embeddings.{name}.dW")))
+        record_common(self, rec, (TwinEncoderLayer,))
+        self._hooks.append(self.mlm_head.bias.register_hook(store_grad(rec, "mlm_head.dbias")))
+        record_table_grads(self, rec, self.embeddings)
         return rec

@@ -9,11 +9,12 @@ scores replaced by the dtype's lowest value before the softmax, the relative tab
 LayerNorm'd once and projected in every layer, LayerNorm from its mean and variance, the
 exact GELU from erf, the tied decoder. A lookup of the pad word row adds nothing to its
 gradient (``F.embedding(..., padding_idx=...)``).
+The pieces every encoder twin shares (LayerNorm, GELU, the MLP and the MLM head, dropout with
+npformer's masks, the recording hooks) are in ``encoder.py``.
 """
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from typing import Dict, Optional
 
@@ -23,43 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import TwinModel
-
-
-def _store(recorder: Dict[str, np.ndarray], name: str):
-    def hook(grad: torch.Tensor) -> None:
-        recorder[name] = grad.detach().numpy().copy()
-
-    return hook
-
-
-def _drop(x, masks: Optional[Dict[str, np.ndarray]], name: str, p: float, training: bool):
-    """Dropout with npformer's recorded mask ``<name>.mask`` (to mirror it exactly), else torch's own."""
-    if masks is not None and f"{name}.mask" in masks:
-        return x * torch.from_numpy(np.asarray(masks[f"{name}.mask"])).to(x.dtype) / (1.0 - p)
-    return F.dropout(x, p, training)
-
-
-class TwinLayerNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(-1, keepdim=True)
-        var = (x - mean).pow(2).mean(-1, keepdim=True)  # biased variance
-        return (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
-
-
-def _gelu(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
-
-
-class _Table(nn.Module):
-    def __init__(self, rows: int, dim: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(rows, dim))
+from .encoder import (Table, TwinLayerNorm, TwinMLMHead, TwinMLP, active_recorder, drop, mlm_loss, record,
+                      record_common, record_table_grads, store_grad)
 
 
 def log_bucket(r: torch.Tensor, bucket_size: int, max_position: int) -> torch.Tensor:
@@ -105,24 +71,24 @@ class TwinDisentangledAttention(nn.Module):
         H, Dh = self.n_head, self.head_dim
         split = lambda t: t.view(t.shape[0], t.shape[1], H, Dh).transpose(1, 2)  # noqa: E731
         q, k, v = split(self.query_proj(x)), split(self.key_proj(x)), split(self.value_proj(x))  # (B, H, T, Dh)
-        rel = _drop(rel, masks, f"{prefix}.rel_dropout", self.p, self.training)
+        rel = drop(rel, masks, f"{prefix}.rel_dropout", self.p, self.training)
         n = len(self.terms)
         scale = 1.0 / float(torch.sqrt(torch.tensor(Dh * (1 + n), dtype=torch.float32)))  # float32 root
         scores = q @ k.transpose(-2, -1)  # content-to-content, (B, H, T, T)
-        rec = self.recorder if self.recorder is not None and torch.is_grad_enabled() else None
+        rec = active_recorder(self)
         c2p_index, p2c_by_key = (i.expand(B, H, T, T) for i in index)
         if "c2p" in self.terms:
             proj = self.key_proj if self.share else self.pos_key_proj
             k_r = split(F.linear(rel, proj.weight, proj.bias)[None])[0]  # (H, 2S, Dh)
             if rec is not None:
-                k_r.register_hook(_store(rec, f"{self.path}.dk_r"))
+                k_r.register_hook(store_grad(rec, f"{self.path}.dk_r"))
             c2p = q @ k_r.transpose(-2, -1)  # (B, H, T, 2S)
             scores = scores + torch.gather(c2p, -1, c2p_index)  # [i, c2p[i, j]]
         if "p2c" in self.terms:
             proj = self.query_proj if self.share else self.pos_query_proj
             q_r = split(F.linear(rel, proj.weight, proj.bias)[None])[0]
             if rec is not None:
-                q_r.register_hook(_store(rec, f"{self.path}.dq_r"))
+                q_r.register_hook(store_grad(rec, f"{self.path}.dq_r"))
             p2c = k @ q_r.transpose(-2, -1)  # (B, H, T, 2S): key j against relative row r
             # gathered per key j at [j, p2c_by_key[j, i]], then transposed to (i, j)
             scores = scores + torch.gather(p2c, -1, p2c_by_key).transpose(-2, -1)
@@ -133,21 +99,6 @@ class TwinDisentangledAttention(nn.Module):
         if rec is not None:
             rec[f"{self.path}.probs"] = probs.detach().numpy().copy()
         return self.o_proj((probs @ v).transpose(1, 2).reshape(B, T, C))
-
-
-class TwinMLP(nn.Module):
-    def __init__(self, d_model: int, d_ff: int):
-        super().__init__()
-        self.fc = nn.Linear(d_model, d_ff)
-        self.proj = nn.Linear(d_ff, d_model)
-        self.recorder: Optional[Dict[str, np.ndarray]] = None
-        self.path = ""
-
-    def forward(self, x):
-        a = _gelu(self.fc(x))
-        if self.recorder is not None and a.requires_grad:
-            self.recorder[f"{self.path}.act"] = a.detach().numpy().copy()
-        return self.proj(a)
 
 
 class TwinDebertaLayer(nn.Module):
@@ -161,18 +112,18 @@ class TwinDebertaLayer(nn.Module):
 
     def forward(self, x, rel, visible, index, masks, prefix):
         a = self.attention(x, rel, visible, index, masks, f"{prefix}.attention")
-        h = self.attention_norm(x + _drop(a, masks, f"{prefix}.drop_1", self.p, self.training))
-        return self.output_norm(h + _drop(self.mlp(h), masks, f"{prefix}.drop_2", self.p, self.training))
+        h = self.attention_norm(x + drop(a, masks, f"{prefix}.drop_1", self.p, self.training))
+        return self.output_norm(h + drop(self.mlp(h), masks, f"{prefix}.drop_2", self.p, self.training))
 
 
 class TwinDebertaEmbeddings(nn.Module):
     def __init__(self, c: dict):
         super().__init__()
-        self.word_embeddings = _Table(c["vocab_size"], c["d_model"])
+        self.word_embeddings = Table(c["vocab_size"], c["d_model"])
         if c["position_biased_input"]:
-            self.position_embeddings = _Table(c["max_position"], c["d_model"])
+            self.position_embeddings = Table(c["max_position"], c["d_model"])
         if c["type_vocab_size"]:
-            self.token_type_embeddings = _Table(c["type_vocab_size"], c["d_model"])
+            self.token_type_embeddings = Table(c["type_vocab_size"], c["d_model"])
         self.LayerNorm = TwinLayerNorm(c["d_model"], c["layer_norm_eps"])
         self.pad, self.p = c["pad_token_id"], c["dropout"]
 
@@ -186,23 +137,7 @@ class TwinDebertaEmbeddings(nn.Module):
         h = self.LayerNorm(x)
         if tokens is not None:
             h = h * tokens[..., None].to(h.dtype)
-        return _drop(h, masks, "embeddings.dropout", self.p, self.training)
-
-
-class TwinMLMHead(nn.Module):
-    def __init__(self, c: dict):
-        super().__init__()
-        self.dense = nn.Linear(c["d_model"], c["d_model"])
-        self.layer_norm = TwinLayerNorm(c["d_model"], c["layer_norm_eps"])
-        self.bias = nn.Parameter(torch.zeros(c["vocab_size"]))
-        self.recorder: Optional[Dict[str, np.ndarray]] = None
-        self.path = ""
-
-    def forward(self, h, word_weight):
-        g = _gelu(self.dense(h))
-        if self.recorder is not None and g.requires_grad:
-            self.recorder[f"{self.path}.act"] = g.detach().numpy().copy()
-        return self.layer_norm(g) @ word_weight.T + self.bias
+        return drop(h, masks, "embeddings.dropout", self.p, self.training)
 
 
 class TwinDeberta(TwinModel):
@@ -220,7 +155,7 @@ class TwinDeberta(TwinModel):
         self.buckets, self.max_rel = position_buckets, max_relative_positions
         span = max_relative_positions if position_buckets is None else position_buckets
         self.embeddings = TwinDebertaEmbeddings(c)
-        self.rel_embeddings = _Table(2 * span, d_model)
+        self.rel_embeddings = Table(2 * span, d_model)
         if norm_rel_ebd:
             self.rel_norm = TwinLayerNorm(d_model, layer_norm_eps)
         self.layers = nn.ModuleList(TwinDebertaLayer(c) for _ in range(n_layer))
@@ -230,30 +165,26 @@ class TwinDeberta(TwinModel):
 
     def forward(self, ids, token_type_ids=None, attention_mask=None, mlm_labels=None, masks=None):
         """-> (mlm_logits (B, T, V), loss or None), as ``Deberta.forward``."""
-        rec = self.recorder if self.recorder is not None and torch.is_grad_enabled() else None
+        rec = active_recorder(self)
         T = ids.shape[1]
         tokens = None if attention_mask is None else attention_mask != 0
         visible = None if tokens is None else (tokens[:, None, :, None] & tokens[:, None, None, :])
         index = relative_index(T, self.buckets, self.max_rel)
         x = self.embeddings(ids, token_type_ids, tokens, masks)
-        if rec is not None:
-            rec["embeddings.out"] = x.detach().numpy().copy()
+        record(rec, "embeddings.out", x)
         rel = self.rel_embeddings.weight
         if hasattr(self, "rel_norm"):
             rel = self.rel_norm(rel)
         if rec is not None:
-            rel.register_hook(_store(rec, "drel"))
+            rel.register_hook(store_grad(rec, "drel"))
         for i, layer in enumerate(self.layers):
             x = layer(x, rel, visible, index, masks, f"layers.{i}")
-            if rec is not None:
-                rec[f"layers.{i}.out"] = x.detach().numpy().copy()
+            record(rec, f"layers.{i}.out", x)
         mlm_logits = self.mlm_head(x, self.embeddings.word_embeddings.weight)
-        if rec is not None:
-            rec["mlm_head.logits"] = mlm_logits.detach().numpy().copy()
-            mlm_logits.register_hook(_store(rec, "dmlm_logits"))
+        record(rec, "mlm_head.logits", mlm_logits, "dmlm_logits")
         loss = None
         if mlm_labels is not None:
-            loss = F.cross_entropy(mlm_logits.flatten(0, 1), mlm_labels.flatten(), ignore_index=-100)
+            loss = mlm_loss(mlm_logits, mlm_labels)
         return mlm_logits, loss
 
     # -- recording, under npformer's names ----------------------------------------------------------
@@ -266,32 +197,15 @@ class TwinDeberta(TwinModel):
         self.stop_recording()
         rec: Dict[str, np.ndarray] = OrderedDict()
         self.recorder = rec
-        save = lambda name: (lambda mod, inp, out: rec.__setitem__(name, out.detach().numpy().copy()))  # noqa: E731
-        save_dx = lambda name: (  # noqa: E731
-            lambda mod, gin, gout: rec.__setitem__(name, gin[0].detach().numpy().copy()))
         twice = set()  # projections also applied to the relative rows: npformer records each call's dW apart
         for layer in self.layers:
             att = layer.attention
             for term, own, sep in (("c2p", "key_proj", "pos_key_proj"), ("p2c", "query_proj", "pos_query_proj")):
                 if term in att.terms:
                     twice.add(getattr(att, own if att.share else sep))
-        for path, m in self.named_modules():
-            if isinstance(m, self.recording_modules):
-                m.recorder, m.path = rec, path
-            if isinstance(m, (nn.Linear, TwinLayerNorm)):
-                self._hooks.append(m.register_forward_hook(save(f"{path}.out")))
-            if isinstance(m, (nn.Linear, TwinLayerNorm)) and m not in twice:
-                names = ("dW", "db") if isinstance(m, nn.Linear) else ("dweight", "dbias")
-                for prm, gname in zip((m.weight, m.bias), names):
-                    self._hooks.append(prm.register_hook(_store(rec, f"{path}.{gname}")))
-            if isinstance(m, TwinLayerNorm) and path != "rel_norm":
-                self._hooks.append(m.register_full_backward_hook(save_dx(f"{path}.dx")))
-            if isinstance(m, TwinDebertaLayer):
-                self._hooks.append(m.register_full_backward_hook(save_dx(f"{path}.dx")))
-        self._hooks.append(self.mlm_head.bias.register_hook(_store(rec, "mlm_head.dbias")))
-        self._hooks.append(self.rel_embeddings.weight.register_hook(_store(rec, "rel_embeddings.dW")))
-        emb = self.embeddings
-        for name in ("position_embeddings", "token_type_embeddings"):  # the word table is tied: not comparable
-            if hasattr(emb, name):
-                self._hooks.append(getattr(emb, name).weight.register_hook(_store(rec, f"embeddings.{name}.dW")))
+        record_common(self, rec, (TwinDebertaLayer,), skip_grads=[p for p, m in self.named_modules() if m in twice],
+                      skip_dx=("rel_norm",))
+        self._hooks.append(self.mlm_head.bias.register_hook(store_grad(rec, "mlm_head.dbias")))
+        self._hooks.append(self.rel_embeddings.weight.register_hook(store_grad(rec, "rel_embeddings.dW")))
+        record_table_grads(self, rec, self.embeddings)
         return rec

@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .albert import Calls, narrow_mlm_head, record_common
-from .bert import TwinAttention, TwinEmbeddings, TwinEncoderLayer, TwinMLMHead, TwinMLP, _gelu, _store
+from .bert import TwinAttention, TwinEmbeddings, TwinEncoderLayer
 from .common import TwinModel
+from .encoder import (Calls, TwinMLMHead, TwinMLP, active_recorder, gelu, mlm_loss, narrow_mlm_head, record,
+                      record_common, record_table_grads, store_grad)
 
 
 class TwinDiscriminatorHead(nn.Module):
@@ -30,7 +31,7 @@ class TwinDiscriminatorHead(nn.Module):
         self.path = ""
 
     def forward(self, h):
-        g = _gelu(self.dense(h))
+        g = gelu(self.dense(h))
         if self.recorder is not None and g.requires_grad:
             self.recorder[f"{self.path}.act"] = g.detach().numpy().copy()
         logits = self.dense_prediction(g)[..., 0]
@@ -57,31 +58,26 @@ class _TwinElectraEncoder(TwinModel):
         self._hooks = []
 
     def encode(self, ids, types, attention_mask, masks, prefix=""):
-        rec = self.recorder if self.recorder is not None and torch.is_grad_enabled() else None
+        rec = active_recorder(self)
         pad = None if attention_mask is None else attention_mask == 0
         x = self.embeddings(ids, types, masks, rec)
-        if rec is not None:
-            rec[f"{prefix}embeddings.out"] = x.detach().numpy().copy()
+        record(rec, f"{prefix}embeddings.out", x)
         if hasattr(self, "embeddings_project"):
             x = self.embeddings_project(x)
         for i, layer in enumerate(self.layers):
             x = layer(x, pad, masks, f"{prefix}layers.{i}")
-            if rec is not None:
-                rec[f"{prefix}layers.{i}.out"] = x.detach().numpy().copy()
+            record(rec, f"{prefix}layers.{i}.out", x)
         return x
 
     def start_recording(self) -> Calls:
         self.stop_recording()
         rec = Calls()
         self.recorder = rec
-        record_common(self, rec)
+        record_common(self, rec, (TwinEncoderLayer,))
         for m in self.modules():
             if isinstance(m, TwinMLMHead):
-                self._hooks.append(m.bias.register_hook(_store(rec, f"{m.path}.dbias")))
-        for name in ("position_embeddings", "token_type_embeddings"):
-            if hasattr(self.embeddings, name):
-                self._hooks.append(getattr(self.embeddings, name).weight.register_hook(
-                    _store(rec, f"embeddings.{name}.dW")))
+                self._hooks.append(m.bias.register_hook(store_grad(rec, f"{m.path}.dbias")))
+        record_table_grads(self, rec, self.embeddings)
         return rec
 
 
@@ -95,10 +91,10 @@ class TwinElectraGenerator(_TwinElectraEncoder):
         x = self.encode(ids, token_type_ids, attention_mask, masks, prefix)
         logits = self.generator_predictions(x, self.embeddings.word_embeddings.weight)
         if self.recorder is not None and logits.requires_grad:
-            logits.register_hook(_store(self.recorder, f"{prefix}dmlm_logits"))
+            logits.register_hook(store_grad(self.recorder, f"{prefix}dmlm_logits"))
         loss = None
         if mlm_labels is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), mlm_labels.flatten(), ignore_index=-100)
+            loss = mlm_loss(logits, mlm_labels)
         return logits, loss
 
 
@@ -112,7 +108,7 @@ class TwinElectraDiscriminator(_TwinElectraEncoder):
         x = self.encode(ids, token_type_ids, attention_mask, masks, prefix)
         logits = self.discriminator_predictions(x)
         if self.recorder is not None and logits.requires_grad:
-            logits.register_hook(_store(self.recorder, f"{prefix}drtd_logits"))
+            logits.register_hook(store_grad(self.recorder, f"{prefix}drtd_logits"))
         loss = None
         if labels is not None:
             keep = torch.ones_like(labels, dtype=torch.bool) if attention_mask is None else attention_mask == 1

@@ -26,9 +26,12 @@ from npformer.hf.albert_map import (TIED as ALBERT_TIED, albert_config, albert_c
 from npformer.hf.electra_map import (TIED as ELECTRA_TIED, electra_config, electra_config_json,  # noqa: E402
                                      electra_ignored, electra_kind, electra_rows)
 from npformer.hf.pretrained import _Fields  # noqa: E402
-from npformer.models.albert import IGNORE_INDEX, Albert  # noqa: E402
+from npformer.models.albert import Albert  # noqa: E402
 from npformer.models.electra import ElectraDiscriminator, ElectraGenerator  # noqa: E402
-from tests.tolerances import HF_GRAD_RTOL, HF_LOGITS_RTOL, assert_close  # noqa: E402
+from tests.hf import encoder_helpers as hf_helpers  # noqa: E402
+from tests.hf.encoder_helpers import (assert_grads_equal_hf, hf_mlm_loss, masked_labels, padded_ids,  # noqa: E402
+                                     saved_folders)
+from tests.tolerances import HF_LOGITS_RTOL, assert_close  # noqa: E402
 
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
 SEED = 2468
@@ -54,35 +57,16 @@ HF_CLASS = {"albert": lambda: transformers.AlbertForPreTraining,
 
 
 def build_hf_model(case, seed=SEED):
-    torch.manual_seed(seed)
-    config = CASES[case]()
-    config._attn_implementation = "eager"
-    model = HF_CLASS[case]()(config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.3
-            if "LayerNorm" in name and name.endswith("weight"):
-                noise += 1.0
-            p.copy_(noise.to(p.dtype))
-    return model.eval()
+    return hf_helpers.build_hf_model(CASES[case](), HF_CLASS[case](), seed)
 
 
 def load_hf(case, folder, dtype=torch.float32):
-    return HF_CLASS[case]().from_pretrained(folder, dtype=dtype, attn_implementation="eager").eval()
+    return hf_helpers.load_hf(HF_CLASS[case](), folder, dtype)
 
 
 @pytest.fixture(scope="module")
 def folder_of(tmp_path_factory):
-    made = {}
-
-    def get(case):
-        if case not in made:
-            made[case] = tmp_path_factory.mktemp(case)
-            build_hf_model(case).save_pretrained(made[case])
-        return made[case]
-
-    return get
+    return saved_folders(tmp_path_factory, build_hf_model)
 
 
 # -- loading with the maps ----------------------------------------------------------------------------------
@@ -129,18 +113,11 @@ def inputs(case, V, seed=0, B=3):
     """ids with padding (rows 1, 2 right-padded; a pad id inside row 0), token types, the mask, and labels:
     MLM labels (-100 where not masked and at padding), SOP labels, or 0/1 replaced labels."""
     rng = np.random.default_rng(seed)
-    ids = rng.integers(1, V, (B, T))
-    mask = np.ones((B, T), np.int64)
-    mask[1, 5:] = 0
-    mask[2, 2:] = 0
-    ids[mask == 0] = 0
-    ids[0, 3] = 0
+    ids, mask = padded_ids(rng, V, 0, B, T, low=1, cut=5)
     types = rng.integers(0, 2, (B, T))
     if case == "electra_discriminator":
         return ids, types, mask, (rng.random((B, T)) < 0.4).astype(np.int64), None
-    labels = np.where(rng.random((B, T)) < 0.5, rng.integers(0, V, (B, T)), IGNORE_INDEX)
-    labels[mask == 0] = IGNORE_INDEX
-    labels[0, 0] = 5
+    labels = masked_labels(rng, V, mask)
     return ids, types, mask, labels, (rng.integers(0, 2, B) if case == "albert" else None)
 
 
@@ -158,8 +135,7 @@ def hf_forward(case, hf, ids, types, mask, labels=None, sop=None):
         out = hf(input_ids=t(ids), token_type_ids=t(types), attention_mask=t(mask))
         loss = None
         if labels is not None:
-            loss = torch.nn.functional.cross_entropy(out.prediction_logits.flatten(0, 1), t(labels).flatten(),
-                                                     ignore_index=IGNORE_INDEX)
+            loss = hf_mlm_loss(out.prediction_logits, labels)
             loss = loss + torch.nn.functional.cross_entropy(out.sop_logits, t(sop))
         return out.prediction_logits, out.sop_logits, loss
     if case == "electra_discriminator":
@@ -207,14 +183,7 @@ def test_logits_and_every_gradient_float64_equal_hf(case, folder_of):
     if case == "albert":
         assert_close(sop_logits, hf_sop.detach().numpy(), rtol=HF_LOGITS_RTOL[F64], what="sop logits")
     assert_close(loss, hf_loss.item(), rtol=HF_LOGITS_RTOL[F64], what="loss")
-    ours = hf_names_of(model, rows_of(model), grads=True)
-    theirs = {name: p.grad.numpy() for name, p in hf.named_parameters()}  # the tied decoder once, as ours
-    assert sorted(ours) == sorted(theirs)
-    for name, grad in theirs.items():
-        scale = None
-        if name.endswith(("attention.self.key.bias", "attention.key.bias")):  # zero in exact arithmetic
-            scale = np.abs(theirs[name.replace("key.", "value.")]).max()
-        assert_close(ours[name], grad, rtol=HF_GRAD_RTOL, scale=scale, what=f"{case} d{name}")
+    assert_grads_equal_hf(hf_names_of(model, rows_of(model), grads=True), hf, case)
 
 
 def test_albert_shares_one_layer_across_its_depth(folder_of):

@@ -19,8 +19,11 @@ transformers = pytest.importorskip("transformers")
 from npformer.hf import HFFormatError, load_pretrained, read_safetensors  # noqa: E402
 from npformer.hf import save_pretrained, write_safetensors  # noqa: E402
 from npformer.hf.pretrained import hf_state_dict  # noqa: E402
-from npformer.models.bert import IGNORE_INDEX, Bert, BertConfig  # noqa: E402
-from tests.tolerances import HF_GRAD_RTOL, HF_LOGITS_RTOL, assert_close  # noqa: E402
+from npformer.models.bert import Bert, BertConfig  # noqa: E402
+from tests.hf import encoder_helpers as hf_helpers  # noqa: E402
+from tests.hf.encoder_helpers import (assert_grads_equal_hf, assert_same_model_and_tensors, hf_mlm_loss,  # noqa: E402
+                                     masked_labels, padded_ids, saved_folders)
+from tests.tolerances import HF_LOGITS_RTOL, assert_close  # noqa: E402
 
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
 SEED = 4321
@@ -40,51 +43,25 @@ HF_CLASS = {"bert": lambda: transformers.BertForPreTraining, "roberta": lambda: 
 
 
 def build_hf_model(case: str, seed: int = SEED):
-    torch.manual_seed(seed)
-    config = CASES[case]()
-    config._attn_implementation = "eager"
-    model = HF_CLASS[case]()(config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.3
-            if ("LayerNorm" in name or "layer_norm" in name) and name.endswith("weight"):
-                noise += 1.0
-            p.copy_(noise.to(p.dtype))
-    return model.eval()
+    return hf_helpers.build_hf_model(CASES[case](), HF_CLASS[case](), seed, norm_names=("LayerNorm", "layer_norm"))
 
 
 def load_hf(case, folder, dtype=torch.float32):
-    return HF_CLASS[case]().from_pretrained(folder, dtype=dtype, attn_implementation="eager").eval()
+    return hf_helpers.load_hf(HF_CLASS[case](), folder, dtype)
 
 
 @pytest.fixture(scope="module")
 def folder_of(tmp_path_factory):
-    made = {}
-
-    def get(case):
-        if case not in made:
-            made[case] = tmp_path_factory.mktemp(case)
-            build_hf_model(case).save_pretrained(made[case])
-        return made[case]
-
-    return get
+    return saved_folders(tmp_path_factory, build_hf_model)
 
 
 def inputs(cfg, seed=0, B=3):
     """ids with padding (rows 1, 2 right-padded, and a pad id inside row 0), token types, the mask,
     MLM labels (-100 where not masked and at padding), NSP labels for BERT."""
     rng = np.random.default_rng(seed)
-    ids = rng.integers(2, cfg.vocab_size, (B, T))
-    mask = np.ones((B, T), np.int64)
-    mask[1, 6:] = 0
-    mask[2, 2:] = 0
-    ids[mask == 0] = cfg.pad_token_id
-    ids[0, 3] = cfg.pad_token_id  # attended to: its lookup trains no row; RoBERTa's position count skips it
+    ids, mask = padded_ids(rng, cfg.vocab_size, cfg.pad_token_id, B, T, low=2, cut=6)  # RoBERTa counts past row 0's pad
     types = rng.integers(0, cfg.type_vocab_size, (B, T))
-    labels = np.where(rng.random((B, T)) < 0.5, rng.integers(0, cfg.vocab_size, (B, T)), IGNORE_INDEX)
-    labels[mask == 0] = IGNORE_INDEX
-    labels[0, 0] = 5
+    labels = masked_labels(rng, cfg.vocab_size, mask)
     nsp = rng.integers(0, 2, B) if cfg.nsp_head else None
     return ids, types, mask, labels, nsp
 
@@ -127,8 +104,7 @@ def test_logits_and_every_gradient_float64_equal_hf(case, folder_of):
     outputs, loss = model.forward(ids, types, mask, labels, nsp)
     model.backward()
     mlm, nsp_logits = hf_outputs(case, hf, ids, types, mask)
-    hf_loss = torch.nn.functional.cross_entropy(mlm.reshape(-1, mlm.shape[-1]), torch.from_numpy(labels).reshape(-1),
-                                                ignore_index=IGNORE_INDEX)
+    hf_loss = hf_mlm_loss(mlm, labels)
     if case == "bert":
         hf_loss = hf_loss + torch.nn.functional.cross_entropy(nsp_logits, torch.from_numpy(nsp))
     hf_loss.backward()
@@ -137,14 +113,8 @@ def test_logits_and_every_gradient_float64_equal_hf(case, folder_of):
     if case == "bert":
         assert_close(outputs.nsp_logits, nsp_logits.detach().numpy(), rtol=HF_LOGITS_RTOL[F64], what="nsp logits")
     assert_close(loss, hf_loss.item(), rtol=HF_LOGITS_RTOL[F64], what="loss")
-    ours = hf_state_dict(model, grads=True)
-    theirs = {name: p.grad.numpy() for name, p in hf.named_parameters()}  # the tied decoder once, as ours
-    assert sorted(ours) == sorted(theirs) and len(theirs) == 16 * 2 + (14 if case == "bert" else 10)
-    for name, grad in theirs.items():
-        scale = None
-        if name.endswith("attention.self.key.bias"):  # zero in exact arithmetic: judged at its layer's scale
-            scale = np.abs(theirs[name.replace(".key.", ".value.")]).max()
-        assert_close(ours[name], grad, rtol=HF_GRAD_RTOL, scale=scale, what=f"{case} d{name}")
+    theirs = assert_grads_equal_hf(hf_state_dict(model, grads=True), hf, case)
+    assert len(theirs) == 16 * 2 + (14 if case == "bert" else 10)
     word = f"{'bert' if case == 'bert' else 'roberta'}.embeddings.word_embeddings.weight"
     assert np.any(theirs[word][model.cfg.pad_token_id] != 0)  # the pad row: the decoder's gradient, not the lookup's
 
@@ -191,15 +161,7 @@ def test_load_save_load_is_bit_for_bit(case, folder_of, tmp_path):
     folder = folder_of(case)
     first = load_pretrained(folder)
     save_pretrained(first, tmp_path / "again")
-    second = load_pretrained(tmp_path / "again")
-    assert first.cfg == second.cfg
-    for name, value in first.state_dict().items():
-        assert np.array_equal(value, second.state_dict()[name]), name
-    original, saved = read_safetensors(folder / "model.safetensors"), read_safetensors(tmp_path / "again" /
-                                                                                        "model.safetensors")
-    assert sorted(original) == sorted(saved)
-    for name, value in original.items():
-        assert value.dtype == saved[name].dtype and np.array_equal(value, saved[name]), name
+    assert_same_model_and_tensors(first, load_pretrained(tmp_path / "again"), folder, tmp_path / "again")
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -1,9 +1,6 @@
 """BERT and RoBERTa against their torch twin: loss, every gradient, recordings, padding, positions, the
 shared encoder pieces, config and input checks, parameter names."""
 
-import ast
-import inspect
-
 import numpy as np
 import pytest
 import torch
@@ -12,33 +9,24 @@ from hypothesis import strategies as st
 
 import npformer.models.bert as bert_module
 from kernels.twins.bert import TwinBert, TwinEncoderLayer, TwinMLMHead, TwinPooler
-from npformer.debug import first_divergence
-from npformer.models.bert import IGNORE_INDEX, Bert, BertConfig, BertOutputs
+from npformer.models.bert import Bert, BertConfig, BertOutputs
 from npformer.nn.encoder import EncoderEmbeddings, MLMHead, Pooler, PostNormEncoderLayer, roberta_position_ids
-from tests.strategies import in_layout, layouts
-from tests.badinput import NON_ARRAYS, RANK_KINDS, SHAPE_KINDS, SUBCLASS_KINDS, corrupt, expect_rejected
-from tests.tolerances import FINDER_ATOL, MODEL_RTOL, RTOL, assert_close
+from tests.badinput import expect_rejected
+from tests.models.encoders import (adamw_losses, assert_backward_needs_a_loss, assert_eval_keeps_no_cache,
+                                   assert_float32_matches_twin, assert_grads_match, assert_init_and_astype,
+                                   assert_layout_changes_nothing, assert_refuses_corrupted, bad_encoder_inputs,
+                                   bad_kinds, classifier_label_inputs, divergence, divergence_after_planting,
+                                   imported_modules, layer_names, mlm_labels, model_and_twin, padded_inputs, pending,
+                                   randomise, record_both, run_both, twin_of)
+from tests.strategies import layouts
+from tests.tolerances import MODEL_RTOL, assert_close
 
 TINY = dict(vocab_size=13, max_position=10, n_layer=2, n_head=2, d_model=6, d_ff=7, dropout=0.0)
 ROBERTA = dict(type_vocab_size=1, pad_token_id=1, position_padding_idx=1, nsp_head=False)
 
 
-def randomise(model, seed=7):
-    """Weights of order one (not the near-uniform init), so every mask, bias and norm shows in the loss."""
-    rng = np.random.default_rng(seed)
-    for name, prm in model.named_parameters():
-        base = 1.0 if "norm" in name.lower() and name.endswith("weight") else 0.0
-        scale = 0.3 if prm.data.ndim == 1 else 1.0 / np.sqrt(prm.shape[1])
-        prm.data[...] = base + scale * rng.standard_normal(prm.shape)
-    return model
-
-
 def pair(seed=0, **overrides):
-    cfg = BertConfig(**{**TINY, **overrides, "dtype": "float64"})
-    model = randomise(Bert(cfg, seed=seed), seed + 7)
-    twin = TwinBert(**cfg.to_dict()).double()
-    twin.load_npformer_state(model.state_dict())
-    return model, twin
+    return model_and_twin(BertConfig, Bert, TwinBert, TINY, seed, **overrides)
 
 
 def batch(cfg, B=3, T=None, seed=1, pad_rows=True, nsp=True):
@@ -46,41 +34,10 @@ def batch(cfg, B=3, T=None, seed=1, pad_rows=True, nsp=True):
     MLM labels with -100 where not masked, NSP labels where the model has the head."""
     rng = np.random.default_rng(seed)
     T = cfg.block_size if T is None else T
-    ids = rng.integers(0, cfg.vocab_size, (B, T))
-    mask = np.ones((B, T), np.int64)
-    if pad_rows:
-        for b in range(1, B):
-            mask[b, rng.integers(1, T + 1):] = 0  # row b keeps at least its first token
-    if cfg.pad_token_id is not None:
-        ids[mask == 0] = cfg.pad_token_id
-    types = rng.integers(0, cfg.type_vocab_size, (B, T)) if cfg.type_vocab_size else None
-    labels = rng.integers(0, cfg.vocab_size, (B, T))
-    labels[rng.random((B, T)) < 0.4] = IGNORE_INDEX
-    labels[0, 0] = rng.integers(0, cfg.vocab_size)  # at least one counted label
+    ids, types, mask = padded_inputs(rng, cfg, B, T, pad_rows)
+    labels = mlm_labels(rng, cfg, B, T)
     nsp_labels = rng.integers(0, 2, B) if cfg.nsp_head and nsp else None
     return ids, types, mask, labels, nsp_labels
-
-
-def _t(a):
-    return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
-
-
-def run_twin(twin, args, masks=None):
-    twin.zero_grad()
-    _, _, loss = twin(*map(_t, args), masks=masks)
-    loss.backward()
-    return loss.item(), {n: (p.grad.numpy() if p.grad is not None else np.zeros(p.shape)) for n, p in
-                         twin.named_parameters()}
-
-
-def assert_grads_match(model, twin_grads):
-    ours = dict(model.named_parameters())
-    assert set(ours) == set(twin_grads)  # same names; the tied decoder appears once, as the word table
-    for name, prm in ours.items():
-        scale = None
-        if name.endswith("k_proj.bias"):  # zero in exact arithmetic (softmax ignores a per-row shift): judge
-            scale = np.abs(twin_grads[name.replace("k_proj", "v_proj")]).max()  # it at its layer's scale
-        assert_close(prm.grad, twin_grads[name], rtol=MODEL_RTOL, scale=scale, what=name)
 
 
 @st.composite
@@ -105,18 +62,13 @@ def configs(draw):
 @given(cfg=configs(), data=st.data())
 def test_loss_and_every_gradient_match_the_twin(cfg, data):
     model = randomise(Bert(cfg, seed=data.draw(st.integers(0, 3))))
-    twin = TwinBert(**cfg.to_dict()).double()
-    twin.load_npformer_state(model.state_dict())
+    twin = twin_of(model, TwinBert)
     T = data.draw(st.integers(1, cfg.block_size))
     args = batch(cfg, B=data.draw(st.integers(1, 3)), T=T, seed=data.draw(st.integers(0, 9)),
                  pad_rows=data.draw(st.booleans()), nsp=data.draw(st.booleans()))
     if data.draw(st.booleans()) and args[4] is not None:
         args = args[:3] + (None, args[4])  # NSP alone
-    model.zero_grad()
-    recording = model.start_recording()  # the dropout masks, for the twin to reuse
-    outputs, loss = model.forward(*args)
-    model.backward()
-    twin_loss, twin_grads = run_twin(twin, args, masks=recording)
+    outputs, loss, twin_loss, twin_grads = run_both(model, twin, args)
     assert outputs.mlm_logits.shape == args[0].shape + (cfg.vocab_size,)
     assert (outputs.nsp_logits is None) == (not cfg.nsp_head)
     assert abs(loss - twin_loss) <= MODEL_RTOL * abs(twin_loss)
@@ -126,17 +78,7 @@ def test_loss_and_every_gradient_match_the_twin(cfg, data):
 @pytest.mark.parametrize("options", [dict(), ROBERTA, dict(type_vocab_size=0, pad_token_id=None)])
 def test_float32_matches_the_twin(options):
     model, twin = pair(**options)
-    model.astype("float32")
-    twin.float()
-    args = batch(model.cfg)
-    outputs, loss = model.forward(*args)
-    model.backward()
-    twin_loss, twin_grads = run_twin(twin, args)
-    assert outputs.mlm_logits.dtype == np.float32 and all(p.grad.dtype == np.float32 for p in model.parameters())
-    assert abs(loss - twin_loss) <= RTOL[np.dtype(np.float32)] * abs(twin_loss)
-    for name, prm in model.named_parameters():
-        if not name.endswith("k_proj.bias"):
-            assert_close(prm.grad, twin_grads[name], rtol=RTOL[np.dtype(np.float32)], what=name)
+    assert_float32_matches_twin(model, twin, batch(model.cfg))
 
 
 # -- padding and positions ----------------------------------------------------------------------------
@@ -205,37 +147,16 @@ def test_the_options_move_the_loss():
 def test_inputs_in_any_memory_layout_give_the_same_loss_and_gradients(layout, which, roberta):
     """Integer inputs as Fortran-ordered, transposed, strided, reversed or read-only views: the same numbers."""
     model, _ = pair(**(ROBERTA if roberta else dict(type_vocab_size=3)))
-    args = list(batch(model.cfg))
-    _, loss = model.forward(*args)
-    model.backward()
-    expected = {n: p.grad.copy() for n, p in model.named_parameters()}
     index = ["ids", "token_type_ids", "attention_mask", "mlm_labels"].index(which)
-    if args[index] is not None:  # RoBERTa has no token types
-        args[index] = in_layout(args[index], layout)
-    model.zero_grad()
-    _, loss_in_layout = model.forward(*args)
-    model.backward()
-    assert loss_in_layout == loss
-    for name, prm in model.named_parameters():
-        np.testing.assert_array_equal(prm.grad, expected[name], err_msg=name)
+    assert_layout_changes_nothing(model, batch(model.cfg), index, layout)  # RoBERTa has no token types
 
 
 # -- the divergence finder ------------------------------------------------------------------------------
-def record_both(model, twin):
-    args = batch(model.cfg)
-    ours, theirs = model.start_recording(), twin.start_recording()
-    model.forward(*args)
-    model.zero_grad()
-    model.backward()
-    run_twin(twin, args, masks=ours)
-    return ours, theirs
-
-
 @pytest.mark.parametrize("options", [dict(), dict(dropout=0.2), ROBERTA])
 def test_recordings_agree_everywhere(options):
     model, twin = pair(**options)
-    ours, theirs = record_both(model, twin)
-    assert first_divergence(ours, theirs, rtol=MODEL_RTOL, atol=FINDER_ATOL) is None
+    ours, theirs = record_both(model, twin, batch(model.cfg))
+    assert divergence(ours, theirs) is None
     shared = set(ours) & set(theirs)
     assert {"embeddings.out", "layers.1.attention.probs", "layers.0.dx", "dmlm_logits", "mlm_head.act",
             "embeddings.position_embeddings.dW", "layers.0.output_norm.dx"} <= shared
@@ -249,10 +170,7 @@ def test_recordings_agree_everywhere(options):
 ])
 def test_divergence_finder_names_a_planted_forward_error(where, expected):
     model, twin = pair()
-    with torch.no_grad():
-        dict(twin.named_parameters())[where].view(-1)[0] += 1e-3
-    ours, theirs = record_both(model, twin)
-    found = first_divergence(ours, theirs, rtol=MODEL_RTOL, atol=FINDER_ATOL)
+    found = divergence_after_planting(model, twin, batch(model.cfg), where)
     assert found is not None and found.name == expected, found
 
 
@@ -266,8 +184,7 @@ def test_divergence_finder_names_a_planted_backward_error(monkeypatch):
         return original(self, dy) * 1.001 if self is layer.mlp else original(self, dy)
 
     monkeypatch.setattr(type(layer.mlp), "backward", wrong)
-    ours, theirs = record_both(model, twin)
-    found = first_divergence(ours, theirs, rtol=MODEL_RTOL, atol=FINDER_ATOL)
+    found = divergence(*record_both(model, twin, batch(model.cfg)))
     assert found is not None and found.name == "layers.0.attention_norm.dweight", found
 
 
@@ -382,38 +299,15 @@ def test_model_refuses_a_bad_config_or_seed():
 def test_forward_refuses_bad_inputs_by_name():
     model = Bert(BertConfig(**TINY))
     ids = np.ones((2, 4), np.int64)
-    for call, arg in [
-        (lambda: model.forward(ids.astype(np.float64)), "ids"),
-        (lambda: model.forward(ids[0]), "ids"),
-        (lambda: model.forward(ids + 13), "ids"),
-        (lambda: model.forward(np.zeros((2, 0), np.int64)), "ids"),
-        (lambda: model.forward(np.ones((1, 11), np.int64)), "ids"),
-        (lambda: model.forward(ids, ids * 2), "token_type_ids"),
-        (lambda: model.forward(ids, ids[:, :3]), "token_type_ids"),
-        (lambda: model.forward(ids, attention_mask=ids.astype(np.float32)), "attention_mask"),
-        (lambda: model.forward(ids, attention_mask=ids * 2), "attention_mask"),
-        (lambda: model.forward(ids, attention_mask=np.array([[1, 1, 0, 0], [0, 0, 0, 0]])), "attention_mask"),
-        (lambda: model.forward(ids, attention_mask=ids[:, :2]), "attention_mask"),
-        (lambda: model.forward(ids, mlm_labels=ids - 5), "mlm_labels"),
-        (lambda: model.forward(ids, mlm_labels=ids[:1]), "mlm_labels"),
-        (lambda: model.forward(ids, nsp_labels=np.array([0, 2])), "nsp_labels"),
-        (lambda: model.forward(ids, nsp_labels=np.array([0, 1, 1])), "nsp_labels"),
-        (lambda: model.forward(ids, nsp_labels=np.array([0.0, 1.0])), "nsp_labels"),
-    ]:
+    for call, arg in bad_encoder_inputs(model, ids) + classifier_label_inputs(model, ids, "nsp_labels"):
         expect_rejected(call, "Bert.forward", arg)
-    assert model.pending_backwards == 0  # refused before any work
+    assert pending(model) == 0  # refused before any work
     roberta = Bert(BertConfig(**TINY, type_vocab_size=0, nsp_head=False))
     expect_rejected(lambda: roberta.forward(ids, ids * 0), "Bert.forward", "token_type_ids")
     expect_rejected(lambda: roberta.forward(ids, nsp_labels=np.array([0, 1])), "Bert.forward", "nsp_labels")
 
 
-NOT_IDS = NON_ARRAYS + SUBCLASS_KINDS + ("bool", "float16", "float32", "float64", "complex128", "object")
-NOT_LABELS = tuple(k for k in NOT_IDS if k != "none") + RANK_KINDS + SHAPE_KINDS  # None: no loss, legal
-NOT_A_MASK = tuple(k for k in NOT_IDS if k not in ("none", "bool")) + RANK_KINDS + SHAPE_KINDS
-
-
-BAD_KINDS = {"ids": NOT_IDS + RANK_KINDS, "token_type_ids": NOT_LABELS, "attention_mask": NOT_A_MASK,
-             "mlm_labels": NOT_LABELS, "nsp_labels": NOT_LABELS}
+BAD_KINDS = bad_kinds("mlm_labels", "nsp_labels")
 
 
 @given(arg=st.sampled_from(sorted(BAD_KINDS)), data=st.data())
@@ -423,22 +317,14 @@ def test_forward_refuses_generated_bad_arguments(arg, data):
     ids = np.random.default_rng(0).integers(0, 2, (2, 5))
     good = dict(ids=ids, token_type_ids=ids, attention_mask=np.ones_like(ids), mlm_labels=ids,
                 nsp_labels=ids[:, 0])
-    kwargs = dict(good, **{arg: corrupt(good[arg], kind)})
-    expect_rejected(lambda: model.forward(**kwargs), "Bert.forward", arg)
-    assert model.pending_backwards == 0
+    assert_refuses_corrupted(model, good, arg, kind, "Bert.forward")
 
 
 def test_backward_needs_a_loss_and_eval_keeps_no_cache():
     model = Bert(BertConfig(**TINY))
     ids = np.ones((1, 3), np.int64)
-    model.forward(ids)
-    with pytest.raises(RuntimeError, match="Bert.backward: the matching forward had no labels"):
-        model.backward()
-    model.clear_caches()
-    model.eval()
-    outputs, loss = model.forward(ids, mlm_labels=ids)
-    assert isinstance(outputs, BertOutputs) and loss > 0
-    assert sum(m.pending_backwards for _, m in model.named_modules()) == 0
+    assert_backward_needs_a_loss(model, ids)
+    assert_eval_keeps_no_cache(model, ids, BertOutputs)
 
 
 def test_a_head_without_labels_gets_no_gradient():
@@ -451,15 +337,13 @@ def test_a_head_without_labels_gets_no_gradient():
     model.forward(ids, types, mask, None, nsp)  # NSP only
     model.backward()
     assert np.all(model.mlm_head.bias.grad == 0) and np.any(model.pooler.dense.weight.grad != 0)
-    assert sum(m.pending_backwards for _, m in model.named_modules()) == 0
+    assert pending(model) == 0
 
 
 # -- names, dtypes, init ----------------------------------------------------------------------------------
 def test_state_dict_names():
     model = Bert(BertConfig(**{**TINY, "n_layer": 1}))
-    layer = {f"layers.0.attention.{p}_proj.{w}" for p in "qkvo" for w in ("weight", "bias")}
-    layer |= {f"layers.0.{n}.{w}" for n in ("attention_norm", "output_norm", "mlp.fc", "mlp.proj")
-              for w in ("weight", "bias")}
+    layer = layer_names("layers.0")
     emb = {f"embeddings.{t}_embeddings.weight" for t in ("word", "position", "token_type")}
     emb |= {"embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias"}
     heads = {"mlm_head.dense.weight", "mlm_head.dense.bias", "mlm_head.layer_norm.weight",
@@ -471,40 +355,17 @@ def test_state_dict_names():
 
 
 def test_init_and_astype():
-    model = Bert(BertConfig(n_layer=2), seed=3)
-    matrices = np.concatenate([p.data.ravel() for n, p in model.named_parameters()
-                               if p.data.ndim == 2 and n != "embeddings.word_embeddings.weight"])
-    assert abs(matrices.std() - 0.02) < 0.001 and abs(matrices.mean()) < 0.001
-    assert np.all(model.embeddings.word_embeddings.weight.data[0] == 0)  # pad_token_id 0: the frozen row
-    for name, prm in model.named_parameters():
-        if prm.data.ndim == 1:
-            assert np.all(prm.data == (1 if "norm" in name.lower() and name.endswith("weight") else 0)), name
-    before = model.state_dict()
-    assert model.astype("float64") is model and model.cfg.dtype == "float64"
-    ids = np.ones((1, 4), np.int64)
-    assert model.forward(ids)[0].mlm_logits.dtype == np.float64
-    for name, value in model.state_dict().items():
-        assert value.dtype == np.float64 and np.array_equal(value, before[name]), name
+    assert_init_and_astype(Bert(BertConfig(n_layer=2), seed=3), tol=0.001)
 
 
 def test_the_model_imports_no_other_model():
-    tree = ast.parse(inspect.getsource(bert_module))
-    imported = {"." * node.level + (node.module or "") for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported = imported_modules(bert_module)
     assert not any(m.startswith("..models") or "gpt" in m or "llama" in m for m in imported), imported
     assert "..nn.encoder" in imported
 
 
 def test_a_few_adamw_steps_fit_a_fixed_batch():
     """Training end to end: masked tokens and the NSP label of one batch are learned (loss falls by half)."""
-    from npformer.optim.optimizer import AdamW
-
     model = Bert(BertConfig(**{**TINY, "dropout": 0.1}), seed=1)
-    ids, types, mask, labels, nsp = batch(model.cfg, seed=3)
-    opt = AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    losses = []
-    for _ in range(60):
-        model.zero_grad()
-        losses.append(model.forward(ids, types, mask, labels, nsp)[1])
-        model.backward()
-        opt.step()
+    losses = adamw_losses(model, batch(model.cfg, seed=3))
     assert losses[-1] < 0.5 * losses[0], losses[::10]

@@ -2,9 +2,6 @@
 terms, buckets, spans, padding, shared or separate position projections, absolute positions, T = 1), the shared
 relative table's gradient from every layer, recordings and the divergence finder, config and input checks."""
 
-import ast
-import inspect
-
 import numpy as np
 import pytest
 import torch
@@ -13,11 +10,16 @@ from hypothesis import strategies as st
 
 import npformer.models.deberta as deberta_module
 from kernels.twins.deberta import TwinDeberta, relative_index
-from npformer.debug import first_divergence
-from npformer.models.deberta import IGNORE_INDEX, Deberta, DebertaConfig, DebertaOutputs, deberta_scale
+from npformer.models.deberta import Deberta, DebertaConfig, DebertaOutputs, deberta_scale
 from npformer.ops.disentangled_attention import deberta_relative_indices
-from tests.badinput import NON_ARRAYS, RANK_KINDS, SHAPE_KINDS, SUBCLASS_KINDS, corrupt, expect_rejected
-from tests.tolerances import FINDER_ATOL, MODEL_RTOL, RTOL, assert_close
+from tests.badinput import expect_rejected
+from tests.models.encoders import (adamw_losses, assert_backward_needs_a_loss, assert_eval_keeps_no_cache,
+                                   assert_float32_matches_twin, assert_grads_match, assert_init_and_astype,
+                                   assert_refuses_corrupted, bad_encoder_inputs, bad_kinds, divergence,
+                                   divergence_after_planting, imported_modules, layer_names, mlm_labels,
+                                   model_and_twin, padded_inputs, pending, randomise, record_both, run_both, run_twin,
+                                   twin_of)
+from tests.tolerances import MODEL_RTOL, assert_close
 
 TINY = dict(vocab_size=13, max_position=10, n_layer=2, n_head=2, d_model=6, d_ff=7, dropout=0.0,
             position_buckets=4, max_relative_positions=6)
@@ -26,63 +28,16 @@ TINY = dict(vocab_size=13, max_position=10, n_layer=2, n_head=2, d_model=6, d_ff
 ZERO_BY_SHIFT = {"key_proj.bias": "value_proj.weight", "rel_norm.bias": "rel_embeddings.weight"}
 
 
-def randomise(model, seed=7):
-    """Weights of order one (not the near-uniform init), so every mask, bias and norm shows in the loss."""
-    rng = np.random.default_rng(seed)
-    for name, prm in model.named_parameters():
-        base = 1.0 if "norm" in name.lower() and name.endswith("weight") else 0.0
-        scale = 0.3 if prm.data.ndim == 1 else 1.0 / np.sqrt(prm.shape[1])
-        prm.data[...] = base + scale * rng.standard_normal(prm.shape)
-    return model
-
-
 def pair(seed=0, **overrides):
-    cfg = DebertaConfig(**{**TINY, **overrides, "dtype": "float64"})
-    model = randomise(Deberta(cfg, seed=seed), seed + 7)
-    twin = TwinDeberta(**cfg.to_dict()).double()
-    twin.load_npformer_state(model.state_dict())
-    return model, twin
+    return model_and_twin(DebertaConfig, Deberta, TwinDeberta, TINY, seed, **overrides)
 
 
 def batch(cfg, B=3, T=8, seed=1, pad_rows=True):
     """ids, token types (where the model has them), an attention mask whose later rows are right-padded
     (every row keeps a token), MLM labels with -100 where not masked."""
     rng = np.random.default_rng(seed)
-    ids = rng.integers(0, cfg.vocab_size, (B, T))
-    mask = np.ones((B, T), np.int64)
-    if pad_rows:
-        for b in range(1, B):
-            mask[b, rng.integers(1, T + 1):] = 0
-    if cfg.pad_token_id is not None:
-        ids[mask == 0] = cfg.pad_token_id
-    types = rng.integers(0, cfg.type_vocab_size, (B, T)) if cfg.type_vocab_size else None
-    labels = rng.integers(0, cfg.vocab_size, (B, T))
-    labels[rng.random((B, T)) < 0.4] = IGNORE_INDEX
-    labels[0, 0] = rng.integers(0, cfg.vocab_size)  # at least one counted label
-    return ids, types, mask, labels
-
-
-def _t(a):
-    return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
-
-
-def run_twin(twin, args, masks=None):
-    twin.zero_grad()
-    _, loss = twin(*map(_t, args), masks=masks)
-    loss.backward()
-    return loss.item(), {n: (p.grad.numpy() if p.grad is not None else np.zeros(p.shape)) for n, p in
-                         twin.named_parameters()}
-
-
-def assert_grads_match(model, twin_grads, rtol=MODEL_RTOL):
-    ours = dict(model.named_parameters())
-    assert set(ours) == set(twin_grads)  # same names; the tied decoder appears once, as the word table
-    for name, prm in ours.items():
-        scale = None
-        for suffix, sibling in ZERO_BY_SHIFT.items():
-            if name.endswith(suffix):  # the sibling in the same module (layers.0.attention.), or at the top
-                scale = np.abs(twin_grads[name[:name.rfind(".", 0, -len(suffix)) + 1] + sibling]).max()
-        assert_close(prm.grad, twin_grads[name], rtol=rtol, scale=scale, what=name)
+    ids, types, mask = padded_inputs(rng, cfg, B, T, pad_rows)
+    return ids, types, mask, mlm_labels(rng, cfg, B, T)
 
 
 @st.composite
@@ -111,36 +66,21 @@ def configs(draw):
 @given(cfg=configs(), data=st.data())
 def test_loss_and_every_gradient_match_the_twin(cfg, data):
     model = randomise(Deberta(cfg, seed=data.draw(st.integers(0, 3))))
-    twin = TwinDeberta(**cfg.to_dict()).double()
-    twin.load_npformer_state(model.state_dict())
+    twin = twin_of(model, TwinDeberta)
     T = data.draw(st.sampled_from([1, 2, 5, 7]))
     args = batch(cfg, B=data.draw(st.integers(1, 3)), T=T, seed=data.draw(st.integers(0, 9)),
                  pad_rows=data.draw(st.booleans()))
-    model.zero_grad()
-    recording = model.start_recording()  # the dropout masks, for the twin to reuse
-    outputs, loss = model.forward(*args)
-    model.backward()
-    twin_loss, twin_grads = run_twin(twin, args, masks=recording)
+    outputs, loss, twin_loss, twin_grads = run_both(model, twin, args)
     assert outputs.mlm_logits.shape == args[0].shape + (cfg.vocab_size,)
     assert abs(loss - twin_loss) <= MODEL_RTOL * abs(twin_loss)
-    assert_grads_match(model, twin_grads)
+    assert_grads_match(model, twin_grads, zero_by_shift=ZERO_BY_SHIFT)
 
 
 @pytest.mark.parametrize("options", [dict(), dict(pos_att_type=("c2p",), share_att_key=False),
                                      dict(position_biased_input=True, type_vocab_size=2)])
 def test_float32_matches_the_twin(options):
     model, twin = pair(**options)
-    model.astype("float32")
-    twin.float()
-    args = batch(model.cfg)
-    outputs, loss = model.forward(*args)
-    model.backward()
-    twin_loss, twin_grads = run_twin(twin, args)
-    assert outputs.mlm_logits.dtype == np.float32 and all(p.grad.dtype == np.float32 for p in model.parameters())
-    assert abs(loss - twin_loss) <= RTOL[np.dtype(np.float32)] * abs(twin_loss)
-    for name, prm in model.named_parameters():
-        if not name.endswith(tuple(ZERO_BY_SHIFT)):
-            assert_close(prm.grad, twin_grads[name], rtol=RTOL[np.dtype(np.float32)], what=name)
+    assert_float32_matches_twin(model, twin, batch(model.cfg), zero_by_shift=ZERO_BY_SHIFT)
 
 
 # -- the relative table: shared, LayerNorm'd once, gradients from every layer ---------------------------
@@ -158,8 +98,7 @@ def test_the_relative_table_collects_every_layers_gradient():
     for i in range(3):  # every layer sends the projected rows a gradient: dk_r, dq_r (H, 2S, D_h)
         assert np.any(rec[f"layers.{i}.attention.dk_r"] != 0) and np.any(rec[f"layers.{i}.attention.dq_r"] != 0)
     # a twin whose relative rows reach only the last layer gets a different table gradient
-    detached = TwinDeberta(**model.cfg.to_dict()).double()
-    detached.load_npformer_state(model.state_dict())
+    detached = twin_of(model, TwinDeberta)
     for layer in detached.layers[:-1]:
         original = layer.attention.forward
         layer.attention.forward = (lambda f: lambda x, rel, *a: f(x, rel.detach(), *a))(original)
@@ -228,21 +167,11 @@ def test_the_word_pad_row_gets_only_the_decoders_gradient():
 
 
 # -- the divergence finder ------------------------------------------------------------------------------
-def record_both(model, twin):
-    args = batch(model.cfg)
-    ours, theirs = model.start_recording(), twin.start_recording()
-    model.forward(*args)
-    model.zero_grad()
-    model.backward()
-    run_twin(twin, args, masks=ours)
-    return ours, theirs
-
-
 @pytest.mark.parametrize("options", [dict(), dict(dropout=0.2), dict(share_att_key=False, pos_att_type=("p2c",))])
 def test_recordings_agree_everywhere(options):
     model, twin = pair(**options)
-    ours, theirs = record_both(model, twin)
-    assert first_divergence(ours, theirs, rtol=MODEL_RTOL, atol=FINDER_ATOL) is None
+    ours, theirs = record_both(model, twin, batch(model.cfg))
+    assert divergence(ours, theirs) is None
     shared = set(ours) & set(theirs)
     assert {"embeddings.out", "layers.1.attention.probs", "layers.0.dx", "dmlm_logits", "mlm_head.act",
             "drel", "rel_embeddings.dW", "layers.0.attention.dq_r", "rel_norm.dweight",
@@ -258,10 +187,7 @@ def test_recordings_agree_everywhere(options):
 ])
 def test_divergence_finder_names_a_planted_forward_error(where, options, expected):
     model, twin = pair(**options)
-    with torch.no_grad():
-        dict(twin.named_parameters())[where].view(-1)[0] += 1e-3
-    ours, theirs = record_both(model, twin)
-    found = first_divergence(ours, theirs, rtol=MODEL_RTOL, atol=FINDER_ATOL)
+    found = divergence_after_planting(model, twin, batch(model.cfg), where)
     assert found is not None and found.name == expected, found
 
 
@@ -281,8 +207,7 @@ def test_divergence_finder_names_a_planted_backward_error(monkeypatch):
         return tuple(grads)
 
     monkeypatch.setattr(mod, "disentangled_attention_backward", wrong)
-    ours, theirs = record_both(model, twin)
-    found = first_divergence(ours, theirs, rtol=MODEL_RTOL, atol=FINDER_ATOL)
+    found = divergence(*record_both(model, twin, batch(model.cfg)))
     assert found is not None and found.name == "layers.1.attention.dk_r", found
 
 
@@ -321,33 +246,15 @@ def test_model_refuses_a_bad_config_or_seed():
 def test_forward_refuses_bad_inputs_by_name():
     model = Deberta(DebertaConfig(**TINY, type_vocab_size=2, position_biased_input=True))
     ids = np.ones((2, 4), np.int64)
-    for call, arg in [
-        (lambda: model.forward(ids.astype(np.float64)), "ids"),
-        (lambda: model.forward(ids[0]), "ids"),
-        (lambda: model.forward(ids + 13), "ids"),
-        (lambda: model.forward(np.zeros((2, 0), np.int64)), "ids"),
-        (lambda: model.forward(np.ones((1, 11), np.int64)), "ids"),
-        (lambda: model.forward(ids, ids * 2), "token_type_ids"),
-        (lambda: model.forward(ids, ids[:, :3]), "token_type_ids"),
-        (lambda: model.forward(ids, attention_mask=ids.astype(np.float32)), "attention_mask"),
-        (lambda: model.forward(ids, attention_mask=ids * 2), "attention_mask"),
-        (lambda: model.forward(ids, attention_mask=np.array([[1, 1, 0, 0], [0, 0, 0, 0]])), "attention_mask"),
-        (lambda: model.forward(ids, attention_mask=ids[:, :2]), "attention_mask"),
-        (lambda: model.forward(ids, mlm_labels=ids - 5), "mlm_labels"),
-        (lambda: model.forward(ids, mlm_labels=ids[:1]), "mlm_labels"),
-    ]:
+    for call, arg in bad_encoder_inputs(model, ids):
         expect_rejected(call, "Deberta.forward", arg)
-    assert sum(m.pending_backwards for _, m in model.named_modules()) == 0  # refused before any work
+    assert pending(model) == 0  # refused before any work
     plain = Deberta(DebertaConfig(**TINY))
     expect_rejected(lambda: plain.forward(ids, ids * 0), "Deberta.forward", "token_type_ids")
     assert plain.forward(np.ones((1, 40), np.int64))[0].mlm_logits.shape == (1, 40, 13)  # no absolute table
 
 
-NOT_IDS = NON_ARRAYS + SUBCLASS_KINDS + ("bool", "float16", "float32", "float64", "complex128", "object")
-NOT_LABELS = tuple(k for k in NOT_IDS if k != "none") + RANK_KINDS + SHAPE_KINDS
-NOT_A_MASK = tuple(k for k in NOT_IDS if k not in ("none", "bool")) + RANK_KINDS + SHAPE_KINDS
-BAD_KINDS = {"ids": NOT_IDS + RANK_KINDS, "token_type_ids": NOT_LABELS, "attention_mask": NOT_A_MASK,
-             "mlm_labels": NOT_LABELS}
+BAD_KINDS = bad_kinds("mlm_labels")
 
 
 @given(arg=st.sampled_from(sorted(BAD_KINDS)), data=st.data())
@@ -356,31 +263,20 @@ def test_forward_refuses_generated_bad_arguments(arg, data):
     model = Deberta(DebertaConfig(**TINY, type_vocab_size=2))
     ids = np.random.default_rng(0).integers(0, 2, (2, 5))
     good = dict(ids=ids, token_type_ids=ids, attention_mask=np.ones_like(ids), mlm_labels=ids)
-    kwargs = dict(good, **{arg: corrupt(good[arg], kind)})
-    expect_rejected(lambda: model.forward(**kwargs), "Deberta.forward", arg)
-    assert sum(m.pending_backwards for _, m in model.named_modules()) == 0
+    assert_refuses_corrupted(model, good, arg, kind, "Deberta.forward")
 
 
 def test_backward_needs_a_loss_and_eval_keeps_no_cache():
     model = Deberta(DebertaConfig(**TINY))
     ids = np.ones((1, 3), np.int64)
-    model.forward(ids)
-    with pytest.raises(RuntimeError, match="Deberta.backward: the matching forward had no labels"):
-        model.backward()
-    model.clear_caches()
-    model.eval()
-    outputs, loss = model.forward(ids, mlm_labels=ids)
-    assert isinstance(outputs, DebertaOutputs) and loss > 0
-    assert sum(m.pending_backwards for _, m in model.named_modules()) == 0
+    assert_backward_needs_a_loss(model, ids)
+    assert_eval_keeps_no_cache(model, ids, DebertaOutputs)
 
 
 # -- names, dtypes, init --------------------------------------------------------------------------------
 def test_state_dict_names():
     model = Deberta(DebertaConfig(**{**TINY, "n_layer": 1}))
-    layer = {f"layers.0.attention.{p}.{w}" for p in ("query_proj", "key_proj", "value_proj", "o_proj")
-             for w in ("weight", "bias")}
-    layer |= {f"layers.0.{n}.{w}" for n in ("attention_norm", "output_norm", "mlp.fc", "mlp.proj")
-              for w in ("weight", "bias")}
+    layer = layer_names("layers.0", projections=("query_proj", "key_proj", "value_proj", "o_proj"))
     emb = {"embeddings.word_embeddings.weight", "embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias"}
     rel = {"rel_embeddings.weight", "rel_norm.weight", "rel_norm.bias"}
     head = {"mlm_head.dense.weight", "mlm_head.dense.bias", "mlm_head.layer_norm.weight",
@@ -394,35 +290,16 @@ def test_state_dict_names():
 
 
 def test_init_and_astype():
-    model = Deberta(DebertaConfig(n_layer=2), seed=3)
-    matrices = np.concatenate([p.data.ravel() for n, p in model.named_parameters()
-                               if p.data.ndim == 2 and n != "embeddings.word_embeddings.weight"])
-    assert abs(matrices.std() - 0.02) < 0.001 and abs(matrices.mean()) < 0.001
-    assert np.all(model.embeddings.word_embeddings.weight.data[0] == 0)
-    before = model.state_dict()
-    assert model.astype("float64") is model and model.cfg.dtype == "float64"
-    assert model.forward(np.ones((1, 4), np.int64))[0].mlm_logits.dtype == np.float64
-    for name, value in model.state_dict().items():
-        assert value.dtype == np.float64 and np.array_equal(value, before[name]), name
+    assert_init_and_astype(Deberta(DebertaConfig(n_layer=2), seed=3), tol=0.001)
 
 
 def test_the_model_imports_no_other_model():
-    tree = ast.parse(inspect.getsource(deberta_module))
-    imported = {"." * node.level + (node.module or "") for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported = imported_modules(deberta_module)
     assert not any(m.startswith("..models") for m in imported), imported
     assert "..ops.disentangled_attention" in imported
 
 
 def test_a_few_adamw_steps_fit_a_fixed_batch():
-    from npformer.optim.optimizer import AdamW
-
     model = Deberta(DebertaConfig(**{**TINY, "dropout": 0.1}), seed=1)
-    ids, types, mask, labels = batch(model.cfg, seed=3)
-    opt = AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    losses = []
-    for _ in range(60):
-        model.zero_grad()
-        losses.append(model.forward(ids, types, mask, labels)[1])
-        model.backward()
-        opt.step()
+    losses = adamw_losses(model, batch(model.cfg, seed=3))
     assert losses[-1] < 0.5 * losses[0], losses[::10]

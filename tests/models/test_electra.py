@@ -1,9 +1,6 @@
 """ELECTRA against its torch twins: the generator and the discriminator alone, the pair sharing embeddings
 (replaced-token detection), the binary cross entropy, the sampling, config and input checks, names."""
 
-import ast
-import inspect
-
 import numpy as np
 import pytest
 import torch
@@ -12,77 +9,36 @@ from hypothesis import strategies as st
 
 import npformer.models.electra as electra_module
 from kernels.twins.electra import TwinElectraDiscriminator, TwinElectraGenerator, TwinElectraPretraining
-from npformer.debug import first_divergence
 from npformer.models.electra import (IGNORE_INDEX, RTD_WEIGHT, ElectraConfig, ElectraDiscriminator,
                                      ElectraGenerator, ElectraPretraining, bce_with_logits_backward,
                                      bce_with_logits_forward, sample_from_logits)
-from tests.strategies import in_layout, layouts
-from tests.badinput import NON_ARRAYS, RANK_KINDS, SHAPE_KINDS, SUBCLASS_KINDS, corrupt, expect_rejected
-from tests.tolerances import FD_RTOL, FINDER_ATOL, MODEL_RTOL, RTOL, assert_close
+from tests.badinput import expect_rejected
+from tests.models.encoders import (assert_float32_matches_twin, assert_grads_match, assert_layout_changes_nothing,
+                                   assert_refuses_corrupted, bad_kinds, divergence, divergence_after_planting,
+                                   imported_modules, mlm_labels, model_and_twin, padded_inputs, pending, randomise,
+                                   record_both, run_both, to_torch, twin_of)
+from tests.strategies import layouts
+from tests.tolerances import FD_RTOL, MODEL_RTOL, RTOL, assert_close
 
 TINY = dict(vocab_size=13, max_position=10, embedding_size=4, n_layer=2, n_head=2, d_model=6, d_ff=7, dropout=0.0)
 KINDS = {"generator": (ElectraGenerator, TwinElectraGenerator),
          "discriminator": (ElectraDiscriminator, TwinElectraDiscriminator)}
 
 
-def randomise(model, seed=7):
-    rng = np.random.default_rng(seed)
-    for name, prm in model.named_parameters():
-        base = 1.0 if "norm" in name.lower() and name.endswith("weight") else 0.0
-        scale = 0.3 if prm.data.ndim == 1 else 1.0 / np.sqrt(prm.shape[1])
-        prm.data[...] = base + scale * rng.standard_normal(prm.shape)
-    return model
-
-
 def pair(kind, seed=0, **overrides):
-    cfg = ElectraConfig(**{**TINY, **overrides, "dtype": "float64"})
-    model = randomise(KINDS[kind][0](cfg, seed=seed), seed + 7)
-    twin = KINDS[kind][1](**cfg.to_dict()).double()
-    twin.load_npformer_state(model.state_dict())
-    return model, twin
+    return model_and_twin(ElectraConfig, KINDS[kind][0], KINDS[kind][1], TINY, seed, **overrides)
 
 
 def batch(cfg, kind, B=3, T=None, seed=1, pad_rows=True):
     """ids, token types, a right-padding mask, and MLM labels (generator) or 0/1 replaced labels (discriminator)."""
     rng = np.random.default_rng(seed)
     T = cfg.block_size if T is None else T
-    ids = rng.integers(0, cfg.vocab_size, (B, T))
-    mask = np.ones((B, T), np.int64)
-    if pad_rows:
-        for b in range(1, B):
-            mask[b, rng.integers(1, T + 1):] = 0
-    if cfg.pad_token_id is not None:
-        ids[mask == 0] = cfg.pad_token_id
-    types = rng.integers(0, cfg.type_vocab_size, (B, T)) if cfg.type_vocab_size else None
+    ids, types, mask = padded_inputs(rng, cfg, B, T, pad_rows)
     if kind == "generator":
-        labels = rng.integers(0, cfg.vocab_size, (B, T))
-        labels[rng.random((B, T)) < 0.4] = IGNORE_INDEX
-        labels[0, 0] = rng.integers(0, cfg.vocab_size)
+        labels = mlm_labels(rng, cfg, B, T)
     else:
         labels = (rng.random((B, T)) < 0.3).astype(np.int64)
     return ids, types, mask, labels
-
-
-def _t(a):
-    return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
-
-
-def run_twin(twin, args, masks=None):
-    twin.zero_grad()
-    _, loss = twin(*map(_t, args), masks=masks)
-    loss.backward()
-    return loss.item(), {n: (p.grad.numpy() if p.grad is not None else np.zeros(p.shape)) for n, p in
-                         twin.named_parameters()}
-
-
-def assert_grads_match(model, twin_grads, rtol=MODEL_RTOL):
-    ours = dict(model.named_parameters())
-    assert set(ours) == set(twin_grads)
-    for name, prm in ours.items():
-        scale = None
-        if name.endswith("k_proj.bias"):  # zero in exact arithmetic: judged at its layer's scale
-            scale = np.abs(twin_grads[name.replace("k_proj", "v_proj")]).max()
-        assert_close(prm.grad, twin_grads[name], rtol=rtol, scale=scale, what=name)
 
 
 @st.composite
@@ -102,17 +58,12 @@ def configs(draw):
 @given(kind=st.sampled_from(sorted(KINDS)), cfg=configs(), data=st.data())
 def test_loss_and_every_gradient_match_the_twin(kind, cfg, data):
     model = randomise(KINDS[kind][0](cfg, seed=data.draw(st.integers(0, 3))))
-    twin = KINDS[kind][1](**cfg.to_dict()).double()
-    twin.load_npformer_state(model.state_dict())
+    twin = twin_of(model, KINDS[kind][1])
     args = batch(cfg, kind, B=data.draw(st.integers(1, 3)), T=data.draw(st.integers(1, cfg.block_size)),
                  seed=data.draw(st.integers(0, 9)), pad_rows=data.draw(st.booleans()))
     if data.draw(st.booleans()):
         args = (args[0], args[1], None, args[3])  # no attention mask: every token counts
-    model.zero_grad()
-    recording = model.start_recording()
-    outputs, loss = model.forward(*args)
-    model.backward()
-    twin_loss, twin_grads = run_twin(twin, args, masks=recording)
+    outputs, loss, twin_loss, twin_grads = run_both(model, twin, args)
     assert outputs[0].shape == args[0].shape + ((cfg.vocab_size,) if kind == "generator" else ())
     assert hasattr(model, "embeddings_project") == (cfg.embedding_size != cfg.d_model)
     assert abs(loss - twin_loss) <= MODEL_RTOL * abs(twin_loss)
@@ -122,35 +73,15 @@ def test_loss_and_every_gradient_match_the_twin(kind, cfg, data):
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_float32_matches_the_twin(kind):
     model, twin = pair(kind)
-    model.astype("float32")
-    twin.float()
-    args = batch(model.cfg, kind)
-    outputs, loss = model.forward(*args)
-    model.backward()
-    twin_loss, twin_grads = run_twin(twin, args)
-    assert outputs[0].dtype == np.float32 and all(p.grad.dtype == np.float32 for p in model.parameters())
-    assert abs(loss - twin_loss) <= RTOL[np.dtype(np.float32)] * abs(twin_loss)
-    for name, prm in model.named_parameters():
-        if not name.endswith("k_proj.bias"):
-            assert_close(prm.grad, twin_grads[name], rtol=RTOL[np.dtype(np.float32)], what=name)
+    assert_float32_matches_twin(model, twin, batch(model.cfg, kind))
 
 
 @given(layout=layouts(), kind=st.sampled_from(sorted(KINDS)),
        which=st.sampled_from(["ids", "token_type_ids", "attention_mask", "labels"]))
 def test_inputs_in_any_memory_layout_give_the_same_loss_and_gradients(layout, kind, which):
     model, _ = pair(kind)
-    args = list(batch(model.cfg, kind))
-    _, loss = model.forward(*args)
-    model.backward()
-    expected = {n: p.grad.copy() for n, p in model.named_parameters()}
     index = ["ids", "token_type_ids", "attention_mask", "labels"].index(which)
-    args[index] = in_layout(args[index], layout)
-    model.zero_grad()
-    _, loss_in_layout = model.forward(*args)
-    model.backward()
-    assert loss_in_layout == loss
-    for name, prm in model.named_parameters():
-        np.testing.assert_array_equal(prm.grad, expected[name], err_msg=name)
+    assert_layout_changes_nothing(model, batch(model.cfg, kind), index, layout)
 
 
 # -- the binary cross entropy ---------------------------------------------------------------------------
@@ -230,13 +161,13 @@ def test_pretraining_loss_and_every_gradient_match_the_twin(seed, embedding_size
     outputs, loss = model.forward(ids, types, mask, labels, rng=np.random.default_rng(seed))
     model.backward()
     twin.zero_grad()
-    _, _, twin_loss = twin(*map(_t, (ids, types, mask, labels, outputs.corrupted_ids, outputs.rtd_labels)))
+    _, _, twin_loss = twin(*map(to_torch, (ids, types, mask, labels, outputs.corrupted_ids, outputs.rtd_labels)))
     twin_loss.backward()
     assert abs(loss - twin_loss.item()) <= MODEL_RTOL * abs(twin_loss.item())
     assert_grads_match(model, {n: p.grad.numpy() for n, p in twin.named_parameters()})
     assert model.generator.embeddings is model.discriminator.embeddings
     assert not any(n.startswith("generator.embeddings.") for n, _ in model.named_parameters())
-    assert sum(m.pending_backwards for _, m in model.named_modules()) == 0
+    assert pending(model) == 0
 
 
 def test_pretraining_samples_only_masked_positions_and_labels_what_changed():
@@ -313,22 +244,12 @@ def test_pretraining_learns_a_fixed_batch():
 
 
 # -- recordings and the divergence finder ------------------------------------------------------------------
-def record_both(model, twin, kind):
-    args = batch(model.cfg, kind)
-    ours, theirs = model.start_recording(), twin.start_recording()
-    model.forward(*args)
-    model.zero_grad()
-    model.backward()
-    run_twin(twin, args, masks=ours)
-    return ours, theirs
-
-
 @pytest.mark.parametrize("kind, options", [("generator", dict()), ("discriminator", dict(dropout=0.2)),
                                            ("discriminator", dict(embedding_size=6))])
 def test_recordings_agree_everywhere(kind, options):
     model, twin = pair(kind, **options)
-    ours, theirs = record_both(model, twin, kind)
-    assert first_divergence(ours, theirs, rtol=MODEL_RTOL, atol=FINDER_ATOL) is None
+    ours, theirs = record_both(model, twin, batch(model.cfg, kind))
+    assert divergence(ours, theirs) is None
     shared = set(ours) & set(theirs)
     assert {"embeddings.out", "layers.1.attention.probs", "layers.0.dx", "layers.0.output_norm.dx"} <= shared
     assert {"generator": "dmlm_logits", "discriminator": "drtd_logits"}[kind] in shared
@@ -343,10 +264,7 @@ def test_recordings_agree_everywhere(kind, options):
 ])
 def test_divergence_finder_names_a_planted_forward_error(kind, where, expected):
     model, twin = pair(kind)
-    with torch.no_grad():
-        dict(twin.named_parameters())[where].view(-1)[0] += 1e-3
-    ours, theirs = record_both(model, twin, kind)
-    found = first_divergence(ours, theirs, rtol=MODEL_RTOL, atol=FINDER_ATOL)
+    found = divergence_after_planting(model, twin, batch(model.cfg, kind), where)
     assert found is not None and found.name == expected, found
 
 
@@ -359,8 +277,7 @@ def test_divergence_finder_names_a_planted_backward_error(monkeypatch):
         return original(self, dy) * 1.001 if self is head.dense else original(self, dy)
 
     monkeypatch.setattr(type(head.dense), "backward", wrong)
-    ours, theirs = record_both(model, twin, "discriminator")
-    found = first_divergence(ours, theirs, rtol=MODEL_RTOL, atol=FINDER_ATOL)
+    found = divergence(*record_both(model, twin, batch(model.cfg, "discriminator")))
     assert found is not None and found.name == "layers.1.output_norm.dweight", found
 
 
@@ -386,11 +303,7 @@ def test_model_refuses_a_bad_config_or_seed(kind):
     expect_rejected(lambda: cls(ElectraConfig(**TINY), seed=-1), cls.__name__, "seed")
 
 
-NOT_IDS = NON_ARRAYS + SUBCLASS_KINDS + ("bool", "float16", "float32", "float64", "complex128", "object")
-NOT_LABELS = tuple(k for k in NOT_IDS if k != "none") + RANK_KINDS + SHAPE_KINDS
-NOT_A_MASK = tuple(k for k in NOT_IDS if k not in ("none", "bool")) + RANK_KINDS + SHAPE_KINDS
-BAD_KINDS = {"ids": NOT_IDS + RANK_KINDS, "token_type_ids": NOT_LABELS, "attention_mask": NOT_A_MASK,
-             "labels": NOT_LABELS}
+BAD_KINDS = bad_kinds("labels")
 
 
 @given(kind=st.sampled_from(sorted(KINDS)), arg=st.sampled_from(sorted(BAD_KINDS)), data=st.data())
@@ -400,11 +313,9 @@ def test_forward_refuses_generated_bad_arguments(kind, arg, data):
     model = cls(ElectraConfig(**TINY))
     ids = np.random.default_rng(0).integers(0, 2, (2, 5))
     label_name = "mlm_labels" if kind == "generator" else "labels"
-    good = dict(ids=ids, token_type_ids=ids, attention_mask=np.ones_like(ids), labels=ids)
-    kwargs = dict(good, **{arg: corrupt(good[arg], bad)})
-    kwargs[label_name] = kwargs.pop("labels")
-    expect_rejected(lambda: model.forward(**kwargs), f"{cls.__name__}.forward", label_name if arg == "labels" else arg)
-    assert sum(m.pending_backwards for _, m in model.named_modules()) == 0
+    good = {"ids": ids, "token_type_ids": ids, "attention_mask": np.ones_like(ids), label_name: ids}
+    arg = label_name if arg == "labels" else arg
+    assert_refuses_corrupted(model, good, arg, bad, f"{cls.__name__}.forward")
 
 
 def test_forward_refuses_bad_label_values_and_backward_needs_a_loss():
@@ -451,7 +362,6 @@ def test_state_dict_names_follow_the_two_models():
 
 
 def test_the_model_imports_no_other_model():
-    tree = ast.parse(inspect.getsource(electra_module))
-    imported = {"." * node.level + (node.module or "") for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported = imported_modules(electra_module)
     assert not any(m.startswith("..models") for m in imported), imported
     assert "..nn.encoder" in imported
