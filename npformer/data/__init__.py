@@ -10,6 +10,8 @@
   saved one); ``corpus.data_fingerprint`` identifies a text or token stream;
 - ``objectives.py``: encoder pre-training objectives: masked LM (80/10/10, whole-word option),
   NSP and SOP sentence pairs, ELECTRA's replaced-token labels, and corpus batches for each;
+- ``wordpiece.py``: a WordPiece trainer (the default corpus), ``vocab.txt`` / ``tokenizer.json`` writers, and
+  ``load_vocab_txt`` (encodes as Hugging Face's BERT tokenizer);
 - ``tasks.py``: fine-tuning tasks from the standard library (docstring -> module, Python token
   tags), split by hash, ``classification_batches``, accuracy / macro-F1 / majority baseline /
   confusion matrix.
@@ -24,6 +26,7 @@ from .objectives import (PairBatch, SpecialIds, mask_tokens, pretraining_batches
 from .tasks import (Task, TaggedLine, TextExample, accuracy, align_labels, classification_batches, confusion_matrix,
                     docstring_task, load_task, macro_f1, majority_baseline, token_accuracy, token_task)
 from .vocab import check_same_tokenizer, check_vocab, tokenizer_difference
+from .wordpiece import load_vocab_txt, train_wordpiece
 
 __all__ = ["CharTokenizer", "ByteBPE", "default_corpus", "train_val_split", "get_batch",
            "ArithmeticTask", "Problem", "make_batch", "exact_match", "IGNORE_INDEX",
@@ -31,4 +34,4 @@ __all__ = ["CharTokenizer", "ByteBPE", "default_corpus", "train_val_split", "get
            "mask_tokens", "sentence_pairs", "replaced_token_labels", "pretraining_batches", "special_ids_for",
            "SpecialIds", "PairBatch", "Task", "TaggedLine", "TextExample", "accuracy", "align_labels",
            "classification_batches", "confusion_matrix", "docstring_task", "load_task", "macro_f1",
-           "majority_baseline", "token_accuracy", "token_task"]
+           "majority_baseline", "token_accuracy", "token_task", "train_wordpiece", "load_vocab_txt"]

@@ -1,28 +1,43 @@
 """Hugging Face ``tokenizer.json`` tokenizers, read and run with the standard library (and ``regex``).
 
-Two families are covered: byte-level BPE (GPT-2, LLaMA-3, Qwen2) and SentencePiece-style
-BPE with byte fallback (LLaMA-1/2, Mistral). Encoding a text runs the stages the file
-describes, in this order:
+Three model types are covered: BPE -- byte-level (GPT-2, LLaMA-3, Qwen2) and SentencePiece-style
+with byte fallback (LLaMA-1/2, Mistral) -- (``_tokenizer_bpe``), WordPiece (BERT;
+``_tokenizer_wordpiece``) and Unigram (SentencePiece's ALBERT, T5, DeBERTa-v2, XLNet;
+``_tokenizer_unigram``). Encoding a text runs the stages the file describes, in this order:
 
-1. added tokens: the text is cut at every added token (``<|endoftext|>``, ``<s>``,
+1. added tokens: the text is cut at every added token (``<|endoftext|>``, ``<s>``, ``[CLS]``,
    ``<|im_start|>`` ...), longest match first, so these are never split; tokens marked
    ``normalized: false`` are found in the raw text, the others (written the way the
    normalizer writes them) in each normalized piece. ``lstrip``/``rstrip`` take the
    whitespace beside a token into it, ``single_word`` ignores a match inside a word;
-2. normalizer: Unicode forms NFC/NFD/NFKC/NFKD, Prepend, Replace, Sequence -- applied to
-   each piece between added tokens;
-3. pre-tokenizer: ByteLevel, Split, Metaspace, Digits, Sequence -- cuts a piece into words;
-4. model: BPE over each word (``_tokenizer_bpe``);
-5. post-processor (when ``add_special_tokens``): TemplateProcessing ("<s> $A"), ByteLevel,
-   Sequence.
+2. normalizer: Unicode forms NFC/NFD/NFKC/NFKD, Prepend, Replace, BertNormalizer, Lowercase,
+   Strip, StripAccents, Nmt, Precompiled (SentencePiece's character map), Sequence -- applied
+   to each piece between added tokens;
+3. pre-tokenizer: ByteLevel, Split, Metaspace, Digits, BertPreTokenizer, Whitespace,
+   WhitespaceSplit, Punctuation, Sequence -- cuts a piece into words;
+4. model: BPE, WordPiece or Unigram over each word;
+5. post-processor: TemplateProcessing ("<s> $A", "[CLS] $A [SEP] $B:1 [SEP]:1"), BertProcessing,
+   RobertaProcessing, ByteLevel, Sequence. With ``add_special_tokens`` it adds the special
+   tokens and sets the token type ids; without, a pair is the two sequences one after the
+   other, type ids 0 then 1 (RoBERTa's: all 0).
+
+``encode(text, pair=None)`` returns the ids; ``encode_pair(text, pair)`` and
+``encode_with_types(text)`` return ``(ids, token_type_ids)``.
 
 Decoding maps ids to tokens (an id with no token is skipped), optionally drops special
 added tokens, then runs the decoder chain (ByteLevel, Metaspace, Replace, ByteFallback,
-Fuse, Strip, Sequence) and joins what it returns.
+Fuse, Strip, WordPiece, Sequence) and joins what it returns.
 
-Patterns (``\\p{L}``, ``\\s`` ...) run on the ``regex`` module, whose Unicode tables may be newer
-than those of the reference implementation: a character assigned only in the newest Unicode
-versions can then be a letter here and not there, and split differently.
+Unicode versions. Patterns (``\\p{L}``, ``\\s`` ...) run on the ``regex`` module, whose Unicode
+tables may be newer than those of the reference implementation: a character assigned only in
+the newest Unicode versions can then be a letter here and not there, and split differently.
+The character classes of the BERT components (punctuation, combining marks, control characters,
+``\\w`` of the Whitespace pre-tokenizer) are the reference's own, older ones (see
+``_tokenizer_parts``); lower-casing, NFKC and the like use this Python's ``unicodedata``, so
+characters assigned after its Unicode version may be lower-cased or normalized differently.
+
+Metaspace's ``prepend_scheme: "first"`` prepends only to the piece whose first character comes
+from the text's first character, which a normalizer can change (``_tokenizer_parts.Normalizer``).
 
 Any other component type, a malformed file or a merge naming an unknown token raises
 ``ValueError`` naming the file and the component. The ``truncation`` and ``padding``
@@ -40,13 +55,12 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ._tokenizer_bpe import BPEModel
-from ._tokenizer_parts import Reader, build_decoder, build_normalizer, build_post_processor, build_pre_tokenizer
+from ._tokenizer_parts import (WHITE_SPACE, Reader, build_decoder, build_normalizer, build_post_processor,
+                               build_pre_tokenizer)
+from ._tokenizer_unigram import UnigramModel
+from ._tokenizer_wordpiece import WordPieceModel
 
 __all__ = ["HFTokenizer", "AddedToken", "load_tokenizer"]
-
-# Unicode's White_Space property (what "whitespace" means for lstrip/rstrip of added tokens).
-_WHITE_SPACE = frozenset("\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008"
-                         "\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
 
 
 def _is_word_char(c: str) -> bool:
@@ -89,11 +103,11 @@ class _Matcher:
                     continue
             if token.lstrip:
                 new_start = start
-                while new_start > done and text[new_start - 1] in _WHITE_SPACE:
+                while new_start > done and text[new_start - 1] in WHITE_SPACE:
                     new_start -= 1
                 start = new_start
             if token.rstrip:
-                while stop < len(text) and text[stop] in _WHITE_SPACE:
+                while stop < len(text) and text[stop] in WHITE_SPACE:
                     stop += 1
             if done < start:
                 out.append((done, start, None))
@@ -174,7 +188,7 @@ class HFTokenizer:
             self.added_tokens.append(AddedToken(token_id, reader.get(entry, "content", str, where), **flags))
         self._normalizer = build_normalizer(reader, spec.get("normalizer"))
         self._pre_tokenizer = build_pre_tokenizer(reader, spec.get("pre_tokenizer"))
-        self._model = BPEModel(reader, reader.get(spec, "model", dict, "top level"))
+        self._model = _build_model(reader, reader.get(spec, "model", dict, "top level"))
         self._post_processor = build_post_processor(reader, spec.get("post_processor"))
         self._decoder = build_decoder(reader, spec.get("decoder"))
 
@@ -250,26 +264,17 @@ class HFTokenizer:
             piece = text[start:stop]
             if not piece:
                 continue
+            first = start == 0  # the piece's first character comes from offset 0 of the text
             if self._normalizer is not None:
-                piece = self._normalizer(piece)
+                piece, kept = self._normalizer.track(piece)
+                first = first and kept
             for s, e, inner in self._normalized_matcher.split(piece):
                 if inner is not None or e > s:
-                    out.append((piece[s:e], None if inner is None else inner.id, start == 0 and s == 0))
+                    out.append((piece[s:e], None if inner is None else inner.id, first and s == 0))
         return out
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> List[int]:
-        """Token ids of ``text``; with ``add_special_tokens`` the post-processor's tokens (BOS ...) too."""
-        if not isinstance(text, str):
-            raise TypeError(f"HFTokenizer.encode: argument 'text' expected str, got {type(text).__name__}")
-        if not isinstance(add_special_tokens, (bool, np.bool_)):
-            kind = type(add_special_tokens).__name__
-            raise TypeError(f"HFTokenizer.encode: argument 'add_special_tokens' expected bool, got {kind}")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ValueError(
-                f"HFTokenizer.encode: argument 'text' holds a lone surrogate at index {exc.start} (no UTF-8 form)"
-            ) from None
+    def _tokenize(self, text: str) -> List[int]:
+        """The ids of one sequence, before post-processing."""
         ids: List[int] = []
         for piece, token_id, at_origin in self._pieces(text):
             if token_id is not None:
@@ -280,17 +285,61 @@ class HFTokenizer:
                 words = self._pre_tokenizer(words)
             for word, _ in words:
                 ids.extend(self._model.tokenize(word))
-        if not add_special_tokens:
-            return ids
-        added = [False] * len(ids)
+        return ids
+
+    def _check_text(self, op: str, name: str, text: Any) -> None:
+        if not isinstance(text, str):
+            raise TypeError(f"{op}: argument '{name}' expected str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"{op}: argument '{name}' holds a lone surrogate at index {exc.start} (no UTF-8 form)"
+            ) from None
+
+    def _encode(self, op: str, text: str, pair: Optional[str], add_special_tokens: bool) -> Tuple[List[int], List[int]]:
+        self._check_text(op, "text", text)
+        if pair is not None:
+            self._check_text(op, "pair", pair)
+        if not isinstance(add_special_tokens, (bool, np.bool_)):
+            kind = type(add_special_tokens).__name__
+            raise TypeError(f"{op}: argument 'add_special_tokens' expected bool, got {kind}")
+        # Each sequence starts with its own type id (0, and 1 for the pair); a post-processor may rewrite them.
+        encodings = [(self._tokenize(text), [], 0)]
+        if pair is not None:
+            encodings.append((self._tokenize(pair), [], 1))
+        encodings = [(ids, [False] * len(ids), [type_id] * len(ids)) for ids, _, type_id in encodings]
         if self._post_processor is not None:
-            ids, added = self._post_processor(ids)
+            encodings = self._post_processor(encodings, bool(add_special_tokens))
+        ids: List[int] = []
+        added: List[bool] = []
+        types: List[int] = []
+        for part_ids, part_added, part_types in encodings:
+            ids, added, types = ids + part_ids, added + part_added, types + part_types
+        if not add_special_tokens:
+            return ids, types
         bos = self.bos_token_id
         if self.add_bos_token is True and not (ids and added[0] and ids[0] == bos):
-            ids, added = [bos] + ids, [True] + added
+            ids, added, types = [bos] + ids, [True] + added, types[:1] + types
         elif self.add_bos_token is False and ids and added[0] and ids[0] == bos:
-            ids, added = ids[1:], added[1:]
-        return ids
+            ids, added, types = ids[1:], added[1:], types[1:]
+        return ids, types
+
+    def encode(self, text: str, pair: Optional[str] = None, add_special_tokens: bool = True) -> List[int]:
+        """Token ids of ``text`` (and of ``pair``, for a sequence pair); with ``add_special_tokens`` the
+        post-processor's tokens ([CLS] ... [SEP], BOS ...) too."""
+        return self._encode("HFTokenizer.encode", text, pair, add_special_tokens)[0]
+
+    def encode_pair(self, text: str, pair: str, add_special_tokens: bool = True) -> Tuple[List[int], List[int]]:
+        """``(ids, token_type_ids)`` of the pair (``text``, ``pair``): the type ids are the post-processor's
+        (BERT: 0 up to the first [SEP], then 1), or 0 for ``text`` and 1 for ``pair`` without special tokens."""
+        if pair is None:
+            raise TypeError("HFTokenizer.encode_pair: argument 'pair' expected str, got NoneType")
+        return self._encode("HFTokenizer.encode_pair", text, pair, add_special_tokens)
+
+    def encode_with_types(self, text: str, add_special_tokens: bool = True) -> Tuple[List[int], List[int]]:
+        """``(ids, token_type_ids)`` of one sequence."""
+        return self._encode("HFTokenizer.encode_with_types", text, None, add_special_tokens)
 
     # ------------------------------------------------------------------ decoding
 
@@ -359,6 +408,23 @@ class HFTokenizer:
         return isinstance(other, HFTokenizer) and self.to_dict() == other.to_dict()
 
     __hash__ = None  # mutable state, compared by value
+
+
+MODELS = ("BPE", "WordPiece", "Unigram")
+
+
+def _build_model(reader: Reader, spec: Dict[str, Any], where: str = "model"):
+    """The model the file names: BPE, WordPiece or Unigram (a file without a type is BPE if it has merges)."""
+    kind = reader.get(spec, "type", (str, None), where, None)
+    if kind is None:
+        kind = "BPE" if "merges" in spec else "WordPiece" if "continuing_subword_prefix" in spec else None
+    if kind == "WordPiece":
+        return WordPieceModel(reader, spec, where)
+    if kind == "Unigram":
+        return UnigramModel(reader, spec, where)
+    if kind != "BPE":
+        raise reader.fail(where, f"component type '{kind}' is not supported (supported: {', '.join(MODELS)})")
+    return BPEModel(reader, spec, where)
 
 
 def _config_token(value: Any, key: str, path: Path) -> Optional[str]:

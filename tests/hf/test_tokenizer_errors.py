@@ -98,17 +98,16 @@ def test_ignore_merges_changes_the_result(tmp_path):
 # ----------------------------------------------------------------------------- unsupported components
 
 UNSUPPORTED = [
-    ("normalizer", {"type": "Lowercase"}, "Lowercase"),
+    ("normalizer", {"type": "ByteLevel"}, "ByteLevel"),
     ("normalizer", {"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "Bert"}]}, "Bert"),
-    ("pre_tokenizer", {"type": "Whitespace"}, "Whitespace"),
-    ("pre_tokenizer", {"type": "Sequence", "pretokenizers": [{"type": "Punctuation"}]}, "Punctuation"),
-    ("post_processor", {"type": "BertProcessing", "sep": ["[SEP]", 1], "cls": ["[CLS]", 2]}, "BertProcessing"),
-    ("decoder", {"type": "WordPiece", "prefix": "##", "cleanup": True}, "WordPiece"),
+    ("pre_tokenizer", {"type": "UnicodeScripts"}, "UnicodeScripts"),
+    ("pre_tokenizer", {"type": "Sequence", "pretokenizers": [{"type": "CharDelimiterSplit", "delimiter": "x"}]},
+     "CharDelimiterSplit"),
+    ("post_processor", {"type": "Chat"}, "Chat"),
+    ("decoder", {"type": "BPEDecoder", "suffix": "</w>"}, "BPEDecoder"),
     ("decoder", {"type": "Sequence", "decoders": [{"type": "CTC"}]}, "CTC"),
-    ("model", {"type": "WordPiece", "vocab": {"a": 0}, "unk_token": "a"}, "WordPiece"),
-    ("model", {"type": "Unigram", "vocab": [["a", 0.0]]}, "Unigram"),
+    ("model", {"type": "WordLevel", "vocab": {"a": 0}, "unk_token": "a"}, "WordLevel"),
 ]
-
 
 @pytest.mark.parametrize("slot, component, kind", UNSUPPORTED)
 def test_unsupported_components_are_named(tmp_path, slot, component, kind):
