@@ -197,7 +197,8 @@ class PostNormEncoderLayer(Module):
     """h = attention_norm(x + drop_1(attention(x))), out = output_norm(h + drop_2(mlp(h))), as BERT."""
 
     def __init__(self, d_model: int, n_head: int, d_ff: int, *, dropout: float = 0.0, layer_norm_eps: float = 1e-12,
-                 rng: np.random.Generator, std: float = 0.02, dtype=np.float32):
+                 rng: np.random.Generator, std: float = 0.02, dtype=np.float32, approximate: str = "none"):
+        """approximate: the MLP's GELU, "none" (erf, BERT's "gelu") or "tanh" (ALBERT's "gelu_new")."""
         super().__init__()
         name = "PostNormEncoderLayer"
         dtype = check_layer_options(name, rng=rng, dtype=dtype, std=std, eps=layer_norm_eps, d_model=d_model,
@@ -205,7 +206,7 @@ class PostNormEncoderLayer(Module):
         self.attention = MultiHeadAttention(d_model, n_head, bias=True, rng=rng, dtype=dtype)
         self.drop_1 = Dropout(dropout, rng=rng)
         self.attention_norm = LayerNorm(d_model, layer_norm_eps, dtype=dtype)
-        self.mlp = MLP(d_model, d_ff, True, "none", rng=rng, proj_std=std, dtype=dtype)
+        self.mlp = MLP(d_model, d_ff, True, approximate, rng=rng, proj_std=std, dtype=dtype)
         self.drop_2 = Dropout(dropout, rng=rng)
         self.output_norm = LayerNorm(d_model, layer_norm_eps, dtype=dtype)
 
@@ -252,8 +253,13 @@ class MLMHead(Module):
     """
 
     def __init__(self, d_model: int, vocab_size: int, embed_dim: Optional[int] = None, *,
-                 layer_norm_eps: float = 1e-12, rng: np.random.Generator, std: float = 0.02, dtype=np.float32):
+                 layer_norm_eps: float = 1e-12, rng: np.random.Generator, std: float = 0.02, dtype=np.float32,
+                 approximate: str = "none"):
+        """approximate: the head's GELU, "none" (erf) or "tanh" (Hugging Face's "gelu_new")."""
         super().__init__()
+        if not isinstance(approximate, str) or approximate not in ("none", "tanh"):
+            raise ValueError(f"MLMHead: argument 'approximate' expected 'none' or 'tanh', got {approximate!r}")
+        self.approximate = approximate
         embed_dim = d_model if embed_dim is None else embed_dim
         dtype = check_layer_options("MLMHead", rng=rng, dtype=dtype, std=std, eps=layer_norm_eps, d_model=d_model,
                                     vocab_size=vocab_size, embed_dim=embed_dim)
@@ -275,7 +281,7 @@ class MLMHead(Module):
         check_features(op, "h", h, self.dense.weight.shape[1], self.dense.weight.data.dtype)
         self._check_table(op, word_weight)
         z = self.dense.forward(h)
-        g, act = gelu_forward(z, approximate="none")  # BERT's exact GELU
+        g, act = gelu_forward(z, approximate=self.approximate)  # BERT's exact GELU unless "tanh"
         self.record("act", g)
         t = self.layer_norm.forward(g)
         logits, decoder = linear_forward(t, word_weight, self.bias.data)  # tied decoder + the head's bias
