@@ -1,4 +1,4 @@
-"""The ``npformer`` command: train, sample, bench, gradcheck.
+"""The ``npformer`` command: train, sample, bench, finetune, gradcheck.
 
 Every option is checked before any work. A bad value ends the command with one line
 that names the option, in argparse's style, and exit status 2::
@@ -515,18 +515,58 @@ def _run_bench(args) -> int:
     return bench_main(args)
 
 
+# -- finetune ---------------------------------------------------------------------------------------
+def _add_finetune(sub) -> argparse.ArgumentParser:
+    from .data.tasks import TASKS
+    from .finetune import FIELD_HELP, SCHEDULES, FinetuneConfig
+    from .pretraining import ENCODERS
+
+    p = sub.add_parser("finetune", help="fine-tune an encoder (a pre-training checkpoint or a fresh --model) on a "
+                                        "labelled task",
+                       description="Fine-tune BERT, RoBERTa, ALBERT, DeBERTa or ELECTRA on the built-in docstrings "
+                                   "(sequence) or tokens (token) task; prints validation scores every "
+                                   "--eval-interval steps and the test accuracy beside the majority baseline.")
+    choices = {"task": TASKS, "model": ENCODERS, "schedule": SCHEDULES, "dtype": ("float32", "float64")}
+    for f in fields(FinetuneConfig):
+        text = f"{FIELD_HELP[f.name]} (default: {f.default!r})".replace("%", "%%")  # argparse formats help
+        kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+        p.add_argument(flag(f.name), type=kind, default=argparse.SUPPRESS, choices=choices.get(f.name),
+                       metavar="PATH" if f.name == "checkpoint" else None, help=text)
+    return p
+
+
+def _run_finetune(args) -> int:
+    from .finetune import SHAPE_FIELDS, FinetuneConfig, FinetuneDiverged, FinetuneError, finetune
+
+    names = {f.name for f in fields(FinetuneConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    if given.get("checkpoint"):
+        for name in SHAPE_FIELDS:
+            if name in given:
+                what = "family" if name == "model" else "shape and dropout"
+                raise OptionError(flag(name), f"cannot be combined with --checkpoint (its model has its own {what})")
+    try:
+        finetune(FinetuneConfig(**given))
+    except FinetuneError as e:
+        raise OptionError(flag(e.field), e.reason) from None
+    except FinetuneDiverged as e:
+        raise CommandFailed(str(e)) from None
+    return 0
+
+
 # -- the command ------------------------------------------------------------------------------------
 def build_parser():
     """The top-level parser and its subcommands' parsers, by name."""
     parser = Parser(prog="npformer", description="An educational transformer engine in NumPy.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,bench,gradcheck}")
-    subs = {"train": _add_train(sub), "sample": _add_sample(sub), "bench": _add_bench(sub)}
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,bench,finetune,gradcheck}")
+    subs = {"train": _add_train(sub), "sample": _add_sample(sub), "bench": _add_bench(sub),
+            "finetune": _add_finetune(sub)}
     sub.add_parser("gradcheck", help="finite-difference check of op families ('all' or names; see gradcheck --help)",
                    add_help=False)
     return parser, subs
 
 
-RUNNERS = {"train": _run_train, "sample": _run_sample, "bench": _run_bench}
+RUNNERS = {"train": _run_train, "sample": _run_sample, "bench": _run_bench, "finetune": _run_finetune}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

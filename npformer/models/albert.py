@@ -30,6 +30,7 @@ from typing import NamedTuple, Optional, Tuple
 import numpy as np
 
 from ..nn.encoder import EncoderEmbeddings, MLMHead, Pooler, PostNormEncoderLayer, key_padding_mask
+from ..nn.heads import EncodeCache, peek_forward_cache, pop_encode_cache
 from ..nn.layers import Linear
 from ..nn.lm import IGNORE_INDEX
 from ..nn.module import Module, atomic
@@ -174,7 +175,7 @@ class Albert(Module):
         The shared layer's backward runs n_layer times, last application first; each call adds
         its part into the shared weights' ``.grad``. A head without labels gets a zero gradient.
         """
-        cache = self.peek_cache()
+        cache = peek_forward_cache(self, "Albert.backward")
         if cache.mlm_loss is None and cache.sop_loss is None:
             raise RuntimeError("Albert.backward: the matching forward had no labels, so there is no loss to "
                                "differentiate")
@@ -195,6 +196,35 @@ class Albert(Module):
         dpooled = self.sop_classifier.backward(dsop_logits)
         dx = dx + self.pooler.backward(dpooled)  # the first token's state feeds both heads
         for _ in range(self.cfg.n_layer):  # last application first: LIFO caches, gradients summed in .grad
+            dx = self.layer.backward(dx)
+        de = self.embedding_hidden_mapping_in.backward(dx)  # (B, T, E)
+        self.embeddings.backward(de)
+
+    # -- the body alone, for fine-tuning (npformer.finetune) ----------------------------------------
+    @atomic
+    def encode(self, ids: np.ndarray, token_type_ids: Optional[np.ndarray] = None,
+               attention_mask: Optional[np.ndarray] = None) -> np.ndarray:
+        """ids (B, T) -> hidden (B, T, D): embeddings, the widening map, the shared layer n_layer times.
+
+        Arguments as ``forward``'s; ``backward_encode(dhidden)`` is its backward.
+        """
+        op = "Albert.encode"
+        self.embeddings.check_inputs(op, ids, token_type_ids)
+        pad = key_padding_mask(op, attention_mask, ids.shape)  # (B, T) True at padding
+        e = self.embeddings.forward(ids, token_type_ids)  # (B, T, E)
+        x = self.embedding_hidden_mapping_in.forward(e)  # (B, T, D)
+        for _ in range(self.cfg.n_layer):
+            x = self.layer.forward(x, key_padding_mask=pad)
+        self.save_cache(EncodeCache(out_shape=x.shape))
+        return x
+
+    @atomic
+    def backward_encode(self, dhidden: np.ndarray) -> None:
+        """dhidden (B, T, D) of the latest unmatched ``encode``: the body's gradients (the shared layer's summed)."""
+        pop_encode_cache(self, "Albert.backward_encode", dhidden, self.cfg.d_model,
+                         self.embeddings.LayerNorm.weight.data.dtype)
+        dx = dhidden
+        for _ in range(self.cfg.n_layer):
             dx = self.layer.backward(dx)
         de = self.embedding_hidden_mapping_in.backward(dx)  # (B, T, E)
         self.embeddings.backward(de)

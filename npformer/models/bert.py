@@ -29,6 +29,7 @@ from typing import NamedTuple, Optional, Tuple
 import numpy as np
 
 from ..nn.encoder import EncoderEmbeddings, MLMHead, Pooler, PostNormEncoderLayer, key_padding_mask
+from ..nn.heads import EncodeCache, peek_forward_cache, pop_encode_cache
 from ..nn.layers import Linear
 from ..nn.lm import IGNORE_INDEX
 from ..nn.module import Module, ModuleList, atomic
@@ -183,7 +184,7 @@ class Bert(Module):
 
         A head whose labels were not given gets a zero gradient (its forward still ran).
         """
-        cache = self.peek_cache()
+        cache = peek_forward_cache(self, "Bert.backward")
         if cache.mlm_loss is None and cache.nsp_loss is None:
             raise RuntimeError("Bert.backward: the matching forward had no labels, so there is no loss to "
                                "differentiate")
@@ -203,6 +204,33 @@ class Bert(Module):
             self.record("dnsp_logits", dnsp_logits)
             dpooled = self.seq_relationship.backward(dnsp_logits)
             dx = dx + self.pooler.backward(dpooled)  # the first token's state feeds both heads
+        for layer in reversed(self.layers):
+            dx = layer.backward(dx)
+        self.embeddings.backward(dx)
+
+    # -- the body alone, for fine-tuning (npformer.finetune) ----------------------------------------
+    @atomic
+    def encode(self, ids: np.ndarray, token_type_ids: Optional[np.ndarray] = None,
+               attention_mask: Optional[np.ndarray] = None) -> np.ndarray:
+        """ids (B, T) -> hidden (B, T, D): embeddings and layers, without the pre-training heads.
+
+        Arguments as ``forward``'s; ``backward_encode(dhidden)`` is its backward.
+        """
+        op = "Bert.encode"
+        self.embeddings.check_inputs(op, ids, token_type_ids)
+        pad = key_padding_mask(op, attention_mask, ids.shape)  # (B, T) True at padding
+        x = self.embeddings.forward(ids, token_type_ids)  # (B, T, D)
+        for layer in self.layers:
+            x = layer.forward(x, key_padding_mask=pad)
+        self.save_cache(EncodeCache(out_shape=x.shape))
+        return x
+
+    @atomic
+    def backward_encode(self, dhidden: np.ndarray) -> None:
+        """dhidden (B, T, D) of the latest unmatched ``encode``: the body's gradients, the layers in reverse."""
+        pop_encode_cache(self, "Bert.backward_encode", dhidden, self.cfg.d_model,
+                         self.embeddings.LayerNorm.weight.data.dtype)
+        dx = dhidden
         for layer in reversed(self.layers):
             dx = layer.backward(dx)
         self.embeddings.backward(dx)

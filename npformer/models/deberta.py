@@ -56,6 +56,7 @@ import numpy as np
 
 from ..nn.attention import merge_heads, split_heads
 from ..nn.encoder import MLMHead, key_padding_mask
+from ..nn.heads import EncodeCache, peek_forward_cache, pop_encode_cache
 from ..nn.layers import Dropout, Embedding, LayerNorm, Linear, check_dout
 from ..nn.lm import IGNORE_INDEX
 from ..nn.mlp import MLP
@@ -442,7 +443,7 @@ class Deberta(Module):
     @atomic
     def backward(self) -> None:
         """Add every parameter's gradient of the latest unmatched forward's loss, walking the layers in reverse."""
-        cache = self.peek_cache()
+        cache = peek_forward_cache(self, "Deberta.backward")
         if cache.mlm_loss is None:
             raise RuntimeError("Deberta.backward: the matching forward had no labels, so there is no loss to "
                                "differentiate")
@@ -461,6 +462,45 @@ class Deberta(Module):
             drel = self.rel_norm.backward(drel)
         self.rel_embeddings.weight.grad += drel
         self.record("rel_embeddings.dW", drel)
+        self.embeddings.backward(dx)
+
+    # -- the body alone, for fine-tuning (npformer.finetune) ----------------------------------------
+    @atomic
+    def encode(self, ids: np.ndarray, token_type_ids: Optional[np.ndarray] = None,
+               attention_mask: Optional[np.ndarray] = None) -> np.ndarray:
+        """ids (B, T) -> hidden (B, T, D): embeddings and the layers over the shared relative table, no MLM head.
+
+        Arguments as ``forward``'s; ``backward_encode(dhidden)`` is its backward.
+        """
+        op, cfg = "Deberta.encode", self.cfg
+        self._check_inputs(op, ids, token_type_ids, None)
+        pad = key_padding_mask(op, attention_mask, ids.shape)  # (B, T) True at padding
+        T = ids.shape[1]
+        visible = None if pad is None else pairwise_attention_mask(~pad)  # (B, 1, T, T)
+        c2p_index, p2c_index = deberta_relative_indices(  # (T, T) each, (DA.3)
+            T, T, position_buckets=cfg.position_buckets, max_relative_positions=cfg.max_relative_positions)
+        x = self.embeddings.forward(ids, token_type_ids, pad)  # (B, T, D)
+        rel = self.rel_embeddings.weight.data  # (2 S, D), shared by every layer
+        if cfg.norm_rel_ebd:
+            rel = self.rel_norm.forward(rel)
+        for layer in self.layers:
+            x = layer.forward(x, rel, visible, c2p_index, p2c_index)
+        self.save_cache(EncodeCache(out_shape=x.shape))
+        return x
+
+    @atomic
+    def backward_encode(self, dhidden: np.ndarray) -> None:
+        """dhidden (B, T, D) of the latest unmatched ``encode``: the body's gradients, the layers in reverse."""
+        pop_encode_cache(self, "Deberta.backward_encode", dhidden, self.cfg.d_model,
+                         self.embeddings.LayerNorm.weight.data.dtype)
+        dx = dhidden
+        drel = np.zeros_like(self.rel_embeddings.weight.data)  # (2 S, D): every layer's share adds up
+        for layer in reversed(self.layers):
+            dx, drel_layer = layer.backward(dx)
+            drel += drel_layer
+        if self.cfg.norm_rel_ebd:
+            drel = self.rel_norm.backward(drel)
+        self.rel_embeddings.weight.grad += drel
         self.embeddings.backward(dx)
 
     def astype(self, dtype) -> "Deberta":

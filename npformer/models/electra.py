@@ -40,6 +40,7 @@ from typing import NamedTuple, Optional, Tuple
 import numpy as np
 
 from ..nn.encoder import EncoderEmbeddings, MLMHead, PostNormEncoderLayer, key_padding_mask
+from ..nn.heads import EncodeCache, peek_forward_cache, pop_encode_cache
 from ..nn.layers import Linear, check_features
 from ..nn.lm import IGNORE_INDEX
 from ..nn.module import Module, ModuleList, atomic
@@ -166,6 +167,24 @@ class _ElectraEncoder(Module):
             dx = self.embeddings_project.backward(dx)  # (B, T, E)
         self.embeddings.backward(dx)
 
+    # -- the body alone, for fine-tuning (npformer.finetune) ----------------------------------------
+    @atomic
+    def encode(self, ids: np.ndarray, token_type_ids: Optional[np.ndarray] = None,
+               attention_mask: Optional[np.ndarray] = None) -> np.ndarray:
+        """ids (B, T) -> hidden (B, T, D): the encoder without its head; ``backward_encode`` is its backward."""
+        op = f"{type(self).__name__}.encode"
+        pad = self._check(op, ids, token_type_ids, attention_mask)
+        x = self._encode(ids, token_type_ids, pad)  # (B, T, D)
+        self.save_cache(EncodeCache(out_shape=x.shape))
+        return x
+
+    @atomic
+    def backward_encode(self, dhidden: np.ndarray) -> None:
+        """dhidden (B, T, D) of the latest unmatched ``encode``: the encoder's gradients, the layers in reverse."""
+        pop_encode_cache(self, f"{type(self).__name__}.backward_encode", dhidden, self.cfg.d_model,
+                         self.embeddings.LayerNorm.weight.data.dtype)
+        self._encode_backward(dhidden)
+
     def astype(self, dtype):
         super().astype(dtype)
         self.cfg = replace(self.cfg, dtype=self.embeddings.LayerNorm.weight.data.dtype.name)
@@ -216,7 +235,7 @@ class ElectraGenerator(_ElectraEncoder):
     def backward(self, dloss: float = 1.0) -> None:
         """Add every parameter's gradient of dloss * (the latest unmatched forward's loss)."""
         check_real("ElectraGenerator.backward", "dloss", dloss)
-        if self.peek_cache() is None:
+        if peek_forward_cache(self, "ElectraGenerator.backward") is None:
             raise RuntimeError("ElectraGenerator.backward: the matching forward had no labels, so there is no "
                                "loss to differentiate")
         cache = self.pop_cache()
@@ -311,7 +330,7 @@ class ElectraDiscriminator(_ElectraEncoder):
     def backward(self, dloss: float = 1.0) -> None:
         """Add every parameter's gradient of dloss * (the latest unmatched forward's loss)."""
         check_real("ElectraDiscriminator.backward", "dloss", dloss)
-        if self.peek_cache() is None:
+        if peek_forward_cache(self, "ElectraDiscriminator.backward") is None:
             raise RuntimeError("ElectraDiscriminator.backward: the matching forward had no labels, so there is no "
                                "loss to differentiate")
         cache = self.pop_cache()
@@ -430,6 +449,18 @@ class ElectraPretraining(Module):
         self.pop_cache()
         self.discriminator.backward(self.rtd_weight)  # its forward ran last: its caches are on top
         self.generator.backward(1.0)
+
+    # -- the discriminator's body, for fine-tuning (npformer.finetune), as the paper fine-tunes it ----------
+    @atomic
+    def encode(self, ids: np.ndarray, token_type_ids: Optional[np.ndarray] = None,
+               attention_mask: Optional[np.ndarray] = None) -> np.ndarray:
+        """ids (B, T) -> hidden (B, T, D) of the discriminator's encoder (``ElectraDiscriminator.encode``)."""
+        return self.discriminator.encode(ids, token_type_ids, attention_mask)
+
+    @atomic
+    def backward_encode(self, dhidden: np.ndarray) -> None:
+        """The backward of ``encode``: the discriminator's encoder (and the shared embeddings) get the gradients."""
+        self.discriminator.backward_encode(dhidden)
 
     def astype(self, dtype) -> "ElectraPretraining":
         """Convert every parameter (the shared embeddings once) to float32 or float64; the configs follow."""
