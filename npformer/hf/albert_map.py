@@ -8,8 +8,8 @@ npformer's shared ``layer``. The MLM decoder is the word table: a checkpoint may
 equal its original (``TIED``).
 
 Refused by name: several layer groups or layers per group (npformer shares one layer), an
-activation other than the exact GELU (HF's default for ALBERT is ``gelu_new``, the tanh
-approximation, which npformer's encoder layer does not compute), relative position embeddings.
+activation other than the GELU in its erf form ("gelu") or its tanh form ("gelu_new", HF's
+default for ALBERT and that of the released checkpoints), relative position embeddings.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def albert_config(f: _Fields, dtype: str, block_size: Optional[int] = None):
                                    "not an Albert* model")
     f.require("num_hidden_groups", (1,), 1, "npformer's ALBERT shares one layer across all depths")
     f.require("inner_group_num", (1,), 1, "npformer's ALBERT shares one layer across all depths")
-    f.require("hidden_act", ("gelu",), "gelu_new", "npformer's encoder layer and MLM head use the exact (erf) GELU")
+    hidden_act = f.require("hidden_act", ("gelu", "gelu_new"), "gelu_new",
+                           "npformer's encoder layer and MLM head have the erf GELU and its tanh form")
     f.require("position_embedding_type", ("absolute",), "absolute",
               "npformer's ALBERT has a learned table of absolute positions")
     f.require("tie_word_embeddings", (True,), True, "npformer's MLM head decodes with the word table itself")
@@ -49,7 +50,8 @@ def albert_config(f: _Fields, dtype: str, block_size: Optional[int] = None):
                        embedding_size=f.get("embedding_size", "int", 128),
                        n_layer=f.get("num_hidden_layers", "int"), n_head=f.get("num_attention_heads", "int"),
                        d_model=f.get("hidden_size", "int"), d_ff=f.get("intermediate_size", "int"), dropout=0.0,
-                       layer_norm_eps=float(f.get("layer_norm_eps", "float", 1e-12)), pad_token_id=pad, dtype=dtype)
+                       layer_norm_eps=float(f.get("layer_norm_eps", "float", 1e-12)), pad_token_id=pad,
+                       hidden_act=hidden_act, dtype=dtype)
     if block_size not in (None, cfg.block_size):
         raise ValueError(f"{f.op}: argument 'block_size' expected None or {cfg.block_size} for albert (what its "
                          f"position table covers), got {block_size}")
@@ -96,7 +98,7 @@ def albert_config_json(cfg) -> dict:
     return {"architectures": [ARCHITECTURE], "model_type": MODEL_TYPE, "vocab_size": cfg.vocab_size,
             "embedding_size": cfg.embedding_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layer,
             "num_hidden_groups": 1, "inner_group_num": 1, "num_attention_heads": cfg.n_head,
-            "intermediate_size": cfg.d_ff, "hidden_act": "gelu", "hidden_dropout_prob": cfg.dropout,
+            "intermediate_size": cfg.d_ff, "hidden_act": cfg.hidden_act, "hidden_dropout_prob": cfg.dropout,
             "attention_probs_dropout_prob": 0.0, "classifier_dropout_prob": 0.0,
             "max_position_embeddings": cfg.max_position, "type_vocab_size": cfg.type_vocab_size,
             "layer_norm_eps": cfg.layer_norm_eps, "pad_token_id": cfg.pad_token_id,

@@ -40,6 +40,9 @@ from ..ops.cross_entropy import CrossEntropyCache, cross_entropy_backward, cross
 __all__ = ["AlbertConfig", "Albert", "AlbertOutputs", "IGNORE_INDEX"]
 
 
+GELUS = {"gelu": "none", "gelu_new": "tanh"}  # Hugging Face's hidden_act -> the GELU's approximation
+
+
 @dataclass
 class AlbertConfig:
     """An ALBERT model's shape; Hugging Face's field name, where it differs, in the comment."""
@@ -55,11 +58,14 @@ class AlbertConfig:
     dropout: float = 0.0  # hidden_dropout_prob (embeddings, attention output, MLP output)
     layer_norm_eps: float = 1e-12
     pad_token_id: Optional[int] = 0  # the word row a lookup never trains; None: none
+    hidden_act: str = "gelu"  # "gelu" (erf) or "gelu_new" (tanh: Hugging Face's default and real checkpoints')
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
         """Every field checked when the config is made, so a bad one never builds a model."""
         op = "AlbertConfig"
+        if self.hidden_act not in GELUS:
+            raise ValueError(f"{op}: argument 'hidden_act' expected one of {sorted(GELUS)}, got {self.hidden_act!r}")
         for name in ("vocab_size", "max_position", "embedding_size", "n_layer", "n_head", "d_model", "d_ff"):
             setattr(self, name, check_count(op, name, getattr(self, name), 1, MAX_POSITION))
         self.type_vocab_size = check_count(op, "type_vocab_size", self.type_vocab_size, 0, MAX_POSITION)
@@ -112,9 +118,11 @@ class Albert(Module):
             cfg.vocab_size, cfg.max_position, E, type_vocab_size=cfg.type_vocab_size, pad_token_id=cfg.pad_token_id,
             layer_norm_eps=cfg.layer_norm_eps, dropout=cfg.dropout, rng=rng, dtype=dtype)
         self.embedding_hidden_mapping_in = Linear(E, D, True, rng=rng, dtype=dtype)
+        gelu = GELUS[cfg.hidden_act]
         self.layer = PostNormEncoderLayer(D, cfg.n_head, cfg.d_ff, dropout=cfg.dropout,
-                                          layer_norm_eps=cfg.layer_norm_eps, rng=rng, dtype=dtype)
-        self.mlm_head = MLMHead(D, cfg.vocab_size, E, layer_norm_eps=cfg.layer_norm_eps, rng=rng, dtype=dtype)
+                                          layer_norm_eps=cfg.layer_norm_eps, rng=rng, dtype=dtype, approximate=gelu)
+        self.mlm_head = MLMHead(D, cfg.vocab_size, E, layer_norm_eps=cfg.layer_norm_eps, rng=rng, dtype=dtype,
+                                approximate=gelu)
         self.pooler = Pooler(D, rng=rng, dtype=dtype)
         self.sop_classifier = Linear(D, 2, True, rng=rng, dtype=dtype)
 
