@@ -1009,6 +1009,15 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
         history = History(**state["history"])
         start = int(state["step"])
 
+    if cfg.save_hf:  # a family without a Hugging Face map is refused now, not after the first checkpoint
+        from .hf import hf_state_dict
+
+        try:
+            hf_state_dict(model)
+        except (TypeError, ValueError) as e:
+            raise ConfigError("save_hf", f"expected a model that a Hugging Face folder can hold, got --model "
+                                         f"{cfg.model}: {e}") from None
+
     # Every check has passed: from here on, work and write.
     if cfg.save_hf:
         try:

@@ -110,7 +110,7 @@ def test_llama_options_are_checked_by_name(tmp_path, overrides, name):
 def test_encoders_pretrain_with_their_objectives_and_resume_bit_for_bit(tmp_path, model, objective):
     """--model bert|roberta --objective ...: the loss falls; a stopped run resumes to the same losses."""
     enc = dict(model=model, objective=objective, n_head=2, d_model=32, block_size=24, batch_size=8, lr=3e-3,
-               eval_batches=2)
+               eval_batches=2, dropout=0.1)  # dropout: every mask must come back from the checkpoint's streams
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     for run in ("a", "b"):  # documents (blank-line separated) for the sentence pairs of NSP
@@ -913,3 +913,17 @@ def test_a_run_stopped_early_is_not_reported_as_final(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "at step 3: train loss" in out and "final:" not in out
     assert "stopped at step 3 of 6" in out
+
+
+def test_save_hf_of_a_family_without_a_map_is_refused_before_training(tmp_path, monkeypatch):
+    """A model save_pretrained cannot write is refused up front, naming save_hf, with nothing written."""
+    import npformer.hf as hf
+
+    def no_map(model, **_):
+        raise TypeError(f"hf_state_dict: argument 'model' expected a mapped family, got {type(model).__name__}")
+
+    monkeypatch.setattr(hf, "hf_state_dict", no_map)
+    with pytest.raises(ConfigError) as info:
+        train(tiny(tmp_path, model="bert", save_hf=str(tmp_path / "hf")), log=QUIET)
+    assert info.value.field == "save_hf" and "Bert" in info.value.reason
+    assert not (tmp_path / "run").exists() and not (tmp_path / "hf").exists()

@@ -420,14 +420,18 @@ def _special_ids(op: str, tokenizer: object) -> SpecialIds:
 def word_starts_for(tokenizer: object, ids: np.ndarray) -> np.ndarray:
     """(N,) bool: True where token t begins a word of the 1-d stream ``ids``.
 
-    A token begins a word when its text (``tokenizer.decode([id])``) begins with whitespace, or when
-    the previous token's text ends with whitespace, or t = 0: "dog." is one word, " dog" begins one.
+    A tokenizer with ``word_starts(ids)`` (npformer.hf's: WordPiece's "##", SentencePiece's "▁")
+    decides itself. Otherwise a token begins a word when its text (``tokenizer.decode([id])``) begins
+    with whitespace, or when the previous token's text ends with whitespace, or t = 0: "dog." is one
+    word, " dog" begins one.
     """
     op = "word_starts_for"
     if isinstance(tokenizer, (str, bytes, bytearray)) or not callable(getattr(tokenizer, "decode", None)):
         raise TypeError(f"{op}: argument 'tokenizer' expected an object with decode(ids) -> str, "
                         f"got {type(tokenizer).__name__}")
     ids = token_stream(op, "ids", ids)
+    if callable(getattr(tokenizer, "word_starts", None)):  # a tokenizer that knows its pieces' word marks
+        return np.asarray(tokenizer.word_starts(ids), dtype=bool)
     values, inverse = np.unique(ids, return_inverse=True)
     texts = [tokenizer.decode([int(v)]) for v in values]
     opens = np.array([t[:1].isspace() for t in texts], dtype=bool)[inverse]

@@ -376,6 +376,32 @@ class HFTokenizer:
 
     # ------------------------------------------------------------------ as a training tokenizer
 
+    def word_starts(self, ids: Sequence[int]) -> np.ndarray:
+        """(N,) bool: True where token t of ``ids`` begins a word (whole-word masking's unit).
+
+        WordPiece: a piece without the continuation prefix ("##") begins a word. SentencePiece
+        pieces: one carrying "▁" begins a word. Others (byte-level BPE): a piece whose decoded text
+        starts with whitespace, or follows one ending with whitespace. An added (special) token, the
+        token after one, and the first token always begin a word.
+        """
+        ids = [int(i) for i in ids]
+        pieces = [self.id_to_token(i) or "" for i in ids]
+        added = [i in self._added_by_id for i in ids]
+        after_added = [False] + added[:-1]
+        if isinstance(self._model, WordPieceModel):
+            prefix = self._model.prefix
+            starts = [a or not p.startswith(prefix) for p, a in zip(pieces, added)]
+        elif any(p.startswith("\u2581") for p in pieces):  # SentencePiece: "▁" opens a word (a lone "▁" too)
+            starts = [a or b or p.startswith("\u2581") for p, a, b in zip(pieces, added, after_added)]
+        else:  # byte-level BPE and the like: the decoded text's spaces
+            texts = [self.decode([i]) for i in ids]
+            starts = [a or b or t[:1].isspace() for t, a, b in zip(texts, added, after_added)]
+            for t in range(1, len(ids)):
+                starts[t] = starts[t] or texts[t - 1][-1:].isspace()
+        if ids:
+            starts[0] = True
+        return np.array(starts, dtype=bool)
+
     def encode_array(self, text: str) -> np.ndarray:
         """The ids of a training text as int64 (T,), without the template's special tokens: the text
         continues, it does not start a sequence."""

@@ -41,7 +41,7 @@ import numpy as np
 
 from ..nn.encoder import EncoderEmbeddings, MLMHead, PostNormEncoderLayer, key_padding_mask
 from ..nn.heads import EncodeCache, peek_forward_cache, pop_encode_cache
-from ..nn.layers import Linear, check_features
+from ..nn.layers import Dropout, Linear, check_features
 from ..nn.lm import IGNORE_INDEX
 from ..nn.module import Module, ModuleList, atomic
 from ..ops._checks import MAX_POSITION, check_count, check_float, check_int, check_ndim, check_real, check_shape
@@ -410,7 +410,14 @@ class ElectraPretraining(Module):
         self.generator = ElectraGenerator(generator_cfg, seed + 1)
         self.generator.embeddings = self.discriminator.embeddings  # ONE table set: both add their gradients
         self.cfg = ElectraPretrainingConfig(generator_cfg, discriminator_cfg, self.rtd_weight)
-        self.rng = np.random.default_rng(seed + 2)  # the generator's samples, when forward is given no rng
+        # One stream for the generator's samples and every dropout mask of both models, so that a trainer that
+        # saves model.rng saves all the randomness a step draws (a resumed run then draws the same masks).
+        self.rng = np.random.default_rng(seed + 2)
+        for module in (self.discriminator, self.generator):
+            module.rng = self.rng
+        for _, module in self.named_modules():
+            if isinstance(module, Dropout):
+                module.rng = self.rng
 
     @atomic
     def forward(self, ids: np.ndarray, token_type_ids: Optional[np.ndarray] = None,

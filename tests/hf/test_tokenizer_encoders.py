@@ -14,6 +14,7 @@ import json
 import struct
 import unicodedata
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -523,3 +524,47 @@ def test_an_empty_precompiled_map_changes_nothing(pairs):
         spec["normalizer"] = {"type": "Precompiled", "precompiled_charsmap": charsmap}
         assert HFTokenizer(spec).encode("Hello World") != ours.encode("Hello World")  # not lower-cased
         assert HFTokenizer(spec).encode("hello world") == ours.encode("hello world")
+
+
+def _words_by_hand(text, tokenizer):
+    """Independently: encode each whitespace-separated word alone; its first piece starts a word."""
+    starts = []
+    for word in text.split():
+        pieces = tokenizer.encode(word, add_special_tokens=False)
+        starts += [True] + [False] * (len(pieces) - 1)
+    return starts
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "unigram", "bytelevel"])
+def test_word_starts_mark_the_first_piece_of_each_word(kind, tmp_path):
+    """Whole-word masking's unit: with WordPiece ("##") and SentencePiece ("▁") pieces, not single decodes."""
+    from npformer.data.objectives import word_starts_for
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    text = "the walking dogs were jumping over fences while the cats kept sleeping on the warm mats " * 20
+    if kind == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        tok.train_from_iterator([text], trainers.WordPieceTrainer(vocab_size=60, special_tokens=["[UNK]"],
+                                                                  show_progress=False))
+    elif kind == "bytelevel":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        tok.decoder = decoders.ByteLevel()
+        tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    else:
+        tok = Tokenizer(models.Unigram())
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        tok.train_from_iterator([text], trainers.UnigramTrainer(vocab_size=60, unk_token="<unk>",
+                                                                special_tokens=["<unk>"], show_progress=False))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    ours = HFTokenizer.from_file(tmp_path / "tokenizer.json")
+    sample = "the walking dogs were jumping over warm fences"
+    ids = np.array(ours.encode(sample, add_special_tokens=False))
+    expected = _words_by_hand(sample, ours)
+    assert len(expected) == ids.size and sum(expected) == len(sample.split()) < ids.size  # some words split
+    np.testing.assert_array_equal(word_starts_for(ours, ids), expected)
