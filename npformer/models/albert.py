@@ -29,12 +29,13 @@ from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from ..nn.encoder import EncoderEmbeddings, MLMHead, Pooler, PostNormEncoderLayer, key_padding_mask
+from ..nn.encoder import (EncoderEmbeddings, MLMHead, Pooler, PostNormEncoderLayer, check_encoder_config,
+                          key_padding_mask)
 from ..nn.heads import EncodeCache, peek_forward_cache, pop_encode_cache
 from ..nn.layers import Linear
 from ..nn.lm import IGNORE_INDEX
 from ..nn.module import Module, atomic
-from ..ops._checks import MAX_POSITION, check_count, check_int, check_real, check_shape
+from ..ops._checks import check_count, check_int, check_shape
 from ..ops.cross_entropy import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
 
 __all__ = ["AlbertConfig", "Albert", "AlbertOutputs", "IGNORE_INDEX"]
@@ -66,18 +67,7 @@ class AlbertConfig:
         op = "AlbertConfig"
         if self.hidden_act not in GELUS:
             raise ValueError(f"{op}: argument 'hidden_act' expected one of {sorted(GELUS)}, got {self.hidden_act!r}")
-        for name in ("vocab_size", "max_position", "embedding_size", "n_layer", "n_head", "d_model", "d_ff"):
-            setattr(self, name, check_count(op, name, getattr(self, name), 1, MAX_POSITION))
-        self.type_vocab_size = check_count(op, "type_vocab_size", self.type_vocab_size, 0, MAX_POSITION)
-        if self.d_model % self.n_head:
-            raise ValueError(f"{op}: argument 'n_head' expected a divisor of d_model = {self.d_model}, "
-                             f"got {self.n_head}")
-        self.dropout = check_real(op, "dropout", self.dropout, lo=0.0, hi=1.0, hi_open=True)
-        self.layer_norm_eps = check_real(op, "layer_norm_eps", self.layer_norm_eps, lo=0.0)
-        if self.pad_token_id is not None:
-            self.pad_token_id = check_count(op, "pad_token_id", self.pad_token_id, 0, self.vocab_size - 1)
-        if self.dtype not in ("float32", "float64"):
-            raise ValueError(f"{op}: argument 'dtype' expected 'float32' or 'float64', got {self.dtype!r}")
+        check_encoder_config(op, self, ("embedding_size",))  # the fields every encoder has
 
     @property
     def block_size(self) -> int:

@@ -55,13 +55,13 @@ from typing import NamedTuple, Optional, Tuple
 import numpy as np
 
 from ..nn.attention import merge_heads, split_heads
-from ..nn.encoder import MLMHead, key_padding_mask
+from ..nn.encoder import MLMHead, check_encoder_config, key_padding_mask
 from ..nn.heads import EncodeCache, peek_forward_cache, pop_encode_cache
 from ..nn.layers import Dropout, Embedding, LayerNorm, Linear, check_dout
 from ..nn.lm import IGNORE_INDEX
 from ..nn.mlp import MLP
 from ..nn.module import Module, ModuleList, atomic
-from ..ops._checks import MAX_POSITION, check_bool, check_count, check_int, check_real, check_shape
+from ..ops._checks import MAX_POSITION, check_bool, check_count, check_int, check_shape
 from ..ops.cross_entropy import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
 from ..ops.disentangled_attention import (
     deberta_relative_indices,
@@ -104,16 +104,7 @@ class DebertaConfig:
     def __post_init__(self) -> None:
         """Every field checked when the config is made, so a bad one never builds a model."""
         op = "DebertaConfig"
-        for name in ("vocab_size", "max_position", "n_layer", "n_head", "d_model", "d_ff"):
-            setattr(self, name, check_count(op, name, getattr(self, name), 1, MAX_POSITION))
-        self.type_vocab_size = check_count(op, "type_vocab_size", self.type_vocab_size, 0, MAX_POSITION)
-        if self.d_model % self.n_head:
-            raise ValueError(f"{op}: argument 'n_head' expected a divisor of d_model = {self.d_model}, "
-                             f"got {self.n_head}")
-        self.dropout = check_real(op, "dropout", self.dropout, lo=0.0, hi=1.0, hi_open=True)
-        self.layer_norm_eps = check_real(op, "layer_norm_eps", self.layer_norm_eps, lo=0.0)
-        if self.pad_token_id is not None:
-            self.pad_token_id = check_count(op, "pad_token_id", self.pad_token_id, 0, self.vocab_size - 1)
+        check_encoder_config(op, self)  # the fields every encoder has
         for name in ("position_biased_input", "share_att_key", "norm_rel_ebd"):
             setattr(self, name, check_bool(op, name, getattr(self, name)))
         if self.position_buckets is None:
@@ -130,8 +121,6 @@ class DebertaConfig:
             raise ValueError(f"{op}: argument 'pos_att_type' expected a tuple of distinct names from "
                              f"('c2p', 'p2c'), got {terms!r}")
         self.pos_att_type = tuple(terms)
-        if self.dtype not in ("float32", "float64"):
-            raise ValueError(f"{op}: argument 'dtype' expected 'float32' or 'float64', got {self.dtype!r}")
 
     @property
     def att_span(self) -> int:

@@ -35,6 +35,7 @@ from ..ops._checks import (
     check_float,
     check_int,
     check_ndim,
+    check_real,
     check_shape,
 )
 from ..ops.activations import gelu_backward, gelu_forward
@@ -45,7 +46,7 @@ from .mlp import MLP
 from .module import Module, Parameter, atomic
 
 __all__ = ["EncoderEmbeddings", "PostNormEncoderLayer", "MLMHead", "Pooler", "key_padding_mask",
-           "roberta_position_ids"]
+           "roberta_position_ids", "check_encoder_config"]
 
 
 def key_padding_mask(op: str, attention_mask: object, shape: Tuple[int, int]) -> Optional[np.ndarray]:
@@ -70,6 +71,24 @@ def key_padding_mask(op: str, attention_mask: object, shape: Tuple[int, int]) ->
         raise ValueError(f"{op}: argument 'attention_mask' expected at least one token (1) in every row, "
                          f"got row {row} all padding")
     return ~tokens
+
+
+def check_encoder_config(op: str, cfg, sizes: Tuple[str, ...] = ()) -> None:
+    """The fields every encoder config shares, checked by name and set to plain Python values in place:
+    sizes vocab_size, max_position, n_layer, n_head, d_model, d_ff (and ``sizes``) >= 1, type_vocab_size >= 0,
+    n_head dividing d_model, dropout in [0, 1), layer_norm_eps >= 0, pad_token_id None or a word id, dtype
+    float32 or float64."""
+    for name in ("vocab_size", "max_position") + tuple(sizes) + ("n_layer", "n_head", "d_model", "d_ff"):
+        setattr(cfg, name, check_count(op, name, getattr(cfg, name), 1, MAX_POSITION))
+    cfg.type_vocab_size = check_count(op, "type_vocab_size", cfg.type_vocab_size, 0, MAX_POSITION)
+    if cfg.d_model % cfg.n_head:
+        raise ValueError(f"{op}: argument 'n_head' expected a divisor of d_model = {cfg.d_model}, got {cfg.n_head}")
+    cfg.dropout = check_real(op, "dropout", cfg.dropout, lo=0.0, hi=1.0, hi_open=True)
+    cfg.layer_norm_eps = check_real(op, "layer_norm_eps", cfg.layer_norm_eps, lo=0.0)
+    if cfg.pad_token_id is not None:
+        cfg.pad_token_id = check_count(op, "pad_token_id", cfg.pad_token_id, 0, cfg.vocab_size - 1)
+    if cfg.dtype not in ("float32", "float64"):
+        raise ValueError(f"{op}: argument 'dtype' expected 'float32' or 'float64', got {cfg.dtype!r}")
 
 
 def roberta_position_ids(ids: np.ndarray, padding_idx: int) -> np.ndarray:
