@@ -1010,10 +1010,10 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
         start = int(state["step"])
 
     if cfg.save_hf:  # a family without a Hugging Face map is refused now, not after the first checkpoint
-        from .hf import hf_state_dict
+        from .hf import check_savable
 
         try:
-            hf_state_dict(model)
+            check_savable(model)
         except (TypeError, ValueError) as e:
             raise ConfigError("save_hf", f"expected a model that a Hugging Face folder can hold, got --model "
                                          f"{cfg.model}: {e}") from None

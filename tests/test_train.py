@@ -922,8 +922,15 @@ def test_save_hf_of_a_family_without_a_map_is_refused_before_training(tmp_path, 
     def no_map(model, **_):
         raise TypeError(f"hf_state_dict: argument 'model' expected a mapped family, got {type(model).__name__}")
 
-    monkeypatch.setattr(hf, "hf_state_dict", no_map)
+    monkeypatch.setattr(hf, "check_savable", no_map)
     with pytest.raises(ConfigError) as info:
         train(tiny(tmp_path, model="bert", save_hf=str(tmp_path / "hf")), log=QUIET)
     assert info.value.field == "save_hf" and "Bert" in info.value.reason
     assert not (tmp_path / "run").exists() and not (tmp_path / "hf").exists()
+
+
+def test_save_hf_of_the_electra_pair_is_refused_before_training(tmp_path):
+    """The trained generator + discriminator pair is no single Hugging Face model: refused up front."""
+    with pytest.raises(ConfigError) as info:
+        train(tiny(tmp_path, model="electra", save_hf=str(tmp_path / "hf")), log=QUIET)
+    assert info.value.field == "save_hf" and not (tmp_path / "run").exists()

@@ -2,15 +2,18 @@
 
 NumPy only: the safetensors format is read and written in NumPy (``npformer/_safetensors.py``, shared with
 the training checkpoints; ``safetensors.py`` adds bf16/fp16 decoding and sharded folders), and the
-config fields and tensor names of each model family are mapped by explicit tables
-(``pretrained.py``).
+config fields and tensor names of each model family are mapped by explicit tables: one ``Family``
+record per family in its ``*_map.py`` (gpt2, llama/mistral/qwen2, bert/roberta, albert, electra,
+deberta-v2), kept in ``pretrained.REGISTRY``; ``load_pretrained``, ``save_pretrained`` and
+``hf_state_dict`` are generic over it.
 """
 
-from .pretrained import HFFormatError, hf_state_dict, load_pretrained, read_generation_config, save_pretrained
+from .pretrained import (REGISTRY, HFFormatError, check_savable, hf_state_dict, load_pretrained, read_generation_config,
+                         save_pretrained)
 from .safetensors import SafetensorsError, read_safetensors, write_safetensors
 
-__all__ = ["HFFormatError", "SafetensorsError", "load_pretrained", "save_pretrained", "read_generation_config", "hf_state_dict",
-           "read_safetensors", "write_safetensors"]
+__all__ = ["HFFormatError", "SafetensorsError", "load_pretrained", "save_pretrained", "read_generation_config",
+           "hf_state_dict", "check_savable", "REGISTRY", "read_safetensors", "write_safetensors"]
 
 try:  # the tokenizer module is optional: the weights load without it
     from .tokenizer import HFTokenizer, load_tokenizer  # noqa: F401

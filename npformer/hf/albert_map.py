@@ -1,5 +1,5 @@
-"""ALBERT (``albert``, as ``AlbertForPreTraining``) in and out of Hugging Face folders: the config map,
-the tensor-name rows and the config.json writer, in ``pretrained.py``'s format.
+"""ALBERT (``albert``, as ``AlbertForPreTraining``) in and out of Hugging Face folders: the ``albert`` family of
+``pretrained.py``'s registry.
 
 HF stores nn.Linear weights (out, in), as npformer does, so every row's layout is "same"; only
 names change. HF's one layer group holds one layer (``albert_layer_groups.0.albert_layers.0``),
@@ -9,16 +9,19 @@ equal its original (``TIED``).
 
 Refused by name: several layer groups or layers per group (npformer shares one layer), an
 activation other than the GELU in its erf form ("gelu") or its tanh form ("gelu_new", HF's
-default for ALBERT and that of the released checkpoints), relative position embeddings.
+default for ALBERT and that of the released checkpoints), relative position embeddings, a
+decoder or cross attention.
 """
 
 from __future__ import annotations
 
 from typing import Dict, List, Optional
 
-from .pretrained import _Fields, _Row
+from ..models.albert import Albert, AlbertConfig
+from .bert_map import check_encoder_fields, embedding_rows, encoder_config_json, encoder_sizes
+from .family import Family, _Fields, _linear_rows, _Row
 
-__all__ = ["MODEL_TYPE", "ARCHITECTURE", "TIED", "albert_config", "albert_rows", "albert_ignored",
+__all__ = ["FAMILY", "MODEL_TYPE", "ARCHITECTURE", "TIED", "albert_config", "albert_rows", "albert_ignored",
            "albert_config_json"]
 
 MODEL_TYPE = "albert"
@@ -28,43 +31,22 @@ TIED: Dict[str, str] = {"predictions.decoder.weight": "albert.embeddings.word_em
                         "predictions.decoder.bias": "predictions.bias"}
 
 
-def albert_config(f: _Fields, dtype: str, block_size: Optional[int] = None):
+def albert_config(f: _Fields, dtype: str, block_size: Optional[int] = None) -> AlbertConfig:
     """config.json's fields (in ``f``) -> an AlbertConfig; what npformer's ALBERT cannot compute is refused."""
-    from ..models.albert import AlbertConfig
-
-    architectures = f.doc.get("architectures") or []
-    if not isinstance(architectures, list) or not all(isinstance(a, str) and a.startswith("Albert")
-                                                      for a in architectures):
-        raise f.fail("model_type", f"is 'albert', but 'architectures' names {architectures!r:.80}, "
-                                   "not an Albert* model")
+    f.architectures(MODEL_TYPE, "Albert")
     f.require("num_hidden_groups", (1,), 1, "npformer's ALBERT shares one layer across all depths")
     f.require("inner_group_num", (1,), 1, "npformer's ALBERT shares one layer across all depths")
     hidden_act = f.require("hidden_act", ("gelu", "gelu_new"), "gelu_new",
                            "npformer's encoder layer and MLM head have the erf GELU and its tanh form")
-    f.require("position_embedding_type", ("absolute",), "absolute",
-              "npformer's ALBERT has a learned table of absolute positions")
-    f.require("tie_word_embeddings", (True,), True, "npformer's MLM head decodes with the word table itself")
-    pad = None if f.doc.get("pad_token_id", 0) is None else f.get("pad_token_id", "int0", 0)
-    cfg = AlbertConfig(vocab_size=f.get("vocab_size", "int"), max_position=f.get("max_position_embeddings", "int"),
-                       type_vocab_size=f.get("type_vocab_size", "int", 2),
-                       embedding_size=f.get("embedding_size", "int", 128),
-                       n_layer=f.get("num_hidden_layers", "int"), n_head=f.get("num_attention_heads", "int"),
-                       d_model=f.get("hidden_size", "int"), d_ff=f.get("intermediate_size", "int"), dropout=0.0,
-                       layer_norm_eps=float(f.get("layer_norm_eps", "float", 1e-12)), pad_token_id=pad,
-                       hidden_act=hidden_act, dtype=dtype)
-    if block_size not in (None, cfg.block_size):
-        raise ValueError(f"{f.op}: argument 'block_size' expected None or {cfg.block_size} for albert (what its "
-                         f"position table covers), got {block_size}")
+    check_encoder_fields(f, "ALBERT")
+    cfg = AlbertConfig(**encoder_sizes(f), embedding_size=f.get("embedding_size", "int", 128), hidden_act=hidden_act,
+                       dtype=dtype)
+    f.block_size(block_size, cfg.block_size, MODEL_TYPE)
     return cfg
 
 
-def albert_rows(cfg) -> List[_Row]:
+def albert_rows(cfg: AlbertConfig, variant: Optional[str] = None, model_type: str = MODEL_TYPE) -> List[_Row]:
     """HF name -> npformer name, one row per tensor, every layout "same"."""
-    rows: List[_Row] = []
-    for table in ("word", "position", "token_type"):
-        if table != "token_type" or cfg.type_vocab_size:
-            rows.append((f"albert.embeddings.{table}_embeddings.weight", (f"embeddings.{table}_embeddings.weight",),
-                         "same"))
     hf_layer = "albert.encoder.albert_layer_groups.0.albert_layers.0"
     pairs = [("albert.embeddings.LayerNorm", "embeddings.LayerNorm"),
              ("albert.encoder.embedding_hidden_mapping_in", "embedding_hidden_mapping_in"),
@@ -80,27 +62,21 @@ def albert_rows(cfg) -> List[_Row]:
              ("predictions.dense", "mlm_head.dense"),
              ("predictions.LayerNorm", "mlm_head.layer_norm"),
              ("sop_classifier.classifier", "sop_classifier")]
-    rows += [(f"{hf}.{w}", (f"{ours}.{w}",), "same") for hf, ours in pairs for w in ("weight", "bias")]
-    rows.append(("predictions.bias", ("mlm_head.bias",), "same"))
-    return rows
+    return embedding_rows(cfg, "albert") + _linear_rows(pairs) + [("predictions.bias", ("mlm_head.bias",), "same")]
 
 
-def albert_ignored(name: str) -> bool:
+def albert_ignored(name: str, cfg: Optional[AlbertConfig] = None, model_type: str = MODEL_TYPE) -> bool:
     """Buffers some checkpoints carry: the position and token-type ids."""
     return name in ("albert.embeddings.position_ids", "albert.embeddings.token_type_ids")
 
 
-def albert_config_json(cfg) -> dict:
+def albert_config_json(cfg: AlbertConfig, variant: Optional[str] = None, model_type: str = MODEL_TYPE) -> dict:
     """config.json of an AlbertForPreTraining with ``cfg``'s shape."""
-    if not cfg.type_vocab_size:
-        raise ValueError("save_pretrained: argument 'model' has type_vocab_size=0, which an albert config cannot "
-                         "express (its models always add a token-type embedding; use type_vocab_size=1)")
-    return {"architectures": [ARCHITECTURE], "model_type": MODEL_TYPE, "vocab_size": cfg.vocab_size,
-            "embedding_size": cfg.embedding_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layer,
-            "num_hidden_groups": 1, "inner_group_num": 1, "num_attention_heads": cfg.n_head,
-            "intermediate_size": cfg.d_ff, "hidden_act": cfg.hidden_act, "hidden_dropout_prob": cfg.dropout,
-            "attention_probs_dropout_prob": 0.0, "classifier_dropout_prob": 0.0,
-            "max_position_embeddings": cfg.max_position, "type_vocab_size": cfg.type_vocab_size,
-            "layer_norm_eps": cfg.layer_norm_eps, "pad_token_id": cfg.pad_token_id,
-            "position_embedding_type": "absolute", "tie_word_embeddings": True, "bos_token_id": None,
-            "eos_token_id": None}
+    return {**encoder_config_json(cfg, ARCHITECTURE, MODEL_TYPE), "hidden_act": cfg.hidden_act,
+            "embedding_size": cfg.embedding_size, "num_hidden_groups": 1, "inner_group_num": 1,
+            "classifier_dropout_prob": 0.0}
+
+
+FAMILY = Family(name="albert", model_types=(MODEL_TYPE,), models={None: Albert}, config_from_hf=albert_config,
+                rows=albert_rows, config_json=albert_config_json, infer=lambda model: (MODEL_TYPE, None),
+                ignored=albert_ignored, tied=lambda cfg, variant, model_type: TIED)

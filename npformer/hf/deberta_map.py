@@ -1,17 +1,17 @@
 """Hugging Face's DeBERTa-v2/v3 (``deberta-v2``, as ``DebertaV2ForMaskedLM``) <-> npformer's ``Deberta``.
 
-In ``pretrained.py``'s format: a config.json reader (``deberta_config``, on a ``_Fields``), the
+One ``Family`` record (``FAMILY``): a config.json reader (``deberta_config``), the
 tensor-name rows (``deberta_rows``: every tensor moves over unchanged, only its name changes),
 the tensors a checkpoint may store beside their original (``deberta_tied``), the names
 transformers itself drops (``deberta_ignored``), and the config.json writer
-(``deberta_config_json``). ``deberta_state_from_hf`` and ``deberta_hf_state_dict`` apply the
-rows in both directions.
+(``deberta_config_json``); ``pretrained.py`` applies them in both directions.
 
-The MLM head has two spellings, chosen by config.json's ``legacy`` (default true):
-``cls.predictions.transform.{dense,LayerNorm}`` + ``cls.predictions.bias`` (the decoder,
-``cls.predictions.decoder.*``, is the word table and that bias, and is not stored), or
-``lm_predictions.lm_head.{dense,LayerNorm,bias}``. Both compute dense -> GELU -> LayerNorm ->
-the word table's transpose + bias, which is npformer's ``MLMHead``.
+The MLM head has two spellings, the family's two variants, chosen by config.json's ``legacy``
+(default true): ``"legacy"``, ``cls.predictions.transform.{dense,LayerNorm}`` + ``cls.predictions.bias``
+(the decoder, ``cls.predictions.decoder.*``, is the word table and that bias, and is not stored),
+or ``"lm_predictions"`` (legacy false), ``lm_predictions.lm_head.{dense,LayerNorm,bias}``. Both
+compute dense -> GELU -> LayerNorm -> the word table's transpose + bias, which is npformer's
+``MLMHead``; save_pretrained writes ``"legacy"`` unless asked for the other.
 
 What npformer's model cannot represent is refused by name: no relative attention
 (``relative_attention`` false: npformer's DeBERTa always attends by relative position), the
@@ -25,25 +25,26 @@ is not represented; a loaded model has dropout 0 (it is loaded for inference and
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
-import numpy as np
+from ..models.deberta import Deberta, DebertaConfig
+from .family import Family, _Fields, _linear_rows, _post_norm_sublayers, _Row
 
-from .pretrained import _error, _Fields, _Row
-
-__all__ = ["MODEL_TYPE", "ARCHITECTURE", "deberta_config", "deberta_legacy", "deberta_rows", "deberta_tied",
-           "deberta_ignored", "deberta_config_json", "deberta_state_from_hf", "deberta_hf_state_dict"]
+__all__ = ["FAMILY", "MODEL_TYPE", "ARCHITECTURE", "VARIANTS", "deberta_config", "deberta_variant", "deberta_rows",
+           "deberta_tied", "deberta_ignored", "deberta_config_json"]
 
 MODEL_TYPE = "deberta-v2"
 ARCHITECTURE = "DebertaV2ForMaskedLM"
 PREFIX = "deberta"  # the inner model's name, the prefix of the encoder's tensors
 TERMS = ("c2p", "p2c")
+# The MLM head's spellings (config.json's legacy true / false): its dense and LayerNorm modules, and its bias.
+VARIANTS = {"legacy": ("cls.predictions.transform", "cls.predictions.bias"),
+            "lm_predictions": ("lm_predictions.lm_head", "lm_predictions.lm_head.bias")}
 
 
-def deberta_legacy(f: _Fields) -> bool:
+def deberta_variant(f: _Fields) -> str:
     """config.json's ``legacy`` (default true): which names the MLM head's tensors have."""
-    return f.get("legacy", "bool", True)
+    return "legacy" if f.get("legacy", "bool", True) else "lm_predictions"
 
 
 def _terms(f: _Fields) -> tuple:
@@ -80,19 +81,10 @@ def _int_or_default(f: _Fields, field: str, default: int) -> int:
     return value
 
 
-def deberta_config(f: _Fields, dtype: str, block_size: Optional[int] = None):
+def deberta_config(f: _Fields, dtype: str, block_size: Optional[int] = None) -> DebertaConfig:
     """config.json (as ``_Fields``) -> ``DebertaConfig``, every field transformers reads, refused by name where
     npformer's model differs. Defaults are transformers' ``DebertaV2Config``'s and its modules'."""
-    from ..models.deberta import DebertaConfig
-
-    model_type = f.get("model_type", "str")
-    if model_type != MODEL_TYPE:
-        raise f.fail("model_type", f"is {model_type!r}, not {MODEL_TYPE!r}")
-    architectures = f.doc.get("architectures") or []
-    if not isinstance(architectures, list) or not all(isinstance(a, str) and a.startswith("DebertaV2")
-                                                      for a in architectures):
-        raise f.fail("model_type", f"is {MODEL_TYPE!r}, but 'architectures' names {architectures!r:.80}, "
-                                   "not a DebertaV2* model")
+    f.architectures(MODEL_TYPE, "DebertaV2")
     f.require("hidden_act", ("gelu",), "gelu", "npformer's DeBERTa uses the exact (erf) GELU")
     f.require("relative_attention", (True,), False, "npformer's DeBERTa attends by relative position")
     f.require("tie_word_embeddings", (True,), True, "npformer's MLM head decodes with the word table itself")
@@ -114,34 +106,21 @@ def deberta_config(f: _Fields, dtype: str, block_size: Optional[int] = None):
         max_rel = max_position  # transformers' rule
     share = f.get("share_att_key", "bool", False)  # transformers reads it with default false
     biased = f.get("position_biased_input", "bool", True)
-    pad = None if f.doc.get("pad_token_id", 0) is None else f.get("pad_token_id", "int0", 0)
-    deberta_legacy(f)  # checked here: a bad value fails before any tensor is read
-    try:
-        cfg = DebertaConfig(
-            vocab_size=f.get("vocab_size", "int"), max_position=max_position,
-            type_vocab_size=f.get("type_vocab_size", "int0", 0), n_layer=f.get("num_hidden_layers", "int"),
-            n_head=heads, d_model=hidden, d_ff=f.get("intermediate_size", "int"), dropout=0.0,
-            layer_norm_eps=float(f.get("layer_norm_eps", "float", 1e-7)), pad_token_id=pad,
-            position_biased_input=biased, position_buckets=buckets if buckets > 0 else None,
-            max_relative_positions=max_rel, pos_att_type=_terms(f), share_att_key=share,
-            norm_rel_ebd=_norm_rel_ebd(f), dtype=dtype)
-    except (ValueError, TypeError) as err:
-        raise _error(f.op, f.path, f"describes a model npformer cannot build: {err}") from None
-    if biased and block_size not in (None, cfg.max_position):
-        raise ValueError(f"{f.op}: argument 'block_size' expected None or {cfg.max_position} for {MODEL_TYPE} with "
-                         f"absolute positions (what its position table covers), got {block_size}")
+    pad = f.nullable("pad_token_id", "int0", 0)
+    cfg = DebertaConfig(
+        vocab_size=f.get("vocab_size", "int"), max_position=max_position,
+        type_vocab_size=f.get("type_vocab_size", "int0", 0), n_layer=f.get("num_hidden_layers", "int"),
+        n_head=heads, d_model=hidden, d_ff=f.get("intermediate_size", "int"), dropout=0.0,
+        layer_norm_eps=float(f.get("layer_norm_eps", "float", 1e-7)), pad_token_id=pad,
+        position_biased_input=biased, position_buckets=buckets if buckets > 0 else None,
+        max_relative_positions=max_rel, pos_att_type=_terms(f), share_att_key=share,
+        norm_rel_ebd=_norm_rel_ebd(f), dtype=dtype)
+    if biased:
+        f.block_size(block_size, cfg.max_position, MODEL_TYPE)
     return cfg
 
 
-def _head(legacy: bool) -> List[tuple]:
-    if legacy:
-        return [("cls.predictions.transform.dense", "mlm_head.dense"),
-                ("cls.predictions.transform.LayerNorm", "mlm_head.layer_norm")]
-    return [("lm_predictions.lm_head.dense", "mlm_head.dense"),
-            ("lm_predictions.lm_head.LayerNorm", "mlm_head.layer_norm")]
-
-
-def deberta_rows(cfg, legacy: bool = True) -> List[_Row]:
+def deberta_rows(cfg: DebertaConfig, variant: str = "legacy", model_type: str = MODEL_TYPE) -> List[_Row]:
     """(HF name, (npformer name,), "same") for every tensor of a DebertaV2ForMaskedLM of this config."""
     rows: List[_Row] = [(f"{PREFIX}.embeddings.word_embeddings.weight", ("embeddings.word_embeddings.weight",),
                          "same")]
@@ -162,80 +141,29 @@ def deberta_rows(cfg, legacy: bool = True) -> List[_Row]:
             projections += [p for p, term in (("pos_key_proj", "c2p"), ("pos_query_proj", "p2c"))
                             if term in cfg.pos_att_type]
         pairs += [(f"{hf}.attention.self.{p}", f"{ours}.attention.{p}") for p in projections]
-        pairs += [(f"{hf}.attention.output.dense", f"{ours}.attention.o_proj"),
-                  (f"{hf}.attention.output.LayerNorm", f"{ours}.attention_norm"),
-                  (f"{hf}.intermediate.dense", f"{ours}.mlp.fc"),
-                  (f"{hf}.output.dense", f"{ours}.mlp.proj"),
-                  (f"{hf}.output.LayerNorm", f"{ours}.output_norm")]
-    pairs += _head(legacy)
-    rows += [(f"{hf}.{w}", (f"{ours}.{w}",), "same") for hf, ours in pairs for w in ("weight", "bias")]
-    rows.append(("cls.predictions.bias" if legacy else "lm_predictions.lm_head.bias", ("mlm_head.bias",), "same"))
-    return rows
+        pairs += _post_norm_sublayers(hf, ours)
+    head, bias = VARIANTS[variant]
+    pairs += [(f"{head}.dense", "mlm_head.dense"), (f"{head}.LayerNorm", "mlm_head.layer_norm")]
+    return rows + _linear_rows(pairs) + [(bias, ("mlm_head.bias",), "same")]
 
 
-def deberta_tied(legacy: bool = True) -> Dict[str, str]:
+def deberta_tied(cfg: DebertaConfig, variant: str = "legacy", model_type: str = MODEL_TYPE) -> Dict[str, str]:
     """Tensors a checkpoint may store beside their original (the legacy head's decoder): stored name -> original."""
-    if not legacy:
+    if variant != "legacy":
         return {}
     return {"cls.predictions.decoder.weight": f"{PREFIX}.embeddings.word_embeddings.weight",
             "cls.predictions.decoder.bias": "cls.predictions.bias"}
 
 
-def deberta_ignored(cfg) -> Callable[[str], bool]:
+def deberta_ignored(name: str, cfg: DebertaConfig, model_type: str = MODEL_TYPE) -> bool:
     """Names transformers drops on load: the position-id buffer, the replaced-token / EMD heads of released
     checkpoints (``mask_predictions.*``), and an absolute table a model without absolute positions has no use for."""
-
-    def ignored(name: str) -> bool:
-        if name == f"{PREFIX}.embeddings.position_ids" or name.startswith("mask_predictions."):
-            return True
-        return not cfg.position_biased_input and "position_embeddings" in name
-
-    return ignored
+    if name == f"{PREFIX}.embeddings.position_ids" or name.startswith("mask_predictions."):
+        return True
+    return not cfg.position_biased_input and "position_embeddings" in name
 
 
-def deberta_state_from_hf(op: str, weights: Path, tensors: Dict[str, np.ndarray], cfg, model,
-                          legacy: bool = True) -> Dict[str, np.ndarray]:
-    """HF tensors (name -> array) -> npformer's state dict; each error names the file and the tensor."""
-    params = dict(model.named_parameters())
-    dtype = next(iter(params.values())).data.dtype
-    rows = deberta_rows(cfg, legacy)
-    expected, ignored, stored_twice = {hf for hf, _, _ in rows}, deberta_ignored(cfg), deberta_tied(legacy)
-    for name in tensors:
-        if name in expected or ignored(name):
-            continue
-        if name in stored_twice:  # the tied decoder, stored again: it must be its original
-            original = stored_twice[name]
-            if original in tensors and np.array_equal(tensors[name], tensors[original]):
-                continue
-            raise _error(op, weights, f"tensor {name!r} differs from {original!r}, but npformer's MLM head "
-                                      "decodes with that tensor itself (tied)")
-        raise _error(op, weights, f"unexpected tensor {name!r} for a {MODEL_TYPE} model of this config")
-    state = {}
-    for hf, (ours,), _ in rows:
-        if hf not in tensors:
-            raise _error(op, weights, f"missing tensor {hf!r}")
-        a = tensors[hf]
-        if a.dtype.kind != "f":
-            raise _error(op, weights, f"tensor {hf!r} has dtype {a.dtype}, which npformer cannot read as weights")
-        if a.shape != params[ours].shape:
-            raise _error(op, weights, f"tensor {hf!r} has shape {a.shape}, but config.json implies "
-                                      f"{params[ours].shape}")
-        with np.errstate(over="ignore", invalid="ignore"):
-            narrowed = a.astype(dtype, copy=False)
-        if narrowed.dtype != a.dtype and np.isfinite(a).all() and not np.isfinite(narrowed).all():
-            raise _error(op, weights, f"tensor {hf!r} holds values beyond the range of {dtype}")
-        state[ours] = np.ascontiguousarray(narrowed)
-    return state
-
-
-def deberta_hf_state_dict(model, *, grads: bool = False, legacy: bool = True) -> Dict[str, np.ndarray]:
-    """The model's parameters (or, with ``grads=True``, their gradients) under HF names."""
-    params = dict(model.named_parameters())
-    return {hf: np.ascontiguousarray(params[ours].grad if grads else params[ours].data)
-            for hf, (ours,), _ in deberta_rows(model.cfg, legacy)}
-
-
-def deberta_config_json(cfg, legacy: bool = True) -> dict:
+def deberta_config_json(cfg: DebertaConfig, variant: str = "legacy", model_type: str = MODEL_TYPE) -> dict:
     """config.json of a DebertaV2ForMaskedLM with npformer's ``DebertaConfig``."""
     return {"architectures": [ARCHITECTURE], "model_type": MODEL_TYPE, "vocab_size": cfg.vocab_size,
             "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
@@ -247,4 +175,10 @@ def deberta_config_json(cfg, legacy: bool = True) -> dict:
             "max_relative_positions": cfg.max_relative_positions, "position_biased_input": cfg.position_biased_input,
             "pos_att_type": list(cfg.pos_att_type), "share_att_key": cfg.share_att_key,
             "norm_rel_ebd": "layer_norm" if cfg.norm_rel_ebd else "none", "conv_kernel_size": 0,
-            "legacy": legacy, "tie_word_embeddings": True, "bos_token_id": None, "eos_token_id": None}
+            "legacy": variant == "legacy", "tie_word_embeddings": True, "bos_token_id": None, "eos_token_id": None}
+
+
+FAMILY = Family(name="deberta", model_types=(MODEL_TYPE,), models={"legacy": Deberta, "lm_predictions": Deberta},
+                config_from_hf=deberta_config, rows=deberta_rows, config_json=deberta_config_json,
+                infer=lambda model: (MODEL_TYPE, "legacy"), variant_from_hf=deberta_variant,
+                ignored=deberta_ignored, tied=deberta_tied)

@@ -1,6 +1,8 @@
-"""The DeBERTa-v2 map (``npformer.hf.deberta_map``) against transformers' DebertaV2ForMaskedLM, on tiny random
-models built here (no network): logits in float32 and float64, every parameter's gradient in float64, both
-spellings of the MLM head, the config.json writer, and the fields npformer refuses by name.
+"""DeBERTa-v2 folders through ``load_pretrained`` / ``save_pretrained`` / ``hf_state_dict`` (the ``deberta``
+family of the registry) against transformers' DebertaV2ForMaskedLM, on tiny random models built here (no
+network): logits in float32 and float64, every parameter's gradient in float64, both spellings of the MLM head
+(the variants 'legacy' and 'lm_predictions'), written folders that transformers loads, load -> save -> load bit
+for bit, and the fields and tensors npformer refuses by name.
 
 HF initialises biases to zero, norms to one and the pad row to zero, which would hide a misplaced bias, norm or
 frozen row, so every parameter is redrawn at random (norm weights around 1). Hugging Face takes the attention
@@ -18,17 +20,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from npformer.hf import HFFormatError, read_safetensors, write_safetensors  # noqa: E402
-from npformer.hf.deberta_map import (  # noqa: E402
-    deberta_config,
-    deberta_config_json,
-    deberta_hf_state_dict,
-    deberta_legacy,
-    deberta_rows,
-    deberta_state_from_hf,
-)
-from npformer.hf.pretrained import _Fields  # noqa: E402
+from npformer.hf import HFFormatError, hf_state_dict, load_pretrained, read_safetensors  # noqa: E402
+from npformer.hf import save_pretrained, write_safetensors  # noqa: E402
+from npformer.hf.deberta_map import deberta_config  # noqa: E402
+from npformer.hf.family import _Fields  # noqa: E402
+from npformer.models.bert import Bert, BertConfig  # noqa: E402
 from npformer.models.deberta import IGNORE_INDEX, Deberta, DebertaConfig  # noqa: E402
+from tests.hf.encoder_helpers import hf_mlm_loss, redraw, saved_folders  # noqa: E402
 from tests.tolerances import HF_GRAD_RTOL, HF_LOGITS_RTOL, assert_close  # noqa: E402
 
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
@@ -52,46 +50,17 @@ CASES = {  # DeBERTa-v3's settings (buckets, shared keys, normalised table, no a
 
 def build_hf_model(case: str, seed: int = SEED):
     torch.manual_seed(seed)
-    config = transformers.DebertaV2Config(**BASE, **CASES[case])
-    model = transformers.DebertaV2ForMaskedLM(config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.3
-            if "LayerNorm" in name and name.endswith("weight"):
-                noise += 1.0
-            p.copy_(noise.to(p.dtype))
-    return model.eval()
+    return redraw(transformers.DebertaV2ForMaskedLM(transformers.DebertaV2Config(**BASE, **CASES[case])), seed)
 
 
 @pytest.fixture(scope="module")
 def folder_of(tmp_path_factory):
-    made = {}
-
-    def get(case):
-        if case not in made:
-            made[case] = tmp_path_factory.mktemp(case)
-            build_hf_model(case).save_pretrained(made[case])
-        return made[case]
-
-    return get
+    return saved_folders(tmp_path_factory, build_hf_model)
 
 
-def fields(folder):
-    path = folder / "config.json"
-    return _Fields("load_deberta", path, json.loads(path.read_text()))
-
-
-def load(folder, dtype="float32"):
-    """What load_pretrained does for a deberta-v2 folder, through the map."""
-    f = fields(folder)
-    cfg = deberta_config(f, dtype)
-    model = Deberta(cfg)
-    weights = folder / "model.safetensors"
-    state = deberta_state_from_hf("load_deberta", weights, read_safetensors(weights, dtype=dtype), cfg, model,
-                                  legacy=deberta_legacy(f))
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+def variant_of(folder):
+    """The head spelling a folder's config.json asks for ('legacy' unless legacy is false)."""
+    return "legacy" if json.loads((folder / "config.json").read_text()).get("legacy", True) else "lm_predictions"
 
 
 def load_hf(folder, dtype=torch.float32):
@@ -123,7 +92,8 @@ def hf_logits(hf, ids, types, mask):
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_float32_equal_hf(case, folder_of):
     folder = folder_of(case)
-    model = load(folder)
+    model = load_pretrained(folder)
+    assert type(model) is Deberta and not model.training
     ids, types, mask, _ = inputs(model.cfg)
     ours, _ = model.forward(ids, types, mask)
     with torch.no_grad():
@@ -137,7 +107,7 @@ def test_logits_and_every_gradient_float64_equal_hf(case, folder_of):
     """float64 logits (padding positions included) at 1e-10, and every parameter's MLM loss gradient at
     HF_GRAD_RTOL against torch autograd through transformers' model."""
     folder = folder_of(case)
-    model = load(folder, "float64").train()
+    model = load_pretrained(folder, dtype="float64").train()
     hf = load_hf(folder, torch.float64)
     hf.train()  # dropout is 0: train mode changes nothing but is what a gradient is taken in
     ids, types, mask, labels = inputs(model.cfg, seed=1)
@@ -145,14 +115,12 @@ def test_logits_and_every_gradient_float64_equal_hf(case, folder_of):
     outputs, loss = model.forward(ids, types, mask, labels)
     model.backward()
     logits = hf_logits(hf, ids, types, mask)
-    hf_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                torch.from_numpy(labels).reshape(-1), ignore_index=IGNORE_INDEX)
+    hf_loss = hf_mlm_loss(logits, labels)
     hf_loss.backward()
 
     assert_close(outputs.mlm_logits, logits.detach().numpy(), rtol=HF_LOGITS_RTOL[F64], what="logits")
     assert_close(loss, hf_loss.item(), rtol=HF_LOGITS_RTOL[F64], what="loss")
-    legacy = deberta_legacy(fields(folder))
-    ours = deberta_hf_state_dict(model, grads=True, legacy=legacy)
+    ours = hf_state_dict(model, grads=True, variant=variant_of(folder))
     theirs = {name: p.grad.numpy() for name, p in hf.named_parameters()}  # the tied decoder once, as ours
     assert sorted(ours) == sorted(theirs)
     for name, grad in theirs.items():
@@ -175,21 +143,23 @@ def test_hf_modules_are_what_the_map_assumes():
     norms = [m for m in hf.modules() if "LayerNorm" in type(m).__name__]
     assert norms and all(type(m) is torch.nn.LayerNorm for m in norms)
     assert hf.cls.predictions.decoder.weight is hf.deberta.embeddings.word_embeddings.weight
-    names = {hf_name for hf_name, _, _ in deberta_rows(load_cfg("v3"), legacy=True)}
+    ours = Deberta(DebertaConfig(**{**load_pretrained_cfg("v3"), "dtype": "float32"}))
+    names = set(hf_state_dict(ours))
     assert names == set(hf.state_dict()) - {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
 
 
-def load_cfg(case):
+def load_pretrained_cfg(case):
+    """The DebertaConfig fields config.json of ``case`` reads as (through the family's config map)."""
     doc = {**transformers.DebertaV2Config(**BASE, **CASES[case]).to_dict(), "architectures": ["DebertaV2ForMaskedLM"]}
-    return deberta_config(_Fields("load_deberta", "config.json", doc), "float64")
+    return deberta_config(_Fields("load_pretrained", "config.json", doc), "float64").to_dict()
 
 
-# -- the config.json writer and the reverse map --------------------------------------------------------------
-@pytest.mark.parametrize("options, legacy", [
-    (dict(), True), (dict(pos_att_type=("c2p",), share_att_key=False, position_buckets=None,
-                          max_relative_positions=4, position_biased_input=True, type_vocab_size=2), False),
+# -- folders written, and read back -----------------------------------------------------------------------
+@pytest.mark.parametrize("options, variant", [
+    (dict(), None), (dict(pos_att_type=("c2p",), share_att_key=False, position_buckets=None,
+                          max_relative_positions=4, position_biased_input=True, type_vocab_size=2), "lm_predictions"),
 ])
-def test_a_written_folder_loads_in_transformers_with_the_same_logits(options, legacy, tmp_path):
+def test_a_saved_folder_loads_in_transformers_with_the_same_logits(options, variant, tmp_path):
     cfg = DebertaConfig(**{**dict(vocab_size=23, max_position=T + 1, n_layer=2, n_head=2, d_model=8, d_ff=11,
                                   dropout=0.1, position_buckets=4, max_relative_positions=8, dtype="float64"),
                            **options})
@@ -199,25 +169,70 @@ def test_a_written_folder_loads_in_transformers_with_the_same_logits(options, le
         prm.data[...] = (1.0 if "norm" in name.lower() and name.endswith("weight") else 0.0) + \
             0.3 * rng.standard_normal(prm.shape)
     model.eval()
-    doc = deberta_config_json(cfg, legacy=legacy)
-    (tmp_path / "config.json").write_text(json.dumps(doc))
-    write_safetensors(tmp_path / "model.safetensors", deberta_hf_state_dict(model, legacy=legacy),
-                      metadata={"format": "pt"})
+    save_pretrained(model, tmp_path, variant=variant)
+    doc = json.loads((tmp_path / "config.json").read_text())
+    assert (doc["model_type"], doc["architectures"], doc["legacy"]) == \
+        ("deberta-v2", ["DebertaV2ForMaskedLM"], variant is None)  # the default variant: the legacy head
     hf = load_hf(tmp_path, torch.float64)
-    assert hf.config.legacy == legacy
+    assert hf.config.legacy == (variant is None)
     ids, types, mask, _ = inputs(cfg, seed=2)
     with torch.no_grad():
         theirs = hf_logits(hf, ids, types, mask)
     assert_close(model.forward(ids, types, mask)[0].mlm_logits, theirs.numpy(), rtol=HF_LOGITS_RTOL[F64],
                  what="logits")
-    again = load(tmp_path, "float64")  # and back: the same config and weights
+    again = load_pretrained(tmp_path, dtype="float64")  # and back: the same config and weights
     assert again.cfg == DebertaConfig(**{**cfg.to_dict(), "dropout": 0.0})
     for name, value in model.state_dict().items():
         assert np.array_equal(again.state_dict()[name], value), name
 
 
+@pytest.mark.parametrize("case", ["v3", "v3-new-head", "v2-c2p-separate"])
+def test_load_save_load_is_bit_for_bit(case, folder_of, tmp_path):
+    """A folder transformers wrote, loaded, saved in the same variant and loaded again: the same config and
+    parameters, and the same tensors under the same names as transformers stored."""
+    folder = folder_of(case)
+    first = load_pretrained(folder)
+    save_pretrained(first, tmp_path / "again", variant=variant_of(folder))
+    assert variant_of(tmp_path / "again") == variant_of(folder)
+    second = load_pretrained(tmp_path / "again")
+    assert first.cfg == second.cfg
+    for name, value in first.state_dict().items():
+        assert np.array_equal(value, second.state_dict()[name]), name
+    original, saved = read_safetensors(folder / "model.safetensors"), read_safetensors(tmp_path / "again" /
+                                                                                        "model.safetensors")
+    assert sorted(original) == sorted(saved)
+    for name, value in original.items():
+        assert value.dtype == saved[name].dtype and np.array_equal(value, saved[name]), name
+
+
+def test_model_type_and_variant_are_checked_by_name(tmp_path):
+    deberta = Deberta(DebertaConfig(vocab_size=11, max_position=8, n_layer=1, n_head=2, d_model=4, d_ff=5))
+    bert = Bert(BertConfig(vocab_size=11, max_position=8, n_layer=1, n_head=2, d_model=4, d_ff=5))
+    for call, func, arg in [
+        (lambda: save_pretrained(deberta, tmp_path, variant="new"), "save_pretrained", "variant"),
+        (lambda: save_pretrained(deberta, tmp_path, model_type="bert"), "save_pretrained", "model_type"),
+        (lambda: save_pretrained(bert, tmp_path, variant="legacy"), "save_pretrained", "variant"),
+        (lambda: hf_state_dict(deberta, variant=True), "hf_state_dict", "variant"),
+        (lambda: hf_state_dict(deberta, model_type="deberta"), "hf_state_dict", "model_type"),
+    ]:
+        with pytest.raises(ValueError, match=f"{func}: argument '{arg}'"):
+            call()
+    assert not any(tmp_path.iterdir())  # refused before anything is written
+    assert set(hf_state_dict(deberta, variant="lm_predictions")) - set(hf_state_dict(deberta)) == \
+        {"lm_predictions.lm_head.dense.weight", "lm_predictions.lm_head.dense.bias",
+         "lm_predictions.lm_head.LayerNorm.weight", "lm_predictions.lm_head.LayerNorm.bias",
+         "lm_predictions.lm_head.bias"}
+
+
 # -- refusals -----------------------------------------------------------------------------------------------
 V3 = {**BASE, **CASES["v3"], "model_type": "deberta-v2", "architectures": ["DebertaV2ForMaskedLM"]}
+
+
+def _folder(tmp_path, doc, tensors=None):
+    (tmp_path / "config.json").write_text(json.dumps(doc))
+    if tensors is not None:
+        write_safetensors(tmp_path / "model.safetensors", tensors)
+    return tmp_path
 
 
 @pytest.mark.parametrize("field, value", [
@@ -226,18 +241,24 @@ V3 = {**BASE, **CASES["v3"], "model_type": "deberta-v2", "architectures": ["Debe
     ("pos_att_type", 7), ("norm_rel_ebd", "layer_norm|scale"), ("legacy", "yes"), ("share_att_key", 1),
     ("position_buckets", 2.5), ("model_type", "deberta"), ("architectures", ["BertForMaskedLM"]),
 ])
-def test_config_refuses_what_npformer_cannot_represent_by_name(field, value):
-    doc = {**V3, field: value}
+def test_config_refuses_what_npformer_cannot_represent_by_name(field, value, folder_of, tmp_path):
+    tensors = read_safetensors(folder_of("v3") / "model.safetensors")
     with pytest.raises(HFFormatError) as err:
-        deberta_config(_Fields("load_deberta", "config.json", doc), "float32")
+        load_pretrained(_folder(tmp_path, {**V3, field: value}, tensors))
     named = "model_type" if field == "architectures" else field
-    assert "load_deberta" in str(err.value) and f"'{named}'" in str(err.value), str(err.value)
+    assert "load_pretrained" in str(err.value) and f"'{named}'" in str(err.value), str(err.value)
 
 
-def test_config_refuses_buckets_beyond_their_largest_position():
-    doc = {**V3, "position_buckets": 16, "max_relative_positions": 8}
-    with pytest.raises(HFFormatError, match="max_relative_positions"):
-        deberta_config(_Fields("load_deberta", "config.json", doc), "float32")
+def test_config_refuses_buckets_beyond_their_largest_position(tmp_path):
+    with pytest.raises(HFFormatError, match="config.json: describes a model npformer cannot build: "
+                                            ".*max_relative_positions"):
+        load_pretrained(_folder(tmp_path, {**V3, "position_buckets": 16, "max_relative_positions": 8}))
+
+
+def test_block_size_is_the_absolute_table_where_there_is_one(folder_of):
+    with pytest.raises(ValueError, match="load_pretrained: argument 'block_size' expected None or 16"):
+        load_pretrained(folder_of("v2-c2p-separate"), block_size=8)
+    assert load_pretrained(folder_of("v3"), block_size=8).cfg.max_position == 16  # no absolute table: any length
 
 
 def test_config_defaults_follow_transformers():
@@ -245,7 +266,7 @@ def test_config_defaults_follow_transformers():
     separate position projections, absolute positions, no relative LayerNorm, no position terms."""
     doc = {k: v for k, v in V3.items() if k not in ("position_buckets", "max_relative_positions", "pos_att_type",
                                                     "share_att_key", "norm_rel_ebd", "position_biased_input")}
-    cfg = deberta_config(_Fields("load_deberta", "config.json", doc), "float32")
+    cfg = deberta_config(_Fields("load_pretrained", "config.json", doc), "float32")
     assert (cfg.position_buckets, cfg.max_relative_positions, cfg.share_att_key, cfg.position_biased_input,
             cfg.norm_rel_ebd, cfg.pos_att_type) == (None, 16, False, True, False, ())
 
@@ -253,20 +274,25 @@ def test_config_defaults_follow_transformers():
 def test_loading_refuses_bad_tensors_by_name(folder_of, tmp_path):
     folder = folder_of("v3")
     tensors = read_safetensors(folder / "model.safetensors")
-    cfg = load_cfg("v3")
-    model = Deberta(DebertaConfig(**{**cfg.to_dict(), "dtype": "float32"}))
+    doc = json.loads((folder / "config.json").read_text())
     for change, named in [
-        (lambda t: t.pop("deberta.encoder.rel_embeddings.weight"), "deberta.encoder.rel_embeddings.weight"),
-        (lambda t: t.__setitem__("deberta.encoder.extra", np.zeros(2, np.float32)), "deberta.encoder.extra"),
-        (lambda t: t.__setitem__("cls.predictions.bias", np.zeros(3, np.float32)), "cls.predictions.bias"),
+        (lambda t: t.pop("deberta.encoder.rel_embeddings.weight"), "missing tensor 'deberta.encoder.rel_embeddings"),
+        (lambda t: t.__setitem__("deberta.encoder.extra", np.zeros(2, np.float32)), "unexpected tensor "
+                                                                                    "'deberta.encoder.extra'"),
+        (lambda t: t.__setitem__("cls.predictions.bias", np.zeros(3, np.float32)),
+         "tensor 'cls.predictions.bias' has shape"),
         (lambda t: t.__setitem__("cls.predictions.decoder.bias", np.ones(31, np.float32)),
-         "cls.predictions.decoder.bias"),
+         "tensor 'cls.predictions.decoder.bias' differs"),
+        (lambda t: t.__setitem__("lm_predictions.lm_head.bias", t["cls.predictions.bias"]),  # the other spelling
+         "unexpected tensor 'lm_predictions.lm_head.bias'"),
     ]:
         bad = dict(tensors)
         change(bad)
-        with pytest.raises(HFFormatError, match=named.replace(".", r"\.")):
-            deberta_state_from_hf("load_deberta", folder / "model.safetensors", bad, cfg, model)
+        with pytest.raises(HFFormatError, match="load_pretrained: .*model.safetensors: " + named.replace(".", r"\.")):
+            load_pretrained(_folder(tmp_path, doc, bad))
     ignored = dict(tensors, **{"mask_predictions.dense.weight": np.zeros((2, 2), np.float32),
+                               "deberta.embeddings.position_ids": np.arange(16, dtype=np.float32)[None],
+                               "cls.predictions.decoder.weight": tensors["deberta.embeddings.word_embeddings.weight"],
                                "cls.predictions.decoder.bias": tensors["cls.predictions.bias"]})
-    assert set(deberta_state_from_hf("load_deberta", folder / "model.safetensors", ignored, cfg, model)) == \
-        set(model.state_dict())
+    loaded = load_pretrained(_folder(tmp_path, doc, ignored))
+    assert np.array_equal(loaded.mlm_head.bias.data, tensors["cls.predictions.bias"])
