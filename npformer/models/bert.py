@@ -29,12 +29,12 @@ from typing import NamedTuple, Optional, Tuple
 import numpy as np
 
 from ..nn.encoder import (EncoderEmbeddings, MLMHead, Pooler, PostNormEncoderLayer, check_encoder_config,
-                          key_padding_mask)
+                          check_mlm_labels, check_pair_labels, key_padding_mask)
 from ..nn.heads import EncodeCache, peek_forward_cache, pop_encode_cache
 from ..nn.layers import Linear
 from ..nn.lm import IGNORE_INDEX
 from ..nn.module import Module, ModuleList, atomic
-from ..ops._checks import check_bool, check_count, check_int, check_shape
+from ..ops._checks import check_bool, check_count
 from ..ops.cross_entropy import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
 
 __all__ = ["BertConfig", "Bert", "BertOutputs", "IGNORE_INDEX"]
@@ -117,21 +117,12 @@ class Bert(Module):
     def _check_labels(self, op: str, ids: np.ndarray, mlm_labels: object, nsp_labels: object) -> None:
         V = self.cfg.vocab_size
         if mlm_labels is not None:
-            check_int(op, "mlm_labels", mlm_labels)
-            check_shape(op, "mlm_labels", mlm_labels, ids.shape)
-            bad = (mlm_labels != IGNORE_INDEX) & ((mlm_labels < 0) | (mlm_labels >= V))
-            if bad.any():
-                raise ValueError(f"{op}: argument 'mlm_labels' expected values in [0, {V}) or {IGNORE_INDEX} "
-                                 f"(not masked), got {mlm_labels[bad].flat[0]}")
+            check_mlm_labels(op, ids, mlm_labels, V)
         if nsp_labels is not None:
             if not self.cfg.nsp_head:
                 raise ValueError(f"{op}: argument 'nsp_labels' expected None (this model has no NSP head), "
                                  "got an array")
-            check_int(op, "nsp_labels", nsp_labels)
-            check_shape(op, "nsp_labels", nsp_labels, (ids.shape[0],))
-            if not np.isin(nsp_labels, (0, 1)).all():
-                raise ValueError(f"{op}: argument 'nsp_labels' expected values 0 (is next) or 1 (random), "
-                                 f"got {nsp_labels[~np.isin(nsp_labels, (0, 1))].flat[0]}")
+            check_pair_labels(op, "nsp_labels", nsp_labels, ids.shape[0], "0 (is next) or 1 (random)")
 
     # ------------------------------------------------------------------------------------
     @atomic

@@ -55,7 +55,7 @@ from typing import NamedTuple, Optional, Tuple
 import numpy as np
 
 from ..nn.attention import merge_heads, split_heads
-from ..nn.encoder import MLMHead, check_encoder_config, key_padding_mask
+from ..nn.encoder import MLMHead, check_encoder_config, check_mlm_labels, key_padding_mask
 from ..nn.heads import EncodeCache, peek_forward_cache, pop_encode_cache
 from ..nn.layers import Dropout, Embedding, LayerNorm, Linear, check_dout
 from ..nn.lm import IGNORE_INDEX
@@ -389,12 +389,7 @@ class Deberta(Module):
                 raise ValueError(f"{op}: argument 'token_type_ids' expected values in [0, {cfg.type_vocab_size}), "
                                  f"got values in [{token_type_ids.min()}, {token_type_ids.max()}]")
         if mlm_labels is not None:
-            check_int(op, "mlm_labels", mlm_labels)
-            check_shape(op, "mlm_labels", mlm_labels, ids.shape)
-            bad = (mlm_labels != IGNORE_INDEX) & ((mlm_labels < 0) | (mlm_labels >= cfg.vocab_size))
-            if bad.any():
-                raise ValueError(f"{op}: argument 'mlm_labels' expected values in [0, {cfg.vocab_size}) or "
-                                 f"{IGNORE_INDEX} (not masked), got {mlm_labels[bad].flat[0]}")
+            check_mlm_labels(op, ids, mlm_labels, cfg.vocab_size)
 
     @atomic
     def forward(self, ids: np.ndarray, token_type_ids: Optional[np.ndarray] = None,

@@ -39,7 +39,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from ..nn.encoder import (EncoderEmbeddings, MLMHead, PostNormEncoderLayer, check_encoder_config,
+from ..nn.encoder import (EncoderEmbeddings, MLMHead, PostNormEncoderLayer, check_encoder_config, check_mlm_labels,
                           key_padding_mask)
 from ..nn.heads import EncodeCache, peek_forward_cache, pop_encode_cache
 from ..nn.layers import Dropout, Linear, check_features
@@ -181,15 +181,6 @@ class _ElectraEncoder(Module):
         return self
 
 
-def _check_mlm_labels(op: str, ids: np.ndarray, mlm_labels: object, V: int) -> None:
-    check_int(op, "mlm_labels", mlm_labels)
-    check_shape(op, "mlm_labels", mlm_labels, ids.shape)
-    bad = (mlm_labels != IGNORE_INDEX) & ((mlm_labels < 0) | (mlm_labels >= V))
-    if bad.any():
-        raise ValueError(f"{op}: argument 'mlm_labels' expected values in [0, {V}) or {IGNORE_INDEX} "
-                         f"(not masked), got {mlm_labels[bad].flat[0]}")
-
-
 # -- the generator ---------------------------------------------------------------------------------------
 class ElectraGeneratorOutputs(NamedTuple):
     mlm_logits: np.ndarray  # (B, T, V)
@@ -211,7 +202,7 @@ class ElectraGenerator(_ElectraEncoder):
         op = "ElectraGenerator.forward"
         pad = self._check(op, ids, token_type_ids, attention_mask)
         if mlm_labels is not None:
-            _check_mlm_labels(op, ids, mlm_labels, self.cfg.vocab_size)
+            check_mlm_labels(op, ids, mlm_labels, self.cfg.vocab_size)
         x = self._encode(ids, token_type_ids, pad)  # (B, T, D)
         mlm_logits = self.generator_predictions.forward(x, self.embeddings.word_embeddings.weight.data)
         loss, cache = None, None
@@ -424,7 +415,7 @@ class ElectraPretraining(Module):
         self.discriminator._check(op, ids, token_type_ids, attention_mask)
         if mlm_labels is None:
             raise ValueError(f"{op}: argument 'mlm_labels' expected the masked positions' tokens, got None")
-        _check_mlm_labels(op, ids, mlm_labels, self.generator.cfg.vocab_size)
+        check_mlm_labels(op, ids, mlm_labels, self.generator.cfg.vocab_size)
         rng = self.rng if rng is None else rng
         if not isinstance(rng, np.random.Generator):
             raise TypeError(f"{op}: argument 'rng' expected a numpy.random.Generator, got {type(rng).__name__}")

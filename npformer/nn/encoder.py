@@ -43,10 +43,11 @@ from ..ops.linear import linear_backward, linear_forward
 from .attention import MultiHeadAttention
 from .layers import Dropout, Embedding, LayerNorm, Linear, check_dout, check_features, check_layer_options
 from .mlp import MLP
+from .lm import IGNORE_INDEX
 from .module import Module, Parameter, atomic
 
 __all__ = ["EncoderEmbeddings", "PostNormEncoderLayer", "MLMHead", "Pooler", "key_padding_mask",
-           "roberta_position_ids", "check_encoder_config"]
+           "roberta_position_ids", "check_encoder_config", "check_mlm_labels", "check_pair_labels"]
 
 
 def key_padding_mask(op: str, attention_mask: object, shape: Tuple[int, int]) -> Optional[np.ndarray]:
@@ -89,6 +90,25 @@ def check_encoder_config(op: str, cfg, sizes: Tuple[str, ...] = ()) -> None:
         cfg.pad_token_id = check_count(op, "pad_token_id", cfg.pad_token_id, 0, cfg.vocab_size - 1)
     if cfg.dtype not in ("float32", "float64"):
         raise ValueError(f"{op}: argument 'dtype' expected 'float32' or 'float64', got {cfg.dtype!r}")
+
+
+def check_mlm_labels(op: str, ids: np.ndarray, mlm_labels: object, vocab_size: int) -> None:
+    """mlm_labels (B, T) int: the original token in [0, vocab_size) where masked, IGNORE_INDEX elsewhere."""
+    check_int(op, "mlm_labels", mlm_labels)
+    check_shape(op, "mlm_labels", mlm_labels, ids.shape)
+    bad = (mlm_labels != IGNORE_INDEX) & ((mlm_labels < 0) | (mlm_labels >= vocab_size))
+    if bad.any():
+        raise ValueError(f"{op}: argument 'mlm_labels' expected values in [0, {vocab_size}) or {IGNORE_INDEX} "
+                         f"(not masked), got {mlm_labels[bad].flat[0]}")
+
+
+def check_pair_labels(op: str, name: str, labels: object, batch: int, meaning: str) -> None:
+    """A sentence-pair head's labels (B,) int in {0, 1}; ``meaning`` says what 0 and 1 are, for the message."""
+    check_int(op, name, labels)
+    check_shape(op, name, labels, (batch,))
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"{op}: argument '{name}' expected values {meaning}, "
+                         f"got {labels[~np.isin(labels, (0, 1))].flat[0]}")
 
 
 def roberta_position_ids(ids: np.ndarray, padding_idx: int) -> np.ndarray:
