@@ -402,20 +402,9 @@ class Deberta(Module):
         a token); mlm_labels (B, T) in [0, V) or -100 where not masked. The loss is the mean
         cross entropy over the masked tokens.
         """
-        op, cfg = "Deberta.forward", self.cfg
+        op = "Deberta.forward"
         self._check_inputs(op, ids, token_type_ids, mlm_labels)
-        pad = key_padding_mask(op, attention_mask, ids.shape)  # (B, T) True at padding
-        T = ids.shape[1]
-
-        visible = None if pad is None else pairwise_attention_mask(~pad)  # (B, 1, T, T)
-        c2p_index, p2c_index = deberta_relative_indices(  # (T, T) each, (DA.3)
-            T, T, position_buckets=cfg.position_buckets, max_relative_positions=cfg.max_relative_positions)
-        x = self.embeddings.forward(ids, token_type_ids, pad)  # (B, T, D)
-        rel = self.rel_embeddings.weight.data  # (2 S, D), shared by every layer
-        if cfg.norm_rel_ebd:
-            rel = self.rel_norm.forward(rel)
-        for layer in self.layers:
-            x = layer.forward(x, rel, visible, c2p_index, p2c_index)
+        x = self._body(op, ids, token_type_ids, attention_mask)  # (B, T, D)
         mlm_logits = self.mlm_head.forward(x, self.embeddings.word_embeddings.weight.data)  # tied decoder
         loss, mlm_cache = None, None
         if mlm_labels is not None:
@@ -437,7 +426,29 @@ class Deberta(Module):
         self.record("dmlm_logits", dmlm_logits)
         dx, dW_word = self.mlm_head.backward(dmlm_logits)
         self.embeddings.word_embeddings.weight.grad += dW_word  # tied: the decoder's gradient joins the table's
-        drel = np.zeros_like(self.rel_embeddings.weight.data)  # (2 S, D): every layer's share adds up
+        self._body_backward(dx)
+
+    def _body(self, op: str, ids: np.ndarray, token_type_ids: Optional[np.ndarray],
+              attention_mask: Optional[np.ndarray]) -> np.ndarray:
+        """Embeddings, then the layers over the shared relative table: ids (B, T) -> x (B, T, D)."""
+        cfg = self.cfg
+        pad = key_padding_mask(op, attention_mask, ids.shape)  # (B, T) True at padding
+        T = ids.shape[1]
+        visible = None if pad is None else pairwise_attention_mask(~pad)  # (B, 1, T, T)
+        c2p_index, p2c_index = deberta_relative_indices(  # (T, T) each, (DA.3)
+            T, T, position_buckets=cfg.position_buckets, max_relative_positions=cfg.max_relative_positions)
+        x = self.embeddings.forward(ids, token_type_ids, pad)  # (B, T, D)
+        rel = self.rel_embeddings.weight.data  # (2 S, D), shared by every layer
+        if cfg.norm_rel_ebd:
+            rel = self.rel_norm.forward(rel)
+        for layer in self.layers:
+            x = layer.forward(x, rel, visible, c2p_index, p2c_index)
+        return x
+
+    def _body_backward(self, dx: np.ndarray) -> None:
+        """dx (B, T, D) into the layers in reverse, the shared relative table (every layer's share added up,
+        then its norm) and the embeddings."""
+        drel = np.zeros_like(self.rel_embeddings.weight.data)  # (2 S, D)
         for layer in reversed(self.layers):
             dx, drel_layer = layer.backward(dx)
             drel += drel_layer
@@ -456,19 +467,9 @@ class Deberta(Module):
 
         Arguments as ``forward``'s; ``backward_encode(dhidden)`` is its backward.
         """
-        op, cfg = "Deberta.encode", self.cfg
+        op = "Deberta.encode"
         self._check_inputs(op, ids, token_type_ids, None)
-        pad = key_padding_mask(op, attention_mask, ids.shape)  # (B, T) True at padding
-        T = ids.shape[1]
-        visible = None if pad is None else pairwise_attention_mask(~pad)  # (B, 1, T, T)
-        c2p_index, p2c_index = deberta_relative_indices(  # (T, T) each, (DA.3)
-            T, T, position_buckets=cfg.position_buckets, max_relative_positions=cfg.max_relative_positions)
-        x = self.embeddings.forward(ids, token_type_ids, pad)  # (B, T, D)
-        rel = self.rel_embeddings.weight.data  # (2 S, D), shared by every layer
-        if cfg.norm_rel_ebd:
-            rel = self.rel_norm.forward(rel)
-        for layer in self.layers:
-            x = layer.forward(x, rel, visible, c2p_index, p2c_index)
+        x = self._body(op, ids, token_type_ids, attention_mask)
         self.save_cache(EncodeCache(out_shape=x.shape))
         return x
 
@@ -477,15 +478,7 @@ class Deberta(Module):
         """dhidden (B, T, D) of the latest unmatched ``encode``: the body's gradients, the layers in reverse."""
         pop_encode_cache(self, "Deberta.backward_encode", dhidden, self.cfg.d_model,
                          self.embeddings.LayerNorm.weight.data.dtype)
-        dx = dhidden
-        drel = np.zeros_like(self.rel_embeddings.weight.data)  # (2 S, D): every layer's share adds up
-        for layer in reversed(self.layers):
-            dx, drel_layer = layer.backward(dx)
-            drel += drel_layer
-        if self.cfg.norm_rel_ebd:
-            drel = self.rel_norm.backward(drel)
-        self.rel_embeddings.weight.grad += drel
-        self.embeddings.backward(dx)
+        self._body_backward(dhidden)
 
     def astype(self, dtype) -> "Deberta":
         """Convert the parameters to float32 or float64; the config follows."""
