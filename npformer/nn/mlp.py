@@ -1,4 +1,4 @@
-"""Feed-forward blocks: GPT's GELU MLP and LLaMA's SwiGLU MLP.
+"""Feed-forward blocks: GPT's GELU MLP (or ReLU, as the original Transformer) and LLaMA's SwiGLU MLP.
 
 Each forward keeps its activation cache on the block's stack (one per call, see
 ``Module``); the linear layers keep their own.
@@ -11,7 +11,8 @@ from typing import NamedTuple, Tuple
 import numpy as np
 
 from ..ops._checks import check_bool, check_real
-from ..ops.activations import gelu_backward, gelu_forward, swiglu_backward, swiglu_forward
+from ..ops.activations import (gelu_backward, gelu_forward, relu_backward, relu_forward, swiglu_backward,
+                               swiglu_forward)
 from .layers import Linear, check_dout, check_layer_options
 from .module import Module, atomic
 
@@ -19,29 +20,35 @@ from .module import Module, atomic
 class MLPCache(NamedTuple):
     """One forward call of an MLP: the activation's op cache and the output's shape (checks dy)."""
 
-    act: object  # GeluCache (MLP) or SwiGLUCache (SwiGLUMLP)
+    act: object  # GeluCache or ReluCache (MLP) or SwiGLUCache (SwiGLUMLP)
     out_shape: Tuple[int, ...]
 
 
 class MLP(Module):
-    """x -> fc (D -> 4D) -> GELU -> proj (4D -> D), as GPT-2 (``approximate="tanh"``)."""
+    """x -> fc (D -> 4D) -> GELU -> proj (4D -> D), as GPT-2 (``approximate="tanh"``).
+
+    ``activation="relu"`` puts ReLU (ACT.4) in GELU's place (the original Transformer, T5 v1.0);
+    ``approximate`` then plays no part.
+    """
 
     def __init__(self, d_model: int, d_hidden: int, bias: bool = True, approximate: str = "tanh", *,
-                 rng: np.random.Generator, proj_std: float = 0.02, dtype=np.float32):
+                 rng: np.random.Generator, proj_std: float = 0.02, dtype=np.float32, activation: str = "gelu"):
         super().__init__()
         check_layer_options("MLP", d_model=d_model, d_hidden=d_hidden)
         check_real("MLP", "proj_std", proj_std, lo=0.0)
         check_bool("MLP", "bias", bias)
         if not isinstance(approximate, str) or approximate not in ("none", "tanh"):
             raise ValueError(f"MLP: argument 'approximate' expected 'none' or 'tanh', got {approximate!r}")
-        self.approximate = approximate
+        if not isinstance(activation, str) or activation not in ("gelu", "relu"):
+            raise ValueError(f"MLP: argument 'activation' expected 'gelu' or 'relu', got {activation!r}")
+        self.approximate, self.activation = approximate, activation
         self.fc = Linear(d_model, d_hidden, bias, rng=rng, dtype=dtype)
         self.proj = Linear(d_hidden, d_model, bias, rng=rng, std=proj_std, dtype=dtype)
 
     @atomic
     def forward(self, x: np.ndarray) -> np.ndarray:
         h = self.fc.forward(x)
-        a, act = gelu_forward(h, approximate=self.approximate)
+        a, act = relu_forward(h) if self.activation == "relu" else gelu_forward(h, approximate=self.approximate)
         self.record("act", a)
         y = self.proj.forward(a)
         self.save_cache(MLPCache(act=act, out_shape=y.shape))
@@ -52,7 +59,7 @@ class MLP(Module):
         check_dout(self, "MLP.backward", "dy", dy, self.proj.weight.shape[0], self.proj.weight.data.dtype)
         cache = self.pop_cache()
         da = self.proj.backward(dy)
-        dh = gelu_backward(da, cache.act)
+        dh = relu_backward(da, cache.act) if self.activation == "relu" else gelu_backward(da, cache.act)
         self.record("dact", dh)
         dx = self.fc.backward(dh)
         return dx

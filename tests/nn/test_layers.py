@@ -42,6 +42,26 @@ def test_gelu_mlp_matches_torch():
     check_layer(mlp, x, dy, forward)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_relu_mlp_matches_torch(bias):
+    rng = np.random.default_rng(3)
+    mlp = MLP(5, 9, bias, rng=rng, dtype=np.float64, activation="relu")
+    x, dy = rng.standard_normal((3, 4, 5)), rng.standard_normal((3, 4, 5))
+    x[0, 0, :] = 0.0  # ReLU's kink at the input of fc when fc has no bias: gradient 0 there, as torch
+
+    def forward(tx, p):
+        h = F.relu(F.linear(tx, p["fc.weight"], p.get("fc.bias")))
+        return F.linear(h, p["proj.weight"], p.get("proj.bias"))
+
+    check_layer(mlp, x, dy, forward)
+
+
+@pytest.mark.parametrize("activation", ["swish", "", None, 1])
+def test_mlp_refuses_an_unknown_activation(activation):
+    with pytest.raises(ValueError, match="MLP: argument 'activation'"):
+        MLP(4, 8, rng=np.random.default_rng(0), activation=activation)
+
+
 def test_swiglu_mlp_matches_torch():
     rng = np.random.default_rng(1)
     mlp = SwiGLUMLP(6, 16, rng=rng, dtype=np.float64)
