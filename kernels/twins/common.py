@@ -63,3 +63,18 @@ def time_training_step(make_twin: Callable[..., torch.nn.Module], config: Dict[s
         if i >= warmup:
             times.append(time.perf_counter() - t)
     return {"step_s": float(np.median(times)), "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def hidden_keys(T: int, prefix_len=None, window=None) -> torch.Tensor:
+    """True where query i may not see key j: the causal mask, narrowed by a sliding ``window`` (query i
+    sees i - W < j <= i) or widened by a prefix LM's ``prefix_len`` (B,) (row b's first prefix_len[b]
+    positions see each other); (T, T), or (B, 1, T, T) with a prefix."""
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    hidden = j > i
+    if window is not None:
+        hidden = hidden | (j <= i - window)
+    if prefix_len is not None:
+        inside = j[None] < torch.as_tensor(np.asarray(prefix_len))[:, None, None]  # (B, 1, T)
+        hidden = (hidden[None] & ~inside)[:, None]
+    return hidden
+

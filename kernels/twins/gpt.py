@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import TwinModel, time_training_step as _time_step
+from .common import TwinModel, hidden_keys, time_training_step as _time_step
 
 
 class TwinAttention(nn.Module):
@@ -30,17 +30,17 @@ class TwinAttention(nn.Module):
         self.recorder: Optional[Dict[str, np.ndarray]] = None
         self.path = ""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, prefix_len=None) -> torch.Tensor:
         B, T, C = x.shape
         split = lambda t: t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # noqa: E731
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        if self.recorder is None:
+        if self.recorder is None and prefix_len is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # the explicit form, so the probabilities can be recorded
+        else:  # the explicit form, so the probabilities can be recorded (and a prefix LM's mask given)
             scores = (q @ k.transpose(-2, -1)) / (C // self.n_head) ** 0.5
-            causal = torch.ones(T, T, dtype=torch.bool).tril()
-            probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
-            self.recorder[f"{self.path}.probs"] = probs.detach().numpy().copy()
+            probs = scores.masked_fill(hidden_keys(T, prefix_len), float("-inf")).softmax(-1)
+            if self.recorder is not None:
+                self.recorder[f"{self.path}.probs"] = probs.detach().numpy().copy()
             y = probs @ v
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -71,8 +71,8 @@ class TwinBlock(nn.Module):
         self.mlp = TwinMLP(d_model, bias)
         self.p = dropout
 
-    def forward(self, x, masks, prefix):
-        x = x + _drop(self.attn(self.ln_1(x)), masks, f"{prefix}.drop_1", self.p, self.training)
+    def forward(self, x, masks, prefix, prefix_len=None):
+        x = x + _drop(self.attn(self.ln_1(x), prefix_len), masks, f"{prefix}.drop_1", self.p, self.training)
         return x + _drop(self.mlp(self.ln_2(x)), masks, f"{prefix}.drop_2", self.p, self.training)
 
 
@@ -107,13 +107,13 @@ class TwinGPT(TwinModel):
         for prm in self.parameters():  # an init for benchmarking; tests load npformer's weights
             nn.init.normal_(prm, std=0.02) if prm.dim() > 1 else nn.init.zeros_(prm)
 
-    def forward(self, ids, targets=None, masks=None):
+    def forward(self, ids, targets=None, masks=None, prefix_len=None):
         rec = self.recorder
         T = ids.shape[1]
         x = self.wte.weight[ids] + self.wpe.weight[:T]
         x = _drop(x, masks, "drop", self.p, self.training)
         for i, block in enumerate(self.blocks):
-            x = block(x, masks, f"blocks.{i}")
+            x = block(x, masks, f"blocks.{i}", prefix_len)
             if rec is not None and x.requires_grad:
                 rec[f"blocks.{i}.out"] = x.detach().numpy().copy()
         logits = self.ln_f(x) @ self.wte.weight.T

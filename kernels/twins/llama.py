@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import TwinModel, time_training_step as _time_step
+from .common import TwinModel, hidden_keys, time_training_step as _time_step
 
 
 def _store(recorder: Dict[str, np.ndarray], name: str):
@@ -66,7 +66,7 @@ class TwinAttention(nn.Module):
         self.recorder: Optional[Dict[str, np.ndarray]] = None
         self.path = ""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, prefix_len=None) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, Dh = self.n_head, self.n_kv_head, self.head_dim
         q = self.q_proj(x).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
@@ -77,11 +77,7 @@ class TwinAttention(nn.Module):
         k = k.repeat_interleave(H // Hkv, dim=1)  # query head h reads key/value head h // (H / Hkv)
         v = v.repeat_interleave(H // Hkv, dim=1)
         scores = (q @ k.transpose(-2, -1)) / Dh**0.5  # (B, H, T, T)
-        i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
-        hidden = j > i
-        if self.window is not None:
-            hidden = hidden | (j <= i - self.window)  # query i sees keys i - W < j <= i
-        probs = scores.masked_fill(hidden, float("-inf")).softmax(-1)
+        probs = scores.masked_fill(hidden_keys(T, prefix_len, self.window), float("-inf")).softmax(-1)
         if self.recorder is not None and probs.requires_grad:
             self.recorder[f"{self.path}.probs"] = probs.detach().numpy().copy()
         y = probs @ v  # (B, H, T, Dh)
@@ -114,8 +110,8 @@ class TwinDecoderLayer(nn.Module):
         self.post_attention_layernorm = TwinRMSNorm(c["d_model"], c["rms_norm_eps"])
         self.mlp = TwinSwiGLU(c["d_model"], c["intermediate_size"], c["mlp_bias"])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x))
+    def forward(self, x: torch.Tensor, prefix_len=None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), prefix_len)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -150,13 +146,13 @@ class TwinLlama(TwinModel):
             else:
                 nn.init.zeros_(prm)
 
-    def forward(self, ids, targets=None):
+    def forward(self, ids, targets=None, prefix_len=None):
         rec = self.recorder
         x = self.embed_tokens.weight[ids]  # (B, T, D)
         if rec is not None and x.requires_grad:
             rec["embed_tokens.out"] = x.detach().numpy().copy()
         for i, layer in enumerate(self.layers):
-            x = layer(x)
+            x = layer(x, prefix_len)
             if rec is not None and x.requires_grad:
                 rec[f"layers.{i}.out"] = x.detach().numpy().copy()
         h = self.norm(x)

@@ -18,7 +18,7 @@ from ..nn.attention import KVCache, MultiHeadAttention
 from ..nn.layers import Dropout, Embedding, LayerNorm
 from ..nn.mlp import MLP
 from ..nn.layers import check_dout, check_features
-from ..nn.lm import IGNORE_INDEX, check_kv_length, check_lm_inputs  # noqa: F401  (IGNORE_INDEX: importable here too)
+from ..nn.lm import IGNORE_INDEX, check_kv_length, check_lm_inputs, prefix_lm_bias  # noqa: F401  (IGNORE_INDEX too)
 from ..nn.module import Module, ModuleList, atomic
 from ..ops._checks import MAX_POSITION, check_bool, check_count, check_float, check_ndim, check_real
 from ..ops.cross_entropy import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
@@ -86,12 +86,13 @@ class Block(Module):
         self.drop_2 = Dropout(cfg.dropout, rng=rng)
 
     @atomic
-    def forward(self, x: np.ndarray, kv_cache: Optional[KVCache] = None) -> np.ndarray:
-        """x (B, T, D) -> (B, T, D)."""
+    def forward(self, x: np.ndarray, kv_cache: Optional[KVCache] = None,
+                mask_bias: Optional[np.ndarray] = None) -> np.ndarray:
+        """x (B, T, D) -> (B, T, D); mask_bias (B, 1, T, S) replaces the causal mask (a prefix LM's, ATT.18)."""
         check_float("Block.forward", "x", x)
         check_ndim("Block.forward", "x", x, 3)
         check_features("Block.forward", "x", x, self.ln_1.weight.shape[0], self.ln_1.weight.data.dtype)
-        a = self.attn.forward(self.ln_1.forward(x), causal=True, kv_cache=kv_cache)
+        a = self.attn.forward(self.ln_1.forward(x), causal=mask_bias is None, kv_cache=kv_cache, bias=mask_bias)
         x = x + self.drop_1.forward(a)
         m = self.mlp.forward(self.ln_2.forward(x))
         x = x + self.drop_2.forward(m)
@@ -140,14 +141,17 @@ class GPT(Module):
     # ------------------------------------------------------------------------------------
     @atomic
     def forward(self, ids: np.ndarray, targets: Optional[np.ndarray] = None,
-                kv_caches: Optional[List[KVCache]] = None) -> Tuple[np.ndarray, Optional[float]]:
+                kv_caches: Optional[List[KVCache]] = None, *,
+                prefix_len: Optional[np.ndarray] = None) -> Tuple[np.ndarray, Optional[float]]:
         """ids (B, T) -> logits (B, T, V) and the mean cross entropy if targets (B, T) are given.
 
         ids are integers in [0, vocab_size), B >= 1 and 1 <= T <= block_size; targets
         are in [0, vocab_size) or -100 (ignored). With ``kv_caches`` (one per block,
         eval mode), ids continue the cached sequence: positions start at the cache
         length (incremental decoding). In training mode each forward keeps its caches
-        for one ``backward()``.
+        for one ``backward()``. ``prefix_len`` (B,) makes it a prefix LM (ATT.18): row b's
+        first prefix_len[b] positions attend to each other in both directions (set their
+        targets to -100 but the last, which would otherwise be copied, not predicted).
         """
         cfg = self.cfg
         start = check_lm_inputs("GPT.forward", ids, targets, kv_caches, vocab_size=cfg.vocab_size,
@@ -155,11 +159,13 @@ class GPT(Module):
                                 head_dim=cfg.d_model // cfg.n_head, dtype=np.dtype(cfg.dtype),
                                 training=self.training)  # the first position: the cache length
         B, T = ids.shape
+        mask_bias = None if prefix_len is None else \
+            prefix_lm_bias("GPT.forward", prefix_len, B, start, T, np.dtype(cfg.dtype))  # (B, 1, T, start + T)
         tok = self.wte.forward(ids)  # (B, T, D)
         pos = self.wpe.forward(np.arange(start, start + T))  # (T, D)
         x = self.drop.forward(tok + pos)
         for i, block in enumerate(self.blocks):
-            x = block.forward(x, None if kv_caches is None else kv_caches[i])
+            x = block.forward(x, None if kv_caches is None else kv_caches[i], mask_bias)
         h = self.ln_f.forward(x)
         logits, head = linear_forward(h, self.wte.weight.data)  # tied LM head
         self.record("logits", logits)

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..nn.attention import KVCache, MultiHeadAttention
 from ..nn.layers import Embedding, Linear, RMSNorm, check_dout, check_features
-from ..nn.lm import IGNORE_INDEX, check_kv_length, check_lm_inputs  # noqa: F401  (IGNORE_INDEX: the ignored target)
+from ..nn.lm import IGNORE_INDEX, check_kv_length, check_lm_inputs, prefix_lm_bias  # noqa: F401  (IGNORE_INDEX: the ignored target)
 from ..nn.mlp import SwiGLUMLP
 from ..nn.module import Module, ModuleList, atomic
 from ..ops._checks import MAX_POSITION, check_bool, check_count, check_float, check_ndim, check_real
@@ -140,13 +140,15 @@ class LlamaDecoderLayer(Module):
         self.mlp = SwiGLUMLP(cfg.d_model, cfg.resolved_intermediate_size, cfg.mlp_bias, rng=rng, dtype=dtype)
 
     @atomic
-    def forward(self, x: np.ndarray, kv_cache: Optional[KVCache] = None) -> np.ndarray:
-        """x (B, T, D) -> (B, T, D)."""
+    def forward(self, x: np.ndarray, kv_cache: Optional[KVCache] = None,
+                mask_bias: Optional[np.ndarray] = None) -> np.ndarray:
+        """x (B, T, D) -> (B, T, D); mask_bias (B, 1, T, S) replaces the causal mask (a prefix LM's, ATT.18)."""
         op, norm = "LlamaDecoderLayer.forward", self.input_layernorm.weight
         check_float(op, "x", x)
         check_ndim(op, "x", x, 3)
         check_features(op, "x", x, norm.shape[0], norm.data.dtype)
-        a = self.self_attn.forward(self.input_layernorm.forward(x), causal=True, kv_cache=kv_cache)
+        a = self.self_attn.forward(self.input_layernorm.forward(x), causal=mask_bias is None, kv_cache=kv_cache,
+                                   bias=mask_bias)
         h = x + a
         m = self.mlp.forward(self.post_attention_layernorm.forward(h))
         out = h + m
@@ -196,23 +198,31 @@ class Llama(Module):
     # ------------------------------------------------------------------------------------
     @atomic
     def forward(self, ids: np.ndarray, targets: Optional[np.ndarray] = None,
-                kv_caches: Optional[List[KVCache]] = None) -> Tuple[np.ndarray, Optional[float]]:
+                kv_caches: Optional[List[KVCache]] = None, *,
+                prefix_len: Optional[np.ndarray] = None) -> Tuple[np.ndarray, Optional[float]]:
         """ids (B, T) -> logits (B, T, V) and the mean cross entropy if targets (B, T) are given.
 
         ids are integers in [0, vocab_size), B >= 1 and 1 <= T <= block_size; targets
         are in [0, vocab_size) or -100 (ignored). With ``kv_caches`` (one per layer,
         eval mode), ids continue the cached sequence: the rotary positions start at the
         cache length (incremental decoding). In training mode each forward keeps its
-        caches for one ``backward()``.
+        caches for one ``backward()``. ``prefix_len`` (B,) makes it a prefix LM (ATT.18),
+        as ``GPT.forward``; a sliding window refuses it.
         """
         cfg = self.cfg
-        # The first position (the caches' length) is not needed here: each attention layer reads its cache's.
-        check_lm_inputs("Llama.forward", ids, targets, kv_caches, vocab_size=cfg.vocab_size,
-                        block_size=cfg.block_size, n_layer=cfg.n_layer, n_kv_head=cfg.n_kv_head,
-                        head_dim=cfg.resolved_head_dim, dtype=np.dtype(cfg.dtype), training=self.training)
+        op = "Llama.forward"
+        start = check_lm_inputs(op, ids, targets, kv_caches, vocab_size=cfg.vocab_size,
+                                block_size=cfg.block_size, n_layer=cfg.n_layer, n_kv_head=cfg.n_kv_head,
+                                head_dim=cfg.resolved_head_dim, dtype=np.dtype(cfg.dtype), training=self.training)
+        mask_bias = None
+        if prefix_len is not None:
+            if cfg.sliding_window is not None:
+                raise ValueError(f"{op}: argument 'prefix_len' expected None for a model with sliding_window = "
+                                 f"{cfg.sliding_window} (a window is a causal mask), got an array")
+            mask_bias = prefix_lm_bias(op, prefix_len, ids.shape[0], start, ids.shape[1], np.dtype(cfg.dtype))
         x = self.embed_tokens.forward(ids)  # (B, T, D); positions enter through RoPE in each layer
         for i, layer in enumerate(self.layers):
-            x = layer.forward(x, None if kv_caches is None else kv_caches[i])
+            x = layer.forward(x, None if kv_caches is None else kv_caches[i], mask_bias)
         h = self.norm.forward(x)
         if cfg.tie_word_embeddings:
             logits, tied_head = linear_forward(h, self.embed_tokens.weight.data)  # (B, T, V)

@@ -19,6 +19,26 @@ from .attention import KVCache
 IGNORE_INDEX = -100  # a target that adds nothing to the loss (prompt positions, padding)
 
 
+def prefix_lm_bias(op: str, prefix_len: object, batch: int, start: int, T: int, dtype: np.dtype) -> np.ndarray:
+    """The prefix-LM mask of (ATT.18) as an additive bias (B, 1, T, start + T): 0 where the query at
+    position start + i may see key j (j <= start + i, or j < prefix_len[b]), -inf elsewhere.
+
+    prefix_len (B,) int in [0, start + T]: row b's first prefix_len[b] positions see each other in
+    both directions; 0 or 1 is the causal mask. Checked by name (``op``'s argument 'prefix_len').
+    """
+    check_int(op, "prefix_len", prefix_len)
+    check_shape(op, "prefix_len", prefix_len, (batch,))
+    Tk = start + T
+    if prefix_len.min() < 0 or prefix_len.max() > Tk:
+        raise ValueError(f"{op}: argument 'prefix_len' expected values in [0, {Tk}] (the positions seen), "
+                         f"got values in [{prefix_len.min()}, {prefix_len.max()}]")
+    query = np.arange(start, Tk)[:, None]  # absolute positions of the new queries
+    key = np.arange(Tk)[None, :]
+    seen = (key <= query)[None] | (key[None] < prefix_len[:, None, None])  # (B, T, Tk), (ATT.18)
+    bias = np.where(seen, np.zeros((), dtype), np.asarray(-np.inf, dtype))
+    return bias[:, None]  # (B, 1, T, Tk): one mask for every head
+
+
 def check_lm_inputs(op: str, ids: object, targets: object, kv_caches: Optional[Sequence[KVCache]], *,
                     vocab_size: int, block_size: int, n_layer: int, n_kv_head: int, head_dim: int,
                     dtype: np.dtype, training: bool) -> int:
