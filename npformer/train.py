@@ -56,7 +56,7 @@ from . import checkpoint
 from ._memory import reuse_freed_memory
 from .data.bpe import ByteBPE
 from .data.char import CharTokenizer
-from .data.corpus import default_corpus, get_batch, train_val_split
+from .data.corpus import default_corpus, get_batch, get_prefix_batch, train_val_split
 from .data.vocab import check_vocab, tokenizer_difference
 from .generate import NonFiniteLogitsError, generate
 from . import pretraining
@@ -65,6 +65,8 @@ from .models import build as build_model, check_causal_lm, family
 from .models.gpt import GPT, GPTConfig
 from .ops._checks import check_bool, check_count, check_real
 from .optim import AdamW, clip_grad_norm_, param_groups, warmup_cosine
+
+LM_OBJECTIVES = ("clm", "prefix")  # a causal LM's: next token, or next token after a bidirectional prefix (ATT.18)
 
 # Upper bounds of the per-validation work (a larger value is a typo, not a plan).
 MAX_EVAL_BATCHES = 1000
@@ -172,7 +174,7 @@ class TrainConfig:
 
     def _check_objective(self) -> None:
         """The objective must be one the family trains with ('' picks its default)."""
-        allowed = OBJECTIVES.get(self.model, ("clm",)) if isinstance(self.model, str) else ("clm",)
+        allowed = OBJECTIVES.get(self.model, LM_OBJECTIVES) if isinstance(self.model, str) else LM_OBJECTIVES
         if not isinstance(self.objective, str) or self.objective not in ("",) + allowed:
             raise ConfigError("objective", f"expected '' or one of {', '.join(allowed)} for --model {self.model}, "
                                            f"got {self.objective!r}")
@@ -185,7 +187,7 @@ class TrainConfig:
     @property
     def resolved_objective(self) -> str:
         """The objective the run trains with: ``objective``, or the family's first."""
-        return self.objective or OBJECTIVES.get(self.model, ("clm",))[0]
+        return self.objective or OBJECTIVES.get(self.model, LM_OBJECTIVES)[0]
 
     def _check_hf(self) -> None:
         """--hf names a model folder, whose config sets the model (so the model's own flags keep their
@@ -229,7 +231,8 @@ FIELD_HELP = {
     "model": "model family: gpt (LayerNorm, GELU, learned positions, tied head), llama (RMSNorm, SwiGLU, "
              "rotary positions, grouped-query attention, untied head), or an encoder pre-trained with --objective: "
              "bert, roberta, deberta, albert, electra",
-    "objective": "what the model learns: clm (next token; gpt, llama), mlm (masked LM, 15%% of tokens, 80/10/10), "
+    "objective": "what the model learns: clm (next token; gpt, llama), prefix (prefix LM: next token after a "
+                 "prefix of random length whose tokens see each other both ways; gpt, llama), mlm (masked LM, 15%% of tokens, 80/10/10), "
                  "wwm (whole-word masked LM), nsp (MLM plus next-sentence prediction; bert), sop (MLM plus "
                  "sentence-order prediction; albert), rtd (generator MLM plus replaced-token detection; electra); "
                  "'' for the family's first",
@@ -410,11 +413,19 @@ def estimate_loss(model, data, cfg: TrainConfig, tokenizer=None) -> float:
                                           rng=rng)
             losses = [pretraining.forward(model, next(batches)) for _ in range(cfg.eval_batches)]
         else:
-            losses = [model.forward(*get_batch(data, cfg.batch_size, cfg.block_size, rng))[1]
-                      for _ in range(cfg.eval_batches)]
+            losses = [lm_forward(model, data, cfg, rng) for _ in range(cfg.eval_batches)]
     finally:
         model.train(was_training)  # the mode it found, even if a forward raised
     return float(np.mean(losses))
+
+
+def lm_forward(model, ids: np.ndarray, cfg: TrainConfig, rng: np.random.Generator) -> float:
+    """The loss of one batch of a causal LM run: next-token windows ("clm"), or the same windows as a prefix
+    LM ("prefix": each row's first tokens see each other both ways, their copied targets ignored)."""
+    if cfg.resolved_objective == "prefix":
+        x, y, prefix_len = get_prefix_batch(ids, cfg.batch_size, cfg.block_size, rng)
+        return model.forward(x, y, prefix_len=prefix_len)[1]
+    return model.forward(*get_batch(ids, cfg.batch_size, cfg.block_size, rng))[1]
 
 
 def checkpoint_path(cfg: TrainConfig) -> Path:
@@ -1111,8 +1122,7 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
                 if train_batches is not None:  # an encoder: its objective's batch
                     loss = pretraining.forward(model, next(train_batches))
                 else:
-                    x, y = get_batch(train_ids, cfg.batch_size, cfg.block_size, data_rng)
-                    _, loss = model.forward(x, y)
+                    loss = lm_forward(model, train_ids, cfg, data_rng)
                 if not math.isfinite(loss):
                     raise TrainingDiverged(step + 1, f"the training loss is {loss}", cfg.lr, path, saved_step)
                 model.zero_grad()

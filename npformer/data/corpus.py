@@ -180,6 +180,21 @@ def get_batch(ids, batch_size: int, block_size: int, rng: np.random.Generator) -
     return np.ascontiguousarray(tokens[:, :-1]), np.ascontiguousarray(tokens[:, 1:])
 
 
+def get_prefix_batch(ids, batch_size: int, block_size: int,
+                     rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``get_batch``'s windows for a prefix LM (proofs/attention.md, ATT.18): x, y and prefix_len (B,).
+
+    Row b's prefix length L_b is uniform over [1, T] (drawn after the windows, one ``integers``
+    call); the targets a prefix position would copy, y[b, t] for t < L_b - 1, are -100 (ignored),
+    so position L_b - 1, which sees the whole prefix, predicts the first token after it.
+    """
+    x, y = get_batch(ids, batch_size, block_size, rng)
+    B, T = x.shape
+    prefix_len = rng.integers(1, T + 1, size=B)  # (B,)
+    y[np.arange(T)[None, :] < prefix_len[:, None] - 1] = -100
+    return x, y, prefix_len
+
+
 def token_stream(op: str, name: str, ids: object) -> np.ndarray:
     """A 1-d stream of integer token ids as int64: a 1-d integer array, or a list/tuple/range of ints.
 

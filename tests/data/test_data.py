@@ -359,3 +359,18 @@ def test_bpe_round_trips_any_text_under_any_pattern(pattern, text, train):
 def test_bpe_with_a_partial_pattern_keeps_what_it_does_not_match():
     tok = ByteBPE(pattern=r"\w+")
     assert tok.decode(tok.encode("Hello, World! 123")) == "Hello, World! 123"
+
+
+@given(B=st.integers(1, 5), T=st.integers(1, 9), seed=st.integers(0, 999))
+def test_prefix_batches_are_next_token_windows_with_the_copied_targets_ignored(B, T, seed):
+    """get_prefix_batch: get_batch's windows (the same draws first), prefix lengths in [1, T], and exactly the
+    targets before position L_b - 1 set to -100 (ATT.18)."""
+    from npformer.data.corpus import get_batch, get_prefix_batch
+
+    ids = np.random.default_rng(seed).integers(0, 50, 40)
+    x, y, prefix = get_prefix_batch(ids, B, T, np.random.default_rng(seed))
+    x0, y0 = get_batch(ids, B, T, np.random.default_rng(seed))
+    assert np.array_equal(x, x0) and prefix.shape == (B,) and prefix.min() >= 1 and prefix.max() <= T
+    for b in range(B):
+        L = prefix[b]
+        assert (y[b, :L - 1] == -100).all() and np.array_equal(y[b, L - 1:], y0[b, L - 1:])
