@@ -189,6 +189,7 @@ def get_prefix_batch(ids, batch_size: int, block_size: int,
     so position L_b - 1, which sees the whole prefix, predicts the first token after it.
     """
     x, y = get_batch(ids, batch_size, block_size, rng)
+    y = y.copy()  # x and y may be views of one window array (one row): ignoring a target must not edit x
     B, T = x.shape
     prefix_len = rng.integers(1, T + 1, size=B)  # (B,)
     y[np.arange(T)[None, :] < prefix_len[:, None] - 1] = -100
