@@ -8,14 +8,18 @@ followed by ``torch.gather`` (position-to-content gathered per key and transpose
 scores replaced by the dtype's lowest value before the softmax, the relative table
 LayerNorm'd once and projected in every layer, LayerNorm from its mean and variance, the
 exact GELU from erf, the tied decoder. A lookup of the pad word row adds nothing to its
-gradient (``F.embedding(..., padding_idx=...)``).
+gradient (``F.embedding(..., padding_idx=...)``). With ``emd_layers`` the enhanced mask decoder:
+the query stream starts as the last layer's input plus the rows 0..T-1 of
+``emd_position_embeddings``, and the last layer is applied again that many times with queries
+(and the attention's residual) from the stream, keys and values from its input; autograd sums
+the shared weights' gradients over the calls. The k-th decoder call reuses npformer's masks of
+the last layer's (k + 1)-th call (``<name>.mask@<k + 1>``).
 The pieces every encoder twin shares (LayerNorm, GELU, the MLP and the MLM head, dropout with
 npformer's masks, the recording hooks) are in ``encoder.py``.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Dict, Optional
 
 import numpy as np
@@ -24,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import TwinModel
-from .encoder import (Table, TwinLayerNorm, TwinMLMHead, TwinMLP, active_recorder, drop, mlm_loss, record,
+from .encoder import (Calls, Table, TwinLayerNorm, TwinMLMHead, TwinMLP, active_recorder, drop, mlm_loss, record,
                       record_common, record_table_grads, store_grad)
 
 
@@ -66,11 +70,12 @@ class TwinDisentangledAttention(nn.Module):
         self.recorder: Optional[Dict[str, np.ndarray]] = None
         self.path = ""
 
-    def forward(self, x, rel, visible, index, masks, prefix):
+    def forward(self, x, rel, visible, index, masks, prefix, query_states=None):
         B, T, C = x.shape
         H, Dh = self.n_head, self.head_dim
         split = lambda t: t.view(t.shape[0], t.shape[1], H, Dh).transpose(1, 2)  # noqa: E731
-        q, k, v = split(self.query_proj(x)), split(self.key_proj(x)), split(self.value_proj(x))  # (B, H, T, Dh)
+        q = split(self.query_proj(x if query_states is None else query_states))  # (B, H, T, Dh)
+        k, v = split(self.key_proj(x)), split(self.value_proj(x))
         rel = drop(rel, masks, f"{prefix}.rel_dropout", self.p, self.training)
         n = len(self.terms)
         scale = 1.0 / float(torch.sqrt(torch.tensor(Dh * (1 + n), dtype=torch.float32)))  # float32 root
@@ -101,6 +106,19 @@ class TwinDisentangledAttention(nn.Module):
         return self.o_proj((probs @ v).transpose(1, 2).reshape(B, T, C))
 
 
+def masks_of_call(masks: Optional[Dict[str, np.ndarray]], prefix: str, k: int):
+    """npformer's dropout masks of the (k + 1)-th call of the layer at ``prefix`` (k = 0: the first), under the
+    plain names ``drop`` reads."""
+    if masks is None or k == 0:
+        return masks
+    out = dict(masks)
+    for name in ("drop_1", "drop_2", "attention.rel_dropout"):
+        key = f"{prefix}.{name}.mask@{k + 1}"
+        if key in masks:
+            out[f"{prefix}.{name}.mask"] = masks[key]
+    return out
+
+
 class TwinDebertaLayer(nn.Module):
     def __init__(self, c: dict):
         super().__init__()
@@ -110,9 +128,11 @@ class TwinDebertaLayer(nn.Module):
         self.output_norm = TwinLayerNorm(c["d_model"], c["layer_norm_eps"])
         self.p = c["dropout"]
 
-    def forward(self, x, rel, visible, index, masks, prefix):
-        a = self.attention(x, rel, visible, index, masks, f"{prefix}.attention")
-        h = self.attention_norm(x + drop(a, masks, f"{prefix}.drop_1", self.p, self.training))
+    def forward(self, x, rel, visible, index, masks, prefix, query_states=None):
+        """Queries and the attention's residual from query_states when given (the decoder), else from x."""
+        q = x if query_states is None else query_states
+        a = self.attention(x, rel, visible, index, masks, f"{prefix}.attention", query_states)
+        h = self.attention_norm(q + drop(a, masks, f"{prefix}.drop_1", self.p, self.training))
         return self.output_norm(h + drop(self.mlp(h), masks, f"{prefix}.drop_2", self.p, self.training))
 
 
@@ -146,7 +166,7 @@ class TwinDeberta(TwinModel):
     def __init__(self, vocab_size=65, max_position=128, type_vocab_size=0, n_layer=2, n_head=4, d_model=128,
                  d_ff=512, dropout=0.1, layer_norm_eps=1e-7, pad_token_id=0, position_biased_input=False,
                  position_buckets=256, max_relative_positions=512, pos_att_type=("p2c", "c2p"), share_att_key=True,
-                 norm_rel_ebd=True, **_):
+                 norm_rel_ebd=True, emd_layers=0, **_):
         super().__init__()
         c = dict(vocab_size=vocab_size, max_position=max_position, type_vocab_size=type_vocab_size,
                  d_model=d_model, n_head=n_head, d_ff=d_ff, dropout=dropout, layer_norm_eps=layer_norm_eps,
@@ -159,6 +179,9 @@ class TwinDeberta(TwinModel):
         if norm_rel_ebd:
             self.rel_norm = TwinLayerNorm(d_model, layer_norm_eps)
         self.layers = nn.ModuleList(TwinDebertaLayer(c) for _ in range(n_layer))
+        self.emd_layers = emd_layers
+        if emd_layers:
+            self.emd_position_embeddings = Table(max_position, d_model)
         self.mlm_head = TwinMLMHead(c)
         self.recorder: Optional[Dict[str, np.ndarray]] = None
         self._hooks = []
@@ -178,8 +201,16 @@ class TwinDeberta(TwinModel):
         if rec is not None:
             rel.register_hook(store_grad(rec, "drel"))
         for i, layer in enumerate(self.layers):
+            last_input = x
             x = layer(x, rel, visible, index, masks, f"layers.{i}")
             record(rec, f"layers.{i}.out", x)
+        if self.emd_layers:  # the decoder replaces x; the last layer's ordinary output reaches no loss
+            n = len(self.layers) - 1
+            x = last_input + self.emd_position_embeddings.weight[:T][None]
+            for k in range(1, self.emd_layers + 1):
+                x = self.layers[n](last_input, rel, visible, index, masks_of_call(masks, f"layers.{n}", k),
+                                      f"layers.{n}", query_states=x)
+                record(rec, f"layers.{n}.out", x)
         mlm_logits = self.mlm_head(x, self.embeddings.word_embeddings.weight)
         record(rec, "mlm_head.logits", mlm_logits, "dmlm_logits")
         loss = None
@@ -193,9 +224,11 @@ class TwinDeberta(TwinModel):
         the attention projections), ``.dW``/``.db`` of the linear layers whose weights are used once, the
         norms' ``.dweight``, ``.dbias``, ``.dx``, attention probabilities, the gradients of the projected
         relative rows (``dq_r``, ``dk_r``), GELU activations, layer outputs and input gradients, the logits
-        and their gradient, the relative table's gradient before and after its LayerNorm."""
+        and their gradient, the relative table's gradient before and after its LayerNorm; with the decoder, each
+        call of the last layer under ``@2``, ``@3``, ... (its weights' gradients, summed here, are not recorded)
+        and the decoder's position table's gradient."""
         self.stop_recording()
-        rec: Dict[str, np.ndarray] = OrderedDict()
+        rec: Dict[str, np.ndarray] = Calls()
         self.recorder = rec
         twice = set()  # projections also applied to the relative rows: npformer records each call's dW apart
         for layer in self.layers:
@@ -203,8 +236,12 @@ class TwinDeberta(TwinModel):
             for term, own, sep in (("c2p", "key_proj", "pos_key_proj"), ("p2c", "query_proj", "pos_query_proj")):
                 if term in att.terms:
                     twice.add(getattr(att, own if att.share else sep))
-        record_common(self, rec, (TwinDebertaLayer,), skip_grads=[p for p, m in self.named_modules() if m in twice],
-                      skip_dx=("rel_norm",))
+        skip = [p for p, m in self.named_modules() if m in twice]
+        if self.emd_layers:  # the decoder's calls of the last layer: npformer records each call's gradients apart
+            skip.append(f"layers.{len(self.layers) - 1}")
+            self._hooks.append(self.emd_position_embeddings.weight.register_hook(
+                store_grad(rec, "emd_position_embeddings.dW")))
+        record_common(self, rec, (TwinDebertaLayer,), skip_grads=skip, skip_dx=("rel_norm",))
         self._hooks.append(self.mlm_head.bias.register_hook(store_grad(rec, "mlm_head.dbias")))
         self._hooks.append(self.rel_embeddings.weight.register_hook(store_grad(rec, "rel_embeddings.dW")))
         record_table_grads(self, rec, self.embeddings)

@@ -21,6 +21,11 @@ exact GELU, an untied decoder, ``p2p`` or other position terms, ``norm_rel_ebd``
 than ``none`` / ``layer_norm``, log buckets whose largest position is too small for them
 (``max_relative_positions`` < ``position_buckets`` // 2 + 2). Attention-probability dropout
 is not represented; a loaded model has dropout 0 (it is loaded for inference and gradients).
+
+A loaded model never has the enhanced mask decoder (``emd_layers`` 0: transformers' model computes
+none, and drops a checkpoint's ``mask_predictions.*``); a model with one (``emd_layers`` > 0) is
+refused by ``save_pretrained``, ``check_savable`` and ``hf_state_dict``, since its position table
+has no place in a ``DebertaV2ForMaskedLM`` folder.
 """
 
 from __future__ import annotations
@@ -121,7 +126,14 @@ def deberta_config(f: _Fields, dtype: str, block_size: Optional[int] = None) -> 
 
 
 def deberta_rows(cfg: DebertaConfig, variant: str = "legacy", model_type: str = MODEL_TYPE) -> List[_Row]:
-    """(HF name, (npformer name,), "same") for every tensor of a DebertaV2ForMaskedLM of this config."""
+    """(HF name, (npformer name,), "same") for every tensor of a DebertaV2ForMaskedLM of this config.
+
+    A config with the enhanced mask decoder has no such list (its position table has no HF name): refused,
+    so that ``hf_state_dict`` never drops it silently (``save_pretrained`` refuses earlier, in
+    ``deberta_config_json``; a loaded config never has one)."""
+    if cfg.emd_layers:
+        raise ValueError(f"hf_state_dict: argument 'model' has emd_layers={cfg.emd_layers}, an enhanced mask "
+                         f"decoder whose position table (emd_position_embeddings) has no name in a {ARCHITECTURE}")
     rows: List[_Row] = [(f"{PREFIX}.embeddings.word_embeddings.weight", ("embeddings.word_embeddings.weight",),
                          "same")]
     if cfg.position_biased_input:
@@ -165,6 +177,10 @@ def deberta_ignored(name: str, cfg: DebertaConfig, model_type: str = MODEL_TYPE)
 
 def deberta_config_json(cfg: DebertaConfig, variant: str = "legacy", model_type: str = MODEL_TYPE) -> dict:
     """config.json of a DebertaV2ForMaskedLM with npformer's ``DebertaConfig``."""
+    if cfg.emd_layers:
+        raise ValueError(f"save_pretrained: argument 'model' has emd_layers={cfg.emd_layers}, an enhanced mask "
+                         f"decoder whose position table (emd_position_embeddings) a {ARCHITECTURE} folder cannot "
+                         "hold (transformers computes no such decoder); only emd_layers=0 can be saved")
     return {"architectures": [ARCHITECTURE], "model_type": MODEL_TYPE, "vocab_size": cfg.vocab_size,
             "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
             "intermediate_size": cfg.d_ff, "hidden_act": "gelu", "hidden_dropout_prob": cfg.dropout,

@@ -20,15 +20,26 @@ backward returns the gradient of its (2 S, D) input, summed by ``backward`` befo
 LayerNorm backward); with ``share_att_key`` a layer's query and key weights each get two
 contributions, from the content and from the relative rows.
 
-The enhanced mask decoder (EMD). The DeBERTa paper feeds absolute positions back into the
-last layers just before the MLM head: those layers are run again with the query stream
-built from the hidden states plus absolute position embeddings. Hugging Face's
-``DebertaV2ForMaskedLM`` keeps the code path for it (``z_steps``, ``query_states``) but sets
-``z_steps = 0``, so it never runs: its MLM head reads the last encoder layer's output
-directly, and with ``position_biased_input=False`` no absolute position enters at all.
-Released checkpoints' EMD-related tensors (``mask_predictions.*``) are dropped on load by
-transformers too. This model follows Hugging Face's computation exactly, for parity, and
-has no EMD.
+The enhanced mask decoder (EMD), ``emd_layers`` > 0. The DeBERTa paper (section 3.3) feeds
+absolute positions back in just before the MLM head. With H the input of the last layer (the
+second-to-last layer's output; the embeddings' output in a one-layer model) and P the rows
+0..T-1 of a table of absolute positions ``emd_position_embeddings`` (max_position, D), the
+query stream starts as I = H + P, and the last layer, with its own weights, is applied
+``emd_layers`` times (the paper's setting: 2) as ``layer(H, query_states=I)``: queries are
+projected from I, keys and values from H (so content-to-position reads I's queries and
+position-to-content H's keys), the attention's residual adds I, not H, then the layer's MLP;
+each application's output is the next I, and the MLM head reads the last one. The encoder is
+computed in full first, as in the paper's code: the last layer's ordinary output is then not
+on the path to the loss and gets a zero gradient (its backward still runs, adding zeros, to
+consume its cache). The last layer's parameters collect the gradients of its ordinary call
+and of every EMD call; H collects the gradient of the ordinary call (zero) and, as keys and
+values and through I, of every EMD call; the table collects the gradient of I. ``encode``
+(the body a fine-tuning head reads) never runs the EMD: it is a pre-training decoder.
+``emd_layers = 0`` (the default) is Hugging Face's ``DebertaV2ForMaskedLM`` exactly: it keeps
+the code path (``z_steps``, ``query_states``) but sets ``z_steps = 0``, and even when it runs,
+it adds no absolute positions; released checkpoints' EMD tensors (``mask_predictions.*``) are
+dropped on load by transformers and here. A model with an EMD has no Hugging Face folder
+(``hf/deberta_map`` refuses to save it).
 
 Not represented (refused by name where a Hugging Face config asks for it, ``hf/deberta_map``):
 the convolution beside the first layer (``conv_kernel_size > 0``), a separate embedding width
@@ -41,8 +52,8 @@ Parameter names: ``embeddings.word_embeddings.weight``, ``embeddings.position_em
 ``embeddings.LayerNorm.*``, ``rel_embeddings.weight``, ``rel_norm.*`` (with ``norm_rel_ebd``),
 ``layers.{i}.attention.{query_proj,key_proj,value_proj,o_proj}.*`` (and
 ``pos_key_proj``/``pos_query_proj`` without ``share_att_key``), ``layers.{i}.attention_norm.*``,
-``layers.{i}.mlp.{fc,proj}.*``, ``layers.{i}.output_norm.*``, ``mlm_head.{dense,layer_norm}.*``,
-``mlm_head.bias`` (the decoder is the word table).
+``layers.{i}.mlp.{fc,proj}.*``, ``layers.{i}.output_norm.*``, ``emd_position_embeddings.weight`` (with
+``emd_layers``), ``mlm_head.{dense,layer_norm}.*``, ``mlm_head.bias`` (the decoder is the word table).
 
 Shapes: ids (B, T) int, hidden (B, T, D), rel (2 S, D), mlm_logits (B, T, V); D_h = D / H per head.
 """
@@ -61,7 +72,7 @@ from ..nn.layers import Dropout, Embedding, LayerNorm, Linear, check_dout
 from ..nn.lm import IGNORE_INDEX
 from ..nn.mlp import MLP
 from ..nn.module import Module, ModuleList, atomic
-from ..ops._checks import MAX_POSITION, check_bool, check_count, check_int, check_shape
+from ..ops._checks import MAX_POSITION, check_bool, check_count, check_float, check_int, check_same_dtype, check_shape
 from ..ops.cross_entropy import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
 from ..ops.disentangled_attention import (
     deberta_relative_indices,
@@ -71,7 +82,9 @@ from ..ops.disentangled_attention import (
 )
 from ..ops.linear import linear_backward, linear_forward
 
-__all__ = ["DebertaConfig", "Deberta", "DebertaOutputs", "IGNORE_INDEX", "deberta_scale"]
+__all__ = ["DebertaConfig", "Deberta", "DebertaOutputs", "IGNORE_INDEX", "MAX_EMD_LAYERS", "deberta_scale"]
+
+MAX_EMD_LAYERS = 64  # applications of the last layer in the enhanced mask decoder (the paper's: 2)
 
 
 def deberta_scale(head_dim: int, n_terms: int) -> float:
@@ -84,7 +97,7 @@ class DebertaConfig:
     """A DeBERTa-v2/v3 masked-LM's shape; Hugging Face's field name, where it differs, in the comment."""
 
     vocab_size: int = 65
-    max_position: int = 128  # max_position_embeddings: rows of the absolute table (position_biased_input)
+    max_position: int = 128  # max_position_embeddings: rows of the absolute tables (position_biased_input, EMD)
     type_vocab_size: int = 0  # 0: no token-type table
     n_layer: int = 2  # num_hidden_layers
     n_head: int = 4  # num_attention_heads
@@ -99,6 +112,7 @@ class DebertaConfig:
     pos_att_type: Tuple[str, ...] = ("p2c", "c2p")  # which position terms the scores add
     share_att_key: bool = True  # project the relative rows with the content query/key projections
     norm_rel_ebd: bool = True  # norm_rel_ebd "layer_norm": LayerNorm the relative table once per forward
+    emd_layers: int = 0  # enhanced mask decoder: applications of the last layer before the MLM head; 0: none (HF)
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -121,6 +135,7 @@ class DebertaConfig:
             raise ValueError(f"{op}: argument 'pos_att_type' expected a tuple of distinct names from "
                              f"('c2p', 'p2c'), got {terms!r}")
         self.pos_att_type = tuple(terms)
+        self.emd_layers = check_count(op, "emd_layers", self.emd_layers, 0, MAX_EMD_LAYERS)
 
     @property
     def att_span(self) -> int:
@@ -129,8 +144,8 @@ class DebertaConfig:
 
     @property
     def block_size(self) -> Optional[int]:
-        """The longest sequence: max_position with an absolute table, else None (no limit from positions)."""
-        return self.max_position if self.position_biased_input else None
+        """The longest sequence: max_position with an absolute table (input or EMD), else None (no limit)."""
+        return self.max_position if self.position_biased_input or self.emd_layers else None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -144,6 +159,16 @@ class DebertaCache(NamedTuple):
     """One training forward of ``Deberta``: the loss's op cache (None without labels)."""
 
     mlm_loss: Optional[CrossEntropyCache]
+
+
+class DebertaBody(NamedTuple):
+    """What the layers read, kept for the enhanced mask decoder, which applies the last layer again."""
+
+    last_input: np.ndarray  # (B, T, D)  H: the input of the last layer
+    rel: np.ndarray  # (2 S, D)  the normalised relative table
+    visible: Optional[np.ndarray]  # (B, 1, T, T) bool or None
+    c2p_index: np.ndarray  # (T, T)
+    p2c_index: np.ndarray  # (T, T)
 
 
 # -- embeddings ---------------------------------------------------------------------------------------
@@ -227,10 +252,12 @@ class DisentangledAttentionLayerCache(NamedTuple):
     k_r: Optional[RelativeProjection]  # "c2p"
     q_r: Optional[RelativeProjection]  # "p2c"
     rel_shape: Tuple[int, ...]  # (2 S, D)
+    split: bool  # the queries came from query_states, not from x
 
 
 class DisentangledSelfAttention(Module):
-    """o_proj(disentangled_attention(query_proj(x), key_proj(x), value_proj(x), rel projections)).
+    """o_proj(disentangled_attention(query_proj(q), key_proj(x), value_proj(x), rel projections)), q = x
+    unless ``query_states`` is given (the enhanced mask decoder's query stream).
 
     rel (2 S, D) is dropped out here (each layer its own mask), then projected: by query_proj /
     key_proj themselves with ``share_att_key``, else by pos_query_proj / pos_key_proj.
@@ -265,10 +292,11 @@ class DisentangledSelfAttention(Module):
 
     @atomic
     def forward(self, x: np.ndarray, rel: np.ndarray, visible: Optional[np.ndarray], c2p_index: np.ndarray,
-                p2c_index: np.ndarray) -> np.ndarray:
-        """x (B, T, D), rel (2 S, D), visible (B, 1, T, T) bool or None, indices (T, T) -> (B, T, D)."""
+                p2c_index: np.ndarray, query_states: Optional[np.ndarray] = None) -> np.ndarray:
+        """x (B, T, D), rel (2 S, D), visible (B, 1, T, T) bool or None, indices (T, T), query_states (B, T, D)
+        or None (queries from x) -> (B, T, D)."""
         H = self.n_head
-        q_c = split_heads(self.query_proj.forward(x), H)  # (B, H, T, D_h)
+        q_c = split_heads(self.query_proj.forward(x if query_states is None else query_states), H)  # (B, H, T, D_h)
         k_c = split_heads(self.key_proj.forward(x), H)
         v = split_heads(self.value_proj.forward(x), H)
         rel = self.rel_dropout.forward(rel)
@@ -281,12 +309,16 @@ class DisentangledSelfAttention(Module):
         self.record("probs", op_cache.probs)
         y = self.o_proj.forward(merge_heads(out))
         self.save_cache(DisentangledAttentionLayerCache(op=op_cache, k_r=k_r_proj, q_r=q_r_proj,
-                                                         rel_shape=rel.shape))
+                                                         rel_shape=rel.shape, split=query_states is not None))
         return y
 
     @atomic
-    def backward(self, dy: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        """dy (B, T, D) -> (dx (B, T, D), drel (2 S, D)): the forward's lines in reverse."""
+    def backward(self, dy: np.ndarray) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        """dy (B, T, D) -> (dx (B, T, D), drel (2 S, D), dquery (B, T, D) or None): the forward's lines in reverse.
+
+        With ``query_states`` the two streams' gradients stay apart (DA.18): dquery through the query
+        projection, dx through the key and value projections; without it dquery is None and dx has all three.
+        """
         cache = self.pop_cache()
         H = self.n_head
         dout = split_heads(self.o_proj.backward(dy), H)  # (B, H, T, D_h)
@@ -302,18 +334,23 @@ class DisentangledSelfAttention(Module):
             rp.proj.bias.grad += db
             drel += d_in
         drel = self.rel_dropout.backward(drel)
-        dx = self.value_proj.backward(merge_heads(dv))
-        dx = dx + self.key_proj.backward(merge_heads(dk_c))
-        dx = dx + self.query_proj.backward(merge_heads(dq_c))
-        return dx, drel
+        dx = self.value_proj.backward(merge_heads(dv))  # (DA.18)
+        dx = dx + self.key_proj.backward(merge_heads(dk_c))  # (DA.18)
+        dquery = self.query_proj.backward(merge_heads(dq_c))  # (DA.18)
+        if not cache.split:
+            return dx + dquery, drel, None  # (DA.18)  one stream: the two parts add up
+        return dx, drel, dquery
 
 
 class DebertaLayerCache(NamedTuple):
     out_shape: Tuple[int, ...]
+    split: bool  # the forward had query_states
 
 
 class DebertaLayer(Module):
-    """h = attention_norm(x + drop_1(attention(x, rel))), out = output_norm(h + drop_2(mlp(h)))."""
+    """h = attention_norm(q + drop_1(attention(x, rel, q))), out = output_norm(h + drop_2(mlp(h))), q = x
+    unless ``query_states`` is given (the enhanced mask decoder: queries and the residual from q, keys and
+    values from x)."""
 
     def __init__(self, cfg: DebertaConfig, *, rng: np.random.Generator, dtype):
         super().__init__()
@@ -325,28 +362,44 @@ class DebertaLayer(Module):
         self.output_norm = LayerNorm(cfg.d_model, cfg.layer_norm_eps, dtype=dtype)
 
     @atomic
-    def forward(self, x, rel, visible, c2p_index, p2c_index) -> np.ndarray:
-        a = self.attention.forward(x, rel, visible, c2p_index, p2c_index)
-        h = self.attention_norm.forward(x + self.drop_1.forward(a))
+    def forward(self, x, rel, visible, c2p_index, p2c_index, query_states=None) -> np.ndarray:
+        """x (B, T, D), rel (2 S, D), visible (B, 1, T, T) or None, indices (T, T), query_states (B, T, D) or
+        None -> (B, T, D)."""
+        if query_states is not None:
+            check_float("DebertaLayer.forward", "query_states", query_states)
+            check_shape("DebertaLayer.forward", "query_states", query_states, x.shape)
+            check_same_dtype("DebertaLayer.forward", "x", x, query_states=query_states)
+        q = x if query_states is None else query_states
+        a = self.attention.forward(x, rel, visible, c2p_index, p2c_index, query_states)
+        h = self.attention_norm.forward(q + self.drop_1.forward(a))
         m = self.mlp.forward(h)
         out = self.output_norm.forward(h + self.drop_2.forward(m))
-        self.save_cache(DebertaLayerCache(out_shape=out.shape))
+        self.save_cache(DebertaLayerCache(out_shape=out.shape, split=query_states is not None))
         self.record("out", out)
         return out
 
     @atomic
-    def backward(self, dout: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        """dout (B, T, D) -> (dx (B, T, D), drel (2 S, D))."""
+    def backward(self, dout: np.ndarray) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        """dout (B, T, D) -> (dx (B, T, D), drel (2 S, D), dquery (B, T, D) or None).
+
+        A call with ``query_states`` returns its gradient apart as dquery (the residual and the query
+        projection), dx then being the keys' and values' share alone (DA.18); a call without has dquery None.
+        """
         norm = self.output_norm.weight
         check_dout(self, "DebertaLayer.backward", "dout", dout, norm.shape[0], norm.data.dtype)
-        self.pop_cache()
+        cache = self.pop_cache()
         dz_2 = self.output_norm.backward(dout)  # into h + drop_2(m)
         dh = dz_2 + self.mlp.backward(self.drop_2.backward(dz_2))  # residual: identity path plus MLP path
-        dz_1 = self.attention_norm.backward(dh)  # into x + drop_1(a)
-        da_x, drel = self.attention.backward(self.drop_1.backward(dz_1))
-        dx = dz_1 + da_x  # residual again
-        self.record("dx", dx)
-        return dx, drel
+        dz_1 = self.attention_norm.backward(dh)  # into q + drop_1(a)
+        da_x, drel, da_q = self.attention.backward(self.drop_1.backward(dz_1))
+        if not cache.split:
+            dx = dz_1 + da_x  # residual again
+            self.record("dx", dx)
+            return dx, drel, None
+        dquery = dz_1 + da_q  # (DA.18)  the residual belongs to the query stream
+        self.record("dx", da_x)
+        self.record("dquery", dquery)
+        return da_x, drel, dquery
 
 
 # -- the model ----------------------------------------------------------------------------------------
@@ -366,6 +419,8 @@ class Deberta(Module):
         if cfg.norm_rel_ebd:
             self.rel_norm = LayerNorm(cfg.d_model, cfg.layer_norm_eps, dtype=dtype)
         self.layers = ModuleList(DebertaLayer(cfg, rng=rng, dtype=dtype) for _ in range(cfg.n_layer))
+        if cfg.emd_layers:  # absolute positions for the enhanced mask decoder's query stream
+            self.emd_position_embeddings = Embedding(cfg.max_position, cfg.d_model, rng=rng, dtype=dtype)
         self.mlm_head = MLMHead(cfg.d_model, cfg.vocab_size, layer_norm_eps=cfg.layer_norm_eps, rng=rng, dtype=dtype)
 
     def _check_inputs(self, op: str, ids: object, token_type_ids: object, mlm_labels: object) -> None:
@@ -400,11 +455,14 @@ class Deberta(Module):
         token_type_ids (B, T) in [0, type_vocab_size) (default 0, where the model has types);
         attention_mask (B, T) of 1 for a token and 0 for padding (default all 1; every row needs
         a token); mlm_labels (B, T) in [0, V) or -100 where not masked. The loss is the mean
-        cross entropy over the masked tokens.
+        cross entropy over the masked tokens. With ``emd_layers`` the MLM head reads the enhanced mask
+        decoder's output instead of the last layer's (see the module's docstring).
         """
         op = "Deberta.forward"
         self._check_inputs(op, ids, token_type_ids, mlm_labels)
-        x = self._body(op, ids, token_type_ids, attention_mask)  # (B, T, D)
+        x, body = self._body(op, ids, token_type_ids, attention_mask)  # (B, T, D)
+        if self.cfg.emd_layers:
+            x = self._emd(body)  # the ordinary output x is not read any further
         mlm_logits = self.mlm_head.forward(x, self.embeddings.word_embeddings.weight.data)  # tied decoder
         loss, mlm_cache = None, None
         if mlm_labels is not None:
@@ -426,11 +484,41 @@ class Deberta(Module):
         self.record("dmlm_logits", dmlm_logits)
         dx, dW_word = self.mlm_head.backward(dmlm_logits)
         self.embeddings.word_embeddings.weight.grad += dW_word  # tied: the decoder's gradient joins the table's
-        self._body_backward(dx)
+        if not self.cfg.emd_layers:
+            self._body_backward(dx)
+            return
+        dlast_input, drel = self._emd_backward(dx)
+        self._body_backward(np.zeros_like(dx), dlast_input, drel)  # the ordinary output is off the loss's path
+
+    def _emd(self, body: DebertaBody) -> np.ndarray:
+        """The enhanced mask decoder: I = H + P, then I = last_layer(H, query_states=I), emd_layers times."""
+        B, T, _ = body.last_input.shape
+        P = self.emd_position_embeddings.forward(np.broadcast_to(np.arange(T), (B, T)))  # (B, T, D)
+        query = body.last_input + P
+        last = self.layers[-1]  # its weights again; each call keeps its own cache
+        for _ in range(self.cfg.emd_layers):
+            query = last.forward(body.last_input, body.rel, body.visible, body.c2p_index, body.p2c_index,
+                                 query_states=query)
+        return query
+
+    def _emd_backward(self, dquery: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """dquery (B, T, D) of the decoder's output -> (dH (B, T, D), drel (2 S, D)): the last layer's decoder
+        calls in reverse (their parameters' shares added up by the layer), then I = H + P."""
+        last = self.layers[-1]
+        dH = np.zeros_like(dquery)  # H is every call's keys and values
+        drel = np.zeros_like(self.rel_embeddings.weight.data)
+        for _ in range(self.cfg.emd_layers):
+            dH_call, drel_call, dquery = last.backward(dquery)
+            dH += dH_call
+            drel += drel_call
+        self.emd_position_embeddings.backward(dquery)  # I = H + P: both get dI
+        self.record("emd.dquery", dquery)
+        return dH + dquery, drel
 
     def _body(self, op: str, ids: np.ndarray, token_type_ids: Optional[np.ndarray],
-              attention_mask: Optional[np.ndarray]) -> np.ndarray:
-        """Embeddings, then the layers over the shared relative table: ids (B, T) -> x (B, T, D)."""
+              attention_mask: Optional[np.ndarray]) -> Tuple[np.ndarray, DebertaBody]:
+        """Embeddings, then the layers over the shared relative table: ids (B, T) -> (x (B, T, D), what the
+        layers read)."""
         cfg = self.cfg
         pad = key_padding_mask(op, attention_mask, ids.shape)  # (B, T) True at padding
         T = ids.shape[1]
@@ -441,17 +529,25 @@ class Deberta(Module):
         rel = self.rel_embeddings.weight.data  # (2 S, D), shared by every layer
         if cfg.norm_rel_ebd:
             rel = self.rel_norm.forward(rel)
+        last_input = x
         for layer in self.layers:
+            last_input = x
             x = layer.forward(x, rel, visible, c2p_index, p2c_index)
-        return x
+        return x, DebertaBody(last_input=last_input, rel=rel, visible=visible, c2p_index=c2p_index,
+                              p2c_index=p2c_index)
 
-    def _body_backward(self, dx: np.ndarray) -> None:
+    def _body_backward(self, dx: np.ndarray, dlast_input: Optional[np.ndarray] = None,
+                       drel: Optional[np.ndarray] = None) -> None:
         """dx (B, T, D) into the layers in reverse, the shared relative table (every layer's share added up,
-        then its norm) and the embeddings."""
-        drel = np.zeros_like(self.rel_embeddings.weight.data)  # (2 S, D)
-        for layer in reversed(self.layers):
-            dx, drel_layer = layer.backward(dx)
+        then its norm) and the embeddings. The decoder's shares join in: dlast_input (B, T, D) at the last
+        layer's input, drel (2 S, D) at the table."""
+        if drel is None:
+            drel = np.zeros_like(self.rel_embeddings.weight.data)  # (2 S, D)
+        for i in reversed(range(len(self.layers))):
+            dx, drel_layer, _ = self.layers[i].backward(dx)
             drel += drel_layer
+            if i == len(self.layers) - 1 and dlast_input is not None:
+                dx = dx + dlast_input  # H: the ordinary call's input and the decoder's keys, values and I
         self.record("drel", drel)
         if self.cfg.norm_rel_ebd:
             drel = self.rel_norm.backward(drel)
@@ -465,11 +561,13 @@ class Deberta(Module):
                attention_mask: Optional[np.ndarray] = None) -> np.ndarray:
         """ids (B, T) -> hidden (B, T, D): embeddings and the layers over the shared relative table, no MLM head.
 
-        Arguments as ``forward``'s; ``backward_encode(dhidden)`` is its backward.
+        Arguments as ``forward``'s; ``backward_encode(dhidden)`` is its backward. The enhanced mask
+        decoder (``emd_layers``) is not run: it decodes masked tokens in pre-training, and a fine-tuning
+        head reads the last layer's ordinary output (its position table gets no gradient here).
         """
         op = "Deberta.encode"
         self._check_inputs(op, ids, token_type_ids, None)
-        x = self._body(op, ids, token_type_ids, attention_mask)
+        x, _ = self._body(op, ids, token_type_ids, attention_mask)
         self.save_cache(EncodeCache(out_shape=x.shape))
         return x
 

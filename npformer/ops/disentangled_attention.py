@@ -30,6 +30,10 @@ row with a visible key, and a row with no visible key at all is uniform over its
 keys (output: the mean of the values), exactly as the reference. No gradient flows
 through a hidden score (DA.13).
 
+Queries and keys are separate inputs: a layer may project q_c from another stream than k_c
+and v (DeBERTa's enhanced mask decoder); each stream then gets only its own share of the
+gradient (DA.18), which the layer that owns the projections forms.
+
 Lengths: B, Tq >= 0; Tk >= 1 (a softmax over no keys has no value); H, D, R >= 1.
 Inputs may be any views; outputs are C-contiguous and keep the inputs' dtype.
 """

@@ -21,7 +21,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from npformer.hf import HFFormatError, hf_state_dict, load_pretrained, read_safetensors  # noqa: E402
-from npformer.hf import save_pretrained, write_safetensors  # noqa: E402
+from npformer.hf import check_savable, save_pretrained, write_safetensors  # noqa: E402
 from npformer.hf.deberta_map import deberta_config  # noqa: E402
 from npformer.hf.family import _Fields  # noqa: E402
 from npformer.models.bert import Bert, BertConfig  # noqa: E402
@@ -222,6 +222,30 @@ def test_model_type_and_variant_are_checked_by_name(tmp_path):
         {"lm_predictions.lm_head.dense.weight", "lm_predictions.lm_head.dense.bias",
          "lm_predictions.lm_head.LayerNorm.weight", "lm_predictions.lm_head.LayerNorm.bias",
          "lm_predictions.lm_head.bias"}
+
+
+def test_a_model_with_the_enhanced_mask_decoder_is_not_saved_and_a_loaded_one_has_none(folder_of, tmp_path):
+    """HF's DebertaV2ForMaskedLM has no EMD position table: such a model is refused by name before anything is
+    written (save_pretrained, check_savable, and hf_state_dict, which would drop the table), the same model
+    without it saves; loading gives emd_layers=0,
+    so a released checkpoint's mask_predictions.* tensors are dropped, not read as a decoder."""
+    small = dict(vocab_size=11, max_position=8, n_layer=2, n_head=2, d_model=4, d_ff=5)
+    for emd_layers in (1, 2):
+        model = Deberta(DebertaConfig(**small, emd_layers=emd_layers))
+        for call in (lambda: save_pretrained(model, tmp_path / "emd"), lambda: check_savable(model)):
+            with pytest.raises(ValueError, match=f"save_pretrained: argument 'model' has emd_layers={emd_layers}"):
+                call()
+        with pytest.raises(ValueError, match=f"hf_state_dict: argument 'model' has emd_layers={emd_layers}"):
+            hf_state_dict(model, grads=True)
+    assert not any(tmp_path.iterdir())  # refused before anything is written
+    plain = Deberta(DebertaConfig(**small))
+    check_savable(plain)
+    assert load_pretrained(save_pretrained(plain, tmp_path / "plain")).cfg.emd_layers == 0
+    tensors = read_safetensors(folder_of("v3") / "model.safetensors")
+    tensors["mask_predictions.dense.weight"] = np.ones((12, 12), np.float32)  # a released checkpoint's EMD head
+    (tmp_path / "released").mkdir()
+    loaded = load_pretrained(_folder(tmp_path / "released", V3, tensors))
+    assert loaded.cfg.emd_layers == 0 and "emd_position_embeddings.weight" not in loaded.state_dict()
 
 
 # -- refusals -----------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """DeBERTa-v2 masked-LM against its torch twin: loss and every gradient over drawn configurations (position
 terms, buckets, spans, padding, shared or separate position projections, absolute positions, T = 1), the shared
-relative table's gradient from every layer, recordings and the divergence finder, config and input checks."""
+relative table's gradient from every layer, the enhanced mask decoder (the last layer applied again with a query
+stream; its gradients summed over the calls), recordings and the divergence finder, config and input checks."""
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 
 import npformer.models.deberta as deberta_module
 from kernels.twins.deberta import TwinDeberta, relative_index
-from npformer.models.deberta import Deberta, DebertaConfig, DebertaOutputs, deberta_scale
+from npformer.models.deberta import MAX_EMD_LAYERS, Deberta, DebertaConfig, DebertaOutputs, deberta_scale
 from npformer.ops.disentangled_attention import deberta_relative_indices
 from tests.badinput import expect_rejected
 from tests.models.encoders import (adamw_losses, assert_backward_needs_a_loss, assert_eval_keeps_no_cache,
@@ -77,7 +78,7 @@ def test_loss_and_every_gradient_match_the_twin(cfg, data):
 
 
 @pytest.mark.parametrize("options", [dict(), dict(pos_att_type=("c2p",), share_att_key=False),
-                                     dict(position_biased_input=True, type_vocab_size=2)])
+                                     dict(position_biased_input=True, type_vocab_size=2), dict(emd_layers=2)])
 def test_float32_matches_the_twin(options):
     model, twin = pair(**options)
     assert_float32_matches_twin(model, twin, batch(model.cfg), zero_by_shift=ZERO_BY_SHIFT)
@@ -124,6 +125,121 @@ def test_scale_is_the_float32_root():
     assert deberta_scale(5, 1) != 1.0 / np.sqrt(10.0)  # an inexact one is float32's, not float64's
 
 
+# -- the enhanced mask decoder --------------------------------------------------------------------------
+@settings(max_examples=20, deadline=None)
+@given(cfg=configs(), emd_layers=st.integers(1, 3), data=st.data())
+def test_enhanced_mask_decoder_every_gradient_matches_the_twin(cfg, emd_layers, data):
+    """The last layer's parameters get the sum over its ordinary call and every decoder call, its input H the
+    keys' and values' share of every call and the query stream's start, the position table the stream's."""
+    cfg = DebertaConfig(**{**cfg.to_dict(), "emd_layers": emd_layers})
+    model = randomise(Deberta(cfg, seed=data.draw(st.integers(0, 3))))
+    twin = twin_of(model, TwinDeberta)
+    T = data.draw(st.sampled_from([1, 2, 5, 7]))
+    args = batch(cfg, B=data.draw(st.integers(1, 3)), T=T, seed=data.draw(st.integers(0, 9)),
+                 pad_rows=data.draw(st.booleans()))
+    outputs, loss, twin_loss, twin_grads = run_both(model, twin, args)
+    assert outputs.mlm_logits.shape == args[0].shape + (cfg.vocab_size,)
+    assert abs(loss - twin_loss) <= MODEL_RTOL * abs(twin_loss)
+    assert_grads_match(model, twin_grads, zero_by_shift=ZERO_BY_SHIFT)
+    assert pending(model) == 0  # every call's cache consumed
+
+
+@pytest.mark.parametrize("n_layer", [1, 2])
+def test_enhanced_mask_decoder_structure(n_layer):
+    """The decoder reads the last layer's input H (the embeddings' output in a one-layer model) plus the position
+    rows; the ordinary last output gets an exact zero gradient; each decoder call moves the loss; encode is the
+    body without it; emd_layers=0 is the model without the table."""
+    E = 2
+    model, twin = pair(emd_layers=E, n_layer=n_layer, dropout=0.2)
+    rec = model.start_recording()
+    args = batch(model.cfg)
+    model.forward(*args)
+    model.backward()
+    last = f"layers.{n_layer - 1}"
+    H = rec["embeddings.out"] if n_layer == 1 else rec["layers.0.out"]
+    P = model.emd_position_embeddings.weight.data[:args[0].shape[1]]
+    assert_close(rec[f"{last}.attention.query_proj.out@2"],  # the first decoder call's queries: from H + P
+                 (H + P) @ model.layers[-1].attention.query_proj.weight.data.T
+                 + model.layers[-1].attention.query_proj.bias.data, rtol=MODEL_RTOL, what="queries of H + P")
+    assert np.all(rec[f"{last}.dx@{E + 1}"] == 0)  # the ordinary call: backward last, with a zero gradient
+    assert np.any(rec[f"{last}.dx"] != 0) and np.any(rec[f"{last}.dquery"] != 0)
+    # the position table's gradient is the stream's start gradient summed over the batch, row t for position t
+    assert_close(model.emd_position_embeddings.weight.grad[:args[0].shape[1]], rec["emd.dquery"].sum(0),
+                 rtol=MODEL_RTOL, what="position table")
+    assert np.all(model.emd_position_embeddings.weight.grad[args[0].shape[1]:] == 0)
+    model.eval()
+    ids, types, mask, labels = args
+    losses = [pair(emd_layers=k, n_layer=n_layer)[0].eval().forward(ids, types, mask, labels)[1] for k in range(4)]
+    assert len(set(losses)) == 4, losses
+    plain = pair(n_layer=n_layer, dropout=0.2)[0]
+    assert set(model.state_dict()) - set(plain.state_dict()) == {"emd_position_embeddings.weight"}
+    for name, prm in plain.named_parameters():  # the same weights, without the table
+        prm.data[...] = model.state_dict()[name]
+    encoded = model.encode(ids, types, mask)  # the body: the last layer's ordinary output, no decoder
+    assert_close(encoded, plain.eval().encode(ids, types, mask), rtol=0, what="encode")
+    model.train()
+    model.zero_grad()
+    model.encode(ids, types, mask)
+    model.backward_encode(np.ones_like(encoded))
+    assert np.all(model.emd_position_embeddings.weight.grad == 0) and pending(model) == 0
+
+
+@pytest.mark.derivation("DA.18")
+@given(cfg=configs(), T=st.sampled_from([1, 3, 6]), data=st.data())
+def test_the_layer_keeps_the_query_streams_gradient_apart(cfg, T, data):
+    """(DA.18) at the layer: with query_states Z, dquery is Z's gradient (the residual and the query
+    projection) and dx X's (keys and values), each equal to autograd's on the twin's layer; with Z = X their sum
+    is the ordinary call's input gradient; the weights' gradients add over calls."""
+    model = randomise(Deberta(DebertaConfig(**{**cfg.to_dict(), "dropout": 0.0}), seed=1))
+    twin = twin_of(model, TwinDeberta)
+    layer, twin_layer = model.layers[-1], twin.layers[-1]
+    rng = np.random.default_rng(data.draw(st.integers(0, 9)))
+    B, D = 2, cfg.d_model
+    x, z, dout = (rng.standard_normal((B, T, D)) for _ in range(3))
+    rel = model.rel_embeddings.weight.data
+    c2p, p2c = deberta_relative_indices(T, T, position_buckets=cfg.position_buckets,
+                                        max_relative_positions=cfg.max_relative_positions)
+    visible = np.ones((B, 1, T, T), bool)
+    visible[1, :, :, T - T // 2:] = False
+    visible[1, :, T - T // 2:, :] = False
+
+    layer.forward(x, rel, visible, c2p, p2c, query_states=z)
+    dx, drel, dquery = layer.backward(dout)
+    tx, tz, trel = (torch.from_numpy(a.copy()).requires_grad_() for a in (x, z, rel))
+    out = twin_layer(tx, trel, torch.from_numpy(visible), tuple(torch.from_numpy(i) for i in (c2p, p2c.T)), None,
+                     "layers.x", query_states=tz)
+    want_dx, want_dz, want_drel = torch.autograd.grad(out, (tx, tz, trel), torch.from_numpy(dout))
+    assert_close(dquery, want_dz.numpy(), rtol=MODEL_RTOL, what="dquery")
+    assert_close(dx, want_dx.numpy(), rtol=MODEL_RTOL, what="dx (keys and values)")
+    assert_close(drel, want_drel.numpy(), rtol=MODEL_RTOL, what="drel")
+
+    layer.forward(x, rel, visible, c2p, p2c)  # an ordinary call: Z = X
+    whole, _, none = layer.backward(dout)
+    layer.forward(x, rel, visible, c2p, p2c, query_states=x)
+    keys_values, _, query = layer.backward(dout)
+    assert none is None
+    assert_close(keys_values + query, whole, rtol=MODEL_RTOL, what="the two shares add up")
+
+
+def test_layer_refuses_a_bad_query_stream_by_name():
+    model = Deberta(DebertaConfig(**TINY))
+    layer = model.layers[0]
+    x = np.zeros((1, 3, 6), np.float32)
+    c2p, p2c = deberta_relative_indices(3, 3, position_buckets=4, max_relative_positions=6)
+    rel = model.rel_embeddings.weight.data
+    for bad in (np.zeros((1, 4, 6), np.float32), np.zeros((1, 3, 6), np.float64), np.zeros((1, 3, 6), np.int64),
+                [[0.0] * 6] * 3):
+        expect_rejected(lambda: layer.forward(x, rel, None, c2p, p2c, query_states=bad), "DebertaLayer.forward",
+                        "query_states" if not (isinstance(bad, np.ndarray) and bad.dtype == np.float64) else "x")
+    assert pending(model) == 0
+
+
+def test_enhanced_mask_decoder_limits_the_length_to_its_table():
+    model = Deberta(DebertaConfig(**TINY, emd_layers=2))
+    expect_rejected(lambda: model.forward(np.ones((1, 11), np.int64)), "Deberta.forward", "ids")
+    assert model.forward(np.ones((1, 10), np.int64))[0].mlm_logits.shape == (1, 10, 13)
+
+
 # -- padding --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("options", [dict(), dict(position_biased_input=True)])
 def test_padding_changes_nothing_at_the_tokens(options):
@@ -167,7 +283,8 @@ def test_the_word_pad_row_gets_only_the_decoders_gradient():
 
 
 # -- the divergence finder ------------------------------------------------------------------------------
-@pytest.mark.parametrize("options", [dict(), dict(dropout=0.2), dict(share_att_key=False, pos_att_type=("p2c",))])
+@pytest.mark.parametrize("options", [dict(), dict(dropout=0.2), dict(share_att_key=False, pos_att_type=("p2c",)),
+                                     dict(emd_layers=2, dropout=0.2)])
 def test_recordings_agree_everywhere(options):
     model, twin = pair(**options)
     ours, theirs = record_both(model, twin, batch(model.cfg))
@@ -176,6 +293,9 @@ def test_recordings_agree_everywhere(options):
     assert {"embeddings.out", "layers.1.attention.probs", "layers.0.dx", "dmlm_logits", "mlm_head.act",
             "drel", "rel_embeddings.dW", "layers.0.attention.dq_r", "rel_norm.dweight",
             "layers.0.output_norm.dx"} <= shared
+    if model.cfg.emd_layers:  # every decoder call of the last layer, forward and backward
+        assert {"layers.1.out@3", "layers.1.attention.probs@3", "layers.1.dx@2", "layers.1.attention.dq_r@2",
+                "emd_position_embeddings.dW"} <= shared
 
 
 @pytest.mark.parametrize("where, options, expected", [
@@ -219,7 +339,8 @@ def test_divergence_finder_names_a_planted_backward_error(monkeypatch):
     ("position_biased_input", 1), ("share_att_key", None), ("norm_rel_ebd", "layer_norm"),
     ("position_buckets", 1), ("position_buckets", 0), ("position_buckets", 4.0), ("max_relative_positions", 3),
     ("pos_att_type", "c2p"), ("pos_att_type", ("c2p", "c2p")), ("pos_att_type", ("p2p",)),
-    ("dtype", "float16"), ("dtype", np.float32),
+    ("dtype", "float16"), ("dtype", np.float32), ("emd_layers", -1), ("emd_layers", True), ("emd_layers", 2.0),
+    ("emd_layers", "2"), ("emd_layers", None), ("emd_layers", MAX_EMD_LAYERS + 1),
 ])
 def test_config_refuses_a_bad_field_by_name(field, value):
     expect_rejected(lambda: DebertaConfig(**{**TINY, field: value}), "DebertaConfig", field)
@@ -299,7 +420,8 @@ def test_the_model_imports_no_other_model():
     assert "..ops.disentangled_attention" in imported
 
 
-def test_a_few_adamw_steps_fit_a_fixed_batch():
-    model = Deberta(DebertaConfig(**{**TINY, "dropout": 0.1}), seed=1)
+@pytest.mark.parametrize("emd_layers", [0, 2])
+def test_a_few_adamw_steps_fit_a_fixed_batch(emd_layers):
+    model = Deberta(DebertaConfig(**{**TINY, "dropout": 0.1, "emd_layers": emd_layers}), seed=1)
     losses = adamw_losses(model, batch(model.cfg, seed=3))
     assert losses[-1] < 0.5 * losses[0], losses[::10]

@@ -394,6 +394,58 @@ def test_matches_hugging_face(rng, config, terms, share, T):
     assert_close(drel.numpy(), expected_drel, what="d rel_embeddings")
 
 
+@pytest.mark.derivation("DA.18")
+@settings(max_examples=10)
+@given(rngs(), st.sampled_from([(None, 3), (4, 8), (256, 512)]),
+       st.sampled_from([("c2p", "p2c"), ("c2p",), ("p2c",)]), st.booleans(), st.sampled_from([1, 4, 7]))
+def test_query_stream_gradients_match_hugging_face(rng, config, terms, share, T):
+    """Queries from another stream Z (Hugging Face's ``query_states``), keys and values from X: the op's
+    gradients, carried back through the projections by (DA.18) in NumPy, give Z and X their own shares, equal
+    to Hugging Face's, and their sum is not X's share (the streams are not mixed up)."""
+    N, M = config
+    B, H, D = 2, 2, 3
+    span = M if N is None else N
+    layer = hf_layer(rng, H, D, N, M, terms, share)
+    x, z = leaf(rng.standard_normal((B, T, H * D))), leaf(rng.standard_normal((B, T, H * D)))
+    rel_emb = leaf(rng.standard_normal((2 * span, H * D)))
+    padding = np.ones((B, T), bool)
+    padding[1, T - T // 3:] = False
+    mask = pairwise_attention_mask(padding)
+    rel = build_relative_position(x, x, bucket_size=-1 if N is None else N, max_position=M)
+    expected, _ = layer(x, torch.from_numpy(mask), query_states=z, relative_pos=rel, rel_embeddings=rel_emb)
+    dout = rng.standard_normal(expected.shape)
+    expected_dx, expected_dz = backprop(expected, dout, x, z)
+
+    c2p, p2c = deberta_relative_indices(T, T, position_buckets=N, max_relative_positions=M)
+    weight = {n: getattr(layer, n).weight.detach().numpy() for n in ("query_proj", "key_proj", "value_proj")}
+    bias = {n: getattr(layer, n).bias.detach().numpy() for n in weight}
+    q_proj = layer.query_proj if share or "p2c" not in terms else layer.pos_query_proj
+    k_proj = layer.key_proj if share or "c2p" not in terms else layer.pos_key_proj
+    with torch.no_grad():
+        q_r, k_r = (heads(p(rel_emb), H).numpy() for p in (q_proj, k_proj))
+    x_np, z_np = x.detach().numpy(), z.detach().numpy()
+    split = lambda a: a.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # noqa: E731
+    q_c = split(z_np @ weight["query_proj"].T + bias["query_proj"])  # from Z
+    k_c = split(x_np @ weight["key_proj"].T + bias["key_proj"])  # from X
+    v = split(x_np @ weight["value_proj"].T + bias["value_proj"])
+    scale = 1.0 / float(torch.sqrt(torch.tensor(D, dtype=torch.float) * (1 + len(terms))))
+    out, cache = disentangled_attention_forward(
+        q_c, k_c, v, q_r if "p2c" in terms else None, k_r if "c2p" in terms else None,
+        c2p_index=c2p if "c2p" in terms else None, p2c_index=p2c if "p2c" in terms else None,
+        attention_mask=mask, pos_att_type=terms, scale=scale)
+    assert_close(out.transpose(0, 2, 1, 3).reshape(B, T, H * D), expected.detach().numpy(), what="out")
+
+    merge = lambda g: g.transpose(0, 2, 1, 3).reshape(B, T, H * D)  # noqa: E731
+    dq_c, dk_c, dv, _, _ = disentangled_attention_backward(
+        np.ascontiguousarray(dout.reshape(B, T, H, D).transpose(0, 2, 1, 3)), cache)
+    dz = merge(dq_c) @ weight["query_proj"]  # (DA.18)  the query stream (no residual in this layer)
+    dx = merge(dk_c) @ weight["key_proj"] + merge(dv) @ weight["value_proj"]  # (DA.18)  keys and values
+    assert_close(dz, expected_dz, what="d query_states")
+    assert_close(dx, expected_dx, what="d hidden_states")
+    if T > 1:  # the query stream's share is really apart (one key: a constant softmax, no query gradient)
+        assert not np.allclose(dx + dz, expected_dx)
+
+
 # -- finite differences ---------------------------------------------------------------------------
 
 
