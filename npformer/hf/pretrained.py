@@ -36,7 +36,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
-from . import albert_map, bert_map, deberta_map, electra_map, gpt2_map, llama_map
+from . import albert_map, bart_map, bert_map, deberta_map, electra_map, gpt2_map, llama_map, t5_map
 from .family import Family, HFFormatError, _error, _Fields, _from_hf, _to_hf
 from .safetensors import INDEX_FILE, SINGLE_FILE, SafetensorsError, read_safetensors, write_safetensors
 
@@ -45,7 +45,8 @@ __all__ = ["HFFormatError", "load_pretrained", "save_pretrained", "read_generati
 
 # The families by name; each reads and writes the model types it lists.
 REGISTRY: Dict[str, Family] = {family.name: family for family in (
-    gpt2_map.FAMILY, llama_map.FAMILY, bert_map.FAMILY, albert_map.FAMILY, electra_map.FAMILY, deberta_map.FAMILY)}
+    gpt2_map.FAMILY, llama_map.FAMILY, bert_map.FAMILY, albert_map.FAMILY, electra_map.FAMILY, deberta_map.FAMILY,
+    t5_map.FAMILY, bart_map.FAMILY)}
 _FAMILY_OF_TYPE: Dict[str, Family] = {t: family for family in REGISTRY.values() for t in family.model_types}
 SUPPORTED_MODEL_TYPES = tuple(_FAMILY_OF_TYPE)
 # What a folder's tokenizer may consist of (copied as they are by save_pretrained(source=...)).

@@ -11,16 +11,21 @@ from __future__ import annotations
 from typing import Dict, Tuple, Type
 
 from .albert import Albert, AlbertConfig
+from .bart import Bart, BartConfig
 from .bert import Bert, BertConfig
 from .deberta import Deberta, DebertaConfig
 from .electra import ElectraPretraining, ElectraPretrainingConfig
 from .gpt import GPT, GPTConfig
 from .llama import Llama, LlamaConfig
+from .t5 import T5, T5Config
+from .transformer import Transformer, TransformerConfig
 
 FAMILIES: Dict[str, Tuple[Type, Type]] = {"gpt": (GPT, GPTConfig), "llama": (Llama, LlamaConfig),
                                           "bert": (Bert, BertConfig), "roberta": (Bert, BertConfig),
                                           "deberta": (Deberta, DebertaConfig), "albert": (Albert, AlbertConfig),
-                                          "electra": (ElectraPretraining, ElectraPretrainingConfig)}
+                                          "electra": (ElectraPretraining, ElectraPretrainingConfig),
+                                          "t5": (T5, T5Config), "transformer": (Transformer, TransformerConfig),
+                                          "bart": (Bart, BartConfig)}
 CAUSAL_LMS = ("gpt", "llama")  # the families that predict the next token (generate, sample, bench --inference)
 
 

@@ -1,4 +1,5 @@
-"""Feed-forward blocks: GPT's GELU MLP (or ReLU, as the original Transformer) and LLaMA's SwiGLU MLP.
+"""Feed-forward blocks: GPT's GELU MLP (or ReLU, as the original Transformer), LLaMA's SwiGLU MLP and
+T5 v1.1's gated-GELU MLP (``GatedMLP``).
 
 Each forward keeps its activation cache on the block's stack (one per call, see
 ``Module``); the linear layers keep their own.
@@ -11,16 +12,16 @@ from typing import NamedTuple, Tuple
 import numpy as np
 
 from ..ops._checks import check_bool, check_real
-from ..ops.activations import (gelu_backward, gelu_forward, relu_backward, relu_forward, swiglu_backward,
-                               swiglu_forward)
-from .layers import Linear, check_dout, check_layer_options
+from ..ops.activations import (geglu_backward, geglu_forward, gelu_backward, gelu_forward, relu_backward,
+                               relu_forward, swiglu_backward, swiglu_forward)
+from .layers import Dropout, Linear, check_dout, check_layer_options
 from .module import Module, atomic
 
 
 class MLPCache(NamedTuple):
     """One forward call of an MLP: the activation's op cache and the output's shape (checks dy)."""
 
-    act: object  # GeluCache or ReluCache (MLP) or SwiGLUCache (SwiGLUMLP)
+    act: object  # GeluCache or ReluCache (MLP), SwiGLUCache (SwiGLUMLP) or GegluCache (GatedMLP)
     out_shape: Tuple[int, ...]
 
 
@@ -103,3 +104,49 @@ class SwiGLUMLP(Module):
         dx_gate = self.gate_proj.backward(dgate)
         return dx_gate + dx_up
 
+
+
+class GatedMLP(Module):
+    """x -> gelu(wi_0(x)) * wi_1(x) -> dropout -> wo, as T5 v1.1 (gated-gelu, no biases by default).
+
+    The GELU is the tanh form (Hugging Face's ``gelu_new``, ``approximate="tanh"``) unless
+    ``approximate="none"``; the gate's product is GeGLU (ACT.19), its backward (ACT.20), (ACT.21).
+    ``dropout`` acts on the gated product before ``wo``, as T5's ``DenseGatedActDense``. The sublayers
+    carry Hugging Face's T5 names, so the state dict reads ``wi_0.weight``, ``wi_1.weight``, ``wo.weight``.
+    """
+
+    def __init__(self, d_model: int, d_hidden: int, bias: bool = False, approximate: str = "tanh", *,
+                 rng: np.random.Generator, proj_std: float = 0.02, dtype=np.float32, dropout: float = 0.0):
+        super().__init__()
+        check_layer_options("GatedMLP", rng=rng, d_model=d_model, d_hidden=d_hidden)
+        check_real("GatedMLP", "proj_std", proj_std, lo=0.0)
+        check_bool("GatedMLP", "bias", bias)
+        if not isinstance(approximate, str) or approximate not in ("none", "tanh"):
+            raise ValueError(f"GatedMLP: argument 'approximate' expected 'none' or 'tanh', got {approximate!r}")
+        self.approximate = approximate
+        self.wi_0 = Linear(d_model, d_hidden, bias, rng=rng, dtype=dtype)
+        self.wi_1 = Linear(d_model, d_hidden, bias, rng=rng, dtype=dtype)
+        self.wo = Linear(d_hidden, d_model, bias, rng=rng, std=proj_std, dtype=dtype)
+        self.dropout = Dropout(dropout, rng=rng)
+
+    @atomic
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """x (..., d_model) -> (..., d_model)."""
+        g = self.wi_0.forward(x)
+        u = self.wi_1.forward(x)
+        a, act = geglu_forward(g, u, approximate=self.approximate)  # (ACT.19)
+        self.record("act", a)
+        y = self.wo.forward(self.dropout.forward(a))
+        self.save_cache(MLPCache(act=act, out_shape=y.shape))
+        return y
+
+    @atomic
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        wo = self.wo.weight
+        check_dout(self, "GatedMLP.backward", "dy", dy, wo.shape[0], wo.data.dtype)
+        cache = self.pop_cache()
+        da = self.dropout.backward(self.wo.backward(dy))
+        dgate, dup = geglu_backward(da, cache.act)  # (ACT.20), (ACT.21)
+        dx_up = self.wi_1.backward(dup)  # reverse order of the forward: wi_1 ran after wi_0
+        dx_gate = self.wi_0.backward(dgate)
+        return dx_gate + dx_up

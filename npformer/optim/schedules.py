@@ -161,3 +161,44 @@ def linear_decay(lr: float, warmup: int, total_steps: int, end_lr: float = 0.0) 
     _check_end("linear_decay", lr, "end_lr", end_lr)
     _check_steps("linear_decay", warmup, total_steps)
     return LinearDecay(lr, int(warmup), int(total_steps), end_lr)
+
+
+@dataclass(frozen=True)
+class InverseSqrt:
+    """The schedule of "Attention Is All You Need": ``scale d_model**-0.5 min((s+1)**-0.5, (s+1) warmup**-1.5)``.
+
+    It rises linearly for ``warmup`` updates, peaks at update ``warmup - 1`` at
+    ``scale / sqrt(d_model warmup)``, then decays as the inverse square root of the update count.
+    ``s + 1`` counts the updates done so far including this one (the convention above: update 0
+    runs at the paper's step 1).
+    """
+
+    d_model: int
+    warmup: int
+    scale: float = 1.0
+
+    def __post_init__(self):
+        check_count("InverseSqrt", "d_model", self.d_model, lo=1)
+        check_count("InverseSqrt", "warmup", self.warmup, lo=1)
+        _check_rate("InverseSqrt", "scale", self.scale)
+
+    @property
+    def peak(self) -> float:
+        """The largest rate, at update ``warmup - 1``."""
+        return self.scale * (self.d_model * self.warmup) ** -0.5
+
+    def __call__(self, step: int) -> float:
+        n = _check_step("InverseSqrt", step) + 1  # the paper's step number
+        rise, fall = n * self.warmup ** -1.5, n ** -0.5
+        return self.scale * self.d_model ** -0.5 * min(fall, rise)
+
+
+def inverse_sqrt(d_model: int, warmup: int, scale: float = 1.0) -> InverseSqrt:
+    """``scale d_model**-0.5 min((s+1)**-0.5, (s+1) warmup**-1.5)``: the Transformer's (``noam``) schedule."""
+    check_count("inverse_sqrt", "d_model", d_model, lo=1)
+    check_count("inverse_sqrt", "warmup", warmup, lo=1)
+    _check_rate("inverse_sqrt", "scale", scale)
+    return InverseSqrt(int(d_model), int(warmup), scale)
+
+
+noam = inverse_sqrt  # the name the schedule is known by

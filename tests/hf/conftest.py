@@ -132,3 +132,13 @@ def hf_float64(monkeypatch):
         monkeypatch.setattr(getattr(module, f"{prefix}RMSNorm"), "forward", _rmsnorm_in_input_dtype)
         monkeypatch.setattr(getattr(module, f"{prefix}RotaryEmbedding"), "forward", _rotary_in_float64)
     return True
+
+
+@pytest.fixture
+def hf_t5_float64(monkeypatch):
+    """Patch T5's layer norm (T5LayerNorm, which takes its mean square in float32) to compute in the input's
+    dtype, for the one test that asks for it: a float64 T5 is then float64 throughout."""
+    from transformers.models.t5 import modeling_t5
+
+    monkeypatch.setattr(modeling_t5.T5LayerNorm, "forward", _rmsnorm_in_input_dtype)
+    return True

@@ -17,11 +17,13 @@ transformers = pytest.importorskip("transformers")
 from npformer.hf import hf_state_dict, load_pretrained, save_pretrained  # noqa: E402
 from npformer.hf.pretrained import REGISTRY, SUPPORTED_MODEL_TYPES  # noqa: E402
 from npformer.models.albert import Albert, AlbertConfig  # noqa: E402
+from npformer.models.bart import Bart, BartConfig  # noqa: E402
 from npformer.models.bert import Bert, BertConfig  # noqa: E402
 from npformer.models.deberta import Deberta, DebertaConfig  # noqa: E402
 from npformer.models.electra import ElectraConfig, ElectraDiscriminator, ElectraGenerator  # noqa: E402
 from npformer.models.gpt import GPT, GPTConfig  # noqa: E402
 from npformer.models.llama import Llama, LlamaConfig  # noqa: E402
+from npformer.models.t5 import T5, T5Config  # noqa: E402
 from tests.hf.encoder_helpers import assert_grads_equal_hf, load_hf, saved_folders  # noqa: E402
 from tests.hf.test_pretrained_albert_electra import HF_CLASS, build_hf_model, hf_forward, inputs  # noqa: E402
 from tests.hf.test_pretrained_albert_electra import ours_forward  # noqa: E402
@@ -46,6 +48,10 @@ MODELS = {
                 "generator": lambda: ElectraGenerator(ElectraConfig(embedding_size=6, dropout=0.0, **ENCODER), seed=9)},
     "deberta-v2": {v: lambda: Deberta(DebertaConfig(position_buckets=4, max_relative_positions=8, dropout=0.0,
                                                     **ENCODER), seed=10) for v in ("legacy", "lm_predictions")},
+    "t5": {None: lambda: T5(T5Config(vocab_size=23, d_model=8, d_kv=3, d_ff=11, num_layers=2, num_decoder_layers=1,
+                                     n_head=2, relative_attention_num_buckets=6, relative_attention_max_distance=4,
+                                     dropout=0.0, dtype="float64"), seed=11)},
+    "bart": {None: lambda: Bart(BartConfig(vocab_size=23, max_position=12, dropout=0.0, **SIZES), seed=12)},
 }
 
 
