@@ -177,3 +177,40 @@ def test_the_cases_end_at_many_lengths(models):
         eos = hf.config.eos_token_id
         ends = [int(np.argmax(row[1:] == eos)) for row in out if (row[1:] == eos).any()]
         assert len(set(ends)) >= 2, (kind, out)
+
+
+@pytest.fixture(scope="module")
+def loaded(models, tmp_path_factory):
+    """Each HF model saved and read back by npformer (float64 and float32): npformer's own encoder-decoder."""
+    from npformer.hf import load_pretrained
+
+    out = {}
+    for kind, hf in models.items():
+        folder = tmp_path_factory.mktemp(f"{kind}_folder")
+        hf.save_pretrained(folder)
+        out[kind] = {dtype: load_pretrained(folder, dtype=dtype) for dtype in ("float32", "float64")}
+    return out
+
+
+@pytest.mark.parametrize("kind", ["bart", "t5"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@settings(max_examples=10)
+@given(**SETTINGS)
+def test_npformer_models_decode_as_hf_generate(models, loaded, kind, dtype, seed, B, S, with_mask, num_beams,
+                                               length_penalty, early_stopping, ngram, max_new_tokens,
+                                               min_new_tokens, R):
+    """The npformer T5 and BART loaded from the HF folder, decoding with their own KV caches (self attention
+    growing, cross attention computed once): the same sequences as HF generate, beam scores at 1e-5."""
+    hf, ours = models[kind], loaded[kind][dtype]
+    R = min(R, num_beams)
+    src, mask = source(seed, B, S, with_mask)
+    kw = dict(num_beams=num_beams, max_new_tokens=max_new_tokens, length_penalty=length_penalty,
+              early_stopping=early_stopping, no_repeat_ngram_size=ngram, num_return_sequences=R,
+              min_new_tokens=min_new_tokens)
+    expected = hf_generate(hf, src, mask, **kw)
+    ids, scores = decoding.beam_search(ours, src, src_padding_mask=mask, **kw)
+    np.testing.assert_array_equal(ids, expected.sequences.numpy())
+    assert_close(scores, expected.sequences_scores.numpy(), rtol=F32, what="sequences_scores")
+    greedy_kw = dict(max_new_tokens=max_new_tokens, no_repeat_ngram_size=ngram, min_new_tokens=min_new_tokens)
+    np.testing.assert_array_equal(decoding.greedy(ours, src, src_padding_mask=mask, **greedy_kw),
+                                  hf_generate(hf, src, mask, num_beams=1, **greedy_kw).sequences.numpy())
