@@ -14,13 +14,19 @@
   ``load_vocab_txt`` (encodes as Hugging Face's BERT tokenizer);
 - ``tasks.py``: fine-tuning tasks from the standard library (docstring -> module, Python token
   tags), split by hash, ``classification_batches``, accuracy / macro-F1 / majority baseline /
-  confusion matrix.
+  confusion matrix;
+- ``seq2seq_objectives.py``: encoder-decoder pre-training: T5 span corruption with sentinels,
+  BART text infilling and sentence permutation, and corpus batches for each (``seq2seq_batches``);
+- ``translation.py``: built-in translation tasks (number words <-> digits, dates between formats),
+  split by hash, a character vocabulary, ``translation_batches``.
 """
 
 from .arithmetic import IGNORE_INDEX, ArithmeticTask, Problem, exact_match, make_batch
 from .bpe import ByteBPE
 from .char import CharTokenizer
 from .corpus import data_fingerprint, default_corpus, get_batch, train_val_split
+from .seq2seq_objectives import Seq2SeqBatch, Seq2SeqSpecials, seq2seq_batches, seq2seq_specials_for
+from .translation import TRANSLATION_TASKS, TranslationVocab, translation_batches, translation_task
 from .objectives import (PairBatch, SpecialIds, mask_tokens, pretraining_batches, replaced_token_labels,
                          sentence_pairs, special_ids_for)
 from .tasks import (Task, TaggedLine, TextExample, accuracy, align_labels, classification_batches, confusion_matrix,
@@ -34,4 +40,6 @@ __all__ = ["CharTokenizer", "ByteBPE", "default_corpus", "train_val_split", "get
            "mask_tokens", "sentence_pairs", "replaced_token_labels", "pretraining_batches", "special_ids_for",
            "SpecialIds", "PairBatch", "Task", "TaggedLine", "TextExample", "accuracy", "align_labels",
            "classification_batches", "confusion_matrix", "docstring_task", "load_task", "macro_f1",
-           "majority_baseline", "token_accuracy", "token_task", "train_wordpiece", "load_vocab_txt"]
+           "majority_baseline", "token_accuracy", "token_task", "train_wordpiece", "load_vocab_txt",
+           "Seq2SeqBatch", "Seq2SeqSpecials", "seq2seq_batches", "seq2seq_specials_for", "TRANSLATION_TASKS",
+           "TranslationVocab", "translation_batches", "translation_task"]
