@@ -1,4 +1,4 @@
-"""The ``npformer`` command: train, sample, bench, finetune, gradcheck.
+"""The ``npformer`` command: train, sample, bench, finetune, translate, gradcheck.
 
 Every option is checked before any work. A bad value ends the command with one line
 that names the option, in argparse's style, and exit status 2::
@@ -318,8 +318,9 @@ def _run_sample(args) -> int:
                                           f"vocabulary: pass --prompt TEXT ({e})") from None
         raise OptionError("--prompt", f"expected characters of the model's vocabulary: {e}") from None
     try:
+        prefix_lm = isinstance(saved, dict) and saved.get("objective") == "prefix"  # the prompt as its prefix
         out = generate(model, prompt, args.tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       rng=np.random.default_rng(args.seed), use_cache=not args.no_cache)
+                       rng=np.random.default_rng(args.seed), use_cache=not args.no_cache, prefix=prefix_lm)
     except NonFiniteLogitsError as e:
         raise CommandFailed(f"{path}: {e}") from None
     print(tok.decode(out[0].tolist()))
@@ -554,19 +555,62 @@ def _run_finetune(args) -> int:
     return 0
 
 
+# -- translate --------------------------------------------------------------------------------------
+def _add_translate(sub) -> argparse.ArgumentParser:
+    from .data.translation import TRANSLATION_TASKS
+    from .translate import FAMILIES, FAMILY_FIELDS, FIELD_HELP, SCHEDULES, TranslateConfig
+
+    p = sub.add_parser("translate", help="train an encoder-decoder (transformer, t5, bart) on a built-in "
+                                         "translation task and score it, greedy and beam search",
+                       description="Train a fresh Transformer, T5 or BART on the numbers (words -> digits) or dates "
+                                   "(ISO -> '7 March 2024') task; prints validation scores every --eval-interval "
+                                   "steps, then the test split's exact match and BLEU, greedy and with beam search.")
+    choices = {"task": TRANSLATION_TASKS, "model": FAMILIES, "schedule": SCHEDULES, "dtype": ("float32", "float64")}
+    kinds = {"lr": float, "warmup": int, "schedule": str, "label_smoothing": float, "max_new_tokens": int}
+    for f in fields(TranslateConfig):
+        default = "the model's" if f.name in FAMILY_FIELDS else repr(f.default)
+        text = f"{FIELD_HELP[f.name]} (default: {default})".replace("%", "%%")  # argparse formats help
+        if f.type in ("bool", bool):
+            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=text)
+            continue
+        kind = kinds.get(f.name) or {"int": int, "float": float, "str": str}[
+            f.type if isinstance(f.type, str) else f.type.__name__]
+        p.add_argument(flag(f.name), type=kind, default=argparse.SUPPRESS, choices=choices.get(f.name), help=text)
+    return p
+
+
+def _run_translate(args) -> int:
+    from .translate import TranslateConfig, TranslateDiverged, TranslateError, results_table, translate
+
+    names = {f.name for f in fields(TranslateConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    try:
+        summary = translate(TranslateConfig(**given))
+    except TranslateError as e:
+        raise OptionError(flag(e.field), e.reason) from None
+    except TranslateDiverged as e:
+        raise CommandFailed(str(e)) from None
+    print(results_table(summary))
+    print(f"trained in {summary['seconds']:.1f} s, decoded the test split in {summary['decode_seconds']:.1f} s")
+    return 0
+
+
 # -- the command ------------------------------------------------------------------------------------
 def build_parser():
     """The top-level parser and its subcommands' parsers, by name."""
     parser = Parser(prog="npformer", description="An educational transformer engine in NumPy.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,bench,finetune,gradcheck}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{train,sample,bench,finetune,translate,gradcheck}")
     subs = {"train": _add_train(sub), "sample": _add_sample(sub), "bench": _add_bench(sub),
-            "finetune": _add_finetune(sub)}
+            "finetune": _add_finetune(sub), "translate": _add_translate(sub)}
     sub.add_parser("gradcheck", help="finite-difference check of op families ('all' or names; see gradcheck --help)",
                    add_help=False)
     return parser, subs
 
 
-RUNNERS = {"train": _run_train, "sample": _run_sample, "bench": _run_bench, "finetune": _run_finetune}
+RUNNERS = {"train": _run_train, "sample": _run_sample, "bench": _run_bench, "finetune": _run_finetune,
+           "translate": _run_translate}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -151,13 +151,15 @@ def generate(model, ids: np.ndarray, max_new_tokens: int, *, temperature: float 
              top_k: Optional[int] = None, top_p: Optional[float] = None,
              rng: Optional[np.random.Generator] = None, use_cache: bool = True,
              stop_tokens: Optional[Sequence[int]] = None, pad_token: Optional[int] = None,
-             repetition_penalty: float = 1.0, min_new_tokens: int = 0) -> np.ndarray:
+             repetition_penalty: float = 1.0, min_new_tokens: int = 0, prefix: bool = False) -> np.ndarray:
     """Extend ids (B, T0) by ``max_new_tokens`` sampled tokens -> (B, T0 + max_new_tokens) int64.
 
     ids: a non-empty prompt per row (B >= 1, T0 >= 1) of ids in [0, vocab_size). A prompt
     longer than ``block_size`` is cropped to its last ``block_size`` tokens for the model.
     With ``stop_tokens`` (ids in [0, vocab_size)) the output ends once every row has drawn
     one (see the module's notes); ``pad_token`` fills a finished row's later positions.
+    ``prefix=True`` reads the prompt as a prefix LM's prefix (ATT.18: its tokens see each other
+    both ways; what follows is causal), for a model trained with ``--objective prefix``.
     """
     op = "generate"
     if not callable(getattr(model, "forward", None)) or not hasattr(getattr(model, "cfg", None), "block_size"):
@@ -176,6 +178,7 @@ def generate(model, ids: np.ndarray, max_new_tokens: int, *, temperature: float 
     if rng is not None:
         _check_rng(op, rng)
     check_bool(op, "use_cache", use_cache)
+    check_bool(op, "prefix", prefix)
     stops = _check_stop_tokens(op, stop_tokens, pad_token, vocab_size)
     repetition_penalty = check_real(op, "repetition_penalty", repetition_penalty, lo=0.0, lo_open=True)
     min_new_tokens = check_count(op, "min_new_tokens", min_new_tokens, lo=0)
@@ -207,9 +210,13 @@ def generate(model, ids: np.ndarray, max_new_tokens: int, *, temperature: float 
                 # The window is full: positions shift, so the cache is rebuilt from the last T_max tokens
                 # (exactly what the uncached path sees).
                 caches, start = model.make_kv_caches(B, max_len=cache_len), end - T_max
-            context = out[:, start:end] if caches is not None else out[:, max(0, end - T_max):end]
+            first = start if caches is not None else max(0, end - T_max)  # the context's first position
+            context = out[:, first:end]
+            options = {}
+            if prefix and (caches is None or caches[0].length == 0):  # a fresh window holds what is left of it
+                options["prefix_len"] = np.full(B, min(max(0, T0 - first), end - first), np.int64)
             with np.errstate(over="ignore", invalid="ignore"):  # the logits are checked below
-                logits, _ = model.forward(context, kv_caches=caches)
+                logits, _ = model.forward(context, kv_caches=caches, **options)
             last = logits[:, -1]  # (B, V)
             if not np.isfinite(last).all():  # the cheap test; the details only when it fails
                 _check_model_logits(op, last, i)

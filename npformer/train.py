@@ -60,7 +60,7 @@ from .data.corpus import default_corpus, get_batch, get_prefix_batch, train_val_
 from .data.vocab import check_vocab, tokenizer_difference
 from .generate import NonFiniteLogitsError, generate
 from . import pretraining
-from .pretraining import ENCODERS, OBJECTIVES
+from .pretraining import ENCODERS, OBJECTIVES, SEQ2SEQ
 from .models import build as build_model, check_causal_lm, family
 from .models.gpt import GPT, GPTConfig
 from .ops._checks import check_bool, check_count, check_real
@@ -181,8 +181,8 @@ class TrainConfig:
 
     @property
     def encoder(self) -> bool:
-        """Whether the model is an encoder, pre-trained by ``npformer.pretraining``."""
-        return self.model in ENCODERS
+        """Whether the model is an encoder or an encoder-decoder, pre-trained by ``npformer.pretraining``."""
+        return self.model in OBJECTIVES
 
     @property
     def resolved_objective(self) -> str:
@@ -229,12 +229,16 @@ FIELD_HELP = {
                     f"{SPLIT_CHUNK} characters, shorter ones (down to {SPLIT_MIN_CHUNK}) or else the text's "
                     f"end when needed to hold the fraction within {SPLIT_TOLERANCE:.0%} (the split is printed)",
     "model": "model family: gpt (LayerNorm, GELU, learned positions, tied head), llama (RMSNorm, SwiGLU, "
-             "rotary positions, grouped-query attention, untied head), or an encoder pre-trained with --objective: "
-             "bert, roberta, deberta, albert, electra",
+             "rotary positions, grouped-query attention, untied head), an encoder pre-trained with --objective: "
+             "bert, roberta, deberta, albert, electra, or an encoder-decoder pre-trained with --objective: t5, bart, "
+             "transformer (the original Transformer)",
     "objective": "what the model learns: clm (next token; gpt, llama), prefix (prefix LM: next token after a "
-                 "prefix of random length whose tokens see each other both ways; gpt, llama), mlm (masked LM, 15%% of tokens, 80/10/10), "
-                 "wwm (whole-word masked LM), nsp (MLM plus next-sentence prediction; bert), sop (MLM plus "
-                 "sentence-order prediction; albert), rtd (generator MLM plus replaced-token detection; electra); "
+                 "prefix of random length whose tokens see each other both ways; gpt, llama), mlm (masked LM, 15% "
+                 "of tokens, 80/10/10), wwm (whole-word masked LM), nsp (MLM plus next-sentence prediction; bert), sop (MLM plus "
+                 "sentence-order prediction; albert), rtd (generator MLM plus replaced-token detection; electra), span "
+                 "(T5's span corruption: 15% of tokens in spans of mean 3, each replaced by a sentinel), infill "
+                 "(BART's text infilling: 30% of tokens in Poisson(3) spans, each replaced by one mask), permute "
+                 "(sentences shuffled), permute+infill (both; t5, bart, transformer); "
                  "'' for the family's first",
     "n_kv_head": "llama only: key/value heads, a divisor of --n-head (grouped-query attention); 0: as many as --n-head",
     "n_layer": "transformer blocks",
@@ -269,7 +273,8 @@ FIELD_HELP = {
                "run's character vocabulary is no tokenizer.json, so transformers loads the model but sample --hf "
                "has no tokenizer to read",
 }
-CHOICES = {"model": ("gpt", "llama", "bert", "roberta", "deberta", "albert", "electra"), "dtype": ("float32", "float64"), "checkpoint_format": ("npz", "safetensors")}
+CHOICES = {"model": ("gpt", "llama") + ENCODERS + SEQ2SEQ, "dtype": ("float32", "float64"),
+           "checkpoint_format": ("npz", "safetensors")}
 # What a resumed run must share with its checkpoint: the model, the data split, and the parameter
 # groups' decay, all of which the saved state depends on. The text itself is compared by content.
 FIXED_ON_RESUME = ("val_fraction", "model", "objective", "n_layer", "n_head", "n_kv_head", "d_model", "block_size", "dropout",
@@ -409,7 +414,7 @@ def estimate_loss(model, data, cfg: TrainConfig, tokenizer=None) -> float:
     try:
         if cfg.encoder:
             batches = pretraining.batches(tokenizer, cfg.resolved_objective, data, batch_size=cfg.batch_size,
-                                          block_size=cfg.block_size, specials=pretraining.specials_for(tokenizer),
+                                          block_size=cfg.block_size, specials=pretraining.specials_for(tokenizer, cfg.model),
                                           rng=rng)
             losses = [pretraining.forward(model, next(batches)) for _ in range(cfg.eval_batches)]
         else:
@@ -595,7 +600,7 @@ def tokenizer_from_checkpoint(state: Dict[str, object], where: str):
         tok = kinds[kind].from_dict(vocab)
         # A Hugging Face model's vocab_size may exceed its tokenizer's (rows padded to a round number)
         saved = state.get("config") if isinstance(state.get("config"), dict) else {}
-        encoder = saved.get("model") in ENCODERS  # its vocabulary adds [CLS], [SEP], [MASK], [PAD] after the text's
+        encoder = saved.get("model") in OBJECTIVES  # its vocabulary adds special ids after the text's
         vocab_size = mcfg.get("vocab_size", (mcfg.get("discriminator") or {}).get("vocab_size"))  # electra: a pair's
         check_vocab(tok, vocab_size, where, allow_padding=kind == "hf" or encoder)
     except (TypeError, ValueError) as e:
@@ -784,10 +789,10 @@ def _encoder_data(cfg: TrainConfig, tok, train_ids: np.ndarray, val_ids: np.ndar
     try:
         for text in texts[1:]:  # the validation text is batched afresh at each validation: checked here once
             pretraining.batches(tok, cfg.resolved_objective, text, batch_size=cfg.batch_size,
-                                block_size=cfg.block_size, specials=pretraining.specials_for(tok),
+                                block_size=cfg.block_size, specials=pretraining.specials_for(tok, cfg.model),
                                 rng=np.random.default_rng(0))
         train_batches = pretraining.batches(tok, cfg.resolved_objective, texts[0], batch_size=cfg.batch_size,
-                                            block_size=cfg.block_size, specials=pretraining.specials_for(tok),
+                                            block_size=cfg.block_size, specials=pretraining.specials_for(tok, cfg.model),
                                             rng=rng)
     except ValueError as e:
         raise ConfigError("data", f"expected a text that makes --objective {cfg.resolved_objective} batches of "
@@ -811,13 +816,11 @@ def _load_hf(cfg: TrainConfig):
 
 def model_config(cfg: TrainConfig, vocab_size: int):
     """The model settings of a run of ``cfg`` on a tokenizer of ``vocab_size`` ids (GPTConfig, LlamaConfig, or an
-    encoder's, whose vocabulary adds four special ids)."""
+    encoder's or encoder-decoder's, whose vocabulary adds its special ids)."""
     if cfg.encoder:
-        specials = pretraining.SpecialIds(*range(vocab_size, vocab_size + 4), vocab_size=vocab_size + 4)
-        return pretraining.encoder_config(cfg.model, cfg.resolved_objective, vocab_size=vocab_size + 4,
-                                          specials=specials, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                                          n_head=cfg.n_head, d_model=cfg.d_model, dropout=cfg.dropout,
-                                          dtype=cfg.dtype)
+        return pretraining.model_config(cfg.model, cfg.resolved_objective, text_vocab_size=vocab_size,
+                                        block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                                        d_model=cfg.d_model, dropout=cfg.dropout, dtype=cfg.dtype)
     shape = dict(vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                  d_model=cfg.d_model, dtype=cfg.dtype)
     if cfg.model == "llama":
@@ -1147,7 +1150,8 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
                     if cfg.sample_tokens and not cfg.encoder:  # an encoder does not continue text
                         try:
                             out = generate(model, prompt, cfg.sample_tokens, temperature=0.8, top_k=20,
-                                           rng=np.random.default_rng(step))
+                                           rng=np.random.default_rng(step),
+                                           prefix=cfg.resolved_objective == "prefix")
                         except NonFiniteLogitsError as e:
                             raise TrainingDiverged(done, str(e), cfg.lr, path, saved_step) from None
                         text_out = tok.decode(out[0].tolist())

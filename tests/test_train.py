@@ -142,9 +142,34 @@ def test_encoders_pretrain_with_their_objectives_and_resume_bit_for_bit(tmp_path
     assert resumed.train_loss == history.train_loss and resumed.val_loss == history.val_loss
 
 
+@pytest.mark.parametrize("model, objective", [("t5", "span"), ("t5", "infill"), ("bart", "infill"),
+                                              ("bart", "permute+infill"), ("transformer", "span"),
+                                              ("transformer", "permute")])
+def test_encoder_decoders_pretrain_with_their_objectives_and_resume_bit_for_bit(tmp_path, model, objective):
+    """--model t5|bart|transformer --objective span|infill|permute...: the loss falls; the vocabulary holds the
+    text's characters, pad, eos, bos, mask and the sentinels; a stopped run resumes to the same losses."""
+    opts = dict(model=model, objective=objective, n_head=2, d_model=32, block_size=24, batch_size=8, lr=3e-3,
+                eval_batches=2, dropout=0.1)  # dropout: every mask must come back from the checkpoint's streams
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "corpus.txt").write_text(PARAGRAPHS, encoding="utf-8")
+    full = train(tiny(tmp_path / "a", steps=40, eval_interval=20, **opts), log=QUIET)
+    history = full["history"]
+    assert np.mean(history.train_loss[:4]) - np.mean(history.train_loss[-4:]) > 0.3, history.train_loss
+    state = checkpoint.load(full["checkpoint"])
+    chars = len(set(PARAGRAPHS))
+    assert state["model_config"]["vocab_size"] == chars + 4 + 100
+    assert state["model_config"]["decoder_start_token_id"] == chars + (0 if objective == "span" else 1)  # pad, eos
+    train(tiny(tmp_path / "b", steps=40, eval_interval=20, stop_at=10, **opts), log=QUIET)
+    resumed = train(tiny(tmp_path / "b", steps=40, eval_interval=20, resume=True, **opts), log=QUIET)["history"]
+    assert resumed.train_loss == history.train_loss and resumed.val_loss == history.val_loss
+
+
 @pytest.mark.parametrize("overrides", [dict(model="gpt", objective="mlm"), dict(model="llama", objective="nsp"),
                                        dict(model="roberta", objective="nsp"), dict(model="bert", objective="clm"),
-                                       dict(model="bert", objective="rtd")])
+                                       dict(model="bert", objective="rtd"), dict(model="t5", objective="mlm"),
+                                       dict(model="bart", objective="clm"), dict(model="gpt", objective="span"),
+                                       dict(model="bert", objective="infill")])
 def test_an_objective_the_family_does_not_train_with_is_refused(tmp_path, overrides):
     with pytest.raises(ConfigError) as info:
         train(tiny(tmp_path, **overrides), log=QUIET)
@@ -162,6 +187,13 @@ def test_an_encoder_checkpoint_is_not_sampled(tmp_path, capsys):
     train(cfg, log=QUIET)
     assert cli_main(["sample", "--checkpoint", cfg.out_dir, "--prompt", "the"]) == 2
     assert "causal language model" in capsys.readouterr().err
+
+
+def test_an_encoder_decoder_checkpoint_is_not_sampled_and_says_why(tmp_path, capsys):
+    cfg = tiny(tmp_path, model="t5", objective="span", steps=2, eval_interval=2, eval_batches=1)
+    train(cfg, log=QUIET)
+    assert cli_main(["sample", "--checkpoint", cfg.out_dir, "--prompt", "the"]) == 2
+    assert "got a T5, an encoder-decoder" in capsys.readouterr().err
 
 
 def test_command_line_train_and_sample_llama(tmp_path, capsys):

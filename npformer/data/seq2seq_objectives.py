@@ -95,7 +95,7 @@ from ..ops._checks import check_count, check_int, check_ndim, check_real
 from .corpus import default_corpus, token_stream
 from .objectives import _check_rng, _check_tokenizer
 
-__all__ = ["OBJECTIVES", "IGNORE_INDEX", "Seq2SeqBatch", "Seq2SeqSpecials", "seq2seq_specials_for",
+__all__ = ["OBJECTIVES", "IGNORE_INDEX", "Seq2SeqBatch", "Seq2SeqSpecials", "seq2seq_specials_for", "seq2seq_specials",
            "random_segmentation", "noise_span_counts", "random_spans_noise_mask", "span_corruption",
            "span_corruption_lengths", "span_raw_length", "infilling_spans", "text_infilling",
            "sentence_permutation", "seq2seq_batches"]
@@ -134,7 +134,12 @@ def seq2seq_specials_for(tokenizer: object, n_sentinels: int = 100) -> Seq2SeqSp
     size = getattr(tokenizer, "vocab_size", None)
     if size is None:
         raise TypeError(f"{op}: argument 'tokenizer' expected an object with a 'vocab_size', has none")
-    V = check_count(op, "tokenizer", size, lo=1)
+    return seq2seq_specials(check_count(op, "tokenizer", size, lo=1), n_sentinels, op=op)
+
+
+def seq2seq_specials(text_vocab_size: int, n_sentinels: int = 100, *, op: str = "seq2seq_specials") -> Seq2SeqSpecials:
+    """``seq2seq_specials_for`` of a tokenizer of ``text_vocab_size`` ids (errors name ``op``)."""
+    V = check_count(op, "text_vocab_size", text_vocab_size, lo=1)
     n = check_count(op, "n_sentinels", n_sentinels, lo=0)
     return Seq2SeqSpecials(pad=V, eos=V + 1, bos=V + 2, mask=V + 3, first_sentinel=V + 3 + n, n_sentinels=n,
                            vocab_size=V + 4 + n)

@@ -37,6 +37,11 @@ def t5_config(f: _Fields, dtype: str, block_size: Optional[int] = None) -> T5Con
                          f"table to cover), got {block_size}")
     proj = f.require("feed_forward_proj", tuple(ACTIVATION), "relu",
                      "npformer's T5 has the ReLU feed forward of v1.0 and the gated gelu_new one of v1.1")
+    # transformers takes these two from config.json over what feed_forward_proj implies: each must agree with it
+    f.require("dense_act_fn", (ACTIVATION[proj],), ACTIVATION[proj],
+              f"feed_forward_proj {proj!r} runs {ACTIVATION[proj]}; npformer's T5 has no other activation")
+    f.require("is_gated_act", (proj == "gated-gelu",), proj == "gated-gelu",
+              f"feed_forward_proj {proj!r} is {'' if proj == 'gated-gelu' else 'not '}gated")
     f.require("is_encoder_decoder", (True,), True, "npformer's T5 is the encoder-decoder")
     f.require("is_decoder", (False,), False, "npformer's T5 is the encoder-decoder")
     tie = f.get("tie_word_embeddings", "bool", True)

@@ -2,7 +2,8 @@
 
 ``FAMILIES`` maps a family's name (``npformer train --model NAME``) to its model and
 config classes (RoBERTa is a configuration of BERT's model); ``family_of(model)`` is the
-inverse (the first family of the model's class). ``CAUSAL_LMS`` are those that generate.
+inverse (the first family of the model's class). ``CAUSAL_LMS`` are those that generate,
+``ENCODER_DECODERS`` those that decode a target from a source (``npformer.decoding``).
 Each family's file imports no other.
 """
 
@@ -27,6 +28,7 @@ FAMILIES: Dict[str, Tuple[Type, Type]] = {"gpt": (GPT, GPTConfig), "llama": (Lla
                                           "t5": (T5, T5Config), "transformer": (Transformer, TransformerConfig),
                                           "bart": (Bart, BartConfig)}
 CAUSAL_LMS = ("gpt", "llama")  # the families that predict the next token (generate, sample, bench --inference)
+ENCODER_DECODERS = ("t5", "bart", "transformer")  # the families that encode a source and decode a target
 
 
 def family(name: str) -> Tuple[Type, Type]:
@@ -49,8 +51,11 @@ def check_causal_lm(op: str, name: str, model: object) -> None:
     """A model that ``generate`` and the language-model trainer can drive (GPT or Llama); ``ValueError``
     naming ``name`` for an encoder (BERT, ...), which predicts masked tokens, not the next one."""
     if not isinstance(model, tuple(FAMILIES[f][0] for f in CAUSAL_LMS)):
+        what = ("an encoder-decoder, which writes a target for a source (npformer.decoding)"
+                if isinstance(model, tuple(FAMILIES[f][0] for f in ENCODER_DECODERS)) else
+                "which predicts masked tokens, not the next one")
         raise ValueError(f"{op}: argument '{name}' expected a causal language model ({', '.join(CAUSAL_LMS)}), "
-                         f"got a {type(model).__name__}, which predicts masked tokens, not the next one")
+                         f"got a {type(model).__name__}, {what}")
 
 
 def build(name: str, config: dict, seed: int = 0):

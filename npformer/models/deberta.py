@@ -423,16 +423,19 @@ class Deberta(Module):
             self.emd_position_embeddings = Embedding(cfg.max_position, cfg.d_model, rng=rng, dtype=dtype)
         self.mlm_head = MLMHead(cfg.d_model, cfg.vocab_size, layer_norm_eps=cfg.layer_norm_eps, rng=rng, dtype=dtype)
 
-    def _check_inputs(self, op: str, ids: object, token_type_ids: object, mlm_labels: object) -> None:
+    def _check_inputs(self, op: str, ids: object, token_type_ids: object, mlm_labels: object,
+                      decoder: bool = True) -> None:
+        """decoder=False: the body alone (``encode``), which reads no EMD position table."""
         cfg = self.cfg
+        limit = cfg.block_size if decoder or cfg.position_biased_input else None
         check_int(op, "ids", ids)
         if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
             raise ValueError(f"{op}: argument 'ids' expected shape (B, T) with B >= 1 and T >= 1, got {ids.shape}")
         if ids.min() < 0 or ids.max() >= cfg.vocab_size:
             raise ValueError(f"{op}: argument 'ids' expected values in [0, {cfg.vocab_size}), got values in "
                              f"[{ids.min()}, {ids.max()}]")
-        if cfg.block_size is not None and ids.shape[1] > cfg.block_size:
-            raise ValueError(f"{op}: argument 'ids' expected at most {cfg.block_size} positions (the position "
+        if limit is not None and ids.shape[1] > limit:
+            raise ValueError(f"{op}: argument 'ids' expected at most {limit} positions (the position "
                              f"table's), got {ids.shape[1]}")
         if token_type_ids is not None:
             if not cfg.type_vocab_size:
@@ -566,7 +569,7 @@ class Deberta(Module):
         head reads the last layer's ordinary output (its position table gets no gradient here).
         """
         op = "Deberta.encode"
-        self._check_inputs(op, ids, token_type_ids, None)
+        self._check_inputs(op, ids, token_type_ids, None, decoder=False)
         x, _ = self._body(op, ids, token_type_ids, attention_mask)
         self.save_cache(EncodeCache(out_shape=x.shape))
         return x

@@ -24,7 +24,10 @@ def prefix_lm_bias(op: str, prefix_len: object, batch: int, start: int, T: int, 
     position start + i may see key j (j <= start + i, or j < prefix_len[b]), -inf elsewhere.
 
     prefix_len (B,) int in [0, start + T]: row b's first prefix_len[b] positions see each other in
-    both directions; 0 or 1 is the causal mask. Checked by name (``op``'s argument 'prefix_len').
+    both directions; 0 or 1 is the causal mask. With ``start`` > 0 positions cached, at most
+    ``start``: the cached keys and values were computed without the positions after them, so a
+    prefix must have been run whole before the cached continuation. Checked by name (``op``'s
+    argument 'prefix_len').
     """
     check_int(op, "prefix_len", prefix_len)
     check_shape(op, "prefix_len", prefix_len, (batch,))
@@ -32,6 +35,9 @@ def prefix_lm_bias(op: str, prefix_len: object, batch: int, start: int, T: int, 
     if prefix_len.min() < 0 or prefix_len.max() > Tk:
         raise ValueError(f"{op}: argument 'prefix_len' expected values in [0, {Tk}] (the positions seen), "
                          f"got values in [{prefix_len.min()}, {prefix_len.max()}]")
+    if start > 0 and prefix_len.max() > start:  # the cached keys were computed without the rest of the prefix
+        raise ValueError(f"{op}: argument 'prefix_len' expected values of at most {start} with {start} positions "
+                         f"cached (a prefix is run whole, before any cached continuation), got {prefix_len.max()}")
     query = np.arange(start, Tk)[:, None]  # absolute positions of the new queries
     key = np.arange(Tk)[None, :]
     seen = (key <= query)[None] | (key[None] < prefix_len[:, None, None])  # (B, T, Tk), (ATT.18)

@@ -224,9 +224,16 @@ def copy_folder(folder, tmp_path, config=None, tensors=None):
     (dict(tie_word_embeddings="yes"), "tie_word_embeddings"),
     (dict(architectures=["BertForMaskedLM"]), "model_type"),
     (dict(d_model="DROP"), "d_model"),
+    (dict(dense_act_fn="gelu"), "dense_act_fn"),  # transformers runs these two over feed_forward_proj's
+    (dict(dense_act_fn="silu"), "dense_act_fn"),
+    (dict(is_gated_act=True), "is_gated_act"),
+    (dict(dense_act_fn="relu"), "v1_1:dense_act_fn"),
+    (dict(dense_act_fn="gelu"), "v1_1:dense_act_fn"),
+    (dict(is_gated_act=False), "v1_1:is_gated_act"),
 ])
 def test_a_config_npformer_cannot_compute_is_refused_by_field(config, named, folder_of, tmp_path):
-    folder = copy_folder(folder_of("v1_0"), tmp_path, config=config)
+    variant, _, named = named.rpartition(":")
+    folder = copy_folder(folder_of(variant or "v1_0"), tmp_path, config=config)
     with pytest.raises(HFFormatError, match=f"config.json: field '{named}'"):
         load_pretrained(folder)
 

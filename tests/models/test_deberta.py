@@ -238,6 +238,10 @@ def test_enhanced_mask_decoder_limits_the_length_to_its_table():
     model = Deberta(DebertaConfig(**TINY, emd_layers=2))
     expect_rejected(lambda: model.forward(np.ones((1, 11), np.int64)), "Deberta.forward", "ids")
     assert model.forward(np.ones((1, 10), np.int64))[0].mlm_logits.shape == (1, 10, 13)
+    plain = Deberta(DebertaConfig(**TINY), seed=0)  # the body alone reads no decoder table: no limit from it
+    hidden = model.encode(np.ones((1, 11), np.int64))
+    model.backward_encode(np.zeros_like(hidden))
+    assert np.array_equal(hidden, plain.encode(np.ones((1, 11), np.int64)))
 
 
 # -- padding --------------------------------------------------------------------------------------------

@@ -37,7 +37,8 @@ def build(family, seed=0, **overrides):
 @pytest.mark.derivation("ATT.18")
 @given(B=st.integers(1, 3), T=st.integers(1, 6), start=st.integers(0, 5), data=st.data())
 def test_prefix_mask_matches_its_definition(B, T, start, data):
-    prefix = np.array(data.draw(st.lists(st.integers(0, start + T), min_size=B, max_size=B)))
+    most = start if start else T  # with positions cached, the prefix must lie within them
+    prefix = np.array(data.draw(st.lists(st.integers(0, most), min_size=B, max_size=B)))
     bias = prefix_lm_bias("t", prefix, B, start, T, np.dtype(np.float64))
     assert bias.shape == (B, 1, T, start + T)
     for b in range(B):
@@ -129,3 +130,40 @@ def test_a_sliding_window_refuses_a_prefix():
     model, _ = build("llama", sliding_window=3)
     with pytest.raises(ValueError, match=r"Llama.forward: argument 'prefix_len' expected None .* sliding_window"):
         model.forward(np.zeros((1, 4), np.int64), prefix_len=np.array([2]))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_prefix_reaching_past_the_cache_is_refused(family):
+    """Keys cached before the prefix ended were computed without its later tokens: not the prefix LM."""
+    model, _ = build(family)
+    model.eval()
+    ids = np.arange(6)[None] % 11
+    caches = model.make_kv_caches(1)
+    model.forward(ids[:, :2], kv_caches=caches, prefix_len=np.array([2]))
+    with pytest.raises(ValueError, match=r"forward: argument 'prefix_len' expected values of at most 2 with 2"):
+        model.forward(ids[:, 2:4], kv_caches=caches, prefix_len=np.array([4]))
+    assert caches[0].length == 2  # nothing moved
+    step, _ = model.forward(ids[:, 2:3], kv_caches=caches, prefix_len=np.array([2]))
+    full, _ = model.forward(ids[:, :3], prefix_len=np.array([2]))
+    assert_close(step[:, -1], full[:, -1], rtol=MODEL_RTOL, what="continuation")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@given(T0=st.integers(1, 6), new=st.integers(1, 6), seed=st.integers(0, 20))
+def test_generate_reads_the_prompt_as_the_prefix(family, T0, new, seed):
+    """generate(prefix=True): greedy tokens equal a loop of full forwards with prefix_len = T0 (cached and not,
+    and past the context window of 8), and the first token is the argmax of the prefix's last position."""
+    from npformer.generate import generate
+
+    model, _ = build(family, seed % 3)
+    prompt = np.random.default_rng(seed).integers(0, 11, (2, T0))
+    cached = generate(model, prompt, new, temperature=0.0, prefix=True)
+    uncached = generate(model, prompt, new, temperature=0.0, prefix=True, use_cache=False)
+    np.testing.assert_array_equal(cached, uncached)
+    model.eval()
+    out = prompt
+    for _ in range(new):  # by hand: the window's first position, and what is left of the prefix in it
+        first = max(0, out.shape[1] - 8)
+        logits, _ = model.forward(out[:, first:], prefix_len=np.full(2, max(0, T0 - first)))
+        out = np.concatenate([out, logits[:, -1].argmax(-1)[:, None]], axis=1)
+    np.testing.assert_array_equal(uncached, out)

@@ -84,6 +84,17 @@ def test_buckets_match_reference_exhaustively(bidirectional):
     np.testing.assert_array_equal(ours, ref)
 
 
+@pytest.mark.derivation("T5.3")
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_32_buckets_match_reference_at_every_max_distance(bidirectional):
+    """32 buckets (every released T5) with each max_distance from 17 to 1024: every distance up to it and past."""
+    for max_distance in range(17, 1025):
+        r = np.arange(-max_distance - 3, max_distance + 4)
+        ours = t5_relative_bucket(r, bidirectional=bidirectional, num_buckets=32, max_distance=max_distance)
+        ref = torch_bucket(torch.from_numpy(r), bidirectional, 32, max_distance).numpy()
+        np.testing.assert_array_equal(ours, ref, err_msg=f"max_distance {max_distance}")
+
+
 def around(k):
     """Integers within 3 of 2**k, and their negatives."""
     return st.tuples(st.integers(-3, 3), st.sampled_from([1, -1])).map(lambda c: c[1] * (2**k + c[0]))
