@@ -20,14 +20,15 @@ from .gpt import GPT, GPTConfig
 from .llama import Llama, LlamaConfig
 from .t5 import T5, T5Config
 from .transformer import Transformer, TransformerConfig
+from .variant import VariantConfig, VariantLM
 
 FAMILIES: Dict[str, Tuple[Type, Type]] = {"gpt": (GPT, GPTConfig), "llama": (Llama, LlamaConfig),
                                           "bert": (Bert, BertConfig), "roberta": (Bert, BertConfig),
                                           "deberta": (Deberta, DebertaConfig), "albert": (Albert, AlbertConfig),
                                           "electra": (ElectraPretraining, ElectraPretrainingConfig),
                                           "t5": (T5, T5Config), "transformer": (Transformer, TransformerConfig),
-                                          "bart": (Bart, BartConfig)}
-CAUSAL_LMS = ("gpt", "llama")  # the families that predict the next token (generate, sample, bench --inference)
+                                          "bart": (Bart, BartConfig), "variant": (VariantLM, VariantConfig)}
+CAUSAL_LMS = ("gpt", "llama", "variant")  # predict the next token (generate, sample, bench --inference)
 ENCODER_DECODERS = ("t5", "bart", "transformer")  # the families that encode a source and decode a target
 
 
