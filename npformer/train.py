@@ -110,6 +110,8 @@ class TrainConfig:
     # Hugging Face folders
     hf: str = ""  # fine-tune the model of this local folder, with its tokenizer, instead of a new model
     save_hf: str = ""  # also write the model as a Hugging Face folder here at every checkpoint
+    # looking inside
+    gradflow_every: int = 0  # every this many steps, per-block gradient and activation statistics (0: off)
 
     @classmethod
     def from_json(cls, path: str, **overrides) -> "TrainConfig":
@@ -137,7 +139,7 @@ class TrainConfig:
             _field(self, name, check_count, lo=1)
         _field(self, "eval_batches", check_count, lo=1, hi=MAX_EVAL_BATCHES)
         _field(self, "sample_tokens", check_count, lo=0, hi=MAX_SAMPLE_TOKENS)
-        for name in ("warmup", "seed", "stop_at"):
+        for name in ("warmup", "seed", "stop_at", "gradflow_every"):
             _field(self, name, check_count, lo=0)
         if self.stop_at > self.steps:
             raise ConfigError("stop_at", f"expected 0 or a step at most --steps = {self.steps}, got {self.stop_at}")
@@ -258,7 +260,8 @@ FIELD_HELP = {
     "eval_interval": "every this many steps: validation loss, a sample and a checkpoint",
     "eval_batches": f"batches averaged for the validation loss, 1 to {MAX_EVAL_BATCHES}",
     "sample_tokens": f"characters sampled at each validation, 0 (no sample) to {MAX_SAMPLE_TOKENS}",
-    "out_dir": "run folder: checkpoint ckpt.<format> and loss.png (also the folder --resume reads and writes)",
+    "out_dir": "run folder: checkpoint ckpt.<format> and loss.png, gradflow.json with --gradflow-every (also the "
+               "folder --resume reads and writes)",
     "checkpoint_format": "checkpoint file format",
     "seed": "seed of the initialisation, the batches and dropout",
     "resume": "continue the run saved in --out-dir with its own settings (flags given here override them; "
@@ -272,6 +275,9 @@ FIELD_HELP = {
                "folder's tokenizer and generation files) at every checkpoint ('' for none); without --hf the "
                "run's character vocabulary is no tokenizer.json, so transformers loads the model but sample --hf "
                "has no tokenizer to read",
+    "gradflow_every": "every this many steps (0: never), record per block the gradient norm, the update/weight "
+                      "ratio and the MLP activation's statistics into gradflow.json in --out-dir, written with each "
+                      "checkpoint (npformer viz gradflow draws it)",
 }
 CHOICES = {"model": ("gpt", "llama") + ENCODERS + SEQ2SEQ, "dtype": ("float32", "float64"),
            "checkpoint_format": ("npz", "safetensors")}
@@ -1022,6 +1028,16 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
         _restore(state, path, mcfg, model, opt, data_rng)
         history = History(**state["history"])
         start = int(state["step"])
+    flow = None
+    if cfg.gradflow_every:  # per-block statistics (npformer.viz), continued from the run's file on resume
+        from .viz import GRADFLOW_FILE, GradientFlow
+
+        flow = GradientFlow(model, cfg.gradflow_every)
+        try:
+            flow.resume(Path(cfg.out_dir) / GRADFLOW_FILE, start)
+        except ValueError as e:
+            raise ConfigError("gradflow_every", f"cannot continue {GRADFLOW_FILE} of {cfg.out_dir} (remove it to "
+                                                f"start it afresh): {e}") from None
 
     if cfg.save_hf:  # a family without a Hugging Face map is refused now, not after the first checkpoint
         from .hf import check_savable
@@ -1067,6 +1083,8 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
             "rng": {"data": data_rng.bit_generator.state, "model": model.rng.bit_generator.state},
             "history": asdict(history),
         })
+        if flow is not None:
+            flow.save(out_dir / GRADFLOW_FILE)
         saved_step = step
         if cfg.save_hf:
             from .hf import save_pretrained
@@ -1092,6 +1110,7 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
                 for group in opt.param_groups:  # and its learning rate: the groups hold the last update's
                     group["lr"] = schedule(done - 1) if done > 0 else cfg.lr
             model.clear_caches()
+            model.stop_recording()  # a step cut while gradflow recorded it
             model.train()
             if done > (saved_step if saved_step is not None else 0):
                 if (done % cfg.eval_interval == 0 or done == cfg.steps) and history.val_steps[-1:] != [done - 1]:
@@ -1122,6 +1141,7 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
                 lr = schedule(step)
                 for group in opt.param_groups:
                     group["lr"] = lr
+                recorder = model.start_recording() if flow is not None and flow.due(step) else None
                 if train_batches is not None:  # an encoder: its objective's batch
                     loss = pretraining.forward(model, next(train_batches))
                 else:
@@ -1130,11 +1150,17 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
                     raise TrainingDiverged(step + 1, f"the training loss is {loss}", cfg.lr, path, saved_step)
                 model.zero_grad()
                 model.backward()
+                if recorder is not None:
+                    model.stop_recording()
+                    before, grads = flow.snapshot(model)  # the gradient before clipping
                 norm = clip_grad_norm_(model.parameters(), cfg.grad_clip, error_if_nonfinite=False)
                 if not math.isfinite(norm):
                     raise TrainingDiverged(step + 1, f"the gradient norm is {norm}", cfg.lr, path, saved_step)
                 with _sigint_deferred():  # the update and its record: both or neither
                     opt.step()
+                    if recorder is not None:
+                        flow.collect(step, model, before, {n: p.data for n, p in model.named_parameters()},
+                                     recorder, grads)
                     history.steps.append(step)
                     history.train_loss.append(loss)
                     done = step + 1
