@@ -19,6 +19,11 @@ Shared rules (the logits processors, applied in the order below, in all three fu
   -inf). So no n-gram ever occurs twice in a row (``banned_ngram_tokens``).
 - **Minimum length** (``min_new_tokens`` m): the stop ids get logit -inf while fewer than m tokens
   have been added.
+- **Forced first and last tokens** (``forced_bos_token_id``, ``forced_eos_token_id``; None by default,
+  as a model config holds neither): the first new token, and the token at the maximum length
+  1 + ``max_new_tokens``, get score 0 and every other token -inf (Hugging Face's
+  ForcedBOS/ForcedEOS processors, which BART's config.json turns on: pass the folder's values,
+  e.g. from its config.json, to decode as ``generate`` does).
 - **Stopping**: a row (or a beam) that adds one of the stop ids (``eos_token_id``: an id or a list
   of ids; the config's by default; None in the config means "never stop") is finished.
 
@@ -94,7 +99,7 @@ id there (an argmax over -inf), and beam search scores such candidates -inf.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -137,13 +142,37 @@ def _banned_ngrams(ids: np.ndarray, n: int, V: int) -> np.ndarray:
     return banned[:, :V]
 
 
-def _process(scores: np.ndarray, ids: np.ndarray, added: int, ngram: int, stops: Optional[np.ndarray],
-             min_new_tokens: int) -> np.ndarray:
-    """In place on float64 scores (B, V): the n-gram ban, then the minimum length (see the module's notes)."""
-    if ngram:
-        scores[_banned_ngrams(ids, ngram, scores.shape[1])] = -np.inf
-    if added < min_new_tokens:
-        scores[:, stops] = -np.inf
+class _Rules(NamedTuple):
+    """The logits processors' settings of one call (see the module's notes)."""
+
+    ngram: int  # no_repeat_ngram_size, 0: off
+    stops: Optional[np.ndarray]  # the stop ids, or None
+    min_new_tokens: int
+    max_new_tokens: int
+    forced_bos: Optional[int]
+    forced_eos: Optional[int]
+
+    def forced(self, added: int) -> Optional[int]:
+        """The token forced as new token number ``added`` (from 0), or None; the last token's eos wins over
+        the first token's bos when both fall on one step (max_new_tokens = 1), as Hugging Face's order does."""
+        if added == self.max_new_tokens - 1 and self.forced_eos is not None:
+            return self.forced_eos
+        if added == 0 and self.forced_bos is not None:
+            return self.forced_bos
+        return None
+
+
+def _process(scores: np.ndarray, ids: np.ndarray, added: int, rules: _Rules) -> np.ndarray:
+    """In place on float64 scores (B, V): the n-gram ban, the minimum length, then the forced tokens
+    (see the module's notes)."""
+    if rules.ngram:
+        scores[_banned_ngrams(ids, rules.ngram, scores.shape[1])] = -np.inf
+    if added < rules.min_new_tokens:
+        scores[:, rules.stops] = -np.inf
+    forced = rules.forced(added)
+    if forced is not None:
+        scores[:] = -np.inf
+        scores[:, forced] = 0.0
     return scores
 
 
@@ -220,18 +249,27 @@ def _check_source(op: str, cfg, src_ids: object, src_padding_mask: object) -> No
 
 
 def _check_common(op: str, model, src_ids, src_padding_mask, max_new_tokens, eos_token_id, min_new_tokens,
-                  no_repeat_ngram_size):
-    """The checks every decoding function makes; returns (cfg, stop ids or None)."""
+                  no_repeat_ngram_size, forced_bos_token_id, forced_eos_token_id) -> _Rules:
+    """The checks every decoding function makes; returns the call's processor settings."""
     cfg = _check_model(op, model)
     _check_source(op, cfg, src_ids, src_padding_mask)
     check_count(op, "max_new_tokens", max_new_tokens, lo=1)
+    positions = getattr(cfg, "max_position", None)  # a learned or fixed position table bounds the decoder
+    if isinstance(positions, int) and max_new_tokens > positions:
+        raise ValueError(f"{op}: argument 'max_new_tokens' expected at most {positions} (the decoder's positions, "
+                         f"cfg.max_position), got {max_new_tokens}")
     stops = _check_stops(op, eos_token_id, cfg)
     check_count(op, "min_new_tokens", min_new_tokens, lo=0)
     if min_new_tokens and stops is None:
         raise ValueError(f"{op}: argument 'min_new_tokens' expected 0 when no eos_token_id is known (it holds the "
                          f"stop ids back), got {min_new_tokens}")
     check_count(op, "no_repeat_ngram_size", no_repeat_ngram_size, lo=0)
-    return cfg, stops
+    V = int(cfg.vocab_size)
+    forced = {}
+    for name, value in (("forced_bos_token_id", forced_bos_token_id), ("forced_eos_token_id", forced_eos_token_id)):
+        forced[name] = None if value is None else check_count(op, name, value, lo=0, hi=V - 1)
+    return _Rules(no_repeat_ngram_size, stops, min_new_tokens, max_new_tokens, forced["forced_bos_token_id"],
+                  forced["forced_eos_token_id"])
 
 
 # -- the decoder, one step at a time ---------------------------------------------------------------
@@ -295,18 +333,18 @@ def _in_eval(model, run):
 
 
 # -- greedy and sampling ---------------------------------------------------------------------------
-def _extend(op, model, src_ids, src_padding_mask, max_new_tokens, stops, min_new_tokens, ngram, choose):
+def _extend(op, model, src_ids, src_padding_mask, rules: _Rules, choose):
     """(B, 1 + n) ids: decoder start, then one token per step from ``choose(logits, scores, i)``, given the
     step's logits (B, V) float64 and the processed ones (see the module's notes)."""
     cfg = model.cfg
-    B = src_ids.shape[0]
+    B, max_new_tokens, stops = src_ids.shape[0], rules.max_new_tokens, rules.stops
     out = np.full((B, 1 + max_new_tokens), cfg.pad_token_id, np.int64)
     out[:, 0] = cfg.decoder_start_token_id
     steps = _Steps(op, model, src_ids, src_padding_mask, 1, max_new_tokens)
     finished = np.zeros(B, bool)
     for i in range(max_new_tokens):
         logits = steps.step(out[:, i])
-        scores = _process(logits.copy(), out[:, :i + 1], i, ngram, stops, min_new_tokens)
+        scores = _process(logits.copy(), out[:, :i + 1], i, rules)
         tokens = choose(logits, scores, i)
         out[:, i + 1] = np.where(finished, cfg.pad_token_id, tokens)
         if stops is not None:
@@ -318,31 +356,32 @@ def _extend(op, model, src_ids, src_padding_mask, max_new_tokens, stops, min_new
 
 def greedy(model, src_ids: np.ndarray, *, src_padding_mask: Optional[np.ndarray] = None, max_new_tokens: int,
            eos_token_id: Union[None, int, Sequence[int]] = None, min_new_tokens: int = 0,
-           no_repeat_ngram_size: int = 0) -> np.ndarray:
+           no_repeat_ngram_size: int = 0, forced_bos_token_id: Optional[int] = None,
+           forced_eos_token_id: Optional[int] = None) -> np.ndarray:
     """Greedy decoding: src_ids (B, S) -> ids (B, 1 + n) int64, n <= max_new_tokens (see the module's notes)."""
     op = "decoding.greedy"
-    _, stops = _check_common(op, model, src_ids, src_padding_mask, max_new_tokens, eos_token_id, min_new_tokens,
-                             no_repeat_ngram_size)
+    rules = _check_common(op, model, src_ids, src_padding_mask, max_new_tokens, eos_token_id, min_new_tokens,
+                          no_repeat_ngram_size, forced_bos_token_id, forced_eos_token_id)
 
     def choose(logits, scores, i):
         return np.argmax(scores, axis=-1)  # the lowest id among ties
 
-    return _in_eval(model, lambda: _extend(op, model, src_ids, src_padding_mask, max_new_tokens, stops,
-                                           min_new_tokens, no_repeat_ngram_size, choose))
+    return _in_eval(model, lambda: _extend(op, model, src_ids, src_padding_mask, rules, choose))
 
 
 def sample(model, src_ids: np.ndarray, *, rng: np.random.Generator, temperature: float = 1.0,
            top_k: Optional[int] = None, top_p: Optional[float] = None, max_new_tokens: int,
            src_padding_mask: Optional[np.ndarray] = None, eos_token_id: Union[None, int, Sequence[int]] = None,
-           min_new_tokens: int = 0, no_repeat_ngram_size: int = 0) -> np.ndarray:
+           min_new_tokens: int = 0, no_repeat_ngram_size: int = 0, forced_bos_token_id: Optional[int] = None,
+           forced_eos_token_id: Optional[int] = None) -> np.ndarray:
     """Sampling: src_ids (B, S) -> ids (B, 1 + n) int64, one draw per row and step from ``rng``.
 
     temperature, top_k and top_p as ``npformer.generate`` (temperature 0 is greedy); the draws of a
     seeded generator make the output reproducible.
     """
     op = "decoding.sample"
-    _, stops = _check_common(op, model, src_ids, src_padding_mask, max_new_tokens, eos_token_id, min_new_tokens,
-                             no_repeat_ngram_size)
+    rules = _check_common(op, model, src_ids, src_padding_mask, max_new_tokens, eos_token_id, min_new_tokens,
+                          no_repeat_ngram_size, forced_bos_token_id, forced_eos_token_id)
     _check_rng(op, rng)
     _check_options(op, temperature, top_k, top_p)
 
@@ -353,8 +392,7 @@ def sample(model, src_ids: np.ndarray, *, rng: np.random.Generator, temperature:
                              f"to draw for new token {i} (every token banned)")
         return _sample(scores, rng, temperature, top_k, top_p)
 
-    return _in_eval(model, lambda: _extend(op, model, src_ids, src_padding_mask, max_new_tokens, stops,
-                                           min_new_tokens, no_repeat_ngram_size, choose))
+    return _in_eval(model, lambda: _extend(op, model, src_ids, src_padding_mask, rules, choose))
 
 
 # -- beam search -----------------------------------------------------------------------------------
@@ -371,7 +409,8 @@ def _take(x: np.ndarray, index: np.ndarray) -> np.ndarray:
 def beam_search(model, src_ids: np.ndarray, *, num_beams: int, max_new_tokens: int, length_penalty: float = 1.0,
                 early_stopping: Union[bool, str] = False, no_repeat_ngram_size: int = 0,
                 num_return_sequences: int = 1, eos_token_id: Union[None, int, Sequence[int]] = None,
-                min_new_tokens: int = 0, src_padding_mask: Optional[np.ndarray] = None
+                min_new_tokens: int = 0, src_padding_mask: Optional[np.ndarray] = None,
+                forced_bos_token_id: Optional[int] = None, forced_eos_token_id: Optional[int] = None
                 ) -> Tuple[np.ndarray, np.ndarray]:
     """Beam search: src_ids (B, S) -> (ids (B * R, L) int64, scores (B * R,) float64), R = num_return_sequences.
 
@@ -379,8 +418,8 @@ def beam_search(model, src_ids: np.ndarray, *, num_beams: int, max_new_tokens: i
     semantics (Hugging Face's, step by step) are in the module's notes.
     """
     op = "decoding.beam_search"
-    _, stops = _check_common(op, model, src_ids, src_padding_mask, max_new_tokens, eos_token_id,
-                             min_new_tokens, no_repeat_ngram_size)
+    rules = _check_common(op, model, src_ids, src_padding_mask, max_new_tokens, eos_token_id, min_new_tokens,
+                          no_repeat_ngram_size, forced_bos_token_id, forced_eos_token_id)
     N = check_count(op, "num_beams", num_beams, lo=1)
     lp = check_real(op, "length_penalty", length_penalty)
     if not (isinstance(early_stopping, (bool, np.bool_)) or (isinstance(early_stopping, str)
@@ -389,14 +428,14 @@ def beam_search(model, src_ids: np.ndarray, *, num_beams: int, max_new_tokens: i
     early_stopping = early_stopping if isinstance(early_stopping, str) else bool(early_stopping)
     R = check_count(op, "num_return_sequences", num_return_sequences, lo=1, hi=N)
     if N == 1:
-        return _in_eval(model, lambda: _greedy_scored(op, model, src_ids, src_padding_mask, max_new_tokens, stops,
-                                                      min_new_tokens, no_repeat_ngram_size, lp))
-    return _in_eval(model, lambda: _beams(op, model, src_ids, src_padding_mask, N, max_new_tokens, lp,
-                                          early_stopping, no_repeat_ngram_size, R, stops, min_new_tokens))
+        return _in_eval(model, lambda: _greedy_scored(op, model, src_ids, src_padding_mask, rules, lp))
+    return _in_eval(model, lambda: _beams(op, model, src_ids, src_padding_mask, N, lp, early_stopping, R, rules))
 
 
-def _greedy_scored(op, model, src_ids, src_padding_mask, max_new_tokens, stops, min_new_tokens, ngram, lp):
-    """num_beams = 1: greedy decoding and the score of each row, sum of log probabilities / length ** lp."""
+def _greedy_scored(op, model, src_ids, src_padding_mask, rules: _Rules, lp):
+    """num_beams = 1: greedy decoding and the score of each row, sum of log probabilities / length ** lp
+    (a forced token counts 0, as in beam search)."""
+    stops = rules.stops
     B = src_ids.shape[0]
     total = np.zeros(B)
     length = np.zeros(B, np.int64)
@@ -404,7 +443,7 @@ def _greedy_scored(op, model, src_ids, src_padding_mask, max_new_tokens, stops, 
 
     def choose(logits, scores, i):
         # the processed log probabilities: log-softmax of the logits, then the processors' -inf entries
-        logp = np.where(np.isfinite(scores), _log_softmax(logits), -np.inf)
+        logp = scores if rules.forced(i) is not None else np.where(np.isfinite(scores), _log_softmax(logits), -np.inf)
         tokens = np.argmax(scores, axis=-1)
         live = ~done
         total[live] += logp[live, tokens[live]]
@@ -413,13 +452,13 @@ def _greedy_scored(op, model, src_ids, src_padding_mask, max_new_tokens, stops, 
             done[live & np.isin(tokens, stops)] = True
         return tokens
 
-    ids = _extend(op, model, src_ids, src_padding_mask, max_new_tokens, stops, min_new_tokens, ngram, choose)
+    ids = _extend(op, model, src_ids, src_padding_mask, rules, choose)
     return ids, total / length.astype(np.float64) ** lp
 
 
-def _beams(op, model, src_ids, src_padding_mask, N, max_new_tokens, lp, early_stopping, ngram, R, stops,
-           min_new_tokens):
+def _beams(op, model, src_ids, src_padding_mask, N, lp, early_stopping, R, rules: _Rules):
     cfg = model.cfg
+    max_new_tokens, stops = rules.max_new_tokens, rules.stops
     B, V = src_ids.shape[0], int(cfg.vocab_size)
     K = max(2, 1 + (0 if stops is None else len(stops))) * N  # candidates kept per source row (2.)
     max_length = 1 + max_new_tokens
@@ -441,8 +480,7 @@ def _beams(op, model, src_ids, src_padding_mask, N, max_new_tokens, lp, early_st
     cur = 1  # tokens in every running beam, the start token included
     while True:
         logits = steps.step(running[:, :, cur - 1].reshape(B * N))  # (B * N, V)
-        logp = _process(_log_softmax(logits), running[:, :, :cur].reshape(B * N, cur), cur - 1, ngram, stops,
-                        min_new_tokens)
+        logp = _process(_log_softmax(logits), running[:, :, :cur].reshape(B * N, cur), cur - 1, rules)
         total = (logp.reshape(B, N, V) + running_scores[:, :, None]).reshape(B, N * V)
         # (2.) the K best candidates
         flat = _top(total, K)  # (B, K)

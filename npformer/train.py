@@ -148,6 +148,8 @@ class TrainConfig:
         _field(self, "dropout", check_real, lo=0.0, hi=1.0, hi_open=True)
         _field(self, "n_kv_head", check_count, lo=0)
         self._check_objective()
+        if self.model in SEQ2SEQ:
+            self._check_seq2seq_block()
         if self.model == "llama":
             if self.n_kv_head and self.n_head % self.n_kv_head:
                 raise ConfigError("n_kv_head", f"expected 0 or a divisor of n_head = {self.n_head}, got {self.n_kv_head}")
@@ -180,6 +182,20 @@ class TrainConfig:
         if not isinstance(self.objective, str) or self.objective not in ("",) + allowed:
             raise ConfigError("objective", f"expected '' or one of {', '.join(allowed)} for --model {self.model}, "
                                            f"got {self.objective!r}")
+
+    def _check_seq2seq_block(self) -> None:
+        """An encoder-decoder's source holds at least 4 tokens, and span corruption needs a sentinel per span."""
+        from .data.seq2seq_objectives import noise_span_counts, span_raw_length
+
+        if self.block_size < 4:
+            raise ConfigError("block_size", f"expected at least 4 for an encoder-decoder (--model {self.model}), "
+                                            f"got {self.block_size}")
+        if self.resolved_objective == "span":
+            spans = noise_span_counts(span_raw_length(self.block_size))[1]
+            if spans > pretraining.N_SENTINELS:
+                raise ConfigError("block_size", f"expected a source of at most {pretraining.N_SENTINELS} noise spans "
+                                                f"for --objective span (one sentinel each), got {self.block_size} "
+                                                f"tokens, which hold {spans}")
 
     @property
     def encoder(self) -> bool:

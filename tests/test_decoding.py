@@ -316,7 +316,9 @@ def test_one_beam_is_greedy(case, max_new, lp, eos_bias):
     for early in (True, False):
         stops = np.array([cfg.eos_token_id])
         model.eval()
-        ids1, _ = decoding._beams("t", model, src, mask, 1, max_new, lp, early, 0, 1, stops, 0)
+        rules = decoding._Rules(ngram=0, stops=stops, min_new_tokens=0, max_new_tokens=max_new, forced_bos=None,
+                                forced_eos=None)
+        ids1, _ = decoding._beams("t", model, src, mask, 1, lp, early, 1, rules)
         model.train()
         for b in range(B):
             assert strip(ids1[b], cfg.eos_token_id) == strip(expected[b], cfg.eos_token_id)
@@ -551,3 +553,25 @@ def test_each_source_row_is_decoded_as_if_alone(case, N, max_new, lp, early, eos
         np.testing.assert_array_equal(rows[:, :alone.shape[1]], alone)
         assert (rows[:, alone.shape[1]:] == fill).all()
         np.testing.assert_allclose(scores[b * N:(b + 1) * N], alone_scores, rtol=RTOL[np.dtype(dtype)])
+
+
+@pytest.mark.parametrize("fn", ["greedy", "beam_search", "sample"])
+def test_more_new_tokens_than_the_decoder_has_positions_is_refused_by_name(fn):
+    from npformer.models.bart import Bart, BartConfig
+
+    model = Bart(BartConfig(vocab_size=11, max_position=6, n_layer=1, n_head=2, d_model=8, dtype="float64"), seed=0)
+    extra = {"greedy": {}, "beam_search": {"num_beams": 2}, "sample": {"rng": np.random.default_rng(0)}}[fn]
+    with pytest.raises(ValueError, match=rf"decoding.{fn}: argument 'max_new_tokens' expected at most 6"):
+        getattr(decoding, fn)(model, np.array([[3, 4, 5]]), max_new_tokens=7, **extra)
+    out = getattr(decoding, fn)(model, np.array([[3, 4, 5]]), max_new_tokens=6, **extra)
+    assert (out[0] if fn == "beam_search" else out).shape[1] <= 7
+
+
+@pytest.mark.parametrize("name, value", [("forced_bos_token_id", -1), ("forced_eos_token_id", 99),
+                                         ("forced_eos_token_id", 1.5), ("forced_bos_token_id", True)])
+def test_forced_tokens_are_checked_by_name(name, value):
+    from npformer.models.bart import Bart, BartConfig
+
+    model = Bart(BartConfig(vocab_size=11, max_position=6, n_layer=1, n_head=2, d_model=8), seed=0)
+    with pytest.raises(ValueError, match=rf"decoding.greedy: argument '{name}'"):
+        decoding.greedy(model, np.array([[3, 4]]), max_new_tokens=3, **{name: value})

@@ -165,6 +165,15 @@ def test_encoder_decoders_pretrain_with_their_objectives_and_resume_bit_for_bit(
     assert resumed.train_loss == history.train_loss and resumed.val_loss == history.val_loss
 
 
+@pytest.mark.parametrize("overrides, words", [(dict(model="bart", block_size=3), "at least 4"),
+                                             (dict(model="t5", objective="span", block_size=2400), "133"),
+                                             (dict(model="transformer", objective="span", block_size=1), "at least 4")])
+def test_an_encoder_decoder_block_that_cannot_hold_its_objective_is_refused(tmp_path, overrides, words):
+    with pytest.raises(ConfigError, match=words) as info:
+        train(tiny(tmp_path, **overrides), log=QUIET)
+    assert info.value.field == "block_size" and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("overrides", [dict(model="gpt", objective="mlm"), dict(model="llama", objective="nsp"),
                                        dict(model="roberta", objective="nsp"), dict(model="bert", objective="clm"),
                                        dict(model="bert", objective="rtd"), dict(model="t5", objective="mlm"),

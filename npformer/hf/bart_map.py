@@ -47,9 +47,9 @@ def bart_config(f: _Fields, dtype: str, block_size: Optional[int] = None) -> Bar
         n_head=_same(f, "encoder_attention_heads", "decoder_attention_heads"), d_model=f.get("d_model", "int"),
         d_ff=_same(f, "encoder_ffn_dim", "decoder_ffn_dim"), dropout=0.0,
         scale_embedding=f.get("scale_embedding", "bool", False), init_std=float(f.get("init_std", "float", 0.02)),
-        bos_token_id=f.get("bos_token_id", "int0", 0), pad_token_id=f.get("pad_token_id", "int0", 1),
-        eos_token_id=f.get("eos_token_id", "int0", 2),
-        decoder_start_token_id=f.get("decoder_start_token_id", "int0", 2), dtype=dtype)
+        bos_token_id=f.token_id("bos_token_id", 0), pad_token_id=f.token_id("pad_token_id", 1),
+        eos_token_id=f.token_id("eos_token_id", 2), decoder_start_token_id=f.token_id("decoder_start_token_id", 2),
+        dtype=dtype)
     f.block_size(block_size, cfg.max_position, model_type)
     return cfg
 

@@ -63,6 +63,13 @@ class _Fields:
             return None
         return self.get(field, kind, default)
 
+    def token_id(self, field: str, default: int) -> int:
+        """A special token's id: ``default`` when the field is missing; a null one is refused (npformer's
+        encoder-decoders pad, stop and start decoding with these ids and have no "none")."""
+        if field in self.doc and self.doc[field] is None:
+            raise self.fail(field, "is null; npformer's model needs this id (an integer >= 0)")
+        return self.get(field, "int0", default)
+
     def require(self, field: str, allowed, default, why: str):
         value = self.doc.get(field, default)
         if value not in allowed:

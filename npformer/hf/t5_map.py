@@ -46,7 +46,7 @@ def t5_config(f: _Fields, dtype: str, block_size: Optional[int] = None) -> T5Con
     f.require("is_decoder", (False,), False, "npformer's T5 is the encoder-decoder")
     tie = f.get("tie_word_embeddings", "bool", True)
     scale = f.get("scale_decoder_outputs", "bool", tie)  # None in the config: the scaling follows the tie
-    pad = f.get("pad_token_id", "int0", 0)
+    pad = f.token_id("pad_token_id", 0)
     return T5Config(
         vocab_size=f.get("vocab_size", "int"), d_model=f.get("d_model", "int"), d_kv=f.get("d_kv", "int"),
         d_ff=f.get("d_ff", "int"), num_layers=f.get("num_layers", "int"),
@@ -56,8 +56,8 @@ def t5_config(f: _Fields, dtype: str, block_size: Optional[int] = None) -> T5Con
         feed_forward_proj=proj, tie_word_embeddings=tie,
         scale_decoder_outputs=None if scale == tie else scale,
         layer_norm_epsilon=float(f.get("layer_norm_epsilon", "float", 1e-6)), dropout=0.0,
-        pad_token_id=pad, eos_token_id=f.get("eos_token_id", "int0", 1),
-        decoder_start_token_id=f.get("decoder_start_token_id", "int0", pad), dtype=dtype)
+        pad_token_id=pad, eos_token_id=f.token_id("eos_token_id", 1),
+        decoder_start_token_id=f.token_id("decoder_start_token_id", pad), dtype=dtype)
 
 
 def _stack_rows(cfg: T5Config, stack: str, n_blocks: int) -> List[_Row]:

@@ -214,3 +214,29 @@ def test_npformer_models_decode_as_hf_generate(models, loaded, kind, dtype, seed
     greedy_kw = dict(max_new_tokens=max_new_tokens, no_repeat_ngram_size=ngram, min_new_tokens=min_new_tokens)
     np.testing.assert_array_equal(decoding.greedy(ours, src, src_padding_mask=mask, **greedy_kw),
                                   hf_generate(hf, src, mask, num_beams=1, **greedy_kw).sequences.numpy())
+
+
+@pytest.mark.parametrize("kind", ["bart", "t5"])
+@settings(max_examples=8)
+@given(seed=SETTINGS["seed"], B=SETTINGS["B"], S=SETTINGS["S"], with_mask=SETTINGS["with_mask"],
+       num_beams=st.integers(1, 3), max_new_tokens=st.integers(1, 8), forced=st.sampled_from(["eos", "bos", "both"]))
+def test_forced_first_and_last_tokens_as_hf_generate(models, loaded, kind, seed, B, S, with_mask, num_beams,
+                                                     max_new_tokens, forced):
+    """forced_bos_token_id / forced_eos_token_id (BART's config.json sets forced_eos_token_id): the first new
+    token and the one at the maximum length are forced, in greedy and beam search, as in generate."""
+    hf, ours = models[kind], loaded[kind]["float64"]
+    src, mask = source(seed, B, S, with_mask)
+    kw = dict(max_new_tokens=max_new_tokens, num_beams=num_beams)
+    if forced in ("eos", "both"):
+        kw["forced_eos_token_id"] = hf.config.eos_token_id
+    if forced in ("bos", "both"):
+        kw["forced_bos_token_id"] = 7
+    expected = hf_generate(hf, src, mask, **kw)
+    if num_beams == 1:
+        ids = decoding.greedy(ours, src, src_padding_mask=mask, **{k: v for k, v in kw.items() if k != "num_beams"})
+    else:
+        ids, scores = decoding.beam_search(ours, src, src_padding_mask=mask, **kw)
+        assert_close(scores, expected.sequences_scores.numpy(), rtol=F32, what="sequences_scores")
+    np.testing.assert_array_equal(ids, expected.sequences.numpy())
+    if "forced_bos_token_id" in kw and not ("forced_eos_token_id" in kw and max_new_tokens == 1):
+        assert (ids[:, 1] == 7).all()

@@ -184,7 +184,8 @@ def _edited(folder, tmp_path, edit):
 @pytest.mark.parametrize("field, value", [
     ("activation_function", "relu"), ("activation_function", "gelu_new"), ("tie_word_embeddings", False),
     ("decoder_attention_heads", 4), ("decoder_ffn_dim", 21), ("normalize_before", True),
-    ("add_final_layer_norm", True), ("d_model", "12"), ("encoder_layers", 0), ("architectures", ["T5Model"])])
+    ("add_final_layer_norm", True), ("d_model", "12"), ("encoder_layers", 0), ("architectures", ["T5Model"]),
+    ("pad_token_id", None), ("eos_token_id", None), ("decoder_start_token_id", None)])
 def test_unsupported_configs_are_refused_by_field(field, value, folder_of, tmp_path):
     folder = _edited(folder_of("bart"), tmp_path, lambda doc: doc.__setitem__(field, value))
     shown = "model_type" if field == "architectures" else field

@@ -230,6 +230,8 @@ def copy_folder(folder, tmp_path, config=None, tensors=None):
     (dict(dense_act_fn="relu"), "v1_1:dense_act_fn"),
     (dict(dense_act_fn="gelu"), "v1_1:dense_act_fn"),
     (dict(is_gated_act=False), "v1_1:is_gated_act"),
+    (dict(pad_token_id=None), "pad_token_id"),  # null: no id to pad or stop with (transformers: never stop)
+    (dict(eos_token_id=None), "eos_token_id"),
 ])
 def test_a_config_npformer_cannot_compute_is_refused_by_field(config, named, folder_of, tmp_path):
     variant, _, named = named.rpartition(":")
