@@ -5,7 +5,8 @@ divergence finder (``start_recording`` records the values npformer records, unde
 same names), and as a CPU baseline. Its math is spelled out in torch rather than taken
 from a library: RMSNorm, rotate-half RoPE (cosines and sines computed in float64 by the
 same formula as npformer, then cast), grouped-query attention by repeating each
-key/value head over its group of query heads, Mistral's sliding window, SwiGLU.
+key/value head over its group of query heads, Mistral's sliding window, SwiGLU, and Mixtral's
+mixture of experts (``moe.TwinMoE``) with the load balance pooled over the layers.
 Parameter names match npformer's ``state_dict`` one to one (``load_npformer_state``).
 """
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import TwinModel, hidden_keys, time_training_step as _time_step
+from .moe import TwinMoE, load_balancing_loss
 
 
 def _store(recorder: Dict[str, np.ndarray], name: str):
@@ -108,7 +110,11 @@ class TwinDecoderLayer(nn.Module):
         self.self_attn = TwinAttention(c["d_model"], c["n_head"], c["n_kv_head"], c["head_dim"], c["qkv_bias"],
                                        c["o_bias"], c["rope_theta"], c["sliding_window"])
         self.post_attention_layernorm = TwinRMSNorm(c["d_model"], c["rms_norm_eps"])
-        self.mlp = TwinSwiGLU(c["d_model"], c["intermediate_size"], c["mlp_bias"])
+        if c["num_local_experts"]:
+            self.mlp = TwinMoE(c["d_model"], c["intermediate_size"], c["num_local_experts"], c["num_experts_per_tok"],
+                               c["capacity_factor"], "swiglu", normalize_topk=True, bias=c["mlp_bias"])
+        else:
+            self.mlp = TwinSwiGLU(c["d_model"], c["intermediate_size"], c["mlp_bias"])
 
     def forward(self, x: torch.Tensor, prefix_len=None) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), prefix_len)
@@ -120,7 +126,8 @@ class TwinLlama(TwinModel):
 
     def __init__(self, vocab_size=65, block_size=256, n_layer=4, n_head=6, n_kv_head=2, d_model=192, head_dim=None,
                  intermediate_size=None, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                 qkv_bias=False, o_bias=False, mlp_bias=False, sliding_window=None, **_):
+                 qkv_bias=False, o_bias=False, mlp_bias=False, sliding_window=None, num_local_experts=0,
+                 num_experts_per_tok=2, router_aux_loss_coef=0.0, capacity_factor=None, **_):
         super().__init__()
         if head_dim is None:
             head_dim = d_model // n_head
@@ -128,7 +135,10 @@ class TwinLlama(TwinModel):
             intermediate_size = -(-(8 * d_model // 3) // 32) * 32
         c = dict(d_model=d_model, n_head=n_head, n_kv_head=n_kv_head, head_dim=head_dim, rope_theta=rope_theta,
                  intermediate_size=intermediate_size, rms_norm_eps=rms_norm_eps, qkv_bias=qkv_bias,
-                 o_bias=o_bias, mlp_bias=mlp_bias, sliding_window=sliding_window)
+                 o_bias=o_bias, mlp_bias=mlp_bias, sliding_window=sliding_window,
+                 num_local_experts=num_local_experts, num_experts_per_tok=num_experts_per_tok,
+                 capacity_factor=capacity_factor)
+        self.router_aux_loss_coef = router_aux_loss_coef
         self.block_size, self.tied = block_size, tie_word_embeddings
         self.embed_tokens = nn.Module()
         self.embed_tokens.weight = nn.Parameter(torch.empty(vocab_size, d_model))
@@ -162,6 +172,10 @@ class TwinLlama(TwinModel):
             logits.register_hook(_store(rec, "dlogits"))
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
                                                             ignore_index=-100)
+        moe = [layer.mlp for layer in self.layers if isinstance(layer.mlp, TwinMoE)]
+        if loss is not None and moe and self.router_aux_loss_coef:  # one load balance over every layer's tokens
+            aux = load_balancing_loss(torch.cat([m.probs for m in moe]), torch.cat([m.expert for m in moe]))
+            loss = loss + self.router_aux_loss_coef * aux
         return logits, loss
 
     # -- recording, under npformer's names ----------------------------------------------------------

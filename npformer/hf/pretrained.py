@@ -10,6 +10,8 @@ names, with the layout change in between:
 
 - ``gpt2_map.py``: GPT-2 (``gpt2``); Conv1D weights transposed, ``c_attn`` split into q, k, v.
 - ``llama_map.py``: LLaMA, Mistral and Qwen2 (``llama``, ``mistral``, ``qwen2``); unchanged tensors.
+- ``mixtral_map.py``: Mixtral (``mixtral``), a ``Llama`` with experts; listed before LLaMA, since
+  its model class is a subclass of ``Llama`` and the first family whose class matches writes a model.
 - ``bert_map.py``: BERT (``bert``, as ``BertForPreTraining``) and RoBERTa (``roberta``, as
   ``RobertaForMaskedLM``); unchanged tensors, renamed.
 - ``albert_map.py``: ALBERT (``albert``, as ``AlbertForPreTraining``); one shared layer.
@@ -36,7 +38,8 @@ from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
-from . import albert_map, bart_map, bert_map, deberta_map, electra_map, gpt2_map, llama_map, t5_map
+from . import (albert_map, bart_map, bert_map, deberta_map, electra_map, gpt2_map, llama_map, mamba_map, mixtral_map,
+               t5_map)
 from .family import Family, HFFormatError, _error, _Fields, _from_hf, _to_hf
 from .safetensors import INDEX_FILE, SINGLE_FILE, SafetensorsError, read_safetensors, write_safetensors
 
@@ -45,8 +48,8 @@ __all__ = ["HFFormatError", "load_pretrained", "save_pretrained", "read_generati
 
 # The families by name; each reads and writes the model types it lists.
 REGISTRY: Dict[str, Family] = {family.name: family for family in (
-    gpt2_map.FAMILY, llama_map.FAMILY, bert_map.FAMILY, albert_map.FAMILY, electra_map.FAMILY, deberta_map.FAMILY,
-    t5_map.FAMILY, bart_map.FAMILY)}
+    gpt2_map.FAMILY, mixtral_map.FAMILY, llama_map.FAMILY, bert_map.FAMILY, albert_map.FAMILY, electra_map.FAMILY,
+    deberta_map.FAMILY, t5_map.FAMILY, bart_map.FAMILY, mamba_map.FAMILY)}
 _FAMILY_OF_TYPE: Dict[str, Family] = {t: family for family in REGISTRY.values() for t in family.model_types}
 SUPPORTED_MODEL_TYPES = tuple(_FAMILY_OF_TYPE)
 # What a folder's tokenizer may consist of (copied as they are by save_pretrained(source=...)).

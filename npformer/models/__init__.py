@@ -18,6 +18,7 @@ from .deberta import Deberta, DebertaConfig
 from .electra import ElectraPretraining, ElectraPretrainingConfig
 from .gpt import GPT, GPTConfig
 from .llama import Llama, LlamaConfig
+from .mamba import MambaConfig, MambaLM
 from .t5 import T5, T5Config
 from .transformer import Transformer, TransformerConfig
 from .variant import VariantConfig, VariantLM
@@ -27,8 +28,9 @@ FAMILIES: Dict[str, Tuple[Type, Type]] = {"gpt": (GPT, GPTConfig), "llama": (Lla
                                           "deberta": (Deberta, DebertaConfig), "albert": (Albert, AlbertConfig),
                                           "electra": (ElectraPretraining, ElectraPretrainingConfig),
                                           "t5": (T5, T5Config), "transformer": (Transformer, TransformerConfig),
-                                          "bart": (Bart, BartConfig), "variant": (VariantLM, VariantConfig)}
-CAUSAL_LMS = ("gpt", "llama", "variant")  # predict the next token (generate, sample, bench --inference)
+                                          "bart": (Bart, BartConfig), "variant": (VariantLM, VariantConfig),
+                                          "mamba": (MambaLM, MambaConfig)}
+CAUSAL_LMS = ("gpt", "llama", "variant", "mamba")  # predict the next token (generate, sample, bench --inference)
 ENCODER_DECODERS = ("t5", "bart", "transformer")  # the families that encode a source and decode a target
 
 

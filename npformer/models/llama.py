@@ -1,6 +1,9 @@
 """LLaMA: token embeddings, pre-RMSNorm blocks with rotary attention and a SwiGLU MLP, an untied head.
 
-The same family covers Mistral (``sliding_window``) and Qwen2 (``qkv_bias``). Read it beside
+The same family covers Mistral (``sliding_window``), Qwen2 (``qkv_bias``) and, with
+``num_local_experts`` > 0, Mixtral: a mixture of experts (``npformer.nn.moe.MoEMLP``) in place of
+each SwiGLU MLP, whose load-balancing loss joins the cross entropy (``Mixtral`` is the same model
+under the name Hugging Face folders give it). Read it beside
 ``gpt.py``: ``forward`` runs the layers in order, ``backward`` walks them in reverse, one
 line per layer. What differs from GPT: no position table (RoPE rotates q and k inside
 each attention layer), RMSNorm instead of LayerNorm, SwiGLU instead of GELU, grouped-query
@@ -11,7 +14,8 @@ Parameter names follow Hugging Face's ``LlamaForCausalLM`` (without its ``model.
 ``embed_tokens.weight``, ``layers.{i}.input_layernorm.weight``,
 ``layers.{i}.self_attn.{q,k,v,o}_proj.weight`` (and ``.bias`` with ``qkv_bias`` / ``o_bias``),
 ``layers.{i}.post_attention_layernorm.weight``, ``layers.{i}.mlp.{gate,up,down}_proj.weight``
-(and ``.bias`` with ``mlp_bias``), ``norm.weight``, ``lm_head.weight`` (absent when tied).
+(and ``.bias`` with ``mlp_bias``), ``norm.weight``, ``lm_head.weight`` (absent when tied). With experts:
+``layers.{i}.mlp.gate.weight`` (the router) and ``layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight``.
 
 Shapes: ids (B, T) int, logits (B, T, V), hidden (B, T, D) with D = d_model.
 """
@@ -27,10 +31,12 @@ from ..nn.attention import KVCache, MultiHeadAttention
 from ..nn.layers import Embedding, Linear, RMSNorm, check_dout, check_features
 from ..nn.lm import IGNORE_INDEX, check_kv_length, check_lm_inputs, prefix_lm_bias  # noqa: F401  (IGNORE_INDEX: the ignored target)
 from ..nn.mlp import SwiGLUMLP
+from ..nn.moe import MoEMLP
 from ..nn.module import Module, ModuleList, atomic
 from ..ops._checks import MAX_POSITION, check_bool, check_count, check_float, check_ndim, check_real
 from ..ops.cross_entropy import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
 from ..ops.linear import LinearCache, linear_backward, linear_forward
+from ..ops.moe import LoadBalanceCache, load_balancing_loss_backward, load_balancing_loss_forward
 
 
 @dataclass
@@ -58,6 +64,11 @@ class LlamaConfig:
     o_bias: bool = False  # LLaMA's attention_bias sets both qkv_bias and o_bias
     mlp_bias: bool = False
     sliding_window: Optional[int] = None  # Mistral: each query sees its sliding_window latest keys
+    num_local_experts: int = 0  # 0: a dense SwiGLU MLP; E >= 1: a mixture of E SwiGLU experts (Mixtral)
+    num_experts_per_tok: int = 2  # k experts per token, their k weights renormalised (Mixtral)
+    router_aux_loss_coef: float = 0.0  # the pooled load balance's weight in the loss (0: not added), as HF's
+    # with output_router_logits
+    capacity_factor: Optional[float] = None  # None: no token dropped; else C = ceil(factor * N k / E) per expert
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -81,6 +92,12 @@ class LlamaConfig:
                              f"got head_dim {self.resolved_head_dim}")
         self.rope_theta = check_real(op, "rope_theta", self.rope_theta, lo=0.0, lo_open=True)
         self.rms_norm_eps = check_real(op, "rms_norm_eps", self.rms_norm_eps, lo=0.0)
+        self.num_local_experts = check_count(op, "num_local_experts", self.num_local_experts, 0, MAX_POSITION)
+        self.num_experts_per_tok = check_count(op, "num_experts_per_tok", self.num_experts_per_tok, 1,
+                                               self.num_local_experts or None)  # k <= E where there are experts
+        self.router_aux_loss_coef = check_real(op, "router_aux_loss_coef", self.router_aux_loss_coef, lo=0.0)
+        if self.capacity_factor is not None:
+            self.capacity_factor = check_real(op, "capacity_factor", self.capacity_factor, lo=0.0, lo_open=True)
         for name in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias"):
             setattr(self, name, check_bool(op, name, getattr(self, name)))
         if self.dtype not in ("float32", "float64"):
@@ -107,15 +124,18 @@ class LlamaConfig:
 
         Per layer, with D = d_model, H heads, H_kv key/value heads of size D_h and I the MLP width:
         weight multiply-adds D H D_h (q) + 2 D H_kv D_h (k, v) + H D_h D (o) + 3 D I (gate, up,
-        down), and 2 T H D_h for Q K^T and P V at full length T (the dense kernels compute the
-        masked entries too, sliding window or not); the head adds V D (tied or not). Norms,
-        RoPE, SiLU and the softmax are left out.
+        down; with experts k times that, plus D E for the router), and 2 T H D_h for Q K^T and P V
+        at full length T (the dense kernels compute the masked entries too, sliding window or not);
+        the head adds V D (tied or not). Norms, RoPE, SiLU and the softmaxes are left out.
         """
         c = self
         T = c.block_size if seq_len is None else check_count("LlamaConfig.flops_per_token", "seq_len", seq_len, 1)
         Dh, I = c.resolved_head_dim, c.resolved_intermediate_size
         attn = c.d_model * Dh * (2 * c.n_head + 2 * c.n_kv_head)
-        macs = c.n_layer * (attn + 3 * c.d_model * I + 2 * T * c.n_head * Dh) + c.vocab_size * c.d_model
+        mlp = 3 * c.d_model * I
+        if c.num_local_experts:
+            mlp = c.num_experts_per_tok * mlp + c.d_model * c.num_local_experts
+        macs = c.n_layer * (attn + mlp + 2 * T * c.n_head * Dh) + c.vocab_size * c.d_model
         return 3 * 2 * macs
 
 
@@ -137,7 +157,12 @@ class LlamaDecoderLayer(Module):
             head_dim=cfg.resolved_head_dim, position="rope", rope_theta=cfg.rope_theta,
             window=cfg.sliding_window, rng=rng, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.rms_norm_eps, dtype=dtype)
-        self.mlp = SwiGLUMLP(cfg.d_model, cfg.resolved_intermediate_size, cfg.mlp_bias, rng=rng, dtype=dtype)
+        if cfg.num_local_experts:  # the load balance is pooled over the layers by the model: coefficients 0 here
+            self.mlp = MoEMLP(cfg.d_model, cfg.resolved_intermediate_size, cfg.num_local_experts,
+                              cfg.num_experts_per_tok, cfg.capacity_factor, "swiglu", normalize_topk=True,
+                              rng=rng, dtype=dtype, bias=cfg.mlp_bias)
+        else:
+            self.mlp = SwiGLUMLP(cfg.d_model, cfg.resolved_intermediate_size, cfg.mlp_bias, rng=rng, dtype=dtype)
 
     @atomic
     def forward(self, x: np.ndarray, kv_cache: Optional[KVCache] = None,
@@ -157,12 +182,18 @@ class LlamaDecoderLayer(Module):
         return out
 
     @atomic
-    def backward(self, dout: np.ndarray) -> np.ndarray:
-        """dout (B, T, D) -> dx (B, T, D): the forward's lines in reverse, one gradient per line."""
+    def backward(self, dout: np.ndarray, drouter_probs: Optional[np.ndarray] = None) -> np.ndarray:
+        """dout (B, T, D) -> dx (B, T, D): the forward's lines in reverse, one gradient per line.
+
+        ``drouter_probs`` (B T, E): with experts, the gradient of the model's load balance with respect to
+        this layer's router probabilities."""
         norm = self.input_layernorm.weight
         check_dout(self, "LlamaDecoderLayer.backward", "dout", dout, norm.shape[0], norm.data.dtype)
         self.pop_cache()
-        dm_in = self.mlp.backward(dout)  # into post_attention_layernorm's output
+        if isinstance(self.mlp, MoEMLP):
+            dm_in = self.mlp.backward(dout, drouter_probs)  # into post_attention_layernorm's output
+        else:
+            dm_in = self.mlp.backward(dout)  # into post_attention_layernorm's output
         dh = dout + self.post_attention_layernorm.backward(dm_in)  # residual: identity path plus MLP path
         da_in = self.self_attn.backward(dh)  # into input_layernorm's output
         dx = dh + self.input_layernorm.backward(da_in)  # residual again
@@ -171,14 +202,25 @@ class LlamaDecoderLayer(Module):
 
 
 class LlamaCache(NamedTuple):
-    """One training forward of ``Llama``: the tied head's op cache (None when untied) and the loss's."""
+    """One training forward of ``Llama``: the tied head's op cache (None when untied), the loss's, and the
+    pooled load balance's (None without experts, targets or a coefficient)."""
 
     tied_head: Optional[LinearCache]  # logits = h @ embed_tokens^T when tied; lm_head keeps its own otherwise
     loss: Optional[CrossEntropyCache]  # None when the forward had no targets
+    aux: Optional[LoadBalanceCache] = None  # (MOE.11) over every layer's tokens at once
 
 
 class Llama(Module):
-    """embed_tokens -> layers -> norm -> lm_head (or embed_tokens^T when tied); ``forward``/``backward`` as GPT's."""
+    """embed_tokens -> layers -> norm -> lm_head (or embed_tokens^T when tied); ``forward``/``backward`` as GPT's.
+
+    ``Llama(cfg)`` with ``cfg.num_local_experts`` > 0 makes a ``Mixtral`` (a subclass that adds nothing but
+    its name), so that every model with experts is written to Hugging Face folders as Mixtral.
+    """
+
+    def __new__(cls, cfg=None, seed: int = 0):
+        if cls is Llama and isinstance(cfg, LlamaConfig) and cfg.num_local_experts:
+            cls = Mixtral
+        return super().__new__(cls)
 
     def __init__(self, cfg: LlamaConfig, seed: int = 0):
         super().__init__()
@@ -191,6 +233,7 @@ class Llama(Module):
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.d_model, rng=rng, dtype=dtype)
         self.layers = ModuleList(LlamaDecoderLayer(cfg, rng) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps, dtype=dtype)
+        self.aux_loss = 0.0  # with experts and router_aux_loss_coef: the latest loss's load balance, (MOE.11)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.d_model, cfg.vocab_size, False, rng=rng, dtype=dtype)
         # Tied: the LM head is embed_tokens.weight itself, logits = h @ embed_tokens^T.
@@ -221,8 +264,11 @@ class Llama(Module):
                                  f"{cfg.sliding_window} (a window is a causal mask), got an array")
             mask_bias = prefix_lm_bias(op, prefix_len, ids.shape[0], start, ids.shape[1], np.dtype(cfg.dtype))
         x = self.embed_tokens.forward(ids)  # (B, T, D); positions enter through RoPE in each layer
+        routings = []
         for i, layer in enumerate(self.layers):
             x = layer.forward(x, None if kv_caches is None else kv_caches[i], mask_bias)
+            if cfg.num_local_experts:
+                routings.append(layer.mlp.routing)
         h = self.norm.forward(x)
         if cfg.tie_word_embeddings:
             logits, tied_head = linear_forward(h, self.embed_tokens.weight.data)  # (B, T, V)
@@ -230,7 +276,14 @@ class Llama(Module):
             logits, tied_head = self.lm_head.forward(h), None
         self.record("logits", logits)
         loss, loss_cache = (None, None) if targets is None else cross_entropy_forward(logits, targets)
-        self.save_cache(LlamaCache(tied_head=tied_head, loss=loss_cache))
+        aux_cache = None
+        if loss is not None and cfg.num_local_experts and cfg.router_aux_loss_coef:
+            # Mixtral's load balance: f and P over the tokens of every layer together, (MOE.11) on the stacked rows
+            aux, aux_cache = load_balancing_loss_forward(np.concatenate([r.probs for r in routings]),
+                                                         np.concatenate([r.expert for r in routings]))
+            self.aux_loss = float(aux)
+            loss = loss + cfg.router_aux_loss_coef * aux
+        self.save_cache(LlamaCache(tied_head=tied_head, loss=loss_cache, aux=aux_cache))
         return logits, None if loss is None else float(loss)
 
     @atomic
@@ -249,8 +302,12 @@ class Llama(Module):
         else:
             dh = self.lm_head.backward(dlogits)
         dx = self.norm.backward(dh)
-        for layer in reversed(self.layers):
-            dx = layer.backward(dx)
+        dprobs = [None] * len(self.layers)
+        if cache.aux is not None:  # (MOE.13): the pooled loss's gradient, split back into each layer's rows
+            dprobs = np.split(load_balancing_loss_backward(np.asarray(self.cfg.router_aux_loss_coef, dtype),
+                                                           cache.aux), len(self.layers))
+        for layer, dp in zip(reversed(self.layers), reversed(dprobs)):
+            dx = layer.backward(dx, dp)
         self.embed_tokens.backward(dx)
 
     def astype(self, dtype) -> "Llama":
@@ -263,3 +320,16 @@ class Llama(Module):
         """One KVCache per layer for ``max_len`` positions (default and at most block_size)."""
         max_len = check_kv_length("Llama.make_kv_caches", max_len, self.cfg.block_size)
         return [layer.self_attn.make_kv_cache(batch, max_len) for layer in self.layers]
+
+
+class Mixtral(Llama):
+    """``Llama`` with experts, under the name a Hugging Face ``mixtral`` folder gives it (the model it loads as).
+
+    ``Llama(cfg)`` returns one whenever cfg has experts; the name tells the folder writer to write it as Mixtral.
+    """
+
+    def __init__(self, cfg: LlamaConfig, seed: int = 0):
+        if isinstance(cfg, LlamaConfig) and not cfg.num_local_experts:
+            raise ValueError("Mixtral: argument 'cfg' expected num_local_experts >= 1, got 0 "
+                             "(a dense model is a Llama)")
+        super().__init__(cfg, seed)

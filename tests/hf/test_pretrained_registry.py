@@ -22,7 +22,8 @@ from npformer.models.bert import Bert, BertConfig  # noqa: E402
 from npformer.models.deberta import Deberta, DebertaConfig  # noqa: E402
 from npformer.models.electra import ElectraConfig, ElectraDiscriminator, ElectraGenerator  # noqa: E402
 from npformer.models.gpt import GPT, GPTConfig  # noqa: E402
-from npformer.models.llama import Llama, LlamaConfig  # noqa: E402
+from npformer.models.llama import Llama, LlamaConfig, Mixtral  # noqa: E402
+from npformer.models.mamba import MambaConfig, MambaLM  # noqa: E402
 from npformer.models.t5 import T5, T5Config  # noqa: E402
 from tests.hf.encoder_helpers import assert_grads_equal_hf, load_hf, saved_folders  # noqa: E402
 from tests.hf.test_pretrained_albert_electra import HF_CLASS, build_hf_model, hf_forward, inputs  # noqa: E402
@@ -39,6 +40,8 @@ MODELS = {
     "llama": {None: lambda: Llama(LlamaConfig(n_kv_head=1, **DECODER), seed=2)},
     "mistral": {None: lambda: Llama(LlamaConfig(sliding_window=4, tie_word_embeddings=True, **DECODER), seed=3)},
     "qwen2": {None: lambda: Llama(LlamaConfig(qkv_bias=True, **DECODER), seed=4)},
+    "mixtral": {None: lambda: Mixtral(LlamaConfig(num_local_experts=3, num_experts_per_tok=2, router_aux_loss_coef=0.01,
+                                                  **DECODER), seed=13)},
     "bert": {None: lambda: Bert(BertConfig(nsp_head=True, dropout=0.0, **ENCODER), seed=5)},
     "roberta": {None: lambda: Bert(BertConfig(type_vocab_size=1, pad_token_id=1, position_padding_idx=1,
                                               nsp_head=False, dropout=0.0, **ENCODER), seed=6)},
@@ -52,6 +55,8 @@ MODELS = {
                                      n_head=2, relative_attention_num_buckets=6, relative_attention_max_distance=4,
                                      dropout=0.0, dtype="float64"), seed=11)},
     "bart": {None: lambda: Bart(BartConfig(vocab_size=23, max_position=12, dropout=0.0, **SIZES), seed=12)},
+    "mamba": {None: lambda: MambaLM(MambaConfig(vocab_size=23, block_size=12, n_layer=2, d_model=8, d_state=3, d_conv=3,
+                                                dtype="float64"), seed=14)},
 }
 
 
@@ -60,7 +65,8 @@ def test_each_model_type_and_model_class_belongs_to_one_family():
     assert sorted(types) == sorted(set(types)) == sorted(SUPPORTED_MODEL_TYPES)
     classes = [cls for family in REGISTRY.values() for cls in family.classes]
     assert len(classes) == len(set(classes))
-    assert all(not issubclass(a, b) for a in classes for b in classes if a is not b)  # isinstance picks one
+    # isinstance picks the first family whose class matches: a subclass (Mixtral of Llama) comes before its base
+    assert all(classes.index(a) < classes.index(b) for a in classes for b in classes if a is not b and issubclass(a, b))
     assert {name: family.name for name, family in REGISTRY.items()} == {name: name for name in REGISTRY}
     written = {(t, v) for t, variants in MODELS.items() for v in variants}
     assert written == {(t, v) for family in REGISTRY.values() for t in family.model_types for v in family.models}
@@ -70,7 +76,7 @@ def test_each_model_type_and_model_class_belongs_to_one_family():
 def test_what_is_not_a_registered_model_is_refused_by_name(model, tmp_path):
     for call, func in [(lambda: save_pretrained(model, tmp_path), "save_pretrained"),
                        (lambda: hf_state_dict(model), "hf_state_dict")]:
-        with pytest.raises(TypeError, match=f"{func}: argument 'model' expected an npformer GPT, Llama, Bert"):
+        with pytest.raises(TypeError, match=f"{func}: argument 'model' expected an npformer GPT, Mixtral, Llama, Bert"):
             call()
     assert not any(tmp_path.iterdir())
 
