@@ -202,6 +202,8 @@ def generate(model, ids: np.ndarray, max_new_tokens: int, *, temperature: float 
     try:
         # caches as long as this call can use: a long-context model's block_size would be mostly unused memory
         cache_len = min(T_max, T0 + max_new_tokens)
+        # a model that cannot decode with caches (Mixture of Depths routes over the whole sequence) recomputes
+        use_cache = use_cache and getattr(model, "supports_kv_cache", True)
         caches = model.make_kv_caches(B, max_len=cache_len) if use_cache and max_new_tokens else None
         start = 0  # the first position the model has not seen yet (cached path)
         for i in range(max_new_tokens):

@@ -425,3 +425,21 @@ def test_repetition_penalty_and_min_new_tokens_follow_their_definition(batch, pr
 def test_generate_rejects_bad_penalty_and_minimum(options):
     with pytest.raises(ValueError, match=r"generate: argument '(repetition_penalty|min_new_tokens)'"):
         generate(tiny_model(), np.array([[1]]), 3, **options)
+
+
+def test_a_model_without_kv_caches_decodes_by_recomputing():
+    """Mixture of Depths routes over the whole sequence, so it has no KV caches: generate recomputes, and its
+    tokens equal a loop of full forwards."""
+    from npformer.models.variant import VariantConfig, VariantLM
+
+    model = VariantLM(VariantConfig(vocab_size=13, block_size=12, n_layer=2, n_head=2, d_model=8, mod_capacity=0.5,
+                                    dtype="float64"), seed=3)
+    assert model.supports_kv_cache is False
+    prompt = np.array([[1, 2, 3]])
+    out = generate(model, prompt, 5, temperature=0.0)
+    model.eval()
+    ids = prompt
+    for _ in range(5):
+        logits, _ = model.forward(ids)
+        ids = np.concatenate([ids, logits[:, -1].argmax(-1)[:, None]], axis=1)
+    np.testing.assert_array_equal(out, ids)

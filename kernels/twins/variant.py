@@ -1,11 +1,15 @@
 """A torch twin of ``npformer.models.variant``: every option of ``VariantConfig`` spelled out in torch.
 
 Used as the whole-model oracle (float64, same weights, same dropout masks) over every combination
-of norm, norm position, activation, positions, key/value heads, bias and head tying. Its math is
-written here rather than taken from a library: LayerNorm (with or without a bias) and RMSNorm,
-the sinusoidal table and the rotate-half RoPE angles computed in float64 from their formulas,
-ALiBi's slopes from the paper's rule, grouped-query attention by repeating each key/value head
-over its group of query heads, GELU (tanh), ReLU and SwiGLU MLPs. Parameter names match
+of norm, norm position, activation, positions, key/value heads, bias, head tying, parallel blocks
+and Mixture of Depths. Its math is written here rather than taken from a library: LayerNorm and
+GroupNorm (the statistics of each group of a token's channels, each with or without a bias) and
+RMSNorm, the sinusoidal table and the rotate-half RoPE angles computed in float64 from their
+formulas, ALiBi's slopes from the paper's rule, grouped-query attention by repeating each
+key/value head over its group of query heads, GELU (tanh, erf and x sigmoid(1.702 x)), ReLU, Mish
+and SwiGLU MLPs; a parallel block's two branches read one norm; a routed block (every other block
+under ``mod_capacity``) gathers each row's top-k tokens by router scalar, runs its branches on
+them with the mask's routed rows and columns, and scatters x + r f(x) back, all in autograd. Parameter names match
 npformer's ``state_dict`` one to one (``load_npformer_state``); ``start_recording`` records block
 outputs, attention probabilities, MLP activations, logits and their gradient under npformer's names.
 """
@@ -64,19 +68,26 @@ def rope(x: torch.Tensor) -> torch.Tensor:
 
 
 class TwinNorm(nn.Module):
-    def __init__(self, dim: int, kind: str, bias: bool):
+    def __init__(self, dim: int, kind: str, bias: bool, num_groups: int = 1):
         super().__init__()
-        self.kind = kind
+        self.kind, self.num_groups = kind, num_groups
         self.weight = nn.Parameter(torch.ones(dim))
-        if kind == "layernorm" and bias:
+        if kind in ("layernorm", "groupnorm") and bias:
             self.bias = nn.Parameter(torch.zeros(dim))
         else:
             self.bias = None
-        self.eps = 1e-5 if kind == "layernorm" else 1e-6
+        self.eps = 1e-6 if kind == "rmsnorm" else 1e-5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "layernorm":
             return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        if self.kind == "groupnorm":  # each token's C channels in G groups of C / G, normalised group by group
+            G = self.num_groups
+            xg = x.reshape(*x.shape[:-1], G, x.shape[-1] // G)
+            mu = xg.mean(-1, keepdim=True)
+            var = (xg - mu).pow(2).mean(-1, keepdim=True)
+            y = ((xg - mu) * torch.rsqrt(var + self.eps)).reshape(x.shape) * self.weight
+            return y if self.bias is None else y + self.bias
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
@@ -92,7 +103,8 @@ class TwinAttention(nn.Module):
         self.recorder: Optional[Dict[str, np.ndarray]] = None
         self.path = ""
 
-    def forward(self, x: torch.Tensor, prefix_len=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, prefix_len=None, hidden=None) -> torch.Tensor:
+        """``hidden`` (B, 1, T, T) bool, True where a query may not see a key, replaces the causal/prefix mask."""
         B, T, C = x.shape
         H, Hkv, Dh = self.n_head, self.n_kv_head, self.head_dim
         q = self.q_proj(x).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
@@ -107,7 +119,8 @@ class TwinAttention(nn.Module):
             distance = (torch.arange(T)[:, None] - torch.arange(T)[None, :]).abs().to(x.dtype)  # (T, T)
             slopes = torch.from_numpy(alibi_slopes(H)).to(x.dtype)[:, None, None]  # (H, 1, 1)
             scores = scores - slopes * distance
-        probs = scores.masked_fill(hidden_keys(T, prefix_len), float("-inf")).softmax(-1)
+        hidden = hidden_keys(T, prefix_len) if hidden is None else hidden
+        probs = scores.masked_fill(hidden, float("-inf")).softmax(-1)
         if self.recorder is not None:
             self.recorder[f"{self.path}.probs"] = probs.detach().numpy().copy()
         return self.o_proj((probs @ v).transpose(1, 2).reshape(B, T, C))
@@ -132,6 +145,13 @@ class TwinMLP(nn.Module):
             a = F.silu(self.gate_proj(x)) * self.up_proj(x)
         elif self.activation == "relu":
             a = F.relu(self.fc(x))
+        elif self.activation == "mish":
+            a = F.mish(self.fc(x))
+        elif self.activation == "gelu_erf":
+            a = F.gelu(self.fc(x), approximate="none")
+        elif self.activation == "gelu_sigmoid":
+            h = self.fc(x)
+            a = h * torch.sigmoid(1.702 * h)
         else:
             a = F.gelu(self.fc(x), approximate="tanh")
         if self.recorder is not None:
@@ -147,22 +167,51 @@ def _drop(x, masks: Optional[Dict[str, np.ndarray]], name: str, p: float, traini
 
 
 class TwinBlock(nn.Module):
-    def __init__(self, d_model, n_head, n_kv_head, d_ff, norm, norm_position, activation, position, bias, dropout):
+    def __init__(self, d_model, n_head, n_kv_head, d_ff, norm, norm_position, activation, position, bias, dropout,
+                 num_groups=1, parallel=False, mod_capacity=None):
         super().__init__()
-        self.pre = norm_position == "pre"
-        self.ln_1 = TwinNorm(d_model, norm, bias)
+        self.pre, self.parallel, self.mod_capacity = norm_position == "pre", parallel, mod_capacity
+        self.ln_1 = TwinNorm(d_model, norm, bias, num_groups)
         self.attn = TwinAttention(d_model, n_head, n_kv_head, bias, position)
-        self.ln_2 = TwinNorm(d_model, norm, bias)
+        if not parallel:
+            self.ln_2 = TwinNorm(d_model, norm, bias, num_groups)
         self.mlp = TwinMLP(d_model, d_ff, activation, bias)
+        if mod_capacity is not None:
+            self.router = nn.Linear(d_model, 1, bias=False)
         self.p = dropout
+
+    def branches(self, x, drop, prefix_len=None, hidden=None):
+        """f(x) of a pre-norm block: the block's output is x + f(x)."""
+        h = self.ln_1(x)
+        a = drop(self.attn(h, prefix_len, hidden), "drop_1")
+        if self.parallel:
+            return a + drop(self.mlp(h), "drop_2")
+        return a + drop(self.mlp(self.ln_2(x + a)), "drop_2")
 
     def forward(self, x, masks, prefix, prefix_len=None):
         drop = lambda y, n: _drop(y, masks, f"{prefix}.{n}", self.p, self.training)  # noqa: E731
+        if self.mod_capacity is not None:
+            return self.routed(x, drop, prefix_len)
         if self.pre:
-            x = x + drop(self.attn(self.ln_1(x), prefix_len), "drop_1")
-            return x + drop(self.mlp(self.ln_2(x)), "drop_2")
+            return x + self.branches(x, drop, prefix_len)
         x = self.ln_1(x + drop(self.attn(x, prefix_len), "drop_1"))
         return self.ln_2(x + drop(self.mlp(x), "drop_2"))
+
+    def routed(self, x, drop, prefix_len):
+        """Each row's k = ceil(c T) tokens of largest r = x w through the block as x + r f(x); the rest unchanged."""
+        B, T, D = x.shape
+        r = self.router(x)[..., 0]  # (B, T)
+        k = min(T, max(1, math.ceil(self.mod_capacity * T)))
+        order = torch.argsort(-r.detach(), dim=1, stable=True)[:, :k]  # ties to the earlier position
+        idx = order.sort(dim=1).values  # (B, k) ascending
+        rows = torch.arange(B)[:, None]
+        hidden = hidden_keys(T, prefix_len)
+        hidden = (hidden if hidden.dim() == 4 else hidden.expand(B, 1, T, T))
+        hidden = hidden[rows[..., None], 0, idx[:, :, None], idx[:, None, :]][:, None]  # (B, 1, k, k)
+        gather = idx[..., None].expand(B, k, D)
+        x_k, r_k = x.gather(1, gather), r.gather(1, idx)[..., None]
+        f = self.branches(x_k, drop, hidden=hidden)
+        return x.scatter(1, gather, x_k + r_k * f)
 
 
 class TwinVariant(TwinModel):
@@ -170,7 +219,7 @@ class TwinVariant(TwinModel):
 
     def __init__(self, vocab_size, block_size, n_layer, n_head, d_model, n_kv_head=None, d_ff=None,
                  norm="layernorm", norm_position="pre", activation="gelu", position="learned", dropout=0.0,
-                 bias=True, tie_head=True, **_):
+                 bias=True, tie_head=True, num_groups=1, parallel_block=False, mod_capacity=None, **_):
         super().__init__()
         self.position, self.tie_head, self.pre = position, tie_head, norm_position == "pre"
         n_kv_head = n_head if n_kv_head is None else n_kv_head
@@ -181,9 +230,11 @@ class TwinVariant(TwinModel):
             self.wpe = nn.Module()
             self.wpe.weight = nn.Parameter(torch.empty(block_size, d_model))
         self.blocks = nn.ModuleList(TwinBlock(d_model, n_head, n_kv_head, d_ff, norm, norm_position, activation,
-                                              position, bias, dropout) for _ in range(n_layer))
+                                              position, bias, dropout, num_groups, parallel_block,
+                                              mod_capacity if i % 2 == 1 else None)  # every other block routed
+                                    for i in range(n_layer))
         if self.pre:
-            self.ln_f = TwinNorm(d_model, norm, bias)
+            self.ln_f = TwinNorm(d_model, norm, bias, num_groups)
         if not tie_head:
             self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
         self.p = dropout

@@ -17,6 +17,7 @@ import numpy as np
 from ..ops._checks import check_bool, check_count, check_dtype_option, check_float, check_int, check_real, check_shape
 from ..ops.dropout import dropout_backward, dropout_forward
 from ..ops.embedding import embedding_backward, embedding_forward
+from ..ops.groupnorm import check_num_groups, groupnorm_backward, groupnorm_forward
 from ..ops.layernorm import layernorm_backward, layernorm_forward
 from ..ops.linear import linear_backward, linear_forward
 from ..ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
@@ -167,6 +168,45 @@ class RMSNorm(Module):
         dx, dweight = rmsnorm_backward(dy, cache)
         self.weight.grad += dweight
         self.record("dweight", dweight)
+        self.record("dx", dx)
+        return dx
+
+
+class GroupNorm(Module):
+    """Group normalisation of each position's C channels in ``num_groups`` groups (GN.1)-(GN.6),
+    with a per-channel gain ``weight`` and shift ``bias`` (none when ``bias=False``: shift 0).
+
+    ``num_groups=1`` is LayerNorm over the channels (GN.11). Recorded names as LayerNorm's.
+    """
+
+    def __init__(self, dim: int, num_groups: int, eps: float = 1e-5, *, bias: bool = True, dtype=np.float32):
+        super().__init__()
+        dtype = check_layer_options("GroupNorm", dtype=dtype, eps=eps, dim=dim)
+        self.num_groups = check_num_groups("GroupNorm", num_groups, dim)
+        check_bool("GroupNorm", "bias", bias)
+        self.eps = float(eps)
+        self.weight = Parameter(np.ones(dim, dtype))
+        self.bias = Parameter(np.zeros(dim, dtype)) if bias else None
+
+    @atomic
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """x (..., C) -> y (..., C)."""
+        check_features("GroupNorm.forward", "x", x, self.weight.shape[0], self.weight.data.dtype)
+        beta = np.zeros_like(self.weight.data) if self.bias is None else self.bias.data
+        y, cache = groupnorm_forward(x, self.weight.data, beta, self.num_groups, self.eps)  # (GN.6)
+        self.save_cache(cache)
+        self.record("out", y)
+        return y
+
+    @atomic
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        cache = self.pop_cache()
+        dx, dweight, dbias = groupnorm_backward(dy, cache)  # (GN.7)-(GN.10)
+        self.weight.grad += dweight
+        self.record("dweight", dweight)
+        if self.bias is not None:  # without a bias the shift's gradient has no parameter to go to
+            self.bias.grad += dbias
+            self.record("dbias", dbias)
         self.record("dx", dx)
         return dx
 

@@ -1,4 +1,4 @@
-"""Feed-forward blocks: GPT's GELU MLP (or ReLU, as the original Transformer), LLaMA's SwiGLU MLP and
+"""Feed-forward blocks: GPT's GELU MLP (or ReLU, as the original Transformer, or Mish), LLaMA's SwiGLU MLP and
 T5 v1.1's gated-GELU MLP (``GatedMLP``).
 
 Each forward keeps its activation cache on the block's stack (one per call, see
@@ -12,8 +12,9 @@ from typing import NamedTuple, Tuple
 import numpy as np
 
 from ..ops._checks import check_bool, check_real
-from ..ops.activations import (geglu_backward, geglu_forward, gelu_backward, gelu_forward, relu_backward,
-                               relu_forward, swiglu_backward, swiglu_forward)
+from ..ops.activations import (GELU_APPROXIMATIONS, geglu_backward, geglu_forward, gelu_backward, gelu_forward,
+                               mish_backward, mish_forward, relu_backward, relu_forward, swiglu_backward,
+                               swiglu_forward)
 from .layers import Dropout, Linear, check_dout, check_layer_options
 from .module import Module, atomic
 
@@ -21,15 +22,20 @@ from .module import Module, atomic
 class MLPCache(NamedTuple):
     """One forward call of an MLP: the activation's op cache and the output's shape (checks dy)."""
 
-    act: object  # GeluCache or ReluCache (MLP), SwiGLUCache (SwiGLUMLP) or GegluCache (GatedMLP)
+    act: object  # GeluCache, ReluCache or MishCache (MLP), SwiGLUCache (SwiGLUMLP) or GegluCache (GatedMLP)
     out_shape: Tuple[int, ...]
+
+
+MLP_ACTIVATIONS = ("gelu", "relu", "mish")
 
 
 class MLP(Module):
     """x -> fc (D -> 4D) -> GELU -> proj (4D -> D), as GPT-2 (``approximate="tanh"``).
 
-    ``activation="relu"`` puts ReLU (ACT.4) in GELU's place (the original Transformer, T5 v1.0);
-    ``approximate`` then plays no part.
+    GELU's form is ``approximate``: "tanh" (ACT.8), "none" (exact, ACT.6) or "sigmoid",
+    x sigmoid(1.702 x) (ACT.22). ``activation="relu"`` puts ReLU (ACT.4) in GELU's place (the
+    original Transformer, T5 v1.0), ``activation="mish"`` Mish (ACT.14); ``approximate`` then
+    plays no part.
     """
 
     def __init__(self, d_model: int, d_hidden: int, bias: bool = True, approximate: str = "tanh", *,
@@ -38,10 +44,10 @@ class MLP(Module):
         check_layer_options("MLP", d_model=d_model, d_hidden=d_hidden)
         check_real("MLP", "proj_std", proj_std, lo=0.0)
         check_bool("MLP", "bias", bias)
-        if not isinstance(approximate, str) or approximate not in ("none", "tanh"):
-            raise ValueError(f"MLP: argument 'approximate' expected 'none' or 'tanh', got {approximate!r}")
-        if not isinstance(activation, str) or activation not in ("gelu", "relu"):
-            raise ValueError(f"MLP: argument 'activation' expected 'gelu' or 'relu', got {activation!r}")
+        if not isinstance(approximate, str) or approximate not in GELU_APPROXIMATIONS:
+            raise ValueError(f"MLP: argument 'approximate' expected 'none', 'tanh' or 'sigmoid', got {approximate!r}")
+        if not isinstance(activation, str) or activation not in MLP_ACTIVATIONS:
+            raise ValueError(f"MLP: argument 'activation' expected 'gelu', 'relu' or 'mish', got {activation!r}")
         self.approximate, self.activation = approximate, activation
         self.fc = Linear(d_model, d_hidden, bias, rng=rng, dtype=dtype)
         self.proj = Linear(d_hidden, d_model, bias, rng=rng, std=proj_std, dtype=dtype)
@@ -49,7 +55,12 @@ class MLP(Module):
     @atomic
     def forward(self, x: np.ndarray) -> np.ndarray:
         h = self.fc.forward(x)
-        a, act = relu_forward(h) if self.activation == "relu" else gelu_forward(h, approximate=self.approximate)
+        if self.activation == "relu":
+            a, act = relu_forward(h)  # (ACT.4)
+        elif self.activation == "mish":
+            a, act = mish_forward(h)  # (ACT.14)
+        else:
+            a, act = gelu_forward(h, approximate=self.approximate)  # (ACT.6), (ACT.8) or (ACT.22)
         self.record("act", a)
         y = self.proj.forward(a)
         self.save_cache(MLPCache(act=act, out_shape=y.shape))
@@ -60,7 +71,12 @@ class MLP(Module):
         check_dout(self, "MLP.backward", "dy", dy, self.proj.weight.shape[0], self.proj.weight.data.dtype)
         cache = self.pop_cache()
         da = self.proj.backward(dy)
-        dh = relu_backward(da, cache.act) if self.activation == "relu" else gelu_backward(da, cache.act)
+        if self.activation == "relu":
+            dh = relu_backward(da, cache.act)  # (ACT.5)
+        elif self.activation == "mish":
+            dh = mish_backward(da, cache.act)  # (ACT.15)
+        else:
+            dh = gelu_backward(da, cache.act)  # (ACT.7), (ACT.9) or (ACT.23)
         self.record("dact", dh)
         dx = self.fc.backward(dh)
         return dx

@@ -10,6 +10,7 @@ shape and dtype. A 0-d array in gives 0-d arrays out, never NumPy scalars.
     relu    y = max(x, 0)
     gelu    y = x Phi(x)                       approximate="none"  (exact, with erf)
             y = x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))   approximate="tanh"  (GPT-2)
+            y = x sigmoid(1.702 x)             approximate="sigmoid"
     silu    y = x sigmoid(x)
     mish    y = x tanh(softplus(x))
     swiglu  y = silu(gate) * up                (LLaMA)
@@ -31,7 +32,8 @@ import numpy as np
 
 from ._checks import _fail, check_cache_type, check_float, check_like, check_same_dtype_as, check_same_shape
 
-APPROXIMATIONS = ("none", "tanh")
+APPROXIMATIONS = ("none", "tanh")  # the forms of GELU in GeGLU
+GELU_APPROXIMATIONS = APPROXIMATIONS + ("sigmoid",)  # the forms of the gelu op itself
 
 _TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
 _ONE_OVER_SQRT_PI = 1.0 / math.sqrt(math.pi)
@@ -39,6 +41,7 @@ _ONE_OVER_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _SQRT_HALF = math.sqrt(0.5)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _KAPPA = 0.044715  # the cubic coefficient of the tanh approximation, (ACT.8)
+_GELU_SIGMOID_SCALE = 1.702  # the slope of the sigmoid approximation, (ACT.22)
 
 # erf: series below the split, continued fraction from it on. With these term counts
 # both parts reach float64 round-off on their whole range (the tests check it densely).
@@ -134,9 +137,10 @@ def _array(a) -> np.ndarray:
     return np.asarray(a)
 
 
-def _check_approximate(op: str, approximate: object) -> None:
-    if not isinstance(approximate, str) or approximate not in APPROXIMATIONS:
-        _fail(op, "approximate", "'none' or 'tanh'", repr(approximate))
+def _check_approximate(op: str, approximate: object, choices: Tuple[str, ...] = APPROXIMATIONS) -> None:
+    if not isinstance(approximate, str) or approximate not in choices:
+        expected = " or ".join(", ".join(map(repr, choices)).rsplit(", ", 1))
+        _fail(op, "approximate", expected, repr(approximate))
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -186,9 +190,9 @@ def relu_backward(dy: np.ndarray, cache: ReluCache) -> np.ndarray:
 
 class GeluCache(NamedTuple):
     x: np.ndarray  # (...)  input
-    cdf: np.ndarray  # (...)  Phi(x) (ACT.6), or its tanh form 1/2 (1 + tanh u) (ACT.8)
-    tanh_u: Optional[np.ndarray]  # (...)  tanh(u(x)) of (ACT.8) for "tanh"; None for "none"
-    approximate: str  # "none" or "tanh"
+    cdf: np.ndarray  # (...)  Phi(x) (ACT.6), its tanh form 1/2 (1 + tanh u) (ACT.8) or sigmoid(1.702 x) (ACT.22)
+    tanh_u: Optional[np.ndarray]  # (...)  tanh(u(x)) of (ACT.8) for "tanh"; None otherwise
+    approximate: str  # "none", "tanh" or "sigmoid"
 
 
 CHUNK = 1 << 15  # elements per chunk of a long in-place chain: its buffers stay in the L2 cache
@@ -225,13 +229,18 @@ def _gelu_tanh_parts(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def gelu_forward(x: np.ndarray, approximate: str = "none") -> Tuple[np.ndarray, GeluCache]:
-    """y = x Phi(x) exactly (ACT.6), or GPT-2's tanh form (ACT.8).  x: (...) -> y: (...)
+    """y = x Phi(x) exactly (ACT.6), GPT-2's tanh form (ACT.8) or the sigmoid form (ACT.22).  x: (...) -> y: (...)
 
-    Matches ``torch.nn.functional.gelu(x, approximate=...)``.
+    "none" and "tanh" match ``torch.nn.functional.gelu(x, approximate=...)``; "sigmoid" is
+    x sigmoid(1.702 x), which torch has no option for.
     """
     check_float("gelu_forward", "x", x)
-    _check_approximate("gelu_forward", approximate)
-    if approximate == "none":
+    _check_approximate("gelu_forward", approximate, GELU_APPROXIMATIONS)
+    if approximate == "sigmoid":
+        cdf = _array(_sigmoid(_GELU_SIGMOID_SCALE * x))  # (ACT.22)  sigmoid(1.702 x) in Phi's place, (ACT.10)
+        tanh_u = None
+        y = _array(x * cdf)  # (ACT.22)
+    elif approximate == "none":
         cdf = _array(0.5 * _erfc(_array(-_SQRT_HALF * x)))  # (ACT.6)  Phi(x); erfc keeps its left tail accurate
         tanh_u = None
         y = _array(x * cdf)  # (ACT.6)
@@ -241,10 +250,13 @@ def gelu_forward(x: np.ndarray, approximate: str = "none") -> Tuple[np.ndarray, 
 
 
 def gelu_backward(dy: np.ndarray, cache: GeluCache) -> np.ndarray:
-    """dx = dy * gelu'(x) (ACT.1), with gelu' from (ACT.7) or (ACT.9).  dy: (...) -> dx: (...)"""
+    """dx = dy * gelu'(x) (ACT.1), with gelu' from (ACT.7), (ACT.9) or (ACT.23).  dy: (...) -> dx: (...)"""
     check_cache_type("gelu_backward", cache, GeluCache)
     x, cdf, tanh_u, approximate = cache
     check_like("gelu_backward", "dy", dy, x)
+    if approximate == "sigmoid":
+        dgelu = cdf * (1.0 + _GELU_SIGMOID_SCALE * x * (1.0 - cdf))  # (ACT.23)
+        return _array(dy * dgelu)  # (ACT.1)
     if approximate == "none":
         pdf = _ONE_OVER_SQRT_2PI * np.exp(-0.5 * (x * x))  # phi(x)
         dgelu = cdf + x * pdf  # (ACT.7)
@@ -401,7 +413,7 @@ def gradcheck_cases(rng: np.random.Generator):
     away_from_kink = x()
     away_from_kink += np.where(away_from_kink >= 0, 0.1, -0.1)
     yield Case("relu", relu_forward, relu_backward, {"x": away_from_kink}, wrt=("x",))
-    for approximate in APPROXIMATIONS:
+    for approximate in GELU_APPROXIMATIONS:
         yield Case(f"gelu[{approximate}]", gelu_forward, gelu_backward, {"x": x()}, wrt=("x",),
                    options={"approximate": approximate})
     yield Case("silu", silu_forward, silu_backward, {"x": x()}, wrt=("x",))

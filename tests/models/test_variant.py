@@ -1,8 +1,11 @@
-"""The configurable decoder LM against its torch twin over every option, and as a language model:
-cached decoding, lengths beyond the training window, sampling, its config's checks and sizes."""
+"""The configurable decoder LM against its torch twin over every option (GroupNorm, GELU's forms and
+Mish, parallel blocks and Mixture of Depths included), and as a language model: cached decoding,
+lengths beyond the training window, sampling, its config's checks and sizes; the equations of
+proofs/mixture_of_depths.md on a block."""
 
 import itertools
 import json
+import math
 
 import numpy as np
 import pytest
@@ -11,17 +14,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kernels.twins.variant import TwinVariant
+from npformer import gradcheck
 from npformer.debug import first_divergence
 from npformer.generate import generate
 from npformer.models import CAUSAL_LMS, FAMILIES, build, check_causal_lm, family_of
-from npformer.models.variant import (ACTIVATIONS, NORM_POSITIONS, NORMS, POSITIONS, VariantConfig, VariantLM)
+from npformer.models.variant import (ACTIVATIONS, NORM_POSITIONS, NORMS, POSITIONS, VariantBlock, VariantConfig,
+                                     VariantLM, top_k_positions)
 from npformer.nn.mlp import MLP, SwiGLUMLP
 from tests.badinput import BAD_COUNTS, BAD_FLAGS, expect_rejected
-from tests.tolerances import FINDER_ATOL, MODEL_RTOL, RTOL, assert_close
+from tests.tolerances import FD_RTOL, FINDER_ATOL, MODEL_RTOL, RTOL, assert_close
 
 TINY = dict(vocab_size=11, block_size=9, n_layer=2, n_head=2, d_model=8)
 OPTIONS = dict(norm=NORMS, position=POSITIONS, activation=ACTIVATIONS, norm_position=NORM_POSITIONS,
-               tie_head=(True, False), bias=(True, False))
+               tie_head=(True, False), bias=(True, False), parallel_block=(False, True),
+               mod_capacity=(None, None, 0.25, 0.5, 1.0))
+PRE_ONLY = {"parallel_block": False, "mod_capacity": None}  # what a post-norm model must leave off
 
 
 def pair(seed=0, **fields):
@@ -62,21 +69,30 @@ def assert_matches_twin(model, twin, ids, targets, prefix_len=None):
 def configs(draw, **fixed):
     """Odd and unit sizes, every option; head_dim even where RoPE needs it, d_model even for sinusoidal."""
     options = {k: fixed[k] if k in fixed else draw(st.sampled_from(v)) for k, v in OPTIONS.items()}
+    if options["norm_position"] == "post":
+        options.update(PRE_ONLY)
     n_head = draw(st.sampled_from([1, 2, 3, 4, 6]))
     n_kv_head = draw(st.sampled_from([None] + [d for d in range(1, n_head + 1) if n_head % d == 0]))
     head_dim = draw(st.sampled_from([2, 4] if options["position"] in ("rope", "sinusoidal") else [1, 2, 3, 5]))
     if options["position"] == "sinusoidal" and (n_head * head_dim) % 2:
         head_dim *= 2
     d_ff = draw(st.sampled_from([None, None, 1, 7]))
+    d_model = n_head * head_dim
+    num_groups = draw(st.sampled_from([g for g in range(1, d_model + 1) if d_model % g == 0]))
     return VariantConfig(vocab_size=draw(st.sampled_from([1, 2, 7, 13])), block_size=draw(st.integers(1, 9)),
                          n_layer=draw(st.integers(1, 3)), n_head=n_head, n_kv_head=n_kv_head,
-                         d_model=n_head * head_dim, d_ff=d_ff, dropout=draw(st.sampled_from([0.0, 0.0, 0.25])),
-                         dtype="float64", **options)
+                         d_model=d_model, d_ff=d_ff, dropout=draw(st.sampled_from([0.0, 0.0, 0.25])),
+                         num_groups=num_groups, dtype="float64", **options)
 
 
+@pytest.mark.derivation("MOD.8")
+@pytest.mark.derivation("MOD.9")
+@pytest.mark.derivation("MOD.10")
 @given(cfg=configs(), data=st.data())
+@settings(max_examples=30)
 def test_loss_and_every_gradient_match_the_twin(cfg, data):
-    """Drawn configs (every option, odd sizes, T = 1 included, dropout masks shared) against the twin in float64."""
+    """Drawn configs (every option, odd sizes, T = 1 included, dropout masks shared) against the twin in float64:
+    a routed block's gradients, the router's among them, equal autograd's through gather and scatter."""
     model = VariantLM(cfg, seed=data.draw(st.integers(0, 3)))
     twin = TwinVariant(**cfg.to_dict()).double()
     twin.load_npformer_state(model.state_dict())
@@ -89,15 +105,24 @@ def test_loss_and_every_gradient_match_the_twin(cfg, data):
     assert_matches_twin(model, twin, ids, targets, prefix_len)
 
 
+BLOCK_FORMS = [("post", False, None), ("pre", False, None), ("pre", True, None), ("pre", False, 0.5),
+               ("pre", True, 0.5)]  # (norm_position, parallel_block, mod_capacity): every valid block
+
+
 @pytest.mark.parametrize("norm, position", list(itertools.product(NORMS, POSITIONS)))
 def test_every_option_combination_matches_the_twin(norm, position):
-    """The whole product of the categorical options (and MHA, GQA, MQA), at one small size each."""
+    """Every activation with every block form (post, pre, parallel, routed, parallel and routed), for each norm
+    and position; tie_head, bias and MHA/GQA/MQA cycle through their product alongside (the full product
+    would take minutes), so each of their values meets every activation and block form across the norms."""
     rng = np.random.default_rng(7)
     ids, targets = rng.integers(0, TINY["vocab_size"], (2, 2, 5))
-    for activation, norm_position, tie_head, bias, n_kv_head in itertools.product(
-            ACTIVATIONS, NORM_POSITIONS, (True, False), (True, False), (None, 2, 1)):
-        model, twin = pair(n_head=4, d_model=16, n_kv_head=n_kv_head, norm=norm, position=position,
-                           activation=activation, norm_position=norm_position, tie_head=tie_head, bias=bias)
+    others = list(itertools.product((True, False), (True, False), (None, 2, 1)))  # tie_head, bias, n_kv_head
+    shift = NORMS.index(norm) * 7 + POSITIONS.index(position)
+    for i, (activation, (norm_position, parallel, capacity)) in enumerate(itertools.product(ACTIVATIONS, BLOCK_FORMS)):
+        tie_head, bias, n_kv_head = others[(i + shift) % len(others)]
+        model, twin = pair(n_head=4, d_model=16, n_kv_head=n_kv_head, norm=norm, position=position, num_groups=4,
+                           activation=activation, norm_position=norm_position, tie_head=tie_head, bias=bias,
+                           parallel_block=parallel, mod_capacity=capacity, n_layer=2)
         assert_matches_twin(model, twin, ids, targets)
 
 
@@ -122,8 +147,9 @@ def test_recordings_use_gpts_names_and_equal_the_twins():
 def test_cached_decoding_equals_full_recomputation(position, norm_position, data):
     """Chunks through KV caches (positions starting at the cache length) give the logits of one full forward."""
     n_kv_head = data.draw(st.sampled_from([None, 2, 1]))
+    parallel = norm_position == "pre" and data.draw(st.booleans())
     model, _ = pair(seed=data.draw(st.integers(0, 3)), n_head=4, d_model=16, n_kv_head=n_kv_head,
-                    position=position, norm_position=norm_position,
+                    position=position, norm_position=norm_position, parallel_block=parallel, num_groups=2,
                     norm=data.draw(st.sampled_from(NORMS)), activation=data.draw(st.sampled_from(ACTIVATIONS)))
     T = model.cfg.block_size
     ids = np.random.default_rng(data.draw(st.integers(0, 99))).integers(0, TINY["vocab_size"], (2, T))
@@ -217,7 +243,9 @@ BAD_FIELDS = {
     "n_kv_head": (0, 3, -1, 2.0, True), "d_model": (0, -8, 8.0, "8"),
     "d_ff": (0, -1, 2.5, True, "4"),
     "norm": ("batchnorm", "LayerNorm", None, 1), "norm_position": ("middle", None, True),
-    "activation": ("silu", "GELU", None), "position": ("t5", "relative", None, 0),
+    "activation": ("silu", "GELU", "gelu_tanh", "Mish", None), "position": ("t5", "relative", None, 0),
+    "num_groups": BAD_COUNTS + (0, 3),  # 3 does not divide d_model = 8 (checked with norm "groupnorm")
+    "parallel_block": BAD_FLAGS, "mod_capacity": (0.0, -0.5, 1.5, float("nan"), "0.5", True, [0.5]),
     "dropout": (-0.1, 1.0, float("nan"), "0.1", None), "bias": BAD_FLAGS, "tie_head": BAD_FLAGS,
     "dtype": ("float16", "int32", np.float64, None),
 }
@@ -226,14 +254,18 @@ BAD_FIELDS = {
 @pytest.mark.parametrize("name", sorted(BAD_FIELDS))
 def test_bad_config_fields_are_refused_by_name(name):
     for bad in BAD_FIELDS[name]:
-        message = expect_rejected(lambda: VariantConfig(**{**TINY, "n_kv_head": 2, name: bad}), "VariantConfig", name)
+        fields = {**TINY, "n_kv_head": 2, "norm": "layernorm" if name == "norm" else "groupnorm", name: bad}
+        message = expect_rejected(lambda: VariantConfig(**fields), "VariantConfig", name)
         assert "expected" in message and "got" in message
 
 
 @pytest.mark.parametrize("fields, name", [(dict(position="rope", n_head=8), "position"),  # head_dim 1
                                           (dict(position="sinusoidal", d_model=9, n_head=3), "position"),
                                           (dict(n_head=4, n_kv_head=3), "n_kv_head"),
-                                          (dict(d_model=7), "n_head")])  # n_head = 2 does not divide 7
+                                          (dict(d_model=7), "n_head"),  # n_head = 2 does not divide 7
+                                          (dict(norm="groupnorm", num_groups=3), "num_groups"),
+                                          (dict(norm_position="post", parallel_block=True), "parallel_block"),
+                                          (dict(norm_position="post", mod_capacity=0.5), "mod_capacity")])
 def test_option_conflicts_are_refused_by_name(fields, name):
     expect_rejected(lambda: VariantConfig(**{**TINY, **fields}), "VariantConfig", name)
 
@@ -253,10 +285,14 @@ def test_model_checks_its_arguments():
 
 @given(d_model=st.integers(19, 600), bias=st.booleans())
 def test_swiglu_default_width_spends_the_parameters_of_a_4d_gelu_mlp(d_model, bias):
-    """d_ff None: 4 D for GELU and ReLU; round(8 D / 3) for SwiGLU, whose MLP is within 1% of GELU's size."""
+    """d_ff None: 4 D for GELU (each form), ReLU and Mish; round(8 D / 3) for SwiGLU, whose MLP is within 1% of
+    GELU's size."""
     rng = np.random.default_rng(0)
-    gelu, relu, swiglu = (VariantConfig(d_model=d_model, n_head=1, activation=a) for a in ACTIVATIONS)
-    assert gelu.resolved_d_ff == relu.resolved_d_ff == 4 * d_model and gelu.d_ff is None
+    gelu, swiglu = (VariantConfig(d_model=d_model, n_head=1, activation=a) for a in ("gelu", "swiglu"))
+    for a in ACTIVATIONS:
+        if a != "swiglu":
+            assert VariantConfig(d_model=d_model, n_head=1, activation=a).resolved_d_ff == 4 * d_model
+    assert gelu.d_ff is None
     F = swiglu.resolved_d_ff
     assert abs(F - 8 * d_model / 3) <= 0.5 and swiglu.d_ff is None
     n_gelu = MLP(d_model, gelu.resolved_d_ff, bias, rng=rng).num_parameters()
@@ -328,3 +364,224 @@ def test_float32_model_keeps_float32_and_agrees_with_float64(position):
             assert np.abs(prm.grad).max() <= 1e-6 * np.abs(m32.wte.weight.grad).max(), name
             continue
         assert_close(prm.grad, grads64[name].grad, rtol=RTOL[np.dtype(np.float32)], what=name)
+
+
+# -- block forms: parallel blocks and Mixture of Depths (proofs/mixture_of_depths.md) --------------------
+BLOCK = dict(vocab_size=11, block_size=9, n_layer=2, n_head=2, d_model=8, dtype="float64", num_groups=2)
+
+
+def twin_block_of(block, cfg):
+    """A TwinBlock holding ``block``'s weights (block 1 of a routed config is routed in both)."""
+    from kernels.twins.variant import TwinBlock, resolved_d_ff
+    twin = TwinBlock(cfg.d_model, cfg.n_head, cfg.resolved_n_kv_head, resolved_d_ff(cfg.d_model, cfg.d_ff,
+                     cfg.activation), cfg.norm, cfg.norm_position, cfg.activation, cfg.position, cfg.bias, 0.0,
+                     cfg.num_groups, cfg.parallel_block, cfg.mod_capacity if block.routed else None).double()
+    own = dict(twin.named_parameters())
+    state = dict(block.named_parameters())
+    assert set(own) == set(state)
+    with torch.no_grad():
+        for name, prm in own.items():
+            prm.copy_(torch.from_numpy(state[name].data))
+    return twin
+
+
+def block_against_twin(block, twin, x, dy):
+    """The block's output and every gradient (x and parameters) against autograd through the twin block."""
+    block.zero_grad()
+    y = block.forward(x)
+    dx = block.backward(dy)
+    tx = torch.from_numpy(x.copy()).requires_grad_(True)
+    ty = twin(tx, None, "b")
+    ty.backward(torch.from_numpy(dy))
+    assert_close(y, ty.detach().numpy(), rtol=MODEL_RTOL, what="y")
+    assert_close(dx, tx.grad.numpy(), rtol=MODEL_RTOL, what="dx")
+    for name, prm in block.named_parameters():
+        assert_close(prm.grad, dict(twin.named_parameters())[name].grad.numpy(), rtol=MODEL_RTOL, what=name)
+
+
+@pytest.mark.derivation("MOD.1")
+@pytest.mark.derivation("MOD.2")
+@pytest.mark.derivation("MOD.3")
+@pytest.mark.derivation("MOD.4")
+@given(parallel=st.booleans(), norm=st.sampled_from(NORMS), activation=st.sampled_from(ACTIVATIONS),
+       seed=st.integers(0, 99), T=st.integers(1, 6))
+def test_block_branches_and_their_gradients(parallel, norm, activation, seed, T):
+    """x + f(x) with f of (MOD.1) (sequential) or (MOD.2) (parallel, no ln_2) composed from the sublayers;
+    its backward (MOD.3) or (MOD.4) against autograd through the twin block."""
+    cfg = VariantConfig(**BLOCK, parallel_block=parallel, norm=norm, activation=activation)
+    block = VariantLM(cfg, seed=seed).blocks[0]
+    assert hasattr(block, "ln_2") != parallel
+    rng = np.random.default_rng(seed)
+    x, dy = rng.standard_normal((2, 2, T, cfg.d_model))
+    block.eval()
+    h = block.ln_1.forward(x)
+    a = block.attn.forward(h, causal=True)
+    m = block.mlp.forward(h if parallel else block.ln_2.forward(x + a))
+    assert_close(block.forward(x), x + a + m, rtol=MODEL_RTOL, what="x + f(x)")
+    block.train()
+    block_against_twin(block, twin_block_of(block, cfg), x, dy)
+
+
+def reference_routing(x, w, capacity):
+    """(MOD.5), (MOD.6) from the proof: r = x w, each row's k = ceil(c T) largest, ties to the earlier position."""
+    r = x @ w  # (B, T)
+    T = x.shape[1]
+    k = min(T, max(1, math.ceil(capacity * T)))
+    routed = np.array([sorted(sorted(range(T), key=lambda t: (-row[t], t))[:k]) for row in r], dtype=np.int64)
+    return r, routed.reshape(x.shape[0], k)
+
+
+def dense_branches(cfg, block, x):
+    """f(x) of the routed block's sublayers, run by a block with no router (the same weights), in eval mode."""
+    dense = VariantBlock(VariantConfig(**{**cfg.to_dict(), "mod_capacity": None}), np.random.default_rng(0))
+    for name, prm in dense.named_parameters():
+        prm.data[...] = dict(block.named_parameters())[name].data
+    dense.eval()
+    return dense.forward(x) - x
+
+
+@pytest.mark.derivation("MOD.5")
+@pytest.mark.derivation("MOD.6")
+@pytest.mark.derivation("MOD.7")
+@given(capacity=st.sampled_from([0.1, 0.25, 0.5, 0.75, 1.0]), parallel=st.booleans(), T=st.integers(1, 9),
+       B=st.integers(1, 3), seed=st.integers(0, 99), ties=st.booleans())
+def test_routed_block_forward_is_its_formula(capacity, parallel, T, B, seed, ties):
+    """Only every other block routes; its top-k rows are x + r f(x_S) with f the dense block's branches on the
+    routed tokens alone, the others are x exactly; equal scalars route the earliest tokens."""
+    cfg = VariantConfig(**{**BLOCK, "n_layer": 3}, mod_capacity=capacity, parallel_block=parallel, position="rope")
+    model = VariantLM(cfg, seed=seed)
+    assert [b.routed for b in model.blocks] == [False, True, False]
+    assert [hasattr(b, "router") for b in model.blocks] == [False, True, False]
+    block = model.blocks[1]
+    rng = np.random.default_rng(seed)
+    if ties:
+        block.router.weight.data[...] = 0.0  # every r = 0: the first k tokens, and r f = 0
+    x = rng.standard_normal((B, T, cfg.d_model))
+    r, routed = reference_routing(x, block.router.weight.data[0], capacity)
+    np.testing.assert_array_equal(top_k_positions(r, routed.shape[1]), routed)
+    block.eval()
+    rec = block.start_recording()
+    y = block.forward(x)
+    block.stop_recording()
+    np.testing.assert_array_equal(rec["routed"], routed)
+    for b in range(B):
+        skipped = np.setdiff1d(np.arange(T), routed[b])
+        np.testing.assert_array_equal(y[b, skipped], x[b, skipped])  # (MOD.7): untouched, bit for bit
+        x_s = x[b:b + 1, routed[b]]
+        f = dense_branches(cfg, block, x_s)[0]
+        assert_close(y[b, routed[b]], x_s[0] + r[b, routed[b], None] * f, rtol=MODEL_RTOL, scale=1.0, what="routed")
+    if ties:
+        np.testing.assert_array_equal(routed, np.broadcast_to(np.arange(routed.shape[1]), routed.shape))
+        np.testing.assert_array_equal(y, x)
+
+
+@pytest.mark.derivation("MOD.8")
+@pytest.mark.derivation("MOD.9")
+@pytest.mark.derivation("MOD.10")
+@given(capacity=st.sampled_from([0.25, 0.5, 0.8]), parallel=st.booleans(), seed=st.integers(0, 99),
+       norm=st.sampled_from(NORMS))
+@settings(max_examples=6)
+def test_routed_block_gradients_equal_finite_differences(capacity, parallel, seed, norm):
+    """dx (MOD.8), the router's dw (MOD.9), (MOD.10) and a sublayer weight's gradient against central differences
+    of <dy, y> in float64, independent of torch (the routing stays fixed under the small steps); and against
+    autograd through the twin block."""
+    cfg = VariantConfig(**BLOCK, mod_capacity=capacity, parallel_block=parallel, norm=norm)
+    block = VariantLM(cfg, seed=seed).blocks[1]
+    rng = np.random.default_rng(seed)
+    block.router.weight.data[...] = rng.standard_normal(block.router.weight.shape)  # scalars of order one
+    x, dy = rng.standard_normal((2, 2, 6, cfg.d_model))
+    block.zero_grad()
+    block.forward(x)
+    dx = block.backward(dy)
+    block.eval()
+    routed = top_k_positions(x @ block.router.weight.data[0], cfg.mod_tokens(6))
+
+    def loss():
+        assert np.array_equal(top_k_positions(x @ block.router.weight.data[0], cfg.mod_tokens(6)), routed)
+        return float(np.sum(block.forward(x) * dy))
+
+    for name, value, grad in (("x", x, dx), ("router.weight", block.router.weight.data, block.router.weight.grad),
+                              ("mlp.fc.weight", block.mlp.fc.weight.data, block.mlp.fc.weight.grad)):
+        numeric = gradcheck.numerical_gradient(loss, value)
+        assert_close(grad, numeric, rtol=FD_RTOL, what=name)
+    assert np.any(block.router.weight.grad != 0)
+    block.train()
+    block_against_twin(block, twin_block_of(block, cfg), x, dy)
+
+
+@pytest.mark.derivation("MOD.11")
+@given(parallel=st.booleans(), seed=st.integers(0, 99), position=st.sampled_from(POSITIONS))
+@settings(max_examples=8)
+def test_full_capacity_routes_every_token_and_is_causal(parallel, seed, position):
+    """c = 1 routes every token (y = x + r f(x)) and the model is causal; c = 1/2 looks ahead: some change of the
+    last token moves an earlier position's logits, through the routing alone."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, BLOCK["vocab_size"], (1, 8))
+
+    def largest_move(model, logits):
+        """How far the logits before the last position move over every choice of the last token."""
+        moved = 0.0
+        for v in range(BLOCK["vocab_size"]):
+            other = ids.copy()
+            other[0, -1] = v
+            moved = max(moved, float(np.abs(model.forward(other)[0][:, :-1] - logits[:, :-1]).max()))
+        return moved
+
+    moves = {}
+    for capacity in (1.0, 0.5):
+        cfg = VariantConfig(**{**BLOCK, "n_head": 2, "d_model": 8}, mod_capacity=capacity, parallel_block=parallel,
+                            position=position)
+        model = VariantLM(cfg, seed=seed).eval()
+        model.wte.weight.data *= 30  # scalars that spread over the vocabulary, so the last token can win or lose
+        moves[capacity] = []
+        for _ in range(4):  # a few routers of order one: routing that matters
+            model.blocks[1].router.weight.data[...] = 3 * rng.standard_normal((1, 8))
+            rec = model.start_recording()
+            logits, _ = model.forward(ids)
+            model.stop_recording()
+            assert rec["blocks.1.routed"].shape == (1, 8 if capacity == 1.0 else 4)
+            if capacity == 1.0:
+                np.testing.assert_array_equal(rec["blocks.1.routed"], np.arange(8)[None])
+            moves[capacity].append(largest_move(model, logits))
+    assert max(moves[1.0]) <= MODEL_RTOL * 10  # causal: the earlier logits do not see the last token
+    assert max(moves[0.5]) > 1e-6  # looks ahead
+
+
+def test_mod_refuses_cached_decoding_by_name_and_generates_without_a_cache():
+    cfg = VariantConfig(**BLOCK, mod_capacity=0.5)
+    model = VariantLM(cfg).eval()
+    assert not model.supports_kv_cache and VariantLM(VariantConfig(**BLOCK)).supports_kv_cache
+    caches = VariantLM(VariantConfig(**BLOCK)).make_kv_caches(1)
+    ids = np.array([[1, 2, 3]])
+    message = expect_rejected(lambda: model.forward(ids, kv_caches=caches), "VariantLM.forward", "kv_caches")
+    assert "Mixture-of-Depths" in message
+    expect_rejected(lambda: model.make_kv_caches(1), "VariantLM.make_kv_caches", "self")
+    expect_rejected(lambda: model.blocks[1].forward(np.zeros((1, 3, 8)), caches[1]), "VariantBlock.forward",
+                    "kv_cache")
+    expect_rejected(lambda: generate(model, ids, 2, rng=np.random.default_rng(0)), "VariantLM.make_kv_caches", "self")
+    out = generate(model, ids, 2 * cfg.block_size, rng=np.random.default_rng(0), use_cache=False)
+    assert out.shape == (1, 3 + 2 * cfg.block_size) and out.min() >= 0 and out.max() < cfg.vocab_size
+
+
+def test_parallel_and_routed_parameter_names():
+    names = set(dict(VariantLM(VariantConfig(**{**BLOCK, "n_layer": 4}, parallel_block=True, mod_capacity=0.5,
+                                             norm="groupnorm")).named_parameters()))
+    assert {n for n in names if "ln_2" in n} == set()
+    assert {n for n in names if "router" in n} == {"blocks.1.router.weight", "blocks.3.router.weight"}
+    assert {"blocks.0.ln_1.weight", "blocks.0.ln_1.bias", "ln_f.weight", "ln_f.bias"} <= names
+    no_bias = set(dict(VariantLM(VariantConfig(**BLOCK, norm="groupnorm", bias=False)).named_parameters()))
+    assert "blocks.0.ln_1.weight" in no_bias and "blocks.0.ln_1.bias" not in no_bias
+
+
+def test_groupnorm_with_one_group_is_the_layernorm_model():
+    """norm "groupnorm" with num_groups 1 gives the LayerNorm model's loss and gradients (GN.11), weights alike."""
+    ln = VariantLM(VariantConfig(**BLOCK, norm="layernorm"), seed=3)
+    gn = VariantLM(VariantConfig(**{**BLOCK, "num_groups": 1}, norm="groupnorm"), seed=3)
+    ids, targets = np.random.default_rng(0).integers(0, 11, (2, 2, 7))
+    (_, l1), (_, l2) = ln.forward(ids, targets), gn.forward(ids, targets)
+    ln.backward()
+    gn.backward()
+    assert abs(l1 - l2) <= MODEL_RTOL * abs(l1)
+    theirs = dict(ln.named_parameters())
+    for name, prm in gn.named_parameters():
+        assert_close(prm.grad, theirs[name].grad, rtol=MODEL_RTOL, what=name)

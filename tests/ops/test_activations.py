@@ -267,7 +267,7 @@ def test_gated_finite_differences(name, case):
 def test_gradcheck_cases_cover_every_op_and_pass():
     cases_ = gradcheck.cases("activations")
     assert [c.name for c in cases_] == [
-        "relu", "gelu[none]", "gelu[tanh]", "silu", "mish", "swiglu", "geglu[none]", "geglu[tanh]",
+        "relu", "gelu[none]", "gelu[tanh]", "gelu[sigmoid]", "silu", "mish", "swiglu", "geglu[none]", "geglu[tanh]",
     ]
     results = [r for c in cases_ for r in gradcheck.check_case(c)]
     assert all(r.ok for r in results), gradcheck.format_table(results)
@@ -623,7 +623,7 @@ def test_backward_rejects_a_cache_it_did_not_make(name, kind, x):
         (lambda: swiglu_forward(np.ones(3), np.ones(3, np.float32)),
          "swiglu_forward: argument 'up' expected dtype float64 (same as 'gate'), got float32"),
         (lambda: gelu_forward(np.ones(3), approximate="fast"),
-         "gelu_forward: argument 'approximate' expected 'none' or 'tanh', got 'fast'"),
+         "gelu_forward: argument 'approximate' expected 'none', 'tanh' or 'sigmoid', got 'fast'"),
         (lambda: geglu_forward(np.ones(3), np.ones(3), approximate=None),
          "geglu_forward: argument 'approximate' expected 'none' or 'tanh', got None"),
         (lambda: relu_forward([1.0, -1.0]), "relu_forward: argument 'x' expected a numpy.ndarray, got list"),
