@@ -293,7 +293,9 @@ FIELD_HELP = {
                "has no tokenizer to read",
     "gradflow_every": "every this many steps (0: never), record per block the gradient norm, the update/weight "
                       "ratio and the MLP activation's statistics into gradflow.json in --out-dir, written with each "
-                      "checkpoint (npformer viz gradflow draws it)",
+                      "checkpoint (npformer viz gradflow draws it); a resumed run continues the file only with the "
+                      "interval it was recorded with, and --overwrite starts it afresh (or removes it without this "
+                      "option)",
 }
 CHOICES = {"model": ("gpt", "llama") + ENCODERS + SEQ2SEQ, "dtype": ("float32", "float64"),
            "checkpoint_format": ("npz", "safetensors")}
@@ -1044,16 +1046,18 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
         _restore(state, path, mcfg, model, opt, data_rng)
         history = History(**state["history"])
         start = int(state["step"])
-    flow = None
-    if cfg.gradflow_every:  # per-block statistics (npformer.viz), continued from the run's file on resume
-        from .viz import GRADFLOW_FILE, GradientFlow
+    from .viz import GRADFLOW_FILE, GradientFlow
 
+    flow = None
+    if cfg.gradflow_every:  # per-block statistics (npformer.viz), continued from the run's file on resume only
         flow = GradientFlow(model, cfg.gradflow_every)
-        try:
-            flow.resume(Path(cfg.out_dir) / GRADFLOW_FILE, start)
-        except ValueError as e:
-            raise ConfigError("gradflow_every", f"cannot continue {GRADFLOW_FILE} of {cfg.out_dir} (remove it to "
-                                                f"start it afresh): {e}") from None
+        if state is not None:  # a new run (--overwrite too) starts the file afresh at its first save
+            try:
+                flow.resume(Path(cfg.out_dir) / GRADFLOW_FILE, start)
+            except ValueError as e:
+                raise ConfigError("gradflow_every", f"cannot continue {GRADFLOW_FILE} of {cfg.out_dir} (resume "
+                                                    f"with the --gradflow-every it was recorded with, or remove it "
+                                                    f"to start it afresh): {e}") from None
 
     if cfg.save_hf:  # a family without a Hugging Face map is refused now, not after the first checkpoint
         from .hf import check_savable
@@ -1110,6 +1114,8 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
             for other in saved_runs(out_dir):
                 if other != path:
                     other.unlink()
+            if flow is None:  # and its gradflow.json, which would describe the replaced run
+                (out_dir / GRADFLOW_FILE).unlink(missing_ok=True)
             replaced_others = True
 
     def interrupted() -> TrainingInterrupted:

@@ -10,19 +10,27 @@ The viewers find what they show by the names a model records (``Module.start_rec
 not by its class, so GPT, LLaMA (and Hugging Face folders loaded as either) and any model that
 records the same names work alike:
 
-- ``<stack>.<i>.<attention>.probs`` (B, H, T, T): the attention probabilities of block i
-  (GPT ``blocks.0.attn.probs``, LLaMA ``layers.0.self_attn.probs``);
+- ``<...>.probs`` (B, H, T, T): the attention probabilities of each attention layer, in recording
+  order (GPT ``blocks.0.attn.probs``, LLaMA ``layers.0.self_attn.probs``; a layer shared over depths,
+  ALBERT's ``layer.attention.probs``, ``...probs@2``, ..., once per application); a Mixture-of-Depths
+  block's (B, H, k, k) over the k positions it records as ``<stack>.<i>.routed`` (B, k);
 - ``<stack>.<i>.out`` (B, T, D): block i's output, the residual stream after it;
-- ``<stack>.<i>.mlp.act`` and the first ``<stack>.<i>.mlp.<linear>.out`` recorded before it:
-  the MLP activation's output and input (GPT ``mlp.fc.out``, LLaMA ``mlp.gate_proj.out``).
+- ``<parent>.act`` inside a block and the first ``<parent>.<linear>.out`` recorded before it: the
+  MLP activation's output and input (GPT ``mlp.fc.out``, LLaMA ``mlp.gate_proj.out``, T5
+  ``DenseReluDense.wi.out``, BART ``fc1.out``; every expert of a mixture of experts).
+
+A prefix LM (trained with ``--objective prefix``) is looked at as ``npformer sample`` runs it:
+``prefix=True`` reads the whole prompt as its prefix (``forward(ids, prefix_len=[T])``, ATT.18).
 
 Views:
 
 - ``attention_maps(model, ids, tokens)``: every layer x head as a grid of heatmaps, axes
-  labelled with the tokens; ``attention_scores(probs)``: each head's mean entropy and its
-  previous-token and first-token scores.
-- ``logit_lens(model, ids)``: each block's output read through the final norm and the head,
-  the top-1 token per layer and position with its probability.
+  labelled with the tokens each layer attends over (``AttentionProbs.positions``);
+  ``attention_scores(probs)``: each head's mean entropy and its previous-token and first-token
+  scores, measured in the prompt's real positions.
+- ``logit_lens(model, ids)``: each block's output read through the final norm and the head
+  (``FINAL_NORMS``, ``lm_head`` or a tied table of ``TIED_TABLES``), the top-1 token per layer and
+  position with its probability; the last row is the model's own logits.
 - ``GradientFlow``: per block during training, the gradient norm, the update/weight ratio and
   the MLP activation's statistics; ``train`` writes them to ``gradflow.json`` with
   ``--gradflow-every N``; ``plot_gradflow`` draws them.
@@ -41,7 +49,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, NamedTuple, Optional, Se
 
 import numpy as np
 
-from .nn.module import Module
+from .nn.module import Module, Parameter
 from .ops._checks import check_count
 
 if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn, so GradientFlow (used by train) needs none
@@ -68,7 +76,7 @@ GRADFLOW_FILE = "gradflow.json"
 DPI = 100
 
 _BLOCK_OUT = re.compile(r"^((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*)\.(\d+)\.out$")  # blocks.3.out, layers.0.out
-_PROBS = re.compile(r"^((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*)\.(\d+)\.(?:.*\.)?probs$")  # blocks.3.attn.probs
+_PROBS = re.compile(r"^(?:.*\.)?probs(?:@\d+)?$")  # blocks.3.attn.probs, layer.attention.probs@2
 # blocks.3 of blocks.3.attn.q_proj.weight
 _BLOCK_PREFIX = re.compile(r"^((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*\.\d+)(?:\.|$)")
 
@@ -96,15 +104,29 @@ def save_figure(fig, path: Union[str, os.PathLike]) -> Path:
     return Path(path)
 
 
+_NAMED_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "$": r"\$", " ": "\u2423"}
+
+
+def _escape_char(ch: str) -> str:
+    if ch in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[ch]
+    if ch.isprintable():
+        return ch
+    code = ord(ch)  # a control, format, separator, surrogate, private or unassigned code point: written out
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
 def display_token(token: str) -> str:
-    """A token as a tick label: a space as ``␣``, newline and tab visible as ``\\n``/``\\t``, ``$`` escaped
-    (not mathtext), the empty token as ``''``."""
+    """A token as a tick label: a space as ``␣``, newline, tab and carriage return as ``\\n``, ``\\t``,
+    ``\\r``, ``$`` escaped (not mathtext), every other character that is not printable (a control
+    character, U+0000-U+001F and U+007F-U+009F, or a format, separator, surrogate, private-use or
+    unassigned one) as its code ``\\x1a``, ``\\u200b``, ``\\U000e0001``, so no glyph is missing or
+    invisible; the empty token as ``''``."""
     if not isinstance(token, str):
         raise TypeError(f"display_token: argument 'token' expected a str, got {type(token).__name__}")
     if not token:
         return "''"
-    return token.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r") \
-        .replace("$", r"\$").replace(" ", "\u2423")
+    return "".join(_escape_char(ch) for ch in token)
 
 
 def token_strings(tokenizer, ids: Sequence[int]) -> List[str]:
@@ -178,10 +200,23 @@ def _inspecting(model: Module):
         model.train(was_training)
 
 
-def _recorded_forward(model: Module, ids: np.ndarray):
-    """``model.forward(ids[None])`` recorded (call inside ``_inspecting``); returns (logits, recorder)."""
+def _check_prefix(op: str, prefix: object) -> bool:
+    if not isinstance(prefix, (bool, np.bool_)):
+        raise TypeError(f"{op}: argument 'prefix' expected a bool, got {type(prefix).__name__}")
+    return bool(prefix)
+
+
+def _forward(model: Module, ids: np.ndarray, prefix: bool):
+    """``model.forward(ids[None])``, the whole prompt a prefix LM's prefix when ``prefix`` (ATT.18)."""
+    if prefix:
+        return model.forward(ids[None], prefix_len=np.array([ids.size]))
+    return model.forward(ids[None])
+
+
+def _recorded_forward(model: Module, ids: np.ndarray, prefix: bool = False):
+    """``_forward`` recorded (call inside ``_inspecting``); returns (logits, recorder)."""
     recorder = model.start_recording()
-    out = model.forward(ids[None])
+    out = _forward(model, ids, prefix)
     model.stop_recording()
     logits = out[0] if isinstance(out, tuple) else out
     return logits, recorder
@@ -198,46 +233,85 @@ def _by_block(pattern: re.Pattern, names) -> List[Tuple[str, int, str]]:
 
 
 # -- 1. attention -------------------------------------------------------------------------------------
-def attention_probs(model, ids: np.ndarray) -> Dict[str, np.ndarray]:
+class AttentionProbs(dict):
+    """``{recorded name: (H, T_l, T_l)}`` in recording order, and ``positions``: ``{name: (T_l,) int}``,
+    the real positions in the prompt of that layer's queries and keys (0 .. T-1 for a layer that sees
+    every token; for a Mixture-of-Depths block the k positions routed through it, ascending)."""
+
+    def __init__(self, probs: Dict[str, np.ndarray], positions: Dict[str, np.ndarray]):
+        super().__init__(probs)
+        self.positions = positions
+
+
+def _probs_names(recorder) -> List[str]:
+    """The attention probabilities a forward recorded: every ``<...>.probs`` (and ``@k`` of a shared
+    layer's later applications) holding a (B, H, T, T) array, in recording order. A router's
+    ``probs`` (a mixture of experts', (N, E)) is not attention and is left out."""
+    return [name for name in recorder if _PROBS.match(name) and np.ndim(recorder[name]) == 4
+            and np.shape(recorder[name])[-1] == np.shape(recorder[name])[-2]]
+
+
+def _positions_of(recorder, name: str, T_l: int, T: int) -> np.ndarray:
+    """The real positions of the queries and keys of ``name``: ``<stack>.<i>.routed`` of its block when
+    it routes T_l of the T tokens (Mixture of Depths), else 0 .. T-1."""
+    base, at, suffix = name.partition("@")
+    block = _BLOCK_PREFIX.match(base)
+    routed = None if block is None else f"{block.group(1)}.routed" + (at + suffix)
+    if routed in recorder:
+        positions = np.asarray(recorder[routed])[0].astype(np.int64)
+        if positions.shape == (T_l,):
+            return positions
+    return np.arange(T)
+
+
+def attention_probs(model, ids: np.ndarray, *, prefix: bool = False) -> AttentionProbs:
     """The attention probabilities of one prompt, by recorded name: ``{"blocks.0.attn.probs": (H, T, T), ...}``
-    in layer order (a copy of what the recorder holds for batch row 0)."""
+    in layer order (a copy of what the recorder holds for batch row 0), with their ``positions``
+    (``AttentionProbs``). ``prefix=True``: the prompt read as a prefix LM's prefix (ATT.18)."""
     op = "attention_probs"
     _check_model(op, model)
     ids = _check_ids(op, model, ids)
+    prefix = _check_prefix(op, prefix)
     with _inspecting(model):
-        _, recorder = _recorded_forward(model, ids)
-    return _probs_of(op, recorder)
+        _, recorder = _recorded_forward(model, ids, prefix)
+    return _probs_of(op, recorder, ids.size)
 
 
-def _probs_of(op: str, recorder) -> Dict[str, np.ndarray]:
-    found = _by_block(_PROBS, recorder)
-    if not found:
+def _probs_of(op: str, recorder, T: int) -> AttentionProbs:
+    names = _probs_names(recorder)
+    if not names:
         raise ValueError(f"{op}: argument 'model' expected a model that records attention probabilities "
                          f"('<stack>.<i>....probs'), got one that recorded {list(recorder)[:6]}")
-    return {name: np.array(recorder[name][0]) for name, _, _ in found}
+    probs = {name: np.array(recorder[name][0]) for name in names}
+    return AttentionProbs(probs, {name: _positions_of(recorder, name, p.shape[-1], T) for name, p in probs.items()})
 
 
-def attention_maps(model, ids: np.ndarray, tokens: Sequence[str], *, head: Optional[Tuple[int, int]] = None):
+def attention_maps(model, ids: np.ndarray, tokens: Sequence[str], *, head: Optional[Tuple[int, int]] = None,
+                   prefix: bool = False):
     """Every layer x head's attention of one prompt as a grid of heatmaps; returns (Figure, probs).
 
     ids: (T,) or (1, T) token ids; tokens: T strings, the tick labels of both axes (queries down,
     keys across). Each panel is titled ``layer l head h`` and drawn on one colour scale, [0, 1],
-    with one colour bar. ``head=(l, h)`` draws that one head alone, large, each probability written
-    in its cell when T <= 16. probs: ``{recorded name: (H, T, T)}`` in layer order.
+    with one colour bar. A layer applied several times (ALBERT's shared layer) has one row per
+    application; a Mixture-of-Depths block's panels show its k routed tokens only, labelled with
+    them. ``head=(l, h)`` draws that one head alone, large, each probability written in its cell
+    when it has at most 16 queries. probs: ``AttentionProbs``, ``{recorded name: (H, T_l, T_l)}`` in
+    layer order with each layer's ``positions``. ``prefix=True``: a prefix LM's view of the prompt.
     """
     op = "attention_maps"
     _check_model(op, model)
     ids = _check_ids(op, model, ids)
     tokens = _check_tokens(op, "tokens", tokens, ids.size)
-    probs = attention_probs(model, ids)
-    maps = list(probs.values())
+    probs = attention_probs(model, ids, prefix=_check_prefix(op, prefix))
+    names = list(probs)
+    labels = {name: [tokens[int(i)] for i in probs.positions[name]] for name in names}
     if head is not None:
         if not isinstance(head, (tuple, list)) or len(head) != 2:
             raise TypeError(f"{op}: argument 'head' expected a pair (layer, head), got {head!r}")
-        layer = check_count(op, "head", head[0], 0, len(maps) - 1)
-        h = check_count(op, "head", head[1], 0, maps[layer].shape[0] - 1)
-        return _one_head(probs, tokens, layer, h), probs
-    return _grid(maps, tokens), probs
+        layer = check_count(op, "head", head[0], 0, len(names) - 1)
+        h = check_count(op, "head", head[1], 0, probs[names[layer]].shape[0] - 1)
+        return _one_head(names[layer], probs[names[layer]], labels[names[layer]], layer, h), probs
+    return _grid([probs[n] for n in names], [labels[n] for n in names], ids.size), probs
 
 
 def _label_axes(ax, labels: List[str], size: float) -> None:
@@ -248,15 +322,16 @@ def _label_axes(ax, labels: List[str], size: float) -> None:
     ax.set_yticklabels(labels, fontsize=size)
 
 
-def _grid(maps: List[np.ndarray], tokens: List[str]):
-    L, H, T = len(maps), max(m.shape[0] for m in maps), len(tokens)
+def _grid(maps: List[np.ndarray], tokens: List[List[str]], T: int):
+    """maps[l] (H_l, T_l, T_l) labelled with tokens[l] (T_l strings); T the prompt's length."""
+    L, H = len(maps), max(m.shape[0] for m in maps)
     cell = min(max(1.8, 0.22 * T + 0.9), 6.0, 48.0 / max(L, H))
     fig = _new_figure(H * cell + 1.2, L * cell + 0.4)
     axes = fig.subplots(L, H, squeeze=False)
-    labels = [display_token(t) for t in tokens]
     size = max(3.0, min(8.0, 2.2 * cell * 72 / max(T, 1) / 6))
     image = None
     for l, probs in enumerate(maps):
+        labels = [display_token(t) for t in tokens[l]]
         for h in range(H):
             ax = axes[l][h]
             if h >= probs.shape[0]:
@@ -271,9 +346,9 @@ def _grid(maps: List[np.ndarray], tokens: List[str]):
     return fig
 
 
-def _one_head(probs: Dict[str, np.ndarray], tokens: List[str], layer: int, h: int):
-    name = list(probs)[layer]
-    p, T = probs[name][h], len(tokens)
+def _one_head(name: str, probs: np.ndarray, tokens: List[str], layer: int, h: int):
+    """probs (H, T_l, T_l) of layer ``layer`` (recorded as ``name``), its head h labelled with tokens (T_l)."""
+    p, T = probs[h], len(tokens)
     side = min(max(4.0, 0.4 * T + 2.0), 30.0)
     fig = _new_figure(side + 1.2, side)
     ax = fig.add_subplot(1, 1, 1)
@@ -291,24 +366,36 @@ def _one_head(probs: Dict[str, np.ndarray], tokens: List[str], layer: int, h: in
     return fig
 
 
-def attention_scores(probs: Dict[str, np.ndarray]) -> Dict[str, Dict[str, np.ndarray]]:
+def attention_scores(probs: Dict[str, np.ndarray],
+                     positions: Optional[Dict[str, np.ndarray]] = None) -> Dict[str, Dict[str, np.ndarray]]:
     """Per layer and head: mean entropy (nats), previous-token and first-token scores.
 
     probs: ``{name: (..., H, T, T)}`` (as ``attention_maps`` returns, or the recorder's (B, H, T, T)).
-    For each head, averaged over the leading axes and the queries:
+    positions: ``{name: (T,) int}``, the real positions in the prompt of each layer's queries and
+    keys, strictly increasing (default: ``probs.positions`` of an ``AttentionProbs``, else 0 .. T-1
+    for every layer). For each head, averaged over the leading axes and the queries:
 
     - ``entropy``: -sum_j p_ij log p_ij over the keys (0 log 0 = 0), averaged over every query i;
-    - ``previous_token``: p_{i, i-1}, the mass on the key just before the query, over queries i >= 1;
-    - ``first_token``: p_{i, 0}, the mass on the first key, over queries i >= 1 (query 0 has only key 0
-      under a causal mask, which says nothing about the head).
+    - ``previous_token``: the mass query i (at real position p_i) puts on the key at real position
+      p_i - 1, over the queries with p_i >= 1. A Mixture-of-Depths block whose query's real
+      predecessor was not routed through it cannot attend to that token: the query counts with 0;
+    - ``first_token``: the mass on the key at real position 0 (0 when position 0 was not routed),
+      over the queries with p_i >= 1 (query 0 has only key 0 under a causal mask, which says nothing
+      about the head).
 
-    With T = 1 there is no query i >= 1: both scores are NaN. Returns ``{name: {"entropy": (H,),
+    With every layer's positions 0 .. T-1 these are p_{i, i-1} and p_{i, 0} over i >= 1. With no
+    query at p_i >= 1 (T = 1) both scores are NaN. Returns ``{name: {"entropy": (H,),
     "previous_token": (H,), "first_token": (H,)}}`` in float64.
     """
     op = "attention_scores"
     if not isinstance(probs, dict) or not probs:
         raise TypeError(f"{op}: argument 'probs' expected a non-empty dict of name -> (..., H, T, T) arrays, "
                         f"got {type(probs).__name__}{' (empty)' if isinstance(probs, dict) else ''}")
+    if positions is None:
+        positions = getattr(probs, "positions", {})
+    if not isinstance(positions, dict):
+        raise TypeError(f"{op}: argument 'positions' expected a dict of name -> (T,) int array, got "
+                        f"{type(positions).__name__}")
     scores = {}
     for name, p in probs.items():
         if not isinstance(p, np.ndarray) or p.dtype.kind != "f":
@@ -319,13 +406,20 @@ def attention_scores(probs: Dict[str, np.ndarray]) -> Dict[str, Dict[str, np.nda
                              f"self-attention, got {p.shape}")
         p = p.astype(np.float64).reshape(-1, *p.shape[-3:])  # (N, H, T, T)
         T = p.shape[-1]
+        pos = positions.get(name, np.arange(T))
+        if not isinstance(pos, np.ndarray) or pos.dtype.kind not in "iu" or pos.shape != (T,) \
+                or (T and pos.min() < 0) or np.any(np.diff(pos) <= 0):
+            raise ValueError(f"{op}: argument 'positions' entry {name!r} expected {T} increasing positions >= 0 "
+                             f"(an int array), got {pos!r:.80}")
         with np.errstate(divide="ignore", invalid="ignore"):
             plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
         entropy = -plogp.sum(axis=-1).mean(axis=(0, 2))  # (H,)
-        rows = np.arange(1, T)
-        if T > 1:
-            previous = p[:, :, rows, rows - 1].mean(axis=(0, 2))
-            first = p[:, :, rows, 0].mean(axis=(0, 2))
+        queries = pos >= 1  # (T,) the queries that have a previous token
+        if queries.any():
+            previous_key = pos[None, :] == pos[:, None] - 1  # (T, T): key j is query i's real predecessor
+            first_key = np.broadcast_to(pos[None, :] == 0, (T, T))  # key j is the prompt's first token
+            previous = (p * previous_key).sum(-1)[:, :, queries].mean(axis=(0, 2))
+            first = (p * first_key).sum(-1)[:, :, queries].mean(axis=(0, 2))
         else:
             previous = first = np.full(p.shape[1], np.nan)
         scores[name] = {"entropy": entropy, "previous_token": previous, "first_token": first}
@@ -342,23 +436,33 @@ class LogitLens(NamedTuple):
     logits: np.ndarray  # (L, T, V)
 
 
+# Where the viewers look for a language model's final norm and head: the first of these names the
+# model has (GPT ln_f, LLaMA norm, Mamba norm_f, ...); the head is lm_head, else the tied embedding
+# table (GPT wte, LLaMA embed_tokens, Mamba embeddings, ...), logits = h E^T.
+FINAL_NORMS = ("ln_f", "norm_f", "norm", "final_norm", "final_layer_norm")
+TIED_TABLES = ("wte", "embed_tokens", "embeddings", "word_embeddings")
+
+
 def _final_norm_and_head(op: str, model: Module):
-    """(norm or None, W (V, D), b or None): GPT ln_f and wte^T; LLaMA norm and lm_head or embed_tokens^T.
+    """(norm or None, W (V, D), b or None): the model's final norm (``FINAL_NORMS``) and head (``lm_head``,
+    else the tied table of ``TIED_TABLES``).
 
     A model without a final norm (a post-norm stack, whose last block ends in one) reads the
-    block outputs directly.
+    block outputs directly. ``logit_lens`` checks that the last block's row equals the model's own
+    logits, so a head or norm found wrongly is refused rather than drawn.
     """
     mods = model._modules
-    norm = next((mods[n] for n in ("ln_f", "norm", "final_norm") if n in mods), None)
+    norm = next((mods[n] for n in FINAL_NORMS if n in mods), None)
     head = mods.get("lm_head")
-    if head is not None:
+    if head is not None and isinstance(getattr(head, "weight", None), Parameter):
         bias = getattr(head, "bias", None)
         return norm, head.weight.data, None if bias is None else bias.data
-    for name in ("wte", "embed_tokens"):  # a tied head: logits = h E^T
-        if name in mods:
-            return norm, mods[name].weight.data, None
+    for name in TIED_TABLES:  # a tied head: logits = h E^T
+        weight = getattr(mods.get(name), "weight", None)
+        if isinstance(weight, Parameter) and weight.data.ndim == 2:
+            return norm, weight.data, None
     raise ValueError(f"{op}: argument 'model' expected a language model with an output head (lm_head, or a tied "
-                     f"wte / embed_tokens), got a {type(model).__name__}")
+                     f"{' / '.join(TIED_TABLES)}), got a {type(model).__name__}")
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -368,15 +472,17 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 
 def logit_lens(model, ids: np.ndarray, tokens: Optional[Sequence[str]] = None,
-               decode: Optional[Callable[[int], str]] = None):
+               decode: Optional[Callable[[int], str]] = None, *, prefix: bool = False):
     """Each block's output read as the model's last layer reads it; returns (LogitLens, Figure).
 
     Block l's output x_l (the recorded ``<stack>.<l>.out``) goes through the final norm and the
     head exactly as the model's own last hidden state does (GPT: ln_f, then x wte^T; LLaMA: norm,
-    then lm_head or the tied embed_tokens^T), so the last row is the model's logits and its top-1
-    tokens are their argmax. The Figure is a heatmap of the top-1 probabilities (layers down,
-    positions across, the input ``tokens`` as x tick labels when given), each cell labelled with
-    its top-1 token (``decode(id)``, else the id).
+    then lm_head or the tied embed_tokens^T; Mamba: norm_f, then lm_head or the tied embeddings^T;
+    a post-norm stack: no norm), so the last row is the model's logits and its top-1 tokens are
+    their argmax; a model whose last row would differ is refused (``ValueError`` naming 'model').
+    The Figure is a heatmap of the top-1 probabilities (layers down, positions across, the input
+    ``tokens`` as x tick labels when given), each cell labelled with its top-1 token (``decode(id)``,
+    else the id). ``prefix=True``: the prompt read as a prefix LM's prefix (ATT.18).
     """
     op = "logit_lens"
     _check_model(op, model)
@@ -385,11 +491,12 @@ def logit_lens(model, ids: np.ndarray, tokens: Optional[Sequence[str]] = None,
         tokens = _check_tokens(op, "tokens", tokens, ids.size)
     if decode is not None and not callable(decode):
         raise TypeError(f"{op}: argument 'decode' expected a function id -> text, got {type(decode).__name__}")
+    prefix = _check_prefix(op, prefix)
     norm, W, b = _final_norm_and_head(op, model)
     from .ops.linear import linear_forward
 
     with _inspecting(model):  # the norm below keeps no cache and records nothing
-        _, recorder = _recorded_forward(model, ids)
+        model_logits, recorder = _recorded_forward(model, ids, prefix)
         found = _by_block(_BLOCK_OUT, recorder)
         if not found:
             raise ValueError(f"{op}: argument 'model' expected a model that records its blocks' outputs "
@@ -402,6 +509,12 @@ def logit_lens(model, ids: np.ndarray, tokens: Optional[Sequence[str]] = None,
             h = norm.forward(x) if norm is not None else x
             rows.append(linear_forward(h, W, b)[0])  # (T, V), the model's own head op
     logits = np.stack(rows)  # (L, T, V)
+    own = np.asarray(model_logits)[0]
+    scale = float(np.max(np.abs(own))) if own.size else 0.0
+    if logits[-1].shape != own.shape or not np.allclose(logits[-1], own, rtol=1e-4, atol=1e-4 * scale):
+        raise ValueError(f"{op}: argument 'model' expected a model whose last block output, read through its final "
+                         f"norm and head, gives its logits, got a {type(model).__name__} whose head or final norm "
+                         f"is not one of {FINAL_NORMS} / lm_head / {TIED_TABLES}")
     probs = _softmax(logits)
     top_ids = logits.argmax(axis=-1)
     top_probs = np.take_along_axis(probs, top_ids[..., None], axis=-1)[..., 0]
@@ -434,13 +547,33 @@ def _lens_figure(lens: LogitLens, tokens: Optional[List[str]], decode):
 
 
 # -- 3. gradient flow ---------------------------------------------------------------------------------
-def layer_of(name: str) -> str:
-    """The group of a parameter: its block's path (``blocks.3`` of ``blocks.3.attn.q_proj.weight``), or
+def layer_of(name: str, shared: Sequence[str] = ()) -> str:
+    """The group of a parameter: its block's path (``blocks.3`` of ``blocks.3.attn.q_proj.weight``), the
+    layer of ``shared`` it lies in (ALBERT's ``layer`` of ``layer.attention.q_proj.weight``), or
     ``"other"`` for a parameter outside the blocks (embeddings, final norm, head)."""
     if not isinstance(name, str):
         raise TypeError(f"layer_of: argument 'name' expected a parameter name (str), got {type(name).__name__}")
+    if isinstance(shared, str) or not all(isinstance(s, str) for s in shared):
+        raise TypeError(f"layer_of: argument 'shared' expected a sequence of module paths, got {shared!r:.60}")
     m = _BLOCK_PREFIX.match(name)
-    return m.group(1) if m else OTHER
+    if m:
+        return m.group(1)
+    return next((s for s in shared if name.startswith(s + ".")), OTHER)
+
+
+def shared_layers(model: Module) -> Tuple[str, ...]:
+    """The layers a model applies at several depths with one set of weights (ALBERT's ``layer``): each
+    child module of the model with an attention inside (a module with ``q_proj`` and ``k_proj``) and
+    no numbered blocks (``<stack>.<i>``, which ``layer_of`` groups one by one)."""
+    params = [n for n, _ in model.named_parameters()]
+    found = []
+    for child, module in model._modules.items():
+        under = [n for n in params if n.startswith(child + ".")]
+        if not under or any(_BLOCK_PREFIX.match(n) for n in under):
+            continue
+        if any({"q_proj", "k_proj"} <= set(m._modules) for _, m in module.named_modules()):
+            found.append(child)
+    return tuple(found)
 
 
 def _norm(arrays) -> float:
@@ -450,8 +583,12 @@ def _norm(arrays) -> float:
 class GradientFlow:
     """Per-layer training statistics at chosen steps, kept as lists over steps (``gradflow.json``).
 
-    Parameters are grouped by block (``layer_of``): ``blocks.0`` ... and ``other``. At a step,
-    ``collect`` records for each group
+    Parameters are grouped by block (``layer_of``): ``blocks.0`` ... and ``other``, in the order the
+    model holds them (an encoder-decoder's encoder blocks before its decoder's). A layer shared over
+    depths (ALBERT's ``layer``, ``shared_layers``) is one group: its weights are one set, whose
+    gradient is the sum over its applications, and its activation statistics pool every
+    application (``layer.mlp.act``, ``layer.mlp.act@2``, ...). At a step, ``collect`` records for
+    each group
 
     - ``grad_norm``: ||g|| over the group's gradients (as passed, or each parameter's ``.grad``);
     - ``update_ratio``: ||W_after - W_before|| / ||W_before|| over the group's weights (NaN if
@@ -459,23 +596,32 @@ class GradientFlow:
 
     and, from a recorder of that step's forward, for each block's MLP (not for ``other``):
 
-    - ``act_in_mean``, ``act_in_std``: the activation's input, the first linear output recorded in
-      ``<block>.mlp`` (GPT ``mlp.fc.out``, LLaMA's gate ``mlp.gate_proj.out``);
-    - ``act_out_mean``, ``act_out_std``: its output ``<block>.mlp.act`` (LLaMA: silu(gate) * up);
+    - ``act_out_mean``, ``act_out_std``: the activation's output, every ``<parent>.act`` recorded in
+      the block (GPT and LLaMA ``mlp.act``, LLaMA's silu(gate) * up; T5 ``layer.1.DenseReluDense.act``;
+      BART and the Transformer ``act``; each expert's ``mlp.experts.<e>.act``), pooled;
+    - ``act_in_mean``, ``act_in_std``: its input, for each ``<parent>.act`` the output of the first
+      linear child of ``<parent>`` recorded before it (GPT ``mlp.fc.out``, LLaMA's gate
+      ``mlp.gate_proj.out``, T5 ``DenseReluDense.wi.out``, BART ``fc1.out``), pooled;
     - ``saturated``: the fraction of activation inputs below ``SATURATION_THRESHOLD`` (-3), where
       GELU and SiLU pass almost nothing and have almost no slope.
 
     A statistic that cannot be computed (no recorder, no MLP) is None. ``train`` collects every
     ``gradflow_every`` steps (step % every == 0, counting from 0 as the loss history does), with
-    the gradient before clipping, and saves the file with each checkpoint.
+    the gradient before clipping, and saves the file with each checkpoint; a resumed run continues
+    the file only with the same ``every`` (``resume``), and a run that replaces another
+    (``--overwrite``) starts it afresh.
     """
 
     def __init__(self, model: Module, every: int = 1):
         _check_model("GradientFlow", model)
         self.every = check_count("GradientFlow", "every", every, 1)
-        names = [n for n, _ in model.named_parameters()]
-        self.layers: List[str] = sorted({layer_of(n) for n in names} - {OTHER}, key=_layer_key) + \
-            ([OTHER] if any(layer_of(n) == OTHER for n in names) else [])
+        self.shared = shared_layers(model)
+        groups = [layer_of(n, self.shared) for n, _ in model.named_parameters()]
+        self.layers: List[str] = list(dict.fromkeys(g for g in groups if g != OTHER)) + \
+            ([OTHER] if OTHER in groups else [])
+        # the linear maps (a 2-D weight of their own), whose outputs are the activations' inputs
+        self._linears = {path for path, m in model.named_modules()
+                         if isinstance(m._params.get("weight"), Parameter) and m._params["weight"].data.ndim == 2}
         self.steps: List[int] = []
         self.stats: Dict[str, Dict[str, List[Optional[float]]]] = {
             s: {l: [] for l in self.layers if s not in ACTIVATION_STATS or l != OTHER} for s in GRADFLOW_STATS}
@@ -515,13 +661,13 @@ class GradientFlow:
         grads = grads if grads is not None else {n: p.grad for n, p in params.items()}
         row: Dict[str, Dict[str, Optional[float]]] = {s: {} for s in GRADFLOW_STATS}
         for layer in self.layers:
-            names = [n for n in params if layer_of(n) == layer]
+            names = [n for n in params if layer_of(n, self.shared) == layer]
             weight = _norm(before[n] for n in names)
             row["grad_norm"][layer] = _norm(grads[n] for n in names)
             row["update_ratio"][layer] = _norm(after[n].astype(np.float64) - before[n] for n in names) / weight \
                 if weight > 0 else float("nan")
             if layer != OTHER:
-                for s, v in _activation_stats(recorder, layer).items():
+                for s, v in _activation_stats(recorder, layer, self._linears).items():
                     row[s][layer] = v
         self.steps.append(step)
         for s, values in self.stats.items():
@@ -553,8 +699,9 @@ class GradientFlow:
     def resume(self, path: Union[str, os.PathLike], start: int) -> None:
         """Continue the file a run saved: its entries of the steps before ``start`` (the checkpoint's step).
 
-        A file of other layers, or not a gradflow file, raises ``ValueError`` naming ``path``; no file
-        leaves the collector empty.
+        A file of other layers, one recorded every other number of steps than ``every`` (its entries
+        would not be this run's), or not a gradflow file, raises ``ValueError`` naming ``path``; no
+        file leaves the collector empty.
         """
         op = "GradientFlow.resume"
         path = Path(path)
@@ -564,6 +711,9 @@ class GradientFlow:
         if data["layers"] != self.layers:
             raise ValueError(f"{op}: argument 'path' expected the layers of this model {self.layers[:4]}..., "
                              f"got {data['layers'][:4]}... in {path}")
+        if data.get("every", self.every) != self.every:
+            raise ValueError(f"{op}: argument 'path' expected a file recorded every {self.every} steps (this run's "
+                             f"gradflow_every), got one recorded every {data['every']} steps in {path}")
         keep = [i for i, s in enumerate(data["steps"]) if s < start]
         self.steps = [data["steps"][i] for i in keep]
         for s, values in self.stats.items():
@@ -571,27 +721,37 @@ class GradientFlow:
                 values[layer] = [data[s][layer][i] for i in keep]
 
 
-def _layer_key(layer: str):
-    prefix, _, index = layer.rpartition(".")
-    return prefix, int(index)
-
-
-def _activation_stats(recorder, layer: str) -> Dict[str, Optional[float]]:
+def _activation_stats(recorder, layer: str, linears) -> Dict[str, Optional[float]]:
+    """The pooled statistics of every ``<parent>.act`` recorded in ``layer`` (any application, ``@k``) and
+    of its input, the first ``<parent>.<child>.out`` (same application) recorded before it whose
+    ``<parent>.<child>`` is in ``linears``."""
     none = {s: None for s in ACTIVATION_STATS}
     if recorder is None:
         return none
-    mlp = f"{layer}.mlp."
-    out_name = f"{layer}.mlp.act"
-    if out_name not in recorder:
-        return none
     names = list(recorder)
-    stop = names.index(out_name)
-    inputs = [n for n in names[:stop] if n.startswith(mlp) and n.endswith(".out") and "@" not in n]
-    a_out = np.asarray(recorder[out_name], dtype=np.float64)
+    outs, ins = [], []
+    for i, name in enumerate(names):
+        base, at, suffix = name.partition("@")
+        if not base.startswith(layer + ".") or not base.endswith(".act"):
+            continue
+        parent = base[:-len(".act")]
+        outs.append(np.asarray(recorder[name], dtype=np.float64).reshape(-1))
+        for before in names[:i]:
+            b_base, b_at, b_suffix = before.partition("@")
+            child = b_base[len(parent) + 1:-len(".out")] if b_base.startswith(parent + ".") \
+                and b_base.endswith(".out") else ""
+            if child and "." not in child and f"{parent}.{child}" in linears and (b_at, b_suffix) == (at, suffix):
+                ins.append(np.asarray(recorder[before], dtype=np.float64).reshape(-1))
+                break
+        else:
+            ins.append(None)
+    if not outs:
+        return none
+    a_out = np.concatenate(outs)
     stats = {"act_out_mean": float(a_out.mean()), "act_out_std": float(a_out.std()),
              "act_in_mean": None, "act_in_std": None, "saturated": None}
-    if inputs:
-        a_in = np.asarray(recorder[inputs[0]], dtype=np.float64)
+    if all(a is not None for a in ins):
+        a_in = np.concatenate(ins)
         stats.update(act_in_mean=float(a_in.mean()), act_in_std=float(a_in.std()),
                      saturated=float(np.mean(a_in < SATURATION_THRESHOLD)))
     return stats

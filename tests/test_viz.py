@@ -1,4 +1,5 @@
-"""npformer.viz: every view on a tiny GPT, a tiny LLaMA (and VariantLM), a Hugging Face folder for attention.
+"""npformer.viz: every view on tiny GPT, LLaMA, VariantLM (Mixture of Depths too), Mamba, Mixtral and ALBERT
+models, gradient flow on encoder-decoders too, a Hugging Face folder for attention.
 
 Each figure is checked as a picture (the PNG's pixel size, the axes, their titles and tick labels)
 and as numbers: what it plots equals the model's own values (the recorder's attention
@@ -28,6 +29,8 @@ from npformer.data.corpus import get_batch
 from npformer.models import build as build_model
 from npformer.models.gpt import GPT, GPTConfig
 from npformer.models.llama import Llama, LlamaConfig
+from npformer.models.mamba import MambaLM
+from npformer.models.variant import VariantLM
 from npformer.optim import AdamW, clip_grad_norm_, param_groups, warmup_cosine
 from npformer.train import ConfigError, TrainConfig, model_config, split_tokens, train
 from tests.badinput import expect_rejected
@@ -53,11 +56,27 @@ def make_model(kind: str, dtype: str = "float64"):
         return build_model("variant", dict(vocab_size=13, block_size=16, n_layer=2, n_head=2, d_model=8,
                                            norm="rmsnorm", norm_position="post", activation="swiglu",
                                            position="rope", tie_head=False, dtype=dtype), seed=4)
+    if kind == "variant_pre":  # pre-norm LayerNorm ln_f, tied head
+        return build_model("variant", dict(vocab_size=13, block_size=16, n_layer=2, n_head=2, d_model=8,
+                                           dtype=dtype), seed=5)
+    if kind == "variant_parallel":  # parallel blocks, RMSNorm ln_f, untied head
+        return build_model("variant", dict(vocab_size=13, block_size=16, n_layer=3, n_head=2, d_model=8,
+                                           norm="rmsnorm", parallel_block=True, tie_head=False, dtype=dtype), seed=6)
+    if kind == "variant_mod":  # Mixture of Depths: block 1 (and 3) routes half the tokens
+        return build_model("variant", dict(vocab_size=13, block_size=16, n_layer=4, n_head=2, d_model=8,
+                                           mod_capacity=0.5, position="rope", dtype=dtype), seed=7)
+    if kind in ("mamba", "mamba_untied"):  # norm_f, the tied head stored as embeddings
+        return build_model("mamba", dict(vocab_size=13, block_size=16, n_layer=2, d_model=8, d_state=4,
+                                         tie_word_embeddings=kind == "mamba", dtype=dtype), seed=8)
+    if kind == "mixtral":  # a mixture of experts in every layer (its router records 'probs' too)
+        return Llama(LlamaConfig(vocab_size=13, block_size=16, n_layer=2, n_head=2, n_kv_head=1, d_model=8,
+                                 num_local_experts=3, num_experts_per_tok=2, dtype=dtype), seed=9)
     raise ValueError(kind)
 
 
 MODELS = ("gpt", "llama")
-LENS_MODELS = ("gpt", "llama", "llama_tied", "variant_post")
+LENS_MODELS = ("gpt", "llama", "llama_tied", "variant_post", "variant_pre", "variant_parallel", "variant_mod",
+               "mamba", "mamba_untied", "mixtral")
 
 
 def png_size(path) -> tuple:
@@ -200,7 +219,24 @@ def head_by_hand(model, x):
         h = x / np.sqrt(np.mean(x * x, -1, keepdims=True) + model.cfg.rms_norm_eps) * model.norm.weight.data
         W = model.embed_tokens.weight.data if model.cfg.tie_word_embeddings else model.lm_head.weight.data
         return h @ W.T
-    return x @ model.lm_head.weight.data.T  # post-norm VariantLM: the last block ends in its norm
+    if isinstance(model, MambaLM):  # norm_f (RMSNorm), then lm_head or the tied embeddings
+        h = x / np.sqrt(np.mean(x * x, -1, keepdims=True) + model.cfg.layer_norm_epsilon) * model.norm_f.weight.data
+        W = model.embeddings.weight.data if model.cfg.tie_word_embeddings else model.lm_head.weight.data
+        return h @ W.T
+    W = model.wte.weight.data if model.cfg.tie_head else model.lm_head.weight.data
+    if model.cfg.norm_position == "post":  # post-norm VariantLM: the last block ends in its norm
+        return x @ W.T
+    ln = model.ln_f
+    if model.cfg.norm == "rmsnorm":
+        h = x / np.sqrt(np.mean(x * x, -1, keepdims=True) + ln.eps) * ln.weight.data
+    else:
+        mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        h = (x - mu) / np.sqrt(var + ln.eps) * ln.weight.data + ln.bias.data
+    return h @ W.T
+
+
+def stack_of(model):
+    return "blocks" if isinstance(model, (GPT, VariantLM)) else "layers"
 
 
 @pytest.mark.parametrize("kind", LENS_MODELS)
@@ -220,7 +256,7 @@ def test_logit_lens_reads_each_block_through_the_head_and_ends_at_the_logits(kin
     np.testing.assert_array_equal(lens.logits[-1], logits[0])
     p = np.exp(logits[0].astype(np.float64) - logits[0].max(-1, keepdims=True))
     assert_close(lens.top_probs[-1], p.max(-1) / p.sum(-1), rtol=RTOL[F64])
-    stack = "layers" if kind.startswith("llama") else "blocks"
+    stack = stack_of(model)
     assert lens.layers == [f"{stack}.{l}.out" for l in range(L)]
     for l in range(L):
         x = rec[f"{stack}.{l}.out"][0].astype(np.float64)
@@ -244,13 +280,25 @@ def test_any_prompt_lens_ends_at_the_argmax_and_probs_are_the_recorders(kind, T,
     lens, _ = viz.logit_lens(model, ids)
     logits, _ = model.eval().forward(ids.reshape(1, T))
     np.testing.assert_array_equal(lens.top_ids[-1], logits[0].argmax(-1))
+    if isinstance(model, MambaLM):  # no attention to look at
+        return
     probs = viz.attention_probs(model, ids)
-    expected = recorded_probs(model, ids.reshape(-1))
+    expected = {k: v for k, v in recorded_probs(model, ids.reshape(-1)).items() if v.ndim == 3}
     assert list(probs) == list(expected) and len(probs) == model.cfg.n_layer
     for name, p in expected.items():
         np.testing.assert_array_equal(probs[name], p)
-        assert probs[name].dtype == np.dtype(dtype) and probs[name].shape == (model.cfg.n_head, T, T)
+        k = model.cfg.mod_tokens(T) if kind == "variant_mod" and name.startswith(("blocks.1.", "blocks.3.")) else T
+        assert probs[name].dtype == np.dtype(dtype) and probs[name].shape == (model.cfg.n_head, k, k)
 
+
+
+def test_a_lens_that_would_not_end_at_the_models_logits_is_refused(monkeypatch):
+    model = make_model("mamba")
+    monkeypatch.setattr(viz, "FINAL_NORMS", ("ln_f",))  # norm_f not found: the rows would skip it
+    message = expect_rejected(lambda: viz.logit_lens(model, np.array([1, 2, 3])), "logit_lens", "model")
+    assert "logits" in message
+    monkeypatch.setattr(viz, "TIED_TABLES", ("wte",))  # the tied table not found: no head at all
+    expect_rejected(lambda: viz.logit_lens(model, np.array([1, 2, 3])), "logit_lens", "model")
 
 def test_viewers_restore_the_mode_and_a_recording_in_progress():
     model = make_model("gpt").train()
@@ -560,6 +608,265 @@ def test_cli_usage_errors_and_train_flag(tmp_path):
     assert run_cli(["viz", "attention", "--checkpoint", "x", "--out", "a.png"], tmp_path)[0] == 2  # no --prompt
     status, _, err = run_cli(["train", "--gradflow-every", "-1", "--out-dir", "r"], tmp_path)
     assert status == 2 and "argument --gradflow-every:" in err
+
+
+# -- Mixture of Depths: a routed block's attention over its routed tokens ---------------------------------
+def scores_in_real_positions(p, pos):
+    """previous / first-token scores written out query by query: the mass on the key at real position
+    pos[a] - 1 (resp. 0) where that key is among pos, else 0, over the queries with pos[a] >= 1."""
+    p = np.asarray(p, np.float64).reshape(-1, *p.shape[-3:])
+    N, H, T, _ = p.shape
+    queries = [a for a in range(T) if pos[a] >= 1]
+    out = {"previous_token": np.zeros(H), "first_token": np.zeros(H)}
+    for h in range(H):
+        for key, want in (("previous_token", lambda a: pos[a] - 1), ("first_token", lambda a: 0)):
+            values = [sum(p[n, h, a, b] for b in range(T) if pos[b] == want(a)) for n in range(N) for a in queries]
+            out[key][h] = np.mean(values) if values else np.nan
+    return out
+
+
+@pytest.mark.parametrize("T", [3, 7, 16])
+def test_a_routed_block_is_labelled_with_its_routed_tokens_and_scored_in_real_positions(T, tmp_path):
+    model = make_model("variant_mod")
+    ids = (np.arange(T) * 5 + 2) % 13
+    tokens = [f"w{i}" for i in range(T)]
+    model.eval()
+    rec = model.start_recording()
+    model.forward(ids[None])
+    model.stop_recording()
+    fig, probs = viz.attention_maps(model, ids, tokens)
+    k = model.cfg.mod_tokens(T)
+    names = list(probs)
+    assert names == [f"blocks.{l}.attn.probs" for l in range(4)]
+    for l, name in enumerate(names):
+        routed = rec[f"blocks.{l}.routed"][0] if l % 2 else np.arange(T)
+        assert probs[name].shape == (2, len(routed), len(routed)) and len(routed) == (k if l % 2 else T)
+        np.testing.assert_array_equal(probs.positions[name], routed)
+        np.testing.assert_array_equal(probs[name], rec[name][0])
+        panels = [ax for ax in fig.axes if ax.get_title().startswith(f"layer {l} head")]
+        assert len(panels) == 2
+        want = [tokens[i] for i in routed]
+        for ax in panels:
+            assert ticks(ax.get_xticklabels()) == want and ticks(ax.get_yticklabels()) == want
+    ours = viz.attention_scores(probs)
+    for name in names:
+        direct = scores_in_real_positions(probs[name], probs.positions[name])
+        for key in ("previous_token", "first_token"):
+            assert_close(ours[name][key], direct[key], rtol=RTOL[F64], what=f"{name} {key}")
+    one, _ = viz.attention_maps(model, ids, tokens, head=(1, 1))  # a routed block's head alone
+    ax = one.axes[0]
+    want = [tokens[i] for i in rec["blocks.1.routed"][0]]
+    assert ticks(ax.get_xticklabels()) == want and ax.get_title() == "layer 1 head 1 (blocks.1.attn.probs)"
+    np.testing.assert_array_equal(ax.images[0].get_array(), rec["blocks.1.attn.probs"][0][1])
+    assert len(ax.texts) == k * k
+    assert_png(one, tmp_path / "routed.png")
+
+
+def test_scores_in_real_positions_of_a_known_routing():
+    pos = np.array([0, 2, 3, 5])  # positions 1 and 4 skipped the block
+    p = np.zeros((1, 4, 4))
+    p[0, 0, 0] = 1.0
+    p[0, 1] = [0.25, 0.75, 0, 0]  # query at 2: its predecessor 1 not routed: previous 0, first 0.25
+    p[0, 2] = [0.5, 0.2, 0.3, 0]  # query at 3: key at 2 (0.2) is its predecessor
+    p[0, 3] = [0.1, 0.1, 0.1, 0.7]  # query at 5: predecessor 4 not routed
+    s = viz.attention_scores({"b": p}, {"b": pos})["b"]
+    assert_close(s["previous_token"], [0.2 / 3], rtol=RTOL[F64])
+    assert_close(s["first_token"], [(0.25 + 0.5 + 0.1) / 3], rtol=RTOL[F64])
+    late = viz.attention_scores({"b": p}, {"b": pos + 1})["b"]  # position 0 not routed: every query counts, first 0
+    assert late["first_token"][0] == 0.0 and late["previous_token"][0] == 0.2 / 4  # only 3 -> 4 is adjacent
+    none = viz.attention_scores({"b": np.ones((1, 1, 1))}, {"b": np.array([0])})["b"]
+    assert np.isnan(none["previous_token"]).all()
+    for bad in (np.array([0, 2, 2, 5]), np.array([0, 1]), np.array([0.0, 1, 2, 3]), [0, 1, 2, 3]):
+        expect_rejected(lambda: viz.attention_scores({"b": p}, {"b": bad}), "attention_scores", "positions")
+    expect_rejected(lambda: viz.attention_scores({"b": p}, [pos]), "attention_scores", "positions")
+
+
+# -- a layer shared over depths (ALBERT) ----------------------------------------------------------------
+def albert():
+    return build_model("albert", dict(vocab_size=13, max_position=16, embedding_size=6, n_layer=3, n_head=2,
+                                      d_model=8, d_ff=12, dtype="float64"), seed=3)
+
+
+def test_attention_of_a_shared_layer_has_one_row_per_application(tmp_path):
+    model = albert()
+    ids = np.array([1, 4, 2, 7, 3])
+    fig, probs = viz.attention_maps(model, ids, list("abcde"))
+    assert list(probs) == ["layer.attention.probs", "layer.attention.probs@2", "layer.attention.probs@3"]
+    model.eval()
+    rec = model.start_recording()
+    model.forward(ids[None])
+    model.stop_recording()
+    for name in probs:
+        np.testing.assert_array_equal(probs[name], rec[name][0])
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == [f"layer {l} head {h}" for l in range(3) for h in range(2)]
+    one, _ = viz.attention_maps(model, ids, list("abcde"), head=(2, 1))
+    np.testing.assert_array_equal(one.axes[0].images[0].get_array(), rec["layer.attention.probs@3"][0][1])
+    assert_png(fig, tmp_path / "albert.png")
+
+
+def step_by_hand(model, *inputs):
+    """One recorded forward and backward; returns (recorder, gradients, weights)."""
+    model.train()
+    rec = model.start_recording()
+    model.forward(*inputs)
+    model.zero_grad()
+    model.backward()
+    model.stop_recording()
+    params = dict(model.named_parameters())
+    return rec, {n: p.grad.copy() for n, p in params.items()}, {n: p.data.copy() for n, p in params.items()}
+
+
+def pooled(rec, names):
+    return np.concatenate([np.asarray(rec[n], np.float64).reshape(-1) for n in names])
+
+
+def check_activations(row, layer, rec, outs, ins):
+    a_out, a_in = pooled(rec, outs), pooled(rec, ins)
+    assert_close(row["act_out_mean"][layer], a_out.mean(), rtol=RTOL[F64], what=layer)
+    assert_close(row["act_out_std"][layer], a_out.std(), rtol=RTOL[F64], what=layer)
+    assert_close(row["act_in_mean"][layer], a_in.mean(), rtol=RTOL[F64], what=layer)
+    assert_close(row["act_in_std"][layer], a_in.std(), rtol=RTOL[F64], what=layer)
+    assert row["saturated"][layer] == float(np.mean(a_in < viz.SATURATION_THRESHOLD))
+
+
+def test_gradflow_groups_a_shared_layer_as_one_and_pools_its_applications():
+    model = albert()
+    flow = viz.GradientFlow(model)
+    assert flow.layers == ["layer", "other"] and viz.shared_layers(model) == ("layer",)
+    assert viz.layer_of("layer.mlp.fc.weight", ("layer",)) == "layer" and viz.layer_of("layer.mlp.fc.weight") == "other"
+    ids = np.array([[1, 4, 2, 7, 3, 5]])
+    labels = np.full_like(ids, -100)
+    labels[0, [1, 4]] = [4, 3]
+    rec, grads, before = step_by_hand(model, ids, None, None, labels, np.array([1]))
+    row = flow.collect(0, model, before, before, rec, grads)
+    names = [n for n in grads if n.startswith("layer.")]
+    assert_close(row["grad_norm"]["layer"], norm(grads[n] for n in names), rtol=RTOL[F64])
+    apps = ["", "@2", "@3"]
+    check_activations(row, "layer", rec, [f"layer.mlp.act{a}" for a in apps], [f"layer.mlp.fc.out{a}" for a in apps])
+
+
+@pytest.mark.parametrize("family", ["t5", "bart", "transformer"])
+def test_gradflow_of_an_encoder_decoder_finds_its_activations_encoder_first(family):
+    sizes = {"t5": dict(num_layers=2, num_decoder_layers=3, d_kv=4), "bart": dict(n_layer=2, n_decoder_layer=3),
+             "transformer": dict(n_layer=2, n_decoder_layer=3)}[family]
+    model = build_model(family, dict(vocab_size=13, n_head=2, d_model=8, d_ff=12, dtype="float64", **sizes), seed=2)
+    flow = viz.GradientFlow(model)
+    stack = {"t5": ("encoder.block", "decoder.block"), "bart": ("encoder.layers", "decoder.layers"),
+             "transformer": ("encoder_layers", "decoder_layers")}[family]
+    layers = [f"{stack[0]}.{i}" for i in range(2)] + [f"{stack[1]}.{i}" for i in range(3)]
+    assert flow.layers == layers + ["other"]
+    rec, grads, before = step_by_hand(model, np.array([[1, 2, 3, 4]]), np.array([[0, 5, 6]]), np.array([[5, 6, 2]]))
+    row = flow.collect(0, model, before, before, rec, grads)
+    for layer in layers:
+        if family == "t5":
+            ff = f"{layer}.layer.{2 if layer.startswith('decoder') else 1}.DenseReluDense"
+            outs, ins = [f"{ff}.act"], [f"{ff}.wi.out"]
+        else:
+            outs, ins = [f"{layer}.act"], [f"{layer}.fc1.out"]
+        check_activations(row, layer, rec, outs, ins)
+
+
+def test_gradflow_of_a_mixture_of_experts_pools_every_expert():
+    model = make_model("mixtral")
+    flow = viz.GradientFlow(model)
+    rec, grads, before = step_by_hand(model, np.array([[1, 2, 3, 4, 5]]), np.array([[2, 3, 4, 5, 6]]))
+    row = flow.collect(0, model, before, before, rec, grads)
+    for layer in ("layers.0", "layers.1"):
+        experts = [n[:-len(".act")] for n in rec if n.startswith(layer + ".mlp.experts.") and n.endswith(".act")]
+        assert experts
+        check_activations(row, layer, rec, [f"{e}.act" for e in experts], [f"{e}.gate_proj.out" for e in experts])
+
+
+# -- train --overwrite and --resume with gradflow ----------------------------------------------------------
+def test_overwrite_removes_or_restarts_the_replaced_runs_gradflow(tmp_path):
+    flow_file = tmp_path / "run" / viz.GRADFLOW_FILE
+    train(tiny(tmp_path, steps=2, eval_interval=2, gradflow_every=1), log=QUIET)
+    assert json.loads(flow_file.read_text())["steps"] == [0, 1]
+    train(tiny(tmp_path, steps=2, eval_interval=2, overwrite=True), log=QUIET)  # no --gradflow-every
+    assert not flow_file.exists()
+    train(tiny(tmp_path, steps=2, eval_interval=2, gradflow_every=1, overwrite=True), log=QUIET)
+    assert json.loads(flow_file.read_text())["layers"][0] == "blocks.0"
+    # a run of another model and interval replaces it: its file is started afresh, not continued
+    train(tiny(tmp_path, model="llama", steps=3, eval_interval=3, gradflow_every=2, overwrite=True), log=QUIET)
+    data = json.loads(flow_file.read_text())
+    assert data["every"] == 2 and data["steps"] == [0, 2] and data["layers"] == ["layers.0", "layers.1", "other"]
+
+
+def test_a_resumed_run_refuses_another_gradflow_interval_by_name(tmp_path):
+    train(tiny(tmp_path, gradflow_every=2, stop_at=3), log=QUIET)
+    flow_file = tmp_path / "run" / viz.GRADFLOW_FILE
+    before = flow_file.read_text()
+    with pytest.raises(ConfigError) as info:
+        train(tiny(tmp_path, gradflow_every=3, resume=True), log=QUIET)
+    assert info.value.field == "gradflow_every" and "every 2" in str(info.value)
+    assert flow_file.read_text() == before  # nothing written
+    train(tiny(tmp_path, gradflow_every=2, resume=True), log=QUIET)  # the same interval continues it
+    assert json.loads(flow_file.read_text())["steps"] == [0, 2, 4]
+
+
+# -- a prefix LM's prompt ------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["gpt", "llama", "variant_pre"])
+def test_a_prefix_lm_is_looked_at_with_the_prompt_as_its_prefix(kind):
+    model = make_model(kind)
+    ids = np.array([3, 1, 4, 1, 5])
+    model.eval()
+    rec = model.start_recording()
+    logits, _ = model.forward(ids[None], prefix_len=np.array([5]))
+    model.stop_recording()
+    _, probs = viz.attention_maps(model, ids, list("abcde"), prefix=True)
+    for name, p in probs.items():
+        np.testing.assert_array_equal(p, rec[name][0])
+        assert np.triu(p, 1).sum() > 0  # the prefix sees ahead
+    lens, _ = viz.logit_lens(model, ids, prefix=True)
+    np.testing.assert_array_equal(lens.logits[-1], logits[0])
+    causal, _ = viz.logit_lens(model, ids)
+    assert not np.allclose(causal.logits[-1], logits[0])
+    expect_rejected(lambda: viz.logit_lens(model, ids, prefix="yes"), "logit_lens", "prefix")
+    expect_rejected(lambda: viz.attention_maps(model, ids, list("abcde"), prefix=1), "attention_maps", "prefix")
+
+
+def test_cli_reads_a_prefix_checkpoints_prompt_as_its_prefix(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path, steps=2, eval_interval=2, objective="prefix")
+    train(cfg, log=QUIET)
+    seen = []
+    for view in ("attention_maps", "logit_lens"):
+        real = getattr(viz, view)
+        monkeypatch.setattr(viz, view, lambda *a, _real=real, _view=view, **kw: seen.append((_view, kw.get("prefix")))
+                            or _real(*a, **kw))
+    for view in ("attention", "lens"):
+        status, out, err = run_cli(["viz", view, "--checkpoint", cfg.out_dir, "--prompt", "the fox",
+                                    "--out", f"{view}.png"], tmp_path)
+        assert (status, err) == (0, ""), err
+    assert seen == [("attention_maps", True), ("logit_lens", True)]
+
+
+# -- tick labels -------------------------------------------------------------------------------------
+def test_every_control_character_is_written_out_and_drawn_without_a_missing_glyph():
+    import warnings
+
+    controls = [chr(c) for c in [*range(0x20), *range(0x7F, 0xA0)]] + ["\u200b", "\u2028", "\ue000"]
+    labels = [viz.display_token(f"a{c}b") for c in controls]
+    for c, label in zip(controls, labels):
+        assert label.isprintable() and label.isascii() and label.startswith("a") and label.endswith("b"), label
+        assert c not in label
+    assert viz.display_token("\x1a") == "\\x1a" and viz.display_token("\x00\x7f") == "\\x00\\x7f"
+    assert viz.display_token("\u200b") == "\\u200b" and viz.display_token("é\n") == "é\\n"
+    fig = viz._new_figure(30.0, 3.0)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.set_xticks(range(len(labels)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ax.set_xticklabels(labels, rotation=90)
+        fig.canvas.draw()
+    assert not [w for w in caught if "missing" in str(w.message).lower()], [str(w.message) for w in caught]
+
+
+@settings(max_examples=15)
+@given(text=st.text(min_size=1, max_size=8))
+def test_display_token_is_printable_for_any_text(text):
+    label = viz.display_token(text)
+    assert label.isprintable()
 
 
 # -- a Hugging Face folder ------------------------------------------------------------------------------
