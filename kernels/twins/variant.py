@@ -250,8 +250,8 @@ class TwinVariant(TwinModel):
         x = self.wte.weight[ids]
         if self.position == "learned":
             x = x + self.wpe.weight[:T]
-        elif self.position == "sinusoidal":
-            x = x + sinusoidal(T, x.shape[-1], x.dtype)
+        elif self.position == "sinusoidal":  # unit-scale embeddings beside the table, as the original Transformer
+            x = x * x.shape[-1] ** 0.5 + sinusoidal(T, x.shape[-1], x.dtype)
         x = _drop(x, masks, "drop", self.p, self.training)
         for i, block in enumerate(self.blocks):
             x = block(x, masks, f"blocks.{i}", prefix_len)

@@ -6,7 +6,9 @@ tied. Older checkpoints that spell the embedding ``backbone.embedding.weight`` a
 
 Mamba has no position table, so config.json sets no context length: ``block_size`` comes from
 the argument, else from a ``max_position_embeddings`` field (written by ``save_pretrained``),
-else ``DEFAULT_BLOCK_SIZE``. ``residual_in_fp32`` changes nothing in float32 and float64, the
+else ``DEFAULT_BLOCK_SIZE``, the largest position npformer computes exactly (``MAX_POSITION``): a
+recurrent model has no context limit, so ``generate`` never crops its prompt (as transformers' does
+not), and its decoding state is O(1) in the length. ``residual_in_fp32`` changes nothing in float32 and float64, the
 precisions npformer computes in; the ``time_step_*`` fields only initialise a new model.
 
 Refused by name: another activation than SiLU, an ``intermediate_size`` other than
@@ -21,11 +23,12 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..models.mamba import MambaConfig, MambaLM
+from ..ops._checks import MAX_POSITION
 from .family import Family, _Fields, _Row
 
 __all__ = ["FAMILY", "mamba_config", "mamba_rows", "mamba_config_json", "DEFAULT_BLOCK_SIZE"]
 
-DEFAULT_BLOCK_SIZE = 2048  # the context of a folder that names none (the recurrence itself has no limit)
+DEFAULT_BLOCK_SIZE = MAX_POSITION  # the context of a folder that names none: the recurrence itself has no limit
 MIXER_TENSORS = ("in_proj.weight", "conv1d.weight", "x_proj.weight", "dt_proj.weight", "dt_proj.bias", "A_log", "D",
                  "out_proj.weight")
 

@@ -5,6 +5,17 @@ experts is stored as ``model.layers.{i}.block_sparse_moe.gate.weight`` (the rout
 each expert e, ``...block_sparse_moe.experts.{e}.w1.weight`` (npformer's ``gate_proj``),
 ``w3`` (``up_proj``) and ``w2`` (``down_proj``), all nn.Linear (out, in), moved over unchanged.
 
+transformers 5 keeps the experts of a layer fused: ``model.layers.{i}.mlp.gate.weight`` (the router) and
+``model.layers.{i}.mlp.experts.gate_up_proj`` (E, 2I, D), whose expert e computes
+``x @ gate_up_proj[e].T`` and splits the 2I outputs into halves, the first the gate (w1), the second the
+up projection (w3); ``...experts.down_proj`` (E, D, I) holds each expert's w2. A folder in that layout is
+read too: ``mixtral_rename`` splits it into the per-expert names above. Folders are written per expert.
+
+Router ties: npformer's top-k sends a tie in router probabilities to the lowest expert index (MOE.2),
+while ``torch.topk`` documents no order among equal values. Exact ties (a zero router, duplicated router
+rows) may therefore route differently from transformers; a trained router's probabilities are almost
+never exactly equal.
+
 The load balance: transformers adds ``router_aux_loss_coef`` times it to the loss only when
 ``output_router_logits`` is true, so a folder with it false loads with ``router_aux_loss_coef`` 0, and a
 model with a coefficient > 0 is written with ``output_router_logits`` true. Mixtral routes every token
@@ -16,10 +27,13 @@ Refused by name: another activation than SiLU, a rope scaling, router jitter (``
 
 from __future__ import annotations
 
+import re
 from typing import Dict, List, Optional
 
+import numpy as np
+
 from ..models.llama import LlamaConfig, Mixtral
-from .family import Family, _Fields, _Row
+from .family import Family, HFFormatError, _Fields, _Row
 from .llama_map import _rope_theta
 
 __all__ = ["FAMILY", "mixtral_config", "mixtral_rows", "mixtral_config_json"]
@@ -81,6 +95,40 @@ def mixtral_tied(cfg: LlamaConfig, variant: Optional[str] = None, model_type: st
     return {"lm_head.weight": "model.embed_tokens.weight"} if cfg.tie_word_embeddings else {}
 
 
+_FUSED = re.compile(r"model\.layers\.(\d+)\.mlp\.(gate\.weight|experts\.gate_up_proj|experts\.down_proj)")
+
+
+def mixtral_rename(tensors: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """transformers 5's fused expert tensors -> the per-expert ``block_sparse_moe`` names the rows use.
+
+    ``gate_up_proj`` (E, 2I, D): rows [0, I) of expert e are its w1 (gate), rows [I, 2I) its w3 (up);
+    ``down_proj`` (E, D, I): expert e's w2. Other names are kept as they are.
+    """
+    out: Dict[str, np.ndarray] = {}
+    for name, a in tensors.items():
+        m = _FUSED.fullmatch(name)
+        if m is None:
+            out[name] = a
+            continue
+        hf = f"model.layers.{m.group(1)}.block_sparse_moe"
+        if m.group(2) == "gate.weight":
+            out[f"{hf}.gate.weight"] = a
+            continue
+        if a.ndim != 3 or (m.group(2).endswith("gate_up_proj") and a.shape[1] % 2):
+            shape = "(E, 2I, D)" if m.group(2).endswith("gate_up_proj") else "(E, D, I)"
+            raise HFFormatError(f"load_pretrained: tensor '{name}' (transformers' fused expert layout) expected "
+                                f"shape {shape}, got {tuple(a.shape)}")
+        if m.group(2).endswith("gate_up_proj"):
+            I = a.shape[1] // 2
+            for e in range(a.shape[0]):
+                out[f"{hf}.experts.{e}.w1.weight"] = a[e, :I]  # the first half of the outputs: the gate
+                out[f"{hf}.experts.{e}.w3.weight"] = a[e, I:]  # the second half: the up projection
+        else:
+            for e in range(a.shape[0]):
+                out[f"{hf}.experts.{e}.w2.weight"] = a[e]
+    return out
+
+
 def mixtral_infer(model: Mixtral):
     return "mixtral", None
 
@@ -108,4 +156,4 @@ def mixtral_config_json(cfg: LlamaConfig, variant: Optional[str], model_type: st
 
 FAMILY = Family(name="mixtral", model_types=("mixtral",), models={None: Mixtral}, config_from_hf=mixtral_config,
                 rows=mixtral_rows, config_json=mixtral_config_json, infer=mixtral_infer, ignored=mixtral_ignored,
-                tied=mixtral_tied)
+                tied=mixtral_tied, rename=mixtral_rename)

@@ -17,6 +17,13 @@ Parameter names follow Hugging Face's ``LlamaForCausalLM`` (without its ``model.
 (and ``.bias`` with ``mlp_bias``), ``norm.weight``, ``lm_head.weight`` (absent when tied). With experts:
 ``layers.{i}.mlp.gate.weight`` (the router) and ``layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight``.
 
+With a ``capacity_factor``, routing is non-causal and batch-dependent (as Switch's training-time
+routing is): whether a token reaches an expert depends on how many tokens of the whole call, later
+positions and other rows of the batch included, chose that expert before it in the flattened order, and
+the capacity grows with the call's token count. Such a model cannot decode with a KV cache:
+``supports_kv_cache`` is False, and ``make_kv_caches`` and ``forward(kv_caches=...)`` refuse by name
+(``npformer.generate`` recomputes the context instead). See ``proofs/moe.md``.
+
 Shapes: ids (B, T) int, logits (B, T, V), hidden (B, T, D) with D = d_model.
 """
 
@@ -29,7 +36,7 @@ import numpy as np
 
 from ..nn.attention import KVCache, MultiHeadAttention
 from ..nn.layers import Embedding, Linear, RMSNorm, check_dout, check_features
-from ..nn.lm import IGNORE_INDEX, check_kv_length, check_lm_inputs, prefix_lm_bias  # noqa: F401  (IGNORE_INDEX: the ignored target)
+from ..nn.lm import IGNORE_INDEX, check_kv_length, check_lm_inputs, prefix_lm_bias
 from ..nn.mlp import SwiGLUMLP
 from ..nn.moe import MoEMLP
 from ..nn.module import Module, ModuleList, atomic
@@ -69,6 +76,7 @@ class LlamaConfig:
     router_aux_loss_coef: float = 0.0  # the pooled load balance's weight in the loss (0: not added), as HF's
     # with output_router_logits
     capacity_factor: Optional[float] = None  # None: no token dropped; else C = ceil(factor * N k / E) per expert
+    # (non-causal and batch-dependent: a model with it decodes without a KV cache)
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -98,6 +106,13 @@ class LlamaConfig:
         self.router_aux_loss_coef = check_real(op, "router_aux_loss_coef", self.router_aux_loss_coef, lo=0.0)
         if self.capacity_factor is not None:
             self.capacity_factor = check_real(op, "capacity_factor", self.capacity_factor, lo=0.0, lo_open=True)
+        if not self.num_local_experts:  # the mixture's fields would do nothing in a dense model: refused by name
+            for name, default in (("num_experts_per_tok", 2), ("router_aux_loss_coef", 0.0),
+                                  ("capacity_factor", None)):
+                if getattr(self, name) != default:
+                    raise ValueError(f"{op}: argument '{name}' expected {default} without experts "
+                                     f"(num_local_experts = 0: a dense MLP, which it would not change), "
+                                     f"got {getattr(self, name)}")
         for name in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias"):
             setattr(self, name, check_bool(op, name, getattr(self, name)))
         if self.dtype not in ("float32", "float64"):
@@ -250,10 +265,18 @@ class Llama(Module):
         eval mode), ids continue the cached sequence: the rotary positions start at the
         cache length (incremental decoding). In training mode each forward keeps its
         caches for one ``backward()``. ``prefix_len`` (B,) makes it a prefix LM (ATT.18),
-        as ``GPT.forward``; a sliding window refuses it.
+        as ``GPT.forward``; a sliding window refuses it. With experts and ``router_aux_loss_coef``, the loss
+        adds the load balance pooled over the layers, over the positions whose target is not -100 (MOE.15),
+        so padding with ignored targets does not move it. A model with a ``capacity_factor`` refuses
+        ``kv_caches`` by name (its routing is non-causal).
         """
         cfg = self.cfg
         op = "Llama.forward"
+        if kv_caches is not None and not self.supports_kv_cache:
+            raise ValueError(f"{op}: argument 'kv_caches' expected None for a model with capacity_factor "
+                             f"{cfg.capacity_factor} (capacity routing counts every token of the call, later ones "
+                             f"and other rows included, so cached decoding would differ; decode without a "
+                             f"cache), got a list of caches")
         start = check_lm_inputs(op, ids, targets, kv_caches, vocab_size=cfg.vocab_size,
                                 block_size=cfg.block_size, n_layer=cfg.n_layer, n_kv_head=cfg.n_kv_head,
                                 head_dim=cfg.resolved_head_dim, dtype=np.dtype(cfg.dtype), training=self.training)
@@ -278,9 +301,12 @@ class Llama(Module):
         loss, loss_cache = (None, None) if targets is None else cross_entropy_forward(logits, targets)
         aux_cache = None
         if loss is not None and cfg.num_local_experts and cfg.router_aux_loss_coef:
-            # Mixtral's load balance: f and P over the tokens of every layer together, (MOE.11) on the stacked rows
+            # Mixtral's load balance: f and P over the tokens of every layer together, (MOE.11) on the stacked
+            # rows; a position whose target is ignored (padding) counts in neither, (MOE.15)
+            kept = (targets.reshape(-1) != IGNORE_INDEX)  # (B T,)
             aux, aux_cache = load_balancing_loss_forward(np.concatenate([r.probs for r in routings]),
-                                                         np.concatenate([r.expert for r in routings]))
+                                                         np.concatenate([r.expert for r in routings]),
+                                                         None if kept.all() else np.tile(kept, len(routings)))
             self.aux_loss = float(aux)
             loss = loss + cfg.router_aux_loss_coef * aux
         self.save_cache(LlamaCache(tied_head=tied_head, loss=loss_cache, aux=aux_cache))
@@ -303,7 +329,7 @@ class Llama(Module):
             dh = self.lm_head.backward(dlogits)
         dx = self.norm.backward(dh)
         dprobs = [None] * len(self.layers)
-        if cache.aux is not None:  # (MOE.13): the pooled loss's gradient, split back into each layer's rows
+        if cache.aux is not None:  # (MOE.13) or (MOE.16): the pooled loss's gradient, split into each layer's rows
             dprobs = np.split(load_balancing_loss_backward(np.asarray(self.cfg.router_aux_loss_coef, dtype),
                                                            cache.aux), len(self.layers))
         for layer, dp in zip(reversed(self.layers), reversed(dprobs)):
@@ -316,8 +342,18 @@ class Llama(Module):
         self.cfg = replace(self.cfg, dtype=self.embed_tokens.weight.data.dtype.name)
         return self
 
+    @property
+    def supports_kv_cache(self) -> bool:
+        """False for a model with a ``capacity_factor``: its routing looks ahead and across rows (proofs/moe.md)."""
+        return self.cfg.capacity_factor is None
+
     def make_kv_caches(self, batch: int, max_len: Optional[int] = None) -> List[KVCache]:
-        """One KVCache per layer for ``max_len`` positions (default and at most block_size)."""
+        """One KVCache per layer for ``max_len`` positions (default and at most block_size); refused for a model
+        with a capacity, which cannot decode with a cache."""
+        if not self.supports_kv_cache:
+            raise ValueError(f"Llama.make_kv_caches: argument 'self' expected a model that can decode with a KV "
+                             f"cache, got one with capacity_factor {self.cfg.capacity_factor} (non-causal routing); "
+                             f"generate with use_cache=False")
         max_len = check_kv_length("Llama.make_kv_caches", max_len, self.cfg.block_size)
         return [layer.self_attn.make_kv_cache(batch, max_len) for layer in self.layers]
 

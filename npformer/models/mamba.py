@@ -26,7 +26,10 @@ inputs of its convolution and its scan's state h_L (B, E, N). A forward given th
 continues the sequence they hold, at a cost per token that does not grow with its length, and
 gives the logits the whole sequence would give. The caches move only when the whole forward
 succeeded. ``block_size`` is the longest sequence the model is used on (the trainer's window
-and ``generate``'s crop): nothing in the model depends on it.
+and ``generate``'s crop): nothing in the model depends on it. A model that should never crop its
+context (a recurrence has no limit; Hugging Face folders without ``max_position_embeddings`` load so)
+takes ``block_size = MAX_POSITION`` (``npformer.ops._checks``), the largest position npformer computes
+exactly; its decoding state stays O(1) in the length.
 
 Shapes: ids (B, T) int, logits (B, T, V), hidden (B, T, D) with D = d_model.
 """

@@ -16,7 +16,10 @@ separates GPT-2, LLaMA and the original Transformer's decoder is a field of ``Va
   of D x F against two of D x 4D, so F = 2/3 * 4D = 8D/3, rounded to the nearest integer
   (``resolved_d_ff``);
 - ``position``: a learned (block_size, D) table added to the token embeddings (GPT-2); the
-  fixed sinusoidal table (POS.1), added likewise, with no parameters; rotary q and k inside
+  fixed sinusoidal table (POS.1), added likewise, with no parameters, to token embeddings scaled
+  by sqrt(D) and drawn with std D^-1/2 (the original Transformer's recipe: both terms of unit
+  scale; with GPT-2's std 0.02 embeddings the table's +-1 entries drown which token is which,
+  and such a model learns only the letter frequencies); rotary q and k inside
   each attention layer (RoPE, ROPE.3); ALiBi's per-head linear bias on the scores (ALIBI.3);
   or none at all (the causal mask alone orders the tokens);
 - ``n_kv_head``: multi-head (None), grouped-query (a divisor of n_head) or multi-query (1)
@@ -59,8 +62,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import List, NamedTuple, Optional, Tuple
 
-import math
-
 import numpy as np
 
 from ..nn.attention import KVCache, MultiHeadAttention
@@ -72,6 +73,7 @@ from ..ops._checks import MAX_POSITION, check_bool, check_count, check_float, ch
 from ..ops.cross_entropy import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
 from ..ops.layernorm import layernorm_backward, layernorm_forward
 from ..ops.linear import LinearCache, linear_backward, linear_forward
+from ..ops.moe import ceil_of_decimal_product
 from ..ops.positional import sinusoidal_table
 
 NORMS = ("layernorm", "rmsnorm", "groupnorm")
@@ -85,8 +87,12 @@ DTYPES = ("float32", "float64")
 
 
 def routed_tokens(capacity: float, T: int) -> int:
-    """k = ceil(c T), at least 1 and at most T (MOD.6)."""
-    return min(T, max(1, math.ceil(capacity * T)))
+    """k = ceil(c T), at least 1 and at most T (MOD.6).
+
+    The product is exact for the decimal c prints as (``ceil_of_decimal_product``): c = 0.55 and T = 100
+    give k = 55, not the 56 of the float product 55.000000000000007.
+    """
+    return min(T, max(1, ceil_of_decimal_product(capacity, T)))
 
 
 def _check_choice(op: str, name: str, value: object, choices: Tuple[str, ...]) -> str:
@@ -166,6 +172,10 @@ class VariantConfig:
                 raise ValueError(f"{op}: argument 'mod_capacity' expected None with norm_position 'post' (a routed "
                                  f"token's output x + r f(x) scales the residual branches f of a pre-norm block), "
                                  f"got {self.mod_capacity}")
+            if self.n_layer < 2:
+                raise ValueError(f"{op}: argument 'mod_capacity' expected None with n_layer = {self.n_layer} (blocks "
+                                 f"1, 3, 5, ... route, so a one-block model has no routed block and the capacity "
+                                 f"would do nothing), got {self.mod_capacity}")
 
     @property
     def head_dim(self) -> int:
@@ -429,7 +439,10 @@ class VariantLM(Module):
         self.cfg = cfg
         self.rng = rng = np.random.default_rng(seed)  # init, then dropout masks (saved in checkpoints)
         dtype = np.dtype(cfg.dtype)
-        self.wte = Embedding(cfg.vocab_size, cfg.d_model, rng=rng, dtype=dtype)
+        # the sinusoidal recipe: embeddings of std D^-1/2, scaled by sqrt(D) in forward (unit scale, as the table)
+        self.embed_scale = float(np.sqrt(cfg.d_model)) if cfg.position == "sinusoidal" else 1.0
+        self.wte = Embedding(cfg.vocab_size, cfg.d_model, rng=rng, dtype=dtype,
+                             std=cfg.d_model ** -0.5 if cfg.position == "sinusoidal" else 0.02)
         if cfg.position == "learned":
             self.wpe = Embedding(cfg.block_size, cfg.d_model, rng=rng, std=0.01, dtype=dtype)
         # Sinusoidal: a constant (block_size, D) table (POS.1), not a parameter; converted by astype.
@@ -474,7 +487,7 @@ class VariantLM(Module):
         if cfg.position == "learned":
             x = x + self.wpe.forward(np.arange(start, start + T))  # (T, D) rows of the table
         elif cfg.position == "sinusoidal":
-            x = x + self.pe[start:start + T]  # (T, D), a constant (POS.1)
+            x = x * x.dtype.type(self.embed_scale) + self.pe[start:start + T]  # (T, D), a constant (POS.1)
         x = self.drop.forward(x)
         for i, block in enumerate(self.blocks):
             x = block.forward(x, None if kv_caches is None else kv_caches[i], mask_bias)
@@ -510,7 +523,9 @@ class VariantLM(Module):
         dx = self.drop.backward(dx)
         if cfg.position == "learned":
             self.wpe.backward(dx.sum(axis=0))  # one table row per t, shared over the batch
-        self.wte.backward(dx)  # the sinusoidal table is constant: nothing else to update
+        if cfg.position == "sinusoidal":  # x = sqrt(D) wte[ids] + table: the table is constant
+            dx = dx * dx.dtype.type(self.embed_scale)
+        self.wte.backward(dx)
 
     def astype(self, dtype) -> "VariantLM":
         """Convert the parameters to float32 or float64; the config and the sinusoidal table follow."""

@@ -53,7 +53,8 @@ class MoEMLP(Module):
     top_k = 1 with the probability as its weight is Switch; top_k = 2 with the two weights renormalised
     is Mixtral (``normalize_topk`` None, the default, renormalises when k > 1).
     ``capacity_factor`` None routes every assignment; a number drops those beyond each expert's
-    capacity C = ceil(capacity_factor N k / E) in token order (MOE.4).
+    capacity C = ceil(capacity_factor N k / E) in token order (MOE.4). That makes the layer non-causal and
+    batch-dependent: a token's fate depends on the call's other tokens, later positions and other rows.
     """
 
     def __init__(self, d_model: int, d_hidden: int, n_experts: int, top_k: int = 2,

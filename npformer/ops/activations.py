@@ -42,6 +42,9 @@ _SQRT_HALF = math.sqrt(0.5)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _KAPPA = 0.044715  # the cubic coefficient of the tanh approximation, (ACT.8)
 _GELU_SIGMOID_SCALE = 1.702  # the slope of the sigmoid approximation, (ACT.22)
+# |x| beyond which sigmoid(1.702 x) is exactly 0 or 1 in float32 and float64 (1.702e4 is past both dtypes'
+# exp underflow); the argument is clipped there so that 1.702 x never overflows and (ACT.23) never forms inf * 0
+_GELU_SIGMOID_CLIP = 1e4
 
 # erf: series below the split, continued fraction from it on. With these term counts
 # both parts reach float64 round-off on their whole range (the tests check it densely).
@@ -237,7 +240,8 @@ def gelu_forward(x: np.ndarray, approximate: str = "none") -> Tuple[np.ndarray, 
     check_float("gelu_forward", "x", x)
     _check_approximate("gelu_forward", approximate, GELU_APPROXIMATIONS)
     if approximate == "sigmoid":
-        cdf = _array(_sigmoid(_GELU_SIGMOID_SCALE * x))  # (ACT.22)  sigmoid(1.702 x) in Phi's place, (ACT.10)
+        xc = np.clip(x, -_GELU_SIGMOID_CLIP, _GELU_SIGMOID_CLIP)  # changes no sigmoid value: it saturates first
+        cdf = _array(_sigmoid(_GELU_SIGMOID_SCALE * xc))  # (ACT.22)  sigmoid(1.702 x) in Phi's place, (ACT.10)
         tanh_u = None
         y = _array(x * cdf)  # (ACT.22)
     elif approximate == "none":
@@ -255,7 +259,10 @@ def gelu_backward(dy: np.ndarray, cache: GeluCache) -> np.ndarray:
     x, cdf, tanh_u, approximate = cache
     check_like("gelu_backward", "dy", dy, x)
     if approximate == "sigmoid":
-        dgelu = cdf * (1.0 + _GELU_SIGMOID_SCALE * x * (1.0 - cdf))  # (ACT.23)
+        # clipped x: where the sigmoid saturates, 1 - cdf (x > 0) or cdf (x < 0) is exactly 0, and the
+        # finite 1.702 x_c times it is 0 (an unclipped 1.702 x overflows for |x| > ~2e38 in float32: inf * 0)
+        xc = np.clip(x, -_GELU_SIGMOID_CLIP, _GELU_SIGMOID_CLIP)
+        dgelu = cdf * (1.0 + _GELU_SIGMOID_SCALE * xc * (1.0 - cdf))  # (ACT.23)
         return _array(dy * dgelu)  # (ACT.1)
     if approximate == "none":
         pdf = _ONE_OVER_SQRT_2PI * np.exp(-0.5 * (x * x))  # phi(x)

@@ -23,9 +23,14 @@ Four op pairs and one plan:
     each token's kept expert outputs weighted by their gates and summed; a dropped assignment adds
     nothing, so a token whose every assignment is dropped gets y = 0 (the residual carries it),
     a scatter-add (MOE.9); its backward (MOE.10) gives the gate weights' gradient.
-``aux, cache = load_balancing_loss_forward(probs, expert)``
-    Switch's E * sum_e f_e P_e (MOE.11); ``router_z_loss_forward(logits)``, the mean squared
-    log-sum-exp (MOE.12). Their backwards (MOE.13), (MOE.14).
+``aux, cache = load_balancing_loss_forward(probs, expert, mask=None)``
+    Switch's E * sum_e f_e P_e (MOE.11), over the tokens a ``mask`` keeps when one is given (MOE.15);
+    ``router_z_loss_forward(logits)``, the mean squared log-sum-exp (MOE.12). Their backwards (MOE.13),
+    (MOE.16), (MOE.14).
+
+A capacity makes routing non-causal and batch-dependent: whether a token is kept depends on how many
+earlier tokens of the whole call (every row of a batch, flattened) chose the same expert, and C itself
+grows with N. A model routing with a capacity therefore cannot decode with a KV cache (see proofs/moe.md).
 
 Nothing builds a dense (N, E, C) one-hot tensor: dispatch and combine are index arrays,
 ``np.add.at`` and ``np.bincount``.
@@ -33,7 +38,7 @@ Nothing builds a dense (N, E, C) one-hot tensor: dispatch and combine are index 
 
 from __future__ import annotations
 
-import math
+from fractions import Fraction
 from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
@@ -97,6 +102,7 @@ class LoadBalanceCache(NamedTuple):
     f: np.ndarray  # (E,)  fraction of tokens selecting each expert, (MOE.11), a constant for the gradient
     shape: Tuple[int, int]  # (N, E)
     dtype: np.dtype
+    mask: Optional[np.ndarray] = None  # (N,) bool  the tokens counted, (MOE.15); None: every token
 
 
 class ZLossCache(NamedTuple):
@@ -115,11 +121,27 @@ def _check_scalar_grad(op: str, name: str, d: object, dtype: np.dtype) -> float:
     return check_real(op, name, d)
 
 
+def ceil_of_decimal_product(factor: float, numerator: int, denominator: int = 1) -> int:
+    """ceil(factor * numerator / denominator), computed exactly for the decimal ``factor`` prints as.
+
+    A float product overshoots when the exact value is an integer: 0.55 * 100 is 55.000000000000007 in
+    binary floating point, whose ceil is 56. The factor is read as the shortest decimal that rounds to it
+    (``repr``, 0.55 -> 11/20) and the product and the ceil are taken in rational arithmetic, so
+    ceil(0.55 * 100) = 55 and ceil(1.1 * 50 * 2 / 2) = 55.
+    """
+    exact = Fraction(repr(float(factor))) * numerator / denominator
+    return -((-exact.numerator) // exact.denominator)
+
+
 def capacity_of(n_tokens: int, top_k: int, n_experts: int, capacity_factor: Optional[float]) -> Optional[int]:
-    """C = ceil(capacity_factor * N * k / E), or None (no capacity) when capacity_factor is None. (MOE.4)"""
+    """C = ceil(capacity_factor * N * k / E), or None (no capacity) when capacity_factor is None. (MOE.4)
+
+    The product is exact for the decimal the factor prints as (``ceil_of_decimal_product``): a factor 1.1 with
+    N k / E = 50 gives C = 55, not the 56 of the float product 55.00000000000001.
+    """
     if capacity_factor is None:
         return None
-    return int(math.ceil(capacity_factor * n_tokens * top_k / n_experts))
+    return ceil_of_decimal_product(capacity_factor, n_tokens * top_k, n_experts)
 
 
 def top_k_experts(probs: np.ndarray, top_k: int) -> np.ndarray:
@@ -159,6 +181,9 @@ def moe_router_forward(logits: np.ndarray, top_k: int, normalize_topk: bool = Fa
     N, E = logits.shape
     if E == 0:
         _fail(op, "logits", "at least one expert (shape (N, E) with E >= 1)", f"shape {tuple(logits.shape)}")
+    if not np.isfinite(logits).all():
+        bad = logits[~np.isfinite(logits)].flat[0]
+        _fail(op, "logits", "finite router logits", f"a non-finite value {bad}")
     top_k = check_count(op, "top_k", top_k, 1, E)
     normalize_topk = check_bool(op, "normalize_topk", normalize_topk)
     if capacity_factor is not None:
@@ -273,10 +298,13 @@ def moe_combine_backward(dy: np.ndarray, cache: CombineCache) -> Tuple[np.ndarra
 
 
 # -- the router's losses ------------------------------------------------------------------------------------
-def load_balancing_loss_forward(probs: np.ndarray, expert: np.ndarray) -> Tuple[np.ndarray, LoadBalanceCache]:
+def load_balancing_loss_forward(probs: np.ndarray, expert: np.ndarray,
+                                mask: Optional[np.ndarray] = None) -> Tuple[np.ndarray, LoadBalanceCache]:
     """aux = E * sum_e f_e P_e, f_e = (selections of e) / N, P_e = mean_n p_ne (Switch; k selections a token).
 
-    probs: (N, E), expert: (N, k) int in [0, E)  ->  aux: a 0-d array of probs' dtype. N = 0 gives 0.
+    probs: (N, E), expert: (N, k) int in [0, E), mask: (N,) bool or None  ->  aux: a 0-d array of probs' dtype.
+    With a ``mask``, f and P are means over the M kept tokens alone (MOE.15): a masked token (padding, an
+    ignored target) counts nowhere. N = 0, or M = 0, gives 0.
     The selections are counted before any capacity drops them (the router's choice, not the dispatch).
     """
     op = "load_balancing_loss_forward"
@@ -289,22 +317,38 @@ def load_balancing_loss_forward(probs: np.ndarray, expert: np.ndarray) -> Tuple[
         _fail(op, "expert", f"{N} rows (as 'probs')", f"shape {tuple(expert.shape)}")
     if expert.size and (expert.min() < 0 or expert.max() >= E):
         _fail(op, "expert", f"indices in [0, {E})", f"values in [{expert.min()}, {expert.max()}]")
-    if N == 0:
-        return np.zeros((), probs.dtype), LoadBalanceCache(f=np.zeros(E, probs.dtype), shape=(N, E), dtype=probs.dtype)
-    f = (np.bincount(expert.reshape(-1), minlength=E) / N).astype(probs.dtype)  # (E,)  sums to k
-    P = probs.mean(axis=0)  # (E,)
-    aux = np.asarray(E * np.dot(f, P), dtype=probs.dtype)  # (MOE.11)
-    return aux, LoadBalanceCache(f=f, shape=(N, E), dtype=probs.dtype)
+    if mask is not None:
+        if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_:
+            _fail(op, "mask", "a bool ndarray or None", getattr(mask, "dtype", type(mask).__name__))
+        check_shape(op, "mask", mask, (N,))
+    M = N if mask is None else int(mask.sum())  # the tokens counted
+    if M == 0:
+        return np.zeros((), probs.dtype), LoadBalanceCache(f=np.zeros(E, probs.dtype), shape=(N, E),
+                                                           dtype=probs.dtype, mask=mask)
+    if mask is None:
+        f = (np.bincount(expert.reshape(-1), minlength=E) / N).astype(probs.dtype)  # (E,)  sums to k
+        P = probs.mean(axis=0)  # (E,)
+        aux = np.asarray(E * np.dot(f, P), dtype=probs.dtype)  # (MOE.11)
+    else:
+        f = (np.bincount(expert[mask].reshape(-1), minlength=E) / M).astype(probs.dtype)  # (E,)  (MOE.15)
+        P = probs[mask].sum(axis=0) / M  # (E,)  (MOE.15)
+        aux = np.asarray(E * np.dot(f, P), dtype=probs.dtype)  # (MOE.15)
+    return aux, LoadBalanceCache(f=f, shape=(N, E), dtype=probs.dtype, mask=mask)
 
 
 def load_balancing_loss_backward(daux: np.ndarray, cache: LoadBalanceCache) -> np.ndarray:
-    """daux: a real number or a () array  ->  dprobs: (N, E), E f_e / N in every row (f held constant)."""
+    """daux: a real number or a () array  ->  dprobs: (N, E), E f_e / M in every kept row (f held constant),
+    0 in a masked one."""
     op = "load_balancing_loss_backward"
     check_cache_type(op, cache, LoadBalanceCache)
     daux = _check_scalar_grad(op, "daux", daux, cache.dtype)
     N, E = cache.shape
-    row = (daux * E / max(N, 1)) * cache.f  # (MOE.13)
-    return np.broadcast_to(row, (N, E)).astype(cache.dtype, copy=True)
+    if cache.mask is None:
+        row = (daux * E / max(N, 1)) * cache.f  # (MOE.13)
+        return np.broadcast_to(row, (N, E)).astype(cache.dtype, copy=True)
+    M = int(cache.mask.sum())
+    row = (daux * E / max(M, 1)) * cache.f  # (MOE.16)
+    return (cache.mask[:, None] * row).astype(cache.dtype, copy=False)  # (MOE.16)  0 in a masked row
 
 
 def router_z_loss_forward(logits: np.ndarray) -> Tuple[np.ndarray, ZLossCache]:

@@ -24,6 +24,12 @@ and N; ``selective_scan_backward`` runs the adjoint state backwards over L (MAMB
 ``selective_scan_parallel`` computes the same states with the associative operator of
 (MAMBA.13) in ceil(log2 L) Hillis-Steele steps and returns the same cache, so the one
 backward serves both. Every state h is kept for the backward: B L D N numbers.
+
+Delta > 0 and A < 0 are the caller's responsibility and are not checked (the hot path stays a plain
+loop): Mamba's mixer produces them by construction, Delta = softplus(...) and A = -exp(A_log), so that
+every Abar = exp(Delta A) lies in (0, 1) and the recurrence is stable. The ops compute the same formulas
+for any finite values; with Delta <= 0 or A >= 0 the states may grow without bound and the result is not
+a Mamba layer's.
 """
 
 from __future__ import annotations
@@ -94,6 +100,7 @@ def selective_scan_forward(x: np.ndarray, delta: np.ndarray, A: np.ndarray, Bm: 
     """y of (MAMBA.4) from the sequential recurrence (MAMBA.3).
 
     x, delta: (B, L, D), A: (D, N), Bm, C: (B, L, N), D: (D,), h0: (B, D, N) or None  ->  y: (B, L, D)
+    delta > 0 and A < 0 are the caller's to ensure (see the module docstring); they are not checked.
     """
     op = f"{OP}_forward"
     Bsz, L, Dch, N = _check_inputs(op, x, delta, A, Bm, C, D, h0)

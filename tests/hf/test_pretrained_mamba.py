@@ -28,6 +28,7 @@ from npformer.generate import generate  # noqa: E402
 from npformer.hf import HFFormatError, load_pretrained, read_safetensors, save_pretrained  # noqa: E402
 from npformer.hf import write_safetensors  # noqa: E402
 from npformer.hf.mamba_map import DEFAULT_BLOCK_SIZE  # noqa: E402
+from npformer.ops._checks import MAX_POSITION  # noqa: E402
 from npformer.models.mamba import MambaConfig, MambaLM  # noqa: E402
 from tests.tolerances import HF_GRAD_RTOL, HF_LOGITS_RTOL, assert_close  # noqa: E402
 
@@ -221,3 +222,22 @@ def test_configs_npformer_cannot_compute_are_refused_by_field(field, value, fold
     (tmp_path / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
     with pytest.raises(HFFormatError, match=f"field '{field}'"):
         load_pretrained(tmp_path)
+
+
+def test_a_folder_without_a_context_length_never_crops_the_prompt(folder_of):
+    """A recurrent model has no context limit: a folder with no max_position_embeddings loads with block_size
+    MAX_POSITION, so generate feeds the whole prompt and picks transformers' tokens; an explicit small block_size
+    crops the prompt and differs."""
+    folder = folder_of("tied")
+    assert "max_position_embeddings" not in json.loads((folder / "config.json").read_text())
+    model = load_pretrained(folder, dtype="float64")
+    assert model.cfg.block_size == DEFAULT_BLOCK_SIZE == MAX_POSITION
+    hf = build_hf_model("tied").double()
+    ids = ids_of(model.cfg.vocab_size, B=2, T=14, seed=11)
+    with torch.no_grad():
+        theirs = hf.generate(torch.from_numpy(ids), max_new_tokens=5, do_sample=False, min_new_tokens=5).numpy()
+    ours = generate(model, ids, 5, top_k=1, rng=np.random.default_rng(0))
+    assert np.array_equal(ours, theirs)
+    assert np.array_equal(generate(model, ids, 5, top_k=1, use_cache=False), theirs)
+    cropped = load_pretrained(folder, dtype="float64", block_size=4)
+    assert not np.array_equal(generate(cropped, ids, 5, top_k=1, use_cache=False), theirs)

@@ -79,12 +79,14 @@ def _router_in_input_dtype(self, hidden_states):
 
 
 def _load_balance_in_input_dtype(gate_logits, num_experts=None, top_k=2, attention_mask=None):
-    """E * sum_e f_e P_e with f and P over every layer's rows together (no mask), in the logits' dtype."""
-    assert attention_mask is None
+    """E * sum_e f_e P_e with f and P over every layer's rows together, in the logits' dtype; with an attention
+    mask (B, T), over the rows it keeps (transformers' masked form)."""
     logits = torch.cat(list(gate_logits))
-    probs = torch.softmax(logits, dim=-1)
+    keep = (torch.ones(logits.shape[0], dtype=torch.bool) if attention_mask is None
+            else attention_mask.reshape(-1).bool().repeat(len(gate_logits)))
+    probs = torch.softmax(logits, dim=-1)[keep]
     selected = torch.topk(probs, top_k, dim=-1).indices
-    f = torch.bincount(selected.reshape(-1), minlength=num_experts).to(probs.dtype) / logits.shape[0]
+    f = torch.bincount(selected.reshape(-1), minlength=num_experts).to(probs.dtype) / probs.shape[0]
     return num_experts * torch.sum(f * probs.mean(dim=0))
 
 
@@ -129,16 +131,22 @@ def test_logits_float32_equal_hf(folder):
 
 
 @pytest.mark.derivation("MOE.13")
+@pytest.mark.derivation("MOE.16")
 @pytest.mark.parametrize("with_aux", [False, True])
-def test_logits_and_gradients_float64_equal_hf(with_aux, folder, mixtral_float64):
+def test_logits_and_gradients_float64_equal_hf(with_aux, folder, mixtral_float64, monkeypatch):
     """float64 logits at 1e-10; the loss (with coef * load balance, or the cross entropy alone) and every
-    parameter's gradient at HF_GRAD_RTOL against autograd through transformers' model."""
+    parameter's gradient at HF_GRAD_RTOL against autograd through transformers' model. Ignored targets leave
+    the load balance (MOE.15): the oracle's masked form gets them as its mask (the attention itself unmasked,
+    as npformer's)."""
     model = load_pretrained(folder, dtype="float64").train()
     if not with_aux:
         model.cfg.router_aux_loss_coef = 0.0
     hf = load_hf(folder, torch.float64)
     ids, targets = _ids(model.cfg.vocab_size, seed=1), _ids(model.cfg.vocab_size, seed=2)
     targets[0, :3] = -100
+    kept = torch.from_numpy(targets != -100)
+    monkeypatch.setattr(modeling_mixtral, "load_balancing_loss_func",
+                        lambda g, n, k, mask=None: _load_balance_in_input_dtype(g, n, k, kept))
     logits, loss = model.forward(ids, targets)
     model.backward()
     out = hf(torch.from_numpy(ids), labels=None, output_router_logits=with_aux)
@@ -221,3 +229,73 @@ def test_a_capacity_is_not_written_as_mixtral(tmp_path):
     with pytest.raises(ValueError, match="save_pretrained: argument 'model' .*capacity_factor=1.5"):
         save_pretrained(model, tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.derivation("MOE.15")
+def test_padding_leaves_the_load_balance_as_transformers_attention_mask_does(folder):
+    """Right-padded rows: transformers' load balance with the attention mask equals npformer's with the padded
+    positions' targets ignored (float32, transformers' own loss function), and the padding ids change nothing."""
+    model = load_pretrained(folder)
+    hf = load_hf(folder)
+    ids = _ids(model.cfg.vocab_size, shape=(3, T), seed=7)
+    attention = np.ones(ids.shape, np.int64)
+    attention[0, 5:] = 0
+    attention[2, 2:] = 0
+    targets = np.where(attention == 1, _ids(model.cfg.vocab_size, shape=(3, T), seed=8), -100)
+    logits, _ = model.forward(ids, targets)
+    with torch.no_grad():
+        out = hf(torch.from_numpy(ids), attention_mask=torch.from_numpy(attention), output_router_logits=True)
+    keep = attention == 1
+    assert_close(logits[keep], out.logits.numpy()[keep], rtol=HF_LOGITS_RTOL[F32], what="kept logits")
+    assert_close(model.aux_loss, out.aux_loss.item(), rtol=HF_LOGITS_RTOL[F32], what="masked aux loss")
+    with torch.no_grad():
+        unmasked = hf(torch.from_numpy(ids), output_router_logits=True).aux_loss.item()
+    assert abs(unmasked - out.aux_loss.item()) > 1e-4  # the mask matters for this batch
+    other = np.where(keep, ids, (ids + 1) % model.cfg.vocab_size)
+    aux = model.aux_loss
+    model.forward(other, targets)
+    assert model.aux_loss == pytest.approx(aux, rel=1e-6)
+
+
+def test_transformers_fused_expert_layout_loads(tmp_path):
+    """A folder in transformers 5's runtime layout (mlp.gate, mlp.experts.gate_up_proj (E, 2I, D), down_proj
+    (E, D, I)) loads, gate_up_proj split into w1 (first half) and w3 (second half): the same logits."""
+    import safetensors.torch
+
+    hf = build_hf_mixtral()
+    hf.config.save_pretrained(tmp_path)
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    safetensors.torch.save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    model = load_pretrained(tmp_path)
+    ids = _ids(model.cfg.vocab_size, seed=9)
+    with torch.no_grad():
+        theirs = load_hf(tmp_path)(torch.from_numpy(ids)).logits.numpy()
+    assert_close(model.forward(ids)[0], theirs, rtol=HF_LOGITS_RTOL[F32], what="fused layout")
+    I = model.cfg.resolved_intermediate_size
+    w = hf.model.layers[1].mlp.experts.gate_up_proj.detach().numpy()
+    np.testing.assert_array_equal(model.layers[1].mlp.experts[3].gate_proj.weight.data, w[3, :I])
+    np.testing.assert_array_equal(model.layers[1].mlp.experts[3].up_proj.weight.data, w[3, I:])
+
+
+def test_a_malformed_fused_tensor_is_refused_by_name(tmp_path):
+    import safetensors.torch
+
+    hf = build_hf_mixtral()
+    hf.config.save_pretrained(tmp_path)
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    state[name] = state[name][:, :-1].contiguous()
+    safetensors.torch.save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="gate_up_proj.*fused expert layout.*expected shape"):
+        load_pretrained(tmp_path)
+
+
+def test_router_ties_go_to_the_lowest_expert_and_may_differ_from_transformers(folder):
+    """A zero router ties every probability: npformer's rule (MOE.2) sends each token to experts 0 and 1."""
+    model = load_pretrained(folder, dtype="float64")
+    for layer in model.layers:
+        layer.mlp.gate.weight.data[...] = 0.0
+    model.forward(_ids(model.cfg.vocab_size, seed=10))
+    for layer in model.layers:
+        assert (layer.mlp.routing.expert == np.array([0, 1])).all()

@@ -8,8 +8,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kernels.twins.llama import TwinLlama
+from kernels.twins.moe import TwinMoE, load_balancing_loss
 from npformer.generate import generate
 from npformer.models.llama import IGNORE_INDEX, Llama, LlamaConfig, Mixtral
+from npformer.ops.moe import capacity_of
 from tests.tolerances import MODEL_RTOL, assert_close
 
 TINY = dict(vocab_size=11, block_size=8, n_layer=2, n_head=4, n_kv_head=2, d_model=8, intermediate_size=6,
@@ -43,10 +45,28 @@ def batch(cfg, B=3, T=None, seed=1):
     return ids, targets
 
 
+def twin_forward(twin, ids, targets):
+    """The twin's logits and loss, its pooled load balance over the positions whose target is not ignored
+    (MOE.15): the twin's own pools every position, so it runs with coefficient 0 and the masked term is
+    added here from its layers' probabilities and selections."""
+    coef, twin.router_aux_loss_coef = twin.router_aux_loss_coef, 0.0
+    try:
+        logits, loss = twin(torch.from_numpy(ids), torch.from_numpy(targets))
+    finally:
+        twin.router_aux_loss_coef = coef
+    kept = torch.from_numpy(targets.reshape(-1) != IGNORE_INDEX)
+    moe = [layer.mlp for layer in twin.layers if isinstance(layer.mlp, TwinMoE)]
+    if coef and bool(kept.any()):
+        probs = torch.cat([m.probs[kept] for m in moe])
+        expert = torch.cat([m.expert[kept] for m in moe])
+        loss = loss + coef * load_balancing_loss(probs, expert)
+    return logits, loss
+
+
 def compare(model, twin, ids, targets):
     logits, loss = model.forward(ids, targets)
     model.backward()
-    t_logits, t_loss = twin(torch.from_numpy(ids), torch.from_numpy(targets))
+    t_logits, t_loss = twin_forward(twin, ids, targets)
     twin.zero_grad()
     t_loss.backward()
     assert_close(logits, t_logits.detach().numpy(), rtol=MODEL_RTOL, what="logits")
@@ -81,11 +101,13 @@ def test_pooled_load_balance_is_one_loss_over_every_layers_tokens():
     model.eval()
     _, loss = model.forward(ids, targets)
     r = [layer.mlp.routing for layer in model.layers]
-    E, N = model.cfg.num_local_experts, ids.size
-    f = sum(np.bincount(x.expert.reshape(-1), minlength=E) for x in r) / (len(r) * N)
-    P = sum(x.probs.sum(axis=0) for x in r) / (len(r) * N)
+    kept = targets.reshape(-1) != IGNORE_INDEX  # (MOE.15): ignored positions count nowhere
+    E, N = model.cfg.num_local_experts, int(kept.sum())
+    f = sum(np.bincount(x.expert[kept].reshape(-1), minlength=E) for x in r) / (len(r) * N)
+    P = sum(x.probs[kept].sum(axis=0) for x in r) / (len(r) * N)
     assert model.aux_loss == pytest.approx(E * float(f @ P), rel=1e-12)
-    per_layer = [E * float(np.bincount(x.expert.reshape(-1), minlength=E) / N @ x.probs.mean(axis=0)) for x in r]
+    per_layer = [E * float(np.bincount(x.expert[kept].reshape(-1), minlength=E) / N @ x.probs[kept].mean(axis=0))
+                 for x in r]
     assert model.aux_loss != pytest.approx(sum(per_layer), rel=1e-6)  # pooled, not summed
     model.cfg.router_aux_loss_coef = 0.0
     _, ce = model.forward(ids, targets)
@@ -128,3 +150,95 @@ def test_cached_decoding_equals_uncached_with_experts():
         logits, _ = model.forward(seq)
         seq = np.concatenate([seq, logits[:, -1].argmax(-1)[:, None]], axis=1)
     np.testing.assert_array_equal(out, seq)
+
+
+@pytest.mark.derivation("MOE.15")
+@given(seed=st.integers(0, 2**16), pad=st.integers(1, 5))
+def test_load_balance_does_not_depend_on_padding_ids(seed, pad):
+    """Right padding with ignored targets: the loss (cross entropy + load balance) and every gradient are the
+    same whatever ids fill the padding, and the load balance is (MOE.11) over the kept positions alone."""
+    model, twin = pair(seed % 5, router_aux_loss_coef=0.3)
+    ids, targets = batch(model.cfg, seed=seed)
+    targets[:, -pad:] = IGNORE_INDEX
+    other = ids.copy()
+    other[:, -pad:] = np.random.default_rng(seed + 1).integers(0, model.cfg.vocab_size, (ids.shape[0], pad))
+    _, loss = model.forward(ids, targets)
+    model.backward()
+    grads = {n: p.grad.copy() for n, p in model.named_parameters()}
+    aux = model.aux_loss
+    model.zero_grad()
+    _, loss_other = model.forward(other, targets)
+    model.backward()
+    assert loss_other == pytest.approx(loss, rel=MODEL_RTOL)
+    assert model.aux_loss == pytest.approx(aux, rel=MODEL_RTOL)
+    for n, p in model.named_parameters():
+        assert_close(p.grad, grads[n], rtol=MODEL_RTOL, scale=max(float(np.abs(grads[n]).max()), 1e-12), what=n)
+    model.zero_grad()
+    compare(model, twin, other, targets)  # and it is the masked twin's
+
+
+def test_every_target_ignored_gives_no_load_balance():
+    model, _ = pair(3, router_aux_loss_coef=0.5)
+    ids, _ = batch(model.cfg)
+    targets = np.full(ids.shape, IGNORE_INDEX)
+    targets[0, 0] = 1
+    model.forward(ids, targets)
+    assert model.aux_loss > 0
+    model.backward()
+
+
+@pytest.mark.parametrize("field, value", [("capacity_factor", 1.0), ("router_aux_loss_coef", 0.01),
+                                          ("num_experts_per_tok", 1)])
+def test_moe_fields_without_experts_are_refused_by_name(field, value):
+    """A dense model (num_local_experts 0) would ignore them: refused by name."""
+    with pytest.raises(ValueError, match=f"LlamaConfig: argument '{field}' expected .* without experts"):
+        LlamaConfig(**{**TINY, "num_local_experts": 0, field: value})
+    LlamaConfig(**{**TINY, field: value})  # with experts they mean something
+
+
+def test_capacity_routing_is_non_causal_and_refuses_kv_caches():
+    """With a capacity an earlier position's output depends on later tokens and on other rows (the capacity
+    counts every token of the call), so a model with one refuses KV caches by name and decodes uncached."""
+    model, _ = pair(2, capacity_factor=0.5)
+    model.eval()
+    assert model.supports_kv_cache is False
+    ids, _ = batch(model.cfg, B=2, seed=5)
+    full, _ = model.forward(ids)
+    head, _ = model.forward(ids[:, :3])
+    assert not np.allclose(full[:, :3], head)  # later tokens changed earlier outputs
+    alone, _ = model.forward(ids[:1])
+    assert not np.allclose(full[:1], alone)  # another row changed this row's outputs
+    with pytest.raises(ValueError, match="Llama.make_kv_caches: argument 'self'.*capacity_factor 0.5"):
+        model.make_kv_caches(1)
+    caches = pair(2)[0].make_kv_caches(1)  # a model without a capacity has them
+    with pytest.raises(ValueError, match="Llama.forward: argument 'kv_caches' expected None.*capacity_factor"):
+        model.forward(ids[:1, :1], kv_caches=caches)
+    prompt = np.array([[1, 2, 3]])
+    out = generate(model, prompt, 4, temperature=0)  # recomputes: equals the plain greedy loop
+    seq = prompt
+    for _ in range(4):
+        logits, _ = model.forward(seq)
+        seq = np.concatenate([seq, logits[:, -1].argmax(-1)[:, None]], axis=1)
+    np.testing.assert_array_equal(out, seq)
+    assert pair(2)[0].supports_kv_cache is True
+
+
+@pytest.mark.derivation("MOE.2")
+def test_a_zero_router_sends_every_token_to_the_lowest_experts():
+    """Exact ties in router probabilities go to the lowest expert indices (MOE.2), in every layer; torch.topk
+    documents no order, so such ties may route differently from transformers."""
+    model, _ = pair(4, num_experts_per_tok=2)
+    for layer in model.layers:
+        layer.mlp.gate.weight.data[...] = 0.0
+    model.eval()
+    ids, _ = batch(model.cfg, seed=2)
+    model.forward(ids)
+    for layer in model.layers:
+        np.testing.assert_array_equal(layer.mlp.routing.expert, np.tile([0, 1], (ids.size, 1)))
+        np.testing.assert_array_equal(layer.mlp.routing.gate, np.full((ids.size, 2), 0.5))
+
+
+def test_capacity_of_is_exact():
+    """capacity_of(50, 2, 2, 1.1) = 55, not the 56 of the float product 55.00000000000001."""
+    assert 1.1 * 50 * 2 / 2 > 55
+    assert capacity_of(50, 2, 2, 1.1) == 55

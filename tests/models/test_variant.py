@@ -19,7 +19,7 @@ from npformer.debug import first_divergence
 from npformer.generate import generate
 from npformer.models import CAUSAL_LMS, FAMILIES, build, check_causal_lm, family_of
 from npformer.models.variant import (ACTIVATIONS, NORM_POSITIONS, NORMS, POSITIONS, VariantBlock, VariantConfig,
-                                     VariantLM, top_k_positions)
+                                     VariantLM, routed_tokens, top_k_positions)
 from npformer.nn.mlp import MLP, SwiGLUMLP
 from tests.badinput import BAD_COUNTS, BAD_FLAGS, expect_rejected
 from tests.tolerances import FD_RTOL, FINDER_ATOL, MODEL_RTOL, RTOL, assert_close
@@ -80,7 +80,8 @@ def configs(draw, **fixed):
     d_model = n_head * head_dim
     num_groups = draw(st.sampled_from([g for g in range(1, d_model + 1) if d_model % g == 0]))
     return VariantConfig(vocab_size=draw(st.sampled_from([1, 2, 7, 13])), block_size=draw(st.integers(1, 9)),
-                         n_layer=draw(st.integers(1, 3)), n_head=n_head, n_kv_head=n_kv_head,
+                         n_layer=draw(st.integers(1 if options["mod_capacity"] is None else 2, 3)),  # a routed block
+                         n_head=n_head, n_kv_head=n_kv_head,
                          d_model=d_model, d_ff=d_ff, dropout=draw(st.sampled_from([0.0, 0.0, 0.25])),
                          num_groups=num_groups, dtype="float64", **options)
 
@@ -265,7 +266,8 @@ def test_bad_config_fields_are_refused_by_name(name):
                                           (dict(d_model=7), "n_head"),  # n_head = 2 does not divide 7
                                           (dict(norm="groupnorm", num_groups=3), "num_groups"),
                                           (dict(norm_position="post", parallel_block=True), "parallel_block"),
-                                          (dict(norm_position="post", mod_capacity=0.5), "mod_capacity")])
+                                          (dict(norm_position="post", mod_capacity=0.5), "mod_capacity"),
+                                          (dict(n_layer=1, mod_capacity=0.5), "mod_capacity")])  # no routed block
 def test_option_conflicts_are_refused_by_name(fields, name):
     expect_rejected(lambda: VariantConfig(**{**TINY, **fields}), "VariantConfig", name)
 
@@ -356,7 +358,8 @@ def test_float32_model_keeps_float32_and_agrees_with_float64(position):
     m64.backward()
     assert logits.dtype == np.float32 and all(p.grad.dtype == np.float32 for p in m32.parameters())
     assert abs(loss32 - loss64) <= RTOL[np.dtype(np.float32)] * loss64
-    assert abs(loss64 - np.log(cfg.vocab_size)) < 0.1  # small init: near-uniform predictions
+    if position != "sinusoidal":  # sinusoidal: unit-scale embeddings, so the tied head starts far from uniform
+        assert abs(loss64 - np.log(cfg.vocab_size)) < 0.1  # small init: near-uniform predictions
     grads64 = dict(m64.named_parameters())
     for name, prm in m32.named_parameters():
         if name.endswith("k_proj.bias") and position != "rope":  # zero in exact arithmetic (a key bias shifts a
@@ -558,7 +561,8 @@ def test_mod_refuses_cached_decoding_by_name_and_generates_without_a_cache():
     expect_rejected(lambda: model.make_kv_caches(1), "VariantLM.make_kv_caches", "self")
     expect_rejected(lambda: model.blocks[1].forward(np.zeros((1, 3, 8)), caches[1]), "VariantBlock.forward",
                     "kv_cache")
-    expect_rejected(lambda: generate(model, ids, 2, rng=np.random.default_rng(0)), "VariantLM.make_kv_caches", "self")
+    cached = generate(model, ids, 4, rng=np.random.default_rng(0))  # generate recomputes: supports_kv_cache
+    np.testing.assert_array_equal(cached, generate(model, ids, 4, rng=np.random.default_rng(0), use_cache=False))
     out = generate(model, ids, 2 * cfg.block_size, rng=np.random.default_rng(0), use_cache=False)
     assert out.shape == (1, 3 + 2 * cfg.block_size) and out.min() >= 0 and out.max() < cfg.vocab_size
 
@@ -585,3 +589,43 @@ def test_groupnorm_with_one_group_is_the_layernorm_model():
     theirs = dict(ln.named_parameters())
     for name, prm in gn.named_parameters():
         assert_close(prm.grad, theirs[name].grad, rtol=MODEL_RTOL, what=name)
+
+
+def test_sinusoidal_embeddings_have_the_scale_of_the_table():
+    """x = sqrt(D) wte[ids] + table, wte drawn with std D^-1/2: both terms of unit scale (the original
+    Transformer's recipe), and the table's rows are what the first block receives beside the scaled rows."""
+    cfg = VariantConfig(vocab_size=200, block_size=16, n_layer=1, n_head=2, d_model=64, position="sinusoidal",
+                        dtype="float64")
+    model = VariantLM(cfg, seed=0)
+    assert abs(model.wte.weight.data.std() - 64 ** -0.5) < 0.1 * 64 ** -0.5
+    rec = model.start_recording()
+    ids = np.arange(16)[None] % 200
+    model.eval()
+    model.forward(ids)
+    first = rec["blocks.0.ln_1.out"] if "blocks.0.ln_1.out" in rec else None
+    expected = model.wte.weight.data[ids] * 8.0 + model.pe[:16]
+    from npformer.ops.layernorm import layernorm_forward
+    if first is not None:
+        norm = model.blocks[0].ln_1
+        np.testing.assert_allclose(first, layernorm_forward(expected, norm.weight.data, norm.bias.data, 1e-5)[0],
+                                   rtol=1e-12)
+    assert 0.5 < np.abs(model.wte.weight.data[ids] * 8.0).mean() / np.abs(model.pe[:16]).mean() < 2.0
+
+
+
+@pytest.mark.derivation("MOD.6")
+def test_routed_tokens_is_the_exact_ceil_of_the_printed_decimal():
+    """k = ceil(c T) with c read as the decimal it prints as: 0.55 of 100 tokens is 55 (the float product
+    55.000000000000007 would give 56), over a sweep of capacities and lengths against Fraction(str(c))."""
+    import math
+    from fractions import Fraction
+
+    assert 0.55 * 100 > 55 and routed_tokens(0.55, 100) == 55
+    overshoots = 0
+    for thousandths in range(1, 1001):
+        c = thousandths / 1000
+        for T in (1, 3, 7, 10, 100, 1000, 4096):
+            expected = min(T, max(1, math.ceil(Fraction(str(c)) * T)))
+            assert routed_tokens(c, T) == expected, (c, T)
+            overshoots += min(T, max(1, math.ceil(c * T))) != expected
+    assert overshoots > 0  # the sweep meets the float product's overshoot

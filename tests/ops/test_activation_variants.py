@@ -180,3 +180,25 @@ def test_mlp_rejects_bad_options_by_name(name, bad):
     options = {"approximate": "tanh", "activation": "gelu", name: bad}
     message = expect_rejected(lambda: MLP(4, 8, rng=np.random.default_rng(0), **options), "MLP", name)
     assert ("'sigmoid'" if name == "approximate" else "'mish'") in message
+
+
+@pytest.mark.derivation("ACT.23")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gelu_sigmoid_is_finite_at_the_dtype_extremes(dtype):
+    """1.702 x overflows for |x| > ~2e38 in float32; the saturated sigmoid makes (ACT.23) exactly 1 (x > 0) or
+    0 (x < 0) there, never inf * 0. Values below the clip keep (ACT.23) itself."""
+    big = np.finfo(dtype).max
+    x = np.array([big, -big, 2.5e38, -2.5e38, 1e30, -1e30, 1e4, -1e4, 3e4, -3e4, 25.0, -25.0], dtype)
+    with np.errstate(over="raise", invalid="raise"):  # no overflow, no inf * 0
+        y, cache = gelu_forward(x, "sigmoid")
+        dx = gelu_backward(np.ones_like(x), cache)
+    assert np.isfinite(y).all() and np.isfinite(dx).all()
+    assert y.dtype == dx.dtype == dtype
+    pos, saturated = x > 0, np.abs(x) >= 1e4
+    np.testing.assert_array_equal(y[pos & saturated], x[pos & saturated])
+    np.testing.assert_array_equal(y[~pos & saturated], 0)
+    np.testing.assert_array_equal(dx[saturated], np.where(pos, 1, 0)[saturated])
+    x64 = x.astype(np.float64)
+    s = sigmoid64(np.clip(ALPHA * np.clip(x64, -1e5, 1e5), -1e3, 1e3))
+    expected = s * (1 + ALPHA * np.clip(x64, -1e5, 1e5) * (1 - s))  # (ACT.23) in float64, where it is finite
+    assert_close(dx, expected.astype(dtype), rtol=1e-6, what="(ACT.23) at the extremes")

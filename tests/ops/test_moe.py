@@ -3,6 +3,7 @@ and the z-loss against torch and finite differences; the equations of proofs/moe
 against its torch twin with dropped tokens; bad input."""
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -15,8 +16,8 @@ from npformer import gradcheck
 from npformer.nn.moe import MoEMLP
 from npformer.ops.moe import (Routing, gradcheck_cases, load_balancing_loss_backward, load_balancing_loss_forward,
                               moe_combine_backward, moe_combine_forward, moe_dispatch_backward, moe_dispatch_forward,
-                              moe_router_backward, moe_router_forward, router_z_loss_backward, router_z_loss_forward,
-                              top_k_experts)
+                              capacity_of, ceil_of_decimal_product, moe_router_backward, moe_router_forward,
+                              router_z_loss_backward, router_z_loss_forward, top_k_experts)
 from tests.badinput import BAD_COUNTS, BAD_FLAGS, NON_ARRAYS, corrupt, expect_rejected
 from tests.strategies import DTYPES, in_layout, layouts, randn, rngs
 from tests.tolerances import FD_RTOL, MODEL_RTOL, RTOL, assert_close
@@ -384,3 +385,78 @@ def test_layer_backward_rejects_bad_dprobs_and_keeps_its_cache():
     expect_rejected(lambda: layer.backward(np.ones((2, 4)), np.zeros((3, 3))), "MoEMLP.backward", "dprobs")
     assert layer.pending_backwards == 1
     expect_rejected(lambda: layer.forward(np.ones((2, 5))), "MoEMLP.forward", "x")
+
+
+@pytest.mark.derivation("MOE.15")
+@pytest.mark.derivation("MOE.16")
+@given(routings(), rngs())
+def test_masked_load_balance_is_the_mean_over_kept_tokens(case, rng):
+    """(MOE.15): f and P over the kept rows alone, equal to the unmasked loss of those rows; (MOE.16): the gradient
+    E f_e / M in a kept row, 0 in a masked one, and torch's through the kept rows."""
+    logits, k, normalize, capacity = case
+    if logits.shape[0] == 0:
+        logits = randn(rng, (3, logits.shape[1]), logits.dtype)
+    route_np, _ = moe_router_forward(logits, k, normalize, capacity)
+    N, E = logits.shape
+    mask = rng.random(N) < 0.6
+    mask[rng.integers(N)] = True
+    aux, cache = load_balancing_loss_forward(route_np.probs, route_np.expert, mask)
+    dprobs = load_balancing_loss_backward(np.asarray(0.7, logits.dtype), cache)
+    M = mask.sum()
+    f = np.bincount(route_np.expert[mask].ravel(), minlength=E) / M
+    P = route_np.probs[mask].astype(np.float64).sum(axis=0) / M
+    assert_close(aux, E * np.sum(f * P), what="(MOE.15)")
+    assert_close(dprobs, mask[:, None] * (0.7 * E * f / M)[None, :], what="(MOE.16)")
+    kept_aux, _ = load_balancing_loss_forward(route_np.probs[mask], route_np.expert[mask])
+    assert_close(aux, kept_aux, what="the kept rows' plain loss")
+    p = torch.tensor(route_np.probs, dtype=torch.float64, requires_grad=True)
+    (0.7 * load_balancing_loss(p[torch.from_numpy(mask)], torch.from_numpy(route_np.expert[mask]))).backward()
+    assert_close(dprobs, p.grad.numpy(), what="torch")
+    assert aux.dtype == logits.dtype and dprobs.dtype == logits.dtype
+    # the masked rows' values change nothing
+    probs2 = route_np.probs.copy()
+    probs2[~mask] = np.roll(probs2[~mask], 1, axis=1)
+    expert2 = route_np.expert.copy()
+    expert2[~mask] = (expert2[~mask] + 1) % E if E > k else expert2[~mask]
+    assert load_balancing_loss_forward(probs2, expert2, mask)[0] == aux
+    everything, _ = load_balancing_loss_forward(route_np.probs, route_np.expert, np.ones(N, bool))
+    assert_close(everything, load_balancing_loss_forward(route_np.probs, route_np.expert)[0], what="all kept")
+
+
+def test_masked_load_balance_with_nothing_kept_is_zero():
+    probs = np.full((4, 3), 1 / 3)
+    aux, cache = load_balancing_loss_forward(probs, np.zeros((4, 1), np.int64), np.zeros(4, bool))
+    assert aux == 0.0
+    assert not load_balancing_loss_backward(1.0, cache).any()
+
+
+@pytest.mark.parametrize("bad", [np.ones(3, bool), np.ones(4), [True] * 4, np.ones((4, 1), bool)])
+def test_load_balance_rejects_bad_masks(bad):
+    expect_rejected(lambda: load_balancing_loss_forward(np.full((4, 3), 1 / 3), np.zeros((4, 1), np.int64), bad),
+                    "load_balancing_loss_forward", "mask")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_router_rejects_non_finite_logits(bad):
+    logits = np.zeros((3, 4))
+    logits[1, 2] = bad
+    with pytest.raises(ValueError, match="moe_router_forward: argument 'logits' expected finite"):
+        moe_router_forward(logits, 2)
+
+
+@pytest.mark.derivation("MOE.4")
+def test_capacity_is_the_exact_ceil_of_the_printed_decimal():
+    """C = ceil(c N k / E) with c read as the decimal it prints as, over a sweep of factors and sizes; the float
+    product overshoots an exact integer (1.1 * 50 * 2 / 2 = 55.00000000000001)."""
+    assert capacity_of(50, 2, 2, 1.1) == 55
+    assert ceil_of_decimal_product(0.55, 100) == 55
+    overshoots = 0
+    for hundredths in range(1, 401):
+        c = hundredths / 100
+        for N, k, E in [(100, 1, 1), (50, 2, 2), (7, 3, 5), (1000, 2, 8), (33, 1, 3)]:
+            exact = Fraction(str(c)) * N * k / E
+            expected = math.ceil(exact)
+            assert capacity_of(N, k, E, c) == expected, (c, N, k, E)
+            overshoots += math.ceil(c * N * k / E) != expected
+    assert overshoots > 0  # the sweep meets the float product's overshoot
+    assert capacity_of(10, 1, 4, None) is None
