@@ -1,4 +1,4 @@
-"""The ``npformer`` command: train, sample, bench, finetune, translate, gradcheck.
+"""The ``npformer`` command: train, sample, bench, finetune, translate, experiment, viz, reasoning, gradcheck.
 
 Every option is checked before any work. A bad value ends the command with one line
 that names the option, in argparse's style, and exit status 2::
@@ -596,21 +596,250 @@ def _run_translate(args) -> int:
     return 0
 
 
+# -- experiment -------------------------------------------------------------------------------------
+def _add_experiment(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("experiment", help="run an architecture study (variants x seeds) and tabulate the results",
+                       description="Train every variant of a study with every seed (each a short run on the "
+                                   "built-in corpus), then write results.csv, results.md (mean +- std over seeds), "
+                                   "loss_curves.png and the study's plot in --out. Runs already done there are "
+                                   "skipped, so an interrupted study continues where it stopped.")
+    p.add_argument("study", nargs="?", help="a built-in study (see --list) or a study JSON file")
+    p.add_argument("--out", default=None, help="output folder: the tables, the plots and runs/<variant>/seed<k>/"
+                                               "result.json, which a rerun reuses (default: runs/study_<name>)")
+    p.add_argument("--list", action="store_true", help="list the built-in studies and exit (default: False)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="a progress bar over the runs, with the current run's step and loss (default: True)")
+    return p
+
+
+def _run_experiment(args) -> int:
+    from .experiment import StudyError, builtin_studies, load_study, markdown_table, run_study
+
+    if args.list:
+        for name, path in builtin_studies().items():
+            print(f"{name}: {json.loads(path.read_text(encoding='utf-8')).get('description', '')}")
+        return 0
+    if args.study is None:
+        raise OptionError("study", "expected a built-in study name or a JSON file (see --list)")
+    try:
+        study = load_study(args.study)
+    except StudyError as e:
+        raise OptionError("study", f"{args.study}: {e}") from None
+    out = args.out if args.out is not None else f"runs/study_{study.name}"
+    if out == "" or (Path(out).exists() and not Path(out).is_dir()):
+        raise OptionError("--out", f"expected a folder, got {out!r}")
+    try:
+        summary = run_study(study, out, progress=args.progress)
+    except StudyError as e:
+        raise CommandFailed(str(e)) from None
+    except OSError as e:
+        raise CommandFailed(f"{out}: {e.strerror or e}") from None
+    print(markdown_table(study, summary["rows"]), end="")
+    print(f"{summary['ran']} runs in {summary['wall_s']:.1f} s ({summary['skipped']} already done); "
+          f"tables and plots in {out}")
+    return 0
+
+
+# -- viz --------------------------------------------------------------------------------------------
+def _add_viz(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("viz", help="draw a look inside a model or a run as a PNG: attention, lens, gradflow, losses",
+                       description="Draw one view (npformer.viz) into a PNG: a prompt's attention maps or logit "
+                                   "lens (from a checkpoint or a Hugging Face folder), a run's gradient flow "
+                                   "(train --gradflow-every), or several runs' loss curves.")
+    views = p.add_subparsers(dest="view", required=True, metavar="{attention,lens,gradflow,losses}")
+    texts = {"attention": ("every layer x head's attention of a prompt, labelled with its tokens",
+                           "Attention probabilities of every layer and head for --prompt, as a grid of heatmaps "
+                           "(queries down, keys across); --layer L --head H draws that head alone, large."),
+             "lens": ("the logit lens of a prompt: the top-1 next token after each block",
+                      "Each block's output read through the final norm and the head: the most likely next "
+                      "token at each layer and position, coloured by its probability.")}
+    for name, (help_text, description) in texts.items():
+        v = views.add_parser(name, help=help_text, description=description)
+        v.add_argument("--checkpoint", metavar="PATH", default=None,
+                       help="checkpoint written by npformer train, or its run folder (default: none; give this or "
+                            "--hf)")
+        v.add_argument("--hf", metavar="DIR", default=None,
+                       help="a local Hugging Face folder, with its tokenizer.json (default: none)")
+        v.add_argument("--prompt", required=True, help="the text to look at (encoded by the model's tokenizer)")
+        if name == "attention":
+            v.add_argument("--layer", type=int, default=None,
+                           help="with --head: draw this layer's head alone (default: the whole grid)")
+            v.add_argument("--head", type=int, default=None, help="with --layer: the head to draw (default: all)")
+        v.add_argument("--out", metavar="FILE.png", required=True, help="the PNG to write")
+    g = views.add_parser("gradflow", help="a run's per-block gradient norms, update ratios and activations",
+                         description="Plot the gradflow.json that npformer train --gradflow-every N writes in its "
+                                     "run folder: one panel per statistic, one line per block.")
+    g.add_argument("run", metavar="RUN_DIR", help="a run folder holding gradflow.json (or the file itself)")
+    g.add_argument("--out", metavar="FILE.png", required=True, help="the PNG to write")
+    losses = views.add_parser("losses", help="several runs' training and validation losses on one plot",
+                              description="Training and validation loss of each run (its checkpoint's history), "
+                                          "with its final validation perplexity in the legend.")
+    losses.add_argument("runs", metavar="RUN", nargs="+", help="run folders or checkpoint files")
+    losses.add_argument("--label", action="append", default=None,
+                        help="a legend name, once per run in order (default: each run's folder name)")
+    losses.add_argument("--out", metavar="FILE.png", required=True, help="the PNG to write")
+    return p
+
+
+def _reason(error: Exception) -> str:
+    """A library error's reason without its "func: argument 'name' " prefix (the option is named instead)."""
+    import re
+
+    return re.sub(r"^.*?argument '\w+' ", "", str(error), count=1)
+
+
+def _viz_out(given: str) -> Path:
+    """--out: a .png file name in a folder that exists."""
+    path = Path(given)
+    if path.suffix.lower() != ".png":
+        raise OptionError("--out", f"expected a file name ending in .png, got {given!r}")
+    if not path.parent.is_dir() or path.is_dir():
+        raise OptionError("--out", f"expected a file in an existing folder, got {given!r}")
+    return path
+
+
+def _viz_model(args):
+    """(model, tokenizer, prompt ids, option, prefix) of --checkpoint or --hf, loaded as ``sample`` loads them;
+    prefix: whether the checkpoint is a prefix LM's (--objective prefix), whose prompt is its prefix."""
+    from . import checkpoint
+    from .models import ENCODER_DECODERS, build as build_model, family
+    from .train import nonfinite_weights, tokenizer_from_checkpoint
+
+    if (args.checkpoint is None) == (args.hf is None):
+        raise OptionError("--checkpoint", "expected exactly one of --checkpoint PATH and --hf DIR, got "
+                                          + ("both" if args.hf is not None else "neither"))
+    if not args.prompt:
+        raise OptionError("--prompt", "expected at least one character, got ''")
+    if args.hf is not None:
+        from .hf import load_pretrained, load_tokenizer
+
+        if not (Path(args.hf) / "config.json").is_file():
+            raise OptionError("--hf", f"expected a Hugging Face model folder with a config.json, got {args.hf!r}")
+        try:
+            model = load_pretrained(args.hf)
+            tok = load_tokenizer(args.hf)
+        except (ValueError, OSError) as e:
+            raise OptionError("--hf", f"expected a model folder npformer can read, got {args.hf!r}: {e}") from None
+        where, source, prefix_lm = "--hf", args.hf, False
+    else:
+        path = _sample_checkpoint(args.checkpoint)
+        try:
+            state = checkpoint.load(path)
+            tok = tokenizer_from_checkpoint(state, str(path))
+            saved = state.get("config")
+            model = build_model(saved.get("model", "gpt") if isinstance(saved, dict) else "gpt",
+                                state["model_config"])
+            model.load_state_dict(state["model"])
+        except (checkpoint.CheckpointError, ValueError, TypeError, KeyError) as e:
+            raise OptionError("--checkpoint", f"expected a model saved by npformer train, got {path}: {e}") from None
+        bad = nonfinite_weights(model)
+        if bad:
+            raise OptionError("--checkpoint", f"expected a model with finite weights, got {path}, whose {bad}")
+        where, source = "--checkpoint", str(path)
+        prefix_lm = isinstance(saved, dict) and saved.get("objective") == "prefix"  # as sample reads the prompt
+    if isinstance(model, tuple(family(f)[0] for f in ENCODER_DECODERS)):
+        raise OptionError(where, f"expected a model that reads one sequence (a language model or an encoder), "
+                                 f"got a {type(model).__name__} in {source}, an encoder-decoder")
+    try:
+        ids = tok.encode(args.prompt) if args.hf is not None else tok.encode_array(args.prompt).tolist()
+    except ValueError as e:
+        raise OptionError("--prompt", f"expected text the model's tokenizer can encode: {e}") from None
+    if not ids:
+        raise OptionError("--prompt", f"expected text that encodes to at least one token, got {args.prompt!r}")
+    if max(ids) >= model.cfg.vocab_size:
+        raise OptionError("--prompt", f"encodes to id {max(ids)}, outside the model's vocabulary of "
+                                      f"{model.cfg.vocab_size}")
+    block = getattr(model.cfg, "block_size", None)
+    if block is not None and len(ids) > block:
+        raise OptionError("--prompt", f"expected at most the model's context of {block} tokens, got {len(ids)}")
+    return model, tok, np.asarray(ids, np.int64), where, prefix_lm
+
+
+def _run_viz(args) -> int:
+    from . import viz
+    from .ops._checks import check_count
+
+    out = _viz_out(args.out)
+    if args.view in ("attention", "lens"):
+        head = None
+        if args.view == "attention" and (args.layer is None) != (args.head is None):
+            given, missing = ("--layer", "--head") if args.head is None else ("--head", "--layer")
+            raise OptionError(missing, f"expected with {given} (the head to draw alone), got none")
+        model, tok, ids, where, prefix_lm = _viz_model(args)
+        tokens = viz.token_strings(tok, ids.tolist())
+        try:
+            if args.view == "attention":
+                if args.layer is not None:
+                    shapes = [p.shape for p in viz.attention_probs(model, ids, prefix=prefix_lm).values()]
+                    check_option("layer", check_count, args.layer, lo=0, hi=len(shapes) - 1)
+                    check_option("head", check_count, args.head, lo=0, hi=shapes[args.layer][0] - 1)
+                    head = (args.layer, args.head)
+                fig, _ = viz.attention_maps(model, ids, tokens, head=head, prefix=prefix_lm)
+            else:
+                from .models import check_causal_lm
+
+                check_causal_lm("viz lens", where[2:], model)
+                _, fig = viz.logit_lens(model, ids, tokens, decode=lambda i: viz.token_strings(tok, [i])[0],
+                                        prefix=prefix_lm)
+        except ValueError as e:  # a model that records no attention, or has no next-token head
+            raise OptionError(where, _reason(e)) from None
+    elif args.view == "gradflow":
+        try:
+            fig = viz.plot_gradflow(args.run)
+        except ValueError as e:
+            raise OptionError("RUN_DIR", _reason(e)) from None
+    else:
+        if args.label is not None and len(args.label) != len(args.runs):
+            raise OptionError("--label", f"expected one per run ({len(args.runs)}), got {len(args.label)}")
+        try:
+            fig = viz.plot_runs(args.runs, args.label)
+        except ValueError as e:
+            raise OptionError("RUN", _reason(e)) from None
+    try:
+        viz.save_figure(fig, out)
+    except OSError as e:
+        raise CommandFailed(f"{e.strerror or e}: {out}") from None
+    print(f"wrote {out}")
+    return 0
+
+
+# -- reasoning --------------------------------------------------------------------------------------
+def _add_reasoning(sub) -> argparse.ArgumentParser:
+    from .reasoning import add_reasoning_parser
+
+    return add_reasoning_parser(sub)
+
+
+def _run_reasoning(args) -> int:
+    from .reasoning import ReasoningError, run_reasoning
+
+    try:
+        return run_reasoning(args)
+    except ReasoningError as e:
+        raise OptionError(flag(e.field), e.reason) from None
+    except FloatingPointError as e:
+        raise CommandFailed(str(e)) from None
+    except OSError as e:
+        raise CommandFailed(f"{e.strerror or e}: {args.out}") from None
+
+
 # -- the command ------------------------------------------------------------------------------------
 def build_parser():
     """The top-level parser and its subcommands' parsers, by name."""
     parser = Parser(prog="npformer", description="An educational transformer engine in NumPy.")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{train,sample,bench,finetune,translate,gradcheck}")
+                                metavar="{train,sample,bench,finetune,translate,experiment,viz,reasoning,gradcheck}")
     subs = {"train": _add_train(sub), "sample": _add_sample(sub), "bench": _add_bench(sub),
-            "finetune": _add_finetune(sub), "translate": _add_translate(sub)}
+            "finetune": _add_finetune(sub), "translate": _add_translate(sub),
+            "experiment": _add_experiment(sub), "viz": _add_viz(sub), "reasoning": _add_reasoning(sub)}
     sub.add_parser("gradcheck", help="finite-difference check of op families ('all' or names; see gradcheck --help)",
                    add_help=False)
     return parser, subs
 
 
 RUNNERS = {"train": _run_train, "sample": _run_sample, "bench": _run_bench, "finetune": _run_finetune,
-           "translate": _run_translate}
+           "translate": _run_translate, "experiment": _run_experiment, "viz": _run_viz,
+           "reasoning": _run_reasoning}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

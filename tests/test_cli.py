@@ -327,7 +327,8 @@ def test_module_entry_point_exits_with_the_status(home):
 # With each abbreviated flag goes a bad value of a real flag: a parser that took the abbreviation would
 # stop on that value (naming it) instead of at the abbreviation.
 STOPPERS = {"train": ["--steps", "0"], "sample": ["--tokens", "-1"], "bench": ["--steps", "0"], "finetune": ["--steps", "0"],
-            "gradcheck": ["layernorm", "--seed", "-1"]}
+            "gradcheck": ["layernorm", "--seed", "-1"], "translate": ["--steps", "0"],
+            "experiment": ["no_such_study"]}
 
 
 def long_options(command):
