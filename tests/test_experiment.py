@@ -285,7 +285,7 @@ def test_study_must_be_an_object():
 # -- the built-in studies ----------------------------------------------------------------------
 def test_every_builtin_study_loads_and_validates():
     studies = builtin_studies()
-    assert sorted(studies) == ["activation", "heads", "mamba", "moe", "norm", "position", "shape"]
+    assert sorted(studies) == ["activation", "blocks", "heads", "mamba", "moe", "norm", "position", "shape"]
     for name, path in studies.items():
         raw = json.loads(path.read_text(encoding="utf-8"))
         study = load_study(name)
@@ -358,7 +358,7 @@ def test_cli_exit_codes(corpus_file, tmp_path):
     status, _, err = cli("experiment", str(tmp_path / "broken.json"))
     assert status == 2 and "expected a readable JSON file" in err
     status, _, err = cli("experiment", "no_such_study")
-    assert status == 2 and "expected a built-in study (activation, heads, mamba, moe, norm, position, shape)" in err
+    assert status == 2 and "expected a built-in study (activation, blocks, heads, mamba, moe, norm, position, shape)" in err
     status, _, err = cli("experiment")
     assert status == 2 and "argument study" in err
     status, _, err = cli("experiment", "norm", "--bogus")
