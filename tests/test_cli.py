@@ -111,12 +111,14 @@ TRAIN_BAD = {
     "--data": missing_file() | st.sampled_from(["runs", "/dev/null", "one.txt"]),
     "--config": missing_file() | st.sampled_from(["runs", "/dev/null"]),
     "--out-dir": st.sampled_from(["corpus.txt", "corpus.txt/sub", "one.txt/a/b", "/proc/nope"]),  # cannot be made
-    "--model": not_choices({"gpt", "llama", "bert", "roberta", "deberta", "albert", "electra"})
+    "--model": not_choices({"gpt", "llama", "bert", "roberta", "deberta", "albert", "electra", "t5", "bart",
+                            "transformer"})
     | st.sampled_from(["GPT", "gpt2", "BERT"]),
     "--objective": st.sampled_from(["mlm", "nsp", "sop", "rtd", "x"]),  # none of them is the default gpt's
     "--n-kv-head": ints_below(0) | st.sampled_from(["1", "2"]),  # the default model, gpt, has no kv heads apart
     "--hf": missing_file() | st.sampled_from(["runs", "corpus.txt", "/dev/null"]),  # no config.json there
     "--save-hf": st.sampled_from(["corpus.txt", "corpus.txt/sub", "/proc/nope"]),  # cannot be made
+    "--gradflow-every": ints_below(0),
 }
 
 

@@ -404,7 +404,8 @@ def test_overwrite_replaces_a_run(finished, tmp_path):
 def bad_values(name):
     """Values a field cannot take (counts, rates, choices, files, flags)."""
     counts = {"n_layer": 1, "n_head": 1, "n_kv_head": 0, "d_model": 1, "block_size": 1, "steps": 1, "batch_size": 1,
-              "eval_interval": 1, "eval_batches": 1, "warmup": 0, "sample_tokens": 0, "seed": 0, "stop_at": 0}
+              "eval_interval": 1, "eval_batches": 1, "warmup": 0, "sample_tokens": 0, "seed": 0, "stop_at": 0,
+              "gradflow_every": 0}
     if name in counts:
         lo = counts[name]
         return st.integers(max_value=lo - 1) | st.sampled_from([1.5, float(lo + 1), True, "3", None])
@@ -430,7 +431,7 @@ def bad_values(name):
 
 FIELDS = ["val_fraction", "model", "objective", "n_kv_head", "hf", "save_hf", "n_layer", "n_head", "d_model", "block_size", "dropout", "dtype", "steps", "batch_size",
           "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "eval_interval", "eval_batches", "sample_tokens",
-          "out_dir", "checkpoint_format", "seed", "stop_at", "progress", "overwrite", "resume", "data"]
+          "out_dir", "checkpoint_format", "seed", "stop_at", "progress", "overwrite", "resume", "data", "gradflow_every"]
 
 
 @given(st.data())

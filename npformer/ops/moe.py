@@ -43,7 +43,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from ._checks import (_fail, check_bool, check_cache_type, check_count, check_float, check_int, check_like,
+from ._checks import (_fail, check_array, check_bool, check_cache_type, check_count, check_float, check_int, check_like,
                       check_ndim, check_real, check_same_dtype_as, check_shape)
 from .softmax import SoftmaxCache, softmax_backward, softmax_forward
 
@@ -318,8 +318,9 @@ def load_balancing_loss_forward(probs: np.ndarray, expert: np.ndarray,
     if expert.size and (expert.min() < 0 or expert.max() >= E):
         _fail(op, "expert", f"indices in [0, {E})", f"values in [{expert.min()}, {expert.max()}]")
     if mask is not None:
-        if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_:
-            _fail(op, "mask", "a bool ndarray or None", getattr(mask, "dtype", type(mask).__name__))
+        check_array(op, "mask", mask)  # a plain ndarray (no subclass)
+        if mask.dtype != np.bool_:
+            _fail(op, "mask", "a bool ndarray or None", mask.dtype)
         check_shape(op, "mask", mask, (N,))
     M = N if mask is None else int(mask.sum())  # the tokens counted
     if M == 0:
@@ -385,8 +386,22 @@ def gradcheck_cases(rng: np.random.Generator):
         route, cache = moe_router_forward(logits, top_k, normalize_topk)
         return route.gate, cache
 
+    gates.__name__ = gates.__qualname__ = "moe_router_forward"  # the router itself, its gate weights as output
+
     yield Case("moe router (k=2)", gates, moe_router_backward, logits, wrt=("logits",),
                options={"top_k": 2, "normalize_topk": False})
     yield Case("moe router (k=2, renormalised)", gates, moe_router_backward, logits, wrt=("logits",),
                options={"top_k": 2, "normalize_topk": True})
     yield Case("router z-loss", router_z_loss_forward, router_z_loss_backward, logits, wrt=("logits",))
+    # dispatch and combine along a fixed routing (capacity 1: some assignments dropped), the balance loss
+    route, _ = moe_router_forward(2.0 * rng.standard_normal((7, 4)), 2, True, capacity_factor=1.0)
+    S = int(route.token.shape[0])
+    yield Case("moe dispatch", moe_dispatch_forward, moe_dispatch_backward, {"x": rng.standard_normal((7, 5))},
+               wrt=("x",), options={"route": route})
+    yield Case("moe combine", moe_combine_forward, moe_combine_backward,
+               {"ys": rng.standard_normal((S, 5)), "gate": rng.random((7, 2))}, wrt=("ys", "gate"),
+               options={"route": route})
+    probs = rng.random((7, 4))
+    yield Case("load-balancing loss", load_balancing_loss_forward, load_balancing_loss_backward,
+               {"probs": probs / probs.sum(-1, keepdims=True)}, wrt=("probs",),
+               options={"expert": route.expert, "mask": np.array([True, True, False, True, True, True, False])})

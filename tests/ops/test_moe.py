@@ -152,10 +152,10 @@ def test_router_backward_equations(case, rng):
 @pytest.mark.derivation("MOE.6")
 @pytest.mark.derivation("MOE.7")
 def test_router_finite_differences():
-    """The gates (plain and renormalised) and the z-loss by central differences (``python -m npformer.gradcheck
-    moe``)."""
+    """The gates (plain and renormalised), the z-loss, dispatch, combine (ys and gates, some assignments
+    dropped) and the masked balance loss by central differences (``python -m npformer.gradcheck moe``)."""
     results = [r for case in gradcheck_cases(np.random.default_rng(0)) for r in gradcheck.check_case(case)]
-    assert len(results) == 3 and all(r.max_rel < FD_RTOL for r in results), results
+    assert len(results) == 7 and all(r.max_rel < FD_RTOL for r in results), results
 
 
 # -- dispatch and combine --------------------------------------------------------------------------------
