@@ -18,14 +18,18 @@ A variant's overrides may also name another ``family`` (e.g. ``"gpt"`` beside ``
 The model's ``vocab_size`` is the corpus's character count, and its ``block_size`` (the
 longest context it accepts) defaults to the longest of ``train.block_size`` and the
 evaluation lengths. Every key is checked before anything runs: an unknown key or a bad
-value raises ``StudyError`` naming its path (``train.steps``, ``variants.post.norm``).
+value raises ``StudyError`` naming its path (``train.steps``, ``variants.post.norm``): a
+``train.warmup`` of ``train.steps`` or more (the peak rate would never be trained at), a ``data``
+file that is not UTF-8 or is empty, a variant's override that breaks a base valid alone (named
+under the variant), a base key that is no field of a variant's other family (named as the variant).
 
 ``run_study`` trains every variant with every seed, one after another, each run a small
 loop of its own: AdamW (betas 0.9, 0.95) over ``param_groups`` with weight decay, linear
 warmup then cosine decay, global gradient-norm clipping, on the character-tokenized corpus
 split as ``npformer train`` splits it with its default seed (so every run, whatever its
 seed, is scored on the same validation text). The seed sets the initialisation and the
-batches. Each run writes ``<out>/runs/<label>/seed<k>/result.json``; a run whose result
+batches. Each run writes ``<out>/runs/<label>/seed<k>/result.json`` (its history's ``steps`` and
+``val_steps`` count the updates done: 10, 20 for validations after 10 and 20 updates); a run whose result
 exists (made by the same settings) is not run again, so an interrupted study continues
 where it stopped. A run whose loss or gradient becomes NaN or inf stops there and is
 recorded as diverged, its losses NaN.
@@ -76,6 +80,7 @@ MAX_EVAL_BATCHES = 1000
 LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 VAL_FRACTION, SPLIT_SEED = 0.1, 1337  # as npformer train's defaults: every study scores the same validation text
 TRAIN_LOSS_TAIL = 10  # the final training loss is the mean of the last this many steps' losses (one is noisy)
+HISTORY_STEPS = "updates done"  # a result's history steps: the number of updates done when recorded (1, 2, ...)
 STUDIES_PACKAGE = "npformer"
 STUDIES_FOLDER = "studies"
 
@@ -186,29 +191,49 @@ def _check_family(path: str, value: object) -> str:
     return value
 
 
-def _check_model(label: str, family: str, base: Dict[str, object], overrides: Dict[str, object],
-                 vocab_size: int, block_size: int) -> None:
-    """Build the label's config (so its own checks run), naming the key of a bad field."""
+def _check_model(label: str, family: str, study_family: str, base: Dict[str, object],
+                 overrides: Dict[str, object], vocab_size: int, block_size: int) -> None:
+    """Build the label's config (so its own checks run), naming the key of a bad field: the variant's own key
+    (or the variant, when its overrides break a base that is valid alone), else the base's."""
     config_cls = _config_class(family)
     names = [f.name for f in fields(config_cls)] if is_dataclass(config_cls) else None
     allowed = [n for n in names if n != "vocab_size"] if names else None
-    for where, given in (("base", base), (f"variants.{label}", overrides)):
-        if allowed is not None:
-            keys = [k for k in given if k != "family"]
-            bad = sorted(set(keys) - set(allowed))
-            if bad:
-                raise StudyError(f"{where}.{bad[0]}", f"unknown field of {config_cls.__name__} "
-                                                      f"(expected one of {', '.join(allowed)})")
-    cfg = {**base, **{k: v for k, v in overrides.items() if k != "family"}}
-    cfg["vocab_size"] = vocab_size
-    cfg.setdefault("block_size", block_size)
+    own = {k: v for k, v in overrides.items() if k != "family"}
+    if allowed is not None:
+        for where, given in (("base", base), (f"variants.{label}", own)):
+            bad = sorted(set(given) - set(allowed))
+            if not bad:
+                continue
+            if where == "base" and family != study_family:
+                raise StudyError(f"variants.{label}", f"base key '{bad[0]}' does not apply to this variant's family "
+                                                      f"{family} (not a field of {config_cls.__name__}: expected "
+                                                      f"one of {', '.join(allowed)})")
+            raise StudyError(f"{where}.{bad[0]}", f"unknown field of {config_cls.__name__} "
+                                                  f"(expected one of {', '.join(allowed)})")
+
+    def build(given: Dict[str, object]):
+        cfg = {**given, "vocab_size": vocab_size}
+        cfg.setdefault("block_size", block_size)
+        return config_cls(**cfg)
+
     try:
-        made = config_cls(**cfg)
+        made = build({**base, **own})
     except (TypeError, ValueError) as e:
         match = re.search(r"argument '(\w+)'", str(e))
         key = match.group(1) if match else "study"
-        where = f"variants.{label}.{key}" if key in overrides else f"base.{key}" if key in base else f"variants.{label}"
-        raise StudyError(where, str(e)) from None
+        try:
+            build(base)
+            base_alone = True
+        except (TypeError, ValueError):
+            base_alone = False
+        variant = f"variants.{label}"
+        if key in own:
+            raise StudyError(f"{variant}.{key}", str(e)) from None
+        if own and base_alone:  # the base alone is valid: the variant's overrides broke it
+            where = f"{variant}.{next(iter(own))}" if len(own) == 1 else variant
+            given = ", ".join(f"{k}={v!r}" for k, v in own.items())
+            raise StudyError(where, f"{e} (with the variant's {given} over the base)") from None
+        raise StudyError(f"base.{key}" if key in base else variant, str(e)) from None
     context = getattr(made, "block_size", block_size)
     if context < block_size:
         key = "block_size"
@@ -239,6 +264,9 @@ def validate_study(raw: object) -> Study:
         hi = MAX_STEPS if key == "steps" else MAX_EVAL_BATCHES if key == "eval_batches" else None
         _int(f"train.{key}", train[key], 1, hi)
     _int("train.warmup", train["warmup"], 0, MAX_STEPS)
+    if train["warmup"] >= train["steps"]:  # the peak train.lr would come at the last update or never
+        raise StudyError("train.warmup", f"expected fewer updates than train.steps = {train['steps']} (the rate "
+                                         f"rises to train.lr over the warmup, then decays), got {train['warmup']}")
     train["lr"] = _real("train.lr", train["lr"], 0.0, lo_open=True)
     train["min_lr"] = _real("train.min_lr", train["min_lr"], 0.0)
     if train["min_lr"] > train["lr"]:
@@ -265,6 +293,8 @@ def validate_study(raw: object) -> Study:
     data = raw.get("data", "default")
     if not isinstance(data, str) or not (data == "default" or Path(data).is_file()):
         raise StudyError("data", f"expected 'default' or a UTF-8 text file, got {data!r:.80}")
+    if data != "default":
+        load_corpus_text(data)
 
     plot = _object("plot", raw.get("plot", {}))
     _unknown("plot", plot, ("x", "title"))
@@ -292,7 +322,7 @@ def validate_study(raw: object) -> Study:
             raise StudyError(f"variants.{label}.vocab_size", "is not a model field a study sets (it is the "
                                                              "corpus's character count)")
         fam = _check_family(f"variants.{label}.family", overrides.get("family", family))
-        _check_model(label, fam, base, overrides, vocab_size=256, block_size=context)
+        _check_model(label, fam, family, base, overrides, vocab_size=256, block_size=context)
         variants[label] = {**base, **{k: v for k, v in overrides.items() if k != "family"}}
         families[label] = fam
     return Study(name=name, family=family, description=description, base=dict(base), variants=variants,
@@ -309,11 +339,25 @@ class Corpus:
     val_ids: np.ndarray
 
 
+def load_corpus_text(data: str) -> str:
+    """The study's text: the default corpus, or the file ``data`` (``StudyError('data')`` when it is not
+    UTF-8 or is empty)."""
+    if data == "default":
+        return default_corpus()
+    try:
+        text = Path(data).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise StudyError("data", f"expected a readable UTF-8 text file, got {data!r:.80}: {e}") from None
+    if not text:
+        raise StudyError("data", f"expected a text file with some text, got the empty file {data!r:.80}")
+    return text
+
+
 def load_corpus(data: str) -> Corpus:
     """The character-tokenized corpus, split as ``npformer train`` splits it with its default seed."""
     from .train import split_tokens
 
-    text = default_corpus() if data == "default" else Path(data).read_text(encoding="utf-8")
+    text = load_corpus_text(data)
     tok = CharTokenizer.from_text(text)
     train_ids, val_ids, _ = split_tokens(tok.encode_array(text), VAL_FRACTION, SPLIT_SEED)
     return Corpus(tok, train_ids, val_ids)
@@ -387,12 +431,12 @@ def run_one(study: Study, label: str, seed: int, corpus: Corpus,
                 break
             opt.step()
             train_time += time.perf_counter() - t
-            history["steps"].append(step)
-            history["train_loss"].append(float(loss))
             done = step + 1
+            history["steps"].append(done)
+            history["train_loss"].append(float(loss))
             if done % tr["eval_interval"] == 0 or done == tr["steps"]:
                 val = eval_loss(model, corpus.val_ids, T, B, tr["eval_batches"])
-                history["val_steps"].append(step)
+                history["val_steps"].append(done)
                 history["val_loss"].append(val)
                 if not math.isfinite(val):
                     diverged = {"step": done, "what": f"validation loss {val}"}
@@ -418,6 +462,7 @@ def run_one(study: Study, label: str, seed: int, corpus: Corpus,
         "parameters": int(model.num_parameters()),
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(family, cfg, dtype_bytes),
         "flops_per_token": float(flops), "wall_s": time.perf_counter() - t0, "history": history,
+        "history_steps": HISTORY_STEPS,
     }
 
 
@@ -432,6 +477,16 @@ def _write_json(path: Path, obj: object) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1, allow_nan=True) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def history_of(result: Dict[str, object]) -> Dict[str, list]:
+    """A result's history with its steps counting the updates done (1, 2, ...); a result written before
+    ``history_steps`` was recorded counted from 0, and is read shifted by one."""
+    history = dict(result["history"])
+    if result.get("history_steps") != HISTORY_STEPS:
+        for key in ("steps", "val_steps"):
+            history[key] = [s + 1 for s in history.get(key, [])]
+    return history
 
 
 def _read_result(path: Path, spec: Dict[str, object]) -> Optional[Dict[str, object]]:
@@ -605,11 +660,11 @@ def plot_study(study: Study, rows, results, out: Path) -> Dict[str, str]:
     files = {}
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, runs in results.items():
-        curves = [r["history"] for r in runs if r["history"]["val_steps"]]
+        curves = [history_of(r) for r in runs if r["history"]["val_steps"]]
         if not curves:
             continue
         n = min(len(c["val_steps"]) for c in curves)  # a diverged run stopped early: the common part
-        steps = np.asarray(curves[0]["val_steps"][:n]) + 1
+        steps = np.asarray(curves[0]["val_steps"][:n])
         mean = np.mean([c["val_loss"][:n] for c in curves], axis=0)
         ax.plot(steps, mean, "o-", ms=3, label=label)
     ax.set_xlabel("step")

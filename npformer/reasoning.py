@@ -19,7 +19,13 @@ are grouped by length so each batch is one rectangle, and each row stops at its 
 During grokking, where it is measured often, the same number comes from one teacher-forced
 forward pass (``teacher_forced_exact``): greedy decoding writes the target exactly when, fed
 the target's own prefix, the model's argmax at every target position is the target's next
-token, so the two agree (tested), and the pass costs one forward instead of one per token.
+token, and the pass costs one forward instead of one per token. Both score what ``exact_match``
+scores, the answer (after the scratchpad's ";" when there is one): a scratchpad item whose
+working differs from the target's is decoded greedily, since its answer may still be right, so
+the two agree with and without scratchpads (tested).
+
+Each study writes to ``--out``, by default ``runs/reasoning_<study>`` (a trial run never
+overwrites the results kept elsewhere).
 
 Models are ``VariantLM`` (any ``position``) when ``npformer.models.variant`` is present, else
 ``GPT`` (learned positions only). All randomness comes from ``seed``. The studies run NumPy's
@@ -207,11 +213,15 @@ def answer(model, items: Sequence[Item], tok: CharTokenizer, batch_size: int = 2
 
 
 def teacher_forced_exact(model, items: Sequence[Item], tok: CharTokenizer, batch_size: int = 1024) -> np.ndarray:
-    """Per item, whether greedy decoding would write its target exactly (one forward pass per batch).
+    """Per item, whether greedy decoding answers it exactly, as ``exact_match`` scores it. -> (N,) bool.
 
     Greedy decoding writes target t_1..t_m (then the newline) exactly when the argmax of the
     model's prediction after prompt + t_1..t_{j-1} is t_j for every j: by induction, each
-    greedy step then sees the same prefix as the teacher-forced pass. -> (N,) bool.
+    greedy step then sees the same prefix as the teacher-forced pass, so one forward pass per
+    batch settles every item whose whole target is written. An item without a scratchpad that
+    misses it is not answered exactly. An item with a scratchpad that misses it may still end
+    in the right answer after other working (``exact_match`` scores only the part after ";"):
+    those items alone are decoded greedily (``answer``) and scored as ``exact_match`` scores them.
     """
     items = list(items)
     hits = np.zeros(len(items), bool)
@@ -225,6 +235,11 @@ def teacher_forced_exact(model, items: Sequence[Item], tok: CharTokenizer, batch
             hits[s:s + len(x)] = np.all((pred == y) | ~mask, axis=1)
     finally:
         model.train(was_training)
+    unsettled = [i for i, p in enumerate(items) if not hits[i] and p.task.scratchpad]
+    if unsettled:
+        written = answer(model, [items[i] for i in unsettled], tok)
+        for i, text in zip(unsettled, written):
+            hits[i] = items[i].final(text) == items[i].answer
     return hits
 
 
@@ -614,7 +629,7 @@ def study_grokking(out, *, p: int = 97, train_fraction: float = 0.5, steps: int 
 
 
 # -- the command: npformer reasoning tasks|length|grokking ----------------------------------------------
-_DEFAULT_OUT = {s: f"demos/results/reasoning_{s}" for s in STUDIES}
+_DEFAULT_OUT = {s: f"runs/reasoning_{s}" for s in STUDIES}  # as npformer experiment's runs/study_<name>
 
 
 def add_reasoning_parser(sub):

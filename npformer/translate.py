@@ -23,6 +23,9 @@ holds the values used):
     t5            cosine         5e-3    100     0 (T5's loss has no smoothing: only 0 is accepted)
     bart          cosine         1e-3    100     0.1
 
+A warmup left at None is shortened to ``steps`` in a shorter run; a warmup given longer than
+``steps`` is refused (``TranslateError`` 'warmup'): the peak ``lr`` comes at update warmup - 1.
+
 The other defaults make a run of a few minutes on two CPU cores that learns the numbers task well:
 two layers of width 64 (feed-forward 128), no dropout, 2000 steps of 32 pairs over 4000 training
 pairs. A smaller or narrower Transformer stays longer on the plateau where it predicts the target
@@ -35,7 +38,10 @@ families compare) and the exact match of its greedy decodings. At the end the TE
 decoded twice, greedily and with beam search (``num_beams``, ``length_penalty``), both with the
 model's KV caches (``npformer.decoding``), in batches; each is scored by:
 
-- exact match: the decoded string equals the whole target string;
+- exact match: the decoded string equals the whole target string. A decoding is read up to its first
+  EOS by ``decoded_text``, which writes a PAD, BOS or other non-character id before it as ``STRAY``
+  ("\ufffd", in no target): a row such as [BOS, PAD, BOS, "3", "4", "2", EOS] is no match for "342",
+  and its BLEU tokens hold the marker;
 - corpus BLEU (``npformer.metrics.corpus_bleu``, no smoothing) over the targets' tokens. The
   tokens are the target's words (split on spaces), except for a target written in digits (the
   numbers task's "342", the reversed dates task's "2024-03-07"), whose tokens are its
@@ -60,7 +66,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .data.translation import (BOS_ID, EOS_ID, PAD_ID, TRANSLATION_TASKS, TranslationTask, TranslationVocab,
+from .data.translation import (BOS_ID, CHARS, EOS_ID, PAD_ID, TRANSLATION_TASKS, TranslationTask, TranslationVocab,
                                translation_batches, translation_task)
 from .decoding import beam_search, greedy
 from .metrics import corpus_bleu, exact_match
@@ -70,7 +76,7 @@ from .optim import AdamW, clip_grad_norm_, inverse_sqrt, param_groups, warmup_co
 
 __all__ = ["TranslateConfig", "TranslateError", "TranslateDiverged", "translate", "build_translation_model",
            "score_translations", "target_tokens", "FAMILIES", "SCHEDULES", "FAMILY_DEFAULTS", "FIELD_HELP",
-           "results_table"]
+           "results_table", "decoded_text", "STRAY"]
 
 FAMILIES = ("transformer", "t5", "bart")
 SCHEDULES = ("inverse_sqrt", "cosine")
@@ -135,11 +141,17 @@ class TranslateConfig:
                                             f"positions pair dimensions), got {self.d_model}")
         _field(self, "dropout", check_real, lo=0.0, hi=1.0, hi_open=True)
         defaults = FAMILY_DEFAULTS[self.model]
+        warmup_given = self.warmup is not None
         for name in ("lr", "warmup", "schedule", "label_smoothing"):
             if getattr(self, name) is None:
                 setattr(self, name, defaults[name])
         _field(self, "lr", check_real, lo=0.0, lo_open=True)
         _field(self, "warmup", check_count, lo=1)
+        if self.warmup > self.steps:
+            if warmup_given:  # the peak, at update warmup - 1, would never be trained at
+                raise TranslateError("warmup", f"expected at most steps = {self.steps} updates (the rate rises "
+                                               f"to the peak lr over the warmup), got {self.warmup}")
+            self.warmup = self.steps  # the family's warmup, shortened to fit a run shorter than it
         if not isinstance(self.schedule, str) or self.schedule not in SCHEDULES:
             raise TranslateError("schedule", f"expected one of {', '.join(SCHEDULES)} (or None: the family's), "
                                              f"got {self.schedule!r:.60}")
@@ -175,7 +187,7 @@ FIELD_HELP = {
     "steps": "optimizer steps",
     "batch_size": "pairs per step",
     "lr": "peak learning rate of AdamW (None: the family's: transformer 2e-3, t5 5e-3, bart 1e-3)",
-    "warmup": "steps of linear warmup to --lr (None: 100)",
+    "warmup": "steps of linear warmup to --lr, at most --steps (None: 100, or --steps when fewer)",
     "schedule": "inverse_sqrt (the Transformer paper's, peak --lr) or cosine (warmup, then down to lr/10); "
                 "None: inverse_sqrt for transformer, cosine for t5 and bart",
     "label_smoothing": "label smoothing of the training loss (None: 0.1 for transformer and bart, 0 for t5, "
@@ -276,6 +288,24 @@ def score_translations(predictions: List[str], references: List[str]) -> Dict[st
             "bleu": corpus_bleu([[r] for r in refs], hyps, max_order=order), "bleu_order": order}
 
 
+STRAY = "\ufffd"  # a decoded PAD, BOS or unknown id before EOS: no target holds it, so it is never a match
+
+
+def decoded_text(ids) -> str:
+    """The text a decoding is scored as: the characters of ``ids`` (the tokens after the decoder start) up to
+    the first EOS, each PAD, BOS or other non-character id before it written as ``STRAY``. Unlike
+    ``TranslationVocab.decode``, which skips PAD and BOS, a stray special token is not credited: the row is no
+    exact match, and its BLEU tokens hold the marker."""
+    out = []
+    n_special = TranslationVocab.n_special
+    for i in ids:
+        i = int(i)
+        if i == EOS_ID:
+            break
+        out.append(CHARS[i - n_special] if n_special <= i < n_special + len(CHARS) else STRAY)
+    return "".join(out)
+
+
 def _decode_split(model, task: TranslationTask, split: str, vocab: TranslationVocab, max_new_tokens: int,
                   num_beams: int, length_penalty: float) -> List[str]:
     """The decoded strings of every source of ``split``, in order: greedy (num_beams 0) or beam search."""
@@ -287,7 +317,7 @@ def _decode_split(model, task: TranslationTask, split: str, vocab: TranslationVo
         else:
             ids, _ = beam_search(model, batch.src_ids, src_padding_mask=batch.src_padding_mask,
                                  num_beams=num_beams, max_new_tokens=max_new_tokens, length_penalty=length_penalty)
-        out.extend(vocab.decode(row[1:]) for row in ids)  # after the decoder start token, up to EOS
+        out.extend(decoded_text(row[1:]) for row in ids)  # after the decoder start token, up to EOS
     return out
 
 
@@ -351,7 +381,7 @@ def translate(cfg: TranslateConfig, log=print) -> Dict[str, object]:
     direction = "reversed" if cfg.reverse else "forward"
     log(f"translate {cfg.task} ({direction}) with {cfg.model}: {model.num_parameters():,} parameters, "
         f"{len(task.train)}/{len(task.validation)}/{len(task.test)} pairs (train/validation/test), "
-        f"{cfg.schedule} schedule to lr {cfg.lr:g}, label smoothing {cfg.label_smoothing:g}")
+        f"{cfg.schedule} schedule to lr {cfg.lr:g} after {cfg.warmup} warmup updates, label smoothing {cfg.label_smoothing:g}")
 
     history: Dict[str, list] = {"steps": [], "train_loss": [], "val_steps": [], "val_loss": [],
                                 "val_exact_match": []}

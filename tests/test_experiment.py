@@ -74,7 +74,9 @@ def test_tiny_study_writes_table_equal_to_its_runs(corpus_file, tmp_path):
         results = [json.loads((tmp_path / "runs" / label / f"seed{s}" / "result.json").read_text()) for s in (3, 5)]
         assert [r["seed"] for r in results] == [3, 5]
         assert [r["steps"] for r in results] == [4, 4]
-        assert all(r["history"]["val_steps"] == [1, 3] for r in results)
+        # the history counts the updates done: validations after 2 and 4 updates
+        assert all(r["history"]["val_steps"] == [2, 4] and r["history"]["steps"] == [1, 2, 3, 4] for r in results)
+        assert all(experiment.history_of(r)["val_steps"] == [2, 4] for r in results)
         assert all(r["val_loss"] == r["history"]["val_loss"][-1] for r in results)
         assert all(r["val_loss_at"]["8"] == pytest.approx(r["val_loss"], rel=F64) for r in results)
         assert all(r["perplexity"] == pytest.approx(math.exp(r["val_loss"]), rel=F64) for r in results)
@@ -238,6 +240,8 @@ BAD = [
     ("train.steps", True, "train.steps"),
     ("train.batch_size", None, "train.batch_size"),
     ("train.warmup", -1, "train.warmup"),
+    ("train.warmup", 4, "train.warmup"),  # as long as the run: the peak rate at the last update at best
+    ("train.warmup", 9, "train.warmup"),
     ("train.lr", 0, "train.lr"),
     ("train.lr", "fast", "train.lr"),
     ("train.min_lr", 0.5, "train.min_lr"),
@@ -273,6 +277,49 @@ def test_wrong_train_values_name_their_key(key, value):
     with pytest.raises(StudyError) as e:
         validate_study(study)
     assert e.value.path == f"train.{key}"
+
+
+def test_a_result_without_history_steps_counted_from_zero_and_is_read_shifted():
+    legacy = {"history": {"steps": [0, 1, 2], "train_loss": [3.0, 2.0, 1.0], "val_steps": [1, 2], "val_loss": [2, 1]}}
+    assert experiment.history_of(legacy)["val_steps"] == [2, 3]
+    assert experiment.history_of(legacy)["steps"] == [1, 2, 3]
+    current = {**legacy, "history_steps": experiment.HISTORY_STEPS}
+    assert experiment.history_of(current)["val_steps"] == [1, 2]
+
+
+@pytest.mark.parametrize("content", [b"", b"caf\xe9 \xff\xfe not utf-8 " * 40])
+def test_a_data_file_that_is_empty_or_not_utf8_is_refused_by_name(corpus_file, tmp_path, content):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(content)
+    with pytest.raises(StudyError) as e:
+        validate_study(tiny(corpus_file, data=str(path)))
+    assert e.value.path == "data" and ("UTF-8" in e.value.reason or "empty" in e.value.reason)
+    with pytest.raises(StudyError) as e:
+        experiment.load_corpus(str(path))
+    assert e.value.path == "data"
+
+
+def test_a_variant_that_breaks_a_valid_base_is_named_not_the_base(corpus_file):
+    study = tiny(corpus_file, variants={"a": {"norm": "layernorm"}, "relu": {"d_model": 15}})
+    with pytest.raises(StudyError) as e:
+        validate_study(study)
+    assert e.value.path == "variants.relu.d_model" and "d_model=15" in e.value.reason
+    study = tiny(corpus_file, variants={"a": {"norm": "layernorm"}, "two": {"d_model": 15, "n_layer": 2}})
+    with pytest.raises(StudyError) as e:
+        validate_study(study)
+    assert e.value.path == "variants.two"
+    bad_base = tiny(corpus_file, base={"n_layer": 1, "n_head": 3, "d_model": 8})
+    with pytest.raises(StudyError) as e:
+        validate_study(bad_base)
+    assert e.value.path.startswith("base.")
+
+
+def test_a_base_key_another_family_lacks_names_the_variant(corpus_file):
+    study = tiny(corpus_file, variants={"a": {"norm": "layernorm"}, "ssm": {"family": "mamba"}})
+    with pytest.raises(StudyError) as e:
+        validate_study(study)
+    assert e.value.path == "variants.ssm"
+    assert "base key 'n_head'" in e.value.reason and "mamba" in e.value.reason
 
 
 def test_study_must_be_an_object():

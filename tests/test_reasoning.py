@@ -132,6 +132,39 @@ def test_accounting_by_length(rng, wrong_length):
     assert exact_match(got, items) == pytest.approx(sum(s.correct for s in scores) / len(items))
 
 
+@settings(max_examples=8)
+@given(rng=rngs(), spoil=st.sampled_from(["working", "answer", "both"]))
+def test_teacher_forced_exact_agrees_with_exact_match_with_a_scratchpad(rng, spoil):
+    """With scratchpad=True, exact_match scores the answer after ";" alone: a row whose working differs from
+    the target's but whose answer is right counts in both, a wrong answer in neither."""
+    items = []
+    for kind in ("add", "sub", "mul", "mod"):
+        items += ReasoningTask(kind, 2, min_digits=1, scratchpad=True).sample(rng, 5)
+    model = FakeAnswerer(items)
+    for p in items[::2]:  # every other row: other working, or another answer, or both
+        working, ans = p.scratchpad, p.answer
+        if spoil in ("working", "both"):
+            working = "9" + working
+        if spoil in ("answer", "both"):
+            ans = ans + "7"
+        model.lines[p.prompt] = f"{working};{ans}\n"
+    got = answer(model, items, TOK)
+    expected = [exact_match([g], [p]) == 1.0 for g, p in zip(got, items)]
+    hits = teacher_forced_exact(model, items, TOK)
+    assert list(hits) == expected
+    assert hits.mean() == pytest.approx(exact_match(got, items))
+    assert hits.sum() == (len(items) if spoil == "working" else len(items) // 2)
+
+
+def test_the_default_output_folders_are_under_runs():
+    from npformer.cli import build_parser
+
+    parser = build_parser()[0]
+    for study in ("tasks", "length", "grokking"):
+        args = parser.parse_args(["reasoning", study])
+        assert args.out == f"runs/reasoning_{study}" and not args.out.startswith("demos")
+
+
 def test_heldout_by_length_is_distinct_and_held_out():
     items = heldout_by_length("add", [1, 2], 50, np.random.default_rng(0))
     ones = [p for p in items if p.length == 1]

@@ -14,10 +14,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from npformer.cli import build_parser, main
-from npformer.data.translation import BOS_ID, EOS_ID, PAD_ID, number_to_words, translation_task
+import npformer.translate as translate_module
+from npformer.data.translation import (BOS_ID, CHARS, EOS_ID, PAD_ID, TranslationVocab, number_to_words,
+                                       translation_task)
 from npformer.metrics import corpus_bleu
 from npformer.translate import (FAMILY_DEFAULTS, FAMILY_FIELDS, TranslateConfig, TranslateError,
-                                build_translation_model, results_table, score_translations, target_tokens, translate)
+                                STRAY, build_translation_model, decoded_text, results_table, score_translations,
+                                target_tokens, translate)
 from tests.badinput import expect_rejected
 
 try:  # one BLAS thread: on a small shared machine, the tiny matrices here run several times faster so
@@ -182,12 +185,60 @@ def test_each_family_is_built_on_the_vocabulary_s_ids(family):
     assert c.d_model == 8 and c.d_ff == 12 and c.dropout == 0.0
 
 
+@given(text=st.text(alphabet=CHARS, max_size=12), tail=st.lists(st.integers(0, 49), max_size=4))
+def test_decoded_text_reads_characters_up_to_eos_as_the_vocabulary_does(text, tail):
+    vocab = TranslationVocab()
+    ids = vocab.encode(text) + [EOS_ID] + tail
+    assert decoded_text(ids) == text == vocab.decode(ids)
+    assert decoded_text(np.asarray(ids, dtype=np.int64)) == text
+
+
+def test_a_stray_pad_or_bos_is_no_match_and_marks_its_bleu_tokens():
+    vocab = TranslationVocab()
+    row = [BOS_ID, PAD_ID, BOS_ID, *vocab.encode("342"), EOS_ID, PAD_ID]
+    assert vocab.decode(row) == "342"  # the vocabulary skips them; the scores must not
+    assert decoded_text(row) == STRAY * 3 + "342"
+    assert decoded_text([*vocab.encode("34"), 50, EOS_ID]) == "34" + STRAY  # an id past the vocabulary
+    scores = score_translations([decoded_text(row), "7"], ["342", "7"])
+    assert scores["exact_match"] == 0.5
+    assert STRAY in target_tokens(decoded_text(row), True)
+    clean = score_translations(["342", "7"], ["342", "7"])
+    assert clean["exact_match"] == 1.0 and scores["bleu"] < clean["bleu"]
+    assert all(STRAY not in c for c in CHARS)
+
+
+def test_the_decoded_splits_are_scored_with_their_stray_tokens(monkeypatch):
+    task = translation_task("numbers", sizes=(2, 2, 2))
+    vocab = task.vocab
+
+    def stray_greedy(model, src_ids, **options):  # a decoding with PAD and BOS before the target
+        rows = [[BOS_ID, BOS_ID, PAD_ID, *vocab.encode(p.target), EOS_ID] for p in task.test]
+        width = max(map(len, rows))
+        return np.asarray([r + [PAD_ID] * (width - len(r)) for r in rows], dtype=np.int64)
+
+    monkeypatch.setattr(translate_module, "greedy", stray_greedy)
+    decoded = translate_module._decode_split(None, task, "test", vocab, 20, 0, 1.0)
+    assert decoded == [STRAY * 2 + p.target for p in task.test]
+    assert score_translations(decoded, [p.target for p in task.test])["exact_match"] == 0.0
+
+
+def test_a_warmup_longer_than_the_run_is_refused_and_the_default_is_shortened():
+    with pytest.raises(TranslateError) as info:
+        TranslateConfig(steps=10, warmup=11).validate()
+    assert info.value.field == "warmup" and "expected at most steps = 10" in str(info.value)
+    assert TranslateConfig(steps=10, warmup=10).validate().warmup == 10  # the peak at the last update
+    for family in FAMILY_DEFAULTS:
+        assert TranslateConfig(model=family, steps=5).validate().warmup == 5
+        assert TranslateConfig(model=family, steps=500).validate().warmup == FAMILY_DEFAULTS[family]["warmup"]
+    assert main(["translate", "--steps", "10", "--warmup", "20"]) == 2
+
+
 # -- bad options ----------------------------------------------------------------------------------------
 BAD = [("model", "gpt"), ("model", 3), ("task", "poems"), ("reverse", 1), ("reverse", "yes"),
        ("train_size", 0), ("valid_size", 0), ("test_size", -1), ("train_size", 2.5),
        ("n_layer", 0), ("n_head", 5), ("n_head", 0), ("d_model", 1), ("d_ff", 0), ("dropout", 1.0),
        ("dropout", -0.1), ("steps", 0), ("steps", True), ("batch_size", 0), ("lr", 0.0), ("lr", float("nan")),
-       ("warmup", 0), ("warmup", 1.5), ("schedule", "step"), ("label_smoothing", 1.0), ("label_smoothing", -0.1),
+       ("warmup", 0), ("warmup", 1.5), ("warmup", 2001), ("schedule", "step"), ("label_smoothing", 1.0), ("label_smoothing", -0.1),
        ("weight_decay", -0.1), ("grad_clip", -1.0), ("grad_clip", float("inf")), ("seed", -1),
        ("eval_interval", 0), ("num_beams", 0), ("length_penalty", float("nan")), ("length_penalty", "1"),
        ("max_new_tokens", 0), ("max_new_tokens", 10 ** 6), ("dtype", "float16"), ("progress", None)]
