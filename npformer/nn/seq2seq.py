@@ -11,6 +11,10 @@ target with a decoder that attends to the encoder's output (the *memory*):
 - ``Seq2SeqEncoderLayer``: h = LN(x + drop(self_attn(x))), out = LN(h + drop(ffn(h))).
 - ``PostNormDecoderLayer``: h1 = LN(x + drop(self_attn(x, causal))),
   h2 = LN(h1 + drop(cross_attn(h1, memory))), out = LN(h2 + drop(ffn(h2))).
+- ``EncoderDecoderConfig``: the checks and derived sizes the models' config dataclasses share.
+- ``EncoderDecoder``: a model over those layers: the training forward and backward steps and
+  the inference methods ``encode``, ``make_decoder_caches`` and ``decode``, written once over
+  the model's embedding and head.
 
 The feed-forward is fc1 -> activation (ReLU, or GELU with erf) -> fc2. Sublayer names are those
 of Hugging Face's BART (``self_attn``, ``self_attn_layer_norm``, ``encoder_attn``,
@@ -23,19 +27,26 @@ src_padding_mask (B, S) bool, True where a source token is padding.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..ops._checks import check_array, check_count, check_float, check_int, check_ndim, check_shape
+from ..ops._checks import (MAX_POSITION, check_array, check_count, check_float, check_int, check_ndim, check_real,
+                           check_shape)
 from ..ops.activations import gelu_backward, gelu_forward, relu_backward, relu_forward
+from ..ops.cross_entropy import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
+from ..ops.linear import LinearCache
 from .attention import KVCache, MultiHeadAttention
 from .layers import Dropout, LayerNorm, Linear, check_dout, check_features, check_layer_options
 from .lm import IGNORE_INDEX
 from .module import Module, atomic
 
 __all__ = ["shift_right", "check_ids", "check_padding_mask", "check_seq2seq_inputs", "check_memory",
-           "check_decoder_caches", "Seq2SeqEncoderLayer", "PostNormDecoderLayer", "ACTIVATIONS", "IGNORE_INDEX"]
+           "check_decoder_caches", "Seq2SeqEncoderLayer", "PostNormDecoderLayer", "EncoderDecoderConfig", "EncoderDecoder",
+           "Seq2SeqCache",
+           "ACTIVATIONS",
+           "IGNORE_INDEX"]
 
 ACTIVATIONS = ("relu", "gelu")  # the feed-forward's nonlinearity: ReLU (ACT.4) or exact GELU (ACT.6)
 
@@ -325,3 +336,224 @@ def stack_caches(layers: Sequence[PostNormDecoderLayer], batch: int, max_len: in
                  src_len: int) -> List[Tuple[KVCache, KVCache]]:
     """``make_decoder_caches`` of a model whose decoder layers are ``layers``."""
     return [layer.make_caches(batch, max_len, src_len) for layer in layers]
+
+
+# -- the config --------------------------------------------------------------------------------------------
+@dataclass
+class EncoderDecoderConfig:
+    """The fields every encoder-decoder's config starts with. A model's config dataclass derives from
+    it (its fields follow these, its defaults may replace these), adds the token ids and dtype, and
+    its ``__post_init__`` calls the checks below, each refusal naming ``op`` (the config's class)
+    and the field."""
+
+    vocab_size: int = 64
+    max_position: int = 128  # the longest source or target
+    n_layer: int = 2  # encoder layers
+    n_decoder_layer: Optional[int] = None  # decoder layers (None: n_layer, set when the config is made)
+    n_head: int = 4
+    d_model: int = 64
+    d_ff: Optional[int] = None  # feed-forward width (None: 4 d_model, set when the config is made)
+    dropout: float = 0.1
+    label_smoothing: float = 0.0
+    layer_norm_eps: float = 1e-5
+
+    def _check_sizes(self, op: str) -> None:
+        """The sizes in [1, MAX_POSITION]; n_decoder_layer and d_ff resolved; n_head divides d_model."""
+        for name in ("vocab_size", "max_position", "n_layer", "n_head", "d_model"):
+            setattr(self, name, check_count(op, name, getattr(self, name), 1, MAX_POSITION))
+        for name in ("n_decoder_layer", "d_ff"):
+            if getattr(self, name) is not None:
+                setattr(self, name, check_count(op, name, getattr(self, name), 1, MAX_POSITION))
+        self.n_decoder_layer = self.n_layer if self.n_decoder_layer is None else self.n_decoder_layer  # resolved
+        self.d_ff = 4 * self.d_model if self.d_ff is None else self.d_ff
+        if self.d_model % self.n_head:
+            raise ValueError(f"{op}: argument 'n_head' expected a divisor of d_model = {self.d_model}, "
+                             f"got {self.n_head}")
+
+    def _check_rates(self, op: str) -> None:
+        """dropout in [0, 1), label_smoothing in [0, 1], layer_norm_eps >= 0."""
+        self.dropout = check_real(op, "dropout", self.dropout, lo=0.0, hi=1.0, hi_open=True)
+        self.label_smoothing = check_real(op, "label_smoothing", self.label_smoothing, lo=0.0, hi=1.0)
+        self.layer_norm_eps = check_real(op, "layer_norm_eps", self.layer_norm_eps, lo=0.0)
+
+    def _check_token_ids_and_dtype(self, op: str, names: Sequence[str]) -> None:
+        """The token ids ``names`` in [0, vocab_size); dtype float32 or float64."""
+        for name in names:
+            setattr(self, name, check_count(op, name, getattr(self, name), 0, self.vocab_size - 1))
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"{op}: argument 'dtype' expected 'float32' or 'float64', got {self.dtype!r}")
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.n_layer if self.n_decoder_layer is None else self.n_decoder_layer
+
+    @property
+    def ffn_dim(self) -> int:
+        return 4 * self.d_model if self.d_ff is None else self.d_ff
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# -- the model ------------------------------------------------------------------------------------------
+class Seq2SeqCache(NamedTuple):
+    """One training forward of an ``EncoderDecoder``: the tied head's and the loss's op caches."""
+
+    head: LinearCache  # logits = h @ E^T (+ a bias)
+    loss: Optional[CrossEntropyCache]  # None when the forward had no targets
+
+
+class EncoderDecoder(Module):
+    """A post-norm encoder-decoder: what the original Transformer and BART do alike.
+
+    The encoder embeds src_ids and runs ``Seq2SeqEncoderLayer``s to the memory (B, S, D); the
+    decoder embeds tgt_ids from position ``start`` and runs ``PostNormDecoderLayer``s over it
+    and the memory; a tied head maps the hidden (B, T, D) to logits (B, T, V).
+
+    A subclass sets ``name`` (its class's name: errors read ``"<name>.decode: ..."``) and
+    ``config_type`` (its ``EncoderDecoderConfig``), calls ``super().__init__(cfg, seed)`` (which
+    checks both and sets ``cfg`` and ``rng``, the generator of the initial weights and then of the
+    dropout masks), builds its parameters from them, and provides the hooks (``side`` is
+    "encoder" or "decoder"):
+
+    - ``_layers(side)``: that side's layers, in order;
+    - ``_embed(side, ids, start)``: ids (B, L) at positions start.. -> x (B, L, D);
+    - ``_embed_backward(side, dx)``: add the embedding's parameter gradients of the latest
+      ``_embed`` of that side;
+    - ``_head(h)``: h (B, T, D) -> (logits (B, T, V), LinearCache);
+    - ``_head_backward(dlogits, cache)``: add the head's parameter gradients, return dh (B, T, D).
+
+    Every subclass defines ``forward`` and ``backward`` as two ``@atomic`` lines calling
+    ``_forward`` and ``_backward`` (so its errors carry its own name, ``Bart.forward``, and a
+    debugger steps from the model's method into the shared body), and inherits ``encode``,
+    ``make_decoder_caches`` and ``decode``.
+    """
+
+    name: str  # the subclass's name, first in its errors
+    config_type: type  # the subclass's config dataclass
+
+    def __init__(self, cfg, seed: int = 0):
+        super().__init__()
+        if not isinstance(cfg, self.config_type):
+            raise TypeError(f"{self.name}: argument 'cfg' expected a {self.config_type.__name__}, "
+                            f"got {type(cfg).__name__}")
+        check_count(self.name, "seed", seed, 0)
+        self.cfg = cfg
+        self.rng = np.random.default_rng(seed)  # init, then dropout masks
+
+    # -- hooks --------------------------------------------------------------------------------------
+    def _layers(self, side: str) -> Sequence[Module]:
+        raise NotImplementedError
+
+    def _embed(self, side: str, ids: np.ndarray, start: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def _embed_backward(self, side: str, dx: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _head(self, h: np.ndarray) -> Tuple[np.ndarray, LinearCache]:
+        raise NotImplementedError
+
+    def _head_backward(self, dlogits: np.ndarray, cache: LinearCache) -> np.ndarray:
+        raise NotImplementedError
+
+    # -- the two halves -------------------------------------------------------------------------------
+    def _encode(self, src_ids: np.ndarray, src_padding_mask: Optional[np.ndarray]) -> np.ndarray:
+        """src_ids (B, S) -> memory (B, S, D)."""
+        x = self._embed("encoder", src_ids, 0)
+        for layer in self._layers("encoder"):
+            x = layer.forward(x, key_padding_mask=src_padding_mask)
+        self.record("memory", x)
+        return x
+
+    def _decode(self, tgt_ids: np.ndarray, memory: np.ndarray, src_padding_mask: Optional[np.ndarray],
+                caches: Optional[List[Tuple[KVCache, KVCache]]], start: int) -> np.ndarray:
+        """tgt_ids (B, T) at positions start.., memory (B, S, D) -> hidden (B, T, D)."""
+        y = self._embed("decoder", tgt_ids, start)
+        for i, layer in enumerate(self._layers("decoder")):
+            self_c, cross_c = (None, None) if caches is None else caches[i]
+            y = layer.forward(y, memory, memory_padding_mask=src_padding_mask, self_cache=self_c, cross_cache=cross_c)
+        return y
+
+    # -- training -----------------------------------------------------------------------------------
+    def _forward(self, src_ids: np.ndarray, tgt_ids: np.ndarray, targets: Optional[np.ndarray] = None, *,
+                 src_padding_mask: Optional[np.ndarray] = None) -> Tuple[np.ndarray, Optional[float]]:
+        """src_ids (B, S), tgt_ids (B, T) -> logits (B, T, V) and the mean cross entropy of targets (B, T)
+        (in [0, V) or -100, ignored; smoothed by cfg.label_smoothing) when given. src_padding_mask (B, S) bool,
+        True = padding. (Each subclass's ``forward``.)"""
+        op, cfg = f"{self.name}.forward", self.cfg
+        check_seq2seq_inputs(op, src_ids, tgt_ids, targets, src_padding_mask, cfg.vocab_size,
+                             max_src_len=cfg.max_position, max_tgt_len=cfg.max_position)
+        memory = self._encode(src_ids, src_padding_mask)
+        h = self._decode(tgt_ids, memory, src_padding_mask, None, 0)
+        logits, head = self._head(h)
+        self.record("logits", logits)
+        loss, loss_cache = (None, None) if targets is None else cross_entropy_forward(
+            logits, targets, label_smoothing=cfg.label_smoothing)
+        self.save_cache(Seq2SeqCache(head=head, loss=loss_cache))
+        return logits, None if loss is None else float(loss)
+
+    def _backward(self) -> None:
+        """Add every parameter's gradient of the latest unmatched forward's loss: the head, the decoder down,
+        then the encoder down. (Each subclass's ``backward``.)"""
+        op = f"{self.name}.backward"
+        if self.peek_cache().loss is None:
+            raise RuntimeError(f"{op}: the matching forward had no targets, so there is no loss to differentiate")
+        cache = self.pop_cache()
+        dlogits = cross_entropy_backward(np.asarray(1.0, cache.head.x.dtype), cache.loss)
+        self.record("dlogits", dlogits)
+        dy = self._head_backward(dlogits, cache.head)
+        dmemory = None
+        for layer in reversed(self._layers("decoder")):
+            dy, dmem = layer.backward(dy)
+            dmemory = dmem if dmemory is None else dmemory + dmem  # every layer reads the same memory
+        self._embed_backward("decoder", dy)  # the target lookup came second: its gradient first
+        dx = dmemory
+        for layer in reversed(self._layers("encoder")):
+            dx = layer.backward(dx)
+        self._embed_backward("encoder", dx)
+
+    # -- inference -----------------------------------------------------------------------------------
+    def _check_eval(self, op: str) -> None:
+        if self.training:
+            raise RuntimeError(f"{op}: inference only; call .eval() first")
+
+    def encode(self, src_ids: np.ndarray, src_padding_mask: Optional[np.ndarray] = None) -> np.ndarray:
+        """src_ids (B, S) -> memory (B, S, D); eval mode only."""
+        op = f"{self.name}.encode"
+        self._check_eval(op)
+        B, S = check_ids(op, "src_ids", src_ids, self.cfg.vocab_size)
+        check_padding_mask(op, src_padding_mask, (B, S))
+        if S > self.cfg.max_position:
+            raise ValueError(f"{op}: argument 'src_ids' expected at most {self.cfg.max_position} positions, got {S}")
+        return self._encode(src_ids, src_padding_mask)
+
+    def make_decoder_caches(self, batch: int, max_len: Optional[int] = None,
+                            src_len: Optional[int] = None) -> List[Tuple[KVCache, KVCache]]:
+        """(self cache for max_len target positions, cross cache for src_len source positions) per decoder layer."""
+        op, P = f"{self.name}.make_decoder_caches", self.cfg.max_position
+        batch = check_count(op, "batch", batch, 1)
+        max_len = P if max_len is None else check_count(op, "max_len", max_len, 1, P)
+        src_len = P if src_len is None else check_count(op, "src_len", src_len, 1, P)
+        return stack_caches(self._layers("decoder"), batch, max_len, src_len)
+
+    def decode(self, tgt_ids: np.ndarray, memory: np.ndarray, caches: Optional[List[Tuple[KVCache, KVCache]]] = None,
+               *, src_padding_mask: Optional[np.ndarray] = None) -> np.ndarray:
+        """tgt_ids (B, T), memory (B, S, D) -> logits (B, T, V); eval mode only. With caches, tgt_ids continue
+        the cached sequence (positions from the self caches' length)."""
+        op, cfg = f"{self.name}.decode", self.cfg
+        self._check_eval(op)
+        B, T = check_ids(op, "tgt_ids", tgt_ids, cfg.vocab_size)
+        S = check_memory(op, memory, B, cfg.d_model, np.dtype(cfg.dtype), src_padding_mask, cfg.max_position)
+        start = 0
+        if caches is not None:
+            start = check_decoder_caches(op, caches, n_layer=cfg.decoder_layers, batch=B, src_len=S, n_head=cfg.n_head,
+                                         head_dim=cfg.d_model // cfg.n_head, dtype=np.dtype(cfg.dtype),
+                                         training=self.training)
+            if start + T > caches[0][0].max_len:
+                raise ValueError(f"{op}: argument 'tgt_ids' expected at most {caches[0][0].max_len - start} "
+                                 f"positions (the caches hold {caches[0][0].max_len}, {start} used), got {T}")
+        check_seq2seq_inputs(op, None, tgt_ids, None, None, cfg.vocab_size, max_tgt_len=cfg.max_position,
+                             tgt_start=start)
+        h = self._decode(tgt_ids, memory, src_padding_mask, caches, start)
+        return self._head(h)[0]

@@ -9,15 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kernels.twins.bart import TwinBart
-from npformer.debug import first_divergence
 from npformer.models.bart import Bart, BartConfig
 from tests.badinput import expect_rejected
-from tests.models.test_transformer import (check_against_twin, check_decoding, check_inference_refusals,
-                                           check_refusals, make_batch, make_pair, randomise, record_both)
-from tests.tolerances import FINDER_ATOL, MODEL_RTOL, assert_close
-
-TINY = dict(vocab_size=13, max_position=9, n_layer=2, n_head=2, d_model=8, dropout=0.0)
-
+from tests.models.seq2seq_helpers import (DECODING_SHAPES, TINY, check_decoding_shape, check_drawn_against_twin,
+                                          check_finder_agrees, check_finder_names_planted_bug,
+                                          check_inference_refusals, check_refusals, float32_step, make_batch,
+                                          make_pair, randomise)
+from tests.tolerances import MODEL_RTOL, assert_close
 
 def pair(seed=0, **overrides):
     return make_pair(Bart, BartConfig, TwinBart, seed, **{**TINY, **overrides})
@@ -38,13 +36,7 @@ def configs(draw):
 @settings(max_examples=20, deadline=None)
 @given(cfg=configs(), data=st.data())
 def test_loss_and_every_gradient_match_the_twin(cfg, data):
-    model = randomise(Bart(cfg, seed=data.draw(st.integers(0, 3))))
-    twin = TwinBart(**cfg.to_dict()).double()
-    twin.load_npformer_state(model.state_dict())
-    S, T = data.draw(st.integers(1, cfg.max_position)), data.draw(st.integers(1, cfg.max_position))
-    batch = make_batch(cfg, B=data.draw(st.integers(1, 3)), S=S, T=T, seed=data.draw(st.integers(0, 9)),
-                       pad=data.draw(st.booleans()))
-    check_against_twin(model, twin, batch)
+    check_drawn_against_twin(Bart, TwinBart, cfg, data)
 
 
 def test_scale_embedding_and_logits_bias_change_the_loss():
@@ -78,45 +70,26 @@ def test_pad_row_gets_only_the_heads_gradient_and_two_position_rows_none():
         assert not g[:2].any() and not g[2 + L:].any() and g[2:2 + L].any()
 
 
-@pytest.mark.parametrize("shape", [(2, 5, 4), (1, 3, 1), (3, 1, 6)])
+@pytest.mark.parametrize("shape", DECODING_SHAPES)
 def test_cached_decoding_equals_the_uncached_decoder(shape):
-    B, S, T = shape
-    model, _ = pair(scale_embedding=True)
-    check_decoding(model, make_batch(model.cfg, B, S, T, seed=S + T), chunks_seed=T)
+    check_decoding_shape(pair(scale_embedding=True)[0], shape)
 
 
 def test_divergence_finder_agrees_on_a_correct_model():
-    model, twin = pair(dropout=0.0)
-    ours, theirs = record_both(model, twin, make_batch(model.cfg))
-    shared = [n for n in ours if n in theirs]
-    for name in ("encoder.layers.0.self_attn.probs", "decoder.layers.1.encoder_attn.probs", "decoder.layers.0.act",
-                 "encoder.layernorm_embedding.out", "memory", "logits", "dlogits", "decoder.layers.1.dact",
-                 "encoder.layers.0.dx", "decoder.layernorm_embedding.dweight"):
-        assert name in shared, name
-    assert first_divergence(ours, theirs, rtol=MODEL_RTOL, atol=FINDER_ATOL) is None
+    check_finder_agrees(*pair(dropout=0.0), (
+        "encoder.layers.0.self_attn.probs", "decoder.layers.1.encoder_attn.probs", "decoder.layers.0.act",
+        "encoder.layernorm_embedding.out", "memory", "logits", "dlogits", "decoder.layers.1.dact",
+        "encoder.layers.0.dx", "decoder.layernorm_embedding.dweight"))
 
 
 def test_divergence_finder_names_a_planted_bug(monkeypatch):
     """A wrong GELU backward: the finder must point at the last decoder layer's feed-forward gradient."""
-    import npformer.nn.seq2seq as seq2seq
-
-    right = seq2seq.gelu_backward
-    monkeypatch.setattr(seq2seq, "gelu_backward", lambda dy, cache: right(dy, cache) * 1.01)
-    model, twin = pair()
-    ours, theirs = record_both(model, twin, make_batch(model.cfg))
-    found = first_divergence(ours, theirs, rtol=MODEL_RTOL, atol=FINDER_ATOL)
-    assert found is not None and found.name == "decoder.layers.1.dact", found
-    assert 0.005 < found.max_rel < 0.02
+    check_finder_names_planted_bug(monkeypatch, pair, "gelu", "decoder.layers.1.dact")
 
 
 def test_float32_model_keeps_float32():
     cfg = BartConfig(**{**TINY, "dropout": 0.1})
-    model = Bart(cfg)
-    src, tgt, targets, mask = make_batch(cfg)
-    logits, loss = model.forward(src, tgt, targets, src_padding_mask=mask)
-    model.backward()
-    assert logits.dtype == np.float32 and np.isfinite(loss)
-    assert all(p.grad.dtype == np.float32 for p in model.parameters())
+    loss = float32_step(Bart, cfg)
     assert abs(loss - np.log(cfg.vocab_size)) < 0.2  # small init: near-uniform predictions
 
 

@@ -15,46 +15,16 @@ import npformer.models.llama as llama_module
 from kernels.twins.llama import TwinLlama
 from npformer.debug import first_divergence
 from npformer.generate import generate
-from npformer.models.llama import IGNORE_INDEX, Llama, LlamaConfig
+from npformer.models.llama import Llama, LlamaConfig
 from tests.badinput import NON_ARRAYS, RANK_KINDS, SHAPE_KINDS, SUBCLASS_KINDS, corrupt, expect_rejected
+from tests.models.helpers import batch, check_against_twin, randomise, record_both, twin_pair
 from tests.tolerances import FINDER_ATOL, MODEL_RTOL, assert_close
 
 TINY = dict(vocab_size=11, block_size=8, n_layer=2, n_head=4, n_kv_head=2, d_model=16)
 
 
-def randomise(model, seed=7):
-    """Weights of order one (not the near-uniform init), so every mask, bias and norm shows in the loss."""
-    rng = np.random.default_rng(seed)
-    for name, prm in model.named_parameters():
-        base = 1.0 if name.endswith("norm.weight") else 0.0
-        scale = 0.3 if prm.data.ndim == 1 else 1.0 / np.sqrt(prm.shape[1])
-        prm.data[...] = base + scale * rng.standard_normal(prm.shape)
-    return model
-
-
 def pair(seed=0, **overrides):
-    cfg = LlamaConfig(**{**TINY, **overrides, "dtype": "float64"})
-    model = randomise(Llama(cfg, seed=seed), seed + 7)
-    twin = TwinLlama(**cfg.to_dict()).double()
-    twin.load_npformer_state(model.state_dict())
-    return model, twin
-
-
-def batch(cfg, B=3, T=None, seed=1):
-    rng = np.random.default_rng(seed)
-    T = cfg.block_size if T is None else T
-    ids = rng.integers(0, cfg.vocab_size, (B, T))
-    targets = rng.integers(0, cfg.vocab_size, (B, T))
-    targets[rng.random((B, T)) < 0.25] = IGNORE_INDEX  # prompt or padding positions
-    targets[0, -1] = rng.integers(0, cfg.vocab_size)  # at least one counted target
-    return ids, targets
-
-
-def run_twin(twin, ids, targets):
-    _, loss = twin(torch.from_numpy(ids), torch.from_numpy(targets))
-    twin.zero_grad()
-    loss.backward()
-    return loss.item(), {n: p.grad.numpy() for n, p in twin.named_parameters()}
+    return twin_pair(Llama, TwinLlama, LlamaConfig(**{**TINY, **overrides, "dtype": "float64"}), seed)
 
 
 @st.composite
@@ -84,19 +54,9 @@ def configs(draw):
 @given(cfg=configs(), data=st.data())
 def test_loss_and_every_gradient_match_the_twin(cfg, data):
     model = randomise(Llama(cfg, seed=data.draw(st.integers(0, 3))))
-    twin = TwinLlama(**cfg.to_dict()).double()
-    twin.load_npformer_state(model.state_dict())
     T = data.draw(st.integers(1, cfg.block_size))
     ids, targets = batch(cfg, B=data.draw(st.integers(1, 2)), T=T, seed=data.draw(st.integers(0, 9)))
-    model.zero_grad()
-    _, loss = model.forward(ids, targets)
-    model.backward()
-    twin_loss, twin_grads = run_twin(twin, ids, targets)
-    assert abs(loss - twin_loss) <= MODEL_RTOL * abs(twin_loss)
-    ours = dict(model.named_parameters())
-    assert set(ours) == set(twin_grads)  # same names; a tied head appears once, as embed_tokens.weight
-    for name, prm in ours.items():
-        assert_close(prm.grad, twin_grads[name], rtol=MODEL_RTOL, what=name)
+    check_against_twin(model, TwinLlama(**cfg.to_dict()).double(), ids, targets)  # a tied head: embed_tokens.weight
 
 
 def test_the_window_and_the_rope_base_change_the_loss():
@@ -105,17 +65,6 @@ def test_the_window_and_the_rope_base_change_the_loss():
     losses = [pair(**kw)[0].forward(ids, targets)[1]
               for kw in (dict(), dict(sliding_window=2), dict(rope_theta=3.0), dict(n_kv_head=1))]
     assert len({round(v, 12) for v in losses}) == 4, losses
-
-
-def record_both(model, twin):
-    """One forward and backward of each on the same batch, recording under the same names."""
-    ids, targets = batch(model.cfg)
-    ours, theirs = model.start_recording(), twin.start_recording()
-    model.forward(ids, targets)
-    model.zero_grad()
-    model.backward()
-    run_twin(twin, ids, targets)
-    return ours, theirs
 
 
 @pytest.mark.parametrize("options", [dict(), dict(tie_word_embeddings=True, qkv_bias=True, o_bias=True,

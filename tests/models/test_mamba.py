@@ -3,7 +3,6 @@ finder, incremental decoding with the state cache, generate, the family registry
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -11,8 +10,10 @@ from kernels.twins.mamba import TwinMamba
 from npformer.debug import first_divergence
 from npformer.generate import generate
 from npformer.models import CAUSAL_LMS, FAMILIES, build, check_causal_lm, family_of
-from npformer.models.mamba import IGNORE_INDEX, MambaConfig, MambaLM, MambaStateCache
+from npformer.models.mamba import MambaConfig, MambaLM, MambaStateCache
 from tests.badinput import BAD_COUNTS, BAD_FLAGS, NON_ARRAYS, RANK_KINDS, SHAPE_KINDS, corrupt, expect_rejected
+from tests.models import helpers
+from tests.models.helpers import batch, check_against_twin, record_both, twin_pair
 from tests.tolerances import FINDER_ATOL, MODEL_RTOL, RTOL, assert_close
 
 TINY = dict(vocab_size=11, block_size=8, n_layer=2, d_model=6, d_state=3, expand=2, d_conv=3)
@@ -20,41 +21,12 @@ TINY = dict(vocab_size=11, block_size=8, n_layer=2, d_model=6, d_state=3, expand
 
 def randomise(model, seed=7):
     """Weights of order one, so every part of the mixer shows in the loss; A_log stays a log of a decay rate."""
-    rng = np.random.default_rng(seed)
-    for name, prm in model.named_parameters():
-        if name.endswith("A_log"):
-            prm.data[...] = np.log(rng.uniform(0.3, 3.0, prm.shape))
-        elif name.endswith("norm.weight") or name.endswith("norm_f.weight"):
-            prm.data[...] = 1.0 + 0.3 * rng.standard_normal(prm.shape)
-        else:
-            scale = 0.3 if prm.data.ndim == 1 else 1.0 / np.sqrt(prm.shape[-1])
-            prm.data[...] = scale * rng.standard_normal(prm.shape)
-    return model
+    return helpers.randomise(model, seed, unit=("norm.weight", "norm_f.weight"), fan_in_axis=-1,
+                             special={"A_log": lambda rng, shape: np.log(rng.uniform(0.3, 3.0, shape))})
 
 
 def pair(seed=0, **overrides):
-    cfg = MambaConfig(**{**TINY, **overrides, "dtype": "float64"})
-    model = randomise(MambaLM(cfg, seed=seed), seed + 7)
-    twin = TwinMamba(**cfg.to_dict()).double()
-    twin.load_npformer_state(model.state_dict())
-    return model, twin
-
-
-def batch(cfg, B=3, T=None, seed=1):
-    rng = np.random.default_rng(seed)
-    T = cfg.block_size if T is None else T
-    ids = rng.integers(0, cfg.vocab_size, (B, T))
-    targets = rng.integers(0, cfg.vocab_size, (B, T))
-    targets[rng.random((B, T)) < 0.25] = IGNORE_INDEX
-    targets[0, -1] = rng.integers(0, cfg.vocab_size)
-    return ids, targets
-
-
-def run_twin(twin, ids, targets):
-    _, loss = twin(torch.from_numpy(ids), torch.from_numpy(targets))
-    twin.zero_grad()
-    loss.backward()
-    return loss.item(), {n: p.grad.numpy() for n, p in twin.named_parameters()}
+    return twin_pair(MambaLM, TwinMamba, MambaConfig(**{**TINY, **overrides, "dtype": "float64"}), seed, randomise)
 
 
 @st.composite
@@ -75,19 +47,9 @@ def configs(draw):
 @given(cfg=configs(), data=st.data())
 def test_every_gradient_matches_the_twin(cfg, data):
     model = randomise(MambaLM(cfg, seed=data.draw(st.integers(0, 3))), data.draw(st.integers(0, 9)))
-    twin = TwinMamba(**cfg.to_dict()).double()
-    twin.load_npformer_state(model.state_dict())
     T = data.draw(st.integers(1, cfg.block_size))
     ids, targets = batch(cfg, B=data.draw(st.integers(1, 2)), T=T, seed=data.draw(st.integers(0, 9)))
-    model.zero_grad()
-    logits, loss = model.forward(ids, targets)
-    model.backward()
-    twin_loss, twin_grads = run_twin(twin, ids, targets)
-    assert abs(loss - twin_loss) <= MODEL_RTOL * abs(twin_loss)
-    ours = dict(model.named_parameters())
-    assert set(ours) == set(twin_grads)
-    for name, prm in ours.items():
-        assert_close(prm.grad, twin_grads[name], rtol=MODEL_RTOL, what=name)
+    check_against_twin(model, TwinMamba(**cfg.to_dict()).double(), ids, targets)
 
 
 def test_float32_loss_and_gradients_are_close_to_float64():
@@ -130,16 +92,6 @@ def test_two_forwards_then_two_backwards_match_two_separate_steps():
 
 
 # ---- recordings ------------------------------------------------------------------------------------------
-
-def record_both(model, twin):
-    ids, targets = batch(model.cfg)
-    ours, theirs = model.start_recording(), twin.start_recording()
-    model.forward(ids, targets)
-    model.zero_grad()
-    model.backward()
-    run_twin(twin, ids, targets)
-    return ours, theirs
-
 
 @pytest.mark.parametrize("options", [dict(), dict(tie_word_embeddings=False, use_bias=True)])
 def test_divergence_finder_agrees_on_a_correct_model(options):

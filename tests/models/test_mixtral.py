@@ -12,37 +12,15 @@ from kernels.twins.moe import TwinMoE, load_balancing_loss
 from npformer.generate import generate
 from npformer.models.llama import IGNORE_INDEX, Llama, LlamaConfig, Mixtral
 from npformer.ops.moe import capacity_of
+from tests.models.helpers import batch, twin_pair
 from tests.tolerances import MODEL_RTOL, assert_close
 
 TINY = dict(vocab_size=11, block_size=8, n_layer=2, n_head=4, n_kv_head=2, d_model=8, intermediate_size=6,
             num_local_experts=4, num_experts_per_tok=2)
 
 
-def randomise(model, seed=7):
-    rng = np.random.default_rng(seed)
-    for name, prm in model.named_parameters():
-        base = 1.0 if name.endswith("norm.weight") else 0.0
-        scale = 0.3 if prm.data.ndim == 1 else 1.0 / np.sqrt(prm.shape[1])
-        prm.data[...] = base + scale * rng.standard_normal(prm.shape)
-    return model
-
-
 def pair(seed=0, **overrides):
-    cfg = LlamaConfig(**{**TINY, **overrides, "dtype": "float64"})
-    model = randomise(Mixtral(cfg, seed=seed), seed + 7)
-    twin = TwinLlama(**cfg.to_dict()).double()
-    twin.load_npformer_state(model.state_dict())
-    return model, twin
-
-
-def batch(cfg, B=3, T=None, seed=1):
-    rng = np.random.default_rng(seed)
-    T = cfg.block_size if T is None else T
-    ids = rng.integers(0, cfg.vocab_size, (B, T))
-    targets = rng.integers(0, cfg.vocab_size, (B, T))
-    targets[rng.random((B, T)) < 0.25] = IGNORE_INDEX
-    targets[0, -1] = rng.integers(0, cfg.vocab_size)
-    return ids, targets
+    return twin_pair(Mixtral, TwinLlama, LlamaConfig(**{**TINY, **overrides, "dtype": "float64"}), seed)
 
 
 def twin_forward(twin, ids, targets):
