@@ -1,0 +1,148 @@
+"""Mixed precision: bf16 and fp16 working copies over float32 master weights, with loss scaling.
+
+Derivation: ``proofs/mixed_precision.md``. NumPy has no bfloat16, so bf16 is emulated:
+``bf16_bits`` rounds float32 to the nearest bf16 bit pattern (uint16), ties to even
+(MP.1); ``round_bf16`` returns those values as float32 with the low 16 bits zero (MP.2).
+fp16 is NumPy's own ``float16`` (IEEE binary16, round to nearest even).
+
+``MixedPrecisionTrainer`` keeps the float32 master weights (MP.3). Each step it writes
+a working copy rounded to the low precision into the model, runs the caller's forward
+and backward (the model's arithmetic stays float32, as a matrix unit accumulates in
+float32), stores each gradient in the low precision after multiplying it by the loss
+scale S (MP.4), and unscales it into the master's gradient in float32 (MP.5). A
+gradient that is inf or NaN skips the step and halves S; N good steps in a row double
+it (MP.6).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional
+
+import numpy as np
+
+from .nn.module import Module, Parameter
+from .ops._checks import check_count, check_real
+
+PRECISIONS = ("bfloat16", "float16", "float32")
+BF16_QUIET_NAN = np.uint16(0x7FC0)  # sign 0, exponent all ones, top mantissa bit: the canonical quiet NaN
+
+
+def _check_f32(op: str, x: object) -> np.ndarray:
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32:
+        got = f"numpy.ndarray of {x.dtype}" if isinstance(x, np.ndarray) else type(x).__name__
+        raise TypeError(f"{op}: argument 'x' expected a float32 numpy.ndarray, got {got}")
+    return np.ascontiguousarray(x)
+
+
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 (...) -> uint16 (...): the nearest bf16 bit pattern, ties to even (MP.1); NaN -> 0x7FC0."""
+    u = _check_f32("bf16_bits", x).view(np.uint32)
+    lsb = (u >> 16) & 1  # the last bit kept: a tie rounds to make it 0
+    rounded = ((u + np.uint32(0x7FFF) + lsb) >> 16).astype(np.uint16)  # (MP.1); no NaN reaches a carry out of bit 31
+    return np.where(np.isnan(x), BF16_QUIET_NAN, rounded)
+
+
+def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """uint16 (...) -> float32 (...): exact, the bf16 pattern as the top 16 bits (MP.2)."""
+    if not isinstance(bits, np.ndarray) or bits.dtype != np.uint16:
+        got = f"numpy.ndarray of {bits.dtype}" if isinstance(bits, np.ndarray) else type(bits).__name__
+        raise TypeError(f"bf16_to_float32: argument 'bits' expected a uint16 numpy.ndarray, got {got}")
+    return (bits.astype(np.uint32) << 16).view(np.float32)  # (MP.2)
+
+
+def round_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 (...) -> float32 (...) holding bf16 values: bf16_to_float32(bf16_bits(x)) (MP.2)."""
+    return bf16_to_float32(bf16_bits(_check_f32("round_bf16", x)))
+
+
+def round_to(x: np.ndarray, precision: str) -> np.ndarray:
+    """float32 (...) rounded to ``precision``, returned as float32 (fp16 overflow gives inf, as the cast does)."""
+    x = _check_f32("round_to", x)
+    precision = _check_precision("round_to", precision)
+    if precision == "bfloat16":
+        return round_bf16(x)
+    if precision == "float16":
+        with np.errstate(over="ignore"):
+            return x.astype(np.float16).astype(np.float32)
+    return x.copy()
+
+
+def _check_precision(op: str, precision: object) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"{op}: argument 'precision' expected one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
+class MixedPrecisionTrainer:
+    """Float32 master weights, a low-precision working copy in the model, dynamic loss scaling.
+
+    ``make_optimizer`` receives the master Parameters (float32) and returns the optimizer
+    that updates them, e.g. ``lambda ps: AdamW(ps, lr=1e-3)``. ``step(forward_backward)``
+    runs one update: ``forward_backward()`` must run the model's forward and backward
+    (adding into the model's ``.grad``) and return the loss as a float.
+
+    Loss scale S: starts at ``init_scale``; an overflowing step (an inf or NaN gradient
+    after scaling and rounding) is skipped and S *= ``backoff``; after ``growth_interval``
+    good steps in a row S *= ``growth`` (MP.6). ``dynamic=False`` keeps S fixed (bf16 has
+    float32's range and rarely needs scaling; fp16 does).
+    """
+
+    def __init__(self, model: Module, make_optimizer: Callable[[List[Parameter]], object], *,
+                 precision: str = "bfloat16", init_scale: Optional[float] = None, growth: float = 2.0,
+                 backoff: float = 0.5, growth_interval: int = 2000, dynamic: bool = True):
+        op = "MixedPrecisionTrainer"
+        if not isinstance(model, Module):
+            raise TypeError(f"{op}: argument 'model' expected a Module, got {type(model).__name__}")
+        if not callable(make_optimizer):
+            raise TypeError(f"{op}: argument 'make_optimizer' expected a callable, got {type(make_optimizer).__name__}")
+        self.precision = _check_precision(op, precision)
+        if any(p.data.dtype != np.float32 for p in model.parameters()):
+            raise ValueError(f"{op}: argument 'model' expected float32 parameters (the working copy's container)")
+        if init_scale is None:
+            init_scale = 2.0**16 if precision == "float16" else 1.0
+        self.scale = check_real(op, "init_scale", init_scale, lo=0.0, lo_open=True)
+        self.growth = check_real(op, "growth", growth, lo=1.0)
+        self.backoff = check_real(op, "backoff", backoff, lo=0.0, hi=1.0, lo_open=True)
+        self.growth_interval = check_count(op, "growth_interval", growth_interval, 1)
+        if not isinstance(dynamic, bool):
+            raise TypeError(f"{op}: argument 'dynamic' expected a bool, got {dynamic!r}")
+        self.dynamic = dynamic
+        self.model = model
+        self.params = model.parameters()
+        self.master = [Parameter(p.data.copy()) for p in self.params]  # (MP.3): float32, never rounded
+        self.optimizer = make_optimizer(self.master)
+        self.good_steps = 0  # in a row, since the last change of scale
+        self.skipped = 0  # in all
+
+    def cast_working_copy(self) -> None:
+        """Write the master weights, rounded to the low precision, into the model (MP.3)."""
+        for p, m in zip(self.params, self.master):
+            p.data[...] = round_to(m.data, self.precision)
+
+    def step(self, forward_backward: Callable[[], float]) -> tuple:
+        """One update; returns (loss, stepped). A skipped step leaves the master weights unchanged."""
+        if not callable(forward_backward):
+            raise TypeError(f"MixedPrecisionTrainer.step: argument 'forward_backward' expected a callable, "
+                            f"got {type(forward_backward).__name__}")
+        self.cast_working_copy()
+        self.model.zero_grad()
+        loss = float(forward_backward())
+        S = np.float32(self.scale)
+        finite = True
+        for p, m in zip(self.params, self.master):
+            with np.errstate(over="ignore", invalid="ignore"):
+                stored = round_to(p.grad * S, self.precision)  # (MP.4): the scaled gradient as stored
+            finite = finite and bool(np.isfinite(stored).all())
+            m.grad = stored / S  # (MP.5): unscaled in float32
+        if not finite:  # (MP.6): skip, and back off
+            self.skipped += 1
+            self.good_steps = 0
+            if self.dynamic:
+                self.scale *= self.backoff
+            return loss, False
+        self.optimizer.step()
+        self.good_steps += 1
+        if self.dynamic and self.good_steps == self.growth_interval:  # (MP.6): grow after N good steps
+            self.scale *= self.growth
+            self.good_steps = 0
+        return loss, True
