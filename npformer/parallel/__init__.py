@@ -1,0 +1,1 @@
+"""Parallel training simulated exactly on N ranks in one process."""
