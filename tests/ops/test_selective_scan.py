@@ -66,6 +66,9 @@ def torch_run(a):
 
 # ---- forward ---------------------------------------------------------------------------------------------
 
+@pytest.mark.derivation("MAMBA.1")
+@pytest.mark.derivation("MAMBA.2")
+@pytest.mark.derivation("MAMBA.3")
 @pytest.mark.derivation("MAMBA.4")
 def test_forward_matches_the_recurrence():
     """Every entry of y from (MAMBA.1) - (MAMBA.4) with scalar loops over b, t, d, n."""
@@ -97,6 +100,7 @@ def test_scan_matches_torch(a, layout, scan):
 
 # ---- backward --------------------------------------------------------------------------------------------
 
+@pytest.mark.derivation("MAMBA.8")
 @pytest.mark.derivation("MAMBA.9")
 @pytest.mark.derivation("MAMBA.10")
 @given(cases(), st.sampled_from(list(SCANS)))
