@@ -58,20 +58,31 @@ def blas_info() -> Dict[str, object]:
 WARMUP = 3  # untimed steps first: the allocator's heap and the BLAS threads reach their steady state
 
 
-def time_npformer(cfg: GPTConfig, batch: int, steps: int, warmup: int = WARMUP) -> float:
-    """Median seconds per training step, after ``warmup`` untimed ones."""
+def make_step(cfg: GPTConfig, batch: int):
+    """A function running one training step (forward, backward, AdamW) of a fresh ``cfg`` model on
+    ``batch`` random sequences of full length: the step every figure of the benchmark times."""
     model = GPT(cfg, seed=0)
     opt = AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, cfg.vocab_size, (batch, cfg.block_size + 1))
     x, y = ids[:, :-1], ids[:, 1:]
-    times = []
-    for i in range(warmup + steps):
-        t = time.perf_counter()
+
+    def step() -> None:
         model.forward(x, y)
         model.zero_grad()
         model.backward()
         opt.step()
+
+    return step
+
+
+def time_npformer(cfg: GPTConfig, batch: int, steps: int, warmup: int = WARMUP) -> float:
+    """Median seconds per training step, after ``warmup`` untimed ones."""
+    step = make_step(cfg, batch)
+    times = []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        step()
         if i >= warmup:
             times.append(time.perf_counter() - t)
     return float(np.median(times))

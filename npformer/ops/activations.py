@@ -31,6 +31,7 @@ from typing import NamedTuple, Optional, Tuple
 import numpy as np
 
 from ._checks import _fail, check_cache_type, check_float, check_like, check_same_dtype_as, check_same_shape
+from .fastpath import row_parallel
 
 APPROXIMATIONS = ("none", "tanh")  # the forms of GELU in GeGLU
 GELU_APPROXIMATIONS = APPROXIMATIONS + ("sigmoid",)  # the forms of the gelu op itself
@@ -201,14 +202,14 @@ class GeluCache(NamedTuple):
 CHUNK = 1 << 15  # elements per chunk of a long in-place chain: its buffers stay in the L2 cache
 
 
-def _chunks(n: int):
-    """Slices of ``CHUNK`` elements covering ``range(n)``.
+def _chunks(elements: slice):
+    """Slices of ``CHUNK`` elements covering ``elements`` (a slice with a start and a stop).
 
     A chain of elementwise steps over a large array (the GPT's MLP activations are 6 M
     floats) reads and writes memory once per step; run chunk by chunk, every step after
     the first finds its operands in cache. Same arithmetic, about a third faster.
     """
-    return (slice(i, min(i + CHUNK, n)) for i in range(0, n, CHUNK))
+    return (slice(i, min(i + CHUNK, elements.stop)) for i in range(elements.start, elements.stop, CHUNK))
 
 
 def _gelu_tanh_parts(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -219,15 +220,19 @@ def _gelu_tanh_parts(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]
     """
     x_flat = x.reshape(-1)  # a view, or a C-ordered copy of a non-contiguous x
     y, tanh_u, cdf = (np.empty(x_flat.size, x.dtype) for _ in range(3))
-    for c in _chunks(x_flat.size):
-        buf = np.multiply(x_flat[c], x_flat[c], out=tanh_u[c])
-        buf *= _SQRT_2_OVER_PI * _KAPPA
-        buf += _SQRT_2_OVER_PI
-        buf *= x_flat[c]  # u = x (c + c kappa x^2), c = sqrt(2/pi): (ACT.8) with one product fewer
-        np.tanh(buf, out=buf)
-        cdf_c = np.add(buf, 1.0, out=cdf[c])
-        cdf_c *= 0.5
-        np.multiply(x_flat[c], cdf_c, out=y[c])
+
+    def part(elements: slice) -> None:  # elementwise: parts of the array run on several cores
+        for c in _chunks(elements):
+            buf = np.multiply(x_flat[c], x_flat[c], out=tanh_u[c])
+            buf *= _SQRT_2_OVER_PI * _KAPPA
+            buf += _SQRT_2_OVER_PI
+            buf *= x_flat[c]  # u = x (c + c kappa x^2), c = sqrt(2/pi): (ACT.8) with one product fewer
+            np.tanh(buf, out=buf)
+            cdf_c = np.add(buf, 1.0, out=cdf[c])
+            cdf_c *= 0.5
+            np.multiply(x_flat[c], cdf_c, out=y[c])
+
+    row_parallel(part, x_flat.size)
     return y.reshape(x.shape), tanh_u.reshape(x.shape), cdf.reshape(x.shape)
 
 
@@ -272,19 +277,23 @@ def gelu_backward(dy: np.ndarray, cache: GeluCache) -> np.ndarray:
     # (ACT.9): gelu' = cdf + 1/2 x (1 - tanh^2 u) du/dx, then times dy (ACT.1), chunk by chunk
     x_flat, t_flat, cdf_flat, dy_flat = x.reshape(-1), tanh_u.reshape(-1), cdf.reshape(-1), dy.reshape(-1)
     dx = np.empty(x_flat.size, x.dtype)  # C-ordered, so that the reshape below is a view
-    for c in _chunks(x_flat.size):
-        xc = x_flat[c]
-        du_dx = xc * xc
-        du_dx *= 3.0 * _KAPPA
-        du_dx += 1.0
-        du_dx *= _SQRT_2_OVER_PI  # du/dx = sqrt(2/pi) (1 + 3 kappa x^2)
-        g = np.multiply(t_flat[c], t_flat[c], out=dx[c])
-        np.subtract(1.0, g, out=g)
-        g *= xc
-        g *= 0.5
-        g *= du_dx
-        g += cdf_flat[c]  # gelu'(x)
-        g *= dy_flat[c]
+
+    def part(elements: slice) -> None:  # elementwise: parts of the array run on several cores
+        for c in _chunks(elements):
+            xc = x_flat[c]
+            du_dx = xc * xc
+            du_dx *= 3.0 * _KAPPA
+            du_dx += 1.0
+            du_dx *= _SQRT_2_OVER_PI  # du/dx = sqrt(2/pi) (1 + 3 kappa x^2)
+            g = np.multiply(t_flat[c], t_flat[c], out=dx[c])
+            np.subtract(1.0, g, out=g)
+            g *= xc
+            g *= 0.5
+            g *= du_dx
+            g += cdf_flat[c]  # gelu'(x)
+            g *= dy_flat[c]
+
+    row_parallel(part, x_flat.size)
     return dx.reshape(x.shape)
 
 

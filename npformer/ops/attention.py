@@ -35,7 +35,7 @@ are views of them, never copies.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -53,6 +53,8 @@ from ._checks import (
     check_same_dtype,
 )
 
+from .fastpath import blas_parallel, causal_block
+
 OP = "attention"
 
 
@@ -63,6 +65,8 @@ class AttentionCache(NamedTuple):
     probs: np.ndarray  # (B, H, Tq, Tk)  P of (ATT.2), C-contiguous; 0 at masked entries
     scale: float  # c_s, the factor on Q K^T in (ATT.1)
     bias_shape: Optional[Tuple[int, ...]]  # shape of the additive bias, None if there was none
+    causal: bool = False  # the causal mask was on: the backward skips the same hidden keys (ATT.19)
+    window: Optional[int] = None  # its sliding window (ATT.15), if any
 
 
 def check_qkv(op: str, q: object, k: object, v: object) -> Tuple[int, int, int, int, int, int]:
@@ -183,45 +187,104 @@ def attention_forward(
     else:
         hidden = sliding_window_mask(Tq, Tk, window)  # (ATT.15)
 
-    # c_s Q, with the queries of one kv head's group side by side: (B, Hkv, G*Tq, D), so that each
-    # kv head meets all of its queries in one product. Q is scaled, not S: it is T/D times smaller.
-    q_scaled = np.multiply(q, q.dtype.type(scale), order="C")
-    q_grouped = q_scaled.reshape(B, Hkv, G * Tq, D)
-
+    # c_s Q, scaled once: Q is T/D times smaller than S. Every query-side array is viewed as
+    # (B, Hkv, G, Tq, .): the G query heads that share key/value head c side by side (ATT.12).
+    q4 = np.multiply(q, q.dtype.type(scale), order="C").reshape(B, Hkv, G, Tq, D)
     p = np.empty((B, H, Tq, Tk), q.dtype)  # P (ATT.2)
     out = np.empty((B, H, Tq, D), q.dtype)  # O (ATT.3)
-    p_grouped, out_grouped = p.reshape(B, Hkv, G * Tq, Tk), out.reshape(B, Hkv, G * Tq, D)  # views
-    s = np.empty((H, Tq, Tk), q.dtype)  # S (ATT.1) of one batch element
-    s_grouped = s.reshape(Hkv, G * Tq, Tk)
-    # One batch element at a time: its (H, Tq, Tk) slab of scores stays in cache through the
-    # several passes of the softmax (the whole batch is tens of MB; a slab about one).
-    for b in range(B):
-        np.matmul(q_grouped[b], k[b].swapaxes(-1, -2), out=s_grouped)  # (ATT.1)
-        if bias is not None:
-            s += bias[b if bias.shape[0] > 1 else 0]  # (ATT.1)
+    p4, out4 = p.reshape(B, Hkv, G, Tq, Tk), out.reshape(B, Hkv, G, Tq, D)  # views
+    blocks = query_blocks(Tq, Tk, causal, window)
+    # One batch element at a time, and within it one block of query rows at a time: the block's
+    # (H, rows, keys) slab of scores stays in cache through the several passes of the softmax.
+    def batch_elements(batch: slice) -> None:
+        for b in range(batch.start, batch.stop):
+            for i0, i1, lo, hi in blocks:
+                rows, whole = slice(i0, i1), i1 - i0 == Tq
+                p_blk = p4[b, :, :, rows]  # (Hkv, G, n, Tk)
+                p_blk[..., :lo] = 0.0  # keys hidden from every row of the block: P = 0 (ATT.11), (ATT.19)
+                p_blk[..., hi:] = 0.0
+                if hi == lo:  # no row of the block sees a key: output 0 (ATT.11)
+                    out4[b, :, :, rows] = 0.0
+                    continue
+                s = p_blk[..., lo:hi]  # S (ATT.1) of the visible keys, computed in P's own buffer
+                np.matmul(_rows(q4[b], rows, whole), k[b, :, None, lo:hi].swapaxes(-1, -2),
+                          out=_rows(p4[b, ..., lo:hi], rows, whole))  # (ATT.1)
+                if bias is not None:
+                    s += _bias_block(bias, b, Hkv, G, rows, lo, hi)  # (ATT.1)
 
-        # masked entries are -inf: exp(-inf) = 0 exactly, and no gradient flows (ATT.1), (ATT.11)
-        hidden_b = hidden
-        if key_padding_mask is not None:
-            pad = key_padding_mask[b]  # (Tk,)
-            hidden_b = pad if hidden_b is None else (hidden_b | pad)
-        if hidden_b is not None:
-            np.copyto(s, -np.inf, where=hidden_b)
+                # masked entries are -inf: exp(-inf) = 0 exactly, and no gradient flows (ATT.1), (ATT.11)
+                if hidden is not None:  # keys before c0 are seen by every row of the block: no mask to apply there
+                    c0 = lo if window is not None else min(max(i0 + (Tk - Tq) + 1, lo), hi)
+                    np.copyto(s[..., c0 - lo:], -np.inf, where=hidden[rows, c0:hi])
+                if key_padding_mask is not None:
+                    np.copyto(s, -np.inf, where=key_padding_mask[b, lo:hi])
 
-        # (ATT.2)  P = softmax(S) along keys, stabilised by the row maximum m; the steps
-        # S - m and exp(S - m) are unnamed and live in P's own buffer
-        m = np.fmax.reduce(s, axis=-1, keepdims=True, initial=-np.inf)  # (H, Tq, 1); fmax: no NaN bookkeeping
-        m[m == -np.inf] = 0.0  # a fully masked row (or Tk = 0): exp(-inf - 0) = 0 instead of nan
-        p_b = p[b]
-        np.subtract(s, m, out=p_b)
-        np.exp(p_b, out=p_b)
-        row_sum = p_b.sum(axis=-1, keepdims=True)
-        row_sum[row_sum == 0] = 1.0  # a fully masked row stays all zeros: output 0 (ATT.11)
-        p_b /= row_sum
+                # (ATT.2)  P = softmax(S) along keys, stabilised by the row maximum m; S - m and
+                # exp(S - m) are unnamed steps in P's own buffer
+                m = np.fmax.reduce(s, axis=-1, keepdims=True, initial=-np.inf)  # fmax: no NaN bookkeeping
+                m[m == -np.inf] = 0.0  # a fully masked row: exp(-inf - 0) = 0 instead of nan
+                s -= m
+                np.exp(s, out=s)
+                row_sum = s.sum(axis=-1, keepdims=True)
+                row_sum[row_sum == 0] = 1.0  # a fully masked row stays all zeros: output 0 (ATT.11)
+                s /= row_sum
 
-        np.matmul(p_grouped[b], v[b], out=out_grouped[b])  # (ATT.3)  O = P V
-    cache = AttentionCache(q=q, k=k, v=v, probs=p, scale=scale, bias_shape=None if bias is None else tuple(bias.shape))
+                np.matmul(_rows(p4[b, ..., lo:hi], rows, whole), v[b, :, None, lo:hi],
+                          out=_rows(out4[b], rows, whole))  # (ATT.3)  O = P V over the visible keys (ATT.19)
+
+    blas_parallel(batch_elements, B, H * Tq * max(Tk, 1))  # batch elements on several cores
+    cache = AttentionCache(q=q, k=k, v=v, probs=p, scale=scale, bias_shape=None if bias is None else tuple(bias.shape),
+                           causal=causal, window=window)
     return out, cache
+
+
+def query_blocks(Tq: int, Tk: int, causal: bool, window: Optional[int]) -> List[Tuple[int, int, int, int]]:
+    """Blocks (i0, i1, lo, hi) of query rows [i0, i1) with the keys [lo, hi) that some row of the block
+    may see: every key outside is hidden from every row of the block (ATT.19).
+
+    Causal attention in the fast path: blocks of ``fastpath.causal_block()`` rows, row i seeing keys
+    up to i + (Tk - Tq) and, with a window W, from i + (Tk - Tq) - W + 1 (ATT.15). Otherwise (or with
+    the fast path's plain form) one block: every query against every key.
+    """
+    size = causal_block()
+    if not causal or size is None or size >= Tq:
+        return [(0, Tq, 0, Tk)] if not causal else [(0, Tq, *_visible(0, Tq, Tq, Tk, window))]
+    return [(i0, min(i0 + size, Tq), *_visible(i0, min(i0 + size, Tq), Tq, Tk, window)) for i0 in range(0, Tq, size)]
+
+
+def _visible(i0: int, i1: int, Tq: int, Tk: int, window: Optional[int]) -> Tuple[int, int]:
+    """[lo, hi): the keys rows i0 .. i1 - 1 see between them under the causal mask (and window) (ATT.19)."""
+    hi = min(max(i1 + (Tk - Tq), 0), Tk)  # the last row sees j <= i1 - 1 + (Tk - Tq)
+    lo = 0 if window is None else min(max(i0 + (Tk - Tq) - window + 1, 0), Tk)  # (ATT.15)
+    return lo, max(lo, hi)
+
+
+def _rows(x4: np.ndarray, rows: slice, whole: bool) -> np.ndarray:
+    """(Hkv, G, Tq, .) -> the block's rows as a stack of matrices for one product per key/value head.
+
+    When the block holds every query and the G heads' rows follow one another at one stride, the
+    group is viewed as one (Hkv, 1, G*Tq, .) stack (a view, never a copy: products write into it),
+    so that a product over the rows sums over the group inside the BLAS call (ATT.12); otherwise
+    (Hkv, G, n, .), summed over G afterwards (``_sum_group``).
+    """
+    Hkv, G, Tq = x4.shape[:3]
+    if whole and G > 1 and x4.strides[1] == Tq * x4.strides[2]:
+        return np.lib.stride_tricks.as_strided(x4, (Hkv, 1, G * Tq) + x4.shape[3:],
+                                               x4.strides[:1] + (0,) + x4.strides[2:], writeable=x4.flags.writeable)
+    return x4[:, :, rows]
+
+
+def _sum_group(x: np.ndarray) -> np.ndarray:
+    """(Hkv, G', t, D) -> (Hkv, t, D): the sum over the group axis (ATT.12), a view when G' = 1."""
+    return x[:, 0] if x.shape[1] == 1 else x.sum(axis=1)
+
+
+def _bias_block(bias: np.ndarray, b: int, Hkv: int, G: int, rows: slice, lo: int, hi: int) -> np.ndarray:
+    """The additive bias for batch element b, the block's rows and keys [lo, hi), as (Hkv|1, G|1, n|1, t|1)."""
+    bb = bias[b if bias.shape[0] > 1 else 0]  # (H|1, Tq|1, Tk|1)
+    bb = bb.reshape((Hkv, G) + bb.shape[1:]) if bb.shape[0] > 1 else bb[None]
+    keys = slice(lo, hi) if bb.shape[3] > 1 else slice(None)
+    return bb[:, :, rows if bb.shape[2] > 1 else slice(None), keys]
 
 
 def attention_backward(
@@ -234,35 +297,49 @@ def attention_backward(
     """
     op = f"{OP}_backward"
     check_cache_type(op, cache, AttentionCache)
-    q, k, v, p, scale, bias_shape = cache
+    q, k, v, p, scale, bias_shape = cache[:6]
     B, H, Hkv, Tq, Tk, D = check_dout(op, dout, q, k)
     G = H // Hkv
 
     # c_s enters (ATT.8) and (ATT.9) on a T x D operand, c_s K and c_s Q, not on the Tq x Tk dS
-    q_scaled = np.multiply(q, q.dtype.type(scale), order="C").reshape(B, Hkv, G * Tq, D)  # grouped as forward
+    q4 = np.multiply(q, q.dtype.type(scale), order="C").reshape(B, Hkv, G, Tq, D)  # grouped as forward
     k_scaled = k * k.dtype.type(scale)
-    dout_grouped = np.ascontiguousarray(dout).reshape(B, Hkv, G * Tq, D)
-    p_grouped = p.reshape(B, Hkv, G * Tq, Tk)
+    dout4 = np.ascontiguousarray(dout).reshape(B, Hkv, G, Tq, D)
+    p4 = p.reshape(B, Hkv, G, Tq, Tk)
 
     dq = np.empty((B, H, Tq, D), q.dtype)
-    dk = np.empty((B, Hkv, Tk, D), q.dtype)
-    dv = np.empty((B, Hkv, Tk, D), q.dtype)
-    dq_grouped = dq.reshape(B, Hkv, G * Tq, D)  # a view: dq is C-contiguous
-    ds_all = None if bias_shape is None else np.empty((B, H, Tq, Tk), q.dtype)  # dS of every batch element
-    ds_one = np.empty((H, Tq, Tk), q.dtype) if ds_all is None else None  # else, one reused for each b
-    for b in range(B):  # one batch element at a time, as in the forward
-        p_b = p[b]  # (H, Tq, Tk)
-        # (ATT.4), summed over the query heads of each group by the product itself (ATT.12)
-        np.matmul(p_grouped[b].swapaxes(-1, -2), dout_grouped[b], out=dv[b])
-        dp = np.matmul(dout_grouped[b], v[b].swapaxes(-1, -2)).reshape(H, Tq, Tk)  # (ATT.5)
-        rowsum = np.einsum("hik,hik->hi", dp, p_b)[..., None]  # rowsum(dP * P) of (ATT.7), (H, Tq, 1)
-        # (ATT.7)  dS = P * (dP - rowsum): dP - rowsum is an unnamed step in dS's own buffer
-        ds = np.subtract(dp, rowsum, out=ds_one if ds_all is None else ds_all[b])
-        ds *= p_b  # masked entries have P = 0, so dS = 0 there (ATT.11)
+    dk = np.zeros((B, Hkv, Tk, D), q.dtype)  # summed over the query blocks
+    dv = np.zeros((B, Hkv, Tk, D), q.dtype)
+    dq4 = dq.reshape(B, Hkv, G, Tq, D)  # a view: dq is C-contiguous
+    ds_all = None if bias_shape is None else np.zeros((B, H, Tq, Tk), q.dtype)  # dS of every batch element
+    ds4 = None if ds_all is None else ds_all.reshape(B, Hkv, G, Tq, Tk)
+    blocks = query_blocks(Tq, Tk, cache.causal, cache.window)  # as in the forward (ATT.19)
+    def batch_elements(batch: slice) -> None:  # one batch element and one block of query rows
+        for b in range(batch.start, batch.stop):  # at a time, as in the forward
+            for i0, i1, lo, hi in blocks:
+                rows, whole = slice(i0, i1), i1 - i0 == Tq
+                if hi == lo:  # rows that see no key: dQ = 0 (ATT.11)
+                    dq4[b, :, :, rows] = 0.0
+                    continue
+                p_mm = _rows(p4[b, ..., lo:hi], rows, whole)  # (Hkv, G', n', t), P of the visible keys
+                do_mm = _rows(dout4[b], rows, whole)
+                # (ATT.4), summed over the query heads of each group (ATT.12) and over the query blocks
+                dv[b, :, lo:hi] += _sum_group(np.matmul(p_mm.swapaxes(-1, -2), do_mm))
+                dp = np.matmul(do_mm, v[b, :, None, lo:hi].swapaxes(-1, -2))  # (ATT.5)
+                dp4 = dp.reshape(Hkv, G, i1 - i0, hi - lo)  # the block's rows by head, as P's
+                p_blk = p4[b, :, :, rows, lo:hi]
+                rowsum = np.einsum("cgik,cgik->cgi", dp4, p_blk)[..., None]  # rowsum(dP * P) of (ATT.7)
+                # (ATT.7)  dS = P * (dP - rowsum): dP - rowsum is an unnamed step in dP's own buffer
+                dp4 -= rowsum
+                dp4 *= p_blk  # masked entries have P = 0, so dS = 0 there (ATT.11)
+                ds = dp  # dS, in the product layout
+                np.matmul(ds, k_scaled[b, :, None, lo:hi], out=_rows(dq4[b], rows, whole))  # (ATT.8)
+                # (ATT.9), summed over the group (ATT.12) and over the query blocks
+                dk[b, :, lo:hi] += _sum_group(np.matmul(ds.swapaxes(-1, -2), _rows(q4[b], rows, whole)))
+                if ds4 is not None:
+                    ds4[b, :, :, rows, lo:hi] = dp4
 
-        ds_grouped = ds.reshape(Hkv, G * Tq, Tk)
-        np.matmul(ds_grouped, k_scaled[b], out=dq_grouped[b])  # (ATT.8)
-        np.matmul(ds_grouped.swapaxes(-1, -2), q_scaled[b], out=dk[b])  # (ATT.9), summed over the group (ATT.12)
+    blas_parallel(batch_elements, B, H * Tq * max(Tk, 1))
 
     dbias = None
     if bias_shape is not None:

@@ -26,6 +26,7 @@ from ._checks import (
     check_same_dtype_as,
     check_shape,
 )
+from .fastpath import row_parallel
 
 OP = "layernorm"
 
@@ -96,18 +97,30 @@ def layernorm_forward(
         check_shape(op, name, p, (D,))
     eps = check_real(op, "eps", eps, lo=0.0)
 
+    x2 = x.reshape(-1, D)  # (N, D): the rows (a copy only where a view cannot do it)
+    y, xhat, rstd = np.empty(x2.shape, x.dtype), np.empty(x2.shape, x.dtype), np.empty((len(x2), 1), x.dtype)
+
+    def rows(r: slice) -> None:  # rows are independent: blocks of them run on several cores
+        xhat[r], rstd[r] = _normalise(x2[r], eps)  # (LN.1) - (LN.4), (LN.13)
+        np.multiply(xhat[r], gamma, out=y[r])
+        y[r] += beta  # (LN.5)
+
+    row_parallel(rows, len(x2), D)
+    return y.reshape(x.shape), LayerNormCache(xhat=xhat.reshape(x.shape), rstd=rstd.reshape(x.shape[:-1] + (1,)),
+                                              gamma=gamma)
+
+
+def _normalise(x: np.ndarray, eps: float) -> Tuple[np.ndarray, np.ndarray]:
+    """xhat = (x - mu) r and r = 1 / sqrt(var + eps) of rows x (N, D) (LN.1) - (LN.4)."""
     with np.errstate(over="ignore", invalid="ignore"):  # a row that overflows is redone by (LN.13)
         xc = _centred(x)  # x - mu, (LN.1), (LN.12)
-        var = _row_dot(xc, xc) / D  # (LN.2)
+        var = _row_dot(xc, xc) / x.shape[-1]  # (LN.2)
         rstd = 1.0 / np.sqrt(var + eps)  # (LN.3)
         xhat = np.multiply(xc, rstd, out=xc)  # (LN.4), written over x - mu, which is not needed again
-        del xc  # (its buffer is xhat's now)
         huge = ~np.isfinite(var[..., 0])  # (rows holding inf or nan stay nan)
         if huge.any():
             xhat[huge], rstd[huge] = _normalise_huge_rows(x[huge], eps)  # (LN.13)
-    y = xhat * gamma
-    y += beta  # (LN.5)
-    return y, LayerNormCache(xhat=xhat, rstd=rstd, gamma=gamma)
+    return xhat, rstd
 
 
 def layernorm_backward(
@@ -122,20 +135,27 @@ def layernorm_backward(
     xhat, rstd, gamma = cache
     check_same_dtype_as(op, "dy", dy, xhat.dtype, "x")
     check_shape(op, "dy", dy, xhat.shape)
-    rows = tuple(range(dy.ndim - 1))
     D = xhat.shape[-1]
+    dy2, xhat2, rstd2 = dy.reshape(-1, D), xhat.reshape(-1, D), rstd.reshape(-1, 1)  # (N, D), (N, 1)
+    ones = np.ones(len(dy2), dy.dtype)
+    dbeta = ones @ dy2  # (LN.6): a sum over rows, as one matrix-vector product
+    dx = np.empty(dy2.shape, dy.dtype)
+    dy_xhat = np.empty(dy2.shape, dy.dtype)
 
-    dbeta = dy.sum(axis=rows)  # (LN.6)
-    dgamma = (dy * xhat).sum(axis=rows)  # (LN.7)
-    dxhat = dy * gamma  # (LN.8)
-    # (LN.10): dx = r (dxhat - mean(dxhat) - xhat mean(dxhat xhat))
-    mean_dxhat = dxhat.mean(axis=-1, keepdims=True)
-    mean_dxhat_xhat = _row_dot(dxhat, xhat) / D
-    dx = xhat * -mean_dxhat_xhat  # dx is built in one buffer, term by term
-    dx -= mean_dxhat
-    dx += dxhat
-    dx *= rstd
-    return dx, dgamma, dbeta
+    def rows(r: slice) -> None:  # rows are independent: blocks of them run on several cores
+        np.multiply(dy2[r], xhat2[r], out=dy_xhat[r])  # summed over rows for (LN.7)
+        dxhat = dy2[r] * gamma  # (LN.8)
+        # (LN.10): dx = r (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), built in dx's buffer term by term
+        mean_dxhat = dxhat.mean(axis=-1, keepdims=True)
+        mean_dxhat_xhat = _row_dot(dxhat, xhat2[r]) / D
+        dx_r = np.multiply(xhat2[r], -mean_dxhat_xhat, out=dx[r])
+        dx_r -= mean_dxhat
+        dx_r += dxhat
+        dx_r *= rstd2[r]
+
+    row_parallel(rows, len(dy2), D)
+    dgamma = ones @ dy_xhat  # (LN.7)
+    return dx.reshape(dy.shape), dgamma, dbeta
 
 
 def gradcheck_cases(rng: np.random.Generator):

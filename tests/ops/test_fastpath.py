@@ -1,0 +1,253 @@
+"""The fast path (npformer/ops/fastpath.py) against its plain form.
+
+Causal block skipping (ATT.19) equals one block of every query against every key at the
+dtype's tolerance, for every mask, bias, group size, window and block size, including blocks
+of one row and blocks longer than the sequence; its probabilities are exactly zero on the
+hidden keys. Row-parallel work gives the plain form's result bit for bit.
+"""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from npformer.ops import fastpath
+from npformer.ops.attention import attention_backward, attention_forward, query_blocks, sliding_window_mask
+from tests.badinput import expect_rejected
+from tests.ops.test_attention import configs, hidden_mask, in_layouts, make, torch_plain
+from tests.strategies import rngs
+from tests.tolerances import RTOL, assert_close
+
+BLOCKS = st.sampled_from([1, 2, 3, 5, 64])
+
+
+def run(cfg, inputs, window=None):
+    q, k, v, dout, bias = inputs
+    a = in_layouts(cfg.layouts, q=q, k=k, v=v, dout=dout, bias=bias, pad=cfg.pad)
+    out, cache = attention_forward(a["q"], a["k"], a["v"], causal=cfg.causal or window is not None,
+                                   key_padding_mask=a["pad"], bias=a["bias"], window=window)
+    return (out, cache.probs, *attention_backward(a["dout"], cache))
+
+
+@pytest.mark.derivation("ATT.19")
+@given(cfg=configs(), block=BLOCKS, window=st.sampled_from([None, 1, 2, 4]))
+def test_causal_blocks_equal_the_plain_form(cfg, block, window):
+    inputs = make(cfg.shape, cfg.dtype, cfg.magnitude, cfg.rng, cfg.bias_shape)
+    with fastpath.configured(causal_block=None):
+        plain = run(cfg, inputs, window)
+    with fastpath.configured(causal_block=block):
+        fast = run(cfg, inputs, window)
+    rtol = RTOL[np.dtype(cfg.dtype)]
+    for name, want, got in zip(("out", "probs", "dq", "dk", "dv", "dbias"), plain, fast):
+        if want is None:
+            assert got is None, name
+            continue
+        assert got.shape == want.shape and got.dtype == want.dtype, name
+        assert_close(got, want, rtol=rtol, what=name)
+
+
+@pytest.mark.derivation("ATT.19")
+@given(cfg=configs(), block=BLOCKS)
+def test_causal_blocks_match_torch(cfg, block):
+    """The block path against attention written out in torch (the oracle of test_attention.py)."""
+    B, H, Hkv, Tq, Tk, D = cfg.shape
+    q, k, v, dout, bias = make(cfg.shape, cfg.dtype, cfg.magnitude, cfg.rng, cfg.bias_shape)
+    with fastpath.configured(causal_block=block):
+        out, cache = attention_forward(q, k, v, causal=True, key_padding_mask=cfg.pad, bias=bias)
+    hidden = hidden_mask(B, Tq, Tk, True, cfg.pad)
+    probs = torch_plain(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v),
+                        None if bias is None else torch.from_numpy(bias), hidden)
+    assert_close(cache.probs, probs.numpy(), rtol=RTOL[np.dtype(cfg.dtype)])
+
+
+@pytest.mark.derivation("ATT.19")
+@given(Tq=st.integers(0, 40), Tk=st.integers(0, 40), block=st.integers(1, 45),
+       window=st.sampled_from([None, 1, 3, 17]))
+def test_blocks_cover_every_visible_key_and_no_row_twice(Tq, Tk, block, window):
+    """Each row lies in one block; every key it sees lies in its block's range [lo, hi) (ATT.19)."""
+    with fastpath.configured(causal_block=block):
+        blocks = query_blocks(Tq, Tk, True, window)
+    seen = np.zeros(Tq, int)
+    visible = ~sliding_window_mask(Tq, Tk, window if window is not None else max(Tk, 1))
+    for i0, i1, lo, hi in blocks:
+        seen[i0:i1] += 1
+        assert 0 <= lo <= hi <= Tk
+        inside = np.zeros(Tk, bool)
+        inside[lo:hi] = True
+        assert not (visible[i0:i1] & ~inside).any()
+        if hi > lo:  # the range is tight: its first and last keys are seen by some row
+            assert visible[i0:i1, lo].any() and visible[i0:i1, hi - 1].any()
+    assert (seen == 1).all()
+
+
+@given(rng=rngs(), block=st.integers(1, 9))
+def test_hidden_probabilities_are_exactly_zero(rng, block):
+    q, k, v = (rng.standard_normal((2, 3, 11, 4)).astype(np.float32) for _ in range(3))
+    with fastpath.configured(causal_block=block):
+        _, cache = attention_forward(q, k, v, causal=True)
+    assert (cache.probs[..., np.triu_indices(11, 1)[0], np.triu_indices(11, 1)[1]] == 0).all()
+    assert_close(cache.probs.sum(-1), np.ones((2, 3, 11), np.float32), rtol=RTOL[np.dtype(np.float32)])
+
+
+def test_a_backward_after_the_setting_changed_is_still_exact():
+    """The backward reads its blocks from the setting at its own call; any blocking is exact."""
+    rng = np.random.default_rng(0)
+    q, k, v, dout = (rng.standard_normal((1, 2, 9, 3)) for _ in range(4))
+    with fastpath.configured(causal_block=2):
+        _, cache = attention_forward(q, k, v, causal=True)
+    with fastpath.configured(causal_block=None):
+        got = attention_backward(dout, cache)
+        _, cache_plain = attention_forward(q, k, v, causal=True)
+        want = attention_backward(dout, cache_plain)
+    for g, w in zip(got[:3], want[:3]):
+        assert_close(g, w, rtol=RTOL[np.dtype(np.float64)])
+
+
+# --- row-parallel work -------------------------------------------------------------------------
+
+
+@given(n=st.integers(0, 3000), parts=st.integers(1, 9))
+def test_row_slices_partition_the_rows(n, parts):
+    slices = fastpath.row_slices(n, parts)
+    covered = np.concatenate([np.arange(n)[s] for s in slices]) if slices else np.arange(0)
+    assert (covered == np.arange(n)).all()
+    assert len(slices) <= parts and all(s.stop > s.start for s in slices)
+    if slices:
+        sizes = [s.stop - s.start for s in slices]
+        assert max(sizes) - min(sizes) <= 1
+
+
+@given(n=st.integers(0, 5000), threads=st.integers(1, 5))
+def test_row_parallel_visits_every_row_once(n, threads):
+    counts = np.zeros(n, int)
+    names = set()
+
+    def fn(rows):
+        counts[rows] += 1
+        names.add(threading.current_thread().name)
+
+    with fastpath.configured(threads=threads):
+        fastpath.row_parallel(fn, n, row_size=64)
+    assert (counts == 1).all()
+    assert len(names) <= threads
+
+
+def test_row_parallel_runs_large_work_at_once_on_several_threads_and_small_work_on_one():
+    barrier = threading.Barrier(3, timeout=20)  # passes only when three calls run at the same time
+    names = set()
+
+    def together(rows):
+        barrier.wait()
+        names.add(threading.current_thread().name)
+
+    with fastpath.configured(threads=3):
+        fastpath.row_parallel(together, 3000, row_size=64)
+        assert len(names) == 3
+        names.clear()
+        fastpath.row_parallel(lambda rows: names.add(threading.current_thread().name), 3000, row_size=1)
+        assert names == {threading.current_thread().name}
+
+
+def test_an_error_in_a_worker_reaches_the_caller():
+    def fn(rows):
+        if rows.start > 0:
+            raise RuntimeError(f"row block {rows.start}")
+
+    with fastpath.configured(threads=2), pytest.raises(RuntimeError, match="row block"):
+        fastpath.row_parallel(fn, 4000, row_size=64)
+
+
+def test_configured_restores_the_settings():
+    before = (fastpath.num_threads(), fastpath.causal_block())
+    with fastpath.configured(threads=7, causal_block=None):
+        assert (fastpath.num_threads(), fastpath.causal_block()) == (7, None)
+    assert (fastpath.num_threads(), fastpath.causal_block()) == before
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2", None])
+def test_bad_threads_are_refused(bad):
+    expect_rejected(lambda: fastpath.configure(threads=bad), "fastpath.configure", "threads")
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.0, False, "64"])
+def test_bad_causal_blocks_are_refused(bad):
+    expect_rejected(lambda: fastpath.configure(causal_block=bad), "fastpath.configure", "causal_block")
+
+
+# --- ops on row blocks: bit for bit the plain form -----------------------------------------------
+
+ROWS = st.sampled_from([1, 3, 257, 1031])  # with D up to 193: from one thread's work to several
+WIDTHS = st.sampled_from([1, 5, 64, 193])
+
+
+def _both_forms(call):
+    with fastpath.configured(threads=1):
+        plain = call()
+    with fastpath.configured(threads=3):
+        fast = call()
+    return plain, fast
+
+
+def _assert_identical(plain, fast):
+    for want, got in zip(plain, fast):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert np.array_equal(got, want, equal_nan=True)
+
+
+@given(rng=rngs(), n=ROWS, D=WIDTHS, dtype=st.sampled_from([np.float32, np.float64]),
+       layout=st.sampled_from(["contiguous", "transposed", "strided"]))
+def test_layernorm_on_row_blocks_is_the_plain_form_bit_for_bit(rng, n, D, dtype, layout):
+    from npformer.ops.layernorm import layernorm_backward, layernorm_forward
+    from tests.strategies import in_layout
+
+    x = in_layout((rng.standard_normal((n, D)) * 3 + 1).astype(dtype), layout)
+    x[0, 0] = 1e30 if dtype == np.float32 else 1e300  # a row whose variance overflows: (LN.13)
+    gamma, beta, dy = rng.standard_normal(D).astype(dtype), rng.standard_normal(D).astype(dtype), \
+        rng.standard_normal((n, D)).astype(dtype)
+
+    def call():
+        y, cache = layernorm_forward(x, gamma, beta)
+        dx, _, _ = layernorm_backward(dy, cache)
+        return y, cache.xhat, cache.rstd, dx
+
+    _assert_identical(*_both_forms(call))
+
+
+@given(rng=rngs(), n=st.sampled_from([1, 7, 40_000, 70_001]), dtype=st.sampled_from([np.float32, np.float64]))
+def test_gelu_on_element_blocks_is_the_plain_form_bit_for_bit(rng, n, dtype):
+    from npformer.ops.activations import gelu_backward, gelu_forward
+
+    x = (rng.standard_normal(n) * 4).astype(dtype)
+    dy = rng.standard_normal(n).astype(dtype)
+
+    def call():
+        y, cache = gelu_forward(x, "tanh")
+        return y, cache.cdf, cache.tanh_u, gelu_backward(dy, cache)
+
+    _assert_identical(*_both_forms(call))
+
+
+@given(rng=rngs(), B=st.sampled_from([1, 2, 5]), block=st.sampled_from([None, 3]))
+def test_attention_on_batch_blocks_is_the_plain_form_bit_for_bit(rng, B, block):
+    q = rng.standard_normal((B, 4, 33, 8)).astype(np.float32)
+    k, v = (rng.standard_normal((B, 2, 41, 8)).astype(np.float32) for _ in range(2))
+    dout = rng.standard_normal((B, 4, 33, 8)).astype(np.float32)
+
+    def call():
+        with fastpath.configured(causal_block=block):
+            out, cache = attention_forward(q, k, v, causal=True)
+            return (out, cache.probs, *attention_backward(dout, cache)[:3])
+
+    with fastpath.configured(threads=1):
+        plain = call()
+    with fastpath.configured(threads=3):
+        # rows are handed to threads only above MIN_ELEMENTS per thread: lower it for these small shapes
+        old, fastpath.MIN_ELEMENTS = fastpath.MIN_ELEMENTS, 1
+        try:
+            fast = call()
+        finally:
+            fastpath.MIN_ELEMENTS = old
+    _assert_identical(plain, fast)
