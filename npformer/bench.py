@@ -5,12 +5,17 @@ Reported in one run, on one machine, with one thread count:
 - tokens/s of npformer (float32 by default);
 - model-FLOP utilisation: achieved matmul FLOP/s (``flops_per_token`` x tokens/s)
   over the float32 matmul FLOP/s NumPy reaches on this machine, measured here;
+- the fast path's settings (``npformer.ops.fastpath``: threads, causal block);
 - the same step in a torch CPU twin of the same config (if torch is installed and
   ``torch_twin`` is on, i.e. no ``--no-torch``) and the ratio npformer / torch; the
   result's ``torch_twin`` says which: ``"ran"``, ``"skipped"`` or ``"torch not installed"``;
+  the twin's MFU against the matmul FLOP/s torch reaches, measured the same way, so that the
+  two engines' utilisation of their own matmul stands side by side; the two steps take turns,
+  round after round, and each figure is a median over the rounds;
 - which BLAS NumPy runs, and with how many threads (threadpoolctl, if installed).
 
-``--json`` ends the output with one JSON line holding all of it.
+``--json`` ends the output with one JSON line holding all of it. ``--profile`` prints instead
+where npformer's step goes, by op family (``npformer.bench_profile``).
 """
 
 from __future__ import annotations
@@ -20,12 +25,13 @@ import os
 import platform
 import time
 from dataclasses import asdict
-from typing import Dict, Optional
+from typing import Dict, List
 
 import numpy as np
 
 from ._memory import reuse_freed_memory
 from .models.gpt import GPT, GPTConfig
+from .ops import fastpath
 from .ops._checks import check_bool, check_count
 from .optim import AdamW
 
@@ -88,22 +94,53 @@ def time_npformer(cfg: GPTConfig, batch: int, steps: int, warmup: int = WARMUP) 
     return float(np.median(times))
 
 
-def time_torch(cfg: GPTConfig, batch: int, steps: int, warmup: int = WARMUP) -> Optional[Dict[str, object]]:
-    """The torch twin's step time, or None without torch. The twin lives with the other torch code
-    (``kernels/twins/gpt.py``) and is imported by name, only here, so the engine never imports torch."""
+def torch_step(cfg: GPTConfig, batch: int):
+    """(the torch twin's training step as a function, its facts), or None without torch. The twin lives
+    with the other torch code (``kernels/twins/gpt.py``) and is imported by name, only here, so the
+    engine never imports torch."""
     import importlib
     import importlib.util
 
     if importlib.util.find_spec("torch") is None:
         return None
     twin = importlib.import_module("kernels.twins.gpt")
+    common = importlib.import_module("kernels.twins.common")
     threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
-    return twin.time_training_step(asdict(cfg), batch, steps, warmup=warmup, threads=threads)
+    step = twin.make_training_step(asdict(cfg), batch, threads=threads)
+    import torch
+
+    return step, {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                  "matmul_flops": common.matmul_flops(), "blas": _torch_blas(torch)}
+
+
+def _torch_blas(torch) -> str:
+    """The BLAS torch was built with, from its build configuration (e.g. ``mkl``, ``open``)."""
+    config = torch.__config__.show()
+    for line in config.splitlines():
+        if "BLAS_INFO=" in line:
+            return line.split("BLAS_INFO=")[1].split(",")[0].strip()
+    return "unknown"
+
+
+def interleaved(steps_by_engine: Dict[str, object], rounds: int, warmup: int = WARMUP) -> Dict[str, List[float]]:
+    """Seconds of each engine's step, the engines taking turns for ``rounds`` rounds after ``warmup``
+    untimed ones each: a machine that speeds up or slows down during the run does so for all of them."""
+    for step in steps_by_engine.values():
+        for _ in range(warmup):
+            step()
+    times: Dict[str, List[float]] = {name: [] for name in steps_by_engine}
+    for _ in range(rounds):
+        for name, step in steps_by_engine.items():
+            t = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t)
+    return times
 
 
 def run(cfg: GPTConfig = REFERENCE, batch: int = 16, steps: int = 5, torch_twin: bool = True,
         log=print) -> Dict[str, object]:
-    """Time ``steps`` training steps of ``cfg`` at ``batch`` sequences (and the torch twin's); the figures by name."""
+    """Time ``steps`` training steps of ``cfg`` at ``batch`` sequences, taking turns with the torch
+    twin's step when it runs; the figures by name."""
     op = "bench.run"
     if not isinstance(cfg, GPTConfig):
         raise TypeError(f"{op}: argument 'cfg' expected a GPTConfig, got {type(cfg).__name__}")
@@ -114,7 +151,14 @@ def run(cfg: GPTConfig = REFERENCE, batch: int = 16, steps: int = 5, torch_twin:
     tokens = batch * cfg.block_size
     peak = matmul_flops()
     log(f"numpy float32 matmul: {peak / 1e9:.0f} GFLOP/s ({blas_info()})")
-    t_np = time_npformer(cfg, batch, steps)
+    twin = torch_step(cfg, batch) if torch_twin else None
+    engines = {"npformer": make_step(cfg, batch)}
+    if twin is not None:
+        engines["torch"] = twin[0]
+        log(f"torch float32 matmul: {twin[1]['matmul_flops'] / 1e9:.0f} GFLOP/s (BLAS {twin[1]['blas']}, "
+            f"{twin[1]['threads']} threads)")
+    times = interleaved(engines, steps)
+    t_np = float(np.median(times["npformer"]))
     flops_per_token = cfg.flops_per_token()
     result: Dict[str, object] = {
         "config": {**asdict(cfg), "batch": batch},
@@ -125,18 +169,24 @@ def run(cfg: GPTConfig = REFERENCE, batch: int = 16, steps: int = 5, torch_twin:
         "flops_per_token": flops_per_token,
         "blas": blas_info(),
         "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__},
+        "fastpath": {"threads": fastpath.num_threads(), "causal_block": fastpath.causal_block()},
     }
-    log(f"npformer: {result['tokens_per_s']:,.0f} tok/s ({t_np * 1e3:.0f} ms/step), MFU {result['mfu']:.1%}")
-    twin = time_torch(cfg, batch, steps) if torch_twin else None
+    log(f"npformer: {result['tokens_per_s']:,.0f} tok/s ({t_np * 1e3:.0f} ms/step), MFU {result['mfu']:.1%} "
+        f"of NumPy's matmul")
     result["torch_twin"] = "ran" if twin is not None else "torch not installed" if torch_twin else "skipped"
-    t_torch = None if twin is None else twin["step_s"]
+    t_torch = None if twin is None else float(np.median(times["torch"]))
+    result["torch_step_s"] = t_torch
     result["torch_tokens_per_s"] = None if t_torch is None else tokens / t_torch
     result["ratio_vs_torch"] = None if t_torch is None else t_torch / t_np
+    result["torch_matmul_flops"] = None if twin is None else twin[1]["matmul_flops"]
+    result["torch_mfu"] = None if twin is None else flops_per_token * tokens / t_torch / twin[1]["matmul_flops"]
     if twin is not None:
-        result["machine"]["torch"] = twin["torch"]
-        result["machine"]["torch_threads"] = twin["threads"]
-        log(f"torch twin: {result['torch_tokens_per_s']:,.0f} tok/s ({t_torch * 1e3:.0f} ms/step); "
-            f"npformer / torch = {result['ratio_vs_torch']:.2f}x")
+        result["machine"]["torch"] = twin[1]["torch"]
+        result["machine"]["torch_threads"] = twin[1]["threads"]
+        result["machine"]["torch_blas"] = twin[1]["blas"]
+        log(f"torch twin: {result['torch_tokens_per_s']:,.0f} tok/s ({t_torch * 1e3:.0f} ms/step), MFU "
+            f"{result['torch_mfu']:.1%} of torch's matmul; npformer / torch = {result['ratio_vs_torch']:.2f}x "
+            f"(medians of {steps} rounds taking turns)")
     elif torch_twin:
         log("torch twin: not run (torch not installed)")
     else:
@@ -147,6 +197,15 @@ def run(cfg: GPTConfig = REFERENCE, batch: int = 16, steps: int = 5, torch_twin:
 def main(args) -> int:
     cfg = GPTConfig(**{**asdict(REFERENCE), **{k: v for k, v in vars(args).items()
                                                  if k in GPTConfig.__dataclass_fields__ and v is not None}})
+    if getattr(args, "profile", False):
+        from .bench_profile import format_table, profile_step
+
+        reuse_freed_memory()
+        table = profile_step(cfg, batch=args.batch, steps=args.steps)
+        print(format_table(table))
+        if args.json:
+            print(json.dumps(table))
+        return 0
     result = run(cfg, batch=args.batch, steps=args.steps, torch_twin=not args.no_torch)
     if args.json:
         print(json.dumps(result))

@@ -77,3 +77,58 @@ def test_the_torch_twin_line_says_why_it_did_not_run(skip):
         assert result["torch_twin"] == "ran" and "tok/s" in twin_line
     else:
         assert twin_line == "torch twin: not run (torch not installed)"
+
+
+def test_the_twin_utilisation_stands_beside_npformers():
+    result = run(TINY, batch=2, steps=2, log=lambda *a: None)
+    tokens = 2 * TINY.block_size
+    assert result["torch_matmul_flops"] > 0 and result["torch_step_s"] > 0
+    expected = TINY.flops_per_token() * tokens / result["torch_step_s"] / result["torch_matmul_flops"]
+    assert abs(result["torch_mfu"] - expected) <= 1e-12 * expected
+    assert abs(result["torch_tokens_per_s"] * result["torch_step_s"] - tokens) < 1e-6 * tokens
+    assert isinstance(result["machine"]["torch_blas"], str) and result["machine"]["torch_blas"]
+    from npformer.ops import fastpath
+
+    assert result["fastpath"] == {"threads": fastpath.num_threads(), "causal_block": fastpath.causal_block()}
+
+
+def test_engines_take_turns_round_after_round():
+    from npformer.bench import interleaved
+
+    order = []
+    times = interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, rounds=3, warmup=1)
+    assert order == ["a", "b"] + ["a", "b"] * 3  # warm-up of each, then alternating rounds
+    assert [len(t) for t in times.values()] == [3, 3] and all(x >= 0 for t in times.values() for x in t)
+
+
+def test_profile_attributes_the_step_to_op_families(capsys):
+    from npformer.bench_profile import DIRECTIONS, profile_step
+
+    result = profile_step(TINY, batch=2, steps=2, warmup=1)
+    families = {r["family"] for r in result["rows"]}
+    assert {"linear", "attention", "layernorm", "activations", "optimizer", "embedding", "cross_entropy"} <= families
+    for r in result["rows"]:
+        assert abs(r["total"] - sum(r[d] for d in DIRECTIONS)) <= 1e-12 * max(r["total"], 1e-30)
+        assert all(r[d] >= 0 for d in DIRECTIONS)
+    by = {r["family"]: r for r in result["rows"]}
+    assert by["optimizer"]["update"] > 0 and by["optimizer"]["forward"] == by["optimizer"]["backward"] == 0
+    assert by["linear"]["forward"] > 0 and by["linear"]["backward"] > 0 and by["linear"]["update"] == 0
+    # every profiled second lands in exactly one row: the rows add up to the profiled step
+    assert 0.7 * result["profiled_step_s"] <= result["attributed_s"] <= 1.05 * result["profiled_step_s"]
+    totals = [r["total"] for r in result["rows"]]
+    assert totals == sorted(totals, reverse=True)
+
+
+def test_profile_flag_prints_the_table(capsys):
+    assert cli_main(["bench", "--profile", "--steps", "1", "--batch", "1", "--n-layer", "1", "--d-model", "16",
+                     "--n-head", "2", "--block-size", "8", "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("| op family | forward ms | backward ms |")
+    assert any(line.startswith("| linear |") for line in out) and any("**step**" in line for line in out)
+    data = json.loads(out[-1])
+    assert {r["family"] for r in data["rows"]} >= {"linear", "attention"}
+
+
+def test_profile_does_not_combine_with_inference(capsys):
+    assert cli_main(["bench", "--profile", "--inference"]) == 2
+    assert "--profile" in capsys.readouterr().err

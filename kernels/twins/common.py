@@ -2,7 +2,7 @@
 
 ``TwinModel`` is the base of ``TwinGPT`` and ``TwinLlama``: ``load_npformer_state`` copies an
 npformer ``state_dict`` (the same names, none missing, none extra) and ``stop_recording`` removes
-the hooks ``start_recording`` placed. ``time_training_step`` is the baseline of ``npformer
+the hooks ``start_recording`` placed. ``make_training_step`` is the baseline of ``npformer
 bench``: the same float32 step as npformer's (forward with the loss, backward, AdamW with the
 same settings), on the same batch shape, with a given thread count; the median of ``steps``
 timed steps after ``warmup``.
@@ -44,25 +44,50 @@ class TwinModel(nn.Module):
                 prm.copy_(torch.from_numpy(np.ascontiguousarray(state[name])))
 
 
-def time_training_step(make_twin: Callable[..., torch.nn.Module], config: Dict[str, object], batch: int,
-                       steps: int, *, warmup: int = 1, threads: int = 1) -> Dict[str, object]:
-    """Median seconds of one float32 training step of ``make_twin(**config)`` at full length ``block_size``."""
+def make_training_step(make_twin: Callable[..., torch.nn.Module], config: Dict[str, object], batch: int, *,
+                       threads: int = 1) -> Callable[[], None]:
+    """One float32 training step of ``make_twin(**config)`` at full length ``block_size`` (forward with
+    the loss, backward, AdamW as npformer's bench sets it), as a function to call."""
     torch.set_num_threads(threads)
     model = make_twin(**config).float()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     ids = torch.from_numpy(np.random.default_rng(0).integers(0, config["vocab_size"],
                                                               (batch, config["block_size"] + 1)))
     x, y = ids[:, :-1], ids[:, 1:]
-    times = []
-    for i in range(warmup + steps):
-        t = time.perf_counter()
+
+    def step() -> None:
         _, loss = model(x, y)
         opt.zero_grad(set_to_none=False)
         loss.backward()
         opt.step()
+
+    return step
+
+
+def time_training_step(make_twin: Callable[..., torch.nn.Module], config: Dict[str, object], batch: int,
+                       steps: int, *, warmup: int = 1, threads: int = 1) -> Dict[str, object]:
+    """Median seconds of one float32 training step of ``make_twin(**config)`` at full length ``block_size``."""
+    step = make_training_step(make_twin, config, batch, threads=threads)
+    times = []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        step()
         if i >= warmup:
             times.append(time.perf_counter() - t)
     return {"step_s": float(np.median(times)), "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def matmul_flops(n: int = 1024, seconds: float = 1.0) -> float:
+    """Best observed FLOP/s of an n x n x n float32 matmul in torch (its own BLAS, its thread setting)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = torch.empty(n, n)
+    torch.matmul(a, b, out=out)
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t = time.perf_counter()
+        torch.matmul(a, b, out=out)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
 
 
 def hidden_keys(T: int, prefix_len=None, window=None) -> torch.Tensor:

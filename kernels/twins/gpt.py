@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import TwinModel, hidden_keys, time_training_step as _time_step
+from .common import TwinModel, hidden_keys, make_training_step as _make_step, time_training_step as _time_step
 
 
 class TwinAttention(nn.Module):
@@ -153,3 +153,8 @@ def time_training_step(config: Dict[str, object], batch: int, steps: int, *, war
                        threads: int = 1) -> Dict[str, object]:
     """Median seconds of one float32 training step of the twin of ``config`` (see ``common.py``)."""
     return _time_step(TwinGPT, config, batch, steps, warmup=warmup, threads=threads)
+
+
+def make_training_step(config: Dict[str, object], batch: int, *, threads: int = 1):
+    """One float32 training step of the twin of ``config``, as a function (see ``common.py``)."""
+    return _make_step(TwinGPT, config, batch, threads=threads)

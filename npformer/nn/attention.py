@@ -53,6 +53,7 @@ from ..ops._checks import (
 )
 from ..ops.alibi import alibi_bias
 from ..ops.attention import AttentionCache, attention_backward, attention_forward
+from ..ops.linear import LinearCache, linear_backward, linear_forward
 from ..ops.rope import RopeCache, rope_backward, rope_forward
 from ..ops.t5_bias import T5BiasCache, t5_bias_backward, t5_bias_forward
 from .layers import Embedding, Linear, check_dout, check_features, check_layer_options
@@ -145,6 +146,7 @@ class MHACache(NamedTuple):
     rope_k: Optional[RopeCache] = None  # RoPE of this call's keys (same positions)
     t5: Optional[T5BiasCache] = None  # buckets of the T5 bias, for the table's gradient
     bias_shape: Optional[Tuple[int, ...]] = None  # shape of the caller's additive bias (None: none given)
+    qkv: Optional[LinearCache] = None  # the fused q, k, v product of self attention (None: three products)
 
 
 class MultiHeadAttention(Module):
@@ -214,6 +216,46 @@ class MultiHeadAttention(Module):
             raise ValueError(f"{name}: argument 'bias' expected 4-D shape with each dimension 1 or equal to {full}, "
                              f"got {tuple(bias.shape)}")
 
+    def _fused(self) -> bool:
+        """Whether q, k and v come from one product: three plain ``Linear`` projections (not adapted or
+        quantized replacements), all with a bias or all without."""
+        return (all(type(p) is Linear for p in (self.q_proj, self.k_proj, self.v_proj))
+                and (self.q_proj.bias is None) == (self.k_proj.bias is None) == (self.v_proj.bias is None))
+
+    def _qkv_forward(self, x: np.ndarray):
+        """q (B, H, T, D), k, v (B, Hkv, T, D) of self attention as views of one product
+        y = x [W_q; W_k; W_v]^T + [b_q; b_k; b_v] (B, T, (H + 2 Hkv) D): the three projections (LIN.1)
+        side by side, one BLAS call, and heads read in place (no copy into head-major order)."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        W = np.concatenate([p.weight.data for p in projections])
+        b = None if self.q_proj.bias is None else np.concatenate([p.bias.data for p in projections])
+        y, cache = linear_forward(x, W, b)  # (LIN.1)
+        B, T = x.shape[:2]
+        D, H, Hkv = self.head_dim, self.n_head, self.n_kv_head
+        for p, a, z in zip(projections, np.cumsum([0, H * D, Hkv * D]), np.cumsum([H * D, Hkv * D, Hkv * D])):
+            p.record("out", y[..., a:z])  # each projection's output, under its own name
+        heads = y.reshape(B, T, H + 2 * Hkv, D).transpose(0, 2, 1, 3)  # (B, H + 2 Hkv, T, D), a view
+        return heads[:, :H], heads[:, H:H + Hkv], heads[:, H + Hkv:], cache
+
+    def _qkv_backward(self, dq: np.ndarray, dk: np.ndarray, dv: np.ndarray, cache: LinearCache) -> np.ndarray:
+        """dx of the fused product: dq, dk, dv side by side as dy, one (LIN.3) for dx and one (LIN.4)
+        for the three weights, split back into each projection's gradient."""
+        B, H, T, D = dq.shape
+        Hkv = dk.shape[1]
+        dy = np.empty((B, T, H + 2 * Hkv, D), dq.dtype)
+        for part, d in zip((slice(0, H), slice(H, H + Hkv), slice(H + Hkv, None)), (dq, dk, dv)):
+            dy[:, :, part] = d.transpose(0, 2, 1, 3)
+        dx, dW, db = linear_backward(dy.reshape(B, T, -1), cache)  # (LIN.3) - (LIN.5)
+        rows = np.cumsum([0, H * D, Hkv * D, Hkv * D])
+        parts = list(zip((self.q_proj, self.k_proj, self.v_proj), rows[:-1], rows[1:]))
+        for p, a, z in reversed(parts):  # v, k, q: the order of the three projections' own backward
+            p.weight.grad += dW[a:z]
+            p.record("dW", dW[a:z])
+            if db is not None:
+                p.bias.grad += db[a:z]
+                p.record("db", db[a:z])
+        return dx
+
     @atomic
     def forward(self, x: np.ndarray, *, causal: bool = False, kv_cache: Optional[KVCache] = None,
                 context: Optional[np.ndarray] = None, key_padding_mask: Optional[np.ndarray] = None,
@@ -260,16 +302,20 @@ class MultiHeadAttention(Module):
                                  f"got {got}")
         start = 0 if kv_cache is None or context is not None else kv_cache.length  # t0 of (ATT.17)
 
-        rope_q = rope_k = t5_cache = None
-        q = split_heads(self.q_proj.forward(x), self.n_head)  # (B, H, T, D)
+        rope_q = rope_k = t5_cache = qkv_cache = None
+        if context is None and self._fused():  # q, k, v of self attention from one product
+            q, k, v, qkv_cache = self._qkv_forward(x)
+        else:
+            q = split_heads(self.q_proj.forward(x), self.n_head)  # (B, H, T, D)
         if self.position == "rope":
             q, rope_q = rope_forward(q, base=self.rope_theta, offset=start)  # positions t0 + i, (ATT.17)
         if context is not None and kv_cache is not None and kv_cache.length > 0:
             k, v = kv_cache.k[:, :, :kv_cache.length], kv_cache.v[:, :, :kv_cache.length]  # cross: computed once
         else:
-            src = x if context is None else context
-            k = split_heads(self.k_proj.forward(src), self.n_kv_head)  # (B, Hkv, S, D)
-            v = split_heads(self.v_proj.forward(src), self.n_kv_head)
+            if qkv_cache is None:
+                src = x if context is None else context
+                k = split_heads(self.k_proj.forward(src), self.n_kv_head)  # (B, Hkv, S, D)
+                v = split_heads(self.v_proj.forward(src), self.n_kv_head)
             if self.position == "rope":
                 k, rope_k = rope_forward(k, base=self.rope_theta, offset=start)  # cached rotated, (ATT.17)
             if kv_cache is not None:
@@ -297,7 +343,8 @@ class MultiHeadAttention(Module):
         if kv_cache is not None:
             kv_cache.length = k.shape[2]
         self.save_cache(MHACache(attn=attn, is_cross=context is not None, out_shape=y.shape, rope_q=rope_q,
-                                 rope_k=rope_k, t5=t5_cache, bias_shape=None if bias is None else tuple(bias.shape)))
+                                 rope_k=rope_k, t5=t5_cache, bias_shape=None if bias is None else tuple(bias.shape),
+                                 qkv=qkv_cache))
         self.record("probs", attn.probs)
         return y
 
@@ -321,6 +368,8 @@ class MultiHeadAttention(Module):
         if cache.rope_q is not None:
             dq = rope_backward(dq, cache.rope_q)  # (ROPE.5)
             dk = rope_backward(dk, cache.rope_k)  # (ROPE.5)
+        if cache.qkv is not None:
+            return self._qkv_backward(dq, dk, dv, cache.qkv)
         dsrc_v = self.v_proj.backward(merge_heads(dv))
         dsrc_k = self.k_proj.backward(merge_heads(dk))
         dx = self.q_proj.backward(merge_heads(dq))

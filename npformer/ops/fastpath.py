@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -121,10 +122,43 @@ def row_parallel(fn: Callable[[slice], None], n_rows: int, row_size: int = 1) ->
     if threads <= 1 or threading.current_thread().name.startswith("npformer-rows"):  # no nesting
         fn(slice(0, n_rows))
         return
-    first, *rest = row_slices(n_rows, threads)
-    futures = [_pool(threads - 1).submit(fn, rows) for rows in rest]
+    _run_together([functools.partial(fn, rows) for rows in row_slices(n_rows, threads)])
+
+
+def parallel_items(fn: Callable[[int], None], sizes: List[int]) -> None:
+    """Call ``fn(i)`` for every item i, on up to ``num_threads()`` threads, each item whole on one thread.
+
+    ``sizes[i]`` is item i's amount of work (elements): items go largest first to the thread with
+    the least work so far, and small work runs on the calling thread. ``fn`` must touch only what
+    belongs to its item. An exception is raised here after every item has finished.
+    """
+    total = sum(sizes)
+    threads = min(_settings.threads, len(sizes), total // MIN_ELEMENTS)
+    if threads <= 1 or threading.current_thread().name.startswith("npformer-rows"):
+        for i in range(len(sizes)):
+            fn(i)
+        return
+    shares: List[List[int]] = [[] for _ in range(threads)]
+    load = [0] * threads
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        t = load.index(min(load))
+        shares[t].append(i)
+        load[t] += sizes[i]
+
+    def run(items: List[int]) -> None:
+        for i in items:
+            fn(i)
+
+    _run_together([functools.partial(run, items) for items in shares])
+
+
+def _run_together(tasks: List[Callable[[], None]]) -> None:
+    """The first task on the calling thread, the others on the pool at the same time; the first
+    exception raised by any of them is raised here, once every task has finished."""
+    first, *rest = tasks
+    futures = [_pool(len(rest)).submit(task) for task in rest]
     try:
-        fn(first)
+        first()
     finally:
         errors = [f.exception() for f in futures]
     for error in errors:

@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional, Tuple
 import numpy as np
 
 from ._checks import check_cache_type, check_float, check_ndim, check_same_dtype_as, check_shape
+from .fastpath import row_parallel
 
 OP = "linear"
 
@@ -47,10 +48,10 @@ def linear_forward(
         check_shape(op, "b", b, (W.shape[0],))
 
     # (LIN.1) as one (N, Din) x (Din, Dout) product: a single BLAS call rather than one per leading index.
-    y = (_rows(x) @ W.T).reshape(x.shape[:-1] + (W.shape[0],))
+    y = _rows(x) @ W.T  # (N, Dout)
     if b is not None:
-        y += b  # (LIN.1), broadcast over rows
-    return y, LinearCache(x=x, W=W, has_bias=b is not None)
+        row_parallel(lambda r: np.add(y[r], b, out=y[r]), len(y), W.shape[0])  # (LIN.1), broadcast over rows
+    return y.reshape(x.shape[:-1] + (W.shape[0],)), LinearCache(x=x, W=W, has_bias=b is not None)
 
 
 def linear_backward(
@@ -70,7 +71,7 @@ def linear_backward(
 
     dx = (dy2 @ W).reshape(x.shape)  # (LIN.3)
     dW = dy2.T @ x2  # (LIN.4)
-    db = dy2.sum(axis=0) if has_bias else None  # (LIN.5)
+    db = np.ones(len(dy2), dy.dtype) @ dy2 if has_bias else None  # (LIN.5): the sum over rows as one BLAS call
     return dx, dW, db
 
 

@@ -51,6 +51,7 @@ import numpy as np
 
 from ..nn.module import Parameter
 from ..ops._checks import check_bool, check_real
+from ..ops.fastpath import parallel_items
 
 # The closed-open or closed intervals of each option: (lo, hi, lo_open, hi_open); None is unbounded.
 _BOUNDS = {
@@ -179,11 +180,16 @@ class Optimizer:
     def step(self) -> None:
         """One update of every parameter from its ``.grad``: check everything, compute everything, then write."""
         self._check_step()
-        updates = []  # (parameter, its new values, its new state): nothing is written until all are computed
-        for group in self.param_groups:
-            for p in group["params"]:
-                new_data, new_state = self._update(p.data, p.grad, self.state.get(p, {}), group)
-                updates.append((p, new_data, new_state))
+        work = [(p, group) for group in self.param_groups for p in group["params"]]
+        # (parameter, its new values, its new state): nothing is written until all are computed. Parameters
+        # are independent: they are shared among threads, largest first (npformer.ops.fastpath).
+        updates: List[Optional[tuple]] = [None] * len(work)
+
+        def update(i: int) -> None:
+            p, group = work[i]
+            updates[i] = (p, *self._update(p.data, p.grad, self.state.get(p, {}), group))
+
+        parallel_items(update, [p.data.size for p, _ in work])
         for p, new_data, new_state in updates:  # same shapes and dtypes, writeable: these cannot fail
             np.copyto(p.data, new_data)
             self.state[p] = new_state

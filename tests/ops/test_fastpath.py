@@ -251,3 +251,39 @@ def test_attention_on_batch_blocks_is_the_plain_form_bit_for_bit(rng, B, block):
         finally:
             fastpath.MIN_ELEMENTS = old
     _assert_identical(plain, fast)
+
+
+@given(sizes=st.lists(st.integers(0, 50_000), max_size=12), threads=st.integers(1, 4))
+def test_parallel_items_runs_every_item_once(sizes, threads):
+    counts = [0] * len(sizes)
+    lock = threading.Lock()
+
+    def fn(i):
+        with lock:
+            counts[i] += 1
+
+    with fastpath.configured(threads=threads):
+        fastpath.parallel_items(fn, sizes)
+    assert counts == [1] * len(sizes)
+
+
+@given(rng=rngs(), threads=st.sampled_from([2, 3]), decoupled=st.booleans())
+def test_adam_on_threads_is_the_plain_form_bit_for_bit(rng, threads, decoupled):
+    from npformer.nn.module import Parameter
+    from npformer.optim import Adam, AdamW
+
+    shapes = [(300, 200), (7,), (), (129, 3), (64, 64)]
+    start = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(3)]
+
+    def train(n_threads):
+        params = [Parameter(x.copy()) for x in start]
+        opt = (AdamW if decoupled else Adam)(params, lr=1e-2, weight_decay=0.1)
+        with fastpath.configured(threads=n_threads):
+            for g in grads:
+                for p, gi in zip(params, g):
+                    p.grad = gi.copy()
+                opt.step()
+        return [p.data for p in params] + [opt.state[p]["exp_avg_sq"] for p in params]
+
+    _assert_identical(train(1), train(threads))
