@@ -3,51 +3,32 @@ r"""Keep proofs/, the code and the tests in step.
 - A label is *defined* where a document in proofs/ tags an equation with it: ``\tag*{(LN.4)}``.
 - Every label listed in a document's "## Results" section has a test marked
   ``@pytest.mark.derivation("LN.4")``.
-- Every label cited in code (every label on a ``#`` comment, ``# (LN.4), (LN.5)``),
+- Every label cited in code or tests (every label on a ``#`` comment, ``# (LN.4), (LN.5)``),
   named by a test marker, or mentioned anywhere in proofs/ is defined, and defined once.
 - Every test a Results table names in its "checked by" column exists and carries
   that row's marker.
 - The documents use only LaTeX that GitHub renders (no ``\{``, ``\,`` and the like).
+
+The scan itself lives in ``tests/labels.py``; the documentation site links labels, code and
+tests from the same scan.
 """
 
-import ast
 import re
-from collections import Counter
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-LABEL = r"[A-Z][A-Za-z0-9]*\.[0-9]+[a-z]?"
-DEFINITION = re.compile(r"\\tag\*\{\((" + LABEL + r")\)\}")
-MENTION = re.compile(r"\((" + LABEL + r")\)")
-COMMENT = re.compile(r"#(.*)$", re.M)
-MARKER = re.compile(r"derivation\(\s*\"(" + LABEL + r")\"")
-
-
-def documents():
-    return sorted(p for p in (ROOT / "proofs").glob("*.md") if p.name != "README.md")
-
-
-def results_section(text):
-    match = re.search(r"^## Results\s*$(.*?)(?=^## |\Z)", text, re.M | re.S)
-    return match.group(1) if match else ""
-
-
-def defined_labels():
-    return Counter(label for doc in documents() for label in DEFINITION.findall(doc.read_text()))
-
-
-def marked_labels():
-    return {label for p in (ROOT / "tests").rglob("*.py") for label in MARKER.findall(p.read_text())}
-
-
-def cited_labels():
-    cited = {}
-    for package in ("npformer", "kernels"):
-        for p in (ROOT / package).rglob("*.py"):
-            for comment in COMMENT.findall(p.read_text()):
-                for label in MENTION.findall(comment):
-                    cited.setdefault(label, p.relative_to(ROOT))
-    return cited
+from tests.labels import (
+    COMMENT,
+    LABEL,
+    MENTION,
+    ROOT,
+    comment_labels,
+    defined_labels,
+    documents,
+    marked_labels,
+    markers,
+    markers_by_test,
+    results_section,
+    scan,
+)
 
 
 def test_every_document_has_results():
@@ -74,7 +55,10 @@ def test_every_result_has_a_test():
 
 def test_code_cites_only_defined_labels():
     defined = defined_labels()
-    undefined = {label: str(where) for label, where in cited_labels().items() if label not in defined}
+    found = scan()
+    undefined = {
+        c.label: f"{c.path}:{c.line}" for c in found.citations + found.test_citations if c.label not in defined
+    }
     assert not undefined, f"code cites labels no document defines: {undefined}"
 
 
@@ -106,19 +90,32 @@ def test_every_label_on_a_comment_line_is_read():
     """The citation reader sees the second and third label of one comment, not only the first."""
     text = "y = f(x)  # (LN.4), (LN.5) and (ACT.13)\n"
     assert [label for c in COMMENT.findall(text) for label in MENTION.findall(c)] == ["LN.4", "LN.5", "ACT.13"]
+    assert comment_labels("x = '(LN.1)'  # (LN.2)") == ["LN.2"]  # a label outside the comment is not a citation
+
+
+def test_markers_are_read_from_decorators_only(tmp_path):
+    """A marker quoted in a docstring is not a marker; one on a class counts for each test in it."""
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_x.py").write_text(
+        '"""Mark it with @pytest.mark.derivation("LN.4")."""\n'
+        "import pytest\n"
+        "@pytest.mark.derivation(\"LN.5\")\n"
+        "def test_a():\n"
+        "    pass\n"
+        "@pytest.mark.derivation(\"SM.2\")\n"
+        "class TestB:\n"
+        "    @pytest.mark.derivation(\"SM.3\")\n"
+        "    def test_c(self):\n"
+        "        pass\n"
+    )
+    found = sorted((m.label, m.line, m.test) for m in markers(tmp_path))
+    assert found == [("LN.5", 3, "test_a"), ("SM.2", 6, "TestB::test_c"), ("SM.3", 8, "TestB::test_c")]
+    assert marked_labels(tmp_path) == {"LN.5", "SM.2", "SM.3"}
 
 
 def test_markers():
     """Map each test function name to the derivation labels its decorators carry."""
-    found = {}
-    for p in (ROOT / "tests").rglob("test_*.py"):
-        for node in ast.walk(ast.parse(p.read_text())):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test_"):
-                labels = found.setdefault(node.name, set())
-                for dec in node.decorator_list:
-                    if isinstance(dec, ast.Call) and ast.unparse(dec.func).endswith("mark.derivation"):
-                        labels.update(a.value for a in dec.args if isinstance(a, ast.Constant))
-    return found
+    return markers_by_test()
 
 
 test_markers.__test__ = False  # a helper, not a test

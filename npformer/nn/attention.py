@@ -53,7 +53,7 @@ from ..ops._checks import (
 )
 from ..ops.alibi import alibi_bias
 from ..ops.attention import AttentionCache, attention_backward, attention_forward
-from ..ops.linear import LinearCache, linear_backward, linear_forward
+from ..ops.linear import LinearCache, linear_backward
 from ..ops.rope import RopeCache, rope_backward, rope_forward
 from ..ops.t5_bias import T5BiasCache, t5_bias_backward, t5_bias_forward
 from .layers import Embedding, Linear, check_dout, check_features, check_layer_options
@@ -146,7 +146,7 @@ class MHACache(NamedTuple):
     rope_k: Optional[RopeCache] = None  # RoPE of this call's keys (same positions)
     t5: Optional[T5BiasCache] = None  # buckets of the T5 bias, for the table's gradient
     bias_shape: Optional[Tuple[int, ...]] = None  # shape of the caller's additive bias (None: none given)
-    qkv: Optional[LinearCache] = None  # the fused q, k, v product of self attention (None: three products)
+    qkv: Optional[np.ndarray] = None  # x of self attention whose q, k, v share one array (None: three)
 
 
 class MultiHeadAttention(Module):
@@ -217,34 +217,40 @@ class MultiHeadAttention(Module):
                              f"got {tuple(bias.shape)}")
 
     def _fused(self) -> bool:
-        """Whether q, k and v come from one product: three plain ``Linear`` projections (not adapted or
+        """Whether q, k and v share one array: three plain ``Linear`` projections (not adapted or
         quantized replacements), all with a bias or all without."""
         return (all(type(p) is Linear for p in (self.q_proj, self.k_proj, self.v_proj))
                 and (self.q_proj.bias is None) == (self.k_proj.bias is None) == (self.v_proj.bias is None))
 
     def _qkv_forward(self, x: np.ndarray):
-        """q (B, H, T, D), k, v (B, Hkv, T, D) of self attention as views of one product
-        y = x [W_q; W_k; W_v]^T + [b_q; b_k; b_v] (B, T, (H + 2 Hkv) D): the three projections (LIN.1)
-        side by side, one BLAS call, and heads read in place (no copy into head-major order)."""
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        W = np.concatenate([p.weight.data for p in projections])
-        b = None if self.q_proj.bias is None else np.concatenate([p.bias.data for p in projections])
-        y, cache = linear_forward(x, W, b)  # (LIN.1)
+        """q (B, H, T, D), k, v (B, Hkv, T, D) of self attention as views of one array
+        y = x [W_q; W_k; W_v]^T + [b_q; b_k; b_v] (B, T, (H + 2 Hkv) D): each projection (LIN.1) writes
+        its columns of y, and the heads are read in place (no copy into head-major order)."""
         B, T = x.shape[:2]
         D, H, Hkv = self.head_dim, self.n_head, self.n_kv_head
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        x2 = x.reshape(B * T, self.d_model)  # the rows (a copy only where a view cannot do it)
+        y = np.empty((B * T, (H + 2 * Hkv) * D), x.dtype)
         for p, a, z in zip(projections, np.cumsum([0, H * D, Hkv * D]), np.cumsum([H * D, Hkv * D, Hkv * D])):
-            p.record("out", y[..., a:z])  # each projection's output, under its own name
+            np.matmul(x2, p.weight.data.T, out=y[:, a:z])  # (LIN.1), into this projection's columns
+            if p.bias is not None:
+                y[:, a:z] += p.bias.data  # (LIN.1)
+            p.record("out", y[:, a:z].reshape(B, T, z - a))  # each projection's output, under its own name
         heads = y.reshape(B, T, H + 2 * Hkv, D).transpose(0, 2, 1, 3)  # (B, H + 2 Hkv, T, D), a view
-        return heads[:, :H], heads[:, H:H + Hkv], heads[:, H + Hkv:], cache
+        return heads[:, :H], heads[:, H:H + Hkv], heads[:, H + Hkv:], x
 
-    def _qkv_backward(self, dq: np.ndarray, dk: np.ndarray, dv: np.ndarray, cache: LinearCache) -> np.ndarray:
-        """dx of the fused product: dq, dk, dv side by side as dy, one (LIN.3) for dx and one (LIN.4)
-        for the three weights, split back into each projection's gradient."""
+    def _qkv_backward(self, dq: np.ndarray, dk: np.ndarray, dv: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """dx of the three projections as one: dq, dk, dv side by side as dy, one (LIN.3) for dx (summing
+        the three paths into x inside the product) and one (LIN.4) for the three weights, split back
+        into each projection's gradient."""
         B, H, T, D = dq.shape
         Hkv = dk.shape[1]
         dy = np.empty((B, T, H + 2 * Hkv, D), dq.dtype)
         for part, d in zip((slice(0, H), slice(H, H + Hkv), slice(H + Hkv, None)), (dq, dk, dv)):
             dy[:, :, part] = d.transpose(0, 2, 1, 3)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        W = np.concatenate([p.weight.data for p in projections])  # [W_q; W_k; W_v]
+        cache = LinearCache(x=x, W=W, has_bias=self.q_proj.bias is not None)
         dx, dW, db = linear_backward(dy.reshape(B, T, -1), cache)  # (LIN.3) - (LIN.5)
         rows = np.cumsum([0, H * D, Hkv * D, Hkv * D])
         parts = list(zip((self.q_proj, self.k_proj, self.v_proj), rows[:-1], rows[1:]))
@@ -303,7 +309,7 @@ class MultiHeadAttention(Module):
         start = 0 if kv_cache is None or context is not None else kv_cache.length  # t0 of (ATT.17)
 
         rope_q = rope_k = t5_cache = qkv_cache = None
-        if context is None and self._fused():  # q, k, v of self attention from one product
+        if context is None and self._fused():  # q, k, v of self attention in one array, heads read in place
             q, k, v, qkv_cache = self._qkv_forward(x)
         else:
             q = split_heads(self.q_proj.forward(x), self.n_head)  # (B, H, T, D)

@@ -118,8 +118,8 @@ def row_parallel(fn: Callable[[slice], None], n_rows: int, row_size: int = 1) ->
     one call on the calling thread. The calling thread takes the first slice itself; an
     exception in any slice is raised here after every slice has finished.
     """
-    threads = min(_settings.threads, n_rows, n_rows * row_size // MIN_ELEMENTS)
-    if threads <= 1 or threading.current_thread().name.startswith("npformer-rows"):  # no nesting
+    threads = _threads_for(n_rows, n_rows * row_size)
+    if threads <= 1:
         fn(slice(0, n_rows))
         return
     _run_together([functools.partial(fn, rows) for rows in row_slices(n_rows, threads)])
@@ -132,9 +132,8 @@ def parallel_items(fn: Callable[[int], None], sizes: List[int]) -> None:
     the least work so far, and small work runs on the calling thread. ``fn`` must touch only what
     belongs to its item. An exception is raised here after every item has finished.
     """
-    total = sum(sizes)
-    threads = min(_settings.threads, len(sizes), total // MIN_ELEMENTS)
-    if threads <= 1 or threading.current_thread().name.startswith("npformer-rows"):
+    threads = _threads_for(len(sizes), sum(sizes))
+    if threads <= 1:
         for i in range(len(sizes)):
             fn(i)
         return
@@ -150,6 +149,14 @@ def parallel_items(fn: Callable[[int], None], sizes: List[int]) -> None:
             fn(i)
 
     _run_together([functools.partial(run, items) for items in shares])
+
+
+def _threads_for(items: int, elements: int) -> int:
+    """Threads worth using for ``items`` independent pieces holding ``elements`` in all: at most one per
+    piece and one per MIN_ELEMENTS, and 1 on a pool thread (no nesting)."""
+    if threading.current_thread().name.startswith("npformer-rows"):
+        return 1
+    return max(1, min(_settings.threads, items, elements // MIN_ELEMENTS))
 
 
 def _run_together(tasks: List[Callable[[], None]]) -> None:
@@ -172,10 +179,10 @@ def blas_parallel(fn: Callable[[slice], None], n_rows: int, row_size: int = 1) -
     not the BLAS's, share the cores. Without a BLAS whose thread count can be set (see
     ``blas_threads``), the rows run in one call on the calling thread.
     """
-    if _settings.threads > 1 and _blas_threads() is not None:
+    if _threads_for(n_rows, n_rows * row_size) > 1 and _blas_threads() is not None:
         with blas_threads(1):
             row_parallel(fn, n_rows, row_size)
-    else:
+    else:  # one thread's work (a single sequence while decoding, say): the BLAS keeps its threads
         fn(slice(0, n_rows))
 
 
