@@ -32,7 +32,7 @@ to 1 becomes the constant 1, an integer divisible by 16 is marked so.
 
 Which configurations (``enumerate_builds``):
 
-- ``full=True`` (``python -m kernels.aot --full``; 1358 builds, 10 to 25 minutes cold on
+- ``full=True`` (``python -m kernels.aot --full``; 1574 builds, 10 to 25 minutes cold on
   two cores shared with other work, far less with Triton's cache warm): for attention
   every configuration of the launcher's table for the architecture
   (``attention.config_space``) x dtype (fp16, bf16, fp32) x head tile
@@ -40,13 +40,18 @@ Which configurations (``enumerate_builds``):
   and dQ kernels, plus the preprocess kernel; for RMSNorm every row block (16 ... 8192
   and the 4096-wide chunked walk) x dtype (and a float32 weight with fp16 / bf16 rows)
   x residual on/off, forward and backward; for RoPE head sizes 64 and 128 x dtype,
-  forward and inverse. Row blocks, warps and RoPE tiles are the launchers' own
-  (``rmsnorm.warps_for``, ``rope.launch_config``).
+  forward and inverse; for split-KV decoding the partial kernel at every head tile
+  (16 ... 128) x dtype x causal x four (G, Tq) packings (1 and 4 heads with one query, 32-
+  and 64-row tiles of a few queries; 16-row tiles for fp32), and the merge kernel per dtype
+  and head tile. Row blocks, warps, RoPE tiles and decode tiles are the launchers' own
+  (``rmsnorm.warps_for``, ``rope.launch_config``, ``decode.launch_config``).
 - ``full=False`` (the default, used by the tests and the benchmark; 140 builds, a few
   minutes cold, seconds warm): every table entry for bf16 at D = 128, fp16 at D = 64 and fp32 at
   D = 64 (causal), the first entry for bf16 at D = 80 (non-causal, dK/dV with a group
   of 4) and fp32 at D = 128; RMSNorm rows of 1024, 8192 and the chunked walk with the
-  residual, for bf16 (also with a float32 weight) and fp32, and RoPE at D = 128.
+  residual, for bf16 (also with a float32 weight) and fp32, and RoPE at D = 128. The
+  decode family is not in the default subset; ``--family decode`` builds its own subset
+  (every packing for bf16 at D = 128, fp32 at D = 64, fp16 at D = 80, both merges).
 
 ``python -m kernels.aot --full --commit-results`` writes the table to
 ``kernels/results/aot-full-triton<major.minor>.txt``, the committed report of the
@@ -82,7 +87,12 @@ from ._common import MAX_REGISTERS_PER_THREAD, REGISTER_FILE, SMEM_LIMIT, interp
 
 ARCHS = (80, 90)
 DTYPES = ("fp16", "bf16", "fp32")
-FAMILIES = ("attention", "rmsnorm", "rope")
+FAMILIES = ("attention", "rmsnorm", "rope", "decode")
+# The families of the default subset (``full=False``, no ``families`` given: what the tests'
+# subset fixture and ``python -m kernels.bench`` report). The decode kernels' subset is
+# built when asked for (``--family decode``, ``families=("decode",)``); every decode build
+# is in the ``--full`` report.
+SUBSET_FAMILIES = ("attention", "rmsnorm", "rope")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -480,8 +490,75 @@ def rope_builds(arch: int, full: bool) -> List[Build]:
     return builds
 
 
-def enumerate_builds(archs=ARCHS, full: bool = False, families=FAMILIES) -> List[Build]:
-    makers = {"attention": attention_builds, "rmsnorm": rmsnorm_builds, "rope": rope_builds}
+def decode_build(arch: int, dtype: str, D: int, causal: bool, group: int, Tq: int) -> Build:
+    """The split-KV partial kernel for one launch shape: G = ``group`` query heads per key/value
+    head and ``Tq`` queries packed into the rows of a tile (``BLOCK_M`` from G * Tq), with the
+    launcher's (BLOCK_N, warps, stages) for the dtype, head tile and architecture."""
+    import torch
+
+    A = importlib.import_module("kernels.attention")
+    Dm = importlib.import_module("kernels.decode")
+
+    B, Hkv, Tk, splits = DECODE_SHAPE
+    H = Hkv * group
+    tdtype = getattr(torch, _TORCH_NAME[dtype])
+    BLOCK_D = A.block_d_for(D)
+    BLOCK_M = Dm.block_m_for(group * Tq, tdtype, interpret=False)
+    BLOCK_N, warps, stages = Dm.launch_config(tdtype, BLOCK_D, BLOCK_M, arch, interpret=False)
+    args = {"Q": Ptr(dtype), "K": Ptr(dtype), "V": Ptr(dtype), "OP": Ptr("fp32"), "LSEP": Ptr("fp32"),
+            **_strides("sq", (B, H, Tq, D)), **_strides("sk", (B, Hkv, Tk, D)), **_strides("sv", (B, Hkv, Tk, D)),
+            "HKV": Hkv, "GROUP": group, "Tq": Tq, "Tk": Tk, "D": D, "NUM_SPLITS": splits,
+            "keys_per_split": Dm.keys_per_split_for(Tk, splits, BLOCK_N), "qk_scale": 0.125 * A.LOG2E}
+    const = {"CAUSAL": causal, "PRECISION": A.precision_for(tdtype), "DOT_F32": False,
+             "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_D": BLOCK_D}
+    label = (f"{dtype} D={D} {'causal' if causal else 'full'} G={group} Tq={Tq} "
+             f"M{BLOCK_M} N{BLOCK_N} w{warps} s{stages}")
+    return Build("decode.partial", "kernels.decode", "_decode_partial_kernel", arch, dtype, args, const, warps,
+                 stages, label)
+
+
+def decode_merge_build(arch: int, dtype: str, D: int) -> Build:
+    A = importlib.import_module("kernels.attention")
+    Dm = importlib.import_module("kernels.decode")
+
+    B, Hkv, _, splits = DECODE_SHAPE
+    H, Tq = 4 * Hkv, 1
+    BLOCK_D = A.block_d_for(D)
+    args = {"OP": Ptr("fp32"), "LSEP": Ptr("fp32"), "O": Ptr(dtype), "LSE": Ptr("fp32"),
+            **_strides("so", (B, H, Tq, D)), "H": H, "Tq": Tq, "D": D, "NUM_SPLITS": splits}
+    const = {"BLOCK_S": Dm.MERGE_BLOCK_S, "BLOCK_D": BLOCK_D}
+    return Build("decode.merge", "kernels.decode", "_decode_merge_kernel", arch, dtype, args, const,
+                 Dm.MERGE_WARPS, 1, f"{dtype} D={D} S={splits} BLOCK_S={Dm.MERGE_BLOCK_S} w{Dm.MERGE_WARPS}")
+
+
+DECODE_SHAPE = (8, 8, 8192, 16)  # B, Hkv, Tk, splits of the representative decoding launch
+# (G, Tq) of the partial kernel's builds: one query of multi-head attention (an integer 1 is
+# specialised to a constant, so Tq = 1 and G = 1 each compile their own kernel), one query of
+# a group of 4, and the 32- and 64-row tiles of speculative steps
+DECODE_ROWS = ((1, 1), (4, 1), (8, 4), (4, 16))
+
+
+def decode_builds(arch: int, full: bool) -> List[Build]:
+    builds = []
+    if full:
+        for dtype in DTYPES:
+            for D in (16, 32, 64, 128):
+                for causal in (False, True):
+                    builds += [decode_build(arch, dtype, D, causal, g, tq) for g, tq in DECODE_ROWS]
+        builds += [decode_merge_build(arch, dtype, D) for dtype in DTYPES for D in (16, 32, 64, 128)]
+    else:
+        builds += [decode_build(arch, "bf16", 128, True, g, tq) for g, tq in DECODE_ROWS]
+        builds += [decode_build(arch, "fp32", 64, True, 1, 1), decode_build(arch, "fp16", 80, False, 4, 16)]
+        builds += [decode_merge_build(arch, "bf16", 128), decode_merge_build(arch, "fp32", 64)]
+    return builds
+
+
+def enumerate_builds(archs=ARCHS, full: bool = False, families=None) -> List[Build]:
+    """The builds of ``families`` (default: every family with ``full``, ``SUBSET_FAMILIES`` without)."""
+    makers = {"attention": attention_builds, "rmsnorm": rmsnorm_builds, "rope": rope_builds,
+              "decode": decode_builds}
+    if families is None:
+        families = FAMILIES if full else SUBSET_FAMILIES
     return [b for arch in archs for fam in families for b in makers[fam](arch, full)]
 
 
@@ -493,7 +570,7 @@ def run(builds: List[Build], jobs: int = 2) -> List[BuildReport]:
         return list(pool.map(compile_build, builds, chunksize=1))
 
 
-def run_in_subprocess(full: bool = False, archs=ARCHS, families=FAMILIES,
+def run_in_subprocess(full: bool = False, archs=ARCHS, families=None,
                       jobs: int = 2, timeout: Optional[float] = None) -> List[dict]:
     """Run the AOT builds in a fresh interpreter without ``TRITON_INTERPRET``; reports as dicts
     (whether or not they pass the checks: ``failures`` says)."""
@@ -502,7 +579,8 @@ def run_in_subprocess(full: bool = False, archs=ARCHS, families=FAMILIES,
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "aot.json"
         cmd = [sys.executable, "-m", "kernels.aot", "--json", str(out), "--jobs", str(jobs), "--quiet",
-               "--arch", *map(str, archs), "--family", *families] + (["--full"] if full else [])
+               "--arch", *map(str, archs)] + (["--family", *families] if families else [])
+        cmd += ["--full"] if full else []
         proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
         if not out.exists():
             raise RuntimeError(f"kernels.aot failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -579,8 +657,9 @@ def main(argv=None) -> int:
                         help="every configuration of the launch tables (default: a representative subset)")
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=list(ARCHS),
                         help="architectures to build for (default: %(default)s)")
-    parser.add_argument("--family", nargs="+", default=list(FAMILIES), choices=list(FAMILIES),
-                        help="kernel families to build (default: all)")
+    parser.add_argument("--family", nargs="+", default=None, choices=list(FAMILIES),
+                        help="kernel families to build (default: all with --full, else "
+                             f"{', '.join(SUBSET_FAMILIES)})")
     parser.add_argument("--jobs", type=int, default=2, help="compiler processes (default: %(default)s)")
     parser.add_argument("--json", help="also write the reports to this file (default: none)")
     parser.add_argument("--commit-results", action="store_true",
@@ -588,7 +667,8 @@ def main(argv=None) -> int:
                              "(needs --full and every architecture and family)")
     parser.add_argument("--quiet", action="store_true", help="print nothing (default: the table and a summary)")
     args = parser.parse_args(argv)
-    if args.commit_results and not (args.full and set(args.arch) == set(ARCHS) and set(args.family) == set(FAMILIES)):
+    if args.commit_results and not (args.full and set(args.arch) == set(ARCHS)
+                                and set(args.family or FAMILIES) == set(FAMILIES)):
         parser.error("--commit-results needs --full with every architecture and family")
     if args.jobs < 1:
         parser.error(f"--jobs expected an integer >= 1, got {args.jobs}")

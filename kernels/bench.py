@@ -13,6 +13,8 @@ On a CUDA device, in one run:
   (TFLOP/s, fraction of the matmul peak), forward and forward+backward, Triton vs
   torch eager, ``F.rms_norm`` and the SDPA backends (flash, cuDNN, memory-efficient,
   each through ``torch.nn.attention.sdpa_kernel``);
+- split-KV decoding (one query per sequence against a long KV cache; GB/s of K and V,
+  fraction of copy bandwidth), Triton vs the SDPA backends;
 - the NumPy reference on the CPU at a CPU-sized problem, as a throughput, and the
   Triton speedup over it (throughput ratio, since the sizes differ), with the BLAS
   library NumPy runs and its threads (threadpoolctl);
@@ -58,10 +60,13 @@ SWEEP = {
             "rope_lengths": [512, 1024, 2048, 4096, 8192], "attention_tokens": 16384,
             "attention_lengths": [512, 1024, 2048, 4096, 8192],
             # (head size, causal, H, Hkv)
-            "attention_cases": [(128, False, 16, 16), (128, True, 16, 16), (64, True, 32, 32), (128, True, 32, 8)]},
+            "attention_cases": [(128, False, 16, 16), (128, True, 16, 16), (64, True, 32, 32), (128, True, 32, 8)],
+            # one decoding step: batch, key lengths of the cache
+            "decode_batch": 8, "decode_lengths": [1024, 4096, 16384, 65536]},
     True: {"rmsnorm_rows": 8192, "rmsnorm_hidden": [1024, 4096, 16384], "rope_lengths": [1024, 4096],
            "attention_tokens": 16384, "attention_lengths": [1024, 4096],
-           "attention_cases": [(128, False, 16, 16), (128, True, 16, 16), (128, True, 32, 8)]},
+           "attention_cases": [(128, False, 16, 16), (128, True, 16, 16), (128, True, 32, 8)],
+           "decode_batch": 8, "decode_lengths": [4096, 32768]},
 }
 
 
@@ -312,6 +317,33 @@ def gpu_attention(rows, peaks, quick):
                 torch.cuda.empty_cache()
 
 
+def gpu_decode(rows, peaks, quick):
+    """One decoding step: one query per sequence (32 query heads, 8 key/value heads, D = 128,
+    bf16) against a long KV cache. Memory bound: GB/s of K and V read once, as a fraction of
+    the copy bandwidth; the split-KV kernel against the SDPA backends. (Tq = 1 sees every
+    key, causal or not: SDPA's ``is_causal`` aligns to the top-left, so both run unmasked.)"""
+    import torch
+
+    from kernels.decode import flash_decode
+
+    B, H, Hkv, D = SWEEP[quick]["decode_batch"], 32, 8, 128
+    for Tk in SWEEP[quick]["decode_lengths"]:
+        q = torch.randn(B, H, 1, D, dtype=torch.bfloat16, device=DEVICE)
+        k = torch.randn(B, Hkv, Tk, D, dtype=torch.bfloat16, device=DEVICE)
+        v = torch.randn(B, Hkv, Tk, D, dtype=torch.bfloat16, device=DEVICE)
+        shape = f"B{B} H{H}/{Hkv} Tq1 Tk{Tk} D{D} bf16"
+        impls = {"triton": lambda a, b, c: flash_decode(a, b, c, causal=False)}
+        for backend, label in (("FLASH_ATTENTION", "sdpa flash"), ("CUDNN_ATTENTION", "sdpa cudnn"),
+                               ("EFFICIENT_ATTENTION", "sdpa efficient")):
+            impls[label] = (lambda f: lambda a, b, c: f(a, b, c, False))(sdpa(backend))
+        with torch.no_grad():
+            for name, f in impls.items():
+                _record(rows, "decode", shape, "fwd", name, try_time(lambda: f(q, k, v), quick),
+                        2 * k.numel() * k.element_size(), "GB/s", peaks["copy_GBps"])
+        del q, k, v
+        torch.cuda.empty_cache()
+
+
 # ---------------------------------------------------------------------------------------
 # NumPy references (CPU) and, without a GPU, the interpreter sweep
 
@@ -378,6 +410,7 @@ def interpreter_sweep() -> list:
     import torch
 
     import kernels
+    import kernels.decode
     from npformer.ops.attention import attention_backward, attention_forward
     from npformer.ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
     from npformer.ops.rope import rope_backward, rope_forward
@@ -433,6 +466,12 @@ def interpreter_sweep() -> list:
             rows.append({"kernel": "attention", "dtype": name, "shape": f"q 1x4x20x24, kv 1x2x33x24 causal={causal}",
                          "max_rel_err": max([err(o, ref)] + [err(a, b) for a, b in zip(g, gr)]),
                          "rtol": rtol[dtype]})
+
+        q, k, v = t((2, 8, 3, 40), dtype), t((2, 2, 37, 40), dtype), t((2, 2, 37, 40), dtype)
+        o = kernels.decode.flash_decode(q, k, v, causal=True, num_splits=3)
+        ref, _ = attention_forward(f64(q), f64(k), f64(v), causal=True)
+        rows.append({"kernel": "decode", "dtype": name, "shape": "q 2x8x3x40, kv 2x2x37x40 causal, 3 splits",
+                     "max_rel_err": err(o, ref), "rtol": rtol[dtype]})
     for r in rows:
         r["ok"] = r["max_rel_err"] <= r["rtol"]
     return rows
@@ -643,7 +682,8 @@ def main(argv=None) -> int:
         print(f"device {torch.cuda.get_device_name()}: measuring peaks ...", flush=True)
         result["peaks"] = cuda_peaks(args.quick)
         print(json.dumps(result["peaks"]), flush=True)
-        for name, sweep in (("rmsnorm", gpu_rmsnorm), ("rope", gpu_rope), ("attention", gpu_attention)):
+        for name, sweep in (("rmsnorm", gpu_rmsnorm), ("rope", gpu_rope), ("attention", gpu_attention),
+                            ("decode", gpu_decode)):
             print(f"{name} ...", flush=True)
             sweep(rows, result["peaks"], args.quick)
         result["interpreter_sweep"] = None
@@ -665,7 +705,7 @@ def main(argv=None) -> int:
         print(f"  {r['kernel']:<10} {r['mode']:<8} {r['impl']:<10} {r['shape']:<28} {r['seconds'] * 1e3:9.2f} ms",
               flush=True)
     result["speedup_over_numpy"] = speedups_over_numpy(rows, result["numpy"])
-    result["summary"] = summarise(rows) if gpu else {k: None for k in ("attention", "rmsnorm", "rope")}
+    result["summary"] = summarise(rows) if gpu else {k: None for k in ("attention", "decode", "rmsnorm", "rope")}
 
     if not args.no_aot:
         from kernels.aot import run_in_subprocess

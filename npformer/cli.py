@@ -428,13 +428,20 @@ def _add_bench(sub) -> argparse.ArgumentParser:
         p.add_argument(flag(name), dest=name, type=int, default=None,
                        help=f"{text} (default: {getattr(REFERENCE, name)}, the reference config)")
     p.add_argument("--dtype", choices=["float32", "float64"], default=None,
-                   help=f"floating-point type (default: {REFERENCE.dtype})")
-    p.add_argument("--no-torch", action="store_true", help="skip the torch twin (default: run it if installed)")
+                   help=f"floating-point type (default: {REFERENCE.dtype}; with --inference, of all three engines: in "
+                        "float64 their greedy tokens agree)")
+    p.add_argument("--no-torch", action="store_true",
+                   help="skip the torch twin (and, with --inference, transformers) (default: run them if installed)")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the results (default: off)")
-    inf = p.add_argument_group("inference (--inference): prefill and KV-cached decode tokens/s against transformers")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of timing against torch, print where npformer's step goes: milliseconds per op "
+                        "family, forward and backward, as a table (default: off)")
+    inf = p.add_argument_group("inference (--inference): prefill and KV-cached decode tokens/s against the torch twin "
+                                "and transformers")
     inf.add_argument("--inference", action="store_true",
                      help="time inference instead of a training step: a GPT-2-124M-shaped model with random weights "
-                          "(or --hf DIR), npformer against transformers on torch with the same weights (default: off)")
+                          "(or --hf DIR), npformer against its torch twin and transformers with the same weights "
+                          "(default: off)")
     inf.add_argument("--hf", metavar="DIR", default=None,
                      help="with --inference: a local Hugging Face folder (GPT-2, LLaMA, Mistral, Qwen2) to time "
                           "instead of random weights (default: none)")
@@ -455,7 +462,7 @@ def _run_bench_inference(args) -> int:
 
     for name in ("prompt_len", "new_tokens", "repeats"):
         check_option(name, check_count, getattr(args, name), lo=1)
-    given = [flag(n) for n in ("n_layer", "n_head", "d_model", "block_size", "vocab_size", "dtype")
+    given = [flag(n) for n in ("n_layer", "n_head", "d_model", "block_size", "vocab_size")
              if getattr(args, n) is not None]
     if given:
         raise OptionError(given[0], "sets the training benchmark's model; --inference times a fixed GPT-2-small-"
@@ -465,7 +472,8 @@ def _run_bench_inference(args) -> int:
     try:
         result = bench_inference.run(args.hf, family=args.model, prompt_len=args.prompt_len,
                                      new_tokens=args.new_tokens, batch=args.batch,
-                                     repeats=args.repeats, hf=not args.no_torch, attn=args.attn)
+                                     repeats=args.repeats, hf=not args.no_torch, twin=not args.no_torch,
+                                     attn=args.attn, dtype=args.dtype or "float32")
     except ValueError as e:
         import re
 
@@ -494,6 +502,8 @@ def _run_bench(args) -> int:
     if args.batch is None:
         args.batch = 1 if args.inference else 16
     check_option("batch", check_count, args.batch, lo=1)
+    if args.inference and args.profile:
+        raise OptionError("--profile", "profiles the training step; it does not combine with --inference")
     if args.inference:
         return _run_bench_inference(args)
     for name in ("hf", "prompt_len", "new_tokens", "repeats", "attn", "model"):

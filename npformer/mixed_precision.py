@@ -11,11 +11,15 @@ and backward (the model's arithmetic stays float32, as a matrix unit accumulates
 float32), stores each gradient in the low precision after multiplying it by the loss
 scale S (MP.4), and unscales it into the master's gradient in float32 (MP.5). A
 gradient that is inf or NaN skips the step and halves S; N good steps in a row double
-it (MP.6).
+it (MP.6). ``step`` does all of that; a training loop that clips the gradients calls its
+phases itself (``cast_working_copy``, forward and backward, ``unscale_gradients``, clipping
+of the masters' gradients, ``update``), and saves ``state_dict()`` (S and its counters) with
+its checkpoint, as ``npformer train --precision`` does.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, List, Optional
 
 import numpy as np
@@ -119,14 +123,19 @@ class MixedPrecisionTrainer:
         for p, m in zip(self.params, self.master):
             p.data[...] = round_to(m.data, self.precision)
 
-    def step(self, forward_backward: Callable[[], float]) -> tuple:
-        """One update; returns (loss, stepped). A skipped step leaves the master weights unchanged."""
-        if not callable(forward_backward):
-            raise TypeError(f"MixedPrecisionTrainer.step: argument 'forward_backward' expected a callable, "
-                            f"got {type(forward_backward).__name__}")
-        self.cast_working_copy()
-        self.model.zero_grad()
-        loss = float(forward_backward())
+    def write_master(self) -> None:
+        """Write the master weights themselves, unrounded, into the model (to evaluate or save them)."""
+        for p, m in zip(self.params, self.master):
+            p.data[...] = m.data
+
+    def read_master(self) -> None:
+        """Take the model's weights as the master weights (after loading a checkpoint into the model)."""
+        for p, m in zip(self.params, self.master):
+            m.data[...] = p.data
+
+    def unscale_gradients(self) -> bool:
+        """The model's gradients, scaled by S and stored in the low precision (MP.4), unscaled into the
+        masters' ``.grad`` in float32 (MP.5). Returns whether every stored gradient is finite."""
         S = np.float32(self.scale)
         finite = True
         for p, m in zip(self.params, self.master):
@@ -134,15 +143,75 @@ class MixedPrecisionTrainer:
                 stored = round_to(p.grad * S, self.precision)  # (MP.4): the scaled gradient as stored
             finite = finite and bool(np.isfinite(stored).all())
             m.grad = stored / S  # (MP.5): unscaled in float32
+        return finite
+
+    def update(self, finite: bool) -> bool:
+        """The optimizer's step on the masters if the gradients are ``finite``, else a skipped step; then
+        the loss scale's rule (MP.6). Returns whether the step was taken."""
+        if not isinstance(finite, (bool, np.bool_)):
+            raise TypeError(f"MixedPrecisionTrainer.update: argument 'finite' expected a bool, got {finite!r:.40}")
         if not finite:  # (MP.6): skip, and back off
             self.skipped += 1
             self.good_steps = 0
             if self.dynamic:
                 self.scale *= self.backoff
-            return loss, False
+            return False
         self.optimizer.step()
         self.good_steps += 1
         if self.dynamic and self.good_steps == self.growth_interval:  # (MP.6): grow after N good steps
             self.scale *= self.growth
             self.good_steps = 0
-        return loss, True
+        return True
+
+    def step(self, forward_backward: Callable[[], float]) -> tuple:
+        """One update; returns (loss, stepped). A skipped step leaves the master weights unchanged.
+
+        The same as ``cast_working_copy``, ``model.zero_grad``, ``forward_backward()``,
+        ``update(unscale_gradients())``; a caller that clips the gradients calls those itself and
+        clips the masters' gradients between the last two."""
+        if not callable(forward_backward):
+            raise TypeError(f"MixedPrecisionTrainer.step: argument 'forward_backward' expected a callable, "
+                            f"got {type(forward_backward).__name__}")
+        self.cast_working_copy()
+        self.model.zero_grad()
+        loss = float(forward_backward())
+        return loss, self.update(self.unscale_gradients())
+
+    # -- saving and resuming --------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The loss scale and its counters (the masters and the optimizer's state are saved apart):
+        ``{"scale": S, "good_steps": good steps in a row since S last changed, "skipped": steps skipped}``."""
+        return {"scale": float(self.scale), "good_steps": int(self.good_steps), "skipped": int(self.skipped)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()``'s entries, each checked (nothing changes if one is refused)."""
+        op = "MixedPrecisionTrainer.load_state_dict"
+        check_state(op, state, self.growth_interval)
+        self.scale, self.good_steps, self.skipped = float(state["scale"]), int(state["good_steps"]), int(state["skipped"])
+
+
+STATE_KEYS = ("scale", "good_steps", "skipped")
+
+
+def check_state(op: str, state: object, growth_interval: int = 2000, steps: Optional[int] = None) -> None:
+    """A trainer's ``state_dict()``: a positive finite scale, 0 <= good_steps < growth_interval, and
+    0 <= skipped (<= ``steps``, the steps run, when given); a ``ValueError`` naming ``op`` and the entry."""
+    if not isinstance(state, dict) or set(state) != set(STATE_KEYS):
+        got = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{op}: argument 'state' expected the entries {list(STATE_KEYS)}, got {got}")
+
+    def whole(x: object) -> bool:
+        return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+    scale = state["scale"]
+    if not (isinstance(scale, (int, float, np.integer, np.floating)) and not isinstance(scale, (bool, np.bool_))
+            and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{op}: argument 'state' entry 'scale' expected a finite number > 0, got {scale!r:.40}")
+    good = state["good_steps"]
+    if not (whole(good) and 0 <= good < growth_interval):
+        raise ValueError(f"{op}: argument 'state' entry 'good_steps' expected an integer in [0, {growth_interval}), "
+                         f"got {good!r:.40}")
+    skipped, most = state["skipped"], steps
+    if not (whole(skipped) and skipped >= 0 and (most is None or skipped <= most)):
+        bound = "" if most is None else f" and at most the {most} steps run"
+        raise ValueError(f"{op}: argument 'state' entry 'skipped' expected an integer >= 0{bound}, got {skipped!r:.40}")

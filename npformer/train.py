@@ -7,6 +7,14 @@ and a loss-curve PNG. With ``resume=True`` it continues from the checkpoint in
 ``out_dir`` so that every later loss equals the one an uninterrupted run would have
 printed.
 
+With ``precision`` "bfloat16" or "float16" (``--precision``) the step goes through
+``npformer.mixed_precision.MixedPrecisionTrainer``: the model computes with a rounded working
+copy of float32 master weights, which AdamW updates after the gradients, stored scaled in the
+low precision and unscaled, are clipped; a step whose scaled gradient overflows is skipped (its
+batch and loss still count) and the loss scale halved. Between steps the model holds the master
+weights, so validation, samples and checkpoints use them; the checkpoint adds the loss scale and
+its counters (``mixed_precision``), and a resumed run continues them bit for bit.
+
 Every option is checked before any work, and a bad one raises ``ConfigError``
 naming the field (the command line turns it into ``argument --field: ...``):
 
@@ -61,6 +69,7 @@ from .data.vocab import check_vocab, tokenizer_difference
 from .generate import NonFiniteLogitsError, generate
 from . import pretraining
 from .pretraining import ENCODERS, OBJECTIVES, SEQ2SEQ
+from .mixed_precision import MixedPrecisionTrainer, check_state as check_mp_state
 from .models import build as build_model, check_causal_lm, family
 from .models.gpt import GPT, GPTConfig
 from .ops._checks import check_bool, check_count, check_real
@@ -88,6 +97,7 @@ class TrainConfig:
     block_size: int = 128
     dropout: float = 0.0
     dtype: str = "float32"
+    precision: str = "float32"  # or "bfloat16", "float16": a working copy over float32 master weights
     # optimisation
     steps: int = 800
     batch_size: int = 16
@@ -169,6 +179,9 @@ class TrainConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(name, f"expected one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.precision != "float32" and self.dtype != "float32":
+            raise ConfigError("precision", f"expected float32 with --dtype {self.dtype} (a {self.precision} working "
+                                           f"copy is kept over float32 master weights), got {self.precision!r}")
         _check_out_dir(self.out_dir)
         for name in ("resume", "progress", "overwrite"):
             _field(self, name, check_bool)
@@ -265,6 +278,11 @@ FIELD_HELP = {
     "block_size": "context length in tokens",
     "dropout": "dropout rate, in [0, 1)",
     "dtype": "floating-point type of weights and activations",
+    "precision": "mixed precision (npformer.mixed_precision): bfloat16 or float16 weights and gradients in the model "
+                 "over float32 master weights that the optimizer updates, with dynamic loss scaling (a step whose "
+                 "scaled gradient overflows is skipped and the scale halved; the log shows the scale and the steps "
+                 "skipped); validation, samples and checkpoints use the master weights; float32: no working copy "
+                 "(needs --dtype float32 otherwise)",
     "steps": "optimisation steps of the whole run; --resume with a larger value extends a run, and the cosine "
              "schedule is then stretched to the new total, so the learning rate rises again (it is printed)",
     "batch_size": "sequences per step",
@@ -298,11 +316,11 @@ FIELD_HELP = {
                       "option)",
 }
 CHOICES = {"model": ("gpt", "llama") + ENCODERS + SEQ2SEQ, "dtype": ("float32", "float64"),
-           "checkpoint_format": ("npz", "safetensors")}
+           "precision": ("float32", "bfloat16", "float16"), "checkpoint_format": ("npz", "safetensors")}
 # What a resumed run must share with its checkpoint: the model, the data split, and the parameter
 # groups' decay, all of which the saved state depends on. The text itself is compared by content.
 FIXED_ON_RESUME = ("val_fraction", "model", "objective", "n_layer", "n_head", "n_kv_head", "d_model", "block_size", "dropout",
-                   "dtype", "hf", "weight_decay", "seed")
+                   "dtype", "precision", "hf", "weight_decay", "seed")
 # Fields a resumed run does not take from its checkpoint: they say what to do this time, or where
 # (the run folder is the one named now, never the one the checkpoint was first written in).
 NOT_INHERITED = ("resume", "overwrite", "stop_at", "out_dir", "progress", "save_hf")
@@ -733,7 +751,8 @@ def _check_run_state(state: Dict[str, object], path: Path) -> None:
                                  and all(c in "0123456789abcdef" for c in data["sha256"])):
         raise bad(f"'data' expected the text's fingerprint {{'characters': n, 'sha256': hex}}, got {data!r:.80}")
     saved_cfg = _check_saved_config(state["config"], step, path, bad)
-    _check_optim_state(state["optim"], step, saved_cfg, bad)
+    _check_optim_state(state["optim"], step, saved_cfg, bad, updates=step - _check_precision_state(state, step,
+                                                                                                   saved_cfg, bad))
     split = state.get("split")
     if split is not None and not (split == {"contiguous": True} or (
             isinstance(split, dict) and set(split) == {"chunk_size"} and _is_int(split["chunk_size"])
@@ -769,9 +788,29 @@ def _same_number(a: object, b: float) -> bool:
     return _is_real(a) and math.isclose(float(a), b, rel_tol=1e-12, abs_tol=0.0)
 
 
-def _check_optim_state(optim: Dict[str, object], step: int, cfg: TrainConfig, bad) -> None:
+def _check_precision_state(state: Dict[str, object], step: int, cfg: TrainConfig, bad) -> int:
+    """A mixed-precision run's loss scale and counters (``mixed_precision``, none for float32); returns the
+    steps it skipped (0 for float32), which its optimizer did not take."""
+    entry = state.get("mixed_precision")
+    if cfg.precision == "float32":
+        if entry is not None:
+            raise bad(f"'mixed_precision' expected no entry for a float32 run, got {entry!r:.80}")
+        return 0
+    if entry is None:
+        raise bad(f"'mixed_precision' expected the loss scale of a --precision {cfg.precision} run, got none")
+    try:
+        check_mp_state("train", entry, steps=step)
+    except ValueError as e:
+        reason = str(e).split("argument 'state' ", 1)[-1]
+        raise bad(f"'mixed_precision' {reason}") from None
+    return int(entry["skipped"])
+
+
+def _check_optim_state(optim: Dict[str, object], step: int, cfg: TrainConfig, bad, updates: Optional[int] = None) -> None:
     """The optimizer state of a run saved after ``step`` steps of ``cfg``: the groups' options are those the
-    settings imply, and every parameter has a state (none at step 0) whose ``step`` is the run's."""
+    settings imply, and every parameter has a state (none before the first update) whose ``step`` is the
+    number of updates, ``updates`` (the run's steps, less those a mixed-precision run skipped)."""
+    updates = step if updates is None else updates
     groups = optim.get("param_groups")
     expected = _optim_groups(cfg, step)
     if not isinstance(groups, list) or len(groups) != len(expected) or not all(isinstance(g, dict) for g in groups):
@@ -792,17 +831,21 @@ def _check_optim_state(optim: Dict[str, object], step: int, cfg: TrainConfig, ba
     moments = optim.get("state", {})
     if not isinstance(moments, dict):
         raise bad(f"'optim/state' expected a dict, got {type(moments).__name__}")
-    want_keys = {str(i) for i in range(count)} if step > 0 else set()
+    want_keys = {str(i) for i in range(count)} if updates > 0 else set()
     if set(moments) != want_keys:
         missing = sorted(want_keys - set(moments), key=lambda k: (len(k), k))
         extra = sorted(set(map(str, moments)) - want_keys)
         what = f"no state for parameters {missing[:5]}" if missing else f"states for no parameter {extra[:5]}"
+        taken = "(none at step 0)" if updates == step else \
+            f"({updates} updates, {step - updates} steps skipped; none before the first update)"
         raise bad(f"'optim/state' expected the state of each of the {count} parameters after step {step} "
-                  f"(none at step 0), got {what}")
+                  f"{taken}, got {what}")
     for key, entry in moments.items():
         got = entry.get("step") if isinstance(entry, dict) else None
-        if not (_is_int(got) and got == step):
-            raise bad(f"'optim/state/{key}/step' expected the run's step {step}, got {got!r:.40}")
+        if not (_is_int(got) and got == updates):
+            want = f"the run's step {step}" if updates == step else \
+                f"the run's {updates} updates ({step} steps, {step - updates} skipped)"
+            raise bad(f"'optim/state/{key}/step' expected {want}, got {got!r:.40}")
 
 
 def _encoder_data(cfg: TrainConfig, tok, train_ids: np.ndarray, val_ids: np.ndarray, rng: np.random.Generator):
@@ -853,9 +896,10 @@ def model_config(cfg: TrainConfig, vocab_size: int):
 
 
 def _restore(state: Dict[str, object], path: Path, mcfg, model, opt: AdamW,
-             data_rng: np.random.Generator) -> None:
-    """Load a checked run into the model, the optimizer and the generators: all of it, or a
-    ``CheckpointError`` naming the file and what does not fit (the objects are then discarded)."""
+             data_rng: np.random.Generator, trainer: Optional[MixedPrecisionTrainer] = None) -> None:
+    """Load a checked run into the model, the optimizer and the generators (and a mixed-precision run's
+    master weights and loss scale into ``trainer``): all of it, or a ``CheckpointError`` naming the file
+    and what does not fit (the objects are then discarded)."""
     try:
         saved = type(mcfg)(**state["model_config"]).to_dict()
     except (TypeError, ValueError) as e:
@@ -873,6 +917,9 @@ def _restore(state: Dict[str, object], path: Path, mcfg, model, opt: AdamW,
              ("optim", lambda: opt.load_state_dict(state["optim"])),
              ("rng/data", lambda: setattr(data_rng.bit_generator, "state", state["rng"]["data"])),
              ("rng/model", lambda: setattr(model.rng.bit_generator, "state", state["rng"]["model"]))]
+    if trainer is not None:  # the model's weights, just loaded, are the master weights
+        steps += [("model", trainer.read_master),
+                  ("mixed_precision", lambda: trainer.load_state_dict(state["mixed_precision"]))]
     for entry, load in steps:
         try:
             load()
@@ -1014,7 +1061,9 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
             return {"complete": True, "steps_run": 0, "step": cfg.steps,
                     "train_loss": history.train_loss[-1] if history.train_loss else None,
                     "val_loss": history.val_loss[-1] if history.val_loss else None,
-                    "tokens_per_s": None, "checkpoint": str(path), "plot": None, "history": history}
+                    "tokens_per_s": None, "checkpoint": str(path), "plot": None, "history": history,
+                    "loss_scale": state.get("mixed_precision", {}).get("scale"),
+                    "skipped_steps": state.get("mixed_precision", {}).get("skipped")}
     ids = tok.encode_array(text)
     # A run resumed from a checkpoint without a saved split was split with chunks of 4096 tokens.
     saved_split = None if state is None else state.get("split", {"chunk_size": SPLIT_CHUNK})
@@ -1039,11 +1088,18 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
                  cfg.batch_size)
     if not pretrained:
         model = build_model(cfg.model, mcfg.to_dict(), seed=cfg.seed)
-    opt = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    trainer = None
+    if cfg.precision == "float32":
+        opt = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    else:  # AdamW updates float32 masters, in the groups (names, order) the model's own would have
+        trainer = MixedPrecisionTrainer(model, lambda masters: AdamW(master_groups(model, masters, cfg.weight_decay),
+                                                                     lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8),
+                                        precision=cfg.precision)
+        opt = trainer.optimizer
     history, start = History(), 0
     schedule = warmup_cosine(cfg.lr, cfg.min_lr, cfg.warmup, cfg.steps)
     if state is not None:
-        _restore(state, path, mcfg, model, opt, data_rng)
+        _restore(state, path, mcfg, model, opt, data_rng, trainer)
         history = History(**state["history"])
         start = int(state["step"])
     from .viz import GRADFLOW_FILE, GradientFlow
@@ -1102,6 +1158,7 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
             "model": model.state_dict(), "optim": opt.state_dict(), "step": step,
             "rng": {"data": data_rng.bit_generator.state, "model": model.rng.bit_generator.state},
             "history": asdict(history),
+            **({"mixed_precision": trainer.state_dict()} if trainer is not None else {}),
         })
         if flow is not None:
             flow.save(out_dir / GRADFLOW_FILE)
@@ -1134,6 +1191,8 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
             model.clear_caches()
             model.stop_recording()  # a step cut while gradflow recorded it
             model.train()
+            if trainer is not None:  # a step cut after its working copy was cast: the masters are the state
+                trainer.write_master()
             if done > (saved_step if saved_step is not None else 0):
                 if (done % cfg.eval_interval == 0 or done == cfg.steps) and history.val_steps[-1:] != [done - 1]:
                     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -1147,7 +1206,8 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
         return TrainingInterrupted(done, path, saved)
 
     log(f"model: {model.num_parameters():,} parameters, vocab {tok.vocab_size}, "
-        f"{_describe_split(train_ids, val_ids, split)}, {cfg.dtype}")
+        f"{_describe_split(train_ids, val_ids, split)}, {cfg.dtype}"
+        + (f" master weights, {cfg.precision} working copy" if trainer is not None else ""))
     tokens_per_step = cfg.batch_size * cfg.block_size
     prompt = tok.encode_array(sample_prompt)[None]  # (1, 1)
     bar = _progress(range(start, cfg.steps), cfg.progress)
@@ -1164,6 +1224,8 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
                 for group in opt.param_groups:
                     group["lr"] = lr
                 recorder = model.start_recording() if flow is not None and flow.due(step) else None
+                if trainer is not None:  # the step computes with the master weights rounded (MP.3)
+                    trainer.cast_working_copy()
                 if train_batches is not None:  # an encoder: its objective's batch
                     loss = pretraining.forward(model, next(train_batches))
                 else:
@@ -1172,17 +1234,28 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
                     raise TrainingDiverged(step + 1, f"the training loss is {loss}", cfg.lr, path, saved_step)
                 model.zero_grad()
                 model.backward()
+                stepped = True
+                if trainer is not None:  # the gradients stored scaled in low precision, unscaled into the masters'
+                    stepped = trainer.unscale_gradients()  # (MP.4), (MP.5); an overflow skips the step (MP.6)
+                    if not stepped and not all(np.isfinite(p.grad).all() for p in model.parameters()):
+                        raise TrainingDiverged(step + 1, "the gradient is not finite", cfg.lr, path, saved_step)
+                weights = _named_weights(model, trainer)  # the parameters the optimizer updates
                 if recorder is not None:
                     model.stop_recording()
-                    before, grads = flow.snapshot(model)  # the gradient before clipping
-                norm = clip_grad_norm_(model.parameters(), cfg.grad_clip, error_if_nonfinite=False)
-                if not math.isfinite(norm):
-                    raise TrainingDiverged(step + 1, f"the gradient norm is {norm}", cfg.lr, path, saved_step)
+                    before = {n: w.data.copy() for n, w in weights.items()}
+                    grads = {n: w.grad.copy() for n, w in weights.items()}  # the gradient before clipping
+                if stepped:
+                    norm = clip_grad_norm_(list(weights.values()), cfg.grad_clip, error_if_nonfinite=False)
+                    if not math.isfinite(norm):
+                        raise TrainingDiverged(step + 1, f"the gradient norm is {norm}", cfg.lr, path, saved_step)
                 with _sigint_deferred():  # the update and its record: both or neither
-                    opt.step()
+                    if trainer is None:
+                        opt.step()
+                    else:
+                        trainer.update(stepped)  # skipped: no update, the scale halves (MP.6)
+                        trainer.write_master()  # validation, samples and checkpoints see the master weights
                     if recorder is not None:
-                        flow.collect(step, model, before, {n: p.data for n, p in model.named_parameters()},
-                                     recorder, grads)
+                        flow.collect(step, model, before, {n: w.data for n, w in weights.items()}, recorder, grads)
                     history.steps.append(step)
                     history.train_loss.append(loss)
                     done = step + 1
@@ -1203,8 +1276,10 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
                         except NonFiniteLogitsError as e:
                             raise TrainingDiverged(done, str(e), cfg.lr, path, saved_step) from None
                         text_out = tok.decode(out[0].tolist())
-                    _write(bar, f"\nstep {done}: train {loss:.4f}, val {val:.4f}, {tok_s:,.0f} tok/s (training)\n"
-                                + (f"{text_out}\n" if text_out else ""))
+                    scaling = "" if trainer is None else \
+                        f", loss scale {trainer.scale:g}, {trainer.skipped} steps skipped"
+                    _write(bar, f"\nstep {done}: train {loss:.4f}, val {val:.4f}, {tok_s:,.0f} tok/s (training)"
+                                f"{scaling}\n" + (f"{text_out}\n" if text_out else ""))
                     save(done)
                 if cfg.stop_at and done >= cfg.stop_at and not last:
                     if saved_step != done:
@@ -1223,7 +1298,25 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
     return {"complete": done == cfg.steps, "steps_run": done - start, "step": done,
             "train_loss": history.train_loss[-1] if history.train_loss else None, "val_loss": final_val,
             "tokens_per_s": tokens_seen / train_time if train_time > 0 else None,
-            "checkpoint": str(path), "plot": str(plot), "history": history}
+            "checkpoint": str(path), "plot": str(plot), "history": history,
+            "loss_scale": None if trainer is None else trainer.scale,
+            "skipped_steps": None if trainer is None else trainer.skipped}
+
+
+def master_groups(model, masters: List, weight_decay: float) -> List[Dict[str, object]]:
+    """``param_groups(model, weight_decay)`` with each parameter replaced by its master (``masters`` in the
+    order of ``model.parameters()``): the same names, decay and order, so the optimizer's state dict reads
+    as a float32 run's."""
+    index = {id(p): i for i, p in enumerate(model.parameters())}
+    return [{**group, "params": [masters[index[id(p)]] for p in group["params"]]}
+            for group in param_groups(model, weight_decay)]
+
+
+def _named_weights(model, trainer: Optional[MixedPrecisionTrainer]) -> Dict[str, object]:
+    """The parameters the optimizer updates, by the model's names: the model's own, or the trainer's masters."""
+    if trainer is None:
+        return dict(model.named_parameters())
+    return {name: m for (name, _), m in zip(model.named_parameters(), trainer.master)}
 
 
 def _validate(model, val_ids, cfg, done, path, saved_step, history, tokenizer=None) -> float:

@@ -107,6 +107,7 @@ TRAIN_BAD = {
     "--val-fraction": floats_outside(lo=0.0, hi=1.0, lo_open=True, hi_open=True),
     "--weight-decay": floats_outside(lo=0.0), "--grad-clip": floats_outside(lo=0.0, lo_open=True),
     "--dtype": not_choices({"float32", "float64"}) | st.sampled_from(["float16", "bfloat16"]),
+    "--precision": not_choices({"float32", "bfloat16", "float16"}) | st.sampled_from(["fp16", "bf16", "float64"]),
     "--checkpoint-format": not_choices({"npz", "safetensors"}) | st.just("pt"),
     "--data": missing_file() | st.sampled_from(["runs", "/dev/null", "one.txt"]),
     "--config": missing_file() | st.sampled_from(["runs", "/dev/null"]),

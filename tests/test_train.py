@@ -264,7 +264,7 @@ def test_a_finished_run_extends_with_a_larger_steps(finished, tmp_path):
     assert summary["history"].steps == list(range(30))
 
 
-VALID_CHANGES = {"val_fraction": st.sampled_from([0.2, 0.3, 0.5]), "n_layer": st.integers(2, 3),
+VALID_CHANGES = {"precision": st.sampled_from(["bfloat16", "float16"]), "val_fraction": st.sampled_from([0.2, 0.3, 0.5]), "n_layer": st.integers(2, 3),
                  "n_head": st.sampled_from([1, 4, 8]), "d_model": st.sampled_from([8, 24, 32]),
                  "block_size": st.sampled_from([8, 12]), "dropout": st.sampled_from([0.1, 0.5]),
                  "dtype": st.just("float64"), "weight_decay": st.sampled_from([0.0, 0.3]),
@@ -418,6 +418,7 @@ def bad_values(name):
         above = st.floats(min_value=hi, exclude_min=not hi_open) if hi is not None else st.nothing()
         return below | above | st.sampled_from([math.nan, math.inf, "0.1", True, None])
     return {"dtype": st.sampled_from(["float16", "bfloat16", "int64", "", None]),
+            "precision": st.sampled_from(["fp16", "bf16", "float64", "FLOAT16", "", None]),
             "model": st.sampled_from(["GPT", "BERT", "gpt2", "", None]),
             "objective": st.sampled_from(["mlm", "nsp", "sop", "CLM", "PREFIX", None, 3]),  # none is gpt's
             "hf": st.sampled_from(["missing-folder", "corpus.txt", ".", None, 3]),
@@ -429,7 +430,7 @@ def bad_values(name):
             "overwrite": st.sampled_from([1, "true", None])}[name]
 
 
-FIELDS = ["val_fraction", "model", "objective", "n_kv_head", "hf", "save_hf", "n_layer", "n_head", "d_model", "block_size", "dropout", "dtype", "steps", "batch_size",
+FIELDS = ["precision", "val_fraction", "model", "objective", "n_kv_head", "hf", "save_hf", "n_layer", "n_head", "d_model", "block_size", "dropout", "dtype", "steps", "batch_size",
           "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "eval_interval", "eval_batches", "sample_tokens",
           "out_dir", "checkpoint_format", "seed", "stop_at", "progress", "overwrite", "resume", "data", "gradflow_every"]
 

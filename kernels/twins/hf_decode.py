@@ -2,8 +2,9 @@
 
 Loads a local folder with ``AutoModelForCausalLM`` and times, as npformer's side does,
 one forward over the prompt (prefill) and greedy one-token steps on the KV cache
-(``past_key_values``). Imported by name from ``npformer.bench_inference`` only when
-transformers is installed, so the engine itself never imports torch.
+(``past_key_values``), in float32 or float64. Imported by name from
+``npformer.bench_inference`` only when transformers is installed, so the engine itself
+never imports torch.
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ def _decode(model, prompt: torch.Tensor, new_tokens: int):
     return time.perf_counter() - t, torch.cat(tokens, dim=1).numpy()
 
 
-def time_inference(folder: str, prompt: np.ndarray, new_tokens: int, repeats: int, attn: str = "eager") -> Dict:
-    """Median prefill and decode seconds (after one untimed run each), the greedy tokens, and the BLAS."""
+def time_inference(folder: str, prompt: np.ndarray, new_tokens: int, repeats: int, attn: str = "eager",
+                   dtype: str = "float32") -> Dict:
+    """Median prefill and decode seconds (after one untimed run each), the greedy tokens, and the BLAS;
+    the folder's weights loaded in ``dtype``, 'float32' or 'float64' (widened exactly from float32)."""
     import warnings
 
     from transformers import AutoModelForCausalLM
@@ -47,7 +50,7 @@ def time_inference(folder: str, prompt: np.ndarray, new_tokens: int, repeats: in
     logging.set_verbosity_error()  # no deprecation notes about the cache's keyword between the timings
     warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated", category=FutureWarning)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attn)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), attn_implementation=attn)
     model.eval()
     ids = torch.from_numpy(prompt)
     with torch.inference_mode():

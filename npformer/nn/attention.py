@@ -146,7 +146,7 @@ class MHACache(NamedTuple):
     rope_k: Optional[RopeCache] = None  # RoPE of this call's keys (same positions)
     t5: Optional[T5BiasCache] = None  # buckets of the T5 bias, for the table's gradient
     bias_shape: Optional[Tuple[int, ...]] = None  # shape of the caller's additive bias (None: none given)
-    qkv: Optional[np.ndarray] = None  # x of self attention whose q, k, v share one array (None: three)
+    qkv: Optional[tuple] = None  # (x, W_q, W_k, W_v) when q, k, v of self attention shared one array
 
 
 class MultiHeadAttention(Module):
@@ -237,9 +237,9 @@ class MultiHeadAttention(Module):
                 y[:, a:z] += p.bias.data  # (LIN.1)
             p.record("out", y[:, a:z].reshape(B, T, z - a))  # each projection's output, under its own name
         heads = y.reshape(B, T, H + 2 * Hkv, D).transpose(0, 2, 1, 3)  # (B, H + 2 Hkv, T, D), a view
-        return heads[:, :H], heads[:, H:H + Hkv], heads[:, H + Hkv:], x
+        return heads[:, :H], heads[:, H:H + Hkv], heads[:, H + Hkv:], (x, *(p.weight.data for p in projections))
 
-    def _qkv_backward(self, dq: np.ndarray, dk: np.ndarray, dv: np.ndarray, x: np.ndarray) -> np.ndarray:
+    def _qkv_backward(self, dq: np.ndarray, dk: np.ndarray, dv: np.ndarray, saved: tuple) -> np.ndarray:
         """dx of the three projections as one: dq, dk, dv side by side as dy, one (LIN.3) for dx (summing
         the three paths into x inside the product) and one (LIN.4) for the three weights, split back
         into each projection's gradient."""
@@ -248,9 +248,8 @@ class MultiHeadAttention(Module):
         dy = np.empty((B, T, H + 2 * Hkv, D), dq.dtype)
         for part, d in zip((slice(0, H), slice(H, H + Hkv), slice(H + Hkv, None)), (dq, dk, dv)):
             dy[:, :, part] = d.transpose(0, 2, 1, 3)
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        W = np.concatenate([p.weight.data for p in projections])  # [W_q; W_k; W_v]
-        cache = LinearCache(x=x, W=W, has_bias=self.q_proj.bias is not None)
+        x, *weights = saved  # the forward's input and weights, as a Linear keeps them
+        cache = LinearCache(x=x, W=np.concatenate(weights), has_bias=self.q_proj.bias is not None)  # [W_q; W_k; W_v]
         dx, dW, db = linear_backward(dy.reshape(B, T, -1), cache)  # (LIN.3) - (LIN.5)
         rows = np.cumsum([0, H * D, Hkv * D, Hkv * D])
         parts = list(zip((self.q_proj, self.k_proj, self.v_proj), rows[:-1], rows[1:]))

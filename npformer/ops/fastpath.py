@@ -25,28 +25,39 @@ forms).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import functools
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, List, Optional
 
-from ._checks import check_count
+from ._checks import MAX_POSITION, check_count
 
 _UNSET = object()
 MIN_ELEMENTS = 1 << 15  # elements per thread below which handing work to a thread costs more than it saves
 
 
+MAX_THREADS = 1024
+
+
 def _default_threads() -> int:
+    """``NPFORMER_NUM_THREADS``, else the BLAS's own setting, else the cores this process may use. A
+    variable that is set but not an integer in [1, 1024] is named in a warning and passed over."""
     for name in ("NPFORMER_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
-        value = os.environ.get(name, "")
-        if value.strip().isdigit() and int(value) >= 1:
+        value = os.environ.get(name, "").strip()
+        if not value:
+            continue
+        if value.isdigit() and 1 <= int(value) <= MAX_THREADS:
             return int(value)
+        warnings.warn(f"npformer.ops.fastpath: environment variable {name}={value!r} is not an integer in "
+                      f"[1, {MAX_THREADS}]; passed over", RuntimeWarning, stacklevel=2)
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        return max(1, min(MAX_THREADS, len(os.sched_getaffinity(0))))
     except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+        return max(1, min(MAX_THREADS, os.cpu_count() or 1))
 
 
 class _Settings:
@@ -56,9 +67,22 @@ class _Settings:
         self.pool: Optional[ThreadPoolExecutor] = None
         self.pool_size = 0
         self.lock = threading.Lock()
+        self.blas_users = 0  # callers inside blas_parallel: the first sets the BLAS to 1 thread, the last restores
+        self.blas_before = 0
 
 
 _settings = _Settings()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has none of the parent's threads: it starts a pool of its own when it needs one."""
+    _settings.pool, _settings.pool_size = None, 0
+    _settings.lock = threading.Lock()
+    _settings.blas_users = 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def num_threads() -> int:
@@ -71,21 +95,33 @@ def causal_block() -> Optional[int]:
     return _settings.causal_block
 
 
-def configure(threads=_UNSET, causal_block=_UNSET) -> None:
-    """Set the fast path's options; an option not given keeps its value.
-
-    threads: int >= 1;  causal_block: int >= 1, or None for the plain form.
-    """
+def _checked(threads, causal_block) -> tuple:
     op = "fastpath.configure"
     if threads is not _UNSET:
-        _settings.threads = check_count(op, "threads", threads, 1, 1024)
+        threads = check_count(op, "threads", threads, 1, MAX_THREADS)
+    if causal_block is not _UNSET and causal_block is not None:
+        causal_block = check_count(op, "causal_block", causal_block, 1, MAX_POSITION)
+    return threads, causal_block
+
+
+def configure(threads=_UNSET, causal_block=_UNSET) -> None:
+    """Set the fast path's options; an option not given keeps its value. Both are checked before
+    either is set. The settings are the process's, shared by its threads.
+
+    threads: int in [1, 1024];  causal_block: int >= 1, or None for the plain form.
+    """
+    threads, causal_block = _checked(threads, causal_block)
+    if threads is not _UNSET:
+        _settings.threads = threads
     if causal_block is not _UNSET:
-        _settings.causal_block = None if causal_block is None else check_count(op, "causal_block", causal_block, 1)
+        _settings.causal_block = causal_block
 
 
 @contextlib.contextmanager
 def configured(threads=_UNSET, causal_block=_UNSET) -> Iterator[None]:
-    """``configure(...)`` inside a ``with`` block; the previous settings come back after it."""
+    """``configure(...)`` inside a ``with`` block; the previous settings come back after it. The settings
+    are the process's: two threads in ``configured`` blocks at once see each other's."""
+    threads, causal_block = _checked(threads, causal_block)
     before = (_settings.threads, _settings.causal_block)
     configure(threads=threads, causal_block=causal_block)
     try:
@@ -95,10 +131,10 @@ def configured(threads=_UNSET, causal_block=_UNSET) -> Iterator[None]:
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
+    """The pool of at least ``workers`` threads. A smaller one is replaced, not shut down: a thread may be
+    handing it work at this moment, and it ends its threads once nothing refers to it."""
     with _settings.lock:
         if _settings.pool is None or _settings.pool_size < workers:
-            if _settings.pool is not None:
-                _settings.pool.shutdown(wait=False)
             _settings.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="npformer-rows")
             _settings.pool_size = workers
         return _settings.pool
@@ -163,7 +199,10 @@ def _run_together(tasks: List[Callable[[], None]]) -> None:
     """The first task on the calling thread, the others on the pool at the same time; the first
     exception raised by any of them is raised here, once every task has finished."""
     first, *rest = tasks
-    futures = [_pool(len(rest)).submit(task) for task in rest]
+    pool = _pool(len(rest))
+    # each task runs in a copy of the caller's context: NumPy's error state (np.errstate, np.seterr)
+    # is a context variable, and a row must overflow, or raise, as it would on the calling thread
+    futures = [pool.submit(contextvars.copy_context().run, task) for task in rest]
     try:
         first()
     finally:
@@ -177,13 +216,25 @@ def blas_parallel(fn: Callable[[slice], None], n_rows: int, row_size: int = 1) -
     """``row_parallel`` for work whose rows make their own small matrix products (attention, one
     batch element per row): the BLAS runs one thread per call meanwhile, so that the threads here,
     not the BLAS's, share the cores. Without a BLAS whose thread count can be set (see
-    ``blas_threads``), the rows run in one call on the calling thread.
+    ``_blas_threads``), the rows run in one call on the calling thread.
     """
-    if _threads_for(n_rows, n_rows * row_size) > 1 and _blas_threads() is not None:
-        with blas_threads(1):
-            row_parallel(fn, n_rows, row_size)
-    else:  # one thread's work (a single sequence while decoding, say): the BLAS keeps its threads
-        fn(slice(0, n_rows))
+    control = _blas_threads()
+    if _threads_for(n_rows, n_rows * row_size) <= 1 or control is None:
+        fn(slice(0, n_rows))  # one thread's work (a single sequence while decoding, say): the BLAS keeps its threads
+        return
+    get, put = control
+    with _settings.lock:  # callers on several threads at once: the first sets 1 thread, the last restores
+        if _settings.blas_users == 0:
+            _settings.blas_before = get()
+            put(1)
+        _settings.blas_users += 1
+    try:
+        row_parallel(fn, n_rows, row_size)
+    finally:
+        with _settings.lock:
+            _settings.blas_users -= 1
+            if _settings.blas_users == 0:
+                put(_settings.blas_before)
 
 
 # --- the BLAS's own thread count --------------------------------------------------------------
@@ -216,19 +267,3 @@ def _blas_threads():
                 _blas = (get, put)
                 return _blas
     return None
-
-
-@contextlib.contextmanager
-def blas_threads(n: int) -> Iterator[None]:
-    """The BLAS runs ``n`` threads per call inside the ``with`` block (where its count can be set)."""
-    control = _blas_threads()
-    if control is None:
-        yield
-        return
-    get, put = control
-    before = get()
-    put(n)
-    try:
-        yield
-    finally:
-        put(before)

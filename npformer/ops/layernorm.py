@@ -97,7 +97,8 @@ def layernorm_forward(
         check_shape(op, name, p, (D,))
     eps = check_real(op, "eps", eps, lo=0.0)
 
-    x2 = x.reshape(-1, D)  # (N, D): the rows (a copy only where a view cannot do it)
+    x2 = np.ascontiguousarray(x.reshape(-1, D))  # (N, D): the rows, C-ordered (a copy only for other layouts),
+    # so that a row's sums run in the same order whichever block of rows holds it
     y, xhat, rstd = np.empty(x2.shape, x.dtype), np.empty(x2.shape, x.dtype), np.empty((len(x2), 1), x.dtype)
 
     def rows(r: slice) -> None:  # rows are independent: blocks of them run on several cores
@@ -136,7 +137,8 @@ def layernorm_backward(
     check_same_dtype_as(op, "dy", dy, xhat.dtype, "x")
     check_shape(op, "dy", dy, xhat.shape)
     D = xhat.shape[-1]
-    dy2, xhat2, rstd2 = dy.reshape(-1, D), xhat.reshape(-1, D), rstd.reshape(-1, 1)  # (N, D), (N, 1)
+    dy2 = np.ascontiguousarray(dy.reshape(-1, D))  # (N, D), C-ordered as in the forward
+    xhat2, rstd2 = xhat.reshape(-1, D), rstd.reshape(-1, 1)  # (N, D), (N, 1): the forward's own arrays
     ones = np.ones(len(dy2), dy.dtype)
     dbeta = ones @ dy2  # (LN.6): a sum over rows, as one matrix-vector product
     dx = np.empty(dy2.shape, dy.dtype)

@@ -123,6 +123,54 @@ def test_shared_memory_estimate_is_conservative(reports):
         assert r["shared"] <= estimate, f"{_describe(r)}: {r['shared']} B > estimate {estimate} B"
 
 
+# ---------------------------------------------------------------------------------------
+# the split-KV decoding kernels (family "decode": built on request, and all in --full)
+
+DECODE_KERNELS = ("decode.partial", "decode.merge")
+
+
+@pytest.fixture(scope="module")
+def decode_reports():
+    import triton.backends
+
+    if "nvidia" not in triton.backends.backends or not _ptxas_runs():
+        pytest.skip("this triton has no NVIDIA backend / ptxas to compile with")
+    return aot.run_in_subprocess(full=False, families=("decode",), timeout=900)
+
+
+def test_decode_builds_compile_and_pass_the_checks(decode_reports):
+    """Both decoding kernels, for sm_80 and sm_90: compiled, no spill, registers and shared
+    memory within the limits."""
+    assert {(r["kernel"], r["arch"]) for r in decode_reports} == {(k, a) for k in DECODE_KERNELS for a in aot.ARCHS}
+    failing = [f"{_describe(r)}: {r['error'] or r['failures']}" for r in decode_reports if not r["ok"] or r["failures"]]
+    assert not failing, "\n".join(failing)
+    assert all(r["spill_stores"] + r["spill_loads"] == 0 and 0 < r["registers"] <= 255 for r in decode_reports)
+    assert all(r["shared"] <= _common.SMEM_LIMIT[r["arch"]] for r in decode_reports)
+
+
+def test_decode_builds_use_the_launchers_configuration():
+    """Each partial-kernel build carries the tile rows and (BLOCK_N, warps, stages) the
+    launcher picks for its group and queries; the default subset leaves the family out and
+    --full builds every entry of the table."""
+    import torch
+
+    import kernels.decode as Dm
+
+    builds = aot.enumerate_builds(full=True, families=("decode",))
+    partial = [b for b in builds if b.kernel == "decode.partial"]
+    assert partial and {b.kernel for b in builds} == set(DECODE_KERNELS)
+    for b in partial:
+        dtype = getattr(torch, aot._TORCH_NAME[b.dtype])
+        rows = b.args["GROUP"] * b.args["Tq"]
+        assert b.constexprs["BLOCK_M"] == Dm.block_m_for(rows, dtype, interpret=False)
+        assert (b.constexprs["BLOCK_N"], b.num_warps, b.num_stages) == Dm.launch_config(
+            dtype, b.constexprs["BLOCK_D"], b.constexprs["BLOCK_M"], b.arch, interpret=False)
+    used = {(4 if b.dtype == "fp32" else 2, 64 if b.constexprs["BLOCK_D"] <= 64 else 128, b.constexprs["BLOCK_M"],
+             b.arch) for b in partial}
+    assert used == set(Dm.CONFIGS)
+    assert not any(b.kernel.startswith("decode.") for b in aot.enumerate_builds(full=False))
+
+
 def test_specialisation_follows_the_runtime():
     """Pointers and multiples of 16 are marked 16-divisible, 1 becomes a constant, constexprs stay constants."""
     from kernels.rmsnorm import _sum_partials_kernel

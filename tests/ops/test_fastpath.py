@@ -6,7 +6,9 @@ of one row and blocks longer than the sequence; its probabilities are exactly ze
 hidden keys. Row-parallel work gives the plain form's result bit for bit.
 """
 
+import contextlib
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -183,10 +185,30 @@ ROWS = st.sampled_from([1, 3, 257, 1031])  # with D up to 193: from one thread's
 WIDTHS = st.sampled_from([1, 5, 64, 193])
 
 
-def _both_forms(call):
+@contextlib.contextmanager
+def on_threads(threads=3):
+    """``threads`` threads for any amount of work (MIN_ELEMENTS lowered), and a check that work was
+    indeed handed to threads inside the block: a test of the threaded form that ran on one thread fails."""
+    calls = []
+    run_together, minimum = fastpath._run_together, fastpath.MIN_ELEMENTS
+
+    def counted(tasks):
+        calls.append(len(tasks))
+        return run_together(tasks)
+
+    fastpath._run_together, fastpath.MIN_ELEMENTS = counted, 1
+    try:
+        with fastpath.configured(threads=threads):
+            yield
+    finally:
+        fastpath._run_together, fastpath.MIN_ELEMENTS = run_together, minimum
+    assert calls and max(calls) > 1, "nothing ran on more than one thread"
+
+
+def _both_forms(call, rows=2):
     with fastpath.configured(threads=1):
         plain = call()
-    with fastpath.configured(threads=3):
+    with (on_threads() if rows > 1 else fastpath.configured(threads=3)):  # one row: one thread's work
         fast = call()
     return plain, fast
 
@@ -213,7 +235,7 @@ def test_layernorm_on_row_blocks_is_the_plain_form_bit_for_bit(rng, n, D, dtype,
         dx, _, _ = layernorm_backward(dy, cache)
         return y, cache.xhat, cache.rstd, dx
 
-    _assert_identical(*_both_forms(call))
+    _assert_identical(*_both_forms(call, n))
 
 
 @given(rng=rngs(), n=st.sampled_from([1, 7, 40_000, 70_001]), dtype=st.sampled_from([np.float32, np.float64]))
@@ -227,7 +249,7 @@ def test_gelu_on_element_blocks_is_the_plain_form_bit_for_bit(rng, n, dtype):
         y, cache = gelu_forward(x, "tanh")
         return y, cache.cdf, cache.tanh_u, gelu_backward(dy, cache)
 
-    _assert_identical(*_both_forms(call))
+    _assert_identical(*_both_forms(call, n))
 
 
 @given(rng=rngs(), B=st.sampled_from([1, 2, 5]), block=st.sampled_from([None, 3]))
@@ -243,13 +265,12 @@ def test_attention_on_batch_blocks_is_the_plain_form_bit_for_bit(rng, B, block):
 
     with fastpath.configured(threads=1):
         plain = call()
-    with fastpath.configured(threads=3):
-        # rows are handed to threads only above MIN_ELEMENTS per thread: lower it for these small shapes
-        old, fastpath.MIN_ELEMENTS = fastpath.MIN_ELEMENTS, 1
-        try:
+    if B == 1:  # one batch element: one thread's work
+        with fastpath.configured(threads=3):
             fast = call()
-        finally:
-            fastpath.MIN_ELEMENTS = old
+    else:
+        with on_threads():
+            fast = call()
     _assert_identical(plain, fast)
 
 
@@ -279,7 +300,7 @@ def test_adam_on_threads_is_the_plain_form_bit_for_bit(rng, threads, decoupled):
     def train(n_threads):
         params = [Parameter(x.copy()) for x in start]
         opt = (AdamW if decoupled else Adam)(params, lr=1e-2, weight_decay=0.1)
-        with fastpath.configured(threads=n_threads):
+        with (fastpath.configured(threads=1) if n_threads == 1 else on_threads(n_threads)):
             for g in grads:
                 for p, gi in zip(params, g):
                     p.grad = gi.copy()
@@ -287,3 +308,121 @@ def test_adam_on_threads_is_the_plain_form_bit_for_bit(rng, threads, decoupled):
         return [p.data for p in params] + [opt.state[p]["exp_avg_sq"] for p in params]
 
     _assert_identical(train(1), train(threads))
+
+
+@given(rng=rngs(), n=st.sampled_from([2, 5, 300]), dout=st.sampled_from([1, 7, 130]),
+       dtype=st.sampled_from([np.float32, np.float64]))
+def test_linear_bias_add_on_row_blocks_is_the_plain_form_bit_for_bit(rng, n, dout, dtype):
+    from npformer.ops.linear import linear_backward, linear_forward
+
+    x = rng.standard_normal((n, 1, 9)).astype(dtype)
+    W, b = rng.standard_normal((dout, 9)).astype(dtype), rng.standard_normal(dout).astype(dtype)
+    dy = rng.standard_normal((n, 1, dout)).astype(dtype)
+
+    def call():
+        y, cache = linear_forward(x, W, b)
+        return (y, *linear_backward(dy, cache))
+
+    _assert_identical(*_both_forms(call, n))
+
+
+def test_workers_keep_the_callers_floating_point_error_state():
+    """np.errstate / np.seterr hold on every thread: an overflow raises, or stays silent, as asked."""
+    big = np.full((4096, 64), 3e38, np.float32)
+
+    def overflow(rows):
+        big[rows] * np.float32(10)
+
+    with on_threads(2), np.errstate(over="raise"), pytest.raises(FloatingPointError):
+        fastpath.row_parallel(overflow, len(big), 64)
+    with on_threads(2), np.errstate(over="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning from any thread would fail here
+        fastpath.row_parallel(overflow, len(big), 64)
+
+
+def test_a_failing_threaded_optimizer_step_changes_nothing():
+    from npformer.nn.module import Parameter
+    from npformer.optim import AdamW
+
+    params = [Parameter(np.ones((200, 200), np.float32)), Parameter(np.ones((300, 100), np.float32))]
+    opt = AdamW(params, lr=1e-3)
+    params[0].grad = np.ones((200, 200), np.float32)
+    params[1].grad = np.full((300, 100), 3e38, np.float32)  # g * g overflows
+    with on_threads(2), np.errstate(all="raise"), pytest.raises(FloatingPointError):
+        opt.step()
+    assert (params[0].data == 1).all() and (params[1].data == 1).all() and not opt.state
+
+
+def test_a_forked_child_runs_threaded_work():
+    import os
+
+    with on_threads(2):
+        fastpath.row_parallel(lambda rows: None, 4096, 64)  # the parent's pool exists now
+    pid = os.fork()
+    if pid == 0:  # the child: threaded work must finish (the parent's threads are gone)
+        try:
+            with fastpath.configured(threads=2):
+                out = np.zeros(4096)
+
+                def fill(rows):
+                    out[rows] = 1
+
+                fastpath.MIN_ELEMENTS = 1
+                fastpath.row_parallel(fill, 4096, 64)
+            os._exit(0 if out.all() else 1)
+        except BaseException:
+            os._exit(2)
+    deadline = 60
+    import time
+
+    start = time.time()
+    while time.time() - start < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    raise AssertionError("the forked child hung on threaded work")
+
+
+def test_overlapping_attention_on_user_threads_leaves_the_blas_as_it_was():
+    control = fastpath._blas_threads()
+    if control is None:
+        pytest.skip("no OpenBLAS whose thread count can be read in this process")
+    get, _ = control
+    before = get()
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((4, 2, 64, 8)).astype(np.float32) for _ in range(3))
+    barrier = threading.Barrier(2)
+
+    def work():
+        barrier.wait()
+        for _ in range(20):
+            attention_forward(q, k, v, causal=True)
+
+    with on_threads(2):
+        threads = [threading.Thread(target=work) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert get() == before
+
+
+def test_configure_checks_every_option_before_setting_any():
+    before = (fastpath.num_threads(), fastpath.causal_block())
+    expect_rejected(lambda: fastpath.configure(threads=1, causal_block=0), "fastpath.configure", "causal_block")
+    with pytest.raises(ValueError):
+        with fastpath.configured(threads=1, causal_block=0):
+            pass
+    assert (fastpath.num_threads(), fastpath.causal_block()) == before
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "abc", "2.5", "99999"])
+def test_a_bad_thread_variable_is_named_and_passed_over(monkeypatch, value):
+    monkeypatch.setenv("NPFORMER_NUM_THREADS", value)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")
+    with pytest.warns(RuntimeWarning, match="NPFORMER_NUM_THREADS"):
+        assert fastpath._default_threads() == 3
