@@ -53,7 +53,7 @@ from ..ops._checks import (
 )
 from ..ops.alibi import alibi_bias
 from ..ops.attention import AttentionCache, attention_backward, attention_forward
-from ..ops.linear import LinearCache, linear_backward
+from ..ops.linear import LinearCache, linear_backward, linear_forward_into
 from ..ops.rope import RopeCache, rope_backward, rope_forward
 from ..ops.t5_bias import T5BiasCache, t5_bias_backward, t5_bias_forward
 from .layers import Embedding, Linear, check_dout, check_features, check_layer_options
@@ -232,9 +232,7 @@ class MultiHeadAttention(Module):
         x2 = x.reshape(B * T, self.d_model)  # the rows (a copy only where a view cannot do it)
         y = np.empty((B * T, (H + 2 * Hkv) * D), x.dtype)
         for p, a, z in zip(projections, np.cumsum([0, H * D, Hkv * D]), np.cumsum([H * D, Hkv * D, Hkv * D])):
-            np.matmul(x2, p.weight.data.T, out=y[:, a:z])  # (LIN.1), into this projection's columns
-            if p.bias is not None:
-                y[:, a:z] += p.bias.data  # (LIN.1)
+            linear_forward_into(x2, p.weight.data, None if p.bias is None else p.bias.data, y[:, a:z])  # (LIN.1)
             p.record("out", y[:, a:z].reshape(B, T, z - a))  # each projection's output, under its own name
         heads = y.reshape(B, T, H + 2 * Hkv, D).transpose(0, 2, 1, 3)  # (B, H + 2 Hkv, T, D), a view
         return heads[:, :H], heads[:, H:H + Hkv], heads[:, H + Hkv:], (x, *(p.weight.data for p in projections))
