@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.labels import DEFINITION, MENTION
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "demos").glob("[0-9][0-9]_*.py"))
 IDS = [p.stem for p in NOTEBOOKS]
@@ -36,9 +38,6 @@ TIMEOUT_S = 240  # a hung notebook fails instead of stalling the suite
 ONE_THREAD = {name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
 
 HEADER = re.compile(r"^# %%")
-LABEL = r"[A-Z][A-Za-z0-9]*\.[0-9]+[a-z]?"
-MENTION = re.compile(r"\((" + LABEL + r")\)")
-DEFINITION = re.compile(r"\\tag\*\{\((" + LABEL + r")\)\}")
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 

@@ -7,14 +7,17 @@ Pages come from README.md, proofs/*.md, demos/README.md (and the study reports i
 one API page per module of npformer/ and kernels/ (mkdocstrings), one rendered source page
 per Python file of npformer/ and kernels/ and per test file that cites or carries a label,
 and the notebooks ``demos/[0-9][0-9]_*.py`` (Jupytext percent scripts), executed with
-nbclient and shown with their outputs (an executed notebook is kept in ``build/docs-cache/``
-until its source changes).
+nbclient (on one BLAS thread) and shown with their outputs (an executed notebook is kept in
+``build/docs-cache/`` until the script, or any Python file of npformer/ and kernels/ it may
+run, changes).
 
 Every equation tagged ``\\tag*{(LN.4)}`` gets the anchor ``#LN.4`` and, beside it, the code
 lines that cite it and the tests that carry its marker, from the scan the meta-test reads
 (``tests/labels.py``); ``labels.md`` tables them all. Math is typeset in the browser by a
 MathJax copied from the ``django-static-mathjax`` package into the site: nothing is fetched
-from the network when the site is built or read.
+from the network when the site is built or read (the site has no search box: Material's search
+reads its index through a worker, which a page opened from the folder may not start without a
+shim fetched from the network).
 """
 
 import argparse
@@ -40,7 +43,12 @@ from tests.labels import LABEL, MENTION, python_files, scan  # noqa: E402
 NOTEBOOK = re.compile(r"^[0-9][0-9]_.*\.py$")
 TAG = re.compile(r"\\tag\*\{\((" + LABEL + r")\)\}")
 IMAGE_SUFFIXES = {".png", ".svg", ".jpg", ".jpeg", ".gif"}
+# tex-chtml.js and what it loads on demand: the menu (ui/) and the assistive MathML (a11y/). The Explorer and
+# collapsible math would need the speech rule engine's maps, which a page opened from the folder cannot read
+# (file:// answers no request for data): mathjax-config.js keeps them off, and their menu items disabled.
 MATHJAX_PARTS = ("tex-chtml.js", "input/tex", "output/chtml", "ui", "a11y")
+ONE_THREAD = {name: "1" for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+CODE_PACKAGES = ("npformer", "kernels")
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -76,7 +84,7 @@ class Site:
         self.sources = {}  # repository path -> source page
         cited = {c.path.as_posix() for c in found.citations + found.test_citations}
         cited |= {m.path.as_posix() for m in found.markers}
-        paths = [p.relative_to(root).as_posix() for pkg in ("npformer", "kernels") for p in python_files(root, pkg)]
+        paths = [p.relative_to(root).as_posix() for pkg in CODE_PACKAGES for p in python_files(root, pkg)]
         paths += sorted(p for p in cited if p.startswith("tests/"))
         demos = root / "demos"  # the demo scripts that are not notebooks (those get pages of their own)
         paths += [p.relative_to(root).as_posix() for p in sorted(demos.glob("*.py")) if not NOTEBOOK.match(p.name)]
@@ -343,8 +351,8 @@ def render_sources(writer, listings, api=True):
         )
         cited = {label for labels in labels_on[rel].values() for label in labels if label in site.document_of}
         cited = sorted(cited, key=natural)
-        # the listing takes the page's whole width, and stays out of the search index
-        header = ["---", "search:", "  exclude: true", "hide:", "  - navigation", "  - toc", "---", "", f"# {rel}", ""]
+        # the listing takes the page's whole width
+        header = ["---", "hide:", "  - navigation", "  - toc", "---", "", f"# {rel}", ""]
         if cited:
             header += [
                 "Labels here: " + ", ".join(f"[({label})]({site.label_link(page, label)})" for label in cited),
@@ -405,13 +413,28 @@ def render_api(writer):
 # --------------------------------------------------------------------------- notebooks
 
 
+def notebook_key(path, root=ROOT):
+    """A digest of the script at ``path`` and of every Python file of npformer/ and kernels/ under ``root``.
+
+    The executed notebook is cached under it: a change to the script or to the code it may run
+    executes it again.
+    """
+    digest = hashlib.sha256()
+    for name, data in [("script", path.read_bytes())] + [
+        (p.relative_to(root).as_posix(), p.read_bytes()) for pkg in CODE_PACKAGES for p in python_files(root, pkg)
+    ]:
+        digest.update(f"{name}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()[:16]
+
+
 def execute_notebook(path, cache, timeout):
-    """The notebook of a percent script, executed (or read from the cache while its source is unchanged)."""
+    """The notebook of a percent script, executed (or read from the cache while it and the code are unchanged)."""
     import jupytext
     import nbformat
     from nbclient import NotebookClient
 
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    digest = notebook_key(path)
     cached = cache / f"{path.stem}.{digest}.ipynb"
     if cached.exists():
         return nbformat.read(cached, as_version=4), 0.0
@@ -431,12 +454,17 @@ def execute_notebook(path, cache, timeout):
 
 
 def kernel_here(folder):
-    """A kernel spec that runs this Python (the one with npformer installed), not whichever ``python`` is on PATH."""
+    """A kernel spec that runs this Python (the one with npformer installed), not whichever ``python`` is on PATH.
+
+    The kernel runs on one BLAS thread, as the notebooks do under tests/test_notebooks.py (several
+    OpenBLAS threads make the small products of the notebooks several times slower).
+    """
     name = "npformer-docs"
     spec = folder / "kernels" / name
     spec.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-    (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "npformer", "language": "python"}))
+    kernel = {"argv": argv, "display_name": "npformer", "language": "python", "env": ONE_THREAD}
+    (spec / "kernel.json").write_text(json.dumps(kernel))
     paths = os.environ.get("JUPYTER_PATH", "")
     if str(folder) not in paths.split(os.pathsep):
         os.environ["JUPYTER_PATH"] = os.pathsep.join(p for p in (str(folder), paths) if p)
@@ -487,6 +515,14 @@ def notebook_markdown(nb, stem, out_dir, markdown=lambda text: text):
     return "\n\n".join(parts) + "\n"
 
 
+def notebook_place(path, root=ROOT):
+    """Where a notebook's relative links are read from: its place in the repository, or demos/ for one outside it."""
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:  # a folder elsewhere (--notebooks): its links are read as those of the notebooks in demos/
+        return f"demos/{path.name}"
+
+
 def render_notebooks(writer, notebooks, cache, timeout, log):
     site = writer.site
     done = []
@@ -500,7 +536,7 @@ def render_notebooks(writer, notebooks, cache, timeout, log):
 
         nbformat.write(nb, out_dir / f"{path.stem}.ipynb")
         shutil.copyfile(path, out_dir / f"{path.stem}.py")
-        repo_rel = path.resolve().relative_to(ROOT).as_posix()
+        repo_rel = notebook_place(path)
 
         def markdown(text):  # links and labels as on every page
             return writer.link_labels(writer.rewrite_links(text, repo_rel, page), page)
@@ -526,7 +562,10 @@ def copy_mathjax(dest):
 
     es5 = Path(mathjax.__file__).resolve().parent / "static" / "mathjax" / "es5"
     if not (es5 / "tex-chtml.js").is_file():
-        raise SystemExit(f"build.py: MathJax not found under {es5} (install the docs extra: pip install -e '.[docs]')")
+        raise SystemExit(
+            f"build.py: MathJax not found under {es5} (install the docs extra and the test extra, whose packages "
+            "the notebooks use: make docs-deps, or pip install -e '.[test,docs]')"
+        )
     for part in MATHJAX_PARTS:
         source = es5 / part
         if source.is_dir():

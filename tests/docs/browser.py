@@ -4,12 +4,18 @@ Chromium started with ``--remote-debugging-pipe`` reads JSON commands, each ende
 byte, on file descriptor 3 and writes replies and events on descriptor 4. That is all this
 needs: open a page, wait for a condition, evaluate JavaScript, take a screenshot. No
 driver binary and no download: only the browser Debian installs.
+
+The driver also keeps what went wrong on the pages it opens: every load that failed (a
+missing file, or a fetch from the network, which is blocked) and every uncaught script
+error or rejected promise; ``problems()`` hands them over. Host names resolve to nothing, so a
+fetch from the network fails (and is kept) instead of reaching out.
 """
 
 import base64
 import fcntl
 import json
 import os
+import select
 import shutil
 import subprocess
 import time
@@ -38,7 +44,8 @@ class Browser:
             os.dup2(write, 4)
 
         flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--remote-debugging-pipe", f"--window-size={width},{height}", "about:blank"]  # fmt: skip
+                 "--remote-debugging-pipe", f"--window-size={width},{height}",
+                 "--host-resolver-rules=MAP * ~NOTFOUND", "about:blank"]  # fmt: skip
         self.process = subprocess.Popen(
             [executable, *flags],
             stdin=subprocess.DEVNULL,
@@ -51,9 +58,13 @@ class Browser:
         os.close(from_browser_w)
         self._buffer = b""
         self._next_id = 0
+        self._requests = {}  # request id -> url, to name a failed load
+        self._problems = []
         target = self.send("Target.createTarget", url="about:blank")["targetId"]
         self.session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
         self.send("Page.enable", session=True)
+        for domain in ("Runtime", "Network", "Log"):
+            self.send(f"{domain}.enable", session=True)
         self.send(
             "Emulation.setDeviceMetricsOverride",
             session=True,
@@ -74,10 +85,42 @@ class Browser:
         deadline = time.monotonic() + timeout
         while True:
             reply = self._read(deadline)
-            if reply.get("id") == self._next_id:
+            if "method" in reply:
+                self._event(reply)
+            elif reply.get("id") == self._next_id:
                 if "error" in reply:
                     raise BrowserError(f"{method}: {reply['error']}")
                 return reply.get("result", {})
+
+    def _event(self, message):
+        """Keep a failed load or an uncaught error; forget every other event."""
+        method, params = message["method"], message.get("params", {})
+        if method == "Network.requestWillBeSent":
+            self._requests[params["requestId"]] = params["request"]["url"]
+        elif method == "Network.loadingFailed" and not params.get("canceled"):
+            url = self._requests.get(params["requestId"], "?")
+            reason = params.get("blockedReason") or params.get("errorText", "")
+            self._problems.append(f"failed load: {url} ({reason})")
+        elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
+            entry = params["entry"]
+            self._problems.append(f"{entry['source']} error: {entry.get('url', '')} {entry['text']}".strip())
+        elif method == "Runtime.exceptionThrown":
+            details = params["exceptionDetails"]
+            text = details.get("exception", {}).get("description") or details.get("text", "")
+            self._problems.append(f"uncaught: {text.splitlines()[0] if text else details} ({details.get('url', '')})")
+
+    def problems(self, settle=0.5):
+        """Failed loads and uncaught errors since the last call, after ``settle`` seconds without any message."""
+        while True:
+            if b"\0" not in self._buffer:
+                ready, _, _ = select.select([self._from_browser], [], [], settle)
+                if not ready:
+                    break
+            message = self._read(time.monotonic() + 10)
+            if "method" in message:
+                self._event(message)
+        found, self._problems = self._problems, []
+        return list(dict.fromkeys(found))  # a failure repeated on one page is named once
 
     def _read(self, deadline):
         while b"\0" not in self._buffer:

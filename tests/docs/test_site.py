@@ -1,10 +1,13 @@
 """The documentation site, built once and read in a real browser (headless Chromium).
 
 The site is built from this checkout into a temporary folder (without the API pages, and
-with the tiny notebook of ``tests/docs/fixtures`` in place of ``demos/``) and opened from
+with the tiny notebook of ``tests/docs/fixtures``, copied to a folder outside the repository,
+in place of ``demos/``) and opened from
 there (file://, no server, no network) in Chromium, driven over its DevTools pipe
 (``tests/docs/browser.py``): every derivation, the index, the label table and the notebook,
-each read once MathJax has finished, and a sample of code links followed to their lines.
+each read once MathJax has finished, and a sample of code links followed to their lines. No
+page may fail to load a file, try the network or throw an uncaught script error, also with
+MathJax's accessibility Explorer switched on in its menu (a setting the browser remembers).
 Links and anchors are also checked in the built HTML, every one of them.
 
 Screenshots of the index and of a derivation are kept in ``runs/docs/``.
@@ -15,6 +18,7 @@ import html
 import importlib.util
 import json
 import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -22,7 +26,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.docs.browser import Browser, find_chromium
+from tests.docs.browser import Browser, BrowserError, find_chromium
 from tests.labels import ROOT, scan
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -68,8 +72,9 @@ def test_the_site_reads_the_scan_the_meta_test_reads():
 def site():
     build = builder()
     with tempfile.TemporaryDirectory(prefix="npformer-site-") as tmp:
-        out, docs = Path(tmp) / "site", Path(tmp) / "docs"
-        stats = build.build(out, docs, FIXTURES, docs / "cache", api=False, log=print, strict=True)
+        out, docs, notebooks = Path(tmp) / "site", Path(tmp) / "docs", Path(tmp) / "notebooks"
+        shutil.copytree(FIXTURES, notebooks)  # notebooks outside the repository (build.py --notebooks DIR)
+        stats = build.build(out, docs, notebooks, docs / "cache", api=False, log=print, strict=True)
         print(f"\nsite built in {stats['seconds']} s: {stats['labels_linked']} of {stats['labels']} labels linked")
         yield out, stats
 
@@ -213,6 +218,7 @@ def test_the_notebook_is_rendered_with_its_outputs(site):
     text = read(root, "demos/01_tiny.html")
     assert "sum of the softmax: 1.000000" in text
     assert f"kernel python: {sys.executable}" in html.unescape(text)  # the kernel runs the builder's Python
+    assert "BLAS threads: 1 1" in text  # the kernel runs on one BLAS thread, as tests/test_notebooks.py runs them
     images = re.findall(r'<img[^>]*src="(01_tiny_\d+\.png)"', text)
     assert images and (root / "demos" / images[0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (root / "demos" / "01_tiny.ipynb").is_file()
@@ -257,12 +263,13 @@ def browser(site):
     pages += ["index.html", "labels.html", "demos/01_tiny.html"]
     links = [(labels, href) for page, labels, href in label_links(root) if page == "labels.html" and "#L-" in href]
     jumps = links[:: max(1, len(links) // 10)]
-    seen, landed = {}, []
+    seen, landed, problems = {}, [], {}
     ARTEFACTS.mkdir(parents=True, exist_ok=True)
     with Browser() as chromium:
         for page in pages:
             chromium.open((root / page).as_uri(), TYPESET)
             seen[page] = chromium.evaluate(INSPECT)
+            problems[page] = chromium.problems()
             if page in SCREENSHOTS:
                 chromium.screenshot(ARTEFACTS / SCREENSHOTS[page])
         for labels, href in jumps:
@@ -270,14 +277,67 @@ def browser(site):
             url = (root / path).as_uri() + "#" + fragment
             chromium.open(url, TYPESET)
             landed.append(dict(chromium.evaluate(JUMP), url=url, fragment=fragment, labels=labels))
-    return seen, landed, pages
+            problems[url] = chromium.problems()
+        # the reader switches on the Explorer in MathJax's menu; the browser keeps it for every page of the site
+        chromium.evaluate(f"localStorage.setItem('MathJax-Menu-Settings', {json.dumps(json.dumps(EXPLORER))})")
+        for page in EXPLORED:
+            try:
+                chromium.open((root / page).as_uri(), TYPESET, timeout=20)
+                seen["explorer:" + page] = dict(chromium.evaluate(INSPECT), menu=chromium.evaluate(MENU))
+            except BrowserError as err:  # kept with the page's failed loads and errors, which say why
+                seen["explorer:" + page] = {"error": str(err)}
+            problems["explorer:" + page] = chromium.problems()
+        chromium.evaluate("localStorage.removeItem('MathJax-Menu-Settings')")
+    return seen, landed, pages, problems
+
+
+EXPLORER = {"explorer": True, "collapsible": True, "assistiveMml": True}
+MENU = """(() => {
+  const menu = MathJax.startup.document.menu;
+  return {saved: JSON.parse(localStorage.getItem("MathJax-Menu-Settings")), explorer: menu.settings.explorer,
+          disabled: ["Activate", "Collapsible", "AutoCollapse"].map(
+            id => menu.menu.findID("Accessibility", id).disabled)};
+})()"""
+EXPLORED = [PROOF, "demos/01_tiny.html"]
 
 
 SCREENSHOTS = {"index.html": "index.png", PROOF: "proof-layernorm.png"}
 
 
+def test_no_page_fails_a_load_or_throws(browser):
+    """Nothing missing, nothing from the network, no uncaught error, on any page opened (with the Explorer too)."""
+    _, _, pages, problems = browser
+    assert set(pages) < set(problems) and len(problems) >= len(pages) + 10 + len(EXPLORED)
+    wrong = {page: found for page, found in problems.items() if found}
+    assert not wrong, "\n".join(f"{page}: {found}" for page, found in wrong.items())
+
+
+def test_a_saved_explorer_setting_neither_stops_the_math_nor_stays_on(browser):
+    """The Explorer needs data a page from the folder cannot read: a saved setting is switched off, items disabled."""
+    seen, _, _, problems = browser
+    for page in EXPLORED:
+        found = dict(seen["explorer:" + page])
+        assert "error" not in found, f"{page}: {found['error']}; {problems['explorer:' + page]}"
+        menu = found.pop("menu")
+        assert found == seen[page], f"{page}: typeset differently once the Explorer was switched on: {found}"
+        assert found["math"] > 0 and found["typeset"] == found["math"] and found["errors"] == 0, f"{page}: {found}"
+        assert menu["explorer"] is False and menu["disabled"] == [True, True, True], menu
+        assert menu["saved"]["explorer"] is False and menu["saved"]["collapsible"] is False, menu
+        assert menu["saved"]["assistiveMml"] is True, menu  # the reader's other settings are kept
+
+
+def test_the_site_has_no_search_that_cannot_work_offline(site):
+    """Material's search needs a worker that a page opened from the folder cannot start without the network."""
+    root, _ = site
+    assert not (root / "search").exists()
+    for page in ("index.html", PROOF, "labels.html"):
+        text = read(root, page)
+        assert 'data-md-component="search"' not in text and "iframe-worker" not in text and "unpkg.com" not in text
+
+
 def test_mathjax_typesets_every_equation(browser):
-    seen, _, pages = browser
+    seen, _, pages, _ = browser
+    seen = {page: found for page, found in seen.items() if not page.startswith("explorer:")}
     assert sorted(seen) == sorted(pages)
     for page, found in seen.items():
         assert (
@@ -299,14 +359,14 @@ def test_mathjax_typesets_every_equation(browser):
 
 
 def test_every_equation_anchor_is_in_the_rendered_page(site, browser):
-    seen, _, _ = browser
+    seen, _, _, _ = browser
     for d in site[1]["scan"].definitions:
         page = d.document.with_suffix(".html").as_posix()
         assert d.label in seen[page]["anchors"], f"{page}: no anchor {d.label}"
 
 
 def test_code_links_scroll_to_the_cited_line(browser):
-    _, landed, _ = browser
+    _, landed, _, _ = browser
     assert len(landed) >= 10
     for jump in landed:
         labels = [jump["labels"]] if isinstance(jump["labels"], str) else jump["labels"]
