@@ -25,7 +25,9 @@ instead:
   ``out = (sum_s w_s o_s) / L``, ``lse = M + log L``: every exponent is <= 0, and
   an empty split has weight ``exp(-inf) = 0`` (FD.3). A row no split gives a key to
   (causal with ``Tq > Tk``, or ``Tk = 0``) gets ``out = 0`` and ``lse = +inf``, the
-  convention of ``kernels.attention``.
+  convention of ``kernels.attention``. A NaN or ``+inf`` visible logit (a NaN or infinite
+  input) makes its split's running sum NaN; that split stores NaN, and a row with a NaN
+  partial gets ``out = NaN`` and ``lse = NaN``, as the forward of ``kernels.attention``.
 
 Grouped-query attention (FD.4): the ``G = H / Hkv`` query heads that share a key/value
 head, times the ``Tq`` queries, are the rows of one tile (row ``r = g * Tq + i`` is query
@@ -138,11 +140,12 @@ def _decode_partial_kernel(
         acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION, DOT_F32)
         m_i = m_new
 
-    # the split's state (FD.1): o_s = a / l, lse_s = ln 2 * (m + log2 l); empty: o_s = 0, lse_s = -inf
-    seen = l_i > 0.0
-    l_safe = tl.where(seen, l_i, 1.0)
+    # the split's state (FD.1): o_s = a / l, lse_s = ln 2 * (m + log2 l); empty: o_s = 0, lse_s = -inf.
+    # A NaN or +inf logit makes l NaN (inf - inf): the split stores NaN, which the merge passes on (FD.3).
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
     o_s = acc / l_safe[:, None]
-    lse_s = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    lse_s = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     # partials (B, H, Tq, S, D) and (B, H, Tq, S), float32, contiguous
     row = (b * (HKV * GROUP) + offs_h) * Tq + offs_i
     slot = row * NUM_SPLITS + split
@@ -170,11 +173,14 @@ def _decode_merge_kernel(
 
     # M = max_s lse_s  (FD.2)
     m_vec = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+    nan_vec = tl.zeros([BLOCK_S], dtype=tl.int32)  # splits whose lse_s is NaN (a NaN or +inf logit)
     for s0 in range(0, NUM_SPLITS, BLOCK_S):
         lse_s = tl.load(LSEP + s0 + offs_s, mask=s0 + offs_s < NUM_SPLITS, other=float("-inf"))
-        m_vec = tl.maximum(m_vec, lse_s)
+        nan_vec += (lse_s != lse_s).to(tl.int32)
+        m_vec = tl.maximum(m_vec, tl.where(lse_s != lse_s, float("-inf"), lse_s))
     m = tl.max(m_vec, axis=0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)  # every split empty: every weight exp(-inf) = 0  (FD.3)
+    poisoned = tl.sum(nan_vec, axis=0) > 0  # a NaN partial makes out and lse NaN  (FD.3)
 
     # w_s = exp(lse_s - M), L = sum_s w_s, out = sum_s w_s o_s / L  (FD.2)
     w_sum = tl.zeros([BLOCK_S], dtype=tl.float32)
@@ -191,6 +197,8 @@ def _decode_merge_kernel(
     seen = total > 0.0
     out = acc / tl.where(seen, total, 1.0)  # a row that sees no key: out = 0  (FD.3)
     lse = tl.where(seen, m_safe + tl.log(tl.where(seen, total, 1.0)), float("inf"))
+    out = tl.where(poisoned, float("nan"), out)
+    lse = tl.where(poisoned, float("nan"), lse)
     tl.store(O + b * sob + h * soh + i * sot + offs_d * sod, out.to(O.dtype.element_ty), mask=mask_d)
     tl.store(LSE + row, lse)
 
@@ -344,7 +352,8 @@ def plan(q: torch.Tensor, k: torch.Tensor, num_splits: Optional[int] = None) -> 
 
 def decode_partials(q, k, v, causal=True, scale=None, num_splits=None):
     """Launch the partial kernel only. -> o_part (B, H, Tq, S, D) fp32, lse_part (B, H, Tq, S)
-    fp32 (natural log; -inf for a split that holds no visible key), and the plan (FD.1)."""
+    fp32 (natural log; -inf for a split that holds no visible key, NaN for one that holds a NaN or +inf
+    logit), and the plan (FD.1)."""
     _check(q, k, v)
     causal, scale, num_splits, _ = _check_options(causal, scale, num_splits, False)
     return _partials(q, k, v, causal, scale, num_splits)

@@ -107,19 +107,7 @@ def torch_step(cfg: GPTConfig, batch: int):
     common = importlib.import_module("kernels.twins.common")
     threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
     step = twin.make_training_step(asdict(cfg), batch, threads=threads)
-    import torch
-
-    return step, {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                  "matmul_flops": common.matmul_flops(), "blas": _torch_blas(torch)}
-
-
-def _torch_blas(torch) -> str:
-    """The BLAS torch was built with, from its build configuration (e.g. ``mkl``, ``open``)."""
-    config = torch.__config__.show()
-    for line in config.splitlines():
-        if "BLAS_INFO=" in line:
-            return line.split("BLAS_INFO=")[1].split(",")[0].strip()
-    return "unknown"
+    return step, common.torch_facts()
 
 
 def interleaved(steps_by_engine: Dict[str, object], rounds: int, warmup: int = WARMUP) -> Dict[str, List[float]]:

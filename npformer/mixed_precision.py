@@ -87,8 +87,9 @@ class MixedPrecisionTrainer:
 
     Loss scale S: starts at ``init_scale``; an overflowing step (an inf or NaN gradient
     after scaling and rounding) is skipped and S *= ``backoff``; after ``growth_interval``
-    good steps in a row S *= ``growth`` (MP.6). ``dynamic=False`` keeps S fixed (bf16 has
-    float32's range and rarely needs scaling; fp16 does).
+    good steps in a row S *= ``growth`` (MP.6). ``dynamic=False`` keeps S fixed and counts
+    no good steps (``good_steps`` stays 0); a non-finite gradient still skips the step. bf16 has
+    float32's range and needs no scaling (``npformer train`` runs it at a fixed S = 1); fp16 does.
     """
 
     def __init__(self, model: Module, make_optimizer: Callable[[List[Parameter]], object], *,
@@ -157,8 +158,10 @@ class MixedPrecisionTrainer:
                 self.scale *= self.backoff
             return False
         self.optimizer.step()
+        if not self.dynamic:  # a fixed scale: no count toward a growth that never comes
+            return True
         self.good_steps += 1
-        if self.dynamic and self.good_steps == self.growth_interval:  # (MP.6): grow after N good steps
+        if self.good_steps == self.growth_interval:  # (MP.6): grow after N good steps
             self.scale *= self.growth
             self.good_steps = 0
         return True
@@ -180,7 +183,8 @@ class MixedPrecisionTrainer:
     # -- saving and resuming --------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The loss scale and its counters (the masters and the optimizer's state are saved apart):
-        ``{"scale": S, "good_steps": good steps in a row since S last changed, "skipped": steps skipped}``."""
+        ``{"scale": S, "good_steps": good steps in a row since S last changed (0 when S is fixed), "skipped": steps
+        skipped}``."""
         return {"scale": float(self.scale), "good_steps": int(self.good_steps), "skipped": int(self.skipped)}
 
     def load_state_dict(self, state: dict) -> None:

@@ -10,8 +10,10 @@ printed.
 With ``precision`` "bfloat16" or "float16" (``--precision``) the step goes through
 ``npformer.mixed_precision.MixedPrecisionTrainer``: the model computes with a rounded working
 copy of float32 master weights, which AdamW updates after the gradients, stored scaled in the
-low precision and unscaled, are clipped; a step whose scaled gradient overflows is skipped (its
-batch and loss still count) and the loss scale halved. Between steps the model holds the master
+low precision and unscaled, are clipped. float16 scales the loss dynamically: a step whose scaled
+gradient overflows is skipped (its batch and loss still count) and the loss scale halved. bfloat16,
+with float32's range, keeps a fixed scale of 1 (a gradient that is itself inf or NaN stops the run
+as diverged). Between steps the model holds the master
 weights, so validation, samples and checkpoints use them; the checkpoint adds the loss scale and
 its counters (``mixed_precision``), and a resumed run continues them bit for bit.
 
@@ -279,10 +281,10 @@ FIELD_HELP = {
     "dropout": "dropout rate, in [0, 1)",
     "dtype": "floating-point type of weights and activations",
     "precision": "mixed precision (npformer.mixed_precision): bfloat16 or float16 weights and gradients in the model "
-                 "over float32 master weights that the optimizer updates, with dynamic loss scaling (a step whose "
-                 "scaled gradient overflows is skipped and the scale halved; the log shows the scale and the steps "
-                 "skipped); validation, samples and checkpoints use the master weights; float32: no working copy "
-                 "(needs --dtype float32 otherwise)",
+                 "over float32 master weights that the optimizer updates; float16 with dynamic loss scaling (a step "
+                 "whose scaled gradient overflows is skipped and the scale halved; the log shows the scale and the "
+                 "steps skipped), bfloat16 at a fixed scale of 1; validation, samples and checkpoints use the "
+                 "master weights; float32: no working copy (needs --dtype float32 otherwise)",
     "steps": "optimisation steps of the whole run; --resume with a larger value extends a run, and the cosine "
              "schedule is then stretched to the new total, so the learning rate rises again (it is printed)",
     "batch_size": "sequences per step",
@@ -1094,8 +1096,8 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
     else:  # AdamW updates float32 masters, in the groups (names, order) the model's own would have
         trainer = MixedPrecisionTrainer(model, lambda masters: AdamW(master_groups(model, masters, cfg.weight_decay),
                                                                      lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8),
-                                        precision=cfg.precision)
-        opt = trainer.optimizer
+                                        precision=cfg.precision, dynamic=cfg.precision == "float16")
+        opt = trainer.optimizer  # bf16 has float32's range: a fixed loss scale of 1 (MP.6)
     history, start = History(), 0
     schedule = warmup_cosine(cfg.lr, cfg.min_lr, cfg.warmup, cfg.steps)
     if state is not None:
@@ -1276,8 +1278,8 @@ def _train(cfg: TrainConfig, log, lock: "_FolderLock") -> Dict[str, object]:
                         except NonFiniteLogitsError as e:
                             raise TrainingDiverged(done, str(e), cfg.lr, path, saved_step) from None
                         text_out = tok.decode(out[0].tolist())
-                    scaling = "" if trainer is None else \
-                        f", loss scale {trainer.scale:g}, {trainer.skipped} steps skipped"
+                    skips = "" if trainer is None else f"{trainer.skipped} step{'' if trainer.skipped == 1 else 's'}"
+                    scaling = "" if trainer is None else f", loss scale {trainer.scale:g}, {skips} skipped"
                     _write(bar, f"\nstep {done}: train {loss:.4f}, val {val:.4f}, {tok_s:,.0f} tok/s (training)"
                                 f"{scaling}\n" + (f"{text_out}\n" if text_out else ""))
                     save(done)

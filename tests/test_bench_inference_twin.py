@@ -11,6 +11,7 @@ are the same.
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.twins import decode
+from kernels.twins import decode, hf_decode
 from kernels.twins.gpt import TwinGPT
 from kernels.twins.llama import TwinLlama
 from npformer import bench_inference
@@ -275,3 +276,42 @@ def test_bench_run_rejects_bad_options_before_timing(arg, bad):
     lines = []
     expect_rejected(lambda: bench_inference.run(**{arg: bad}, log=lines.append), "bench_inference.run", arg)
     assert lines == []
+
+
+def test_a_transformers_failure_is_reported_and_the_other_engines_kept(tmp_path):
+    """transformers' grouped MoE matmul has no float64 kernel: a float64 bench of a Mixtral folder
+    reports that engine as not run, with the reason on one line, and keeps npformer's figures."""
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=24,
+                                     num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
+    transformers.MixtralForCausalLM(cfg).save_pretrained(tmp_path)
+    lines = []
+    result = bench_inference.run(str(tmp_path), prompt_len=3, new_tokens=3, repeats=1, dtype="float64",
+                                 log=lines.append)
+    assert result["npformer"]["decode_tokens_per_s"] > 0
+    for key in ("transformers", "prefill_ratio", "decode_ratio", "same_tokens", "first_difference"):
+        assert result[key] is None, key
+    failed = [line for line in lines if line.startswith("transformers: not run (")]
+    assert len(failed) == 1 and "\n" not in failed[0] and failed[0].endswith(")")
+
+
+@pytest.mark.parametrize("value,threads", [(None, "cores"), ("3", 3), (" 2 ", 2), ("2,1", 2), ("", None),
+                                           ("x", None), ("0", None), ("-1", None), (",4", None)])
+def test_thread_count_reads_omp_num_threads_leniently(value, threads):
+    expected = (os.cpu_count() or 1) if threads == "cores" else threads
+    assert hf_decode.thread_count(value) == expected
+
+
+@pytest.mark.parametrize("value", ["2,1", "", "many"])
+def test_a_bad_omp_num_threads_does_not_stop_the_twin(folders, monkeypatch, value):
+    """OpenMP's list form takes its first number; a value with none leaves torch's thread count as it is."""
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    try:
+        result = bench_inference.run(str(folders["gpt"]), prompt_len=3, new_tokens=2, repeats=1, hf=False,
+                                     log=lambda *a: None)
+        assert result["twin"]["num_threads"] == (2 if value == "2,1" else before)
+        assert result["same_tokens_twin"] is not None
+    finally:
+        torch.set_num_threads(before)

@@ -1,7 +1,7 @@
 """``npformer train --precision``: bf16 and fp16 working copies over float32 master weights in the
-training loop, with dynamic loss scaling, exact resume, and the float32 path left as it was."""
+training loop, with dynamic loss scaling for fp16 and a fixed scale of 1 for bf16, exact resume, and the
+float32 path left as it was."""
 
-import functools
 import re
 
 import numpy as np
@@ -59,8 +59,12 @@ def exact_rounding(x, precision):
 
 
 def forced_scale(monkeypatch, **options):
-    """The trainer train() builds, with other loss-scaling options (a start that overflows, a short interval)."""
-    monkeypatch.setattr(train_module, "MixedPrecisionTrainer", functools.partial(MixedPrecisionTrainer, **options))
+    """The trainer train() builds, with other loss-scaling options (a start that overflows, a short interval,
+    dynamic scaling), which take precedence over train()'s own."""
+    def build(*args, **kwargs):
+        return MixedPrecisionTrainer(*args, **{**kwargs, **options})
+
+    monkeypatch.setattr(train_module, "MixedPrecisionTrainer", build)
 
 
 def inject(monkeypatch, owner, name, action, at):
@@ -107,8 +111,8 @@ def test_the_precision_path_without_rounding_is_the_float32_run_bit_for_bit(tmp_
     summary = train(tiny(tmp_path / "low", precision=precision, **opts), log=QUIET)
     state = saved(summary)
     assert state["config"]["precision"] == precision
-    assert state["mixed_precision"] == {"scale": 2.0**16 if precision == "float16" else 1.0, "good_steps": 20,
-                                        "skipped": 0}
+    assert state["mixed_precision"] == ({"scale": 2.0**16, "good_steps": 20, "skipped": 0} if precision == "float16"
+                                        else {"scale": 1.0, "good_steps": 0, "skipped": 0})
     state.pop("mixed_precision")
     assert_same_state(state, reference)
     flow = (tmp_path / "low" / "run" / "gradflow.json").read_text()
@@ -153,8 +157,10 @@ def test_checkpoints_and_evaluation_hold_the_master_weights(curves, precision):
 @pytest.mark.parametrize("precision", LOW)
 def test_a_stopped_run_resumes_bit_for_bit(tmp_path, monkeypatch, precision):
     """The loss scale and its counters are saved: with a start that overflows (steps skipped) and a short
-    growth interval (the scale changing on both sides of the stop), the resumed run is the uninterrupted one."""
-    forced_scale(monkeypatch, init_scale=2.0**24 if precision == "float16" else 2.0**126, growth_interval=3)
+    growth interval (the scale changing on both sides of the stop), the resumed run is the uninterrupted one
+    (bf16 made dynamic here, to put a changing scale through its checkpoint)."""
+    forced_scale(monkeypatch, init_scale=2.0**24 if precision == "float16" else 2.0**126, growth_interval=3,
+                 dynamic=True)
     opts = dict(precision=precision, dropout=0.1, steps=24, eval_interval=8)
     full = saved(train(tiny(tmp_path / "a", **opts), log=QUIET))
     assert 0 < full["mixed_precision"]["skipped"] < 12
@@ -220,13 +226,35 @@ def test_an_overflowing_gradient_skips_its_step_and_halves_the_scale(tmp_path, c
         inject(mp, GPT, "backward", huge_gradient(value), at=at)
         summary = train(tiny(tmp_path, precision=precision), log=QUIET)
     state = saved(summary)
-    S = (2.0**16 if precision == "float16" else 1.0) / 2 ** len(at)
+    S = 2.0**16 / 2 ** len(at) if precision == "float16" else 1.0  # bf16: a fixed scale, skipped all the same
     assert summary["skipped_steps"] == len(at) and summary["loss_scale"] == S
-    assert state["mixed_precision"] == {"scale": S, "good_steps": 13, "skipped": len(at)}
+    good = 13 if precision == "float16" else 0
+    assert state["mixed_precision"] == {"scale": S, "good_steps": good, "skipped": len(at)}
     assert all(entry["step"] == 20 - len(at) for entry in state["optim"]["state"].values())
     assert state["history"]["steps"] == list(range(20)) and np.isfinite(state["history"]["train_loss"]).all()
     out = capsys.readouterr().out
-    assert f"step 20: " in out and f"loss scale {S:g}, {len(at)} steps skipped" in out
+    steps = "step" if len(at) == 1 else "steps"
+    assert f"step 20: " in out and f"loss scale {S:g}, {len(at)} {steps} skipped" in out
+
+
+@pytest.mark.derivation("MP.6")
+def test_a_bf16_run_keeps_a_fixed_loss_scale_of_one(tmp_path, monkeypatch, capsys):
+    """bf16 has float32's range: with a growth interval of 2 a dynamic scale would double ten times in 20
+    steps (and then overflow and skip); the bf16 run keeps S = 1, counts no good steps, skips none, and a
+    run stopped and resumed from its checkpoint is the uninterrupted one bit for bit."""
+    forced_scale(monkeypatch, growth_interval=2)
+    opts = dict(precision="bfloat16", dropout=0.1, steps=20, eval_interval=5)
+    full = train(tiny(tmp_path / "a", **opts), log=QUIET)
+    assert full["loss_scale"] == 1.0 and full["skipped_steps"] == 0
+    state = saved(full)
+    assert state["mixed_precision"] == {"scale": 1.0, "good_steps": 0, "skipped": 0}
+    assert state["optim"]["state"]["0"]["step"] == 20
+    out = capsys.readouterr().out
+    assert out.count("loss scale 1, 0 steps skipped") == 4 and "loss scale 2" not in out
+    root = tmp_path / "b"
+    part = saved(train(tiny(root, stop_at=7, **opts), log=QUIET))
+    assert part["mixed_precision"] == {"scale": 1.0, "good_steps": 0, "skipped": 0}
+    assert_same_state(saved(train(tiny(root, resume=True, **opts), log=QUIET)), state)
 
 
 def test_a_skipped_step_changes_no_weight(tmp_path, monkeypatch):

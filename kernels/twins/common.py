@@ -103,3 +103,12 @@ def hidden_keys(T: int, prefix_len=None, window=None) -> torch.Tensor:
         hidden = (hidden[None] & ~inside)[:, None]
     return hidden
 
+
+def torch_facts() -> Dict[str, object]:
+    """torch's version, intra-op threads, the BLAS it was built with and its measured matmul FLOP/s."""
+    blas = "unknown"
+    for line in torch.__config__.show().splitlines():
+        if "BLAS_INFO=" in line:
+            blas = line.split("BLAS_INFO=")[1].split(",")[0].strip()
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "matmul_flops": matmul_flops(),
+            "blas": blas}

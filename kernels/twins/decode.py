@@ -24,7 +24,6 @@ S = t0 + T, logits (B, T, V).
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .gpt import TwinGPT
-from .hf_decode import torch_blas
+from .hf_decode import set_threads, torch_blas
 from .llama import TwinLlama, rope_cos_sin, rotate_half_rope
 
 TWINS = {"gpt": TwinGPT, "llama": TwinLlama}  # the families whose twin decodes with a cache
@@ -236,8 +235,8 @@ def greedy_decode(twin, prompt: torch.Tensor, new_tokens: int) -> Tuple[float, n
 
 def time_inference(twin, prompt: np.ndarray, new_tokens: int, repeats: int) -> Dict[str, object]:
     """Median seconds of the twin's own forward over the prompt (prefill) and of ``greedy_decode``'s steps, each
-    after one untimed run; the greedy tokens; torch's BLAS and thread count (OMP_NUM_THREADS, else every core)."""
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    after one untimed run; the greedy tokens; torch's BLAS and thread count (``set_threads``)."""
+    set_threads()
     ids = torch.from_numpy(np.ascontiguousarray(prompt, dtype=np.int64))
     prefill = []
     with torch.inference_mode():

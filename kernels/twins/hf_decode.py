@@ -11,10 +11,27 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 import torch
+
+
+def thread_count(value: Optional[str]) -> Optional[int]:
+    """Threads for torch from an OMP_NUM_THREADS value: unset, every core; otherwise its first
+    positive integer ("4", " 4 ", "2,1" -> 2, OpenMP's list form); anything else ("", "x", "0")
+    None, which leaves torch's own default."""
+    if value is None:
+        return os.cpu_count() or 1
+    first = value.split(",", 1)[0].strip()
+    return int(first) if first.isdigit() and int(first) > 0 else None
+
+
+def set_threads() -> None:
+    """torch's thread count from OMP_NUM_THREADS (``thread_count``); a value it cannot read changes nothing."""
+    n = thread_count(os.environ.get("OMP_NUM_THREADS"))
+    if n is not None:
+        torch.set_num_threads(n)
 
 
 def torch_blas() -> Dict[str, object]:
@@ -49,7 +66,7 @@ def time_inference(folder: str, prompt: np.ndarray, new_tokens: int, repeats: in
 
     logging.set_verbosity_error()  # no deprecation notes about the cache's keyword between the timings
     warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated", category=FutureWarning)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    set_threads()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), attn_implementation=attn)
     model.eval()
     ids = torch.from_numpy(prompt)
