@@ -108,7 +108,8 @@ batches: in float32, and with `--precision bfloat16` and `--precision float16`, 
 computes with the float32 master weights rounded to the low precision, the gradients are stored
 scaled in the low precision and unscaled into float32, AdamW updates the float32 masters, and a
 step whose scaled gradient overflows is skipped and the loss scale halved (float16 starts at
-2^16, bfloat16 at 1; the scale doubles after 2000 good steps in a row, so not within 800 steps).
+2^16 and doubles after 2000 good steps in a row, so not within 800 steps; bfloat16, with float32's range,
+keeps a fixed scale of 1).
 The arithmetic inside the model stays float32 (see [the proof](../../../proofs/mixed_precision.md)).
 Validation (8 fixed batches) uses the master weights.
 
