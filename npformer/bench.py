@@ -38,18 +38,23 @@ from .optim import AdamW
 REFERENCE = GPTConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, d_model=384, dropout=0.0)
 
 
+def best_seconds(fn, seconds: float = 1.0) -> float:
+    """The shortest of repeated calls of ``fn`` over about ``seconds``, after one untimed call."""
+    fn()
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def matmul_flops(n: int = 1024, dtype=np.float32, seconds: float = 1.0) -> float:
     """Best observed FLOP/s of an n x n x n matmul in NumPy."""
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((n, n)).astype(dtype), rng.standard_normal((n, n)).astype(dtype)
     out = np.empty((n, n), dtype)
-    np.matmul(a, b, out=out)
-    best, deadline = float("inf"), time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        t = time.perf_counter()
-        np.matmul(a, b, out=out)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+    return 2 * n**3 / best_seconds(lambda: np.matmul(a, b, out=out), seconds)
 
 
 def blas_info() -> Dict[str, object]:
@@ -80,18 +85,6 @@ def make_step(cfg: GPTConfig, batch: int):
         opt.step()
 
     return step
-
-
-def time_npformer(cfg: GPTConfig, batch: int, steps: int, warmup: int = WARMUP) -> float:
-    """Median seconds per training step, after ``warmup`` untimed ones."""
-    step = make_step(cfg, batch)
-    times = []
-    for i in range(warmup + steps):
-        t = time.perf_counter()
-        step()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return float(np.median(times))
 
 
 def torch_step(cfg: GPTConfig, batch: int):

@@ -10,12 +10,13 @@ timed steps after ``warmup``.
 
 from __future__ import annotations
 
-import time
 from typing import Callable, Dict
 
 import numpy as np
 import torch
 from torch import nn
+
+from npformer.bench import best_seconds, interleaved
 
 
 class TwinModel(nn.Module):
@@ -68,12 +69,7 @@ def time_training_step(make_twin: Callable[..., torch.nn.Module], config: Dict[s
                        steps: int, *, warmup: int = 1, threads: int = 1) -> Dict[str, object]:
     """Median seconds of one float32 training step of ``make_twin(**config)`` at full length ``block_size``."""
     step = make_training_step(make_twin, config, batch, threads=threads)
-    times = []
-    for i in range(warmup + steps):
-        t = time.perf_counter()
-        step()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
+    times = interleaved({"twin": step}, steps, warmup=warmup)["twin"]
     return {"step_s": float(np.median(times)), "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
@@ -81,13 +77,7 @@ def matmul_flops(n: int = 1024, seconds: float = 1.0) -> float:
     """Best observed FLOP/s of an n x n x n float32 matmul in torch (its own BLAS, its thread setting)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     out = torch.empty(n, n)
-    torch.matmul(a, b, out=out)
-    best, deadline = float("inf"), time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        t = time.perf_counter()
-        torch.matmul(a, b, out=out)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+    return 2 * n**3 / best_seconds(lambda: torch.matmul(a, b, out=out), seconds)
 
 
 def hidden_keys(T: int, prefix_len=None, window=None) -> torch.Tensor:
