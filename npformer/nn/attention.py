@@ -53,7 +53,8 @@ from ..ops._checks import (
 )
 from ..ops.alibi import alibi_bias
 from ..ops.attention import AttentionCache, attention_backward, attention_forward
-from ..ops.linear import LinearCache, linear_backward, linear_forward_into
+from ..ops.fastpath import row_parallel
+from ..ops.linear import LinearCache, linear_backward, linear_forward
 from ..ops.rope import RopeCache, rope_backward, rope_forward
 from ..ops.t5_bias import T5BiasCache, t5_bias_backward, t5_bias_forward
 from .layers import Embedding, Linear, check_dout, check_features, check_layer_options
@@ -146,7 +147,7 @@ class MHACache(NamedTuple):
     rope_k: Optional[RopeCache] = None  # RoPE of this call's keys (same positions)
     t5: Optional[T5BiasCache] = None  # buckets of the T5 bias, for the table's gradient
     bias_shape: Optional[Tuple[int, ...]] = None  # shape of the caller's additive bias (None: none given)
-    qkv: Optional[tuple] = None  # (x, W_q, W_k, W_v) when q, k, v of self attention shared one array
+    qkv: Optional[LinearCache] = None  # the one product of q, k, v of self attention (rows of x, [W_q; W_k; W_v])
 
 
 class MultiHeadAttention(Module):
@@ -224,31 +225,34 @@ class MultiHeadAttention(Module):
 
     def _qkv_forward(self, x: np.ndarray):
         """q (B, H, T, D), k, v (B, Hkv, T, D) of self attention as views of one array
-        y = x [W_q; W_k; W_v]^T + [b_q; b_k; b_v] (B, T, (H + 2 Hkv) D): each projection (LIN.1) writes
-        its columns of y, and the heads are read in place (no copy into head-major order)."""
+        y = x [W_q; W_k; W_v]^T + [b_q; b_k; b_v] (B T, (H + 2 Hkv) D): the three projections (LIN.1) as
+        one product, whose columns are each projection's output, and the heads read in place (no copy
+        into head-major order)."""
         B, T = x.shape[:2]
         D, H, Hkv = self.head_dim, self.n_head, self.n_kv_head
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        x2 = x.reshape(B * T, self.d_model)  # the rows (a copy only where a view cannot do it)
-        y = np.empty((B * T, (H + 2 * Hkv) * D), x.dtype)
+        W = np.concatenate([p.weight.data for p in projections])  # [W_q; W_k; W_v]
+        b = None if self.q_proj.bias is None else np.concatenate([p.bias.data for p in projections])
+        y, cache = linear_forward(x.reshape(B * T, self.d_model), W, b)  # (LIN.1), x's rows as one axis
         for p, a, z in zip(projections, np.cumsum([0, H * D, Hkv * D]), np.cumsum([H * D, Hkv * D, Hkv * D])):
-            linear_forward_into(x2, p.weight.data, None if p.bias is None else p.bias.data, y[:, a:z])  # (LIN.1)
             p.record("out", y[:, a:z].reshape(B, T, z - a))  # each projection's output, under its own name
         heads = y.reshape(B, T, H + 2 * Hkv, D).transpose(0, 2, 1, 3)  # (B, H + 2 Hkv, T, D), a view
-        return heads[:, :H], heads[:, H:H + Hkv], heads[:, H + Hkv:], (x, *(p.weight.data for p in projections))
+        return heads[:, :H], heads[:, H:H + Hkv], heads[:, H + Hkv:], cache
 
-    def _qkv_backward(self, dq: np.ndarray, dk: np.ndarray, dv: np.ndarray, saved: tuple) -> np.ndarray:
+    def _qkv_backward(self, dq: np.ndarray, dk: np.ndarray, dv: np.ndarray, cache: LinearCache) -> np.ndarray:
         """dx of the three projections as one: dq, dk, dv side by side as dy, one (LIN.3) for dx (summing
         the three paths into x inside the product) and one (LIN.4) for the three weights, split back
         into each projection's gradient."""
         B, H, T, D = dq.shape
         Hkv = dk.shape[1]
         dy = np.empty((B, T, H + 2 * Hkv, D), dq.dtype)
-        for part, d in zip((slice(0, H), slice(H, H + Hkv), slice(H + Hkv, None)), (dq, dk, dv)):
-            dy[:, :, part] = d.transpose(0, 2, 1, 3)
-        x, *weights = saved  # the forward's input and weights, as a Linear keeps them
-        cache = LinearCache(x=x, W=np.concatenate(weights), has_bias=self.q_proj.bias is not None)  # [W_q; W_k; W_v]
-        dx, dW, db = linear_backward(dy.reshape(B, T, -1), cache)  # (LIN.3) - (LIN.5)
+
+        def gather(batch: slice) -> None:  # a copy into row order: batch elements on several cores
+            for part, d in zip((slice(0, H), slice(H, H + Hkv), slice(H + Hkv, None)), (dq, dk, dv)):
+                dy[batch, :, part] = d[batch].transpose(0, 2, 1, 3)
+
+        row_parallel(gather, B, dy[0].size)
+        dx, dW, db = linear_backward(dy.reshape(B * T, -1), cache)  # (LIN.3) - (LIN.5)
         rows = np.cumsum([0, H * D, Hkv * D, Hkv * D])
         parts = list(zip((self.q_proj, self.k_proj, self.v_proj), rows[:-1], rows[1:]))
         for p, a, z in reversed(parts):  # v, k, q: the order of the three projections' own backward
@@ -257,7 +261,7 @@ class MultiHeadAttention(Module):
             if db is not None:
                 p.bias.grad += db[a:z]
                 p.record("db", db[a:z])
-        return dx
+        return dx.reshape(B, T, -1)
 
     @atomic
     def forward(self, x: np.ndarray, *, causal: bool = False, kv_cache: Optional[KVCache] = None,

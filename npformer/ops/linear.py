@@ -54,16 +54,6 @@ def linear_forward(
     return y.reshape(x.shape[:-1] + (W.shape[0],)), LinearCache(x=x, W=W, has_bias=b is not None)
 
 
-def linear_forward_into(x2: np.ndarray, W: np.ndarray, b: Optional[np.ndarray], out: np.ndarray) -> None:
-    """(LIN.1) for rows x2 (N, Din) written into ``out`` (N, Dout), which may be a block of columns of a
-    wider array (several projections side by side, as q, k and v of self attention). Unchecked: the
-    caller's layer has checked x2, W, b; its backward is ``linear_backward`` over the side-by-side
-    weights."""
-    np.matmul(x2, W.T, out=out)  # (LIN.1)
-    if b is not None:
-        out += b  # (LIN.1), broadcast over rows
-
-
 def linear_backward(
     dy: np.ndarray, cache: LinearCache
 ) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:

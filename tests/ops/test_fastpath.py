@@ -238,8 +238,12 @@ def test_layernorm_on_row_blocks_is_the_plain_form_bit_for_bit(rng, n, D, dtype,
     _assert_identical(*_both_forms(call, n))
 
 
-@given(rng=rngs(), n=st.sampled_from([1, 7, 40_000, 70_001]), dtype=st.sampled_from([np.float32, np.float64]))
-def test_gelu_on_element_blocks_is_the_plain_form_bit_for_bit(rng, n, dtype):
+@given(rng=rngs(), n=st.sampled_from([1, 7, 40_000, 70_001]), dtype=st.sampled_from([np.float32, np.float64]),
+       chunk=st.sampled_from([None, 1, 999, 4096]))
+def test_gelu_on_element_blocks_is_the_plain_form_bit_for_bit(rng, n, dtype, chunk):
+    """On threads, and in chunks of any size (``chunk``: CHUNK lowered so that chunks end inside every
+    thread's share; None: the library's own), the elements are those of one thread in one piece."""
+    from npformer.ops import activations
     from npformer.ops.activations import gelu_backward, gelu_forward
 
     x = (rng.standard_normal(n) * 4).astype(dtype)
@@ -249,7 +253,20 @@ def test_gelu_on_element_blocks_is_the_plain_form_bit_for_bit(rng, n, dtype):
         y, cache = gelu_forward(x, "tanh")
         return y, cache.cdf, cache.tanh_u, gelu_backward(dy, cache)
 
-    _assert_identical(*_both_forms(call, n))
+    whole = activations.CHUNK
+    with fastpath.configured(threads=1):
+        activations.CHUNK = n  # the plain form: one thread, one piece
+        try:
+            plain = call()
+        finally:
+            activations.CHUNK = whole
+    activations.CHUNK = chunk or whole
+    try:
+        with (on_threads() if n > 1 else fastpath.configured(threads=3)):
+            fast = call()
+    finally:
+        activations.CHUNK = whole
+    _assert_identical(plain, fast)
 
 
 @given(rng=rngs(), B=st.sampled_from([1, 2, 5]), block=st.sampled_from([None, 3]))
