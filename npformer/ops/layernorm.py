@@ -15,7 +15,7 @@ centred, and scaled again by its centred maximum before the variance is taken (L
 
 from __future__ import annotations
 
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -45,13 +45,13 @@ def _row_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a[..., None, :] @ b[..., :, None])[..., 0]
 
 
-def _centred(x: np.ndarray) -> np.ndarray:
+def _centred(x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
     """x - mu per row (LN.1), computed as (LN.12): shifted by the row's first entry first.
 
-    A new array. Every subtraction here is between numbers of the row's own spread, so
-    the result is accurate relative to that spread however far the row is from zero.
+    A new array, or ``out``. Every subtraction here is between numbers of the row's own spread,
+    so the result is accurate relative to that spread however far the row is from zero.
     """
-    shifted = x - x[..., :1]  # x_j - x_1
+    shifted = np.subtract(x, x[..., :1], out=out)  # x_j - x_1
     shifted -= shifted.mean(axis=-1, keepdims=True)  # (LN.12)  x_j - x_1 - (mu - x_1)
     return shifted
 
@@ -102,7 +102,7 @@ def layernorm_forward(
     y, xhat, rstd = np.empty(x2.shape, x.dtype), np.empty(x2.shape, x.dtype), np.empty((len(x2), 1), x.dtype)
 
     def rows(r: slice) -> None:  # rows are independent: blocks of them run on several cores
-        xhat[r], rstd[r] = _normalise(x2[r], eps)  # (LN.1) - (LN.4), (LN.13)
+        _normalise(x2[r], eps, xhat[r], rstd[r])  # (LN.1) - (LN.4), (LN.13)
         np.multiply(xhat[r], gamma, out=y[r])
         y[r] += beta  # (LN.5)
 
@@ -111,17 +111,17 @@ def layernorm_forward(
                                               gamma=gamma)
 
 
-def _normalise(x: np.ndarray, eps: float) -> Tuple[np.ndarray, np.ndarray]:
-    """xhat = (x - mu) r and r = 1 / sqrt(var + eps) of rows x (N, D) (LN.1) - (LN.4)."""
+def _normalise(x: np.ndarray, eps: float, xhat: np.ndarray, rstd: np.ndarray) -> None:
+    """xhat = (x - mu) r and r = 1 / sqrt(var + eps) of rows x (N, D) (LN.1) - (LN.4), written into
+    ``xhat`` (N, D) and ``rstd`` (N, 1)."""
     with np.errstate(over="ignore", invalid="ignore"):  # a row that overflows is redone by (LN.13)
-        xc = _centred(x)  # x - mu, (LN.1), (LN.12)
+        xc = _centred(x, out=xhat)  # x - mu, (LN.1), (LN.12)
         var = _row_dot(xc, xc) / x.shape[-1]  # (LN.2)
-        rstd = 1.0 / np.sqrt(var + eps)  # (LN.3)
-        xhat = np.multiply(xc, rstd, out=xc)  # (LN.4), written over x - mu, which is not needed again
+        rstd[...] = 1.0 / np.sqrt(var + eps)  # (LN.3)
+        xc *= rstd  # (LN.4), written over x - mu, which is not needed again
         huge = ~np.isfinite(var[..., 0])  # (rows holding inf or nan stay nan)
         if huge.any():
             xhat[huge], rstd[huge] = _normalise_huge_rows(x[huge], eps)  # (LN.13)
-    return xhat, rstd
 
 
 def layernorm_backward(
