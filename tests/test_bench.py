@@ -132,3 +132,20 @@ def test_profile_flag_prints_the_table(capsys):
 def test_profile_does_not_combine_with_inference(capsys):
     assert cli_main(["bench", "--profile", "--inference"]) == 2
     assert "--profile" in capsys.readouterr().err
+
+
+def test_each_engines_matmul_speed_is_the_better_of_a_measurement_before_and_after_the_rounds(monkeypatch):
+    """A slow moment during one measurement of the matmul speed cannot raise a utilisation: the bench
+    measures each engine's speed before and after the rounds and keeps the higher."""
+    import npformer.bench as bench
+    from kernels.twins import common
+
+    numpy_speeds, torch_speeds = iter([1e9, 3e9]), iter([5e9, 2e9])  # NumPy slow first, torch slow last
+    monkeypatch.setattr(bench, "matmul_flops", lambda: next(numpy_speeds))
+    monkeypatch.setattr(common, "matmul_flops", lambda: next(torch_speeds))
+    lines = []
+    result = run(TINY, batch=2, steps=1, log=lines.append)
+    assert result["matmul_flops"] == 3e9 and result["torch_matmul_flops"] == 5e9
+    assert lines[0].startswith("numpy float32 matmul: 3 GFLOP/s") and lines[1].startswith("torch float32 matmul: 5 ")
+    tokens = 2 * TINY.block_size
+    assert abs(result["mfu"] - TINY.flops_per_token() * tokens / result["step_s"] / 3e9) <= 1e-12 * result["mfu"]
