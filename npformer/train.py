@@ -73,7 +73,7 @@ from . import pretraining
 from .pretraining import ENCODERS, OBJECTIVES, SEQ2SEQ
 from .mixed_precision import MixedPrecisionTrainer, check_state as check_mp_state
 from .models import build as build_model, check_causal_lm, family
-from .models.gpt import GPT, GPTConfig
+from .models.gpt import GPTConfig
 from .ops._checks import check_bool, check_count, check_real
 from .optim import AdamW, clip_grad_norm_, param_groups, warmup_cosine
 

@@ -20,8 +20,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kernels.twins import decode, hf_decode
-from kernels.twins.gpt import TwinGPT
-from kernels.twins.llama import TwinLlama
 from npformer import bench_inference
 from npformer.bench_inference import npformer_decode
 from npformer.cli import main as cli_main

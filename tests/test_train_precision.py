@@ -234,7 +234,7 @@ def test_an_overflowing_gradient_skips_its_step_and_halves_the_scale(tmp_path, c
     assert state["history"]["steps"] == list(range(20)) and np.isfinite(state["history"]["train_loss"]).all()
     out = capsys.readouterr().out
     steps = "step" if len(at) == 1 else "steps"
-    assert f"step 20: " in out and f"loss scale {S:g}, {len(at)} {steps} skipped" in out
+    assert "step 20: " in out and f"loss scale {S:g}, {len(at)} {steps} skipped" in out
 
 
 @pytest.mark.derivation("MP.6")

@@ -194,7 +194,7 @@ def _grouped(dout: np.ndarray, cache: "FlashAttentionCache", delta: np.ndarray) 
 
 def _backward_dkdv(dout: np.ndarray, cache: FlashAttentionCache, delta: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """dK, dV: one program per key tile, walking the query tiles that can see it (FA.9).  -> (B, Hkv, Tk, D) each"""
-    q, k, v = cache.q, cache.k, cache.v
+    q, v = cache.q, cache.v
     B, Hkv, G, Tq, Tk, D, offset, qg, dout_g, delta_g = _grouped(dout, cache, delta)
     dk = np.empty((B, Hkv, Tk, D), q.dtype)
     dv = np.empty((B, Hkv, Tk, D), q.dtype)

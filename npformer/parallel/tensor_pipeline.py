@@ -13,7 +13,6 @@ M micro-batches.
 
 from __future__ import annotations
 
-import copy
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np

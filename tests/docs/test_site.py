@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.docs.browser import Browser, BrowserError, find_chromium
-from tests.labels import ROOT, scan
+from tests.labels import ROOT
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 ARTEFACTS = ROOT / "runs" / "docs"
