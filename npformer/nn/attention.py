@@ -147,7 +147,7 @@ class MHACache(NamedTuple):
     rope_k: Optional[RopeCache] = None  # RoPE of this call's keys (same positions)
     t5: Optional[T5BiasCache] = None  # buckets of the T5 bias, for the table's gradient
     bias_shape: Optional[Tuple[int, ...]] = None  # shape of the caller's additive bias (None: none given)
-    qkv: Optional[LinearCache] = None  # the one product of q, k, v of self attention (rows of x, [W_q; W_k; W_v])
+    qkv: Optional[np.ndarray] = None  # x, when q, k, v of self attention came from one product of it
 
 
 class MultiHeadAttention(Module):
@@ -223,26 +223,31 @@ class MultiHeadAttention(Module):
         return (all(type(p) is Linear for p in (self.q_proj, self.k_proj, self.v_proj))
                 and (self.q_proj.bias is None) == (self.k_proj.bias is None) == (self.v_proj.bias is None))
 
+    def _qkv_weights(self) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """[W_q; W_k; W_v] and [b_q; b_k; b_v] (None without biases): the three projections side by side."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        W = np.concatenate([p.weight.data for p in projections])
+        return W, None if self.q_proj.bias is None else np.concatenate([p.bias.data for p in projections])
+
     def _qkv_forward(self, x: np.ndarray):
         """q (B, H, T, D), k, v (B, Hkv, T, D) of self attention as views of one array
-        y = x [W_q; W_k; W_v]^T + [b_q; b_k; b_v] (B T, (H + 2 Hkv) D): the three projections (LIN.1) as
+        y = x [W_q; W_k; W_v]^T + [b_q; b_k; b_v] (B, T, (H + 2 Hkv) D): the three projections (LIN.1) as
         one product, whose columns are each projection's output, and the heads read in place (no copy
         into head-major order)."""
         B, T = x.shape[:2]
         D, H, Hkv = self.head_dim, self.n_head, self.n_kv_head
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        W = np.concatenate([p.weight.data for p in projections])  # [W_q; W_k; W_v]
-        b = None if self.q_proj.bias is None else np.concatenate([p.bias.data for p in projections])
-        y, cache = linear_forward(x.reshape(B * T, self.d_model), W, b)  # (LIN.1), x's rows as one axis
-        for p, a, z in zip(projections, np.cumsum([0, H * D, Hkv * D]), np.cumsum([H * D, Hkv * D, Hkv * D])):
-            p.record("out", y[:, a:z].reshape(B, T, z - a))  # each projection's output, under its own name
+        y, _ = linear_forward(x, *self._qkv_weights())  # (LIN.1)
+        for p, a, z in zip((self.q_proj, self.k_proj, self.v_proj), np.cumsum([0, H * D, Hkv * D]),
+                           np.cumsum([H * D, Hkv * D, Hkv * D])):
+            p.record("out", y[..., a:z])  # each projection's output, under its own name
         heads = y.reshape(B, T, H + 2 * Hkv, D).transpose(0, 2, 1, 3)  # (B, H + 2 Hkv, T, D), a view
-        return heads[:, :H], heads[:, H:H + Hkv], heads[:, H + Hkv:], cache
+        return heads[:, :H], heads[:, H:H + Hkv], heads[:, H + Hkv:], x
 
-    def _qkv_backward(self, dq: np.ndarray, dk: np.ndarray, dv: np.ndarray, cache: LinearCache) -> np.ndarray:
+    def _qkv_backward(self, dq: np.ndarray, dk: np.ndarray, dv: np.ndarray, x: np.ndarray) -> np.ndarray:
         """dx of the three projections as one: dq, dk, dv side by side as dy, one (LIN.3) for dx (summing
         the three paths into x inside the product) and one (LIN.4) for the three weights, split back
-        into each projection's gradient."""
+        into each projection's gradient. The weights are read as they are now, as a ``Linear`` reads its
+        own in its backward."""
         B, H, T, D = dq.shape
         Hkv = dk.shape[1]
         dy = np.empty((B, T, H + 2 * Hkv, D), dq.dtype)
@@ -251,8 +256,9 @@ class MultiHeadAttention(Module):
             for part, d in zip((slice(0, H), slice(H, H + Hkv), slice(H + Hkv, None)), (dq, dk, dv)):
                 dy[batch, :, part] = d[batch].transpose(0, 2, 1, 3)
 
-        row_parallel(gather, B, dy[0].size)
-        dx, dW, db = linear_backward(dy.reshape(B * T, -1), cache)  # (LIN.3) - (LIN.5)
+        row_parallel(gather, B, T * (H + 2 * Hkv) * D)
+        cache = LinearCache(x=x, W=self._qkv_weights()[0], has_bias=self.q_proj.bias is not None)
+        dx, dW, db = linear_backward(dy.reshape(B, T, (H + 2 * Hkv) * D), cache)  # (LIN.3) - (LIN.5)
         rows = np.cumsum([0, H * D, Hkv * D, Hkv * D])
         parts = list(zip((self.q_proj, self.k_proj, self.v_proj), rows[:-1], rows[1:]))
         for p, a, z in reversed(parts):  # v, k, q: the order of the three projections' own backward
@@ -261,7 +267,7 @@ class MultiHeadAttention(Module):
             if db is not None:
                 p.bias.grad += db[a:z]
                 p.record("db", db[a:z])
-        return dx.reshape(B, T, -1)
+        return dx
 
     @atomic
     def forward(self, x: np.ndarray, *, causal: bool = False, kv_cache: Optional[KVCache] = None,

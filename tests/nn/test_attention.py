@@ -11,7 +11,7 @@ from npformer.nn.attention import KVCache, MultiHeadAttention, merge_heads, spli
 from npformer.ops.attention import attention_backward
 from tests.oracle import backprop, leaf
 from tests.strategies import rngs
-from tests.tolerances import assert_close
+from tests.tolerances import RTOL, assert_close
 
 
 def make_layer(d_model, n_head, n_kv_head=None, bias=True, dtype=np.float64, seed=0, std=0.5):
@@ -236,3 +236,93 @@ def test_bad_input_is_named():
         layer.forward(np.ones((3, 8)))
     with pytest.raises(ValueError, match=r"argument 'context' expected shape \(1, \*, 8\), got \(1, 2, 6\)"):
         layer.forward(np.ones((1, 3, 8)), context=np.ones((1, 2, 6)))
+
+
+# --- q, k, v as one product: the same layer as three projections --------------------------------------------
+
+
+class ThreeProjections(MultiHeadAttention):
+    """The layer with q, k and v each from its own ``Linear`` (the path adapted or quantized projections take)."""
+
+    def _fused(self) -> bool:
+        return False
+
+
+def _layout(x, kind):
+    """x's values in another memory layout: C order, Fortran order, (T, B, D) storage, a strided view."""
+    if kind == "fortran":
+        return np.asfortranarray(x)
+    if kind == "time-major":
+        return np.ascontiguousarray(x.transpose(1, 0, 2)).transpose(1, 0, 2)
+    if kind == "strided":
+        wide = np.zeros(x.shape[:-1] + (2 * x.shape[-1],), x.dtype)
+        wide[..., ::2] = x
+        return wide[..., ::2]
+    return x
+
+
+@st.composite
+def qkv_layers(draw):
+    H = draw(st.sampled_from([1, 2, 4]))
+    opts = dict(n_kv_head=draw(st.sampled_from([h for h in (1, 2, H) if H % h == 0])),
+                head_dim=draw(st.sampled_from([None, 6])), bias=draw(st.booleans()),
+                qkv_bias=draw(st.sampled_from([None, True, False])),
+                position=draw(st.sampled_from(["none", "rope", "alibi", "t5"])))
+    return 4 * H, H, opts
+
+
+@given(qkv_layers(), st.sampled_from([np.float64, np.float32]), st.integers(0, 3), st.integers(0, 7),
+       st.sampled_from(["c", "fortran", "time-major", "strided"]), st.integers(1, 3), st.integers(1, 3), rngs())
+def test_one_qkv_product_equals_three_projections(layer_args, dtype, B, T, layout, calls, threads, rng):
+    """Outputs, input gradients, every parameter gradient and every recorded intermediate of the fused
+    layer equal the three-projection layer's, for any batch and length (0 included), layout of x,
+    several forwards before their backwards, and on several threads."""
+    from npformer.ops import fastpath
+
+    d_model, H, opts = layer_args
+    fused = MultiHeadAttention(d_model, H, rng=np.random.default_rng(0), dtype=dtype, **opts)
+    plain = ThreeProjections(d_model, H, rng=np.random.default_rng(0), dtype=dtype, **opts)
+    for (_, p), (_, q) in zip(fused.named_parameters(), plain.named_parameters()):
+        p.data[...] = q.data[...] = rng.standard_normal(p.shape) * 0.5
+    assert fused._fused() and not plain._fused()
+    xs = [rng.standard_normal((B, T, d_model)).astype(dtype) for _ in range(calls)]
+    dys = [rng.standard_normal((B, T, d_model)).astype(dtype) for _ in range(calls)]
+    results = []
+    with fastpath.configured(threads=threads):
+        for layer in (fused, plain):
+            recorder = layer.start_recording()
+            ys = [layer.forward(_layout(x, layout), causal=True) for x in xs]
+            dxs = [layer.backward(dy) for dy in reversed(dys)]  # last in, first out
+            layer.stop_recording()
+            results.append((ys, dxs, {n: p.grad for n, p in layer.named_parameters()}, dict(recorder)))
+    (ys, dxs, grads, recorded), (want_ys, want_dxs, want_grads, want_recorded) = results
+    for got, want in zip(ys + dxs, want_ys + want_dxs):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert_close(got, want, rtol=RTOL[np.dtype(dtype)])
+    # the k bias gradient is round-off around 0 (softmax ignores a shift of a whole row): judged against
+    # the k weight gradient, a sum of the same terms times the inputs
+    k_scale = float(np.abs(want_grads["k_proj.weight"]).max()) if "k_proj.bias" in want_grads else None
+    for name in want_grads:
+        scale = k_scale if name == "k_proj.bias" else None
+        assert_close(grads[name], want_grads[name], rtol=RTOL[np.dtype(dtype)], scale=scale, what=name)
+    assert list(recorded) == list(want_recorded)
+    for name in want_recorded:
+        scale = k_scale if name.startswith("k_proj.db") else None
+        assert_close(recorded[name], want_recorded[name], rtol=RTOL[np.dtype(dtype)], scale=scale, what=name)
+
+
+def test_the_one_qkv_product_reads_the_weights_its_backward_finds_as_a_linear_does():
+    """Weights changed in place between a forward and its backward: the fused layer's backward uses the
+    weights it finds, as ``Linear`` (and so the three-projection layer) does."""
+    rng = np.random.default_rng(1)
+    x, dy = rng.standard_normal((2, 3, 8)), rng.standard_normal((2, 3, 8))
+    dxs = []
+    for cls, change in ((MultiHeadAttention, True), (ThreeProjections, True), (MultiHeadAttention, False)):
+        layer = cls(8, 2, rng=np.random.default_rng(0), dtype=np.float64)
+        layer.forward(x, causal=True)
+        if change:
+            layer.q_proj.weight.data *= 2
+            layer.k_proj.weight.data += 1
+        dxs.append(layer.backward(dy))
+    assert_close(dxs[0], dxs[1], rtol=RTOL[np.dtype(np.float64)])
+    assert np.abs(dxs[0] - dxs[2]).max() > 0.1 * np.abs(dxs[2]).max()  # the change did reach the backward

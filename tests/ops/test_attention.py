@@ -8,7 +8,7 @@ import pytest
 import sympy as sp
 import torch
 import torch.nn.functional as F
-from hypothesis import assume, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from sympy.stats import E as expectation
 from sympy.stats import Normal, variance
@@ -207,6 +207,74 @@ def test_probs_are_masked_softmax(config):
     row_sums = cache.probs.sum(-1)
     empty = np.broadcast_to(hidden.all(-1), row_sums.shape)
     assert_close(row_sums, np.where(empty, 0.0, 1.0), scale=1.0, what="rows sum to 1, or 0 when fully masked")
+
+
+def scores(q, k, bias, causal, pad, attn_scale=None):
+    """S of (ATT.1) in float64, written out from the equation: c_s q_i . k_j + beta_ij with key/value head
+    c(h) = h // G, and the hidden pairs (causal: j > i + (Tk - Tq); padded keys), returned as a mask beside it."""
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    c = 1 / np.sqrt(D) if attn_scale is None else attn_scale
+    kv_head = np.arange(H) // (H // Hkv)  # c(h)
+    s = c * np.einsum("bhid,bhjd->bhij", q.astype(np.float64), k.astype(np.float64)[:, kv_head])  # (ATT.1)
+    if bias is not None:
+        s = s + bias  # (ATT.1), broadcast over the bias's axes of size 1
+    i, j = np.arange(Tq)[:, None], np.arange(Tk)[None, :]
+    hidden = np.zeros((B, 1, Tq, Tk), bool)
+    if causal:
+        hidden |= j > i + (Tk - Tq)
+    if pad is not None:
+        hidden |= pad[:, None, None, :]
+    return s, np.broadcast_to(hidden, s.shape)
+
+
+@pytest.mark.derivation("ATT.1")
+@given(configs(), st.sampled_from([None, 0.3, 0.7]))
+@example(Config((1, 2, 1, 3, 5, 4), True, None, (1, 2, 3, 5), np.float64, 1.0, np.random.default_rng(0),
+                dict.fromkeys(INPUTS, "contiguous")), None)  # causal, Tq < Tk: the mask is end-aligned
+def test_logits_formula(config, attn_scale):
+    """The logits behind the op's P, log P up to the constant of each row that the softmax drops (centred over
+    the row's visible keys), are c_s q . k + beta of (ATT.1); every hidden pair has P = 0 exactly, every
+    visible one P > 0. Logits of moderate size, so that no visible probability underflows."""
+    shape, causal, pad, bias_shape, dtype, magnitude, rng, layout_of = config
+    q, k, v, _, bias = make(shape, dtype, min(magnitude, 1.0), rng, bias_shape)
+    a = in_layouts(layout_of, q=q, k=k, v=v, bias=bias, pad=pad)
+    _, cache = attention_forward(a["q"], a["k"], a["v"], causal=causal, key_padding_mask=a["pad"], bias=a["bias"],
+                                 scale=attn_scale)
+    s, hidden = scores(q, k, bias, causal, pad, attn_scale)
+    p, visible = cache.probs.astype(np.float64), ~hidden
+    assert np.all(p[hidden] == 0) and np.all(p[visible] > 0)
+    n = np.maximum(visible.sum(-1, keepdims=True), 1)
+
+    def centred(a):  # each row less its mean over the visible keys; 0 at hidden ones
+        a = np.where(visible, a, 0.0)
+        return np.where(visible, a - a.sum(-1, keepdims=True) / n, 0.0)
+
+    expected = centred(s)
+    assert_close(centred(np.log(np.where(visible, p, 1.0))), expected, rtol=RTOL[np.dtype(dtype)],
+                 scale=max(1.0, float(np.abs(expected).max(initial=0))), what="log P vs (ATT.1), row constants removed")
+
+
+@pytest.mark.derivation("ATT.5")
+@given(configs())
+def test_dp_formula(config):
+    """dP = dO V^T of (ATT.5), as the backward formed it. With a bias of full shape, dbias is dS = P * (dP - delta)
+    of (ATT.7), and delta_i = rowsum(dP * P) = dO_i . o_i, so where P > 0 the backward's dP is dS / P + dO_i . o_i.
+    It equals dO_i . v_j written out in float64 with the key/value head c(h) of each query head. (A constant added
+    to a row of dP would change no gradient, (ATT.7), and would go unseen here too.)"""
+    shape, causal, pad, _, dtype, magnitude, rng, layout_of = config
+    B, H, Hkv, Tq, Tk, D = shape
+    q, k, v, dout, _ = make(shape, dtype, min(magnitude, 1.0), rng)
+    bias = rng.standard_normal((B, H, Tq, Tk)).astype(dtype)
+    (out, _, _, _, ds), cache = run_ours(q, k, v, dout, bias, causal, pad, layout_of)
+    p = cache.probs.astype(np.float64)
+    visible = p > 0
+    delta = np.einsum("bhid,bhid->bhi", dout.astype(np.float64), out.astype(np.float64))[..., None]  # rowsum(dP * P)
+    seen = np.where(visible, ds.astype(np.float64) / np.where(visible, p, 1.0) + delta, 0.0)  # (ATT.7) solved for dP
+    kv_head = np.arange(H) // (H // Hkv)  # c(h)
+    dp = np.einsum("bhid,bhjd->bhij", dout.astype(np.float64), v.astype(np.float64)[:, kv_head])  # (ATT.5)
+    bound = float(np.abs(dout).max(initial=0) * np.abs(v).max(initial=0) * D)  # |dP| and |delta| at most this
+    assert_close(seen, np.where(visible, dp, 0.0), rtol=RTOL[np.dtype(dtype)], scale=bound, what="dP vs (ATT.5)")
 
 
 @pytest.mark.derivation("ATT.4")

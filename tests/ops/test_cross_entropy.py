@@ -16,7 +16,7 @@ from npformer.ops.softmax import log_softmax_forward
 from tests.badinput import DTYPE_KINDS, NON_ARRAYS, RANK_KINDS, SHAPE_KINDS, SUBCLASS_KINDS, corrupt, expect_rejected
 from tests.oracle import backprop, leaf
 from tests.strategies import DTYPES, SCALES, SIDES, in_layout, layouts, randn, rngs, shapes
-from tests.tolerances import FD_RTOL, assert_close
+from tests.tolerances import FD_RTOL, RTOL, assert_close
 
 IGNORE_INDICES = st.sampled_from([-100, -1, 1000])
 SMOOTHINGS = st.sampled_from([0.0, 0.1, 0.5, 1.0])
@@ -102,6 +102,42 @@ def test_nll_is_minus_log_softmax_at_target(lead, V, rng):
     logp = reference_log_softmax(logits)
     expected = -np.take_along_axis(logp, targets[..., None], axis=-1).sum()  # (CE.2), summed
     assert_close(loss, expected, scale=loss_scale(expected), what="sum of nll")
+
+
+@pytest.mark.derivation("CE.1")
+@given(shapes(1, 2), SIDES, DTYPES, st.one_of(SCALES, st.just(1e4)), rngs())
+def test_log_probabilities_formula(lead, V, dtype, scale, rng):
+    """(CE.1) entry by entry: row n alone with target v has loss -l_nv, and the softmax the forward keeps is
+    exp(l), with l written out in float64 with the row maximum subtracted: finite where exp(l) underflows."""
+    logits = randn(rng, lead + (V,), dtype, scale)
+    rows = logits.reshape(-1, V)
+    ell = reference_log_softmax(rows)  # (CE.1)
+    _, cache = cross_entropy_forward(logits, np.zeros(lead, np.int64))
+    assert_close(cache.p, np.exp(ell), scale=1.0, what="p = exp(l)")
+    for n, v in np.ndindex(ell.shape):
+        loss, _ = cross_entropy_forward(rows[n], np.array(v))
+        assert np.isfinite(loss)
+        assert_close(loss, -ell[n, v], scale=loss_scale(ell[n, v]), what=f"-l[{n}, {v}]")
+
+
+@pytest.mark.derivation("CE.4")
+@given(cases())
+def test_smoothed_target_distribution(case):
+    """(CE.4) in the op: the q the backward subtracts, p - dlogits / (dloss / D) on each counted row by (CE.7),
+    is (1 - eps) onehot(t) + eps / V and sums to 1; and the loss is the cross-entropy -sum_v q_v l_v of that q."""
+    logits, targets, options, dloss = case
+    V, eps, dtype = logits.shape[-1], options["label_smoothing"], logits.dtype
+    loss, cache = cross_entropy_forward(logits, targets, **options)
+    dlogits = cross_entropy_backward(dloss, cache)
+    counted = (targets != options["ignore_index"]).reshape(-1)
+    t = targets.reshape(-1)[counted]
+    coef = float(dloss) / normaliser(targets, options)  # dloss w_n / D of (CE.7)
+    seen = cache.p.astype(np.float64) - dlogits.reshape(-1, V)[counted].astype(np.float64) / coef  # (CE.7) solved for q
+    q = (1 - eps) * np.eye(V)[t] + eps / V  # (CE.4)
+    assert_close(seen, q, rtol=RTOL[np.dtype(dtype)], scale=1.0, what="q vs (CE.4)")
+    assert_close(seen.sum(-1), np.ones(t.size), rtol=RTOL[np.dtype(dtype)], scale=float(V), what="sum of q")
+    expected = -(q * reference_log_softmax(logits.reshape(-1, V)[counted])).sum() / normaliser(targets, options)
+    assert_close(loss, expected, scale=loss_scale(expected), what="loss vs cross-entropy of q")
 
 
 @pytest.mark.derivation("CE.5")
@@ -242,6 +278,7 @@ def smoothed_loss(t):
 
 
 @pytest.mark.derivation("CE.3")
+@pytest.mark.derivation("CE.4")
 def test_smoothed_loss_symbolic():
     for t in range(V_SYM):
         assert sp.simplify(sum(q(t)) - 1) == 0

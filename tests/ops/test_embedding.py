@@ -45,6 +45,21 @@ def test_embedding_matches_torch(id_shape, V, D, dtype, layout, rng):
     assert_close(dW, tdW, scale=dW_scale(ids, dout), what="dW")
 
 
+@pytest.mark.derivation("EMB.2")
+@given(shapes(0, 3), st.sampled_from([1, 2, 3, 7]), SIDES, DTYPES, rngs())
+def test_lookup_is_the_one_hot_product(id_shape, V, D, dtype, rng):
+    """(EMB.2): Out = E W, with the one-hot E_nv = [t_n = v] built densely. Each row of E holds a single 1,
+    so the product picks a row of W exactly, and the lookup must equal it bit for bit."""
+    ids = rng.integers(0, V, size=id_shape)
+    W = randn(rng, (V, D), dtype)
+    out, _ = embedding_forward(ids, W)
+    E = (ids.reshape(-1, 1) == np.arange(V)).astype(np.float64)  # (N, V)
+    assert np.all(E.sum(1) == 1)
+    expected = (E @ W.astype(np.float64)).reshape(id_shape + (D,))  # (EMB.2)
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(out, expected)
+
+
 @pytest.mark.derivation("EMB.3")
 @given(shapes(0, 3), st.sampled_from([1, 2, 3, 7]), SIDES, DTYPES, rngs())
 def test_dW_is_the_one_hot_product(id_shape, V, D, dtype, rng):

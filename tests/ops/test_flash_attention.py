@@ -18,7 +18,7 @@ from npformer.ops.flash_attention import flash_attention_backward, flash_attenti
 from tests.badinput import ARRAY_KINDS, BAD_FLAGS, BAD_SCALES, SUBCLASS_KINDS, corrupt, other_float, rejects_all
 from tests.ops.test_attention import hidden_mask, in_layouts, layouts_of_inputs, make, offset_cases, run_torch, term_scales
 from tests.strategies import DTYPES, rngs
-from tests.tolerances import FD_RTOL, assert_close
+from tests.tolerances import FD_RTOL, RTOL, assert_close
 
 BLOCKS = st.sampled_from([1, 2, 3, 4, 8, 64])
 BAD_BLOCKS = (0, -1, 2.5, True, False, "4", None, np.float64(4.0), [4])
@@ -146,6 +146,34 @@ def test_delta_identity(config):
     from_p = (dp * plain.probs).sum(-1)  # rowsum(dP * P)
     assert delta.shape == from_p.shape
     assert_close(delta, from_p, scale=float(np.abs(dout).max() * np.abs(v).max() * shape[5]), what="delta_i")
+
+
+@pytest.mark.derivation("FA.1")
+@given(configs())
+def test_state_of_a_set_of_keys(config):
+    """(FA.1) for a set J of keys: the forward run on the keys of J alone ends in the state of J, read from the
+    cache as m = row_max, l = exp(log_row_sum) and a = out * l, and that is max_J s, sum_J exp(s - m) and
+    sum_J exp(s - m) v written out in float64. J is a random subset of the keys, and each prefix J_1 u ... u J_t
+    of the key tiles: the state the online update (FA.3) holds after tile t."""
+    shape, _, block_q, block_k, dtype, magnitude, rng, layout_of = config
+    q, k, v, _, _ = make(shape, dtype, magnitude, rng)
+    B, H, Hkv, Tq, Tk, D = shape
+    subset = np.sort(rng.choice(Tk, size=int(rng.integers(1, Tk + 1)), replace=False))
+    prefixes = [np.arange(min(j1, Tk)) for j1 in range(block_k, Tk + block_k, block_k)]
+    for J in [subset] + prefixes:
+        a = in_layouts(layout_of, q=q, k=k[:, :, J], v=v[:, :, J])
+        out, cache = flash_attention_forward(a["q"], a["k"], a["v"], block_q=block_q, block_k=block_k)
+        s = logits(q.astype(np.float64), k[:, :, J].astype(np.float64), causal=False)  # s_j, j in J
+        m = s.max(-1)  # (FA.1)
+        e = np.exp(s - m[..., None])
+        ell = e.sum(-1)  # (FA.1)
+        acc = e @ np.repeat(v[:, :, J].astype(np.float64), H // Hkv, axis=1)  # (FA.1)
+        l_seen = np.exp(cache.log_row_sum.astype(np.float64))
+        what = f"keys {J.tolist()}"
+        assert_close(cache.row_max, m, scale=max(1.0, float(np.abs(m).max())), what=f"m, {what}")
+        assert_close(l_seen, ell, rtol=RTOL[np.dtype(dtype)], scale=float(ell.max()), what=f"l, {what}")
+        assert_close(out.astype(np.float64) * l_seen[..., None], acc, rtol=RTOL[np.dtype(dtype)],
+                     scale=float(ell.max() * np.abs(v).max()), what=f"a, {what}")
 
 
 @pytest.mark.derivation("FA.2")

@@ -2,6 +2,8 @@
 proofs/layernorm.md evaluated independently, float32 rows far from zero, huge rows,
 empty input, bad input."""
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import sympy as sp
@@ -304,6 +306,111 @@ def test_huge_rows_far_from_zero(case, eps, rng):
     g = dy.astype(np.float64) * gamma  # (LN.8)
     dx_exact = r * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))  # (LN.10)
     assert_close(dx, dx_exact, scale=float((r * np.abs(g)).max() * 3), what="dx")
+
+
+# ---- the forward's statistics, (LN.1)-(LN.4), and (LN.8) ----------------------------------------
+
+
+def exact_moments(x):
+    """x - mu and sigma^2 of every row, (LN.1) and (LN.2) as written, with every sum taken exactly
+    (rational arithmetic on the exact values of x) and only the results rounded to float64.
+
+    A float64 mean of a row far from zero is itself rounded relative to the offset (10^6 for a
+    spread of 10^-6 is ten orders of magnitude), so only an exact sum can judge x - mu by the spread.
+    """
+    x = np.asarray(x, np.float64)  # exact for float32 and float64 input
+    dev, var = np.empty_like(x), np.empty(x.shape[:-1] + (1,))
+    for i in np.ndindex(x.shape[:-1]):
+        row = [Fraction(float(v)) for v in x[i]]
+        mu = sum(row) / len(row)  # (LN.1)
+        dev[i] = [float(v - mu) for v in row]
+        var[i] = float(sum((v - mu) ** 2 for v in row) / len(row))  # (LN.2)
+    return dev, var
+
+
+@st.composite
+def offset_rows(draw):
+    """(x, gamma, beta, eps): rows offset + spread * noise of drawn shape and dtype, offsets far from zero included."""
+    dtype = draw(DTYPES)
+    shape = draw(shapes(1, 2, sides=st.sampled_from([1, 2, 3]))) + (draw(st.sampled_from([1, 2, 3, 7, 64, 768])),)
+    offset, spread, eps, rng = draw(OFFSETS), draw(SPREADS), draw(st.sampled_from([EPS, 1e-2, 1.0])), draw(rngs())
+    x = (offset + spread * rng.standard_normal(shape)).astype(dtype)
+    return x, randn(rng, shape[-1:], dtype), randn(rng, shape[-1:], dtype), eps
+
+
+def assert_rows_close(actual, expected, row_scale, dtype, what):
+    """assert_close row by row, each row judged by its own scale (rows of one draw differ in spread)."""
+    for i in np.ndindex(actual.shape[:-1]):
+        assert_close(actual[i], expected[i], rtol=RTOL[np.dtype(dtype)], scale=float(row_scale[i]),
+                     what=f"{what}, row {i}")
+
+
+@pytest.mark.derivation("LN.1")
+@given(offset_rows())
+def test_mean_formula(case):
+    """The deviations the forward normalised, xhat / r from the cache, are x - mu with mu the mean of (LN.1),
+    judged by the row's spread max|x - mu| (a constant row: exactly 0). A float32 mean taken directly is
+    off by about one unit in the last place of the offset, far beyond this tolerance for a row at 10^4."""
+    x, gamma, beta, eps = case
+    _, cache = layernorm_forward(x, gamma, beta, eps)
+    dev, _ = exact_moments(x)
+    assert cache.xhat.dtype == cache.rstd.dtype == x.dtype
+    seen = cache.xhat.astype(np.float64) / cache.rstd.astype(np.float64)  # (LN.4) solved for x - mu
+    assert_rows_close(seen, dev, np.abs(dev).max(-1), x.dtype, "x - mu")
+
+
+@pytest.mark.derivation("LN.2")
+@given(offset_rows())
+def test_variance_formula(case):
+    """The variance behind the cached r, 1 / r^2 - eps by (LN.3) solved for sigma^2, is the mean squared
+    deviation of (LN.2), judged by sigma^2 + eps (the size r is computed from)."""
+    x, gamma, beta, eps = case
+    _, cache = layernorm_forward(x, gamma, beta, eps)
+    _, var = exact_moments(x)
+    seen = 1.0 / cache.rstd.astype(np.float64) ** 2 - eps  # (LN.3) solved for sigma^2
+    assert_rows_close(seen, var, (var + eps)[..., 0], x.dtype, "sigma^2")
+
+
+@pytest.mark.derivation("LN.3")
+@given(offset_rows())
+def test_rstd_formula(case):
+    """cache.rstd is r = (sigma^2 + eps)^(-1/2) of (LN.3), every entry to the dtype's relative tolerance."""
+    x, gamma, beta, eps = case
+    _, cache = layernorm_forward(x, gamma, beta, eps)
+    _, var = exact_moments(x)
+    r = 1.0 / np.sqrt(var + eps)  # (LN.3)
+    assert cache.rstd.shape == x.shape[:-1] + (1,) and cache.rstd.dtype == x.dtype
+    assert_close(cache.rstd, r, scale=float(r.min()), what="r")  # each entry relative to at least its own size
+
+
+@pytest.mark.derivation("LN.4")
+@given(offset_rows())
+def test_xhat_formula(case):
+    """cache.xhat is (x - mu) r of (LN.4), with x - mu and r from (LN.1)-(LN.3) in exact sums, each row judged
+    by its own largest entry (a constant row: exactly 0)."""
+    x, gamma, beta, eps = case
+    _, cache = layernorm_forward(x, gamma, beta, eps)
+    dev, var = exact_moments(x)
+    xhat = dev / np.sqrt(var + eps)  # (LN.4)
+    assert cache.xhat.shape == x.shape and cache.xhat.dtype == x.dtype
+    assert_rows_close(cache.xhat, xhat, np.abs(xhat).max(-1), x.dtype, "xhat")
+
+
+@pytest.mark.derivation("LN.8")
+@given(shapes(1, 3), DTYPES, rngs())
+def test_dxhat_is_dy_times_gamma(shape, dtype, rng):
+    """(LN.8) itself: the gradient of L = <dy, gamma * xhat + beta> with respect to xhat, by central differences
+    in float64, is dy * gamma. And in the op: the backward sees dy and gamma only through that product, so
+    (dy, gamma) and (dy * gamma, ones) give the same dx, bit for bit."""
+    x, gamma, beta, dy = make(rng, shape, dtype)
+    xhat64 = rng.standard_normal(shape)
+    dy64, gamma64, beta64 = (a.astype(np.float64) for a in (dy, gamma, beta))
+    numeric = gradcheck.numerical_gradient(lambda: float(np.sum(dy64 * (gamma64 * xhat64 + beta64))), xhat64)  # (LN.5)
+    assert_close(numeric, dy64 * gamma64, rtol=FD_RTOL, what="dL/dxhat by central differences vs (LN.8)")
+    _, cache = layernorm_forward(x, gamma, beta, EPS)
+    dx, _, _ = layernorm_backward(dy, cache)
+    dx_folded, _, _ = layernorm_backward(dy * gamma, cache._replace(gamma=np.ones_like(gamma)))
+    np.testing.assert_array_equal(dx, dx_folded)
 
 
 # ---- empty input ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from npformer.ops.linear import LinearCache, linear_backward, linear_forward
 from tests.badinput import DTYPE_KINDS, NON_ARRAYS, RANK_KINDS, SHAPE_KINDS, SUBCLASS_KINDS, corrupt, expect_rejected
 from tests.oracle import backprop, leaf
 from tests.strategies import DTYPES, SCALES, SIDES, in_layout, layouts, randn, rngs, shapes
-from tests.tolerances import FD_RTOL, assert_close
+from tests.tolerances import FD_EPS, FD_RTOL, assert_close
 
 INPUTS = ("x", "W", "b", "dy")
 
@@ -73,6 +73,37 @@ def test_linear_matches_torch(case, layout):
             continue
         assert a.dtype == dtype, name
         assert_close(a, b, scale=s[name], what=name)
+
+
+def jacobian(f, a, eps=FD_EPS):
+    """d f() / d a by central differences in float64, of shape f().shape + a.shape; ``f`` reads ``a``, which is
+    perturbed in place and restored."""
+    columns = []
+    for i in np.ndindex(a.shape):
+        saved = a[i]
+        a[i] = saved + eps
+        plus = f()
+        a[i] = saved - eps
+        minus = f()
+        a[i] = saved
+        columns.append((plus - minus) / (2 * eps))
+    return np.stack(columns, axis=-1).reshape(f().shape + a.shape)
+
+
+@pytest.mark.derivation("LIN.2")
+@given(SIDES, SIDES, SIDES, rngs())
+def test_partial_derivatives(n, d_in, d_out, rng):
+    """(LIN.2) entry by entry: the Jacobians of y = linear_forward(x, W, b) by central differences in float64
+    are delta_nm W_ki, delta_kl x_nj and delta_kl (the identity for b), built here from the equation."""
+    x, W, b, _ = make(rng, (n,), d_in, d_out, np.float64)
+    y = lambda: linear_forward(x, W, b)[0]  # noqa: E731
+    claimed = {
+        "x": np.einsum("nm,ki->nkmi", np.eye(n), W),  # dy_nk / dx_mi
+        "W": np.einsum("kl,nj->nklj", np.eye(d_out), x),  # dy_nk / dW_lj
+        "b": np.broadcast_to(np.eye(d_out), (n, d_out, d_out)),  # dy_nk / db_l
+    }
+    for name, a in (("x", x), ("W", W), ("b", b)):
+        assert_close(jacobian(y, a), claimed[name], rtol=FD_RTOL, what=f"dy/d{name} vs (LIN.2)")
 
 
 @pytest.mark.derivation("LIN.3")

@@ -228,6 +228,79 @@ def test_huge_rows_far_from_zero(case, eps, rng):
     assert_close(dx, dx_exact, scale=float((r * np.abs(g)).max() * 2), what="dx")
 
 
+# ---- the forward's statistics, (RMS.1)-(RMS.3), and (RMS.6) ---------------------------------------
+
+
+@st.composite
+def offset_rows(draw):
+    """(x, gamma, eps): rows offset + spread * noise of drawn shape and dtype, offsets far from zero included."""
+    dtype = draw(DTYPES)
+    shape = draw(shapes(1, 2, sides=st.sampled_from([1, 2, 3]))) + (draw(st.sampled_from([1, 2, 3, 7, 64, 768])),)
+    offset = draw(st.sampled_from([0.0, 1.0, -3e2, 1000.1, 10000.3, -1e6, 1e6]))
+    spread = draw(st.sampled_from([0.0, 1e-6, 1e-3, 1.0, 30.0]))
+    eps, rng = draw(st.sampled_from([EPS, 1e-2, 1.0])), draw(rngs())
+    x = (offset + spread * rng.standard_normal(shape)).astype(dtype)
+    return x, randn(rng, shape[-1:], dtype), eps
+
+
+def mean_square(x):
+    """m of (RMS.1) in float64: a sum of non-negative terms, accurate to about D units of float64's last place."""
+    x = np.asarray(x, np.float64)
+    return (x * x).mean(-1, keepdims=True)  # (RMS.1)
+
+
+@pytest.mark.derivation("RMS.1")
+@given(offset_rows())
+def test_mean_square_formula(case):
+    """The mean square behind the cached r, 1 / r^2 - eps by (RMS.2) solved for m, is the mean of x^2 of
+    (RMS.1), judged by m + eps (the size r is computed from)."""
+    x, gamma, eps = case
+    _, cache = rmsnorm_forward(x, gamma, eps)
+    m = mean_square(x)
+    seen = 1.0 / cache.rstd.astype(np.float64) ** 2 - eps  # (RMS.2) solved for m
+    assert cache.rstd.dtype == x.dtype
+    assert_close(seen / (m + eps), m / (m + eps), rtol=RTOL[np.dtype(x.dtype)], scale=1.0, what="m / (m + eps)")
+
+
+@pytest.mark.derivation("RMS.2")
+@given(offset_rows())
+def test_rstd_formula(case):
+    """cache.rstd is r = (m + eps)^(-1/2) of (RMS.2), every entry to the dtype's relative tolerance."""
+    x, gamma, eps = case
+    _, cache = rmsnorm_forward(x, gamma, eps)
+    r = 1.0 / np.sqrt(mean_square(x) + eps)  # (RMS.2)
+    assert cache.rstd.shape == x.shape[:-1] + (1,) and cache.rstd.dtype == x.dtype
+    assert_close(cache.rstd, r, scale=float(r.min()), what="r")  # each entry relative to at least its own size
+
+
+@pytest.mark.derivation("RMS.3")
+@given(offset_rows())
+def test_xhat_formula(case):
+    """cache.xhat is x r of (RMS.3): with nothing to cancel, every entry to the dtype's relative tolerance."""
+    x, gamma, eps = case
+    _, cache = rmsnorm_forward(x, gamma, eps)
+    xhat = x.astype(np.float64) / np.sqrt(mean_square(x) + eps)  # (RMS.3)
+    assert cache.xhat.shape == x.shape and cache.xhat.dtype == x.dtype
+    np.testing.assert_allclose(cache.xhat, xhat, rtol=RTOL[np.dtype(x.dtype)], atol=0, err_msg="xhat")
+
+
+@pytest.mark.derivation("RMS.6")
+@given(shapes(1, 3), DTYPES, rngs())
+def test_dxhat_is_dy_times_gamma(shape, dtype, rng):
+    """(RMS.6) itself: the gradient of L = <dy, gamma * xhat> with respect to xhat, by central differences in
+    float64, is dy * gamma. And in the op: the backward sees dy and gamma only through that product, so
+    (dy, gamma) and (dy * gamma, ones) give the same dx, bit for bit."""
+    x, gamma, dy = make(rng, shape, dtype)
+    xhat64 = rng.standard_normal(shape)
+    dy64, gamma64 = dy.astype(np.float64), gamma.astype(np.float64)
+    numeric = gradcheck.numerical_gradient(lambda: float(np.sum(dy64 * (gamma64 * xhat64))), xhat64)  # (RMS.4)
+    assert_close(numeric, dy64 * gamma64, rtol=FD_RTOL, what="dL/dxhat by central differences vs (RMS.6)")
+    _, cache = rmsnorm_forward(x, gamma, EPS)
+    dx, _ = rmsnorm_backward(dy, cache)
+    dx_folded, _ = rmsnorm_backward(dy * gamma, cache._replace(gamma=np.ones_like(gamma)))
+    np.testing.assert_array_equal(dx, dx_folded)
+
+
 # ---- empty input ------------------------------------------------------------------------------
 
 
