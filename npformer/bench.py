@@ -166,13 +166,16 @@ def run(cfg: GPTConfig = REFERENCE, batch: int = 16, steps: int = 5, torch_twin:
     result["ratio_vs_torch"] = None if t_torch is None else t_torch / t_np
     result["torch_matmul_flops"] = None if twin is None else twin[1]["matmul_flops"]
     result["torch_mfu"] = None if twin is None else flops_per_token * tokens / t_torch / twin[1]["matmul_flops"]
+    # how far the engines' matmuls themselves differ here: the step ratio compares engines only where it is near 1
+    result["matmul_ratio_vs_torch"] = None if twin is None else peak / twin[1]["matmul_flops"]
     if twin is not None:
         result["machine"]["torch"] = twin[1]["torch"]
         result["machine"]["torch_threads"] = twin[1]["threads"]
         result["machine"]["torch_blas"] = twin[1]["blas"]
         log(f"torch twin: {result['torch_tokens_per_s']:,.0f} tok/s ({t_torch * 1e3:.0f} ms/step), MFU "
             f"{result['torch_mfu']:.1%} of torch's matmul; npformer / torch = {result['ratio_vs_torch']:.2f}x "
-            f"(medians of {steps} rounds taking turns)")
+            f"(medians of {steps} rounds taking turns), with NumPy's matmul {result['matmul_ratio_vs_torch']:.2f}x "
+            "torch's")
     elif torch_twin:
         log("torch twin: not run (torch not installed)")
     else:

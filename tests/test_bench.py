@@ -33,7 +33,7 @@ def test_json_line_is_last(capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     data = json.loads(last)
     assert data["config"]["d_model"] == 16 and data["config"]["batch"] == 1
-    assert data["torch_tokens_per_s"] is None and data["ratio_vs_torch"] is None
+    assert data["torch_tokens_per_s"] is None and data["ratio_vs_torch"] is None and data["matmul_ratio_vs_torch"] is None
     assert {"tokens_per_s", "mfu", "blas"} <= set(data)
 
 
@@ -146,6 +146,7 @@ def test_each_engines_matmul_speed_is_the_better_of_a_measurement_before_and_aft
     lines = []
     result = run(TINY, batch=2, steps=1, log=lines.append)
     assert result["matmul_flops"] == 3e9 and result["torch_matmul_flops"] == 5e9
+    assert result["matmul_ratio_vs_torch"] == 3e9 / 5e9 and lines[-1].endswith("with NumPy's matmul 0.60x torch's")
     assert lines[0].startswith("numpy float32 matmul: 3 GFLOP/s") and lines[1].startswith("torch float32 matmul: 5 ")
     tokens = 2 * TINY.block_size
     assert abs(result["mfu"] - TINY.flops_per_token() * tokens / result["step_s"] / 3e9) <= 1e-12 * result["mfu"]
