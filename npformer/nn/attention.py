@@ -36,7 +36,7 @@ new query sees every key). A forward with a cache is inference: call ``.eval()``
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
@@ -223,11 +223,10 @@ class MultiHeadAttention(Module):
         return (all(type(p) is Linear for p in (self.q_proj, self.k_proj, self.v_proj))
                 and (self.q_proj.bias is None) == (self.k_proj.bias is None) == (self.v_proj.bias is None))
 
-    def _qkv_weights(self) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-        """[W_q; W_k; W_v] and [b_q; b_k; b_v] (None without biases): the three projections side by side."""
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        W = np.concatenate([p.weight.data for p in projections])
-        return W, None if self.q_proj.bias is None else np.concatenate([p.bias.data for p in projections])
+    def _qkv_columns(self) -> List[Tuple[Linear, slice]]:
+        """q_proj, k_proj and v_proj, each with its columns of the one q, k, v product."""
+        ends = np.cumsum([self.n_head, self.n_kv_head, self.n_kv_head]) * self.head_dim
+        return [(p, slice(a, z)) for p, a, z in zip((self.q_proj, self.k_proj, self.v_proj), (0, *ends[:2]), ends)]
 
     def _qkv_forward(self, x: np.ndarray):
         """q (B, H, T, D), k, v (B, Hkv, T, D) of self attention as views of one array
@@ -236,10 +235,12 @@ class MultiHeadAttention(Module):
         into head-major order)."""
         B, T = x.shape[:2]
         D, H, Hkv = self.head_dim, self.n_head, self.n_kv_head
-        y, _ = linear_forward(x, *self._qkv_weights())  # (LIN.1)
-        for p, a, z in zip((self.q_proj, self.k_proj, self.v_proj), np.cumsum([0, H * D, Hkv * D]),
-                           np.cumsum([H * D, Hkv * D, Hkv * D])):
-            p.record("out", y[..., a:z])  # each projection's output, under its own name
+        parts = self._qkv_columns()
+        W = np.concatenate([p.weight.data for p, _ in parts])  # [W_q; W_k; W_v]
+        b = None if self.q_proj.bias is None else np.concatenate([p.bias.data for p, _ in parts])
+        y, _ = linear_forward(x, W, b)  # (LIN.1)
+        for p, columns in parts:
+            p.record("out", y[..., columns])  # each projection's output, under its own name
         heads = y.reshape(B, T, H + 2 * Hkv, D).transpose(0, 2, 1, 3)  # (B, H + 2 Hkv, T, D), a view
         return heads[:, :H], heads[:, H:H + Hkv], heads[:, H + Hkv:], x
 
@@ -257,16 +258,16 @@ class MultiHeadAttention(Module):
                 dy[batch, :, part] = d[batch].transpose(0, 2, 1, 3)
 
         row_parallel(gather, B, T * (H + 2 * Hkv) * D)
-        cache = LinearCache(x=x, W=self._qkv_weights()[0], has_bias=self.q_proj.bias is not None)
+        parts = self._qkv_columns()
+        W = np.concatenate([p.weight.data for p, _ in parts])  # [W_q; W_k; W_v] as they are now
+        cache = LinearCache(x=x, W=W, has_bias=self.q_proj.bias is not None)
         dx, dW, db = linear_backward(dy.reshape(B, T, (H + 2 * Hkv) * D), cache)  # (LIN.3) - (LIN.5)
-        rows = np.cumsum([0, H * D, Hkv * D, Hkv * D])
-        parts = list(zip((self.q_proj, self.k_proj, self.v_proj), rows[:-1], rows[1:]))
-        for p, a, z in reversed(parts):  # v, k, q: the order of the three projections' own backward
-            p.weight.grad += dW[a:z]
-            p.record("dW", dW[a:z])
+        for p, columns in reversed(parts):  # v, k, q: the order of the three projections' own backward
+            p.weight.grad += dW[columns]
+            p.record("dW", dW[columns])
             if db is not None:
-                p.bias.grad += db[a:z]
-                p.record("db", db[a:z])
+                p.bias.grad += db[columns]
+                p.record("db", db[columns])
         return dx
 
     @atomic
