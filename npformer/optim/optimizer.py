@@ -445,21 +445,28 @@ class Adam(Optimizer):
         lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
         beta1, beta2 = (float(b) for b in group["betas"])
         t = state.get("step", 0) + 1
-        # New arrays, updated in place below (so they stay arrays for a 0-d parameter).
-        m = state["exp_avg"].copy() if state else np.zeros_like(data)  # first moment
-        v = state["exp_avg_sq"].copy() if state else np.zeros_like(data)  # second moment
-        new_data = data.copy()
-        if wd != 0:
-            if self.decoupled:
-                new_data *= 1 - lr * wd
-            else:
-                grad = grad + wd * data  # a new value: .grad is untouched
-        m += (1 - beta1) * (grad - m)
-        v *= beta2
-        v += (1 - beta2) * (grad * grad)
-        step_size = lr / (1 - beta1**t)
-        denom = np.sqrt(v) / math.sqrt(1 - beta2**t) + eps
-        new_data -= step_size * (m / denom)
+        m0 = state["exp_avg"] if state else np.zeros_like(data)  # first moment before this step
+        v0 = state["exp_avg_sq"] if state else np.zeros_like(data)  # second moment before this step
+        if wd != 0 and not self.decoupled:
+            grad = grad + wd * data  # a new value: .grad is untouched
+        # Each line below makes a new array or works in one made here (never in data, grad or the
+        # state), and each is one pass over the parameter: the fewest NumPy can do it in. ``out=``
+        # keeps a 0-d parameter's values arrays (NumPy arithmetic on two 0-d arrays returns a scalar).
+        new = lambda: np.empty_like(data)  # noqa: E731
+        m = np.subtract(grad, m0, out=new())
+        m *= 1 - beta1
+        m += m0  # m <- m + (1 - beta1) (g - m)
+        v = np.multiply(v0, beta2, out=new())
+        g2 = np.multiply(grad, grad, out=new())
+        g2 *= 1 - beta2
+        v += g2  # v <- beta2 v + (1 - beta2) g^2
+        step = np.sqrt(v, out=g2)
+        step /= math.sqrt(1 - beta2**t)
+        step += eps  # sqrt(v) / sqrt(1 - beta2^t) + eps
+        np.divide(m, step, out=step)
+        step *= lr / (1 - beta1**t)  # the step: lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+        new_data = np.multiply(data, 1 - lr * wd, out=new()) if wd != 0 and self.decoupled else data.copy()
+        new_data -= step
         return new_data, {"step": t, "exp_avg": m, "exp_avg_sq": v}
 
 
