@@ -38,7 +38,7 @@ class LayerNormCache(NamedTuple):
 
 
 def _row_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """sum_i a_i b_i over the last axis, kept as an axis of size 1: (..., D), (..., D) -> (..., 1).
+    """sum_i a_i b_i over the last axis, kept as an axis of size 1: (..., D), (..., D) or (D,) -> (..., 1).
 
     One dot product per row, without the (..., D) temporary of ``np.sum(a * b, -1)``.
     """
@@ -139,20 +139,21 @@ def layernorm_backward(
     D = xhat.shape[-1]
     dy2 = np.ascontiguousarray(dy.reshape(-1, D))  # (N, D), C-ordered as in the forward
     xhat2, rstd2 = xhat.reshape(-1, D), rstd.reshape(-1, 1)  # (N, D), (N, 1): the forward's own arrays
-    ones = np.ones(len(dy2), dy.dtype)
+    ones, ones_d = np.ones(len(dy2), dy.dtype), np.ones(D, dy.dtype)
     dbeta = ones @ dy2  # (LN.6): a sum over rows, as one matrix-vector product
     dx = np.empty(dy2.shape, dy.dtype)
     dy_xhat = np.empty(dy2.shape, dy.dtype)
 
     def rows(r: slice) -> None:  # rows are independent: blocks of them run on several cores
         np.multiply(dy2[r], xhat2[r], out=dy_xhat[r])  # summed over rows for (LN.7)
-        dxhat = dy2[r] * gamma  # (LN.8)
-        # (LN.10): dx = r (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), built in dx's buffer term by term
-        mean_dxhat = dxhat.mean(axis=-1, keepdims=True)
+        # (LN.10): dx = r (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), built in dx's buffer term by term;
+        # both means as one dot product per row (the first with a row of ones), each a read of dxhat
+        dxhat = np.multiply(dy2[r], gamma, out=dx[r])  # (LN.8)
+        mean_dxhat = _row_dot(dxhat, ones_d) / D
         mean_dxhat_xhat = _row_dot(dxhat, xhat2[r]) / D
-        dx_r = np.multiply(xhat2[r], -mean_dxhat_xhat, out=dx[r])
+        dx_r = dxhat  # dxhat is not needed once the means are taken: dx is built over it
         dx_r -= mean_dxhat
-        dx_r += dxhat
+        dx_r -= np.multiply(xhat2[r], mean_dxhat_xhat)
         dx_r *= rstd2[r]
 
     row_parallel(rows, len(dy2), D)
