@@ -89,11 +89,12 @@ def groupnorm_backward(dy: np.ndarray, cache: GroupNormCache) -> Tuple[np.ndarra
     dgamma = (dy * xhat_c).sum(axis=rows)  # (GN.8)
     dxhat = (dy * gamma).reshape(xhat.shape)  # (GN.9), grouped (..., G, C_g)
     # (GN.10): dx = r_g (dxhat - mean_g(dxhat) - xhat mean_g(dxhat xhat)), each group on its own
-    mean_dxhat = dxhat.mean(axis=-1, keepdims=True)  # (..., G, 1)
+    # built over dxhat term by term, as layer norm's (LN.10), both means as row dot products
+    mean_dxhat = _row_dot(dxhat, np.ones(Cg, dxhat.dtype)) / Cg  # (..., G, 1)
     mean_dxhat_xhat = _row_dot(dxhat, xhat) / Cg  # (..., G, 1)
-    dx = xhat * -mean_dxhat_xhat
+    dx = dxhat
     dx -= mean_dxhat
-    dx += dxhat
+    dx -= xhat * mean_dxhat_xhat
     dx *= rstd
     return dx.reshape(shape), dgamma, dbeta
 
