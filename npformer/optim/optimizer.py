@@ -452,7 +452,9 @@ class Adam(Optimizer):
         # Each line below makes a new array or works in one made here (never in data, grad or the
         # state), and each is one pass over the parameter: the fewest NumPy can do it in. ``out=``
         # keeps a 0-d parameter's values arrays (NumPy arithmetic on two 0-d arrays returns a scalar).
-        new = lambda: np.empty_like(data)  # noqa: E731
+        def new() -> np.ndarray:
+            return np.empty_like(data)
+
         m = np.subtract(grad, m0, out=new())
         m *= 1 - beta1
         m += m0  # m <- m + (1 - beta1) (g - m)
