@@ -2,6 +2,8 @@
 proofs/groupnorm.md evaluated independently, one group against LayerNorm, one channel per group,
 float32 rows far from zero, the layer, empty input, bad input."""
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,7 @@ from npformer.ops.layernorm import layernorm_backward, layernorm_forward
 from tests.badinput import BAD_COUNTS, EXACT_KINDS, ROW_KINDS, corrupt, expect_rejected
 from tests.oracle import backprop, leaf
 from tests.strategies import DTYPES, SCALES, in_layout, layouts, randn, rngs
-from tests.tolerances import FD_RTOL, RTOL, assert_close
+from tests.tolerances import FD_RTOL, NORM_BACKWARD_ULPS, RTOL, assert_close
 
 EPS = 1e-5
 INPUTS = ("x", "gamma", "beta", "dy")
@@ -139,6 +141,43 @@ def test_groupnorm_gradients_are_their_formulas(case):
     assert_close(dx, ref["dx"], rtol=1e-9, scale=s, what="dx")
     group_sums = dx.reshape(*x.shape[:-1], G, -1).sum(-1)
     assert np.abs(group_sums).max() <= 1e-9 * s * x.shape[-1]
+
+
+def exact_dx(dy, gamma, xhat, r):
+    """(GN.9) and (GN.10) on the op's own cache (xhat, r grouped (..., G, C_g)), every sum taken exactly
+    (rational arithmetic on the exact values of dy, gamma, xhat and r) and only the results rounded to float64."""
+    Cg = xhat.shape[-1]
+    dy, gamma = dy.reshape(xhat.shape), gamma.reshape(-1, Cg)  # (..., G, C_g), (G, C_g)
+    dx = np.empty(xhat.shape)
+    for i in np.ndindex(xhat.shape[:-1]):
+        g = [Fraction(float(a)) * Fraction(float(b)) for a, b in zip(dy[i], gamma[i[-1]])]  # (GN.9)
+        xh = [Fraction(float(v)) for v in xhat[i]]
+        mean_g, mean_g_xhat = sum(g) / Cg, sum(a * b for a, b in zip(g, xh)) / Cg
+        ri = Fraction(float(r[i][0]))
+        dx[i] = [float(ri * (a - mean_g - b * mean_g_xhat)) for a, b in zip(g, xh)]  # (GN.10)
+    return dx
+
+
+@pytest.mark.derivation("GN.10")
+@given(G=st.sampled_from([1, 2, 3, 4]), Cg=st.sampled_from([1, 2, 3, 5, 64, 257]), rows=st.sampled_from([1, 2, 3]),
+       dtype=DTYPES, scale=SCALES, rng=rngs())
+def test_groupnorm_dx_to_a_few_rounding_units(G, Cg, rows, dtype, scale, rng):
+    """dx from the op's own cache against (GN.10) in exact arithmetic, each group judged by its own
+    r_g max|dxhat| (the size of the terms that cancel): a few units of the dtype's rounding, where the
+    comparisons above allow 1e-4 (float32) and 1e-9 (float64) of that size."""
+    shape = (rows, G * Cg)
+    x = randn(rng, shape, dtype, scale) + dtype(scale * rng.standard_normal())  # an offset too
+    gamma, beta, dy = randn(rng, (G * Cg,), dtype), randn(rng, (G * Cg,), dtype), randn(rng, shape, dtype)
+    _, cache = groupnorm_forward(x, gamma, beta, G, EPS)
+    dx, _, _ = groupnorm_backward(dy, cache)
+    expected = exact_dx(dy, gamma, cache.xhat, cache.rstd).reshape(shape)
+    rtol = NORM_BACKWARD_ULPS * float(np.finfo(dtype).eps)
+    dxhat = np.abs(dy.astype(np.float64) * gamma).reshape(cache.xhat.shape)
+    group_scale = cache.rstd[..., 0].astype(np.float64) * dxhat.max(-1)  # (rows, G)
+    assert dx.dtype == dtype
+    for i in np.ndindex(rows, G):
+        assert_close(dx[i[0], i[1] * Cg:(i[1] + 1) * Cg], expected[i[0], i[1] * Cg:(i[1] + 1) * Cg], rtol=rtol,
+                     scale=float(group_scale[i]), what=f"dx, row {i[0]}, group {i[1]}")
 
 
 @pytest.mark.derivation("GN.10")

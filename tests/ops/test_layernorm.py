@@ -23,7 +23,7 @@ from tests.badinput import (
 from tests.oracle import backprop, leaf
 from tests.ops.huge_rows import exact, huge_rows, overflows
 from tests.strategies import DTYPES, SCALES, in_layout, layouts, randn, rngs, shapes
-from tests.tolerances import FD_RTOL, RTOL, assert_close
+from tests.tolerances import FD_RTOL, NORM_BACKWARD_ULPS, RTOL, assert_close
 
 EPS = 1e-5
 INPUTS = ("x", "gamma", "beta", "dy")
@@ -411,6 +411,39 @@ def test_dxhat_is_dy_times_gamma(shape, dtype, rng):
     dx, _, _ = layernorm_backward(dy, cache)
     dx_folded, _, _ = layernorm_backward(dy * gamma, cache._replace(gamma=np.ones_like(gamma)))
     np.testing.assert_array_equal(dx, dx_folded)
+
+
+def exact_dx(dy, gamma, xhat, r):
+    """(LN.8) and (LN.10) on the op's own cache (xhat, r), every sum taken exactly (rational arithmetic on
+    the exact values of dy, gamma, xhat and r) and only the results rounded to float64."""
+    D = xhat.shape[-1]
+    dx = np.empty(xhat.shape)
+    for i in np.ndindex(xhat.shape[:-1]):
+        g = [Fraction(float(a)) * Fraction(float(b)) for a, b in zip(dy[i], gamma)]  # (LN.8)
+        xh = [Fraction(float(v)) for v in xhat[i]]
+        mean_g, mean_g_xhat = sum(g) / D, sum(a * b for a, b in zip(g, xh)) / D
+        ri = Fraction(float(r[i][0]))
+        dx[i] = [float(ri * (a - mean_g - b * mean_g_xhat)) for a, b in zip(g, xh)]  # (LN.10)
+    return dx
+
+
+@pytest.mark.derivation("LN.10")
+@given(DTYPES, shapes(0, 1, sides=st.sampled_from([1, 2, 3])), st.sampled_from([1, 2, 3, 7, 33, 64, 384, 768]),
+       SCALES, st.sampled_from([EPS, 1e-2, 1.0]), rngs())
+def test_dx_to_a_few_rounding_units(dtype, lead, D, scale, eps, rng):
+    """dx from the op's own cache against (LN.10) in exact arithmetic, each row judged by its own r max|dxhat|
+    (the size of the terms that cancel): a few units of the dtype's rounding, where the torch comparison
+    allows 1e-4 (float32) and 1e-10 (float64) of that size. The two row means of (LN.10) are sums of D
+    terms: summed in a poor order, or in a narrower type, they lose digits that this test sees."""
+    x, gamma, beta, dy = make(rng, lead + (D,), dtype, scale)
+    _, cache = layernorm_forward(x, gamma, beta, eps)
+    dx, _, _ = layernorm_backward(dy, cache)
+    expected = exact_dx(dy, gamma, cache.xhat, cache.rstd)
+    rtol = NORM_BACKWARD_ULPS * float(np.finfo(dtype).eps)
+    row_scale = cache.rstd[..., 0].astype(np.float64) * np.abs(dy.astype(np.float64) * gamma).max(-1)
+    assert dx.dtype == dtype
+    for i in np.ndindex(dx.shape[:-1]):
+        assert_close(dx[i], expected[i], rtol=rtol, scale=float(row_scale[i]), what=f"dx, row {i}")
 
 
 # ---- empty input ---------------------------------------------------------------------------
