@@ -24,7 +24,7 @@ from typing import NamedTuple, Tuple
 import numpy as np
 
 from ._checks import _fail, check_cache_type, check_count, check_real, check_rows, check_same_dtype_as, check_shape
-from .layernorm import layernorm_forward
+from .layernorm import layernorm_forward, row_dot
 
 OP = "groupnorm"
 
@@ -33,11 +33,6 @@ class GroupNormCache(NamedTuple):
     xhat: np.ndarray  # (..., G, C_g)  normalised input, (GN.5)
     rstd: np.ndarray  # (..., G, 1)    reciprocal standard deviation r_g of each group, (GN.4)
     gamma: np.ndarray  # (C,)          per-channel gain, needed by (GN.9)
-
-
-def _row_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """sum_j a_j b_j over the last axis, kept as an axis of size 1: (..., C_g), (..., C_g) -> (..., 1)."""
-    return (a[..., None, :] @ b[..., :, None])[..., 0]
 
 
 def check_num_groups(op: str, num_groups: object, C: int) -> int:
@@ -90,8 +85,8 @@ def groupnorm_backward(dy: np.ndarray, cache: GroupNormCache) -> Tuple[np.ndarra
     dxhat = (dy * gamma).reshape(xhat.shape)  # (GN.9), grouped (..., G, C_g)
     # (GN.10): dx = r_g (dxhat - mean_g(dxhat) - xhat mean_g(dxhat xhat)), each group on its own
     # built over dxhat term by term, as layer norm's (LN.10), both means as row dot products
-    mean_dxhat = _row_dot(dxhat, np.ones(Cg, dxhat.dtype)) / Cg  # (..., G, 1)
-    mean_dxhat_xhat = _row_dot(dxhat, xhat) / Cg  # (..., G, 1)
+    mean_dxhat = row_dot(dxhat, np.ones(Cg, dxhat.dtype)) / Cg  # (..., G, 1)
+    mean_dxhat_xhat = row_dot(dxhat, xhat) / Cg  # (..., G, 1)
     dx = dxhat
     dx -= mean_dxhat
     dx -= xhat * mean_dxhat_xhat

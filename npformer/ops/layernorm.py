@@ -37,7 +37,7 @@ class LayerNormCache(NamedTuple):
     gamma: np.ndarray  # (D,)      scale, needed by (LN.8)
 
 
-def _row_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def row_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """sum_i a_i b_i over the last axis, kept as an axis of size 1: (..., D), (..., D) or (D,) -> (..., 1).
 
     One dot product per row, without the (..., D) temporary of ``np.sum(a * b, -1)``.
@@ -79,7 +79,7 @@ def _normalise_huge_rows(x: np.ndarray, eps: float) -> Tuple[np.ndarray, np.ndar
     w, b = _scaled_by_power_of_two(_centred(z))  # (LN.12), then (x - mu) / s with s = 2^(a+b)
     k = a + b  # (..., 1)  s = 2^k
     eps_s = np.ldexp(np.float64(eps), -2 * k).astype(x.dtype)  # eps / s^2 (0 once below the dtype's range)
-    rstd_w = 1.0 / np.sqrt(_row_dot(w, w) / x.shape[-1] + eps_s)  # (LN.13)
+    rstd_w = 1.0 / np.sqrt(row_dot(w, w) / x.shape[-1] + eps_s)  # (LN.13)
     return w * rstd_w, np.ldexp(rstd_w, -k)  # (LN.13)  xhat is the same for x and w; r(x) = r_w / s
 
 
@@ -116,7 +116,7 @@ def _normalise(x: np.ndarray, eps: float, xhat: np.ndarray, rstd: np.ndarray) ->
     ``xhat`` (N, D) and ``rstd`` (N, 1)."""
     with np.errstate(over="ignore", invalid="ignore"):  # a row that overflows is redone by (LN.13)
         xc = _centred(x, out=xhat)  # x - mu, (LN.1), (LN.12)
-        var = _row_dot(xc, xc) / x.shape[-1]  # (LN.2)
+        var = row_dot(xc, xc) / x.shape[-1]  # (LN.2)
         rstd[...] = 1.0 / np.sqrt(var + eps)  # (LN.3)
         xc *= rstd  # (LN.4), written over x - mu, which is not needed again
         huge = ~np.isfinite(var[..., 0])  # (rows holding inf or nan stay nan)
@@ -149,8 +149,8 @@ def layernorm_backward(
         # (LN.10): dx = r (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), built in dx's buffer term by term;
         # both means as one dot product per row (the first with a row of ones), each a read of dxhat
         dxhat = np.multiply(dy2[r], gamma, out=dx[r])  # (LN.8)
-        mean_dxhat = _row_dot(dxhat, ones_d) / D
-        mean_dxhat_xhat = _row_dot(dxhat, xhat2[r]) / D
+        mean_dxhat = row_dot(dxhat, ones_d) / D
+        mean_dxhat_xhat = row_dot(dxhat, xhat2[r]) / D
         dx_r = dxhat  # dxhat is not needed once the means are taken: dx is built over it
         dx_r -= mean_dxhat
         dx_r -= np.multiply(xhat2[r], mean_dxhat_xhat)

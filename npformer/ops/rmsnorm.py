@@ -23,6 +23,8 @@ from ._checks import (
     check_same_dtype_as,
     check_shape,
 )
+from .fastpath import row_parallel
+from .layernorm import row_dot
 
 OP = "rmsnorm"
 
@@ -57,15 +59,29 @@ def rmsnorm_forward(x: np.ndarray, gamma: np.ndarray, eps: float = 1e-6) -> Tupl
     check_shape(op, "gamma", gamma, (D,))
     eps = check_real(op, "eps", eps, lo=0.0)
 
+    x2 = np.ascontiguousarray(x.reshape(-1, D))  # (N, D): the rows, C-ordered (a copy only for other layouts),
+    # so that a row's sums run in the same order whichever block of rows holds it
+    y, xhat, rstd = np.empty(x2.shape, x.dtype), np.empty(x2.shape, x.dtype), np.empty((len(x2), 1), x.dtype)
+
+    def rows(r: slice) -> None:  # rows are independent: blocks of them run on several cores
+        _normalise(x2[r], eps, xhat[r], rstd[r])  # (RMS.1) - (RMS.3), (RMS.10)
+        np.multiply(xhat[r], gamma, out=y[r])  # (RMS.4)
+
+    row_parallel(rows, len(x2), D)
+    return y.reshape(x.shape), RMSNormCache(xhat=xhat.reshape(x.shape), rstd=rstd.reshape(x.shape[:-1] + (1,)),
+                                            gamma=gamma)
+
+
+def _normalise(x: np.ndarray, eps: float, xhat: np.ndarray, rstd: np.ndarray) -> None:
+    """xhat = x r and r = 1 / sqrt(mean(x^2) + eps) of rows x (N, D) (RMS.1) - (RMS.3), written into
+    ``xhat`` (N, D) and ``rstd`` (N, 1)."""
     with np.errstate(over="ignore", invalid="ignore"):  # a row that overflows is redone by (RMS.10)
-        ms = np.mean(x * x, axis=-1, keepdims=True)  # (RMS.1)
-        rstd = 1.0 / np.sqrt(ms + eps)  # (RMS.2)
-        xhat = x * rstd  # (RMS.3)
+        ms = row_dot(x, x) / x.shape[-1]  # (RMS.1), one dot product per row
+        rstd[...] = 1.0 / np.sqrt(ms + eps)  # (RMS.2)
+        np.multiply(x, rstd, out=xhat)  # (RMS.3)
         huge = ~np.isfinite(ms[..., 0])  # (rows holding inf or nan stay nan)
         if huge.any():
             xhat[huge], rstd[huge] = _normalise_huge_rows(x[huge], eps)  # (RMS.10)
-    y = xhat * gamma  # (RMS.4)
-    return y, RMSNormCache(xhat=xhat, rstd=rstd, gamma=gamma)
 
 
 def rmsnorm_backward(dy: np.ndarray, cache: RMSNormCache) -> Tuple[np.ndarray, np.ndarray]:
@@ -78,16 +94,23 @@ def rmsnorm_backward(dy: np.ndarray, cache: RMSNormCache) -> Tuple[np.ndarray, n
     xhat, rstd, gamma = cache
     check_same_dtype_as(op, "dy", dy, xhat.dtype, "x")
     check_shape(op, "dy", dy, xhat.shape)
-    rows = tuple(range(dy.ndim - 1))
+    D = xhat.shape[-1]
+    dy2 = np.ascontiguousarray(dy.reshape(-1, D))  # (N, D), C-ordered as in the forward
+    xhat2, rstd2 = xhat.reshape(-1, D), rstd.reshape(-1, 1)  # (N, D), (N, 1): the forward's own arrays
+    dx = np.empty(dy2.shape, dy.dtype)
+    dy_xhat = np.empty(dy2.shape, dy.dtype)
 
-    dgamma = (dy * xhat).sum(axis=rows)  # (RMS.5)
-    dxhat = dy * gamma  # (RMS.6)
-    # (RMS.8): dx = r (dxhat - xhat mean(dxhat xhat))
-    mean_dxhat_xhat = np.mean(dxhat * xhat, axis=-1, keepdims=True)
-    dx = xhat * -mean_dxhat_xhat  # dx is built in one buffer, term by term
-    dx += dxhat
-    dx *= rstd
-    return dx, dgamma
+    def rows(r: slice) -> None:  # rows are independent: blocks of them run on several cores
+        np.multiply(dy2[r], xhat2[r], out=dy_xhat[r])  # summed over rows for (RMS.5)
+        # (RMS.8): dx = r (dxhat - xhat mean(dxhat xhat)), built over dxhat term by term
+        dxhat = np.multiply(dy2[r], gamma, out=dx[r])  # (RMS.6)
+        mean_dxhat_xhat = row_dot(dxhat, xhat2[r]) / D
+        dxhat -= np.multiply(xhat2[r], mean_dxhat_xhat)
+        dxhat *= rstd2[r]
+
+    row_parallel(rows, len(dy2), D)
+    dgamma = np.ones(len(dy2), dy.dtype) @ dy_xhat  # (RMS.5): a sum over rows, as one matrix-vector product
+    return dx.reshape(dy.shape), dgamma
 
 
 def gradcheck_cases(rng: np.random.Generator):
