@@ -1,5 +1,6 @@
 """Rows whose squares overflow, at offsets from zero up to many orders of magnitude beyond their
-spread, and their normalisation evaluated exactly (rational arithmetic), for the norm tests."""
+spread, and their normalisation evaluated exactly (rational arithmetic), for the norm tests; and a
+normalisation's input gradient from its cache, evaluated exactly."""
 
 from fractions import Fraction
 import math
@@ -65,3 +66,18 @@ def overflows(x, *, centre):
         mu = sum(row) / len(row) if centre else Fraction(0)
         result.append(sum((v - mu) ** 2 for v in row) / len(row) > limit)
     return np.array(result).reshape(x.shape[:-1])
+
+
+def exact_dx(dy, gamma, xhat, r):
+    """dx = r (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), dxhat = dy gamma, of rows (..., D) with gamma (D,),
+    xhat (..., D) and r (..., 1) from a cache ((LN.8) and (LN.10); a group of (GN.9) and (GN.10)): every sum
+    taken exactly (rational arithmetic on the exact values of the inputs), only the results rounded to float64."""
+    D = xhat.shape[-1]
+    dx = np.empty(xhat.shape)
+    for i in np.ndindex(xhat.shape[:-1]):
+        g = [Fraction(float(a)) * Fraction(float(b)) for a, b in zip(dy[i], gamma)]  # dxhat
+        xh = [Fraction(float(v)) for v in xhat[i]]
+        mean_g, mean_g_xhat = sum(g) / D, sum(a * b for a, b in zip(g, xh)) / D
+        ri = Fraction(float(r[i][0]))
+        dx[i] = [float(ri * (a - mean_g - b * mean_g_xhat)) for a, b in zip(g, xh)]
+    return dx

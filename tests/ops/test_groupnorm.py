@@ -2,8 +2,6 @@
 proofs/groupnorm.md evaluated independently, one group against LayerNorm, one channel per group,
 float32 rows far from zero, the layer, empty input, bad input."""
 
-from fractions import Fraction
-
 import numpy as np
 import pytest
 import torch
@@ -15,6 +13,7 @@ from npformer.nn.layers import GroupNorm, LayerNorm
 from npformer.ops.groupnorm import GroupNormCache, groupnorm_backward, groupnorm_forward
 from npformer.ops.layernorm import layernorm_backward, layernorm_forward
 from tests.badinput import BAD_COUNTS, EXACT_KINDS, ROW_KINDS, corrupt, expect_rejected
+from tests.ops.huge_rows import exact_dx
 from tests.oracle import backprop, leaf
 from tests.strategies import DTYPES, SCALES, in_layout, layouts, randn, rngs
 from tests.tolerances import FD_RTOL, NORM_BACKWARD_ULPS, RTOL, assert_close
@@ -143,19 +142,12 @@ def test_groupnorm_gradients_are_their_formulas(case):
     assert np.abs(group_sums).max() <= 1e-9 * s * x.shape[-1]
 
 
-def exact_dx(dy, gamma, xhat, r):
-    """(GN.9) and (GN.10) on the op's own cache (xhat, r grouped (..., G, C_g)), every sum taken exactly
-    (rational arithmetic on the exact values of dy, gamma, xhat and r) and only the results rounded to float64."""
-    Cg = xhat.shape[-1]
-    dy, gamma = dy.reshape(xhat.shape), gamma.reshape(-1, Cg)  # (..., G, C_g), (G, C_g)
-    dx = np.empty(xhat.shape)
-    for i in np.ndindex(xhat.shape[:-1]):
-        g = [Fraction(float(a)) * Fraction(float(b)) for a, b in zip(dy[i], gamma[i[-1]])]  # (GN.9)
-        xh = [Fraction(float(v)) for v in xhat[i]]
-        mean_g, mean_g_xhat = sum(g) / Cg, sum(a * b for a, b in zip(g, xh)) / Cg
-        ri = Fraction(float(r[i][0]))
-        dx[i] = [float(ri * (a - mean_g - b * mean_g_xhat)) for a, b in zip(g, xh)]  # (GN.10)
-    return dx
+def exact_dx_by_group(dy, gamma, xhat, r):
+    """(GN.9) and (GN.10) on the op's own cache (xhat, r grouped (..., G, C_g)): each group as a row of
+    (LN.8) and (LN.10) with its own gamma, in exact arithmetic."""
+    G, Cg = xhat.shape[-2:]
+    dy, gamma = dy.reshape(xhat.shape), gamma.reshape(G, Cg)
+    return np.stack([exact_dx(dy[..., g, :], gamma[g], xhat[..., g, :], r[..., g, :]) for g in range(G)], axis=-2)
 
 
 @pytest.mark.derivation("GN.10")
@@ -170,7 +162,7 @@ def test_groupnorm_dx_to_a_few_rounding_units(G, Cg, rows, dtype, scale, rng):
     gamma, beta, dy = randn(rng, (G * Cg,), dtype), randn(rng, (G * Cg,), dtype), randn(rng, shape, dtype)
     _, cache = groupnorm_forward(x, gamma, beta, G, EPS)
     dx, _, _ = groupnorm_backward(dy, cache)
-    expected = exact_dx(dy, gamma, cache.xhat, cache.rstd).reshape(shape)
+    expected = exact_dx_by_group(dy, gamma, cache.xhat, cache.rstd).reshape(shape)
     rtol = NORM_BACKWARD_ULPS * float(np.finfo(dtype).eps)
     dxhat = np.abs(dy.astype(np.float64) * gamma).reshape(cache.xhat.shape)
     group_scale = cache.rstd[..., 0].astype(np.float64) * dxhat.max(-1)  # (rows, G)

@@ -21,7 +21,7 @@ from tests.badinput import (
     expect_rejected,
 )
 from tests.oracle import backprop, leaf
-from tests.ops.huge_rows import exact, huge_rows, overflows
+from tests.ops.huge_rows import exact, exact_dx, huge_rows, overflows
 from tests.strategies import DTYPES, SCALES, in_layout, layouts, randn, rngs, shapes
 from tests.tolerances import FD_RTOL, NORM_BACKWARD_ULPS, RTOL, assert_close
 
@@ -411,20 +411,6 @@ def test_dxhat_is_dy_times_gamma(shape, dtype, rng):
     dx, _, _ = layernorm_backward(dy, cache)
     dx_folded, _, _ = layernorm_backward(dy * gamma, cache._replace(gamma=np.ones_like(gamma)))
     np.testing.assert_array_equal(dx, dx_folded)
-
-
-def exact_dx(dy, gamma, xhat, r):
-    """(LN.8) and (LN.10) on the op's own cache (xhat, r), every sum taken exactly (rational arithmetic on
-    the exact values of dy, gamma, xhat and r) and only the results rounded to float64."""
-    D = xhat.shape[-1]
-    dx = np.empty(xhat.shape)
-    for i in np.ndindex(xhat.shape[:-1]):
-        g = [Fraction(float(a)) * Fraction(float(b)) for a, b in zip(dy[i], gamma)]  # (LN.8)
-        xh = [Fraction(float(v)) for v in xhat[i]]
-        mean_g, mean_g_xhat = sum(g) / D, sum(a * b for a, b in zip(g, xh)) / D
-        ri = Fraction(float(r[i][0]))
-        dx[i] = [float(ri * (a - mean_g - b * mean_g_xhat)) for a, b in zip(g, xh)]  # (LN.10)
-    return dx
 
 
 @pytest.mark.derivation("LN.10")
