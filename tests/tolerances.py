@@ -12,10 +12,10 @@ import numpy as np
 # Agreement with the PyTorch autograd oracle, by the dtype under test.
 RTOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-4}
 
-# A normalisation's backward on its own cache against its formula in exact arithmetic: each row within this
-# many units of the dtype's machine epsilon of r * max|dxhat|, the size of the terms that cancel in (LN.10).
-# Measured (OpenBLAS dot products): at most about 2 units for rows up to 4096 wide, 3.6 at 262144.
-NORM_BACKWARD_ULPS = 8
+# A normalisation's r, or its backward's dx from its own cache, against its formula in exact arithmetic: each
+# row within this many units of the dtype's machine epsilon (of r itself; of r * max|dxhat| for dx, the size of
+# the terms that cancel in (LN.10)). Measured: dx at most about 2 units for rows up to 4096 wide, 3.6 at 262144.
+NORM_ULPS = 8
 
 # Central finite differences in float64 (step 1e-6): truncation ~1e-12, round-off ~1e-10.
 FD_RTOL = 1e-6

@@ -40,9 +40,24 @@ class LayerNormCache(NamedTuple):
 def row_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """sum_i a_i b_i over the last axis, kept as an axis of size 1: (..., D), (..., D) or (D,) -> (..., 1).
 
-    One dot product per row, without the (..., D) temporary of ``np.sum(a * b, -1)``.
+    One dot product per row, without the (..., D) temporary of ``np.sum(a * b, -1)``, and without the
+    BLAS, whose dot product of a long row splits it among its threads: the sum would change with the
+    BLAS's thread count. For the backward's means, whose errors are judged against the row's largest
+    term; a mean of squares is ``mean_square``.
     """
-    return (a[..., None, :] @ b[..., :, None])[..., 0]
+    return np.einsum("...i,...i->...", a, b)[..., None]
+
+
+def mean_square(a: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """mean_i a_i^2 over the last axis, kept as an axis of size 1: (..., D) -> (..., 1); ``scratch`` (a's shape)
+    holds the squares.
+
+    Summed pairwise (``np.mean``): a sum of non-negative terms, accurate to a few units in the last place
+    at any D. A long running total (a plain loop, or each lane of a dot product) rounds away every square
+    below half a unit of the total, a relative error growing with D (about D / 100 units of r for one large
+    entry among small ones).
+    """
+    return np.multiply(a, a, out=scratch).mean(axis=-1, keepdims=True)
 
 
 def _centred(x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
@@ -79,7 +94,7 @@ def _normalise_huge_rows(x: np.ndarray, eps: float) -> Tuple[np.ndarray, np.ndar
     w, b = _scaled_by_power_of_two(_centred(z))  # (LN.12), then (x - mu) / s with s = 2^(a+b)
     k = a + b  # (..., 1)  s = 2^k
     eps_s = np.ldexp(np.float64(eps), -2 * k).astype(x.dtype)  # eps / s^2 (0 once below the dtype's range)
-    rstd_w = 1.0 / np.sqrt(row_dot(w, w) / x.shape[-1] + eps_s)  # (LN.13)
+    rstd_w = 1.0 / np.sqrt(mean_square(w, np.empty_like(w)) + eps_s)  # (LN.13)
     return w * rstd_w, np.ldexp(rstd_w, -k)  # (LN.13)  xhat is the same for x and w; r(x) = r_w / s
 
 
@@ -102,7 +117,7 @@ def layernorm_forward(
     y, xhat, rstd = np.empty(x2.shape, x.dtype), np.empty(x2.shape, x.dtype), np.empty((len(x2), 1), x.dtype)
 
     def rows(r: slice) -> None:  # rows are independent: blocks of them run on several cores
-        _normalise(x2[r], eps, xhat[r], rstd[r])  # (LN.1) - (LN.4), (LN.13)
+        _normalise(x2[r], eps, xhat[r], rstd[r], scratch=y[r])  # (LN.1) - (LN.4), (LN.13)
         np.multiply(xhat[r], gamma, out=y[r])
         y[r] += beta  # (LN.5)
 
@@ -111,12 +126,12 @@ def layernorm_forward(
                                               gamma=gamma)
 
 
-def _normalise(x: np.ndarray, eps: float, xhat: np.ndarray, rstd: np.ndarray) -> None:
+def _normalise(x: np.ndarray, eps: float, xhat: np.ndarray, rstd: np.ndarray, scratch: np.ndarray) -> None:
     """xhat = (x - mu) r and r = 1 / sqrt(var + eps) of rows x (N, D) (LN.1) - (LN.4), written into
-    ``xhat`` (N, D) and ``rstd`` (N, 1)."""
+    ``xhat`` (N, D) and ``rstd`` (N, 1); ``scratch`` (N, D) is overwritten."""
     with np.errstate(over="ignore", invalid="ignore"):  # a row that overflows is redone by (LN.13)
         xc = _centred(x, out=xhat)  # x - mu, (LN.1), (LN.12)
-        var = row_dot(xc, xc) / x.shape[-1]  # (LN.2)
+        var = mean_square(xc, scratch)  # (LN.2)
         rstd[...] = 1.0 / np.sqrt(var + eps)  # (LN.3)
         xc *= rstd  # (LN.4), written over x - mu, which is not needed again
         huge = ~np.isfinite(var[..., 0])  # (rows holding inf or nan stay nan)

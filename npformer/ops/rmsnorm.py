@@ -24,7 +24,7 @@ from ._checks import (
     check_shape,
 )
 from .fastpath import row_parallel
-from .layernorm import row_dot
+from .layernorm import mean_square, row_dot
 
 OP = "rmsnorm"
 
@@ -76,7 +76,7 @@ def _normalise(x: np.ndarray, eps: float, xhat: np.ndarray, rstd: np.ndarray) ->
     """xhat = x r and r = 1 / sqrt(mean(x^2) + eps) of rows x (N, D) (RMS.1) - (RMS.3), written into
     ``xhat`` (N, D) and ``rstd`` (N, 1)."""
     with np.errstate(over="ignore", invalid="ignore"):  # a row that overflows is redone by (RMS.10)
-        ms = row_dot(x, x) / x.shape[-1]  # (RMS.1), one dot product per row
+        ms = mean_square(x, scratch=xhat)  # (RMS.1); xhat is written by (RMS.3) below
         rstd[...] = 1.0 / np.sqrt(ms + eps)  # (RMS.2)
         np.multiply(x, rstd, out=xhat)  # (RMS.3)
         huge = ~np.isfinite(ms[..., 0])  # (rows holding inf or nan stay nan)

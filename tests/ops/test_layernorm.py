@@ -23,7 +23,7 @@ from tests.badinput import (
 from tests.oracle import backprop, leaf
 from tests.ops.huge_rows import exact, exact_dx, huge_rows, overflows
 from tests.strategies import DTYPES, SCALES, in_layout, layouts, randn, rngs, shapes
-from tests.tolerances import FD_RTOL, NORM_BACKWARD_ULPS, RTOL, assert_close
+from tests.tolerances import FD_RTOL, NORM_ULPS, RTOL, assert_close
 
 EPS = 1e-5
 INPUTS = ("x", "gamma", "beta", "dy")
@@ -383,6 +383,26 @@ def test_rstd_formula(case):
     assert_close(cache.rstd, r, scale=float(r.min()), what="r")  # each entry relative to at least its own size
 
 
+@pytest.mark.derivation("LN.2")
+@given(DTYPES, shapes(0, 1, sides=st.sampled_from([1, 2])), st.sampled_from([2, 7, 768, 4096, 16384]),
+       st.sampled_from([2.0**-3, 1.0, 2.0**10]), st.sampled_from([0.0, EPS]), rngs())
+def test_rstd_to_a_few_rounding_units_with_one_large_entry(dtype, lead, D, scale, eps, rng):
+    """cache.rstd against (LN.1)-(LN.3) in exact rational arithmetic, within a few units of the dtype's rounding
+    of itself. The rows are two entries +scale and -scale early in the row (the mean stays near zero) among
+    entries whose squares are each below half a unit of scale^2. Summed with a long-running total that holds a
+    large square (each lane of a dot product), every small square after it is rounded away and r is off by
+    about D / 100 units; summed pairwise (np.mean), by a few at any D."""
+    unit = float(np.finfo(dtype).eps)
+    x = scale * np.sqrt(unit / 2) * rng.uniform(0.5, 0.99, lead + (D,)) * rng.choice([-1.0, 1.0], lead + (D,))
+    big = rng.choice(min(D, 32), 2, replace=False)  # the two large entries, among the first 32
+    x[..., big[0]], x[..., big[1]] = scale, -scale
+    x = x.astype(dtype)
+    _, cache = layernorm_forward(x, randn(rng, (D,), dtype), randn(rng, (D,), dtype), eps)
+    _, r = exact(x, eps, centre=True)  # (LN.1)-(LN.3), the sums in rational arithmetic
+    assert cache.rstd.dtype == dtype and cache.rstd.shape == r.shape
+    np.testing.assert_allclose(cache.rstd, r, rtol=NORM_ULPS * unit, atol=0, err_msg="r")
+
+
 @pytest.mark.derivation("LN.4")
 @given(offset_rows())
 def test_xhat_formula(case):
@@ -425,7 +445,7 @@ def test_dx_to_a_few_rounding_units(dtype, lead, D, scale, eps, rng):
     _, cache = layernorm_forward(x, gamma, beta, eps)
     dx, _, _ = layernorm_backward(dy, cache)
     expected = exact_dx(dy, gamma, cache.xhat, cache.rstd)
-    rtol = NORM_BACKWARD_ULPS * float(np.finfo(dtype).eps)
+    rtol = NORM_ULPS * float(np.finfo(dtype).eps)
     row_scale = cache.rstd[..., 0].astype(np.float64) * np.abs(dy.astype(np.float64) * gamma).max(-1)
     assert dx.dtype == dtype
     for i in np.ndindex(dx.shape[:-1]):

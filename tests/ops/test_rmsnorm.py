@@ -21,7 +21,7 @@ from tests.badinput import (
 from tests.oracle import backprop, leaf
 from tests.ops.huge_rows import exact, huge_rows, overflows
 from tests.strategies import DTYPES, SCALES, in_layout, layouts, randn, rngs, shapes
-from tests.tolerances import FD_RTOL, RTOL, assert_close
+from tests.tolerances import FD_RTOL, NORM_ULPS, RTOL, assert_close
 
 EPS = 1e-6
 INPUTS = ("x", "gamma", "dy")
@@ -271,6 +271,26 @@ def test_rstd_formula(case):
     r = 1.0 / np.sqrt(mean_square(x) + eps)  # (RMS.2)
     assert cache.rstd.shape == x.shape[:-1] + (1,) and cache.rstd.dtype == x.dtype
     assert_close(cache.rstd, r, scale=float(r.min()), what="r")  # each entry relative to at least its own size
+
+
+@pytest.mark.derivation("RMS.1")
+@given(DTYPES, shapes(0, 1, sides=st.sampled_from([1, 2])), st.sampled_from([1, 7, 768, 4096, 16384]),
+       st.sampled_from([2.0**-3, 1.0, 2.0**10]), st.sampled_from([0.0, EPS]), rngs())
+def test_rstd_to_a_few_rounding_units_with_one_large_entry(dtype, lead, D, scale, eps, rng):
+    """cache.rstd against (RMS.1)-(RMS.2) in exact rational arithmetic, within a few units of the dtype's
+    rounding of itself (proofs/rmsnorm.md: m is a sum of non-negative terms, accurate to a few units at any
+    spread). The rows are one entry of size scale (a power of two), early in the row, among entries whose
+    squares are each below half a unit of its square: summed with a long-running total that holds the large
+    square (a plain loop, or each lane of a dot product), every small square after it is rounded away and r
+    is off by about D / 100 units; summed pairwise, as np.mean does, by a few units at any D."""
+    unit = float(np.finfo(dtype).eps)
+    x = scale * np.sqrt(unit / 2) * rng.uniform(0.5, 0.99, lead + (D,)) * rng.choice([-1.0, 1.0], lead + (D,))
+    x[..., rng.integers(min(D, 32))] = scale  # the one large entry, among the first 32
+    x = x.astype(dtype)
+    _, cache = rmsnorm_forward(x, randn(rng, (D,), dtype), eps)
+    _, r = exact(x, eps, centre=False)  # (RMS.1)-(RMS.2), the sums in rational arithmetic
+    assert cache.rstd.dtype == dtype and cache.rstd.shape == r.shape
+    np.testing.assert_allclose(cache.rstd, r, rtol=NORM_ULPS * unit, atol=0, err_msg="r")
 
 
 @pytest.mark.derivation("RMS.3")
