@@ -24,7 +24,7 @@ from typing import NamedTuple, Tuple
 import numpy as np
 
 from ._checks import _fail, check_cache_type, check_count, check_real, check_rows, check_same_dtype_as, check_shape
-from .layernorm import layernorm_forward, row_dot
+from .layernorm import layernorm_forward, row_mean
 
 OP = "groupnorm"
 
@@ -77,19 +77,19 @@ def groupnorm_backward(dy: np.ndarray, cache: GroupNormCache) -> Tuple[np.ndarra
     check_same_dtype_as(op, "dy", dy, xhat.dtype, "x")
     check_shape(op, "dy", dy, shape)
     rows = tuple(range(dy.ndim - 1))
-    Cg = xhat.shape[-1]
     xhat_c = xhat.reshape(shape)  # (..., C)
 
     dbeta = dy.sum(axis=rows)  # (GN.7)
     dgamma = (dy * xhat_c).sum(axis=rows)  # (GN.8)
     dxhat = (dy * gamma).reshape(xhat.shape)  # (GN.9), grouped (..., G, C_g)
     # (GN.10): dx = r_g (dxhat - mean_g(dxhat) - xhat mean_g(dxhat xhat)), each group on its own
-    # built over dxhat term by term, as layer norm's (LN.10), both means as row dot products
-    mean_dxhat = row_dot(dxhat, np.ones(Cg, dxhat.dtype)) / Cg  # (..., G, 1)
-    mean_dxhat_xhat = row_dot(dxhat, xhat) / Cg  # (..., G, 1)
+    # built over dxhat term by term, as layer norm's (LN.10)
+    mean_dxhat = dxhat.mean(axis=-1, keepdims=True)  # (..., G, 1)
+    scratch = np.empty_like(dxhat)
+    mean_dxhat_xhat = row_mean(dxhat, xhat, scratch)  # (..., G, 1)
     dx = dxhat
     dx -= mean_dxhat
-    dx -= xhat * mean_dxhat_xhat
+    dx -= np.multiply(xhat, mean_dxhat_xhat, out=scratch)
     dx *= rstd
     return dx.reshape(shape), dgamma, dbeta
 

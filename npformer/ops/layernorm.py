@@ -37,27 +37,19 @@ class LayerNormCache(NamedTuple):
     gamma: np.ndarray  # (D,)      scale, needed by (LN.8)
 
 
-def row_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """sum_i a_i b_i over the last axis, kept as an axis of size 1: (..., D), (..., D) or (D,) -> (..., 1).
+def row_mean(a: np.ndarray, b: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """mean_i a_i b_i over the last axis, kept as an axis of size 1: (..., D), (..., D) -> (..., 1);
+    ``scratch`` (a's shape) is overwritten with the products.
 
-    One dot product per row, without the (..., D) temporary of ``np.sum(a * b, -1)``, and without the
-    BLAS, whose dot product of a long row splits it among its threads: the sum would change with the
-    BLAS's thread count. For the backward's means, whose errors are judged against the row's largest
-    term; a mean of squares is ``mean_square``.
+    Each row summed pairwise by ``np.mean``: accurate to a few units in the last place at any D (for a
+    mean of squares, a sum of non-negative terms), where a long running total (a plain loop, or each
+    lane of a dot product) rounds away every term below half a unit of the total, an error growing with
+    D (about D / 100 units of r for one large entry among small ones). And each row's sum is the same
+    whichever block of rows holds it and whatever the BLAS's threads: a BLAS dot product of a long row
+    splits it among the BLAS's threads, and ``np.einsum`` buffers a long row in pieces that depend on
+    the number of rows.
     """
-    return np.einsum("...i,...i->...", a, b)[..., None]
-
-
-def mean_square(a: np.ndarray, scratch: np.ndarray) -> np.ndarray:
-    """mean_i a_i^2 over the last axis, kept as an axis of size 1: (..., D) -> (..., 1); ``scratch`` (a's shape)
-    holds the squares.
-
-    Summed pairwise (``np.mean``): a sum of non-negative terms, accurate to a few units in the last place
-    at any D. A long running total (a plain loop, or each lane of a dot product) rounds away every square
-    below half a unit of the total, a relative error growing with D (about D / 100 units of r for one large
-    entry among small ones).
-    """
-    return np.multiply(a, a, out=scratch).mean(axis=-1, keepdims=True)
+    return np.multiply(a, b, out=scratch).mean(axis=-1, keepdims=True)
 
 
 def _centred(x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
@@ -94,7 +86,7 @@ def _normalise_huge_rows(x: np.ndarray, eps: float) -> Tuple[np.ndarray, np.ndar
     w, b = _scaled_by_power_of_two(_centred(z))  # (LN.12), then (x - mu) / s with s = 2^(a+b)
     k = a + b  # (..., 1)  s = 2^k
     eps_s = np.ldexp(np.float64(eps), -2 * k).astype(x.dtype)  # eps / s^2 (0 once below the dtype's range)
-    rstd_w = 1.0 / np.sqrt(mean_square(w, np.empty_like(w)) + eps_s)  # (LN.13)
+    rstd_w = 1.0 / np.sqrt(row_mean(w, w, np.empty_like(w)) + eps_s)  # (LN.13)
     return w * rstd_w, np.ldexp(rstd_w, -k)  # (LN.13)  xhat is the same for x and w; r(x) = r_w / s
 
 
@@ -131,7 +123,7 @@ def _normalise(x: np.ndarray, eps: float, xhat: np.ndarray, rstd: np.ndarray, sc
     ``xhat`` (N, D) and ``rstd`` (N, 1); ``scratch`` (N, D) is overwritten."""
     with np.errstate(over="ignore", invalid="ignore"):  # a row that overflows is redone by (LN.13)
         xc = _centred(x, out=xhat)  # x - mu, (LN.1), (LN.12)
-        var = mean_square(xc, scratch)  # (LN.2)
+        var = row_mean(xc, xc, scratch)  # (LN.2)
         rstd[...] = 1.0 / np.sqrt(var + eps)  # (LN.3)
         xc *= rstd  # (LN.4), written over x - mu, which is not needed again
         huge = ~np.isfinite(var[..., 0])  # (rows holding inf or nan stay nan)
@@ -154,21 +146,21 @@ def layernorm_backward(
     D = xhat.shape[-1]
     dy2 = np.ascontiguousarray(dy.reshape(-1, D))  # (N, D), C-ordered as in the forward
     xhat2, rstd2 = xhat.reshape(-1, D), rstd.reshape(-1, 1)  # (N, D), (N, 1): the forward's own arrays
-    ones, ones_d = np.ones(len(dy2), dy.dtype), np.ones(D, dy.dtype)
+    ones = np.ones(len(dy2), dy.dtype)
     dbeta = ones @ dy2  # (LN.6): a sum over rows, as one matrix-vector product
     dx = np.empty(dy2.shape, dy.dtype)
     dy_xhat = np.empty(dy2.shape, dy.dtype)
 
     def rows(r: slice) -> None:  # rows are independent: blocks of them run on several cores
         np.multiply(dy2[r], xhat2[r], out=dy_xhat[r])  # summed over rows for (LN.7)
-        # (LN.10): dx = r (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), built in dx's buffer term by term;
-        # both means as one dot product per row (the first with a row of ones), each a read of dxhat
+        # (LN.10): dx = r (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), built over dxhat term by term
         dxhat = np.multiply(dy2[r], gamma, out=dx[r])  # (LN.8)
-        mean_dxhat = row_dot(dxhat, ones_d) / D
-        mean_dxhat_xhat = row_dot(dxhat, xhat2[r]) / D
+        mean_dxhat = dxhat.mean(axis=-1, keepdims=True)
+        scratch = np.empty_like(dxhat)
+        mean_dxhat_xhat = row_mean(dxhat, xhat2[r], scratch)
         dx_r = dxhat  # dxhat is not needed once the means are taken: dx is built over it
         dx_r -= mean_dxhat
-        dx_r -= np.multiply(xhat2[r], mean_dxhat_xhat)
+        dx_r -= np.multiply(xhat2[r], mean_dxhat_xhat, out=scratch)
         dx_r *= rstd2[r]
 
     row_parallel(rows, len(dy2), D)

@@ -24,7 +24,7 @@ from ._checks import (
     check_shape,
 )
 from .fastpath import row_parallel
-from .layernorm import mean_square, row_dot
+from .layernorm import row_mean
 
 OP = "rmsnorm"
 
@@ -76,7 +76,7 @@ def _normalise(x: np.ndarray, eps: float, xhat: np.ndarray, rstd: np.ndarray) ->
     """xhat = x r and r = 1 / sqrt(mean(x^2) + eps) of rows x (N, D) (RMS.1) - (RMS.3), written into
     ``xhat`` (N, D) and ``rstd`` (N, 1)."""
     with np.errstate(over="ignore", invalid="ignore"):  # a row that overflows is redone by (RMS.10)
-        ms = mean_square(x, scratch=xhat)  # (RMS.1); xhat is written by (RMS.3) below
+        ms = row_mean(x, x, scratch=xhat)  # (RMS.1); xhat is written by (RMS.3) below
         rstd[...] = 1.0 / np.sqrt(ms + eps)  # (RMS.2)
         np.multiply(x, rstd, out=xhat)  # (RMS.3)
         huge = ~np.isfinite(ms[..., 0])  # (rows holding inf or nan stay nan)
@@ -104,8 +104,9 @@ def rmsnorm_backward(dy: np.ndarray, cache: RMSNormCache) -> Tuple[np.ndarray, n
         np.multiply(dy2[r], xhat2[r], out=dy_xhat[r])  # summed over rows for (RMS.5)
         # (RMS.8): dx = r (dxhat - xhat mean(dxhat xhat)), built over dxhat term by term
         dxhat = np.multiply(dy2[r], gamma, out=dx[r])  # (RMS.6)
-        mean_dxhat_xhat = row_dot(dxhat, xhat2[r]) / D
-        dxhat -= np.multiply(xhat2[r], mean_dxhat_xhat)
+        scratch = np.empty_like(dxhat)
+        mean_dxhat_xhat = row_mean(dxhat, xhat2[r], scratch)
+        dxhat -= np.multiply(xhat2[r], mean_dxhat_xhat, out=scratch)
         dxhat *= rstd2[r]
 
     row_parallel(rows, len(dy2), D)

@@ -256,6 +256,35 @@ def test_rmsnorm_on_row_blocks_is_the_plain_form_bit_for_bit(rng, n, D, dtype, l
     _assert_identical(*_both_forms(call, n))
 
 
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+@given(rng=rngs(), n=st.sampled_from([2, 3]), D=st.sampled_from([8_999, 20_000]),
+       dtype=st.sampled_from([np.float32, np.float64]))
+def test_norms_of_long_rows_do_not_depend_on_any_thread_count(norm, rng, n, D, dtype):
+    """Rows longer than NumPy's einsum buffer (8192) and the BLAS's threshold for splitting a dot product among
+    its threads (float64: 10000): each row's sums must not depend on the block of rows holding it (one row per
+    thread here) nor on the BLAS's own thread count."""
+    from threadpoolctl import threadpool_limits
+
+    from npformer.ops.layernorm import layernorm_backward, layernorm_forward
+    from npformer.ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
+
+    x, dy = (rng.standard_normal((n, D)) * 3 + 1).astype(dtype), rng.standard_normal((n, D)).astype(dtype)
+    gamma, beta = rng.standard_normal(D).astype(dtype), rng.standard_normal(D).astype(dtype)
+
+    def call():
+        if norm == "layernorm":
+            y, cache = layernorm_forward(x, gamma, beta)
+            return (y, cache.rstd) + layernorm_backward(dy, cache)
+        y, cache = rmsnorm_forward(x, gamma)
+        return (y, cache.rstd) + rmsnorm_backward(dy, cache)
+
+    plain, fast = _both_forms(call, n)
+    _assert_identical(plain, fast)
+    for blas in (1, 2):
+        with threadpool_limits(blas):
+            _assert_identical(plain, call())
+
+
 @given(rng=rngs(), n=st.sampled_from([1, 7, 40_000, 70_001]), dtype=st.sampled_from([np.float32, np.float64]),
        chunk=st.sampled_from([None, 1, 999, 4096]))
 def test_gelu_on_element_blocks_is_the_plain_form_bit_for_bit(rng, n, dtype, chunk):
