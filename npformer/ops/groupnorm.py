@@ -82,8 +82,8 @@ def groupnorm_backward(dy: np.ndarray, cache: GroupNormCache) -> Tuple[np.ndarra
     dbeta = dy.sum(axis=rows)  # (GN.7)
     dgamma = (dy * xhat_c).sum(axis=rows)  # (GN.8)
     dxhat = (dy * gamma).reshape(xhat.shape)  # (GN.9), grouped (..., G, C_g)
-    # (GN.10): dx = r_g (dxhat - mean_g(dxhat) - xhat mean_g(dxhat xhat)), each group on its own
-    # built over dxhat term by term, as layer norm's (LN.10)
+    # (GN.10): dx = r_g (dxhat - mean_g(dxhat) - xhat mean_g(dxhat xhat)), each group on its own, built over
+    # dxhat term by term as layer norm's (LN.10)
     mean_dxhat = dxhat.mean(axis=-1, keepdims=True)  # (..., G, 1)
     scratch = np.empty_like(dxhat)
     mean_dxhat_xhat = row_mean(dxhat, xhat, scratch)  # (..., G, 1)
