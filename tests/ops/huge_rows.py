@@ -9,6 +9,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from tests.strategies import rngs
+from tests.tolerances import NORM_ULPS
 
 # log10 of the spread: wide enough that the variance overflows (float32: 3.4e38, float64: 1.8e308)
 SPREAD_EXPONENTS = {np.dtype(np.float32): (20.0, 37.3), np.dtype(np.float64): (154.8, 307.2)}
@@ -81,3 +82,23 @@ def exact_dx(dy, gamma, xhat, r):
         ri = Fraction(float(r[i][0]))
         dx[i] = [float(ri * (a - mean_g - b * mean_g_xhat)) for a, b in zip(g, xh)]
     return dx
+
+
+def rows_with_large_entries(rng, shape, dtype, scale, large):
+    """Rows of ``shape``: the values ``large`` (each of size ``scale``, a power of two) at distinct places among
+    the first 32 of each row, every other entry of a size whose square is below half a unit of scale^2. Summed
+    with a long-running total that holds a large square (a plain loop, or each lane of a dot product), every
+    small square after it is rounded away, an error of about D / 100 units; summed pairwise, a few at any D."""
+    unit = float(np.finfo(dtype).eps)
+    x = scale * np.sqrt(unit / 2) * rng.uniform(0.5, 0.99, shape) * rng.choice([-1.0, 1.0], shape)
+    for j, value in zip(rng.choice(min(shape[-1], 32), len(large), replace=False), large):
+        x[..., j] = value
+    return x.astype(dtype)
+
+
+def assert_rstd_exact(rstd, x, eps, *, centre):
+    """A norm's cached r of rows x against (LN.1)-(LN.3) (``centre``) or (RMS.1)-(RMS.2) in exact arithmetic,
+    within NORM_ULPS units of the dtype's rounding of itself."""
+    _, r = exact(x, eps, centre=centre)
+    assert rstd.dtype == x.dtype and rstd.shape == r.shape
+    np.testing.assert_allclose(rstd, r, rtol=NORM_ULPS * float(np.finfo(x.dtype).eps), atol=0, err_msg="r")

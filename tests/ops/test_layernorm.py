@@ -21,7 +21,7 @@ from tests.badinput import (
     expect_rejected,
 )
 from tests.oracle import backprop, leaf
-from tests.ops.huge_rows import exact, exact_dx, huge_rows, overflows
+from tests.ops.huge_rows import assert_rstd_exact, exact, exact_dx, huge_rows, overflows, rows_with_large_entries
 from tests.strategies import DTYPES, SCALES, in_layout, layouts, randn, rngs, shapes
 from tests.tolerances import FD_RTOL, NORM_ULPS, RTOL, assert_close
 
@@ -392,15 +392,9 @@ def test_rstd_to_a_few_rounding_units_with_one_large_entry(dtype, lead, D, scale
     entries whose squares are each below half a unit of scale^2. Summed with a long-running total that holds a
     large square (each lane of a dot product), every small square after it is rounded away and r is off by
     about D / 100 units; summed pairwise (np.mean), by a few at any D."""
-    unit = float(np.finfo(dtype).eps)
-    x = scale * np.sqrt(unit / 2) * rng.uniform(0.5, 0.99, lead + (D,)) * rng.choice([-1.0, 1.0], lead + (D,))
-    big = rng.choice(min(D, 32), 2, replace=False)  # the two large entries, among the first 32
-    x[..., big[0]], x[..., big[1]] = scale, -scale
-    x = x.astype(dtype)
+    x = rows_with_large_entries(rng, lead + (D,), dtype, scale, (scale, -scale))
     _, cache = layernorm_forward(x, randn(rng, (D,), dtype), randn(rng, (D,), dtype), eps)
-    _, r = exact(x, eps, centre=True)  # (LN.1)-(LN.3), the sums in rational arithmetic
-    assert cache.rstd.dtype == dtype and cache.rstd.shape == r.shape
-    np.testing.assert_allclose(cache.rstd, r, rtol=NORM_ULPS * unit, atol=0, err_msg="r")
+    assert_rstd_exact(cache.rstd, x, eps, centre=True)  # (LN.1)-(LN.3), the sums in rational arithmetic
 
 
 @pytest.mark.derivation("LN.4")

@@ -19,9 +19,9 @@ from tests.badinput import (
     expect_rejected,
 )
 from tests.oracle import backprop, leaf
-from tests.ops.huge_rows import exact, huge_rows, overflows
+from tests.ops.huge_rows import assert_rstd_exact, exact, huge_rows, overflows, rows_with_large_entries
 from tests.strategies import DTYPES, SCALES, in_layout, layouts, randn, rngs, shapes
-from tests.tolerances import FD_RTOL, NORM_ULPS, RTOL, assert_close
+from tests.tolerances import FD_RTOL, RTOL, assert_close
 
 EPS = 1e-6
 INPUTS = ("x", "gamma", "dy")
@@ -283,14 +283,9 @@ def test_rstd_to_a_few_rounding_units_with_one_large_entry(dtype, lead, D, scale
     squares are each below half a unit of its square: summed with a long-running total that holds the large
     square (a plain loop, or each lane of a dot product), every small square after it is rounded away and r
     is off by about D / 100 units; summed pairwise, as np.mean does, by a few units at any D."""
-    unit = float(np.finfo(dtype).eps)
-    x = scale * np.sqrt(unit / 2) * rng.uniform(0.5, 0.99, lead + (D,)) * rng.choice([-1.0, 1.0], lead + (D,))
-    x[..., rng.integers(min(D, 32))] = scale  # the one large entry, among the first 32
-    x = x.astype(dtype)
+    x = rows_with_large_entries(rng, lead + (D,), dtype, scale, (scale,))
     _, cache = rmsnorm_forward(x, randn(rng, (D,), dtype), eps)
-    _, r = exact(x, eps, centre=False)  # (RMS.1)-(RMS.2), the sums in rational arithmetic
-    assert cache.rstd.dtype == dtype and cache.rstd.shape == r.shape
-    np.testing.assert_allclose(cache.rstd, r, rtol=NORM_ULPS * unit, atol=0, err_msg="r")
+    assert_rstd_exact(cache.rstd, x, eps, centre=False)  # (RMS.1)-(RMS.2), the sums in rational arithmetic
 
 
 @pytest.mark.derivation("RMS.3")
