@@ -194,13 +194,14 @@ def attention_forward(
     out = np.empty((B, H, Tq, D), q.dtype)  # O (ATT.3)
     p4, out4 = p.reshape(B, Hkv, G, Tq, Tk), out.reshape(B, Hkv, G, Tq, D)  # views
     blocks = query_blocks(Tq, Tk, causal, window)
-    # One batch element at a time, and within it one block of query rows at a time: the block's
-    # (H, rows, keys) slab of scores stays in cache through the several passes of the softmax.
+    # A few batch elements at a time (``slab``), and within them one block of query rows at a time:
+    # the block's (b, H, rows, keys) slab of scores stays in cache through the several passes of
+    # the softmax, and each NumPy call does enough work to be worth its fixed cost.
     def batch_elements(batch: slice) -> None:
-        for b in range(batch.start, batch.stop):
+        for b in _slabs(batch, blocks, H, Tk, q.itemsize):
             for i0, i1, lo, hi in blocks:
                 rows, whole = slice(i0, i1), i1 - i0 == Tq
-                p_blk = p4[b, :, :, rows]  # (Hkv, G, n, Tk)
+                p_blk = p4[b, :, :, rows]  # (b, Hkv, G, n, Tk)
                 p_blk[..., :lo] = 0.0  # keys hidden from every row of the block: P = 0 (ATT.11), (ATT.19)
                 p_blk[..., hi:] = 0.0
                 if hi == lo:  # no row of the block sees a key: output 0 (ATT.11)
@@ -217,7 +218,7 @@ def attention_forward(
                     c0 = lo if window is not None else min(max(i0 + (Tk - Tq) + 1, lo), hi)
                     np.copyto(s[..., c0 - lo:], -np.inf, where=hidden[rows, c0:hi])
                 if key_padding_mask is not None:
-                    np.copyto(s, -np.inf, where=key_padding_mask[b, lo:hi])
+                    np.copyto(s, -np.inf, where=key_padding_mask[b, None, None, None, lo:hi])
 
                 # (ATT.2)  P = softmax(S) along keys, stabilised by the row maximum m; S - m and
                 # exp(S - m) are unnamed steps in P's own buffer
@@ -259,32 +260,44 @@ def _visible(i0: int, i1: int, Tq: int, Tk: int, window: Optional[int]) -> Tuple
     return lo, max(lo, hi)
 
 
-def _rows(x4: np.ndarray, rows: slice, whole: bool) -> np.ndarray:
-    """(Hkv, G, Tq, .) -> the block's rows as a stack of matrices for one product per key/value head.
+SLAB_BYTES = 1 << 20  # scores per slab of batch elements: about a core's L2 cache (0.4-3 MB measured)
+
+
+def _slabs(batch: slice, blocks: List[Tuple[int, int, int, int]], H: int, Tk: int, itemsize: int) -> List[slice]:
+    """``batch`` cut into slabs of consecutive batch elements whose scores for one block of query rows
+    (H x rows x Tk each) fill about SLAB_BYTES: at least one element per slab."""
+    element_bytes = H * (blocks[0][1] - blocks[0][0]) * max(Tk, 1) * itemsize
+    step = max(1, SLAB_BYTES // max(element_bytes, 1))
+    return [slice(b, min(b + step, batch.stop)) for b in range(batch.start, batch.stop, step)]
+
+
+def _rows(x5: np.ndarray, rows: slice, whole: bool) -> np.ndarray:
+    """(b, Hkv, G, Tq, .) -> the block's rows as a stack of matrices for one product per key/value head.
 
     When the block holds every query and the G heads' rows follow one another at one stride, the
-    group is viewed as one (Hkv, 1, G*Tq, .) stack (a view, never a copy: products write into it),
+    group is viewed as one (b, Hkv, 1, G*Tq, .) stack (a view, never a copy: products write into it),
     so that a product over the rows sums over the group inside the BLAS call (ATT.12); otherwise
-    (Hkv, G, n, .), summed over G afterwards (``_sum_group``).
+    (b, Hkv, G, n, .), summed over G afterwards (``_sum_group``).
     """
-    Hkv, G, Tq = x4.shape[:3]
-    if whole and G > 1 and x4.strides[1] == Tq * x4.strides[2]:
-        return np.lib.stride_tricks.as_strided(x4, (Hkv, 1, G * Tq) + x4.shape[3:],
-                                               x4.strides[:1] + (0,) + x4.strides[2:], writeable=x4.flags.writeable)
-    return x4[:, :, rows]
+    nb, Hkv, G, Tq = x5.shape[:4]
+    if whole and G > 1 and x5.strides[2] == Tq * x5.strides[3]:
+        return np.lib.stride_tricks.as_strided(x5, (nb, Hkv, 1, G * Tq) + x5.shape[4:],
+                                               x5.strides[:2] + (0,) + x5.strides[3:], writeable=x5.flags.writeable)
+    return x5[:, :, :, rows]
 
 
 def _sum_group(x: np.ndarray) -> np.ndarray:
-    """(Hkv, G', t, D) -> (Hkv, t, D): the sum over the group axis (ATT.12), a view when G' = 1."""
-    return x[:, 0] if x.shape[1] == 1 else x.sum(axis=1)
+    """(b, Hkv, G', t, D) -> (b, Hkv, t, D): the sum over the group axis (ATT.12), a view when G' = 1."""
+    return x[:, :, 0] if x.shape[2] == 1 else x.sum(axis=2)
 
 
-def _bias_block(bias: np.ndarray, b: int, Hkv: int, G: int, rows: slice, lo: int, hi: int) -> np.ndarray:
-    """The additive bias for batch element b, the block's rows and keys [lo, hi), as (Hkv|1, G|1, n|1, t|1)."""
-    bb = bias[b if bias.shape[0] > 1 else 0]  # (H|1, Tq|1, Tk|1)
-    bb = bb.reshape((Hkv, G) + bb.shape[1:]) if bb.shape[0] > 1 else bb[None]
-    keys = slice(lo, hi) if bb.shape[3] > 1 else slice(None)
-    return bb[:, :, rows if bb.shape[2] > 1 else slice(None), keys]
+def _bias_block(bias: np.ndarray, b: slice, Hkv: int, G: int, rows: slice, lo: int, hi: int) -> np.ndarray:
+    """The additive bias for batch elements b, the block's rows and keys [lo, hi), as
+    (b|1, Hkv|1, G|1, n|1, t|1)."""
+    bb = bias[b] if bias.shape[0] > 1 else bias  # (b|1, H|1, Tq|1, Tk|1)
+    bb = bb.reshape(bb.shape[:1] + (Hkv, G) + bb.shape[2:]) if bb.shape[1] > 1 else bb[:, None]
+    keys = slice(lo, hi) if bb.shape[4] > 1 else slice(None)
+    return bb[:, :, :, rows if bb.shape[3] > 1 else slice(None), keys]
 
 
 def attention_backward(
@@ -312,32 +325,34 @@ def attention_backward(
     dv = np.zeros((B, Hkv, Tk, D), q.dtype)
     dq4 = dq.reshape(B, Hkv, G, Tq, D)  # a view: dq is C-contiguous
     ds_all = None if bias_shape is None else np.zeros((B, H, Tq, Tk), q.dtype)  # dS of every batch element
-    ds4 = None if ds_all is None else ds_all.reshape(B, Hkv, G, Tq, Tk)
+    ds5 = None if ds_all is None else ds_all.reshape(B, Hkv, G, Tq, Tk)
     blocks = query_blocks(Tq, Tk, cache.causal, cache.window)  # as in the forward (ATT.19)
-    def batch_elements(batch: slice) -> None:  # one batch element and one block of query rows
-        for b in range(batch.start, batch.stop):  # at a time, as in the forward
+    def batch_elements(batch: slice) -> None:  # one batch element and one block of query rows at a time
+        for e in range(batch.start, batch.stop):
+            b = slice(e, e + 1)  # one element, not a slab: np.einsum's row sums below then do not depend
+            # on how the batch is split (it may cut a long row into pieces set by the size of its operands)
             for i0, i1, lo, hi in blocks:
                 rows, whole = slice(i0, i1), i1 - i0 == Tq
                 if hi == lo:  # rows that see no key: dQ = 0 (ATT.11)
                     dq4[b, :, :, rows] = 0.0
                     continue
-                p_mm = _rows(p4[b, ..., lo:hi], rows, whole)  # (Hkv, G', n', t), P of the visible keys
+                p_mm = _rows(p4[b, ..., lo:hi], rows, whole)  # (1, Hkv, G', n', t), P of the visible keys
                 do_mm = _rows(dout4[b], rows, whole)
                 # (ATT.4), summed over the query heads of each group (ATT.12) and over the query blocks
                 dv[b, :, lo:hi] += _sum_group(np.matmul(p_mm.swapaxes(-1, -2), do_mm))
                 dp = np.matmul(do_mm, v[b, :, None, lo:hi].swapaxes(-1, -2))  # (ATT.5)
-                dp4 = dp.reshape(Hkv, G, i1 - i0, hi - lo)  # the block's rows by head, as P's
+                dp5 = dp.reshape(1, Hkv, G, i1 - i0, hi - lo)  # the block's rows by head, as P's
                 p_blk = p4[b, :, :, rows, lo:hi]
-                rowsum = np.einsum("cgik,cgik->cgi", dp4, p_blk)[..., None]  # rowsum(dP * P) of (ATT.7)
+                rowsum = np.einsum("bcgik,bcgik->bcgi", dp5, p_blk)[..., None]  # rowsum(dP * P) of (ATT.7)
                 # (ATT.7)  dS = P * (dP - rowsum): dP - rowsum is an unnamed step in dP's own buffer
-                dp4 -= rowsum
-                dp4 *= p_blk  # masked entries have P = 0, so dS = 0 there (ATT.11)
+                dp5 -= rowsum
+                dp5 *= p_blk  # masked entries have P = 0, so dS = 0 there (ATT.11)
                 ds = dp  # dS, in the product layout
                 np.matmul(ds, k_scaled[b, :, None, lo:hi], out=_rows(dq4[b], rows, whole))  # (ATT.8)
                 # (ATT.9), summed over the group (ATT.12) and over the query blocks
                 dk[b, :, lo:hi] += _sum_group(np.matmul(ds.swapaxes(-1, -2), _rows(q4[b], rows, whole)))
-                if ds4 is not None:
-                    ds4[b, :, :, rows, lo:hi] = dp4
+                if ds5 is not None:
+                    ds5[b, :, :, rows, lo:hi] = dp5
 
     blas_parallel(batch_elements, B, H * Tq * max(Tk, 1))
 

@@ -16,7 +16,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from npformer.ops import fastpath
+from npformer.ops import attention, fastpath
+from npformer.ops.attention import SLAB_BYTES
 from npformer.ops.attention import attention_backward, attention_forward, query_blocks, sliding_window_mask
 from tests.badinput import expect_rejected
 from tests.ops.test_attention import configs, hidden_mask, in_layouts, make, torch_plain
@@ -338,6 +339,44 @@ def test_attention_on_batch_blocks_is_the_plain_form_bit_for_bit(rng, B, block):
     _assert_identical(plain, fast)
 
 
+@st.composite
+def slab_cases(draw):
+    """Attention calls of every mask and bias form, with keys from a few up to rows longer than the
+    8192 elements past which some NumPy reductions work in pieces."""
+    rng = draw(rngs())
+    B, (H, Hkv) = draw(st.integers(1, 7)), draw(st.sampled_from([(1, 1), (4, 2), (3, 3), (6, 1)]))
+    Tq, Tk = draw(st.sampled_from([(1, 1), (1, 9000), (33, 41), (70, 70), (3, 130)]))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    causal, padded = draw(st.booleans()), draw(st.booleans())
+    bias_shape = draw(st.sampled_from([None, (B, H, Tq, Tk), (1, H, 1, Tk), (B, 1, Tq, 1)]))
+    q, dout = (rng.standard_normal((B, H, Tq, 8)).astype(dtype) for _ in range(2))
+    k, v = (rng.standard_normal((B, Hkv, Tk, 8)).astype(dtype) for _ in range(2))
+    return dict(q=q, k=k, v=v, dout=dout, causal=causal,
+                key_padding_mask=rng.random((B, Tk)) < 0.3 if padded else None,
+                bias=None if bias_shape is None else rng.standard_normal(bias_shape).astype(dtype))
+
+
+@given(case=slab_cases(), slab=st.sampled_from([2, 3, None]), threads=st.sampled_from([1, 3]))
+def test_attention_on_slabs_of_batch_elements_is_one_element_at_a_time_bit_for_bit(case, slab, threads):
+    dout = case.pop("dout")
+
+    def call(slab_bytes):
+        attention.SLAB_BYTES = slab_bytes
+        try:
+            out, cache = attention_forward(**case)
+            return (out, cache.probs, *(g for g in attention_backward(dout, cache) if g is not None))
+        finally:
+            attention.SLAB_BYTES = SLAB_BYTES
+
+    q, k = case["q"], case["k"]
+    element = q.shape[1] * k.shape[2] * min(q.shape[2], fastpath.causal_block()) * q.itemsize  # as the op reckons
+    with fastpath.configured(threads=1):
+        plain = call(1)  # one batch element per slab
+    with fastpath.configured(threads=threads):
+        fast = call(1 << 40 if slab is None else slab * element)
+    _assert_identical(plain, fast)
+
+
 @given(sizes=st.lists(st.integers(0, 50_000), max_size=12), threads=st.integers(1, 4))
 def test_parallel_items_runs_every_item_once(sizes, threads):
     counts = [0] * len(sizes)
@@ -490,3 +529,4 @@ def test_a_bad_thread_variable_is_named_and_passed_over(monkeypatch, value):
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")
     with pytest.warns(RuntimeWarning, match="NPFORMER_NUM_THREADS"):
         assert fastpath._default_threads() == 3
+
