@@ -15,6 +15,11 @@ Two devices, each with its plain form kept one setting away and tested equal to 
   is computed by the same instructions whichever thread runs it, so the result is bit for
   bit the one of ``threads=1``, the plain form.
 
+One setting outside NumPy: OpenBLAS's idle worker threads spin for about 0.1 s after each matrix
+product before they sleep, holding cores the row-parallel work needs; ``quiet_blas_threads``, run
+once when this module is imported, shortens that to 2**BLAS_SPIN cycles (unless the environment
+sets ``OPENBLAS_THREAD_TIMEOUT``). The products' results do not change.
+
 The defaults: ``threads`` is ``NPFORMER_NUM_THREADS`` if set, else the BLAS's own setting
 (``OPENBLAS_NUM_THREADS``, ``OMP_NUM_THREADS``), else the number of cores this process may
 use; ``causal_block`` is 64. ``configure(threads=..., causal_block=...)`` changes them and
@@ -33,6 +38,8 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, List, Optional
+
+import numpy as np  # noqa: F401  (loads NumPy's BLAS, whose threads are quieted below)
 
 from ._checks import MAX_POSITION, check_count
 
@@ -237,33 +244,89 @@ def blas_parallel(fn: Callable[[slice], None], n_rows: int, row_size: int = 1) -
                 put(_settings.blas_before)
 
 
-# --- the BLAS's own thread count --------------------------------------------------------------
+# --- the BLAS's own threads --------------------------------------------------------------------
 
 _blas = _UNSET
 
 
+def _openblas_libraries() -> List[ctypes.CDLL]:
+    """The OpenBLAS libraries loaded in this process, found among its shared libraries (NumPy's wheels
+    bundle OpenBLAS under a prefixed name); none where there is none or no way to look (not Linux)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "openblas" in line.lower() and ".so" in line}
+    except OSError:
+        return []
+    libraries = []
+    for path in sorted(paths):
+        try:
+            libraries.append(ctypes.CDLL(path))
+        except OSError:
+            continue
+    return libraries
+
+
+def _symbol(lib: ctypes.CDLL, name: str):
+    """OpenBLAS's function ``name`` under any of the prefixes its builds export it with, or None."""
+    for prefix, suffix in (("scipy_openblas_", "64_"), ("openblas_", "64_"), ("openblas_", "")):
+        function = getattr(lib, f"{prefix}{name}{suffix}", None)
+        if function is not None:
+            return function
+    return None
+
+
 def _blas_threads():
-    """(get, set) of the loaded OpenBLAS's thread count, found among the process's shared libraries
-    (NumPy's wheels bundle OpenBLAS under a prefixed name); None where there is none or no way to look."""
+    """(get, set) of the loaded OpenBLAS's thread count; None where there is none or no way to look."""
     global _blas
     if _blas is not _UNSET:
         return _blas
     _blas = None
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "openblas" in line.lower() and ".so" in line}
-    except OSError:  # not Linux
-        return None
-    for path in sorted(paths):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix, suffix in (("scipy_openblas_", "64_"), ("openblas_", "64_"), ("openblas_", "")):
-            get = getattr(lib, f"{prefix}get_num_threads{suffix}", None)
-            put = getattr(lib, f"{prefix}set_num_threads{suffix}", None)
-            if get is not None and put is not None:
-                get.restype, put.argtypes = ctypes.c_int, [ctypes.c_int]
-                _blas = (get, put)
-                return _blas
+    for lib in _openblas_libraries():
+        get, put = _symbol(lib, "get_num_threads"), _symbol(lib, "set_num_threads")
+        if get is not None and put is not None:
+            get.restype, put.argtypes = ctypes.c_int, [ctypes.c_int]
+            _blas = (get, put)
+            return _blas
     return None
+
+
+BLAS_SPIN = 18  # an idle OpenBLAS thread waits for work spinning 2**BLAS_SPIN cycles (about 0.1 ms), then sleeps
+
+
+def quiet_blas_threads() -> List[str]:
+    """Make OpenBLAS's idle worker threads sleep after 2**BLAS_SPIN cycles instead of OpenBLAS's default
+    2**28 (about 0.1 s); the names of the libraries changed.
+
+    A worker that has finished its share of a matrix product spins, waiting for the next one, and
+    while it spins it holds a core. Row-parallel work right after a product (the softmax of
+    attention, layer norm, GELU, the optimizer) then shares that core with it: on two cores,
+    attention ran at about 60% of its speed. The BLAS reads the timeout when it starts its threads,
+    so they are restarted here with the new one (``openblas_read_env``, ``blas_thread_shutdown_``,
+    ``blas_thread_init``); the products' results do not change.
+
+    Called once, when this module is imported: it must not run while another thread is inside a
+    BLAS call. An ``OPENBLAS_THREAD_TIMEOUT`` set by the user is left as it is, and so is a BLAS
+    without its own thread server (an OpenMP build) or without these functions.
+    """
+    if "OPENBLAS_THREAD_TIMEOUT" in os.environ:
+        return []
+    changed = []
+    for lib in _openblas_libraries():
+        parallel = _symbol(lib, "get_parallel")
+        functions = [getattr(lib, name, None) for name in ("openblas_read_env", "blas_thread_shutdown_",
+                                                            "blas_thread_init")]
+        if parallel is None or parallel() != 1 or None in functions:  # 1: OpenBLAS's own pthreads server
+            continue
+        read_env, shutdown, init = functions
+        os.environ["OPENBLAS_THREAD_TIMEOUT"] = str(BLAS_SPIN)  # read by read_env, then put back as it was
+        try:
+            read_env()
+        finally:
+            del os.environ["OPENBLAS_THREAD_TIMEOUT"]
+        shutdown()
+        init()
+        changed.append(lib._name)
+    return changed
+
+
+QUIETED = quiet_blas_threads()  # the OpenBLAS libraries whose idle threads now sleep sooner

@@ -7,6 +7,10 @@ hidden keys. Row-parallel work gives the plain form's result bit for bit.
 """
 
 import contextlib
+import json
+import os
+import subprocess
+import sys
 import threading
 import warnings
 
@@ -530,3 +534,57 @@ def test_a_bad_thread_variable_is_named_and_passed_over(monkeypatch, value):
     with pytest.warns(RuntimeWarning, match="NPFORMER_NUM_THREADS"):
         assert fastpath._default_threads() == 3
 
+
+# --- OpenBLAS's idle threads ---------------------------------------------------------------------
+
+_IDLE_SPIN = """
+import json, os, sys, threading, time
+import numpy as np  # NumPy (and its BLAS, with its threads) first, as a user's script would
+rng = np.random.default_rng(0)
+a = rng.standard_normal((600, 600))
+before = a @ a
+from npformer.ops import fastpath
+
+def worker_seconds():  # CPU time of every thread but this one (the BLAS's workers)
+    total, me = 0, threading.get_native_id()
+    for tid in os.listdir("/proc/self/task"):
+        if int(tid) != me:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+after = a @ a  # the workers take their share, then wait for the next product
+t0 = worker_seconds()
+time.sleep(0.4)
+libs = fastpath._openblas_libraries()
+print(json.dumps({"quieted": fastpath.QUIETED, "same": bool((before == after).all()),
+                  "spin_s": worker_seconds() - t0, "env": os.environ.get("OPENBLAS_THREAD_TIMEOUT"),
+                  "timeout": [lib.openblas_thread_timeout() for lib in libs
+                              if getattr(lib, "openblas_thread_timeout", None) is not None]}))
+"""
+
+
+def _idle_spin(timeout=None):
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    env.update(OPENBLAS_NUM_THREADS="2", NPFORMER_NUM_THREADS="2")
+    if timeout is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = str(timeout)
+    done = subprocess.run([sys.executable, "-c", _IDLE_SPIN], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads threads' CPU time from /proc (Linux)")
+def test_idle_blas_threads_sleep_soon_and_a_users_timeout_is_kept():
+    if not fastpath._openblas_libraries():
+        pytest.skip("NumPy's BLAS here is not OpenBLAS")
+    quiet = _idle_spin()
+    assert quiet["quieted"] and quiet["timeout"] == [fastpath.BLAS_SPIN] * len(quiet["timeout"])
+    assert quiet["env"] is None  # the environment is left as it was
+    assert quiet["same"]  # a product after the threads' restart is the one before, bit for bit
+    users = _idle_spin(timeout=28)  # OpenBLAS's usual spin of 2**28 cycles, asked for by the user
+    assert users["quieted"] == [] and users["timeout"] == [28] * len(users["timeout"])
+    # the measurement sees a spinning worker: about 0.1 s of CPU in the 0.4 s after a product
+    assert users["spin_s"] >= 0.04, users
+    assert quiet["spin_s"] <= 0.02, quiet
