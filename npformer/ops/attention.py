@@ -56,6 +56,7 @@ from ._checks import (
 from .fastpath import blas_parallel, causal_block
 
 OP = "attention"
+SLAB_BYTES = 1 << 20  # bytes of scores per slab of batch elements in the forward: about a core's L2 cache
 
 
 class AttentionCache(NamedTuple):
@@ -195,30 +196,30 @@ def attention_forward(
     p4, out4 = p.reshape(B, Hkv, G, Tq, Tk), out.reshape(B, Hkv, G, Tq, D)  # views
     blocks = query_blocks(Tq, Tk, causal, window)
     # A few batch elements at a time (``slab``), and within them one block of query rows at a time:
-    # the block's (b, H, rows, keys) slab of scores stays in cache through the several passes of
+    # the block's (e, H, rows, keys) slab of scores stays in cache through the several passes of
     # the softmax, and each NumPy call does enough work to be worth its fixed cost.
     def batch_elements(batch: slice) -> None:
-        for b in _slabs(batch, blocks, H, Tk, q.itemsize):
+        for els in _slabs(batch, blocks, H, Tk, q.itemsize):
             for i0, i1, lo, hi in blocks:
                 rows, whole = slice(i0, i1), i1 - i0 == Tq
-                p_blk = p4[b, :, :, rows]  # (b, Hkv, G, n, Tk)
+                p_blk = p4[els, :, :, rows]  # (e, Hkv, G, n, Tk)
                 p_blk[..., :lo] = 0.0  # keys hidden from every row of the block: P = 0 (ATT.11), (ATT.19)
                 p_blk[..., hi:] = 0.0
                 if hi == lo:  # no row of the block sees a key: output 0 (ATT.11)
-                    out4[b, :, :, rows] = 0.0
+                    out4[els, :, :, rows] = 0.0
                     continue
                 s = p_blk[..., lo:hi]  # S (ATT.1) of the visible keys, computed in P's own buffer
-                np.matmul(_rows(q4[b], rows, whole), k[b, :, None, lo:hi].swapaxes(-1, -2),
-                          out=_rows(p4[b, ..., lo:hi], rows, whole))  # (ATT.1)
+                np.matmul(_rows(q4[els], rows, whole), k[els, :, None, lo:hi].swapaxes(-1, -2),
+                          out=_rows(p4[els, ..., lo:hi], rows, whole))  # (ATT.1)
                 if bias is not None:
-                    s += _bias_block(bias, b, Hkv, G, rows, lo, hi)  # (ATT.1)
+                    s += _bias_block(bias, els, Hkv, G, rows, lo, hi)  # (ATT.1)
 
                 # masked entries are -inf: exp(-inf) = 0 exactly, and no gradient flows (ATT.1), (ATT.11)
                 if hidden is not None:  # keys before c0 are seen by every row of the block: no mask to apply there
                     c0 = lo if window is not None else min(max(i0 + (Tk - Tq) + 1, lo), hi)
                     np.copyto(s[..., c0 - lo:], -np.inf, where=hidden[rows, c0:hi])
                 if key_padding_mask is not None:
-                    np.copyto(s, -np.inf, where=key_padding_mask[b, None, None, None, lo:hi])
+                    np.copyto(s, -np.inf, where=key_padding_mask[els, None, None, None, lo:hi])
 
                 # (ATT.2)  P = softmax(S) along keys, stabilised by the row maximum m; S - m and
                 # exp(S - m) are unnamed steps in P's own buffer
@@ -230,8 +231,8 @@ def attention_forward(
                 row_sum[row_sum == 0] = 1.0  # a fully masked row stays all zeros: output 0 (ATT.11)
                 s /= row_sum
 
-                np.matmul(_rows(p4[b, ..., lo:hi], rows, whole), v[b, :, None, lo:hi],
-                          out=_rows(out4[b], rows, whole))  # (ATT.3)  O = P V over the visible keys (ATT.19)
+                np.matmul(_rows(p4[els, ..., lo:hi], rows, whole), v[els, :, None, lo:hi],
+                          out=_rows(out4[els], rows, whole))  # (ATT.3)  O = P V over the visible keys (ATT.19)
 
     blas_parallel(batch_elements, B, H * Tq * max(Tk, 1))  # batch elements on several cores
     cache = AttentionCache(q=q, k=k, v=v, probs=p, scale=scale, bias_shape=None if bias is None else tuple(bias.shape),
@@ -260,9 +261,6 @@ def _visible(i0: int, i1: int, Tq: int, Tk: int, window: Optional[int]) -> Tuple
     return lo, max(lo, hi)
 
 
-SLAB_BYTES = 1 << 20  # scores per slab of batch elements: about a core's L2 cache (0.4-3 MB measured)
-
-
 def _slabs(batch: slice, blocks: List[Tuple[int, int, int, int]], H: int, Tk: int, itemsize: int) -> List[slice]:
     """``batch`` cut into slabs of consecutive batch elements whose scores for one block of query rows
     (H x rows x Tk each) fill about SLAB_BYTES: at least one element per slab."""
@@ -272,29 +270,29 @@ def _slabs(batch: slice, blocks: List[Tuple[int, int, int, int]], H: int, Tk: in
 
 
 def _rows(x5: np.ndarray, rows: slice, whole: bool) -> np.ndarray:
-    """(b, Hkv, G, Tq, .) -> the block's rows as a stack of matrices for one product per key/value head.
+    """(e, Hkv, G, Tq, .) -> the block's rows as a stack of matrices for one product per key/value head.
 
     When the block holds every query and the G heads' rows follow one another at one stride, the
-    group is viewed as one (b, Hkv, 1, G*Tq, .) stack (a view, never a copy: products write into it),
+    group is viewed as one (e, Hkv, 1, G*Tq, .) stack (a view, never a copy: products write into it),
     so that a product over the rows sums over the group inside the BLAS call (ATT.12); otherwise
-    (b, Hkv, G, n, .), summed over G afterwards (``_sum_group``).
+    (e, Hkv, G, n, .), summed over G afterwards (``_sum_group``).
     """
-    nb, Hkv, G, Tq = x5.shape[:4]
+    ne, Hkv, G, Tq = x5.shape[:4]
     if whole and G > 1 and x5.strides[2] == Tq * x5.strides[3]:
-        return np.lib.stride_tricks.as_strided(x5, (nb, Hkv, 1, G * Tq) + x5.shape[4:],
+        return np.lib.stride_tricks.as_strided(x5, (ne, Hkv, 1, G * Tq) + x5.shape[4:],
                                                x5.strides[:2] + (0,) + x5.strides[3:], writeable=x5.flags.writeable)
     return x5[:, :, :, rows]
 
 
 def _sum_group(x: np.ndarray) -> np.ndarray:
-    """(b, Hkv, G', t, D) -> (b, Hkv, t, D): the sum over the group axis (ATT.12), a view when G' = 1."""
+    """(e, Hkv, G', t, D) -> (e, Hkv, t, D): the sum over the group axis (ATT.12), a view when G' = 1."""
     return x[:, :, 0] if x.shape[2] == 1 else x.sum(axis=2)
 
 
-def _bias_block(bias: np.ndarray, b: slice, Hkv: int, G: int, rows: slice, lo: int, hi: int) -> np.ndarray:
-    """The additive bias for batch elements b, the block's rows and keys [lo, hi), as
-    (b|1, Hkv|1, G|1, n|1, t|1)."""
-    bb = bias[b] if bias.shape[0] > 1 else bias  # (b|1, H|1, Tq|1, Tk|1)
+def _bias_block(bias: np.ndarray, els: slice, Hkv: int, G: int, rows: slice, lo: int, hi: int) -> np.ndarray:
+    """The additive bias for the batch elements ``els``, the block's rows and keys [lo, hi), as
+    (e|1, Hkv|1, G|1, n|1, t|1)."""
+    bb = bias[els] if bias.shape[0] > 1 else bias  # (e|1, H|1, Tq|1, Tk|1)
     bb = bb.reshape(bb.shape[:1] + (Hkv, G) + bb.shape[2:]) if bb.shape[1] > 1 else bb[:, None]
     keys = slice(lo, hi) if bb.shape[4] > 1 else slice(None)
     return bb[:, :, :, rows if bb.shape[3] > 1 else slice(None), keys]
@@ -329,30 +327,30 @@ def attention_backward(
     blocks = query_blocks(Tq, Tk, cache.causal, cache.window)  # as in the forward (ATT.19)
     def batch_elements(batch: slice) -> None:  # one batch element and one block of query rows at a time
         for e in range(batch.start, batch.stop):
-            b = slice(e, e + 1)  # one element, not a slab: np.einsum's row sums below then do not depend
-            # on how the batch is split (it may cut a long row into pieces set by the size of its operands)
+            els = slice(e, e + 1)  # one element, not a slab: np.einsum's row sums below then do not depend
+            # on how the batch is split (with one head and 9000 keys, a slab of two gave other bits than one)
             for i0, i1, lo, hi in blocks:
                 rows, whole = slice(i0, i1), i1 - i0 == Tq
                 if hi == lo:  # rows that see no key: dQ = 0 (ATT.11)
-                    dq4[b, :, :, rows] = 0.0
+                    dq4[els, :, :, rows] = 0.0
                     continue
-                p_mm = _rows(p4[b, ..., lo:hi], rows, whole)  # (1, Hkv, G', n', t), P of the visible keys
-                do_mm = _rows(dout4[b], rows, whole)
+                p_mm = _rows(p4[els, ..., lo:hi], rows, whole)  # (1, Hkv, G', n', t), P of the visible keys
+                do_mm = _rows(dout4[els], rows, whole)
                 # (ATT.4), summed over the query heads of each group (ATT.12) and over the query blocks
-                dv[b, :, lo:hi] += _sum_group(np.matmul(p_mm.swapaxes(-1, -2), do_mm))
-                dp = np.matmul(do_mm, v[b, :, None, lo:hi].swapaxes(-1, -2))  # (ATT.5)
+                dv[els, :, lo:hi] += _sum_group(np.matmul(p_mm.swapaxes(-1, -2), do_mm))
+                dp = np.matmul(do_mm, v[els, :, None, lo:hi].swapaxes(-1, -2))  # (ATT.5)
                 dp5 = dp.reshape(1, Hkv, G, i1 - i0, hi - lo)  # the block's rows by head, as P's
-                p_blk = p4[b, :, :, rows, lo:hi]
+                p_blk = p4[els, :, :, rows, lo:hi]
                 rowsum = np.einsum("bcgik,bcgik->bcgi", dp5, p_blk)[..., None]  # rowsum(dP * P) of (ATT.7)
                 # (ATT.7)  dS = P * (dP - rowsum): dP - rowsum is an unnamed step in dP's own buffer
                 dp5 -= rowsum
                 dp5 *= p_blk  # masked entries have P = 0, so dS = 0 there (ATT.11)
                 ds = dp  # dS, in the product layout
-                np.matmul(ds, k_scaled[b, :, None, lo:hi], out=_rows(dq4[b], rows, whole))  # (ATT.8)
+                np.matmul(ds, k_scaled[els, :, None, lo:hi], out=_rows(dq4[els], rows, whole))  # (ATT.8)
                 # (ATT.9), summed over the group (ATT.12) and over the query blocks
-                dk[b, :, lo:hi] += _sum_group(np.matmul(ds.swapaxes(-1, -2), _rows(q4[b], rows, whole)))
+                dk[els, :, lo:hi] += _sum_group(np.matmul(ds.swapaxes(-1, -2), _rows(q4[els], rows, whole)))
                 if ds5 is not None:
-                    ds5[b, :, :, rows, lo:hi] = dp5
+                    ds5[els, :, :, rows, lo:hi] = dp5
 
     blas_parallel(batch_elements, B, H * Tq * max(Tk, 1))
 

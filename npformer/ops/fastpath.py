@@ -18,7 +18,8 @@ Two devices, each with its plain form kept one setting away and tested equal to 
 One setting outside NumPy: OpenBLAS's idle worker threads spin for about 0.1 s after each matrix
 product before they sleep, holding cores the row-parallel work needs; ``quiet_blas_threads``, run
 once when this module is imported, shortens that to 2**BLAS_SPIN cycles (unless the environment
-sets ``OPENBLAS_THREAD_TIMEOUT``). The products' results do not change.
+sets ``OPENBLAS_THREAD_TIMEOUT`` or another Python thread is running). The products' results do
+not change.
 
 The defaults: ``threads`` is ``NPFORMER_NUM_THREADS`` if set, else the BLAS's own setting
 (``OPENBLAS_NUM_THREADS``, ``OMP_NUM_THREADS``), else the number of cores this process may
@@ -33,13 +34,12 @@ import contextlib
 import contextvars
 import ctypes
 import functools
+import importlib
 import os
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, List, Optional
-
-import numpy as np  # noqa: F401  (loads NumPy's BLAS, whose threads are quieted below)
 
 from ._checks import MAX_POSITION, check_count
 
@@ -252,6 +252,7 @@ _blas = _UNSET
 def _openblas_libraries() -> List[ctypes.CDLL]:
     """The OpenBLAS libraries loaded in this process, found among its shared libraries (NumPy's wheels
     bundle OpenBLAS under a prefixed name); none where there is none or no way to look (not Linux)."""
+    importlib.import_module("numpy")  # loaded with NumPy's extension modules
     try:
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps if "openblas" in line.lower() and ".so" in line}
@@ -304,11 +305,13 @@ def quiet_blas_threads() -> List[str]:
     so they are restarted here with the new one (``openblas_read_env``, ``blas_thread_shutdown_``,
     ``blas_thread_init``); the products' results do not change.
 
-    Called once, when this module is imported: it must not run while another thread is inside a
-    BLAS call. An ``OPENBLAS_THREAD_TIMEOUT`` set by the user is left as it is, and so is a BLAS
-    without its own thread server (an OpenMP build) or without these functions.
+    Called once, when this module is imported (by the first op imported), and only then if the
+    process runs no other Python thread: one inside a BLAS call while its workers are stopped
+    would hang. Where it cannot run (a notebook's kernel has threads of its own), set
+    ``OPENBLAS_THREAD_TIMEOUT=18`` before NumPy loads. A timeout set that way is left as it is,
+    and so is a BLAS without its own thread server (an OpenMP build) or without these functions.
     """
-    if "OPENBLAS_THREAD_TIMEOUT" in os.environ:
+    if "OPENBLAS_THREAD_TIMEOUT" in os.environ or threading.active_count() > 1:
         return []
     changed = []
     for lib in _openblas_libraries():
