@@ -224,6 +224,11 @@ def blas_parallel(fn: Callable[[slice], None], n_rows: int, row_size: int = 1) -
     batch element per row): the BLAS runs one thread per call meanwhile, so that the threads here,
     not the BLAS's, share the cores. Without a BLAS whose thread count can be set (see
     ``_blas_threads``), the rows run in one call on the calling thread.
+
+    On one thread (``threads=1``, or one row's work) the BLAS keeps its own threads. Where its
+    product on several threads differs in the last bits from its product on one (OpenBLAS does,
+    for products large enough to be split), results then differ by that much between the two
+    forms; the tests compare them bit for bit on products the BLAS does not split.
     """
     control = _blas_threads()
     if _threads_for(n_rows, n_rows * row_size) <= 1 or control is None:
