@@ -492,7 +492,7 @@ def _check(q, k, v):
             raise ValueError(f"flash_attention: argument '{name}' expected dtype {q.dtype} on {q.device}, "
                              f"got {x.dtype} on {x.device}")
     B, H, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     if k.shape[0] != B or k.shape[3] != D:
         raise ValueError(f"flash_attention: argument 'k' expected shape ({B}, *, *, {D}), got {tuple(k.shape)}")
     if v.shape != k.shape:
