@@ -12,6 +12,9 @@ Reported in one run, on one machine, with one thread count:
   the twin's MFU against the matmul FLOP/s torch reaches, measured the same way, so that the
   two engines' utilisation of their own matmul stands side by side; the two steps take turns,
   round after round, and each figure is a median over the rounds;
+- the matrix products of the step's linear layers alone (forward and backward, at the step's own
+  shapes), in NumPy and in torch taking turns: the two BLAS compared where the step uses them, since
+  their speeds at one large square product can differ from those at the step's thin ones;
 - which BLAS NumPy runs, and with how many threads (threadpoolctl, if installed).
 
 ``--json`` ends the output with one JSON line holding all of it. ``--profile`` prints instead
@@ -25,7 +28,7 @@ import os
 import platform
 import time
 from dataclasses import asdict
-from typing import Dict, List
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -66,6 +69,43 @@ def blas_info() -> Dict[str, object]:
     return {k: info[0].get(k) for k in ("internal_api", "version", "architecture", "num_threads")} if info else {}
 
 
+def linear_shapes(cfg: GPTConfig, batch: int) -> List[Tuple[int, int, int, int]]:
+    """(rows, inputs, outputs, count) of the linear layers one step of ``cfg`` runs on ``batch``
+    sequences: per block q, k and v as one (D -> 3D), the output projection (D -> D) and the MLP's two
+    (D -> 4D, 4D -> D); the tied head (D -> vocabulary) once."""
+    n, d, layers = batch * cfg.block_size, cfg.d_model, cfg.n_layer
+    return [(n, d, 3 * d, layers), (n, d, d, layers), (n, d, 4 * d, layers), (n, 4 * d, d, layers),
+            (n, d, cfg.vocab_size, 1)]
+
+
+def products_step(shapes: List[Tuple[int, int, int, int]], array: Callable, matmul: Callable) -> Callable[[], None]:
+    """A function making the three products of each linear layer of ``shapes`` (``linear_shapes``):
+    y = x W^T, dx = dy W and dW = dy^T x, ``count`` times each. ``array(shape)`` makes a float32 array
+    of an engine and ``matmul(a, b, out)`` multiplies in it, so that NumPy and torch run the same
+    products into preallocated outputs. Each shape's arrays are made once and reused ``count`` times:
+    the shapes' arrays together (about 200 MB per block at the reference config) outgrow the caches."""
+    sets = []
+    for n, din, dout, count in shapes:
+        x, W, dy = array((n, din)), array((dout, din)), array((n, dout))
+        sets.append((count, x, W, dy, array((n, dout)), array((n, din)), array((dout, din))))
+
+    def step() -> None:
+        for count, x, W, dy, y, dx, dW in sets:
+            for _ in range(count):
+                matmul(x, W.T, y)  # (LIN.1)
+                matmul(dy, W, dx)  # (LIN.3)
+                matmul(dy.T, x, dW)  # (LIN.4)
+
+    return step
+
+
+def numpy_products(shapes: List[Tuple[int, int, int, int]]) -> Callable[[], None]:
+    """``products_step`` in NumPy."""
+    rng = np.random.default_rng(0)
+    return products_step(shapes, lambda shape: rng.standard_normal(shape, dtype=np.float32),
+                         lambda a, b, out: np.matmul(a, b, out=out))
+
+
 WARMUP = 3  # untimed steps first: the allocator's heap and the BLAS threads reach their steady state
 
 
@@ -87,10 +127,19 @@ def make_step(cfg: GPTConfig, batch: int):
     return step
 
 
-def torch_step(cfg: GPTConfig, batch: int):
-    """(the torch twin's training step as a function, its facts, a function measuring torch's matmul
-    FLOP/s again), or None without torch. The twin lives with the other torch code
-    (``kernels/twins/gpt.py``) and is imported by name, only here, so the engine never imports torch."""
+class Twin(NamedTuple):
+    """The torch side of the bench."""
+
+    step: Callable[[], None]  # the twin's training step
+    facts: Dict[str, object]  # torch's version, threads, BLAS and matmul FLOP/s (``common.torch_facts``)
+    matmul_flops: Callable[[], float]  # measures torch's matmul FLOP/s again
+    products: Callable[[List[Tuple[int, int, int, int]]], Callable[[], None]]  # ``products_step`` in torch
+
+
+def torch_step(cfg: GPTConfig, batch: int) -> Optional[Twin]:
+    """The torch twin's step and facts (``Twin``), or None without torch. The twin lives with the other
+    torch code (``kernels/twins/gpt.py``) and is imported by name, only here, so the engine never
+    imports torch."""
     import importlib
     import importlib.util
 
@@ -100,7 +149,7 @@ def torch_step(cfg: GPTConfig, batch: int):
     common = importlib.import_module("kernels.twins.common")
     threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
     step = twin.make_training_step(asdict(cfg), batch, threads=threads)
-    return step, common.torch_facts(), common.matmul_flops
+    return Twin(step, common.torch_facts(), common.matmul_flops, common.products)
 
 
 def interleaved(steps_by_engine: Dict[str, object], rounds: int, warmup: int = WARMUP) -> Dict[str, List[float]]:
@@ -134,16 +183,31 @@ def run(cfg: GPTConfig = REFERENCE, batch: int = 16, steps: int = 5, torch_twin:
     twin = torch_step(cfg, batch) if torch_twin else None
     engines = {"npformer": make_step(cfg, batch)}
     if twin is not None:
-        engines["torch"] = twin[0]
+        engines["torch"] = twin.step
     times = interleaved(engines, steps)
+    # the linear layers' products alone, in each engine, taking turns as the steps did
+    shapes = linear_shapes(cfg, batch)
+    products = {"npformer": numpy_products(shapes)}
+    if twin is not None:
+        products["torch"] = twin.products(shapes)
+    product_times = interleaved(products, steps, warmup=1)
+    del products
     # Each engine's matmul speed once more after the rounds, the better of the two kept: a slow moment
     # of the machine during one measurement cannot make a utilisation look higher than it is.
     peak = max(peak, matmul_flops())
     log(f"numpy float32 matmul: {peak / 1e9:.0f} GFLOP/s ({blas_info()})")
     if twin is not None:
-        twin[1]["matmul_flops"] = max(twin[1]["matmul_flops"], twin[2]())
-        log(f"torch float32 matmul: {twin[1]['matmul_flops'] / 1e9:.0f} GFLOP/s (BLAS {twin[1]['blas']}, "
-            f"{twin[1]['threads']} threads)")
+        twin.facts["matmul_flops"] = max(twin.facts["matmul_flops"], twin.matmul_flops())
+        log(f"torch float32 matmul: {twin.facts['matmul_flops'] / 1e9:.0f} GFLOP/s (BLAS {twin.facts['blas']}, "
+            f"{twin.facts['threads']} threads)")
+    t_products = {name: float(np.median(t)) for name, t in product_times.items()}
+    if twin is not None:
+        log(f"the step's linear-layer products alone (forward and backward, at its shapes): NumPy "
+            f"{t_products['npformer'] * 1e3:.0f} ms, torch {t_products['torch'] * 1e3:.0f} ms; NumPy's "
+            f"{t_products['torch'] / t_products['npformer']:.2f}x torch's speed")
+    else:
+        log(f"the step's linear-layer products alone (forward and backward, at its shapes): NumPy "
+            f"{t_products['npformer'] * 1e3:.0f} ms")
     t_np = float(np.median(times["npformer"]))
     flops_per_token = cfg.flops_per_token()
     result: Dict[str, object] = {
@@ -156,6 +220,7 @@ def run(cfg: GPTConfig = REFERENCE, batch: int = 16, steps: int = 5, torch_twin:
         "blas": blas_info(),
         "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__},
         "fastpath": {"threads": fastpath.num_threads(), "causal_block": fastpath.causal_block()},
+        "products_s": t_products["npformer"],
     }
     log(f"npformer: {result['tokens_per_s']:,.0f} tok/s ({t_np * 1e3:.0f} ms/step), MFU {result['mfu']:.1%} "
         f"of NumPy's matmul")
@@ -164,14 +229,16 @@ def run(cfg: GPTConfig = REFERENCE, batch: int = 16, steps: int = 5, torch_twin:
     result["torch_step_s"] = t_torch
     result["torch_tokens_per_s"] = None if t_torch is None else tokens / t_torch
     result["ratio_vs_torch"] = None if t_torch is None else t_torch / t_np
-    result["torch_matmul_flops"] = None if twin is None else twin[1]["matmul_flops"]
-    result["torch_mfu"] = None if twin is None else flops_per_token * tokens / t_torch / twin[1]["matmul_flops"]
+    result["torch_matmul_flops"] = None if twin is None else twin.facts["matmul_flops"]
+    result["torch_mfu"] = None if twin is None else flops_per_token * tokens / t_torch / twin.facts["matmul_flops"]
     # how far the engines' matmuls themselves differ here: the step ratio compares engines only where it is near 1
-    result["matmul_ratio_vs_torch"] = None if twin is None else peak / twin[1]["matmul_flops"]
+    result["matmul_ratio_vs_torch"] = None if twin is None else peak / twin.facts["matmul_flops"]
+    result["torch_products_s"] = None if twin is None else t_products["torch"]
+    result["products_ratio_vs_torch"] = None if twin is None else t_products["torch"] / t_products["npformer"]
     if twin is not None:
-        result["machine"]["torch"] = twin[1]["torch"]
-        result["machine"]["torch_threads"] = twin[1]["threads"]
-        result["machine"]["torch_blas"] = twin[1]["blas"]
+        result["machine"]["torch"] = twin.facts["torch"]
+        result["machine"]["torch_threads"] = twin.facts["threads"]
+        result["machine"]["torch_blas"] = twin.facts["blas"]
         log(f"torch twin: {result['torch_tokens_per_s']:,.0f} tok/s ({t_torch * 1e3:.0f} ms/step), MFU "
             f"{result['torch_mfu']:.1%} of torch's matmul; npformer / torch = {result['ratio_vs_torch']:.2f}x "
             f"(medians of {steps} rounds taking turns), with NumPy's matmul {result['matmul_ratio_vs_torch']:.2f}x "

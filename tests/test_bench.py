@@ -3,6 +3,8 @@
 import json
 import platform
 
+import numpy as np
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -150,3 +152,50 @@ def test_each_engines_matmul_speed_is_the_better_of_a_measurement_before_and_aft
     assert lines[0].startswith("numpy float32 matmul: 3 GFLOP/s") and lines[1].startswith("torch float32 matmul: 5 ")
     tokens = 2 * TINY.block_size
     assert abs(result["mfu"] - TINY.flops_per_token() * tokens / result["step_s"] / 3e9) <= 1e-12 * result["mfu"]
+
+
+def test_linear_shapes_count_every_product_of_the_step():
+    """The linear layers' shapes carry the step's weight FLOPs: 3 products of 2 N Din Dout FLOPs per
+    layer, which with attention's 2 T D per layer and position make up ``flops_per_token``."""
+    from npformer.bench import linear_shapes
+
+    for cfg, batch in ((REFERENCE, 16), (TINY, 3)):
+        shapes = linear_shapes(cfg, batch)
+        tokens = batch * cfg.block_size
+        assert all(n == tokens for n, _, _, _ in shapes)
+        weight_flops = sum(3 * 2 * n * din * dout * count for n, din, dout, count in shapes)
+        attention_flops = 3 * 2 * cfg.n_layer * 2 * cfg.block_size * cfg.d_model * tokens
+        assert weight_flops + attention_flops == cfg.flops_per_token() * tokens
+
+
+def test_products_step_makes_the_three_products_of_each_layer():
+    """``products_step`` computes y = x W^T, dx = dy W and dW = dy^T x into its outputs, ``count`` times."""
+    from npformer.bench import products_step
+
+    made, calls = [], []
+    rng = np.random.default_rng(1)
+
+    def array(shape):
+        made.append(rng.standard_normal(shape))
+        return made[-1]
+
+    def matmul(a, b, out):
+        calls.append(out.shape)
+        np.matmul(a, b, out=out)
+
+    step = products_step([(5, 3, 4, 2), (5, 4, 2, 1)], array, matmul)
+    step()
+    assert calls == [(5, 4), (5, 3), (4, 3)] * 2 + [(5, 2), (5, 4), (2, 4)]
+    x, W, dy, y, dx, dW = made[:6]
+    np.testing.assert_array_equal(y, x @ W.T)
+    np.testing.assert_array_equal(dx, dy @ W)
+    np.testing.assert_array_equal(dW, dy.T @ x)
+
+
+def test_run_compares_the_linear_products_of_the_two_engines():
+    lines = []
+    result = run(TINY, batch=2, steps=2, log=lines.append)
+    assert result["products_s"] > 0 and result["torch_products_s"] > 0
+    assert result["products_ratio_vs_torch"] == result["torch_products_s"] / result["products_s"]
+    assert any(line.startswith("the step's linear-layer products alone") and
+               line.endswith(f"NumPy's {result['products_ratio_vs_torch']:.2f}x torch's speed") for line in lines)

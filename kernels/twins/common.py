@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from npformer.bench import best_seconds, interleaved
+from npformer.bench import best_seconds, interleaved, products_step
 
 
 class TwinModel(nn.Module):
@@ -78,6 +78,13 @@ def matmul_flops(n: int = 1024, seconds: float = 1.0) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     out = torch.empty(n, n)
     return 2 * n**3 / best_seconds(lambda: torch.matmul(a, b, out=out), seconds)
+
+
+def products(shapes) -> Callable[[], None]:
+    """``npformer.bench.products_step`` in torch: the same linear-layer products, in torch's BLAS."""
+    generator = torch.Generator().manual_seed(0)
+    return products_step(shapes, lambda shape: torch.randn(shape, generator=generator),
+                         lambda a, b, out: torch.matmul(a, b, out=out))
 
 
 def hidden_keys(T: int, prefix_len=None, window=None) -> torch.Tensor:
