@@ -22,6 +22,7 @@ from ..nn.lm import IGNORE_INDEX, check_kv_length, check_lm_inputs, prefix_lm_bi
 from ..nn.module import Module, ModuleList, atomic
 from ..ops._checks import MAX_POSITION, check_bool, check_count, check_float, check_ndim, check_real
 from ..ops.cross_entropy import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
+from ..ops.fastpath import add
 from ..ops.linear import LinearCache, linear_backward, linear_forward
 
 
@@ -93,9 +94,9 @@ class Block(Module):
         check_ndim("Block.forward", "x", x, 3)
         check_features("Block.forward", "x", x, self.ln_1.weight.shape[0], self.ln_1.weight.data.dtype)
         a = self.attn.forward(self.ln_1.forward(x), causal=mask_bias is None, kv_cache=kv_cache, bias=mask_bias)
-        x = x + self.drop_1.forward(a)
+        x = add(x, self.drop_1.forward(a))  # residual sums on several cores (fastpath.add): x + ...
         m = self.mlp.forward(self.ln_2.forward(x))
-        x = x + self.drop_2.forward(m)
+        x = add(x, self.drop_2.forward(m))
         self.save_cache(BlockCache(out_shape=x.shape))  # the residual stream needs nothing else
         self.record("out", x)
         return x
@@ -107,10 +108,10 @@ class Block(Module):
         self.pop_cache()
         dm = self.drop_2.backward(dout)  # into the MLP branch
         dh_2 = self.mlp.backward(dm)  # into ln_2's output
-        dx_mid = dout + self.ln_2.backward(dh_2)  # residual: the identity path plus the MLP path
+        dx_mid = add(dout, self.ln_2.backward(dh_2))  # residual: the identity path plus the MLP path
         da = self.drop_1.backward(dx_mid)  # into the attention branch
         dh_1 = self.attn.backward(da)  # into ln_1's output
-        dx = dx_mid + self.ln_1.backward(dh_1)  # residual again
+        dx = add(dx_mid, self.ln_1.backward(dh_1))  # residual again
         self.record("dx", dx)
         return dx
 

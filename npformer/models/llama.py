@@ -42,6 +42,7 @@ from ..nn.moe import MoEMLP
 from ..nn.module import Module, ModuleList, atomic
 from ..ops._checks import MAX_POSITION, check_bool, check_count, check_float, check_ndim, check_real
 from ..ops.cross_entropy import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
+from ..ops.fastpath import add
 from ..ops.linear import LinearCache, linear_backward, linear_forward
 from ..ops.moe import LoadBalanceCache, load_balancing_loss_backward, load_balancing_loss_forward
 
@@ -189,9 +190,9 @@ class LlamaDecoderLayer(Module):
         check_features(op, "x", x, norm.shape[0], norm.data.dtype)
         a = self.self_attn.forward(self.input_layernorm.forward(x), causal=mask_bias is None, kv_cache=kv_cache,
                                    bias=mask_bias)
-        h = x + a
+        h = add(x, a)  # residual sums on several cores (fastpath.add): x + a
         m = self.mlp.forward(self.post_attention_layernorm.forward(h))
-        out = h + m
+        out = add(h, m)
         self.save_cache(DecoderLayerCache(out_shape=out.shape))  # the residual stream needs nothing else
         self.record("out", out)
         return out
@@ -209,9 +210,9 @@ class LlamaDecoderLayer(Module):
             dm_in = self.mlp.backward(dout, drouter_probs)  # into post_attention_layernorm's output
         else:
             dm_in = self.mlp.backward(dout)  # into post_attention_layernorm's output
-        dh = dout + self.post_attention_layernorm.backward(dm_in)  # residual: identity path plus MLP path
+        dh = add(dout, self.post_attention_layernorm.backward(dm_in))  # residual: identity path plus MLP path
         da_in = self.self_attn.backward(dh)  # into input_layernorm's output
-        dx = dh + self.input_layernorm.backward(da_in)  # residual again
+        dx = add(dh, self.input_layernorm.backward(da_in))  # residual again
         self.record("dx", dx)
         return dx
 

@@ -602,3 +602,40 @@ def test_idle_blas_threads_sleep_soon_and_a_users_timeout_is_kept():
     assert quiet["spin_s"] <= 0.03, quiet
     busy = _idle_spin(thread=True)  # another Python thread running: the BLAS's threads are left alone
     assert busy["quieted"] == [] and busy["timeout"] == [0] * len(busy["timeout"]), busy  # 0: never read
+
+
+@given(rng=rngs(), shape=st.sampled_from([(2, 3, 5), (7, 1, 130), (1, 1031), (300, 2), (3, 0, 4), (5,)]),
+       dtype=st.sampled_from([np.float32, np.float64, np.int64]),
+       layout=st.sampled_from(["contiguous", "transposed", "strided"]), extreme=st.booleans())
+def test_add_is_numpys_sum_bit_for_bit(rng, shape, dtype, layout, extreme):
+    """``fastpath.add`` (the residual sums) is ``a + b`` on one thread and on several, for any layout and
+    dtype, in float32 at the edge of overflow too (inf, and nan from inf - inf, where NumPy gives them)."""
+    def draw():
+        a = rng.standard_normal(shape) * (3e38 if extreme else 1.0)
+        a = a.astype(dtype) if dtype is not np.int64 else rng.integers(-9, 9, shape)
+        if layout == "transposed":
+            return np.ascontiguousarray(a.T).T
+        if layout == "strided":
+            return np.repeat(a, 2, axis=-1)[..., ::2]
+        return a
+
+    with np.errstate(over="ignore", invalid="ignore"):  # float32 at 3e38: inf where NumPy makes it
+        a, b = draw(), draw()
+        if extreme and dtype is np.float32 and a.size:
+            a.flat[0], b.flat[0] = np.inf, -np.inf
+        want = a + b
+        flat = a.flags.c_contiguous and b.flags.c_contiguous  # blocks of elements; else of the first axis
+        plain, fast = _both_forms(lambda: (fastpath.add(a, b),), rows=a.size if flat else a.shape[0])
+    _assert_identical((want,), plain)
+    _assert_identical((want,), fast)
+    assert fast[0].flags.c_contiguous
+
+
+@pytest.mark.parametrize("a, b", [(np.ones((2, 3)), np.ones(3)), (np.ones((2, 3), np.float32), np.ones((2, 3))),
+                                  (np.float32(2), np.float32(3)), (np.ones((2, 3)), 1.5),
+                                  (np.ma.masked_array(np.ones(3), [0, 1, 0]), np.ones(3))])
+def test_add_of_anything_else_is_numpys_own(a, b):
+    """Broadcasting, mixed dtypes, scalars and subclasses go to NumPy's ``a + b`` unchanged."""
+    got, want = fastpath.add(a, b), a + b
+    assert type(got) is type(want) and np.asarray(got).dtype == np.asarray(want).dtype
+    np.testing.assert_array_equal(got, want)
