@@ -9,8 +9,9 @@ Two devices, each with its plain form kept one setting away and tested equal to 
   is the plain form: one block of every query against every key.
 - **Row-parallel elementwise work** (``threads``): NumPy releases the GIL inside its ufunc
   loops, so independent row blocks of an elementwise or row-wise computation (GELU, layer
-  norm, RMSNorm, the optimizer's update) run at once on different cores, while the matrix
-  products are already spread over the cores by the BLAS. ``row_parallel(fn, n)`` calls ``fn(rows)``
+  norm, RMSNorm, the residual sums of ``add``, the optimizer's update) run at once on
+  different cores, while the matrix products are already spread over the cores by the
+  BLAS. ``row_parallel(fn, n)`` calls ``fn(rows)``
   for a few contiguous slices covering ``range(n)``, on a small pool of threads. Every row
   is computed by the same instructions whichever thread runs it, so the result is bit for
   bit the one of ``threads=1``, the plain form.
