@@ -140,6 +140,16 @@ def torch_step(cfg: GPTConfig, batch: int) -> Optional[Twin]:
     """The torch twin's step and facts (``Twin``), or None without torch. The twin lives with the other
     torch code (``kernels/twins/gpt.py``) and is imported by name, only here, so the engine never
     imports torch."""
+    made = twin_training_step(cfg, batch)
+    if made is None:
+        return None
+    step, common = made
+    return Twin(step, common.torch_facts(), common.matmul_flops, common.products)
+
+
+def twin_training_step(cfg: GPTConfig, batch: int):
+    """(the torch twin's training step of ``cfg`` on ``batch`` sequences, the module ``kernels.twins.common``),
+    or None without torch; torch's threads: ``OMP_NUM_THREADS``, else every core."""
     import importlib
     import importlib.util
 
@@ -148,8 +158,7 @@ def torch_step(cfg: GPTConfig, batch: int) -> Optional[Twin]:
     twin = importlib.import_module("kernels.twins.gpt")
     common = importlib.import_module("kernels.twins.common")
     threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
-    step = twin.make_training_step(asdict(cfg), batch, threads=threads)
-    return Twin(step, common.torch_facts(), common.matmul_flops, common.products)
+    return twin.make_training_step(asdict(cfg), batch, threads=threads), common
 
 
 def interleaved(steps_by_engine: Dict[str, object], rounds: int, warmup: int = WARMUP) -> Dict[str, List[float]]:
@@ -257,7 +266,7 @@ def main(args) -> int:
         from .bench_profile import format_table, profile_step
 
         reuse_freed_memory()
-        table = profile_step(cfg, batch=args.batch, steps=args.steps)
+        table = profile_step(cfg, batch=args.batch, steps=args.steps, twin=not args.no_torch)
         print(format_table(table))
         if args.json:
             print(json.dumps(table))

@@ -17,6 +17,12 @@ the time each call path took. Matrix products are inside the ops that make them 
 is almost all matmul; ``attention`` holds its own products), and threads' work shows as the
 calling thread's wait. The profiler costs a few percent; the table's total is the profiled
 step, printed beside the unprofiled one.
+
+With torch installed (and ``twin`` on), the torch twin's step is profiled the same way by
+torch's own profiler (``kernels.twins.common.profile_training_step``: each operator's own time
+goes to the family it serves, torch's glue of adds and copies to ``layer code``), and its
+milliseconds per family stand in a last column, so that the two engines' steps can be read
+family by family.
 """
 
 from __future__ import annotations
@@ -82,44 +88,80 @@ def attribute(stats: pstats.Stats) -> Dict[Tuple[str, str], float]:
     return seconds
 
 
-def profile_step(cfg, batch: int, steps: int, warmup: int = 3) -> Dict[str, object]:
-    """Profile ``steps`` training steps of ``cfg`` (after ``warmup``): rows of seconds per step by family."""
-    from .bench import make_step
+def _timed(step, steps: int) -> float:
+    """Seconds per call of ``steps`` calls of ``step``."""
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - t) / steps
 
-    step = make_step(cfg, batch)
-    for _ in range(warmup):
-        step()
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    plain = (time.perf_counter() - t) / steps
-    profiler = cProfile.Profile()
-    t = time.perf_counter()
-    profiler.enable()
-    for _ in range(steps):
-        step()
-    profiler.disable()
-    profiled = (time.perf_counter() - t) / steps
-    seconds = attribute(pstats.Stats(profiler))
+
+def _rows(seconds: Dict[Tuple[str, str], float], steps: int) -> List[Dict[str, object]]:
+    """Seconds per step by family and direction, the families with the most time first."""
     families = sorted({f for f, _ in seconds}, key=lambda f: -sum(seconds.get((f, d), 0.0) for d in DIRECTIONS))
     rows: List[Dict[str, object]] = []
     for family in families:
         per = {d: seconds.get((family, d), 0.0) / steps for d in DIRECTIONS}
         rows.append({"family": family, **per, "total": sum(per.values())})
-    return {"rows": rows, "step_s": plain, "profiled_step_s": profiled,
-            "attributed_s": float(np.sum([r["total"] for r in rows]))}
+    return rows
+
+
+def profile_step(cfg, batch: int, steps: int, warmup: int = 3, twin: bool = False) -> Dict[str, object]:
+    """Profile ``steps`` training steps of ``cfg`` (after ``warmup``): rows of seconds per step by family;
+    with ``twin`` and torch installed, the torch twin's too, under ``"twin"`` (else that is None)."""
+    from .bench import make_step, twin_training_step
+
+    step = make_step(cfg, batch)
+    for _ in range(warmup):
+        step()
+    plain = _timed(step, steps)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    profiled = _timed(step, steps)
+    profiler.disable()
+    rows = _rows(attribute(pstats.Stats(profiler)), steps)
+    result = {"rows": rows, "step_s": plain, "profiled_step_s": profiled,
+              "attributed_s": float(np.sum([r["total"] for r in rows])), "twin": None}
+    made = twin_training_step(cfg, batch) if twin else None
+    if made is not None:
+        twin_step, common = made
+        for _ in range(warmup):
+            twin_step()
+        twin_plain = _timed(twin_step, steps)
+        seconds, wall = common.profile_training_step(twin_step, steps)
+        twin_rows = _rows(seconds, steps)
+        result["twin"] = {"rows": twin_rows, "step_s": twin_plain, "profiled_step_s": wall / steps,
+                          "attributed_s": float(np.sum([r["total"] for r in twin_rows]))}
+    return result
 
 
 def format_table(result: Dict[str, object]) -> str:
-    """The profile as a Markdown table: ms per step by family and direction, and share of the step."""
-    total = result["attributed_s"]
-    lines = ["| op family | forward ms | backward ms | update ms | total ms | share |",
-             "|---|---:|---:|---:|---:|---:|"]
+    """The profile as a Markdown table: ms per step by family and direction, and share of the step; with
+    the twin's profile, a last column of the twin's ms per family (its families npformer lacks below)."""
+    total, twin = result["attributed_s"], result.get("twin")
+    twin_ms = {} if twin is None else {r["family"]: r["total"] * 1e3 for r in twin["rows"]}
+    last = " torch twin ms |" if twin is not None else ""
+    lines = ["| op family | forward ms | backward ms | update ms | total ms | share |" + last,
+             "|---|---:|---:|---:|---:|---:|" + ("---:|" if twin is not None else "")]
+
+    def twin_cell(family: str) -> str:
+        if twin is None:
+            return ""
+        return f" {twin_ms[family]:.1f} |" if family in twin_ms else " |"
+
     for r in result["rows"]:
         lines.append(f"| {r['family']} | {r['forward'] * 1e3:.1f} | {r['backward'] * 1e3:.1f} | "
-                     f"{r['update'] * 1e3:.1f} | {r['total'] * 1e3:.1f} | {r['total'] / total:.1%} |")
-    lines.append(f"| **step** | | | | **{total * 1e3:.1f}** | 100% |")
+                     f"{r['update'] * 1e3:.1f} | {r['total'] * 1e3:.1f} | {r['total'] / total:.1%} |"
+                     + twin_cell(r["family"]))
+    ours = {r["family"] for r in result["rows"]}
+    for family in (f for f in twin_ms if f not in ours):
+        lines.append(f"| {family} | | | | | |" + twin_cell(family))
+    lines.append(f"| **step** | | | | **{total * 1e3:.1f}** | 100% |"
+                 + ("" if twin is None else f" **{twin['attributed_s'] * 1e3:.1f}** |"))
     lines.append("")
     lines.append(f"Profiled step {result['profiled_step_s'] * 1e3:.0f} ms; the same step unprofiled "
                  f"{result['step_s'] * 1e3:.0f} ms.")
+    if twin is not None:
+        lines.append(f"The torch twin's profiled step {twin['profiled_step_s'] * 1e3:.0f} ms; unprofiled "
+                     f"{twin['step_s'] * 1e3:.0f} ms.")
     return "\n".join(lines)

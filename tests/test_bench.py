@@ -121,6 +121,29 @@ def test_profile_attributes_the_step_to_op_families(capsys):
     assert totals == sorted(totals, reverse=True)
 
 
+def test_profile_of_the_twin_attributes_its_step_to_the_same_families():
+    """With ``twin=True`` the torch twin's step is profiled too: its operators land in npformer's families
+    (matrix products in linear, the fused attention in attention, AdamW's in optimizer...), each row's
+    directions add up to its total, and the rows to about the profiled step."""
+    from npformer.bench_profile import DIRECTIONS, format_table, profile_step
+
+    result = profile_step(TINY, batch=2, steps=2, warmup=1, twin=True)
+    twin = result["twin"]
+    by = {r["family"]: r for r in twin["rows"]}
+    assert {"linear", "attention", "layernorm", "activations", "optimizer", "cross_entropy"} <= set(by)
+    for r in twin["rows"]:
+        assert abs(r["total"] - sum(r[d] for d in DIRECTIONS)) <= 1e-12 * max(r["total"], 1e-30)
+    assert by["optimizer"]["update"] > 0 and by["optimizer"]["forward"] == by["optimizer"]["backward"] == 0
+    assert by["linear"]["forward"] > 0 and by["linear"]["backward"] > 0 and by["linear"]["update"] == 0
+    assert 0.3 * twin["profiled_step_s"] <= twin["attributed_s"] <= 1.05 * twin["profiled_step_s"]
+    table = format_table(result).splitlines()
+    assert table[0].endswith("| torch twin ms |")
+    linear = next(line for line in table if line.startswith("| linear |"))
+    assert linear.endswith(f" {by['linear']['total'] * 1e3:.1f} |")
+    assert table[-1].startswith("The torch twin's profiled step")
+    assert profile_step(TINY, batch=1, steps=1, warmup=1)["twin"] is None  # off unless asked
+
+
 def test_profile_flag_prints_the_table(capsys):
     assert cli_main(["bench", "--profile", "--steps", "1", "--batch", "1", "--n-layer", "1", "--d-model", "16",
                      "--n-head", "2", "--block-size", "8", "--json"]) == 0
@@ -129,6 +152,11 @@ def test_profile_flag_prints_the_table(capsys):
     assert any(line.startswith("| linear |") for line in out) and any("**step**" in line for line in out)
     data = json.loads(out[-1])
     assert {r["family"] for r in data["rows"]} >= {"linear", "attention"}
+    assert out[0].endswith("| torch twin ms |") and {r["family"] for r in data["twin"]["rows"]} >= {"linear"}
+    assert cli_main(["bench", "--profile", "--steps", "1", "--batch", "1", "--n-layer", "1", "--d-model", "16",
+                     "--n-head", "2", "--block-size", "8", "--no-torch"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].endswith("| share |") and "twin" not in out[-1]
 
 
 def test_profile_does_not_combine_with_inference(capsys):

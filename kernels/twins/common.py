@@ -10,7 +10,8 @@ timed steps after ``warmup``.
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+import time
+from typing import Callable, Dict, Tuple
 
 import numpy as np
 import torch
@@ -109,3 +110,53 @@ def torch_facts() -> Dict[str, object]:
             blas = line.split("BLAS_INFO=")[1].split(",")[0].strip()
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "matmul_flops": matmul_flops(),
             "blas": blas}
+
+
+# torch's operators (and the autograd nodes that call them) by the npformer op family they belong to;
+# an operator not named here (adds, copies, views, sums: the model's glue) takes the family of the
+# first named operator above it, else "layer code"
+_TORCH_FAMILIES = (
+    ("linear", ("aten::mm", "aten::addmm", "aten::bmm", "aten::mv", "aten::addmv", "AddmmBackward0",
+                "MmBackward0", "BmmBackward0")),
+    ("attention", ("scaled_dot_product",)),
+    ("activations", ("aten::gelu", "GeluBackward")),
+    ("layernorm", ("layer_norm", "LayerNormBackward")),
+    ("embedding", ("aten::embedding", "EmbeddingBackward", "aten::index", "IndexBackward", "aten::_index_put_impl_")),
+    ("cross_entropy", ("cross_entropy", "log_softmax", "nll_loss", "LogSoftmaxBackward", "NllLossBackward")),
+)
+
+
+def _torch_family(name: str):
+    for family, keys in _TORCH_FAMILIES:
+        if any(key in name for key in keys):
+            return family
+    return None
+
+
+def profile_training_step(step: Callable[[], None], steps: int) -> Tuple[Dict[Tuple[str, str], float], float]:
+    """Seconds of ``steps`` calls of a twin's training step per (op family, direction), by torch's profiler,
+    and the profiled calls' wall seconds. Each operator's own CPU time goes to its family
+    (``_TORCH_FAMILIES``, or that of the first operator above it with one), in the direction of the call it
+    is under: ``update`` under the optimizer's step, ``backward`` under an autograd node, else ``forward``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        wall = time.perf_counter() - t
+    seconds: Dict[Tuple[str, str], float] = {}
+    for event in prof.events():
+        family, direction, node = _torch_family(event.name), "forward", event
+        while node is not None:
+            if family is None:
+                family = _torch_family(node.name)
+            if node.name.startswith("Optimizer.step"):
+                direction = "update"
+            elif direction == "forward" and node.name.startswith("autograd::engine::evaluate_function"):
+                direction = "backward"
+            node = node.cpu_parent
+        family = "optimizer" if direction == "update" else family or "layer code"
+        key = (family, direction)
+        seconds[key] = seconds.get(key, 0.0) + event.self_cpu_time_total * 1e-6
+    return seconds, wall
