@@ -2,9 +2,9 @@
 
 Reported in one run, on one machine, with one thread count:
 
-- tokens/s of npformer (float32 by default);
+- tokens/s of npformer (float32 by default; every figure below is in the config's dtype);
 - model-FLOP utilisation: achieved matmul FLOP/s (``flops_per_token`` x tokens/s)
-  over the float32 matmul FLOP/s NumPy reaches on this machine, measured here;
+  over the matmul FLOP/s NumPy reaches on this machine, measured here;
 - the fast path's settings (``npformer.ops.fastpath``: threads, causal block);
 - the same step in a torch CPU twin of the same config (if torch is installed and
   ``torch_twin`` is on, i.e. no ``--no-torch``) and the ratio npformer / torch; the
@@ -23,6 +23,7 @@ where npformer's step goes, by op family (``npformer.bench_profile``).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -79,11 +80,12 @@ def linear_shapes(cfg: GPTConfig, batch: int) -> List[Tuple[int, int, int, int]]
 
 
 def products_step(shapes: List[Tuple[int, int, int, int]], array: Callable, matmul: Callable) -> Callable[[], None]:
-    """A function making the three products of each linear layer of ``shapes`` (``linear_shapes``):
-    y = x W^T, dx = dy W and dW = dy^T x, ``count`` times each. ``array(shape)`` makes a float32 array
-    of an engine and ``matmul(a, b, out)`` multiplies in it, so that NumPy and torch run the same
-    products into preallocated outputs. Each shape's arrays are made once and reused ``count`` times:
-    the shapes' arrays together (about 200 MB per block at the reference config) outgrow the caches."""
+    """A function making the three weight products of each linear layer of ``shapes`` (``linear_shapes``):
+    y = x W^T, dx = dy W and dW = dy^T x, ``count`` times each (the bias gradient's row sum is left out).
+    ``array(shape)`` makes an array of an engine and ``matmul(a, b, out)`` multiplies in it, so that
+    NumPy and torch run the same products into preallocated outputs. Each shape's arrays are made once
+    and reused by every layer of that shape: together (215 MB in float32 at the reference config, 230
+    MB with the head's) they outgrow the caches, as a step's activations do."""
     sets = []
     for n, din, dout, count in shapes:
         x, W, dy = array((n, din)), array((dout, din)), array((n, dout))
@@ -99,10 +101,10 @@ def products_step(shapes: List[Tuple[int, int, int, int]], array: Callable, matm
     return step
 
 
-def numpy_products(shapes: List[Tuple[int, int, int, int]]) -> Callable[[], None]:
-    """``products_step`` in NumPy."""
+def numpy_products(shapes: List[Tuple[int, int, int, int]], dtype=np.float32) -> Callable[[], None]:
+    """``products_step`` in NumPy, on ``dtype`` arrays."""
     rng = np.random.default_rng(0)
-    return products_step(shapes, lambda shape: rng.standard_normal(shape, dtype=np.float32),
+    return products_step(shapes, lambda shape: rng.standard_normal(shape, dtype=dtype),
                          lambda a, b, out: np.matmul(a, b, out=out))
 
 
@@ -132,8 +134,8 @@ class Twin(NamedTuple):
 
     step: Callable[[], None]  # the twin's training step
     facts: Dict[str, object]  # torch's version, threads, BLAS and matmul FLOP/s (``common.torch_facts``)
-    matmul_flops: Callable[[], float]  # measures torch's matmul FLOP/s again
-    products: Callable[[List[Tuple[int, int, int, int]]], Callable[[], None]]  # ``products_step`` in torch
+    matmul_flops: Callable[[], float]  # measures torch's matmul FLOP/s again, in the step's dtype
+    products: Callable[[List[Tuple[int, int, int, int]]], Callable[[], None]]  # ``products_step`` in torch, same dtype
 
 
 def torch_step(cfg: GPTConfig, batch: int) -> Optional[Twin]:
@@ -144,12 +146,13 @@ def torch_step(cfg: GPTConfig, batch: int) -> Optional[Twin]:
     if made is None:
         return None
     step, common = made
-    return Twin(step, common.torch_facts(), common.matmul_flops, common.products)
+    return Twin(step, common.torch_facts(cfg.dtype), functools.partial(common.matmul_flops, dtype=cfg.dtype),
+                functools.partial(common.products, dtype=cfg.dtype))
 
 
 def twin_training_step(cfg: GPTConfig, batch: int):
-    """(the torch twin's training step of ``cfg`` on ``batch`` sequences, the module ``kernels.twins.common``),
-    or None without torch; torch's threads: ``OMP_NUM_THREADS``, else every core."""
+    """(the torch twin's training step of ``cfg`` on ``batch`` sequences, in ``cfg.dtype``, the module
+    ``kernels.twins.common``), or None without torch; torch's threads: ``OMP_NUM_THREADS``, else every core."""
     import importlib
     import importlib.util
 
@@ -188,7 +191,8 @@ def run(cfg: GPTConfig = REFERENCE, batch: int = 16, steps: int = 5, torch_twin:
     check_bool(op, "torch_twin", torch_twin)
     reuse_freed_memory()  # for both engines: the torch twin runs in this process too
     tokens = batch * cfg.block_size
-    peak = matmul_flops()
+    dtype = np.dtype(cfg.dtype)  # of every figure: both engines' steps, products and matmul speeds
+    peak = matmul_flops(dtype=dtype)
     twin = torch_step(cfg, batch) if torch_twin else None
     engines = {"npformer": make_step(cfg, batch)}
     if twin is not None:
@@ -196,27 +200,27 @@ def run(cfg: GPTConfig = REFERENCE, batch: int = 16, steps: int = 5, torch_twin:
     times = interleaved(engines, steps)
     # the linear layers' products alone, in each engine, taking turns as the steps did
     shapes = linear_shapes(cfg, batch)
-    products = {"npformer": numpy_products(shapes)}
+    products = {"npformer": numpy_products(shapes, dtype)}
     if twin is not None:
         products["torch"] = twin.products(shapes)
     product_times = interleaved(products, steps, warmup=1)
     del products
     # Each engine's matmul speed once more after the rounds, the better of the two kept: a slow moment
     # of the machine during one measurement cannot make a utilisation look higher than it is.
-    peak = max(peak, matmul_flops())
-    log(f"numpy float32 matmul: {peak / 1e9:.0f} GFLOP/s ({blas_info()})")
+    peak = max(peak, matmul_flops(dtype=dtype))
+    log(f"numpy {dtype} matmul: {peak / 1e9:.0f} GFLOP/s ({blas_info()})")
     if twin is not None:
         twin.facts["matmul_flops"] = max(twin.facts["matmul_flops"], twin.matmul_flops())
-        log(f"torch float32 matmul: {twin.facts['matmul_flops'] / 1e9:.0f} GFLOP/s (BLAS {twin.facts['blas']}, "
+        log(f"torch {dtype} matmul: {twin.facts['matmul_flops'] / 1e9:.0f} GFLOP/s (BLAS {twin.facts['blas']}, "
             f"{twin.facts['threads']} threads)")
     t_products = {name: float(np.median(t)) for name, t in product_times.items()}
     if twin is not None:
         log(f"the step's linear-layer products alone (forward and backward, at its shapes): NumPy "
-            f"{t_products['npformer'] * 1e3:.0f} ms, torch {t_products['torch'] * 1e3:.0f} ms; NumPy's "
+            f"{t_products['npformer'] * 1e3:.1f} ms, torch {t_products['torch'] * 1e3:.1f} ms; NumPy's "
             f"{t_products['torch'] / t_products['npformer']:.2f}x torch's speed")
     else:
         log(f"the step's linear-layer products alone (forward and backward, at its shapes): NumPy "
-            f"{t_products['npformer'] * 1e3:.0f} ms")
+            f"{t_products['npformer'] * 1e3:.1f} ms")
     t_np = float(np.median(times["npformer"]))
     flops_per_token = cfg.flops_per_token()
     result: Dict[str, object] = {

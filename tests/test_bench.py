@@ -171,8 +171,8 @@ def test_each_engines_matmul_speed_is_the_better_of_a_measurement_before_and_aft
     from kernels.twins import common
 
     numpy_speeds, torch_speeds = iter([1e9, 3e9]), iter([5e9, 2e9])  # NumPy slow first, torch slow last
-    monkeypatch.setattr(bench, "matmul_flops", lambda: next(numpy_speeds))
-    monkeypatch.setattr(common, "matmul_flops", lambda: next(torch_speeds))
+    monkeypatch.setattr(bench, "matmul_flops", lambda dtype: next(numpy_speeds))
+    monkeypatch.setattr(common, "matmul_flops", lambda dtype: next(torch_speeds))
     lines = []
     result = run(TINY, batch=2, steps=1, log=lines.append)
     assert result["matmul_flops"] == 3e9 and result["torch_matmul_flops"] == 5e9
@@ -227,3 +227,32 @@ def test_run_compares_the_linear_products_of_the_two_engines():
     assert result["products_ratio_vs_torch"] == result["torch_products_s"] / result["products_s"]
     assert any(line.startswith("the step's linear-layer products alone") and
                line.endswith(f"NumPy's {result['products_ratio_vs_torch']:.2f}x torch's speed") for line in lines)
+
+
+def test_every_figure_of_a_float64_bench_is_in_float64(monkeypatch):
+    """--dtype float64: npformer's step, the twin's step, both matmul speeds and both products run in float64."""
+    import npformer.bench as bench
+    from kernels.twins import common
+
+    seen = []
+    for module in (bench, common):
+        original = module.matmul_flops
+        monkeypatch.setattr(module, "matmul_flops", lambda *a, original=original, **k: seen.append(k["dtype"]) or
+                            original(n=64, seconds=0.01, dtype=k["dtype"]))
+    from kernels.twins import gpt as twin_gpt
+
+    made = []
+    make = twin_gpt._make_step  # common.make_training_step, as the GPT twin imported it
+    monkeypatch.setattr(twin_gpt, "_make_step", lambda *a, **k: made.append(a[1]["dtype"]) or make(*a, **k))
+    products_dtypes = []
+    step = bench.products_step
+    for module in (bench, common):  # common imported products_step from bench
+        monkeypatch.setattr(module, "products_step", lambda shapes, array, matmul: products_dtypes.append(
+            str(array((1, 1)).dtype)) or step(shapes, array, matmul))
+    lines = []
+    cfg = GPTConfig(**{**TINY.to_dict(), "dtype": "float64"})
+    result = run(cfg, batch=1, steps=1, log=lines.append)
+    assert {str(np.dtype(d)) for d in seen} == {"float64"} and len(seen) == 4  # each engine, before and after
+    assert made == ["float64"] and sorted(products_dtypes) == ["float64", "torch.float64"]
+    assert lines[0].startswith("numpy float64 matmul") and lines[1].startswith("torch float64 matmul")
+    assert result["config"]["dtype"] == "float64" and result["products_ratio_vs_torch"] > 0

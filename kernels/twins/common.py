@@ -48,10 +48,11 @@ class TwinModel(nn.Module):
 
 def make_training_step(make_twin: Callable[..., torch.nn.Module], config: Dict[str, object], batch: int, *,
                        threads: int = 1) -> Callable[[], None]:
-    """One float32 training step of ``make_twin(**config)`` at full length ``block_size`` (forward with
-    the loss, backward, AdamW as npformer's bench sets it), as a function to call."""
+    """One training step of ``make_twin(**config)`` at full length ``block_size`` (forward with the loss,
+    backward, AdamW as npformer's bench sets it), as a function to call; in the config's ``dtype``
+    (float32 where it names none)."""
     torch.set_num_threads(threads)
-    model = make_twin(**config).float()
+    model = make_twin(**config).to(torch_dtype(config.get("dtype", "float32")))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     ids = torch.from_numpy(np.random.default_rng(0).integers(0, config["vocab_size"],
                                                               (batch, config["block_size"] + 1)))
@@ -74,17 +75,22 @@ def time_training_step(make_twin: Callable[..., torch.nn.Module], config: Dict[s
     return {"step_s": float(np.median(times)), "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
-def matmul_flops(n: int = 1024, seconds: float = 1.0) -> float:
-    """Best observed FLOP/s of an n x n x n float32 matmul in torch (its own BLAS, its thread setting)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = torch.empty(n, n)
+def torch_dtype(dtype) -> torch.dtype:
+    """torch's dtype of a NumPy float dtype or its name ("float32", "float64")."""
+    return {"float32": torch.float32, "float64": torch.float64}[np.dtype(dtype).name]
+
+
+def matmul_flops(n: int = 1024, seconds: float = 1.0, dtype="float32") -> float:
+    """Best observed FLOP/s of an n x n x n matmul of ``dtype`` in torch (its own BLAS, its thread setting)."""
+    a, b = torch.randn(n, n, dtype=torch_dtype(dtype)), torch.randn(n, n, dtype=torch_dtype(dtype))
+    out = torch.empty(n, n, dtype=torch_dtype(dtype))
     return 2 * n**3 / best_seconds(lambda: torch.matmul(a, b, out=out), seconds)
 
 
-def products(shapes) -> Callable[[], None]:
+def products(shapes, dtype="float32") -> Callable[[], None]:
     """``npformer.bench.products_step`` in torch: the same linear-layer products, in torch's BLAS."""
     generator = torch.Generator().manual_seed(0)
-    return products_step(shapes, lambda shape: torch.randn(shape, generator=generator),
+    return products_step(shapes, lambda shape: torch.randn(shape, generator=generator, dtype=torch_dtype(dtype)),
                          lambda a, b, out: torch.matmul(a, b, out=out))
 
 
@@ -102,13 +108,13 @@ def hidden_keys(T: int, prefix_len=None, window=None) -> torch.Tensor:
     return hidden
 
 
-def torch_facts() -> Dict[str, object]:
-    """torch's version, intra-op threads, the BLAS it was built with and its measured matmul FLOP/s."""
+def torch_facts(dtype="float32") -> Dict[str, object]:
+    """torch's version, intra-op threads, the BLAS it was built with and its measured ``dtype`` matmul FLOP/s."""
     blas = "unknown"
     for line in torch.__config__.show().splitlines():
         if "BLAS_INFO=" in line:
             blas = line.split("BLAS_INFO=")[1].split(",")[0].strip()
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "matmul_flops": matmul_flops(),
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "matmul_flops": matmul_flops(dtype=dtype),
             "blas": blas}
 
 

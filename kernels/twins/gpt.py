@@ -151,10 +151,10 @@ class TwinGPT(TwinModel):
 
 def time_training_step(config: Dict[str, object], batch: int, steps: int, *, warmup: int = 1,
                        threads: int = 1) -> Dict[str, object]:
-    """Median seconds of one float32 training step of the twin of ``config`` (see ``common.py``)."""
+    """Median seconds of one training step of the twin of ``config``, in its dtype (see ``common.py``)."""
     return _time_step(TwinGPT, config, batch, steps, warmup=warmup, threads=threads)
 
 
 def make_training_step(config: Dict[str, object], batch: int, *, threads: int = 1):
-    """One float32 training step of the twin of ``config``, as a function (see ``common.py``)."""
+    """One training step of the twin of ``config``, in its dtype, as a function (see ``common.py``)."""
     return _make_step(TwinGPT, config, batch, threads=threads)

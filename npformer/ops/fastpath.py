@@ -173,18 +173,17 @@ def row_parallel(fn: Callable[[slice], None], n_rows: int, row_size: int = 1) ->
 
 def add(a, b):
     """a + b, as NumPy's ``a + b`` gives it (bit for bit: each element is one rounding of the same two
-    numbers), summed in blocks on several cores when a and b are arrays of one shape and one dtype (a
-    residual sum of two (B, T, D) streams) into a new C-ordered array; anything else (broadcasting,
-    mixed dtypes, scalars, subclasses) is ``a + b`` itself."""
+    numbers), summed in blocks of elements on several cores when a and b are C-ordered float (or complex)
+    arrays of one shape and one native dtype (a residual sum of two (B, T, D) streams); anything else
+    (other layouts, broadcasting, mixed or other dtypes, scalars, subclasses) is ``a + b`` itself.
+
+    A floating-point warning (overflow) is issued by each block that meets one, from this module."""
     if type(a) is not np.ndarray or type(b) is not np.ndarray or a.shape != b.shape or a.dtype != b.dtype \
-            or a.ndim == 0:
+            or a.dtype.kind not in "fc" or not a.dtype.isnative or not (a.flags.c_contiguous and b.flags.c_contiguous):
         return a + b
     out = np.empty(a.shape, a.dtype)
-    if a.flags.c_contiguous and b.flags.c_contiguous:  # flat views: blocks of elements, whatever the leading axes
-        a, b, blocks = a.reshape(-1), b.reshape(-1), out.reshape(-1)
-    else:  # blocks along the first axis
-        blocks = out
-    row_parallel(lambda r: np.add(a[r], b[r], out=blocks[r]), len(blocks), blocks.size // max(len(blocks), 1))
+    a_flat, b_flat, out_flat = a.reshape(-1), b.reshape(-1), out.reshape(-1)  # views: blocks of elements
+    row_parallel(lambda r: np.add(a_flat[r], b_flat[r], out=out_flat[r]), out_flat.size)
     return out
 
 

@@ -624,18 +624,32 @@ def test_add_is_numpys_sum_bit_for_bit(rng, shape, dtype, layout, extreme):
         if extreme and dtype is np.float32 and a.size:
             a.flat[0], b.flat[0] = np.inf, -np.inf
         want = a + b
-        flat = a.flags.c_contiguous and b.flags.c_contiguous  # blocks of elements; else of the first axis
-        plain, fast = _both_forms(lambda: (fastpath.add(a, b),), rows=a.size if flat else a.shape[0])
+        pooled = a.flags.c_contiguous and b.flags.c_contiguous and dtype is not np.int64  # else NumPy's a + b
+        plain, fast = _both_forms(lambda: (fastpath.add(a, b),), rows=a.size if pooled else 1)
     _assert_identical((want,), plain)
     _assert_identical((want,), fast)
-    assert fast[0].flags.c_contiguous
+    assert fast[0].flags.c_contiguous == want.flags.c_contiguous and fast[0].flags.f_contiguous == want.flags.f_contiguous
 
 
 @pytest.mark.parametrize("a, b", [(np.ones((2, 3)), np.ones(3)), (np.ones((2, 3), np.float32), np.ones((2, 3))),
                                   (np.float32(2), np.float32(3)), (np.ones((2, 3)), 1.5),
-                                  (np.ma.masked_array(np.ones(3), [0, 1, 0]), np.ones(3))])
-def test_add_of_anything_else_is_numpys_own(a, b):
-    """Broadcasting, mixed dtypes, scalars and subclasses go to NumPy's ``a + b`` unchanged."""
-    got, want = fastpath.add(a, b), a + b
+                                  (np.ma.masked_array(np.ones(3), [0, 1, 0]), np.ones(3)),
+                                  (np.array(["abc", "de"]), np.array(["xyz", "fg"])),
+                                  (np.array([b"abc", b"de"]), np.array([b"xyz", b"fg"])),
+                                  (np.arange(6.0).astype(">f4"), np.arange(6.0).astype(">f4")),
+                                  (np.array([True, False]), np.array([True, True])),
+                                  (np.asfortranarray(np.ones((3, 4), np.float32)), np.asfortranarray(np.ones((3, 4), np.float32)))])
+def test_add_of_anything_else_is_numpys_own(a, b, monkeypatch):
+    """Broadcasting, mixed dtypes, scalars, subclasses, strings (whose sum is longer), big-endian floats
+    (whose sum is native), booleans and other layouts (whose sum keeps NumPy's) are NumPy's ``a + b``,
+    never handed to the pool even where the work is large enough for it."""
+    handed = []
+    monkeypatch.setattr(fastpath, "MIN_ELEMENTS", 1)
+    monkeypatch.setattr(fastpath, "row_parallel", lambda *args, **kwargs: handed.append(args))
+    with fastpath.configured(threads=3):
+        got = fastpath.add(a, b)
+    assert handed == []
+    want = a + b
     assert type(got) is type(want) and np.asarray(got).dtype == np.asarray(want).dtype
+    assert np.asarray(got).flags.f_contiguous == np.asarray(want).flags.f_contiguous
     np.testing.assert_array_equal(got, want)
