@@ -18,7 +18,7 @@ Reported in one run, on one machine, with one thread count:
 - which BLAS NumPy runs, and with how many threads (threadpoolctl, if installed).
 
 ``--json`` ends the output with one JSON line holding all of it. ``--profile`` prints instead
-where npformer's step goes, by op family (``npformer.bench_profile``).
+where npformer's step goes, by op family, beside the torch twin's (``npformer.bench_profile``).
 """
 
 from __future__ import annotations
