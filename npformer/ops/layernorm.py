@@ -49,7 +49,8 @@ def row_mean(a: np.ndarray, b: np.ndarray, scratch: np.ndarray) -> np.ndarray:
     splits it among the BLAS's threads, and ``np.einsum`` buffers a long row in pieces that depend on
     the number of rows.
     """
-    return np.multiply(a, b, out=scratch).mean(axis=-1, keepdims=True)
+    products = np.square(a, out=scratch) if a is b else np.multiply(a, b, out=scratch)  # a * a: the same bits
+    return products.mean(axis=-1, keepdims=True)
 
 
 def _centred(x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
