@@ -459,7 +459,7 @@ class Adam(Optimizer):
         m *= 1 - beta1
         m += m0  # m <- m + (1 - beta1) (g - m)
         v = np.multiply(v0, beta2, out=new())
-        g2 = np.multiply(grad, grad, out=new())
+        g2 = np.square(grad, out=new())  # grad * grad, the same bits
         g2 *= 1 - beta2
         v += g2  # v <- beta2 v + (1 - beta2) g^2
         step = np.sqrt(v, out=g2)
