@@ -214,13 +214,10 @@ def run(cfg: GPTConfig = REFERENCE, batch: int = 16, steps: int = 5, torch_twin:
         log(f"torch {dtype} matmul: {twin.facts['matmul_flops'] / 1e9:.0f} GFLOP/s (BLAS {twin.facts['blas']}, "
             f"{twin.facts['threads']} threads)")
     t_products = {name: float(np.median(t)) for name, t in product_times.items()}
-    if twin is not None:
-        log(f"the step's linear-layer products alone (forward and backward, at its shapes): NumPy "
-            f"{t_products['npformer'] * 1e3:.1f} ms, torch {t_products['torch'] * 1e3:.1f} ms; NumPy's "
-            f"{t_products['torch'] / t_products['npformer']:.2f}x torch's speed")
-    else:
-        log(f"the step's linear-layer products alone (forward and backward, at its shapes): NumPy "
-            f"{t_products['npformer'] * 1e3:.1f} ms")
+    versus = "" if twin is None else (f", torch {t_products['torch'] * 1e3:.1f} ms; NumPy's "
+                                      f"{t_products['torch'] / t_products['npformer']:.2f}x torch's speed")
+    log(f"the step's linear-layer products alone (forward and backward, at its shapes): NumPy "
+        f"{t_products['npformer'] * 1e3:.1f} ms{versus}")
     t_np = float(np.median(times["npformer"]))
     flops_per_token = cfg.flops_per_token()
     result: Dict[str, object] = {

@@ -4,7 +4,6 @@ import json
 import platform
 
 import numpy as np
-
 from hypothesis import given
 from hypothesis import strategies as st
 
