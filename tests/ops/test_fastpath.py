@@ -604,6 +604,47 @@ def test_idle_blas_threads_sleep_soon_and_a_users_timeout_is_kept():
     assert busy["quieted"] == [] and busy["timeout"] == [0] * len(busy["timeout"]), busy  # 0: never read
 
 
+_REUSE = """
+import json, resource, sys, threading
+import numpy as np
+from npformer.ops import fastpath
+
+def faults(make):
+    # page faults of touching a freshly made array, once an array of its size was made and freed
+    make().fill(1.0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    make().fill(2.0)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+big = faults(lambda: np.empty(48 << 18, np.float32))  # 48 MiB: above glibc's adaptive mmap threshold
+in_thread = []
+for _ in range(3):  # a pool thread's arrays, in a thread heap, made and freed in turn
+    worker = threading.Thread(target=lambda: in_thread.append(faults(lambda: np.empty(40 << 18, np.float32))))
+    worker.start(); worker.join()
+print(json.dumps({"kept": fastpath.KEPT, "big": big, "thread": in_thread[-1]}))
+"""
+
+
+def _reuse(**env):
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    done = subprocess.run([sys.executable, "-c", _REUSE], env={**environ, **env}, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc and its page-fault count")
+def test_freed_memory_is_reused_without_page_faults_and_a_users_malloc_setting_is_kept():
+    kept = _reuse()
+    if not kept["kept"]:
+        pytest.skip("the C library here is not glibc")
+    # 48 MiB is 12,288 pages of 4 KiB (24 of 2 MiB where the kernel backs it with huge pages): all fresh
+    # pages under glibc's defaults, none when the freed array's memory is reused
+    assert kept["big"] <= 4 and kept["thread"] <= 4, kept
+    users = _reuse(MALLOC_ARENA_MAX="8")  # the environment tunes malloc: left as it is
+    assert users["kept"] is False and users["big"] >= 20, users
+
+
 @given(rng=rngs(), shape=st.sampled_from([(2, 3, 5), (7, 1, 130), (1, 1031), (300, 2), (3, 0, 4), (5,)]),
        dtype=st.sampled_from([np.float32, np.float64, np.int64]),
        layout=st.sampled_from(["contiguous", "transposed", "strided"]), extreme=st.booleans())
