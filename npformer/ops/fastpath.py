@@ -51,6 +51,7 @@ from ._checks import MAX_POSITION, check_count
 
 _UNSET = object()
 MIN_ELEMENTS = 1 << 15  # elements per thread below which handing work to a thread costs more than it saves
+CACHE_BLOCK = 1 << 17  # elements (512 KiB of float32) a thread's passes over rows take at a time: see row_parallel
 
 
 MAX_THREADS = 1024
@@ -159,19 +160,33 @@ def row_slices(n: int, parts: int) -> List[slice]:
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
-def row_parallel(fn: Callable[[slice], None], n_rows: int, row_size: int = 1) -> None:
+def row_parallel(fn: Callable[[slice], None], n_rows: int, row_size: int = 1, blocked: bool = False) -> None:
     """Call ``fn(rows)`` for slices covering range(n_rows), on up to ``num_threads()`` threads.
 
     ``fn`` must write only the rows it is given (into preallocated outputs) and read nothing
     another call writes. ``row_size`` is the number of elements per row: small work runs in
     one call on the calling thread. The calling thread takes the first slice itself; an
     exception in any slice is raised here after every slice has finished.
+
+    ``blocked``: each thread walks its rows in slices of at most ``CACHE_BLOCK`` elements (at
+    least one row), so that work making several passes over its rows (layer norm: centre,
+    square, scale, ...) finds them in the core's cache on each pass. The plain form
+    (``threads=1``) is one call over all rows.
     """
     threads = _threads_for(n_rows, n_rows * row_size)
+    step = max(1, CACHE_BLOCK // max(row_size, 1) if blocked and _settings.threads > 1 else n_rows)
+
+    def walk(rows: slice) -> None:
+        if rows.stop - rows.start <= step:
+            fn(rows)  # (no rows at all: one call, with the empty slice)
+            return
+        for start in range(rows.start, rows.stop, step):
+            fn(slice(start, min(start + step, rows.stop)))
+
     if threads <= 1:
-        fn(slice(0, n_rows))
+        walk(slice(0, n_rows))
         return
-    _run_together([functools.partial(fn, rows) for rows in row_slices(n_rows, threads)])
+    _run_together([functools.partial(walk, rows) for rows in row_slices(n_rows, threads)])
 
 
 def add(a, b):

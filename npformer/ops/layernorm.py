@@ -114,7 +114,7 @@ def layernorm_forward(
         np.multiply(xhat[r], gamma, out=y[r])
         y[r] += beta  # (LN.5)
 
-    row_parallel(rows, len(x2), D)
+    row_parallel(rows, len(x2), D, blocked=True)
     return y.reshape(x.shape), LayerNormCache(xhat=xhat.reshape(x.shape), rstd=rstd.reshape(x.shape[:-1] + (1,)),
                                               gamma=gamma)
 
@@ -164,7 +164,7 @@ def layernorm_backward(
         dx_r -= np.multiply(xhat2[r], mean_dxhat_xhat, out=scratch)
         dx_r *= rstd2[r]
 
-    row_parallel(rows, len(dy2), D)
+    row_parallel(rows, len(dy2), D, blocked=True)
     dgamma = ones @ dy_xhat  # (LN.7)
     return dx.reshape(dy.shape), dgamma, dbeta
 

@@ -67,7 +67,7 @@ def rmsnorm_forward(x: np.ndarray, gamma: np.ndarray, eps: float = 1e-6) -> Tupl
         _normalise(x2[r], eps, xhat[r], rstd[r])  # (RMS.1) - (RMS.3), (RMS.10)
         np.multiply(xhat[r], gamma, out=y[r])  # (RMS.4)
 
-    row_parallel(rows, len(x2), D)
+    row_parallel(rows, len(x2), D, blocked=True)
     return y.reshape(x.shape), RMSNormCache(xhat=xhat.reshape(x.shape), rstd=rstd.reshape(x.shape[:-1] + (1,)),
                                             gamma=gamma)
 
@@ -109,7 +109,7 @@ def rmsnorm_backward(dy: np.ndarray, cache: RMSNormCache) -> Tuple[np.ndarray, n
         dxhat -= np.multiply(xhat2[r], mean_dxhat_xhat, out=scratch)
         dxhat *= rstd2[r]
 
-    row_parallel(rows, len(dy2), D)
+    row_parallel(rows, len(dy2), D, blocked=True)
     dgamma = np.ones(len(dy2), dy.dtype) @ dy_xhat  # (RMS.5): a sum over rows, as one matrix-vector product
     return dx.reshape(dy.shape), dgamma
 

@@ -142,6 +142,30 @@ def test_row_parallel_visits_every_row_once(n, threads):
     assert len(names) <= threads
 
 
+@given(n=st.integers(0, 5000), threads=st.integers(1, 5), row_size=st.integers(0, 300), block=st.integers(1, 1 << 14))
+def test_row_parallel_in_blocks_visits_every_row_once_in_slices_of_at_most_a_block(n, threads, row_size, block):
+    """``blocked``: every row is still handed over once, in slices of at most ``CACHE_BLOCK`` elements (one
+    row where a row is larger); on one thread (the plain form) in a single call."""
+    counts = np.zeros(n, int)
+    sizes = []
+
+    def fn(rows):
+        counts[rows] += 1
+        sizes.append(rows.stop - rows.start)
+
+    before = fastpath.CACHE_BLOCK
+    fastpath.CACHE_BLOCK = block
+    try:
+        with fastpath.configured(threads=threads):
+            fastpath.row_parallel(fn, n, row_size=row_size, blocked=True)
+    finally:
+        fastpath.CACHE_BLOCK = before
+    assert (counts == 1).all()
+    most = max(1, block // max(row_size, 1)) if threads > 1 else max(n, 1)
+    assert max(sizes) <= most and (n == 0) == (sizes == [0])
+    assert len(sizes) >= -(-n // most)  # no slice longer than a block: at least ceil(n / most) of them
+
+
 def test_row_parallel_runs_large_work_at_once_on_several_threads_and_small_work_on_one():
     barrier = threading.Barrier(3, timeout=20)  # passes only when three calls run at the same time
     names = set()
@@ -195,18 +219,18 @@ def on_threads(threads=3):
     """``threads`` threads for any amount of work (MIN_ELEMENTS lowered), and a check that work was
     indeed handed to threads inside the block: a test of the threaded form that ran on one thread fails."""
     calls = []
-    run_together, minimum = fastpath._run_together, fastpath.MIN_ELEMENTS
+    run_together, minimum, block = fastpath._run_together, fastpath.MIN_ELEMENTS, fastpath.CACHE_BLOCK
 
     def counted(tasks):
         calls.append(len(tasks))
         return run_together(tasks)
 
-    fastpath._run_together, fastpath.MIN_ELEMENTS = counted, 1
+    fastpath._run_together, fastpath.MIN_ELEMENTS, fastpath.CACHE_BLOCK = counted, 1, 64  # blocks of a few rows
     try:
         with fastpath.configured(threads=threads):
             yield
     finally:
-        fastpath._run_together, fastpath.MIN_ELEMENTS = run_together, minimum
+        fastpath._run_together, fastpath.MIN_ELEMENTS, fastpath.CACHE_BLOCK = run_together, minimum, block
     assert calls and max(calls) > 1, "nothing ran on more than one thread"
 
 
