@@ -5,7 +5,7 @@ Reported in one run, on one machine, with one thread count:
 - tokens/s of npformer (float32 by default; every figure below is in the config's dtype);
 - model-FLOP utilisation: achieved matmul FLOP/s (``flops_per_token`` x tokens/s)
   over the matmul FLOP/s NumPy reaches on this machine, measured here;
-- the fast path's settings (``npformer.ops.fastpath``: threads, causal block);
+- the fast path's settings (``npformer.ops.fastpath``: threads, causal block, whether malloc keeps freed memory);
 - the same step in a torch CPU twin of the same config (if torch is installed and
   ``torch_twin`` is on, i.e. no ``--no-torch``) and the ratio npformer / torch; the
   result's ``torch_twin`` says which: ``"ran"``, ``"skipped"`` or ``"torch not installed"``;
@@ -33,7 +33,6 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from ._memory import reuse_freed_memory
 from .models.gpt import GPT, GPTConfig
 from .ops import fastpath
 from .ops._checks import check_bool, check_count
@@ -189,7 +188,7 @@ def run(cfg: GPTConfig = REFERENCE, batch: int = 16, steps: int = 5, torch_twin:
     check_count(op, "batch", batch, lo=1)
     check_count(op, "steps", steps, lo=1)
     check_bool(op, "torch_twin", torch_twin)
-    reuse_freed_memory()  # for both engines: the torch twin runs in this process too
+    kept = fastpath.keep_freed_memory()  # for both engines: the torch twin runs in this process too
     tokens = batch * cfg.block_size
     dtype = np.dtype(cfg.dtype)  # of every figure: both engines' steps, products and matmul speeds
     peak = matmul_flops(dtype=dtype)
@@ -229,7 +228,8 @@ def run(cfg: GPTConfig = REFERENCE, batch: int = 16, steps: int = 5, torch_twin:
         "flops_per_token": flops_per_token,
         "blas": blas_info(),
         "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__},
-        "fastpath": {"threads": fastpath.num_threads(), "causal_block": fastpath.causal_block()},
+        "fastpath": {"threads": fastpath.num_threads(), "causal_block": fastpath.causal_block(),
+                     "keeps_freed_memory": kept},
         "products_s": t_products["npformer"],
     }
     log(f"npformer: {result['tokens_per_s']:,.0f} tok/s ({t_np * 1e3:.0f} ms/step), MFU {result['mfu']:.1%} "
@@ -266,7 +266,7 @@ def main(args) -> int:
     if getattr(args, "profile", False):
         from .bench_profile import format_table, profile_step
 
-        reuse_freed_memory()
+        fastpath.keep_freed_memory()
         table = profile_step(cfg, batch=args.batch, steps=args.steps, twin=not args.no_torch)
         print(format_table(table))
         if args.json:

@@ -63,7 +63,6 @@ except ImportError:  # Windows: no flock
     fcntl = None
 
 from . import checkpoint
-from ._memory import reuse_freed_memory
 from .data.bpe import ByteBPE
 from .data.char import CharTokenizer
 from .data.corpus import default_corpus, get_batch, get_prefix_batch, train_val_split
@@ -74,6 +73,7 @@ from .pretraining import ENCODERS, OBJECTIVES, SEQ2SEQ
 from .mixed_precision import MixedPrecisionTrainer, check_state as check_mp_state
 from .models import build as build_model, check_causal_lm, family
 from .models.gpt import GPTConfig
+from .ops import fastpath
 from .ops._checks import check_bool, check_count, check_real
 from .optim import AdamW, clip_grad_norm_, param_groups, warmup_cosine
 
@@ -1030,7 +1030,7 @@ def train(cfg: TrainConfig, log=print) -> Dict[str, object]:
     training or resume in a folder where one is running raises ``ConfigError`` naming
     ``out_dir`` before any work.
     """
-    reuse_freed_memory()
+    fastpath.keep_freed_memory()  # a step reuses the last one's memory (no fresh pages to fault in)
     cfg.validate()
     lock = _FolderLock(cfg.out_dir)
     try:

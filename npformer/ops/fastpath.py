@@ -20,10 +20,10 @@ One setting outside NumPy: OpenBLAS's idle worker threads spin for about 0.1 s a
 product before they sleep, holding cores the row-parallel work needs; ``quiet_blas_threads``, run
 once when this module is imported, shortens that to 2**BLAS_SPIN cycles (unless the environment
 sets ``OPENBLAS_THREAD_TIMEOUT`` or another Python thread is running). The products' results do
-not change. And one in the C library: ``keep_freed_memory``, also run at import, has glibc's malloc keep
-the memory of freed arrays for the next ones instead of handing it back to the kernel, so that a
-step's arrays do not arrive as fresh pages, each zeroed by the kernel on its first touch (unless
-the environment tunes malloc itself). No result changes.
+not change. And one in the C library, for loops of training steps (``npformer.train`` and the bench
+call it; a loop of one's own may too): ``keep_freed_memory`` has glibc's malloc keep the memory of
+freed arrays for the next ones instead of handing it back to the kernel, so that a step's arrays
+do not arrive as fresh pages, each zeroed by the kernel on its first touch. No result changes.
 
 The defaults: ``threads`` is ``NPFORMER_NUM_THREADS`` if set, else the BLAS's own setting
 (``OPENBLAS_NUM_THREADS``, ``OMP_NUM_THREADS``), else the number of cores this process may
@@ -171,7 +171,8 @@ def row_parallel(fn: Callable[[slice], None], n_rows: int, row_size: int = 1, bl
     ``blocked``: each thread walks its rows in slices of at most ``CACHE_BLOCK`` elements (at
     least one row), so that work making several passes over its rows (layer norm: centre,
     square, scale, ...) finds them in the core's cache on each pass. The plain form
-    (``threads=1``) is one call over all rows.
+    (``threads=1``) is one call over all rows. A floating-point warning (overflow) is then issued
+    by each slice that meets one, not once.
     """
     threads = _threads_for(n_rows, n_rows * row_size)
     step = max(1, CACHE_BLOCK // max(row_size, 1) if blocked and _settings.threads > 1 else n_rows)
@@ -180,8 +181,14 @@ def row_parallel(fn: Callable[[slice], None], n_rows: int, row_size: int = 1, bl
         if rows.stop - rows.start <= step:
             fn(rows)  # (no rows at all: one call, with the empty slice)
             return
+        error = None
         for start in range(rows.start, rows.stop, step):
-            fn(slice(start, min(start + step, rows.stop)))
+            try:
+                fn(slice(start, min(start + step, rows.stop)))
+            except Exception as e:  # the other slices still run; the first error is raised at the end
+                error = error or e
+        if error is not None:
+            raise error
 
     if threads <= 1:
         walk(slice(0, n_rows))
@@ -393,13 +400,20 @@ def keep_freed_memory() -> bool:
     pages of its own and hands them back to the kernel when it is freed; it also returns the free
     top of its main heap beyond a trim threshold, and deletes a thread's heap once it is empty (the
     blocks of ``row_parallel`` allocate on pool threads). The next step's arrays then arrive as
-    fresh pages, and the kernel zeroes each on its first touch: about 70,000 page faults in a step
-    of ``npformer bench``'s reference model, which took 9-11% of its time (the same process, steps
-    taking turns with the settings on and off). Here arrays below ``KEEP_BELOW`` come from the
-    heaps, the main heap is never trimmed, and every growth adds ``KEEP_PAD``, a pad that also keeps
-    empty thread heaps from being deleted: after the first step, a step reuses its own memory and
-    faults almost never. The price: the process's resident memory stays at its peak rather than
-    falling back when arrays are freed.
+    fresh pages, and the kernel zeroes each on its first touch: 66,000-76,000 page faults in a step
+    of ``npformer bench``'s reference model, and 9-11% of its time (the same process, steps taking
+    turns with the settings on and off). Here arrays below ``KEEP_BELOW`` made on the main thread
+    come from its heap (a thread's heap holds at most 64 MiB: larger arrays made on a thread still
+    get pages of their own), the main heap is never trimmed, and every growth adds ``KEEP_PAD``, a
+    pad that also keeps empty thread heaps from being deleted: after the first steps, a step reuses
+    its own memory and faults almost never.
+
+    The price, for the rest of the process: memory freed is not handed back, so the resident size
+    does not fall after a peak, and allocations whose sizes keep growing (an array grown by copying,
+    step after step) leave holes that larger arrays cannot reuse, so it can settle above the peak
+    of live arrays (by half again, for a buffer grown 1 MiB at a time to 300 MiB). And ``np.zeros``
+    on reused memory clears it rather than getting untouched pages. Steady loops of steps, which
+    make the same arrays every step, do not see either.
 
     Left as it is where the environment tunes malloc (``GLIBC_TUNABLES`` naming malloc, or any
     ``MALLOC_*`` variable) or the C library is not glibc.
@@ -417,5 +431,3 @@ def keep_freed_memory() -> bool:
     return all([libc.mallopt(_M_MMAP_THRESHOLD, KEEP_BELOW), libc.mallopt(_M_TRIM_THRESHOLD, -1),
                 libc.mallopt(_M_TOP_PAD, KEEP_PAD)])
 
-
-KEPT = keep_freed_memory()  # whether freed memory now stays with the process for reuse

@@ -191,6 +191,27 @@ def test_an_error_in_a_worker_reaches_the_caller():
         fastpath.row_parallel(fn, 4000, row_size=64)
 
 
+@given(threads=st.integers(1, 4), failing=st.integers(0, 39), block=st.integers(1, 30))
+def test_an_error_in_one_slice_is_raised_once_every_slice_has_run(threads, failing, block):
+    """``blocked``: the slices after a failing one, on the same thread, still run (as the other threads'
+    do); the caller gets the first error once all have finished."""
+    done = np.zeros(40, int)
+
+    def fn(rows):
+        done[rows] += 1
+        if rows.start <= failing < rows.stop:
+            raise RuntimeError(f"slice {rows.start}")
+
+    before, minimum = fastpath.CACHE_BLOCK, fastpath.MIN_ELEMENTS
+    fastpath.CACHE_BLOCK, fastpath.MIN_ELEMENTS = block, 1
+    try:
+        with fastpath.configured(threads=threads), pytest.raises(RuntimeError, match="slice"):
+            fastpath.row_parallel(fn, 40, row_size=1, blocked=True)
+    finally:
+        fastpath.CACHE_BLOCK, fastpath.MIN_ELEMENTS = before, minimum
+    assert (done == 1).all()
+
+
 def test_configured_restores_the_settings():
     before = (fastpath.num_threads(), fastpath.causal_block())
     with fastpath.configured(threads=7, causal_block=None):
@@ -632,6 +653,7 @@ _REUSE = """
 import json, resource, sys, threading
 import numpy as np
 from npformer.ops import fastpath
+kept = fastpath.keep_freed_memory()
 
 def faults(make):
     # page faults of touching a freshly made array, once an array of its size was made and freed
@@ -645,7 +667,7 @@ in_thread = []
 for _ in range(3):  # a pool thread's arrays, in a thread heap, made and freed in turn
     worker = threading.Thread(target=lambda: in_thread.append(faults(lambda: np.empty(40 << 18, np.float32))))
     worker.start(); worker.join()
-print(json.dumps({"kept": fastpath.KEPT, "big": big, "thread": in_thread[-1]}))
+print(json.dumps({"kept": kept, "big": big, "thread": in_thread[-1]}))
 """
 
 
