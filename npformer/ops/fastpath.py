@@ -186,7 +186,8 @@ def row_parallel(fn: Callable[[slice], None], n_rows: int, row_size: int = 1, bl
             try:
                 fn(slice(start, min(start + step, rows.stop)))
             except Exception as e:  # the other slices still run; the first error is raised at the end
-                error = error or e
+                if error is None:
+                    error = e
         if error is not None:
             raise error
 
@@ -401,10 +402,11 @@ def keep_freed_memory() -> bool:
     top of its main heap beyond a trim threshold, and deletes a thread's heap once it is empty (the
     blocks of ``row_parallel`` allocate on pool threads). The next step's arrays then arrive as
     fresh pages, and the kernel zeroes each on its first touch: 66,000-76,000 page faults in a step
-    of ``npformer bench``'s reference model, and 9-11% of its time (the same process, steps taking
-    turns with the settings on and off). Here arrays below ``KEEP_BELOW`` made on the main thread
-    come from its heap (a thread's heap holds at most 64 MiB: larger arrays made on a thread still
-    get pages of their own), the main heap is never trimmed, and every growth adds ``KEEP_PAD``, a
+    of ``npformer bench``'s reference model, and 4-11% of its time in the runs measured (one process,
+    steps taking turns with these settings and with glibc's, at their start or as they adapt: 0.89x
+    and 0.91x the time; processes with and without them against the torch twin: 3-4%). Here arrays
+    below ``KEEP_BELOW`` made on the main thread come from its heap (a thread's heap holds at most
+    64 MiB: larger arrays made on a thread still get pages of their own), the main heap is never trimmed, and every growth adds ``KEEP_PAD``, a
     pad that also keeps empty thread heaps from being deleted: after the first steps, a step reuses
     its own memory and faults almost never.
 
@@ -430,4 +432,3 @@ def keep_freed_memory() -> bool:
     # -1: never trim (mallopt(3)); each call returns 1 when the value is taken
     return all([libc.mallopt(_M_MMAP_THRESHOLD, KEEP_BELOW), libc.mallopt(_M_TRIM_THRESHOLD, -1),
                 libc.mallopt(_M_TOP_PAD, KEEP_PAD)])
-
