@@ -44,7 +44,7 @@ def _normalise_huge_rows(x: np.ndarray, eps: float) -> Tuple[np.ndarray, np.ndar
     _, k = np.frexp(np.max(np.abs(x), axis=-1, keepdims=True))  # max|x| = m 2^k, m in [1/2, 1)
     z = np.ldexp(x, -k)  # every entry in (-1, 1), the largest of size at least 1/2
     eps_s = np.ldexp(np.float64(eps), -2 * k).astype(x.dtype)  # eps / s^2 (0 once below the dtype's range)
-    rstd_z = 1.0 / np.sqrt(np.mean(z * z, axis=-1, keepdims=True) + eps_s)  # (RMS.10)
+    rstd_z = 1.0 / np.sqrt(row_mean(z, z, np.empty_like(z)) + eps_s)  # (RMS.10), summed as the other rows are
     return z * rstd_z, np.ldexp(rstd_z, -k)  # (RMS.10)  xhat is the same for x and z; r(x) = r_z / s
 
 
