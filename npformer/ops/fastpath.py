@@ -11,10 +11,10 @@ Two devices, each with its plain form kept one setting away and tested equal to 
   loops, so independent row blocks of an elementwise or row-wise computation (GELU, layer
   norm, RMSNorm, the residual sums of ``add``, the optimizer's update) run at once on
   different cores, while the matrix products are already spread over the cores by the
-  BLAS. ``row_parallel(fn, n)`` calls ``fn(rows)``
-  for a few contiguous slices covering ``range(n)``, on a small pool of threads. Every row
-  is computed by the same instructions whichever thread runs it, so the result is bit for
-  bit the one of ``threads=1``, the plain form.
+  BLAS. ``row_parallel(fn, n)`` calls ``fn(rows)`` for a few contiguous slices covering
+  ``range(n)``, on a small pool of threads (with ``blocked=True``, in cache-sized slices, for
+  the norms' several passes). Every row is computed by the same instructions whichever thread
+  runs it, so the result is bit for bit the one of ``threads=1``, the plain form.
 
 One setting outside NumPy: OpenBLAS's idle worker threads spin for about 0.1 s after each matrix
 product before they sleep, holding cores the row-parallel work needs; ``quiet_blas_threads``, run
